@@ -1,0 +1,62 @@
+// Shared device helpers: dtype load/store, warp reductions, and the
+// counter-based hash that defines Uni-LoRA's projection (src/projection.rs has
+// its CPU twin; the two must agree bit for bit).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+// ---- element types -------------------------------------------------------
+// All arithmetic is f32; storage may be f16/bf16. Conversions round to
+// nearest even, like half::f16::from_f32 / half::bf16::from_f32 on the CPU.
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+// Instantiates `MACRO(suffix, type)` once per storage type, so every exported
+// kernel name carries its dtype (projection_gather_bf16, ...).
+#define LORAFUSE_FOR_EACH_DTYPE(MACRO) \
+    MACRO(f32, float)                  \
+    MACRO(f16, __half)                 \
+    MACRO(bf16, __nv_bfloat16)
+
+// ---- reductions ----------------------------------------------------------
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// ---- SplitMix64 ----------------------------------------------------------
+// The i-th output of SplitMix64 started at `key`: a counter-based generator,
+// so any element can be drawn without drawing the ones before it.
+#define SPLITMIX_GAMMA 0x9E3779B97F4A7C15ull
+
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ uint64_t splitmix_at(uint64_t key, uint64_t i) {
+    return mix64(key + (i + 1) * SPLITMIX_GAMMA);
+}
+
+// Maps 64 random bits onto [0, n) by multiply-shift of the top 32 bits
+// (Lemire): no division, bias at most n / 2^32.
+__device__ __forceinline__ uint32_t reduce_range(uint64_t bits, uint32_t n) {
+    return (uint32_t)(((bits >> 32) * (uint64_t)n) >> 32);
+}

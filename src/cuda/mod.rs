@@ -1,0 +1,251 @@
+//! The CUDA backend: device probe, one module cache per context, launch and
+//! timing helpers, and the launch wrappers of every kernel family (one file
+//! each, named like `kernels/<family>.cu`).
+//!
+//! Nothing here panics when there is no GPU: [`Gpu::new`] returns
+//! [`Error::NoDevice`] when the driver library is missing or no device
+//! answers, and [`Error::KernelsNotBuilt`] surfaces at the first launch of a
+//! build made without nvcc.
+//!
+//! Engines that own their context and stream wrap them with
+//! [`Gpu::from_stream`]; every op then runs on that stream over caller-owned
+//! memory.
+
+pub mod kernels;
+pub mod projection;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig};
+
+use crate::backend::{Backend, Scalar};
+use crate::{Error, Result};
+pub use kernels::KernelFamily;
+
+/// What the device reports about itself.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Marketing name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub compute_capability: (i32, i32),
+    /// Streaming multiprocessors.
+    pub sm_count: u32,
+    /// Device memory in bytes.
+    pub total_memory: usize,
+    /// L2 cache in bytes.
+    pub l2_bytes: usize,
+    /// Largest dynamic shared memory a block may opt into, in bytes.
+    pub max_shared_per_block: usize,
+    /// Driver's CUDA version, e.g. 13000 for 13.0.
+    pub driver_version: i32,
+}
+
+impl std::fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (major, minor) = self.compute_capability;
+        write!(
+            f,
+            "cuda:{} {} (sm_{major}{minor}, {} SMs, {:.1} GiB, driver CUDA {}.{})",
+            self.ordinal,
+            self.name,
+            self.sm_count,
+            self.total_memory as f64 / (1u64 << 30) as f64,
+            self.driver_version / 1000,
+            self.driver_version % 1000 / 10
+        )
+    }
+}
+
+/// A CUDA device and stream, with the kernel modules loaded on it.
+pub struct Gpu {
+    stream: Arc<CudaStream>,
+    info: DeviceInfo,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu").field("info", &self.info).finish()
+    }
+}
+
+/// Opens device `ordinal` without ever panicking: a missing driver library,
+/// no device, or a failing driver are all [`Error::NoDevice`].
+fn open_context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    // cudarc panics if libcuda cannot be loaded; ask first.
+    // SAFETY: only tries to dlopen the driver library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::NoDevice(
+            "the NVIDIA driver library (libcuda.so) was not found; install the driver or run \
+             on a machine with a GPU"
+                .into(),
+        ));
+    }
+    // A driver old enough to lack a symbol cudarc expects would panic inside
+    // cudarc; keep that an error value too.
+    let opened = std::panic::catch_unwind(|| CudaContext::new(ordinal));
+    match opened {
+        Ok(Ok(ctx)) => Ok(ctx),
+        Ok(Err(e)) => Err(Error::NoDevice(format!("cuda device {ordinal} could not be opened: {e}"))),
+        Err(_) => Err(Error::NoDevice(format!(
+            "the CUDA driver failed while opening device {ordinal} (is it older than CUDA 13.0?)"
+        ))),
+    }
+}
+
+fn read_info(ctx: &Arc<CudaContext>) -> Result<DeviceInfo> {
+    use cudarc::driver::sys::CUdevice_attribute as A;
+    let attr = |a| ctx.attribute(a).map_err(|e| Error::cuda("reading device attributes", e));
+    let mut driver_version = 0;
+    // SAFETY: writes one int.
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver_version) };
+    Ok(DeviceInfo {
+        ordinal: ctx.ordinal(),
+        name: ctx.name().map_err(|e| Error::cuda("reading device name", e))?,
+        compute_capability: ctx.compute_capability().map_err(|e| Error::cuda("reading compute capability", e))?,
+        sm_count: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32,
+        total_memory: ctx.total_mem().map_err(|e| Error::cuda("reading memory size", e))?,
+        l2_bytes: attr(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize,
+        max_shared_per_block: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize,
+        driver_version,
+    })
+}
+
+impl Gpu {
+    /// Opens device `ordinal` with a fresh stream.
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        let ctx = open_context(ordinal)?;
+        let stream = ctx.new_stream().map_err(|e| Error::cuda("creating a stream", e))?;
+        Gpu::from_stream(stream)
+    }
+
+    /// Wraps a stream the caller owns (an engine's), so lorafuse's ops run on
+    /// it and over the caller's memory.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Gpu> {
+        let info = read_info(stream.context())?;
+        Ok(Gpu { stream, info, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) })
+    }
+
+    /// The stream every op of this handle is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device's context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        self.stream.context()
+    }
+
+    /// What the device reports about itself.
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// Loads `family` once and returns its kernel `name`.
+    pub(crate) fn function(&self, family: KernelFamily, name: &str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().unwrap().get(name) {
+            return Ok(f.clone());
+        }
+        let image = family.image.ok_or(Error::KernelsNotBuilt)?;
+        let module = {
+            let mut modules = self.modules.lock().unwrap();
+            match modules.get(family.name) {
+                Some(m) => m.clone(),
+                None => {
+                    let ptx = cudarc::nvrtc::Ptx::from_binary(image.to_vec());
+                    let m = self.context().load_module(ptx).map_err(|e| {
+                        let hint = if format!("{e:?}").contains("UNSUPPORTED_PTX")
+                            || format!("{e:?}").contains("NO_BINARY_FOR_GPU")
+                        {
+                            " (no machine code for this GPU and the driver is too old for the \
+                             embedded PTX: rebuild with LORAFUSE_CUDA_ARCHS naming this GPU's \
+                             sm_XX, or update the driver)"
+                        } else {
+                            ""
+                        };
+                        Error::cuda(format!("loading kernels/{}.cu{hint}", family.name), e)
+                    })?;
+                    modules.insert(family.name, m.clone());
+                    m
+                }
+            }
+        };
+        let f = module
+            .load_function(name)
+            .map_err(|e| Error::cuda(format!("finding kernel {name} in kernels/{}.cu", family.name), e))?;
+        self.functions.lock().unwrap().insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// A persistent grid: `blocks_per_sm` blocks on every SM, but never more
+    /// than `work_items` blocks.
+    pub(crate) fn persistent_grid(&self, blocks_per_sm: u32, work_items: u64) -> u32 {
+        let cap = (self.info.sm_count.max(1) * blocks_per_sm) as u64;
+        work_items.clamp(1, cap) as u32
+    }
+
+    /// Times `work` on this stream with CUDA events: milliseconds between an
+    /// event recorded before and one recorded after.
+    pub fn time_ms(&self, work: impl FnOnce() -> Result<()>) -> Result<f32> {
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.stream.record_event(flags).map_err(|e| Error::cuda("recording an event", e))?;
+        work()?;
+        let end = self.stream.record_event(flags).map_err(|e| Error::cuda("recording an event", e))?;
+        start.elapsed_ms(&end).map_err(|e| Error::cuda("reading event time", e))
+    }
+
+    /// Copies `src` to `dst` on the stream (used as the bandwidth yardstick
+    /// by the benches).
+    pub fn copy<T: Scalar>(&self, src: &CudaSlice<T>, dst: &mut CudaSlice<T>) -> Result<()> {
+        self.stream.memcpy_dtod(src, dst).map_err(|e| Error::cuda("device-to-device copy", e))
+    }
+
+    /// Sets every byte of `buf` to zero, on the stream.
+    pub fn memset_zero<T: Scalar>(&self, buf: &mut CudaSlice<T>) -> Result<()> {
+        self.stream.memset_zeros(buf).map_err(|e| Error::cuda("memset", e))
+    }
+}
+
+/// A one-dimensional launch of `blocks` × `threads` with `shared` bytes of
+/// dynamic shared memory.
+pub(crate) fn grid(blocks: u32, threads: u32, shared: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: shared }
+}
+
+/// Blocks of `threads` needed to cover `n` items one per thread.
+pub(crate) fn blocks_for(n: u64, threads: u32) -> u32 {
+    n.div_ceil(threads as u64).max(1).min(u32::MAX as u64) as u32
+}
+
+impl Backend for Gpu {
+    type Buf<T: Scalar> = CudaSlice<T>;
+
+    fn describe(&self) -> String {
+        self.info.to_string()
+    }
+    fn zeros<T: Scalar>(&self, len: usize) -> Result<CudaSlice<T>> {
+        self.stream.alloc_zeros(len).map_err(|e| Error::cuda(format!("allocating {len} elements"), e))
+    }
+    fn upload<T: Scalar>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        self.stream.clone_htod(host).map_err(|e| Error::cuda("host-to-device copy", e))
+    }
+    fn download<T: Scalar>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(buf).map_err(|e| Error::cuda("device-to-host copy", e))
+    }
+    fn len<T: Scalar>(buf: &CudaSlice<T>) -> usize {
+        buf.len()
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| Error::cuda("stream synchronize", e))
+    }
+}
+
+/// Opens device 0, or says why not. Never panics.
+pub fn probe() -> Result<Gpu> {
+    Gpu::new(0)
+}

@@ -1,0 +1,38 @@
+//! # lorafuse
+//!
+//! Hand-written CUDA kernels, with a minimal runtime, for the LoRA family of
+//! parameter-efficient fine-tuning, each with a plain CPU twin that serves as
+//! the test oracle and as a working backend without a GPU.
+//!
+//! - [`projection`]: Uni-LoRA's shared projection `θ_D = P·θ_d` (gather) and
+//!   its transpose (scatter), `P` computed from a seed, never stored.
+//!
+//! Every operation exists three times under one name: `kernels/<family>.cu`,
+//! `src/cpu/<family>.rs` (the oracle) and `src/cuda/<family>.rs` (the launch
+//! wrappers), with `tests/<family>.rs` and `benches/<family>.rs` beside them.
+//!
+//! ```
+//! use lorafuse::{cpu::Cpu, projection::*, Backend, DType};
+//! # fn main() -> lorafuse::Result<()> {
+//! let layout = ProjectionLayout::packed(DType::F32, [("A".to_string(), [4, 8]), ("B".to_string(), [8, 4])])?;
+//! let p = Projection::new(layout.rows(), 16, 42, Assignment::Hash)?;
+//! let cpu = Cpu;
+//! let prepared = cpu.projection_prepare(&p)?;
+//! let theta = cpu.upload(&lorafuse::rng::Rng::new(1).uniform_vec(16, -0.02, 0.02))?;
+//! let (mut a, mut b) = (vec![0f32; 32], vec![0f32; 32]);
+//! cpu.projection_gather(&prepared, &theta, &layout, &mut [&mut a, &mut b])?;
+//! # Ok(()) }
+//! ```
+
+pub mod backend;
+pub mod cpu;
+pub mod cuda;
+pub mod dtype;
+pub mod error;
+pub mod projection;
+pub mod rng;
+pub mod testing;
+
+pub use backend::{Backend, Scalar};
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
