@@ -32,6 +32,7 @@ pub mod error;
 pub mod projection;
 pub mod rng;
 pub mod testing;
+pub mod train;
 
 pub use backend::{Backend, Scalar};
 pub use dtype::{DType, Element};

@@ -6,6 +6,7 @@
 
 pub mod gemm;
 pub mod projection;
+pub mod train;
 
 use crate::backend::{Backend, Scalar};
 use crate::Result;
