@@ -5,6 +5,7 @@
 //! family it mirrors in `kernels/`.
 
 pub mod gemm;
+pub mod lowrank;
 pub mod projection;
 pub mod train;
 
