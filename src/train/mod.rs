@@ -2,5 +2,11 @@
 //! LoRA, Tied-LoRA/VeRA, Uni-LoRA or fully, every backward written by hand.
 //!
 //! - [`ops`]: the non-GEMM ops ([`ops::TrainOps`]) the model needs.
+//! - [`config`]: the model's shape (Hugging Face `config.json`).
+//! - [`model`]: GPT-2 forward and backward over any [`model::TrainBackend`].
+//! - [`adapters`]: LoRA, Tied-LoRA, VeRA and Uni-LoRA parameters.
 
+pub mod adapters;
+pub mod config;
+pub mod model;
 pub mod ops;

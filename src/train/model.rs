@@ -30,7 +30,7 @@ use safetensors::{Dtype, SafeTensors};
 use super::adapters::AdapterSet;
 use super::config::Gpt2Config;
 use super::ops::{AttnShape, SeqShape, TrainOps};
-use crate::lowrank::{Adapter, Grads, LinearShape, LowRankOps};
+use crate::lowrank::{Grads, LinearShape, LowRankOps};
 use crate::projection::ProjectionOps;
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -268,24 +268,6 @@ impl<B: TrainBackend> Gpt2<B> {
             params.push(backend.upload(&host)?);
         }
         Ok(Gpt2 { config, params, grads: None })
-    }
-
-    /// Writes `config.json` and `model.safetensors` (Hugging Face layout,
-    /// f32) into `dir`, each atomically.
-    pub fn save(&self, backend: &B, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let mut tensors = Vec::new();
-        for (spec, buf) in Self::param_specs(&self.config).iter().zip(&self.params) {
-            let mut host = backend.download(buf)?;
-            let mut shape = spec.shape.clone();
-            if spec.transposed {
-                host = transpose(&host, shape[0], shape[1]);
-                shape.swap(0, 1);
-            }
-            tensors.push((spec.name.clone(), shape, host));
-        }
-        super::checkpoint::write_safetensors(&dir.join("model.safetensors"), &tensors, None)?;
-        super::checkpoint::write_atomic(&dir.join("config.json"), self.config.to_json().as_bytes())
     }
 
     /// Turns full fine-tuning on: allocates a gradient for every parameter.
