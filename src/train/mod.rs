@@ -3,10 +3,14 @@
 //!
 //! - [`ops`]: the non-GEMM ops ([`ops::TrainOps`]) the model needs.
 //! - [`config`]: the model's shape (Hugging Face `config.json`).
+//! - [`data`]: token files, byte text, the embedded domains; eval metrics.
 //! - [`model`]: GPT-2 forward and backward over any [`model::TrainBackend`].
 //! - [`adapters`]: LoRA, Tied-LoRA, VeRA and Uni-LoRA parameters.
+//! - [`optimizer`]: AdamW, clipping, schedules, parameter groups.
 
 pub mod adapters;
 pub mod config;
+pub mod data;
 pub mod model;
 pub mod ops;
+pub mod optimizer;
