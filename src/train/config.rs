@@ -6,14 +6,13 @@ use std::path::Path;
 use crate::{Error, Result};
 
 /// GPT-2 hyper-parameters, named as in Hugging Face's `GPT2Config` (other
-/// fields of a `config.json` are ignored; `n_ctx` is accepted for
-/// `n_positions`).
+/// fields of a `config.json` are ignored; `n_ctx` is used when
+/// `n_positions` is absent, as in old GPT-2 configs).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Gpt2Config {
     /// Token vocabulary size.
     pub vocab_size: usize,
     /// Learned positions (the longest sequence the model accepts).
-    #[serde(alias = "n_ctx")]
     pub n_positions: usize,
     /// Width of the residual stream.
     pub n_embd: usize,
@@ -75,7 +74,15 @@ impl Gpt2Config {
     /// Reads and validates a `config.json`.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let c: Gpt2Config = serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        let mut v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+        if let Some(obj) = v.as_object_mut() {
+            if !obj.contains_key("n_positions") {
+                if let Some(n_ctx) = obj.get("n_ctx").cloned() {
+                    obj.insert("n_positions".into(), n_ctx);
+                }
+            }
+        }
+        let c: Gpt2Config = serde_json::from_value(v).map_err(|e| Error::format(path, e.to_string()))?;
         c.validate()?;
         Ok(c)
     }

@@ -7,10 +7,14 @@
 //! - [`model`]: GPT-2 forward and backward over any [`model::TrainBackend`].
 //! - [`adapters`]: LoRA, Tied-LoRA, VeRA and Uni-LoRA parameters.
 //! - [`optimizer`]: AdamW, clipping, schedules, parameter groups.
+//! - [`checkpoint`]: adapter/model files and resumable checkpoints.
+//! - [`trainer`]: the loop: steps, refusals, evaluation, checkpoints.
 
 pub mod adapters;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod model;
 pub mod ops;
 pub mod optimizer;
+pub mod trainer;
