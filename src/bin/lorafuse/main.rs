@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod selfcheck;
+mod train;
 
 /// Fused LoRA-family kernels: inspect the device and check the kernels.
 #[derive(Parser)]
@@ -19,6 +20,14 @@ enum Command {
     /// Run every kernel family on random inputs against the CPU oracle, on
     /// the GPU when there is one, else on the CPU backend alone.
     Selfcheck(selfcheck::Args),
+    /// Fine-tune a GPT-2-architecture model: full, LoRA, Tied-LoRA, VeRA or
+    /// Uni-LoRA, on the embedded domains, byte text or llm.c token files.
+    Train(Box<train::TrainArgs>),
+    /// Evaluate a model with and without adapters on a dataset.
+    Eval(train::EvalArgs),
+    /// Pretrain a tiny base on the embedded data, then train LoRA,
+    /// Tied-LoRA and Uni-LoRA adapters on one domain and compare them.
+    Demo(train::DemoArgs),
 }
 
 fn main() {
@@ -26,6 +35,9 @@ fn main() {
     let result = match cli.command {
         Command::Info => selfcheck::info(),
         Command::Selfcheck(args) => selfcheck::run(&args),
+        Command::Train(args) => train::train(&args),
+        Command::Eval(args) => train::eval(&args),
+        Command::Demo(args) => train::demo(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
