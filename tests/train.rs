@@ -53,7 +53,8 @@ fn check(ctx: &str, got: &[f64], want: &[f64], tol: f64) {
 #[test]
 fn layernorm_gradients_match_finite_differences_f64() {
     let (rows, d, seed) = (3, 7, 1);
-    let (x, gamma, beta, w) = (rand64(seed, rows * d), rand64(seed + 1, d), rand64(seed + 2, d), rand64(seed + 3, rows * d));
+    let (x, gamma, beta, w) =
+        (rand64(seed, rows * d), rand64(seed + 1, d), rand64(seed + 2, d), rand64(seed + 3, rows * d));
     let eps = 1e-5;
     let (_, mean, rstd) = layernorm_forward_f64(&x, &gamma, &beta, eps);
     let (dx, dg, db) = layernorm_backward_f64(&w, &x, &gamma, &mean, &rstd);
@@ -264,7 +265,10 @@ fn tied_lora_model_gradients_match_finite_differences_for_every_configuration() 
 fn vera_and_unilora_model_gradients_match_finite_differences() {
     model_gradient_check(Method::Vera, &[Module::AttnProj, Module::Fc]);
     model_gradient_check(Method::UniLora { dim: 37, assignment: lorafuse::projection::Assignment::Hash }, &ALL);
-    model_gradient_check(Method::UniLora { dim: 23, assignment: lorafuse::projection::Assignment::Balanced }, &[Module::CAttn]);
+    model_gradient_check(
+        Method::UniLora { dim: 23, assignment: lorafuse::projection::Assignment::Balanced },
+        &[Module::CAttn],
+    );
 }
 
 #[test]
@@ -305,7 +309,16 @@ fn small_base(seed: u64) -> Gpt2<Cpu> {
 }
 
 fn overfit_config(method: &str, steps: u64) -> TrainConfig {
-    let mut c = TrainConfig { method: method.into(), rank: 4, alpha: 8.0, steps, batch: 2, seq: 32, seed: 3, ..TrainConfig::default() };
+    let mut c = TrainConfig {
+        method: method.into(),
+        rank: 4,
+        alpha: 8.0,
+        steps,
+        batch: 2,
+        seq: 32,
+        seed: 3,
+        ..TrainConfig::default()
+    };
     c.optim.warmup = 5;
     c.optim.lr = 2e-2;
     c.optim.lr_vector = 1e-1;
@@ -324,20 +337,18 @@ fn every_adapter_kind_overfits_a_small_batch() {
     // (method, loss after 150 steps must be below); the start is ≈ 9.5.
     // Thresholds sit ~30% above measured values (0.002, 0.63, 0.82, 1.35,
     // 1.57, 1.10) so a broken gradient (no descent) cannot pass.
-    let cases = [
-        ("full", 0.05),
-        ("lora", 0.9),
-        ("tied:vBuA", 1.1),
-        ("tied:BA", 1.8),
-        ("vera", 2.1),
-        ("unilora:1024", 1.5),
-    ];
+    let cases =
+        [("full", 0.05), ("lora", 0.9), ("tied:vBuA", 1.1), ("tied:BA", 1.8), ("vera", 2.1), ("unilora:1024", 1.5)];
     for (method, threshold) in cases {
         let mut t = Trainer::new(Cpu, small_base(1), fixed_stream(2), overfit_config(method, 150)).unwrap();
         let l = losses(&mut t, 150);
         let last = *l.last().unwrap();
         assert!(l[0] > 8.0, "{method}: initial loss {} (expected ≈ 9.5)", l[0]);
-        assert!(last < threshold, "{method}: loss {last:.3} after 150 steps, threshold {threshold} (first {:.3})", l[0]);
+        assert!(
+            last < threshold,
+            "{method}: loss {last:.3} after 150 steps, threshold {threshold} (first {:.3})",
+            l[0]
+        );
     }
 }
 
@@ -382,14 +393,16 @@ fn non_finite_steps_are_refused_and_repeated_failures_stop_the_run() {
     cfg.max_bad_steps = 3;
     let mut t = Trainer::new(Cpu, small_base(1), fixed_stream(2), cfg).unwrap();
     t.step().unwrap();
-    let before: Vec<Vec<f32>> = t.adapters.as_mut().unwrap().trainable().into_iter().map(|(_, _, p, _)| p.clone()).collect();
+    let before: Vec<Vec<f32>> =
+        t.adapters.as_mut().unwrap().trainable().into_iter().map(|(_, _, p, _)| p.clone()).collect();
     // Poison the frozen base: every loss is NaN from now on.
     t.model.params[2][0] = f32::NAN;
     for i in 0..2 {
         let o = t.step().unwrap();
         assert!(o.report.is_none() && o.refused.is_some(), "step {i} accepted with a NaN loss: {o:?}");
     }
-    let after: Vec<Vec<f32>> = t.adapters.as_mut().unwrap().trainable().into_iter().map(|(_, _, p, _)| p.clone()).collect();
+    let after: Vec<Vec<f32>> =
+        t.adapters.as_mut().unwrap().trainable().into_iter().map(|(_, _, p, _)| p.clone()).collect();
     assert!(before == after, "a refused step changed parameters");
     let err = t.step().unwrap_err().to_string();
     assert!(err.contains("3 consecutive steps were refused"), "{err}");
@@ -397,7 +410,8 @@ fn non_finite_steps_are_refused_and_repeated_failures_stop_the_run() {
 
 #[test]
 fn bad_run_configs_fail_before_any_work() {
-    let msg = |cfg: TrainConfig| Trainer::new(Cpu, small_base(1), fixed_stream(2), cfg).err().expect("accepted").to_string();
+    let msg =
+        |cfg: TrainConfig| Trainer::new(Cpu, small_base(1), fixed_stream(2), cfg).err().expect("accepted").to_string();
     let base = overfit_config("lora", 5);
     assert!(msg(TrainConfig { rank: 0, ..base.clone() }).contains("r = 0"));
     assert!(msg(TrainConfig { rank: 40, ..base.clone() }).contains("min(K, N)"));
@@ -468,13 +482,19 @@ fn embedded_data_is_deterministic_held_out_and_scored_on_answers() {
     assert_eq!(ev, ev_b, "same seed, different data");
     assert_eq!((tr.len(), ev.len()), (200, 40));
     assert!(ev.iter().all(|e| tr.iter().all(|t| t.prompt != e.prompt)), "an eval prompt is in the training set");
-    let text = |e: &lorafuse::train::data::Example| e.prompt.iter().chain(&e.answer).map(|&c| c as u8 as char).collect::<String>();
+    let text = |e: &lorafuse::train::data::Example| {
+        e.prompt.iter().chain(&e.answer).map(|&c| c as u8 as char).collect::<String>()
+    };
     assert!(ev.iter().any(|e| text(e).starts_with("sort:")), "{:?}", text(&ev[0]));
     for e in tr.iter() {
         let s = text(e);
         if let Some((lhs, rhs)) = s.split_once('=') {
             let (x, y) = lhs.split_once('+').unwrap();
-            assert_eq!(rhs.trim().parse::<u64>().unwrap(), x.parse::<u64>().unwrap() + y.parse::<u64>().unwrap(), "{s}");
+            assert_eq!(
+                rhs.trim().parse::<u64>().unwrap(),
+                x.parse::<u64>().unwrap() + y.parse::<u64>().unwrap(),
+                "{s}"
+            );
         }
     }
     // Eval rows score exactly the answer tokens.

@@ -145,7 +145,10 @@ impl AdapterSpec {
             return Ok(());
         }
         if self.targets.is_empty() {
-            return Err(Error::invalid("target modules", "none given: pick from attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj"));
+            return Err(Error::invalid(
+                "target modules",
+                "none given: pick from attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj",
+            ));
         }
         let mut seen = self.targets.clone();
         seen.sort();
@@ -444,7 +447,11 @@ impl<B: TrainBackend> AdapterSet<B> {
             let grads = Grads::<B, f32> { dx: Some(dx), dw, dbias, ..Grads::none() };
             return backend.lowrank_backward(shape, x, w, None, None, dy, grads);
         };
-        let train = if self.uni.is_some() { Trainable { a: true, b: true, u: false, v: false } } else { self.spec.method.trainable() };
+        let train = if self.uni.is_some() {
+            Trainable { a: true, b: true, u: false, v: false }
+        } else {
+            self.spec.method.trainable()
+        };
         let adapter = Adapter {
             a: &self.mats[s.a].data,
             b: &self.mats[s.b].data,
@@ -477,7 +484,7 @@ impl<B: TrainBackend> AdapterSet<B> {
 
     /// Every trainable tensor with its group, value and gradient: `θ_d` for
     /// Uni-LoRA, else the trainable `A`/`B` and all `u`/`v`.
-    pub fn trainable(&mut self) -> Vec<(String, Group, &mut B::Buf<f32>, &B::Buf<f32>)> {
+    pub fn trainable(&mut self) -> Vec<super::optimizer::ParamRef<'_, B>> {
         if let Some(u) = &mut self.uni {
             return vec![("base_model.unilora_theta_d".to_string(), Group::Theta, &mut u.theta, &u.grad)];
         }

@@ -50,7 +50,9 @@ fn kind_of(method: &Method) -> Result<AdapterKind> {
         Method::Tied(_) => AdapterKind::TiedLora,
         Method::Vera => AdapterKind::Vera,
         Method::UniLora { .. } => AdapterKind::UniLora,
-        Method::Full => return Err(Error::invalid("adapter export", "full fine-tuning has no adapter: save the model")),
+        Method::Full => {
+            return Err(Error::invalid("adapter export", "full fine-tuning has no adapter: save the model"))
+        }
     })
 }
 
@@ -71,7 +73,8 @@ impl<B: TrainBackend> AdapterSet<B> {
             let w = UniLoraWeights::new(backend.download(&u.theta)?, u.prepared.projection.clone(), u.layout.clone())?;
             return Adapter::unilora(cfg, w);
         }
-        let mats: Vec<Arc<[f32]>> = self.mats.iter().map(|m| backend.download(&m.data).map(Into::into)).collect::<Result<_>>()?;
+        let mats: Vec<Arc<[f32]>> =
+            self.mats.iter().map(|m| backend.download(&m.data).map(Into::into)).collect::<Result<_>>()?;
         let d = config.n_embd;
         let mut modules = Vec::new();
         for s in &self.slots {
@@ -111,7 +114,7 @@ impl<B: TrainBackend> AdapterSet<B> {
                     u.prepared = backend.projection_prepare(&w.projection)?;
                 }
                 u.theta = backend.upload(&w.theta)?;
-                return self.gather(backend);
+                self.gather(backend)
             }
             (AdapterWeights::Modules(mods), None) => {
                 let by_name: BTreeMap<&str, &ModuleDelta> =
@@ -123,7 +126,10 @@ impl<B: TrainBackend> AdapterSet<B> {
                         .or_else(|| by_name.get(path.trim_start_matches("transformer.")))
                         .ok_or_else(|| Error::invalid("adapter", format!("has no module `{path}`")))?;
                     if m.rank != self.spec.rank {
-                        return Err(Error::invalid("adapter", format!("`{path}` has rank {}, expected {}", m.rank, self.spec.rank)));
+                        return Err(Error::invalid(
+                            "adapter",
+                            format!("`{path}` has rank {}, expected {}", m.rank, self.spec.rank),
+                        ));
                     }
                     for (idx, src) in [(s.a, &m.a), (s.b, &m.b)] {
                         crate::error::check_len("adapter load", "factor", src.len(), B::len(&self.mats[idx].data))?;
@@ -133,10 +139,18 @@ impl<B: TrainBackend> AdapterSet<B> {
                         if let Some(i) = idx {
                             let len = B::len(&self.vecs[i].data);
                             let host = src.clone().unwrap_or_else(|| vec![1.0; len]);
-                            crate::error::check_len("adapter load", if what == "u" { "u" } else { "v" }, host.len(), len)?;
+                            crate::error::check_len(
+                                "adapter load",
+                                if what == "u" { "u" } else { "v" },
+                                host.len(),
+                                len,
+                            )?;
                             self.vecs[i].data = backend.upload(&host)?;
                         } else if src.as_ref().is_some_and(|x| x.iter().any(|&e| e != 1.0)) {
-                            return Err(Error::invalid("adapter", format!("`{path}` has a {what} vector this run keeps frozen at ones")));
+                            return Err(Error::invalid(
+                                "adapter",
+                                format!("`{path}` has a {what} vector this run keeps frozen at ones"),
+                            ));
                         }
                     }
                 }
@@ -153,9 +167,12 @@ impl<B: TrainBackend> AdapterSet<B> {
 pub fn spec_for(adapter: &Adapter) -> Result<AdapterSpec> {
     let deltas_names: Vec<String> = match &adapter.weights {
         AdapterWeights::Modules(m) => m.iter().map(|d| d.name.clone()).collect(),
-        AdapterWeights::UniLora(w) => {
-            w.layout.segments().iter().map(|s| s.name.trim_end_matches(".lora_A").trim_end_matches(".lora_B").to_string()).collect()
-        }
+        AdapterWeights::UniLora(w) => w
+            .layout
+            .segments()
+            .iter()
+            .map(|s| s.name.trim_end_matches(".lora_A").trim_end_matches(".lora_B").to_string())
+            .collect(),
     };
     let mut targets: Vec<Module> = Vec::new();
     for name in &deltas_names {

@@ -94,7 +94,8 @@ pub fn read_llmc_tokens(path: &Path) -> Result<Vec<u32>> {
         2 => 4,
         v => return Err(Error::format(path, format!("version {v}: only 1 (u16 tokens) and 2 (u32 tokens) exist"))),
     };
-    let count = usize::try_from(header[2]).map_err(|_| Error::format(path, format!("negative token count {}", header[2])))?;
+    let count =
+        usize::try_from(header[2]).map_err(|_| Error::format(path, format!("negative token count {}", header[2])))?;
     let body = &bytes[LLMC_HEADER_BYTES..];
     if body.len() != count * width {
         return Err(Error::format(
@@ -163,7 +164,10 @@ pub fn generate_example(domain: &str, rng: &mut Rng) -> Result<Example> {
             (format!("rev:{w}>"), format!("{}\n", w.chars().rev().collect::<String>()))
         }
         other => {
-            return Err(Error::invalid(format!("data domain `{other}`"), format!("known domains: {}", DOMAINS.join(", "))))
+            return Err(Error::invalid(
+                format!("data domain `{other}`"),
+                format!("known domains: {}", DOMAINS.join(", ")),
+            ))
         }
     };
     Ok(Example { prompt: bytes(&prompt), answer: bytes(&answer) })
@@ -199,7 +203,12 @@ impl Dataset {
                 }
             }
         }
-        Ok(Dataset { name: domains.join("+"), vocab: BYTE_VOCAB, train: Corpus::Examples(tr), eval: Corpus::Examples(ev) })
+        Ok(Dataset {
+            name: domains.join("+"),
+            vocab: BYTE_VOCAB,
+            train: Corpus::Examples(tr),
+            eval: Corpus::Examples(ev),
+        })
     }
 
     /// A token stream split 90/10 into training and held-out windows.
@@ -255,7 +264,8 @@ impl Dataset {
     /// A random training batch. With `answer_only`, examples take loss on
     /// their answers only (the prompts are given).
     pub fn sample(&self, rng: &mut Rng, rows: usize, seq: usize, answer_only: bool) -> HostBatch {
-        let mut b = HostBatch { rows, seq, tokens: Vec::with_capacity(rows * seq), targets: Vec::with_capacity(rows * seq) };
+        let mut b =
+            HostBatch { rows, seq, tokens: Vec::with_capacity(rows * seq), targets: Vec::with_capacity(rows * seq) };
         for _ in 0..rows {
             match &self.train {
                 Corpus::Stream(t) => {
@@ -307,9 +317,8 @@ impl Dataset {
                     let mut toks = e.prompt.clone();
                     toks.extend_from_slice(&e.answer);
                     let mut targets = vec![IGNORE; seq];
-                    for p in e.prompt.len() - 1..toks.len() - 1 {
-                        targets[p] = toks[p + 1];
-                    }
+                    let first = e.prompt.len() - 1;
+                    targets[first..toks.len() - 1].copy_from_slice(&toks[first + 1..]);
                     toks.resize(seq, b'\n' as u32);
                     push_row(&toks, &targets);
                 }

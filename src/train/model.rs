@@ -35,6 +35,12 @@ use crate::projection::ProjectionOps;
 use crate::rng::Rng;
 use crate::{Error, Result};
 
+/// An f32 buffer of backend `B`.
+pub type F32<B> = <B as crate::Backend>::Buf<f32>;
+
+/// LayerNorm's output, mean and rstd.
+type Normed<B> = (F32<B>, F32<B>, F32<B>);
+
 /// Everything the trainer needs from a backend.
 pub trait TrainBackend: TrainOps + LowRankOps + ProjectionOps {}
 impl<B: TrainOps + LowRankOps + ProjectionOps> TrainBackend for B {}
@@ -80,10 +86,9 @@ impl Module {
             "attn.c_proj" => Ok(Module::AttnProj),
             "mlp.c_fc" | "c_fc" => Ok(Module::Fc),
             "mlp.c_proj" => Ok(Module::MlpProj),
-            "c_proj" => Err(Error::invalid(
-                "target module `c_proj`",
-                "ambiguous in GPT-2: write attn.c_proj or mlp.c_proj",
-            )),
+            "c_proj" => {
+                Err(Error::invalid("target module `c_proj`", "ambiguous in GPT-2: write attn.c_proj or mlp.c_proj"))
+            }
             other => Err(Error::invalid(
                 format!("target module `{other}`"),
                 "known modules are attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj",
@@ -258,7 +263,10 @@ impl<B: TrainBackend> Gpt2<B> {
                 Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
                 Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
                 other => {
-                    return Err(Error::format(&file, format!("tensor `{}` is {other:?}; f32, f16 or bf16 expected", spec.name)))
+                    return Err(Error::format(
+                        &file,
+                        format!("tensor `{}` is {other:?}; f32, f16 or bf16 expected", spec.name),
+                    ))
                 }
             };
             if spec.transposed {
@@ -307,7 +315,14 @@ impl<B: TrainBackend> Gpt2<B> {
         let tokens = shape.tokens();
         let attn = AttnShape { seq: shape, heads: c.n_head, head_dim: c.head_dim() };
         let mut x = backend.zeros(tokens * d)?;
-        backend.embedding_forward(&batch.tokens, &self.params[index_wte()], &self.params[index_wpe()], shape, d, &mut x)?;
+        backend.embedding_forward(
+            &batch.tokens,
+            &self.params[index_wte()],
+            &self.params[index_wpe()],
+            shape,
+            d,
+            &mut x,
+        )?;
 
         let ad = adapters.as_deref();
         let mut caches = Vec::with_capacity(c.n_layer);
@@ -316,7 +331,8 @@ impl<B: TrainBackend> Gpt2<B> {
             caches.push(cache);
             x = out;
         }
-        let (mut lnf, mut lnf_mean, mut lnf_rstd) = (backend.zeros(tokens * d)?, backend.zeros(tokens)?, backend.zeros(tokens)?);
+        let (mut lnf, mut lnf_mean, mut lnf_rstd) =
+            (backend.zeros(tokens * d)?, backend.zeros(tokens)?, backend.zeros(tokens)?);
         let lnf_i = self.params.len() - 2;
         backend.layernorm_forward(
             &x,
@@ -335,7 +351,11 @@ impl<B: TrainBackend> Gpt2<B> {
         let count = host_targets.iter().filter(|&&t| t != super::ops::IGNORE).count();
         let grad_scale = if backward && count > 0 { Some(1.0 / count as f64) } else { None };
         let ce = backend.cross_entropy(&mut logits, &batch.targets, vocab, grad_scale)?;
-        let out = BatchOutput { losses: backend.download(&ce.losses)?, correct: backend.download(&ce.correct)?, targets: host_targets };
+        let out = BatchOutput {
+            losses: backend.download(&ce.losses)?,
+            correct: backend.download(&ce.correct)?,
+            targets: host_targets,
+        };
         if grad_scale.is_none() {
             return Ok(out);
         }
@@ -378,7 +398,7 @@ impl<B: TrainBackend> Gpt2<B> {
         module: Module,
         x: &B::Buf<f32>,
         tokens: usize,
-    ) -> Result<(B::Buf<f32>, Option<B::Buf<f32>>)> {
+    ) -> Result<(F32<B>, Option<F32<B>>)> {
         let (k, n) = module.dims(self.config.n_embd);
         let wi = block_index(layer, module.slot());
         let adapter = adapters.and_then(|a| a.adapter(layer, module));
@@ -424,7 +444,9 @@ impl<B: TrainBackend> Gpt2<B> {
         };
         let w = &self.params[wi];
         match adapters {
-            Some(set) => set.linear_backward(backend, layer, module, (tokens, k, n), x, w, t, dy, &mut dx, dw, dbias)?,
+            Some(set) => {
+                set.linear_backward(backend, layer, module, (tokens, k, n), x, w, t, dy, &mut dx, dw, dbias)?
+            }
             None => {
                 let shape = LinearShape { m: tokens, k, n, r: 0 };
                 let grads = Grads::<B, f32> { dx: Some(&mut dx), dw, dbias, ..Grads::none() };
@@ -440,9 +462,10 @@ impl<B: TrainBackend> Gpt2<B> {
         x: &B::Buf<f32>,
         index: usize,
         tokens: usize,
-    ) -> Result<(B::Buf<f32>, B::Buf<f32>, B::Buf<f32>)> {
+    ) -> Result<Normed<B>> {
         let d = self.config.n_embd;
-        let (mut out, mut mean, mut rstd) = (backend.zeros(tokens * d)?, backend.zeros(tokens)?, backend.zeros(tokens)?);
+        let (mut out, mut mean, mut rstd) =
+            (backend.zeros(tokens * d)?, backend.zeros(tokens)?, backend.zeros(tokens)?);
         backend.layernorm_forward(
             x,
             &self.params[index],
@@ -508,18 +531,36 @@ impl<B: TrainBackend> Gpt2<B> {
         dres: &mut B::Buf<f32>,
     ) -> Result<()> {
         let tokens = attn.seq.tokens();
-        let LayerCache { x, ln1, ln1_mean, ln1_rstd, qkv, probs, att, mid, ln2, ln2_mean, ln2_rstd, fc, gelu, t } = cache;
-        let dgelu =
-            self.linear_backward(backend, adapters.as_deref_mut(), l, Module::MlpProj, &gelu, t[3].as_ref(), dres, tokens)?;
+        let LayerCache { x, ln1, ln1_mean, ln1_rstd, qkv, probs, att, mid, ln2, ln2_mean, ln2_rstd, fc, gelu, t } =
+            cache;
+        let dgelu = self.linear_backward(
+            backend,
+            adapters.as_deref_mut(),
+            l,
+            Module::MlpProj,
+            &gelu,
+            t[3].as_ref(),
+            dres,
+            tokens,
+        )?;
         drop(gelu);
         let mut dfc = backend.zeros(B::len(&fc))?;
         backend.gelu_backward(&dgelu, &fc, &mut dfc)?;
         drop((dgelu, fc));
-        let dln2 = self.linear_backward(backend, adapters.as_deref_mut(), l, Module::Fc, &ln2, t[2].as_ref(), &dfc, tokens)?;
+        let dln2 =
+            self.linear_backward(backend, adapters.as_deref_mut(), l, Module::Fc, &ln2, t[2].as_ref(), &dfc, tokens)?;
         drop(dfc);
         self.layernorm_backward(backend, l, 6, &dln2, &mid, &ln2_mean, &ln2_rstd, dres)?;
-        let datt =
-            self.linear_backward(backend, adapters.as_deref_mut(), l, Module::AttnProj, &att, t[1].as_ref(), dres, tokens)?;
+        let datt = self.linear_backward(
+            backend,
+            adapters.as_deref_mut(),
+            l,
+            Module::AttnProj,
+            &att,
+            t[1].as_ref(),
+            dres,
+            tokens,
+        )?;
         let mut dqkv = backend.zeros(B::len(&qkv))?;
         backend.attention_backward(&datt, &qkv, &probs, attn, &mut dqkv)?;
         drop((datt, probs, qkv));

@@ -128,7 +128,11 @@ impl OptimConfig {
 
 /// One trainable tensor as the optimizer sees it: name, group, value,
 /// gradient.
-pub type ParamRef<'a, B> = (String, Group, &'a mut <B as crate::Backend>::Buf<f32>, &'a <B as crate::Backend>::Buf<f32>);
+pub type ParamRef<'a, B> =
+    (String, Group, &'a mut <B as crate::Backend>::Buf<f32>, &'a <B as crate::Backend>::Buf<f32>);
+
+/// One tensor's AdamW moments: `(name, m, v)`.
+pub type Moments<B> = (String, super::model::F32<B>, super::model::F32<B>);
 
 /// What a step did.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -149,7 +153,7 @@ pub struct AdamW<B: TrainOps> {
     /// Completed (accepted) steps.
     pub step: u64,
     /// `(name, m, v)` per trainable tensor.
-    pub moments: Vec<(String, B::Buf<f32>, B::Buf<f32>)>,
+    pub moments: Vec<Moments<B>>,
 }
 
 impl<B: TrainOps> AdamW<B> {

@@ -96,7 +96,12 @@ impl TrainConfig {
         if data.vocab > model.vocab_size {
             return Err(Error::invalid(
                 "data",
-                format!("`{}` uses token ids up to {} but the model's vocab_size is {}", data.name, data.vocab - 1, model.vocab_size),
+                format!(
+                    "`{}` uses token ids up to {} but the model's vocab_size is {}",
+                    data.name,
+                    data.vocab - 1,
+                    model.vocab_size
+                ),
             ));
         }
         if self.max_bad_steps == 0 {
@@ -145,7 +150,10 @@ pub struct Trainer<B: TrainBackend> {
     pub bad_steps: u32,
 }
 
-fn trainable<'a, B: TrainBackend>(model: &'a mut Gpt2<B>, adapters: Option<&'a mut AdapterSet<B>>) -> Vec<ParamRef<'a, B>> {
+fn trainable<'a, B: TrainBackend>(
+    model: &'a mut Gpt2<B>,
+    adapters: Option<&'a mut AdapterSet<B>>,
+) -> Vec<ParamRef<'a, B>> {
     match adapters {
         Some(a) => a.trainable(),
         None => {
@@ -211,7 +219,12 @@ impl<B: TrainBackend> Trainer<B> {
     /// refusals stop the run with an error.
     pub fn step(&mut self) -> Result<StepOutcome> {
         let host = self.data.sample(&mut self.rng, self.config.batch, self.config.seq, self.config.answer_only);
-        let batch = Batch::upload(&self.backend, super::ops::SeqShape { batch: host.rows, seq: host.seq }, &host.tokens, &host.targets)?;
+        let batch = Batch::upload(
+            &self.backend,
+            super::ops::SeqShape { batch: host.rows, seq: host.seq },
+            &host.tokens,
+            &host.targets,
+        )?;
         self.zero_grads()?;
         let out = self.model.run(&self.backend, self.adapters.as_mut(), &batch, true)?;
         if let Some(a) = self.adapters.as_mut() {
@@ -258,7 +271,15 @@ impl<B: TrainBackend> Trainer<B> {
 
     /// Loss, perplexity and accuracy on the held-out set.
     pub fn evaluate(&mut self) -> Result<EvalMetrics> {
-        evaluate(&self.backend, &mut self.model, self.adapters.as_mut(), &self.data, self.config.batch.max(8), self.config.seq, self.config.eval_examples)
+        evaluate(
+            &self.backend,
+            &mut self.model,
+            self.adapters.as_mut(),
+            &self.data,
+            self.config.batch.max(8),
+            self.config.seq,
+            self.config.eval_examples,
+        )
     }
 
     /// Saves the trained adapter (PEFT format) or, for full fine-tuning, the
@@ -287,7 +308,9 @@ impl<B: TrainBackend> Trainer<B> {
             .map(|(n, m, v)| Ok((n.clone(), self.backend.download(m)?, self.backend.download(v)?)))
             .collect::<Result<Vec<_>>>()?;
         let weights_dir = if self.adapters.is_some() { "adapter" } else { "model" };
-        write_checkpoint(root, &state, &CheckpointTensors { moments }, keep, |dir| self.save_result(&dir.join(weights_dir)))
+        write_checkpoint(root, &state, &CheckpointTensors { moments }, keep, |dir| {
+            self.save_result(&dir.join(weights_dir))
+        })
     }
 
     /// Rebuilds a run from a checkpoint directory: `model` is the base (for
@@ -295,8 +318,8 @@ impl<B: TrainBackend> Trainer<B> {
     /// the same dataset. Continues bit-identically on the CPU.
     pub fn resume(backend: B, model: Gpt2<B>, data: Dataset, dir: &Path) -> Result<Self> {
         let (state, moments) = read_checkpoint(dir)?;
-        let config: TrainConfig =
-            serde_json::from_value(state.config.clone()).map_err(|e| Error::format(dir.join("state.json"), e.to_string()))?;
+        let config: TrainConfig = serde_json::from_value(state.config.clone())
+            .map_err(|e| Error::format(dir.join("state.json"), e.to_string()))?;
         let model = if config.method == "full" { Gpt2::load(&backend, &dir.join("model"))? } else { model };
         let mut t = Trainer::new(backend, model, data, config)?;
         if let Some(a) = t.adapters.as_mut() {
@@ -305,7 +328,9 @@ impl<B: TrainBackend> Trainer<B> {
         for (name, m, v) in t.optimizer.moments.iter_mut() {
             for (suffix, buf) in [("adam_m", m), ("adam_v", v)] {
                 let key = format!("{name}.{suffix}");
-                let host = moments.get(&key).ok_or_else(|| Error::format(dir.join("optimizer.safetensors"), format!("`{key}` is missing")))?;
+                let host = moments
+                    .get(&key)
+                    .ok_or_else(|| Error::format(dir.join("optimizer.safetensors"), format!("`{key}` is missing")))?;
                 crate::error::check_len("resume", "optimizer moment", host.len(), B::len(buf))?;
                 *buf = t.backend.upload(host)?;
             }

@@ -126,10 +126,10 @@ pub struct EvalArgs {
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
     /// Pretraining iterations of the tiny base (full fine-tuning, all domains).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 2000)]
     base_steps: u64,
     /// Iterations of each adapter.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = 400)]
     adapter_steps: u64,
     /// The domain the adapters learn.
     #[arg(long, default_value = "sort")]
@@ -163,7 +163,9 @@ fn model_from(backend: &Cpu, spec: &str, seed: u64) -> Result<Gpt2<Cpu>> {
             .collect::<Result<_>>()?;
         let (layers, width, heads) = match v[..] {
             [l, w, h, ..] => (l, w, h),
-            _ => return Err(Error::invalid("--model random:", "give <layers>,<width>,<heads>[,<positions>[,<vocab>]]")),
+            _ => {
+                return Err(Error::invalid("--model random:", "give <layers>,<width>,<heads>[,<positions>[,<vocab>]]"))
+            }
         };
         let cfg = Gpt2Config::new(*v.get(4).unwrap_or(&256), *v.get(3).unwrap_or(&64), width, layers, heads)?;
         Gpt2::random(backend, &cfg, seed)
@@ -270,12 +272,16 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     }
     c.answer_only |= args.answer_only;
     let model_spec = args.sources.model.clone().or(file.model).ok_or_else(|| {
-        Error::invalid("--model", "give a model directory or random:<layers>,<width>,<heads> (or `model` in the TOML file)")
+        Error::invalid(
+            "--model",
+            "give a model directory or random:<layers>,<width>,<heads> (or `model` in the TOML file)",
+        )
     })?;
     let data_spec = args.sources.data.clone().or(file.data).unwrap_or_else(|| "embedded".into());
     let out = args.out.clone().or(file.out).unwrap_or_else(|| PathBuf::from("lorafuse-out"));
     let ckpt_dir = args.checkpoint_dir.clone().or(file.checkpoint_dir);
-    let ckpt_every = args.checkpoint_every.or(file.checkpoint_every).unwrap_or(if ckpt_dir.is_some() { 100 } else { 0 });
+    let ckpt_every =
+        args.checkpoint_every.or(file.checkpoint_every).unwrap_or(if ckpt_dir.is_some() { 100 } else { 0 });
 
     let backend = Cpu;
     let model = model_from(&backend, &model_spec, c.seed)?;
@@ -291,8 +297,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     };
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let metrics_path = args.metrics.clone().or(file.metrics).unwrap_or_else(|| out.join("metrics.jsonl"));
-    let mut metrics =
-        Some(std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?);
+    let mut metrics = Some(std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?);
     let trainable = t.num_trainable();
     eprintln!(
         "{} on {}: {} trainable of {} base parameters, data {}",
@@ -382,7 +387,14 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
     );
     let base = Gpt2::random(&backend, &cfg, args.seed)?;
     let mixed = Dataset::embedded(&DOMAINS, 4000, 50, args.seed)?;
-    let mut pre = TrainConfig { method: "full".into(), steps: args.base_steps, batch: 16, seq: 32, seed: args.seed, ..TrainConfig::default() };
+    let mut pre = TrainConfig {
+        method: "full".into(),
+        steps: args.base_steps,
+        batch: 16,
+        seq: 32,
+        seed: args.seed,
+        ..TrainConfig::default()
+    };
     pre.optim.lr_base = 3e-3;
     pre.optim.warmup = 20;
     pre.optim.weight_decay = 0.0;
@@ -428,7 +440,10 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         rows.push((method.to_string(), n, Some(m), secs, toks as f64 / secs));
     }
     println!("\ndomain `{}`: held-out evaluation on answers ({} examples)", args.domain, before.rows);
-    println!("{:<18} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9}", "run", "trainable", "loss", "ppl", "exact", "token", "time", "tok/s");
+    println!(
+        "{:<18} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "run", "trainable", "loss", "ppl", "exact", "token", "time", "tok/s"
+    );
     print_metrics("base, no adapter", "-", &before, "");
     for (name, n, m, secs, tps) in &rows {
         match m {
