@@ -456,13 +456,7 @@ impl<B: TrainBackend> Gpt2<B> {
         Ok(dx)
     }
 
-    fn layernorm(
-        &self,
-        backend: &B,
-        x: &B::Buf<f32>,
-        index: usize,
-        tokens: usize,
-    ) -> Result<Normed<B>> {
+    fn layernorm(&self, backend: &B, x: &B::Buf<f32>, index: usize, tokens: usize) -> Result<Normed<B>> {
         let d = self.config.n_embd;
         let (mut out, mut mean, mut rstd) =
             (backend.zeros(tokens * d)?, backend.zeros(tokens)?, backend.zeros(tokens)?);
