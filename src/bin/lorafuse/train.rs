@@ -290,7 +290,13 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         (Some(dir), true) => {
             let ck = latest_checkpoint(dir)?;
             eprintln!("resuming from {}", ck.display());
-            Trainer::resume(backend, model, data, &ck)?
+            let mut t = Trainer::resume(backend, model, data, &ck)?;
+            // The checkpoint carries the run's config; only the length may
+            // change on resume (the schedule then stretches to the new end).
+            if let Some(steps) = args.steps {
+                t.config.steps = steps;
+            }
+            t
         }
         (None, true) => return Err(Error::invalid("--resume", "needs --checkpoint-dir")),
         _ => Trainer::new(backend, model, data, c)?,
