@@ -533,3 +533,34 @@ fn adamw_matches_the_formula_and_schedules_have_their_shape() {
     let lin = OptimConfig { schedule: Schedule::Linear, ..c.clone() };
     assert!((lin.lr_factor(55, 100) - 0.55).abs() < 1e-12 && (lin.lr_factor(100, 100) - 0.1).abs() < 1e-12);
 }
+
+#[test]
+fn cli_trains_from_a_toml_file_resumes_and_evaluates() {
+    let dir = std::env::temp_dir().join(format!("lorafuse-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    small_base(3).save(&Cpu, &dir.join("base")).unwrap();
+    std::fs::write(
+        dir.join("run.toml"),
+        "model = \"base\"\ndata = \"embedded:recall\"\nout = \"adapter\"\ncheckpoint_dir = \"ck\"\ncheckpoint_every = 2\n\
+         [train]\nmethod = \"unilora:300\"\nsteps = 4\nbatch = 2\neval_examples = 8\n[train.optim]\nlr_theta = 0.01\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lorafuse")).args(args).current_dir(&dir).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    let (ok, text) = run(&["train", "--config", "run.toml"]);
+    assert!(ok && text.contains("trainable parameters: 300"), "{text}");
+    assert!(dir.join("adapter/adapter_model.safetensors").exists() && dir.join("ck/step-00000004/state.json").exists());
+    let lines = std::fs::read_to_string(dir.join("adapter/metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 5, "one JSON line per iteration plus the final report:\n{lines}");
+    let (ok, text) = run(&["train", "--config", "run.toml", "--resume", "--steps", "6"]);
+    assert!(ok && text.contains("resuming from"), "{text}");
+    let (ok, text) = run(&["eval", "--model", "base", "--adapter", "adapter", "--data", "embedded:recall", "--examples", "8"]);
+    assert!(ok && text.contains("(base)") && text.contains("adapter"), "{text}");
+    let (ok, text) = run(&["train", "--config", "run.toml", "--rank", "0", "--method", "lora"]);
+    assert!(!ok && text.contains("r = 0"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
