@@ -30,7 +30,9 @@ bundle() {
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
-        print(m["target"]["name"], m["executable"])' |
+        kind = m["target"]["kind"][0]
+        name = m["target"]["name"] if kind == "test" else kind + "-" + m["target"]["name"]
+        print(name, m["executable"])' |
         while read -r name exe; do cp "$exe" "gpu-bundle/tests/$name"; done
     cargo bench --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json,sys
