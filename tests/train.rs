@@ -253,10 +253,11 @@ fn lora_model_gradients_match_finite_differences() {
 
 #[test]
 fn tied_lora_model_gradients_match_finite_differences_for_every_configuration() {
-    // Tied A/B accumulate over both layers; u, v per layer. A representative
-    // set of the 15 non-empty configurations (every letter alone, pairs, all).
-    for letters in ["vBuA", "BA", "vu", "A", "B", "u", "v", "vBA", "Bu"] {
-        let method = Method::parse(&format!("tied:{letters}")).unwrap();
+    // Tied A/B accumulate over both layers; u, v per layer. All 15
+    // configurations with something to train.
+    for train in Trainable::all_combinations().filter(|t| t.a || t.b || t.u || t.v) {
+        let method = Method::parse(&format!("tied:{}", train.label())).unwrap();
+        assert_eq!(method, Method::Tied(train));
         model_gradient_check(method, &[Module::CAttn, Module::MlpProj]);
     }
 }

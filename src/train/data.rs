@@ -248,6 +248,12 @@ impl Dataset {
                     return Err(Error::invalid(format!("{what} data `{}`", self.name), "no examples"))
                 }
                 Corpus::Examples(e) => {
+                    if e.iter().any(|x| x.prompt.is_empty() || x.answer.is_empty()) {
+                        return Err(Error::invalid(
+                            format!("{what} data `{}`", self.name),
+                            "an example has an empty prompt or answer",
+                        ));
+                    }
                     if let Some(x) = e.iter().find(|x| x.prompt.len() + x.answer.len() > seq) {
                         return Err(Error::invalid(
                             "sequence length",
