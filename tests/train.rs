@@ -548,7 +548,8 @@ fn cli_trains_from_a_toml_file_resumes_and_evaluates() {
     )
     .unwrap();
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lorafuse")).args(args).current_dir(&dir).output().unwrap();
+        let out =
+            std::process::Command::new(env!("CARGO_BIN_EXE_lorafuse")).args(args).current_dir(&dir).output().unwrap();
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         (out.status.success(), text)
     };
@@ -559,7 +560,8 @@ fn cli_trains_from_a_toml_file_resumes_and_evaluates() {
     assert_eq!(lines.lines().count(), 5, "one JSON line per iteration plus the final report:\n{lines}");
     let (ok, text) = run(&["train", "--config", "run.toml", "--resume", "--steps", "6"]);
     assert!(ok && text.contains("resuming from"), "{text}");
-    let (ok, text) = run(&["eval", "--model", "base", "--adapter", "adapter", "--data", "embedded:recall", "--examples", "8"]);
+    let (ok, text) =
+        run(&["eval", "--model", "base", "--adapter", "adapter", "--data", "embedded:recall", "--examples", "8"]);
     assert!(ok && text.contains("(base)") && text.contains("adapter"), "{text}");
     let (ok, text) = run(&["train", "--config", "run.toml", "--rank", "0", "--method", "lora"]);
     assert!(!ok && text.contains("r = 0"), "{text}");

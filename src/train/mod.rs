@@ -7,6 +7,7 @@
 //! - [`model`]: GPT-2 forward and backward over any [`model::TrainBackend`].
 //! - [`adapters`]: LoRA, Tied-LoRA, VeRA and Uni-LoRA parameters.
 //! - [`optimizer`]: AdamW, clipping, schedules, parameter groups.
+//! - [`plot`]: loss curves as PNG.
 //! - [`checkpoint`]: adapter/model files and resumable checkpoints.
 //! - [`trainer`]: the loop: steps, refusals, evaluation, checkpoints.
 
@@ -17,4 +18,5 @@ pub mod data;
 pub mod model;
 pub mod ops;
 pub mod optimizer;
+pub mod plot;
 pub mod trainer;

@@ -198,14 +198,16 @@ fn metrics_line(out: &mut Option<std::fs::File>, value: serde_json::Value) -> Re
     Ok(())
 }
 
-/// Runs the loop with a progress bar; returns (seconds, trained tokens).
+/// Runs the loop with a progress bar; returns (seconds, trained tokens,
+/// the loss curve as (iteration, loss)).
 fn run_loop<B: TrainBackend>(
     t: &mut Trainer<B>,
     label: &str,
     metrics: &mut Option<std::fs::File>,
     checkpoints: Option<(&Path, u64)>,
-) -> Result<(f64, usize)> {
+) -> Result<(f64, usize, Vec<(f64, f64)>)> {
     let total = t.config.steps;
+    let mut curve = Vec::new();
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
@@ -219,6 +221,7 @@ fn run_loop<B: TrainBackend>(
     let mut ema = None::<f64>;
     while t.iteration < total {
         let o = t.step()?;
+        curve.push((o.iteration as f64, o.loss));
         tokens += t.config.batch * t.config.seq;
         let secs = start.elapsed().as_secs_f64();
         if o.loss.is_finite() {
@@ -249,7 +252,7 @@ fn run_loop<B: TrainBackend>(
         }
     }
     bar.finish_and_clear();
-    Ok((start.elapsed().as_secs_f64(), tokens))
+    Ok((start.elapsed().as_secs_f64(), tokens, curve))
 }
 
 pub fn train(args: &TrainArgs) -> Result<()> {
@@ -314,7 +317,11 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         t.data.name
     );
     let label = t.config.method.clone();
-    let (secs, tokens) = run_loop(&mut t, &label, &mut metrics, ckpt_dir.as_deref().map(|d| (d, ckpt_every)))?;
+    let (secs, tokens, curve) = run_loop(&mut t, &label, &mut metrics, ckpt_dir.as_deref().map(|d| (d, ckpt_every)))?;
+    let png = out.join("loss.png");
+    if !curve.is_empty() {
+        lorafuse::train::plot::write_loss_png(&png, &[curve])?;
+    }
     let eval = t.evaluate()?;
     t.save_result(&out)?;
     let report = serde_json::json!({
@@ -338,6 +345,9 @@ pub fn train(args: &TrainArgs) -> Result<()> {
         out.display(),
         metrics_path.display()
     );
+    if png.exists() {
+        println!("loss curve: {}", png.display());
+    }
     Ok(())
 }
 
@@ -410,7 +420,9 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
             .and_then(|_| std::fs::File::create(args.out.join("metrics.jsonl")))
             .map_err(|e| Error::io(&args.out, e))?,
     );
-    let (secs, toks) = run_loop(&mut t, "base", &mut metrics, None)?;
+    let (secs, toks, base_curve) = run_loop(&mut t, "base", &mut metrics, None)?;
+    lorafuse::train::plot::write_loss_png(&args.out.join("base-loss.png"), &[base_curve])?;
+    let mut curves = Vec::new();
     let base_dir = args.out.join("base");
     t.model.save(&t.backend, &base_dir)?;
     let base_params = t.model.num_params();
@@ -440,7 +452,8 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         let model = Gpt2::load(&backend, &base_dir)?;
         let mut t = Trainer::new(backend, model, domain.clone(), c)?;
         let n = t.num_trainable();
-        let (secs, toks) = run_loop(&mut t, method, &mut metrics, None)?;
+        let (secs, toks, curve) = run_loop(&mut t, method, &mut metrics, None)?;
+        curves.push(curve);
         let m = t.evaluate()?;
         t.save_result(&args.out.join(method.replace(':', "-")))?;
         rows.push((method.to_string(), n, Some(m), secs, toks as f64 / secs));
@@ -457,6 +470,10 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
             None => println!("{name:<18} {n:>10} {:>9} {:>8} {:>8} {:>8} {secs:>7.1}s {tps:>9.0}", "-", "-", "-", "-"),
         }
     }
+    lorafuse::train::plot::write_loss_png(&args.out.join("adapters-loss.png"), &curves)?;
+    let colours: Vec<String> =
+        methods.iter().zip(lorafuse::train::plot::COLORS).map(|((m, ..), (c, _))| format!("{m} {c}")).collect();
     println!("\ntotal {:.1} s; base and adapters saved under {}", start.elapsed().as_secs_f64(), args.out.display());
+    println!("loss curves: base-loss.png, adapters-loss.png ({})", colours.join(", "));
     Ok(())
 }
