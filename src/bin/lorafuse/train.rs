@@ -198,6 +198,9 @@ fn metrics_line(out: &mut Option<std::fs::File>, value: serde_json::Value) -> Re
     Ok(())
 }
 
+/// A loss curve: (iteration, loss) points.
+type Curve = Vec<(f64, f64)>;
+
 /// Runs the loop with a progress bar; returns (seconds, trained tokens,
 /// the loss curve as (iteration, loss)).
 fn run_loop<B: TrainBackend>(
@@ -205,7 +208,7 @@ fn run_loop<B: TrainBackend>(
     label: &str,
     metrics: &mut Option<std::fs::File>,
     checkpoints: Option<(&Path, u64)>,
-) -> Result<(f64, usize, Vec<(f64, f64)>)> {
+) -> Result<(f64, usize, Curve)> {
     let total = t.config.steps;
     let mut curve = Vec::new();
     let bar = ProgressBar::new(total);
