@@ -126,10 +126,10 @@ pub struct EvalArgs {
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
     /// Pretraining iterations of the tiny base (full fine-tuning, all domains).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 3000)]
     base_steps: u64,
     /// Iterations of each adapter.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 800)]
     adapter_steps: u64,
     /// The domain the adapters learn.
     #[arg(long, default_value = "sort")]
