@@ -198,7 +198,7 @@ fn metrics_line(out: &mut Option<std::fs::File>, value: serde_json::Value) -> Re
     Ok(())
 }
 
-/// A loss curve: (iteration, loss) points.
+/// A loss curve: (iteration, moving-average loss) points.
 type Curve = Vec<(f64, f64)>;
 
 /// Runs the loop with a progress bar; returns (seconds, trained tokens,
@@ -224,12 +224,13 @@ fn run_loop<B: TrainBackend>(
     let mut ema = None::<f64>;
     while t.iteration < total {
         let o = t.step()?;
-        curve.push((o.iteration as f64, o.loss));
         tokens += t.config.batch * t.config.seq;
         let secs = start.elapsed().as_secs_f64();
         if o.loss.is_finite() {
             ema = Some(ema.map_or(o.loss, |e| 0.9 * e + 0.1 * o.loss));
         }
+        // The plotted curve is the moving average the progress bar shows.
+        curve.push((o.iteration as f64, ema.unwrap_or(f64::NAN)));
         bar.set_position(o.iteration);
         bar.set_message(format!("loss {:.3} {:.0} tok/s", ema.unwrap_or(f64::NAN), tokens as f64 / secs.max(1e-9)));
         let mut line = serde_json::json!({
