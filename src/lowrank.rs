@@ -34,7 +34,10 @@
 //!
 //! # Calling it
 //! [`LowRankOps`] is implemented by [`crate::cpu::Cpu`] (f64 oracle) and
-//! [`crate::cuda::Gpu`]. A layer's call:
+//! [`crate::cuda::Gpu`] (kernels/lowrank.cu plus cuBLAS; M ≤ 32 takes a
+//! single-launch decode kernel). Engines holding raw device memory call the
+//! free functions of [`crate::cuda::lowrank`] (`forward`, `add_in_place`,
+//! `backward`) on views, on their own stream. A layer's call:
 //!
 //! ```
 //! use lorafuse::{cpu::Cpu, lowrank::*};

@@ -101,8 +101,12 @@ fn scratch<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, len: usize) -> Result<CudaS
     unsafe { gpu.stream().alloc::<T>(len.max(1)) }.map_err(|e| Error::cuda(format!("allocating {len} elements"), e))
 }
 
-/// The cuBLAS handle of `gpu`'s stream, created once per stream.
+/// The cuBLAS handle of `gpu`'s stream, created once per stream (and kept
+/// for the life of the process, with the stream it holds). Binds the
+/// stream's context to this thread first: cuBLAS launches through the
+/// runtime API, which uses the calling thread's current context.
 fn blas(gpu: &Gpu) -> Result<Arc<CudaBlas>> {
+    gpu.context().bind_to_thread().map_err(|e| Error::cuda("binding the CUDA context", e))?;
     static HANDLES: OnceLock<Mutex<HashMap<usize, Arc<CudaBlas>>>> = OnceLock::new();
     // The handle keeps its stream alive, so the key is never reused.
     let key = Arc::as_ptr(gpu.stream()) as usize;
@@ -404,9 +408,12 @@ fn decode<T: Element>(
     t: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
     let LinearShape { m, k, n, r } = s;
-    // One block per SM (always co-resident: 256 threads, ≤ 32 KiB shared),
-    // never more blocks than 32-wide K-slices.
-    let blocks = (gpu.info().sm_count as usize).clamp(1, k.div_ceil(32));
+    // At most one block per SM (so all are co-resident: 256 threads,
+    // ≤ 32 KiB shared), about 64K multiply-adds of shrink plus expand per
+    // block: fewer blocks make the two grid syncs cheaper, more spread the
+    // reads of A and B. Never more blocks than 32-wide K-slices.
+    let sms = (gpu.info().sm_count as usize).max(1);
+    let blocks = (m * r * (k + n)).div_ceil(1 << 16).clamp(4.min(sms), sms).min(k.div_ceil(32)).max(1);
     let k_chunk = k.div_ceil(blocks);
     let blocks = k.div_ceil(k_chunk);
     let mut work = scratch::<f32>(gpu, (blocks + 1) * m * r)?;
