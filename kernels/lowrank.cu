@@ -12,7 +12,8 @@
 // bits on every run.
 //
 // Forward, large M (prefill / training), option (a) of the issue:
-//   lowrank_shrink        t partials = x·Aᵀ per K-split
+//   lowrank_shrink        t partials = x·Aᵀ per K-split (f32 x: CUDA cores;
+//                         f16/bf16 x: lowrank_shrink_tc, tensor cores)
 //   lowrank_shrink_finish t = Σ partials (saved for the backward) and
 //                         t' = [s·t⊙u | 1 | 0…] in T, rank padded to ld
 //   lowrank_prep_expand   B' = [B⊙v | bias | 0…] in T (N×ld)
@@ -27,6 +28,15 @@
 // columns per row (a copy of x, 2·M·K elements of traffic, unless the caller
 // produces x in that layout) and an op-owned W with spare columns; the
 // drop-in API here takes caller buffers as they are, so (a) was chosen.
+// What (a) still costs over the base GEMM at large M: one read of x (the
+// shrink), one write of y (the expand GEMM) and the β = 1 read of y in the
+// base GEMM's epilogue. At M = 8192, K = N = 4096, bf16 that is ~200 MB,
+// ~60 µs at 3.35 TB/s against a ~420 µs GEMM: about 1.1–1.15× base, not the
+// issue's 1.03× (which needs the shrink inside the GEMM main loop, where x
+// tiles already sit in shared memory: a custom GEMM, not cuBLAS). Against
+// the unfused sequence (same x read, y read + written by the β = 1 expand)
+// (a) saves only the y read the epilogue hides. Estimates, not measured:
+// no GPU was available when this was written.
 //
 // Decode (M ≤ 32): lowrank_decode, one cooperative launch: split-K shrink,
 // grid sync, fixed-order reduction, grid sync, expand-and-add in place on y
@@ -45,6 +55,7 @@
 //   cuBLAS                dA += dSᵀ·x, dx = dy·W, dx += dS·A, dW += dyᵀ·x,
 //                         dbias += dyᵀ·1
 #include <cooperative_groups.h>
+#include <mma.h>
 
 #include "common.cuh"
 
@@ -126,6 +137,83 @@ __device__ void shrink_impl(const T* __restrict__ x, const float* __restrict__ A
         const int row = row0 + ty * 4 + i;
         if (row < M) part[((size_t)blockIdx.y * M + row) * r + q] = acc[i];
     }
+}
+
+// The same shrink on tensor cores for f16/bf16 x (lowrank_shrink_tc_*; the
+// CPU twin is lowrank_shrink). A is f32, so each A tile is split into
+// A_hi = T(A) and A_lo = T(A − A_hi) and both are multiplied: products of
+// two 16-bit values are exact in f32, so t keeps ~16 (bf16) or ~22 (f16)
+// bits of A instead of 8 or 11, at no visible cost (the shrink is bound by
+// the read of x, not by tensor-core FLOPs). Block: 4 warps × 16 rows, 16
+// ranks; partials as in shrink_impl.
+#define TC_THREADS 128
+#define TC_ROWS 64
+#define TC_KT 32
+#define TC_LD (TC_KT + 8)  // 16-bit elements: a multiple of 8, 32-byte rows tiles
+
+template <typename T>
+__device__ void shrink_tc_impl(const T* __restrict__ x, const float* __restrict__ A, float* __restrict__ part,
+                               int M, int K, int r, int k_per_split) {
+    using namespace nvcuda;
+    __shared__ __align__(32) T xs[TC_ROWS][TC_LD];
+    __shared__ __align__(32) T a_hi[SH_RANKS][TC_LD];
+    __shared__ __align__(32) T a_lo[SH_RANKS][TC_LD];
+    __shared__ __align__(32) float out[TC_THREADS / 32][16][20];
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int row0 = blockIdx.x * TC_ROWS, q0 = blockIdx.z * SH_RANKS;
+    const int k_begin = blockIdx.y * k_per_split;
+    const int k_end = min(K, k_begin + k_per_split);
+    const T zero = from_f32<T>(0.f);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+    for (int k0 = k_begin; k0 < k_end; k0 += TC_KT) {
+        for (int e = tid; e < TC_ROWS * TC_KT; e += TC_THREADS) {
+            const int rr = e / TC_KT, kk = e % TC_KT, row = row0 + rr, k = k0 + kk;
+            xs[rr][kk] = (row < M && k < k_end) ? x[(size_t)row * K + k] : zero;
+        }
+        for (int e = tid; e < SH_RANKS * TC_KT; e += TC_THREADS) {
+            const int qq = e / TC_KT, kk = e % TC_KT, q = q0 + qq, k = k0 + kk;
+            const float a = (q < r && k < k_end) ? A[(size_t)q * K + k] : 0.f;
+            const T hi = from_f32<T>(a);
+            a_hi[qq][kk] = hi;
+            a_lo[qq][kk] = from_f32<T>(a - to_f32(hi));
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < TC_KT; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fx;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fh, fl;
+            wmma::load_matrix_sync(fx, &xs[warp * 16][kk], TC_LD);
+            // (k, q) lives at a_*[q][k]: column-major K×16 with ld TC_LD.
+            wmma::load_matrix_sync(fh, &a_hi[0][kk], TC_LD);
+            wmma::load_matrix_sync(fl, &a_lo[0][kk], TC_LD);
+            wmma::mma_sync(acc, fx, fh, acc);
+            wmma::mma_sync(acc, fx, fl, acc);
+        }
+        __syncthreads();
+    }
+    wmma::store_matrix_sync(&out[warp][0][0], acc, 20, wmma::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < 16 * 16; e += 32) {
+        const int rr = e / 16, qq = e % 16, row = row0 + warp * 16 + rr, q = q0 + qq;
+        if (row < M && q < r) part[((size_t)blockIdx.y * M + row) * r + q] = out[warp][rr][qq];
+    }
+}
+
+#define LOWRANK_TC_KERNEL(SUFFIX, T)                                                                   \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS)                                           \
+        lowrank_shrink_tc_##SUFFIX(const T* __restrict__ x, const float* __restrict__ A,               \
+                                   float* __restrict__ part, int M, int K, int r, int k_per_split) {   \
+        shrink_tc_impl<T>(x, A, part, M, K, r, k_per_split);                                           \
+    }
+LOWRANK_TC_KERNEL(f16, __half)
+LOWRANK_TC_KERNEL(bf16, __nv_bfloat16)
+
+// The CUDA-core shrink serves f32 x only (16-bit x takes the tensor cores).
+extern "C" __global__ void __launch_bounds__(LR_THREADS)
+    lowrank_shrink_f32(const float* __restrict__ x, const float* __restrict__ A, float* __restrict__ part, int M,
+                       int K, int r, int k_per_split) {
+    shrink_impl<float>(x, A, part, M, K, r, k_per_split);
 }
 
 // t = Σ_split part (fixed order), saved when `t` is non-null; and
@@ -399,11 +487,6 @@ extern "C" __global__ void __launch_bounds__(LR_THREADS)
     extern "C" __global__ void __launch_bounds__(LR_THREADS)                                               \
         lowrank_fill_bias_##SUFFIX(const T* __restrict__ bias, T* __restrict__ y, int M, int N) {          \
         fill_bias_impl<T>(bias, y, M, N);                                                                  \
-    }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(LR_THREADS)                                               \
-        lowrank_shrink_##SUFFIX(const T* __restrict__ x, const float* __restrict__ A,                      \
-                                float* __restrict__ part, int M, int K, int r, int k_per_split) {          \
-        shrink_impl<T>(x, A, part, M, K, r, k_per_split);                                                  \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(LR_THREADS) lowrank_shrink_finish_##SUFFIX(              \
         const float* part, int splits, const float* __restrict__ u, float scale, float* t,                \

@@ -458,7 +458,10 @@ fn gpu_matches_cpu<T: Element>(
         &cy.iter().map(|v| v.to_f64()).collect::<Vec<_>>(),
         tol,
     )?;
-    check_close(&ctx("forward t"), &gt_host, &f64s(&ct), 1e-5)?;
+    // f32: CUDA-core shrink in f32. 16-bit: tensor cores with A split in
+    // two 16-bit halves (~16 bits of A kept for bf16), hence the margin.
+    let t_tol = if T::DTYPE == lorafuse::DType::F32 { 1e-5 } else { 3e-5 };
+    check_close(&ctx("forward t"), &gt_host, &f64s(&ct), t_tol)?;
 
     // In-place add onto a y that holds random values.
     let y0: Vec<T> = convert(&common::random(seed ^ 0xadd, m * n));

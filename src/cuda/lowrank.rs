@@ -24,7 +24,10 @@ use crate::{Error, Result};
 
 /// Must match `LR_THREADS` in kernels/lowrank.cu.
 const THREADS: u32 = 256;
-/// Tile sizes that must match the kernel's `SH_*` and `BD_*` constants.
+/// Must match `TC_THREADS` in kernels/lowrank.cu.
+const TC_THREADS: u32 = 128;
+/// Tile sizes that must match the kernel's `SH_*`, `TC_ROWS` and `BD_*`
+/// constants.
 const SH_ROWS: usize = 64;
 const SH_RANKS: usize = 16;
 const SH_KT: usize = 32;
@@ -259,10 +262,14 @@ fn shrink<T: Element>(
     let per_split = k.div_ceil(want.min(max_splits)).div_ceil(SH_KT) * SH_KT;
     let splits = k.div_ceil(per_split);
     let mut part = scratch::<f32>(gpu, splits * m * r)?;
-    let (f, name) = kernel::<T>(gpu, "lowrank_shrink")?;
+    // 16-bit x: tensor cores (A split into hi + lo halves, see the kernel);
+    // f32 x: CUDA cores. Same tiling (64 rows × 16 ranks) and partials.
+    let (stem, threads) =
+        if T::DTYPE == DType::F32 { ("lowrank_shrink", THREADS) } else { ("lowrank_shrink_tc", TC_THREADS) };
+    let (f, name) = kernel::<T>(gpu, stem)?;
     let cfg = LaunchConfig {
         grid_dim: (m.div_ceil(SH_ROWS) as u32, splits as u32, r.div_ceil(SH_RANKS) as u32),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
     let (m32, k32, r32, ps) = (m as i32, k as i32, r as i32, per_split as i32);
