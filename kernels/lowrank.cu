@@ -319,7 +319,7 @@ __device__ void decode_impl(const T* __restrict__ x, const float* __restrict__ A
 // gB is complete over the block's 512 columns when a sub-tile ends and goes
 // to gpart[col block][row][q]; P stays in registers over the whole stripe
 // and goes to ppart[stripe][q][col]. Either output may be null (not
-// wanted): its arithmetic is skipped.
+// wanted): its arithmetic is skipped; `t` may be null when ppart is.
 template <typename T>
 __device__ void backward_dy_impl(const T* __restrict__ dy, const float* __restrict__ t,
                                  const float* __restrict__ B, const float* __restrict__ u,
@@ -343,7 +343,7 @@ __device__ void backward_dy_impl(const T* __restrict__ dy, const float* __restri
         __syncthreads();  // the previous sub-tile's readers of tus are done
         for (int e = tid; e < BD_ROWS * BD_RANKS; e += LR_THREADS) {
             const int rr = e / BD_RANKS, qq = e % BD_RANKS, row = r0 + rr, q = q0 + qq;
-            tus[rr][qq] = (row < row_end && q < r) ? t[(size_t)row * r + q] * (u ? u[q] : 1.f) : 0.f;
+            tus[rr][qq] = (t && row < row_end && q < r) ? t[(size_t)row * r + q] * (u ? u[q] : 1.f) : 0.f;
         }
         float gacc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll

@@ -583,10 +583,12 @@ pub fn backward<T: Element>(
         let want_g = want_ds || du.is_some();
         let want_p = db.is_some() || dv.is_some();
         if want_g || want_p {
-            // t: the forward's, or recomputed.
+            // t: the forward's, or recomputed; only du, dB and dv read it.
+            let need_t = du.is_some() || want_p;
             let recomputed;
             let t_view = match t {
                 Some(t) => t.slice(..),
+                None if !need_t => ad.a.slice(0..0),
                 None => {
                     let (part, splits) = shrink(gpu, s, x, &ad.a)?;
                     let mut tt = scratch::<f32>(gpu, m * r)?;
@@ -611,7 +613,13 @@ pub fn backward<T: Element>(
                 };
                 let (m32, n32, r32, rpb) = (m as i32, n as i32, r as i32, rows_per_block as i32);
                 let mut b = gpu.stream().launch_builder(&f);
-                b.arg(dy).arg(&t_view).arg(&ad.b);
+                b.arg(dy);
+                if need_t {
+                    b.arg(&t_view)
+                } else {
+                    b.arg(&NULL)
+                };
+                b.arg(&ad.b);
                 match &ad.u {
                     Some(u) => b.arg(u),
                     None => b.arg(&NULL),
@@ -641,7 +649,12 @@ pub fn backward<T: Element>(
                 let cfg = grid(row_blocks as u32, THREADS, 0);
                 let (np, m32, r32, rpb) = (gx as i32, m as i32, r as i32, ROWS_PER_BLOCK as i32);
                 let mut b = gpu.stream().launch_builder(&f);
-                b.arg(gpart).arg(&np).arg(&t_view);
+                b.arg(gpart).arg(&np);
+                if need_t {
+                    b.arg(&t_view)
+                } else {
+                    b.arg(&NULL)
+                };
                 match &ad.u {
                     Some(u) => b.arg(u),
                     None => b.arg(&NULL),
