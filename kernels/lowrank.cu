@@ -45,6 +45,7 @@
 //
 // Backward:
 //   lowrank_backward_dy   ONE read of dy gives, per tile, the partials of
+//                         (f32 dy: CUDA cores; f16/bf16: _tc, tensor cores)
 //                         gB = (dy⊙v)·B (row reductions) and
 //                         P = dyᵀ·(t⊙u) (column reductions)
 //   lowrank_backward_rows dS = s·gB⊙u (in T, for the cuBLAS GEMMs) and du
@@ -350,12 +351,14 @@ __device__ void backward_dy_impl(const T* __restrict__ dy, const float* __restri
         for (int ct = 0; ct < BD_TILES; ++ct) {
             const int c0 = col_block + ct * BD_COLS;
             __syncthreads();
+#pragma unroll 4
             for (int e = tid; e < BD_ROWS * BD_COLS; e += LR_THREADS) {
                 const int rr = e / BD_COLS, cc = e % BD_COLS, row = r0 + rr, col = c0 + cc;
                 dys[rr][cc] = (row < row_end && col < N) ? to_f32(dy[(size_t)row * N + col]) : 0.f;
             }
             if (want_g) {
                 // Ranks fastest: B's rows are contiguous in memory.
+#pragma unroll 2
                 for (int e = tid; e < BD_RANKS * BD_COLS; e += LR_THREADS) {
                     const int cc = e / BD_RANKS, qq = e % BD_RANKS, q = q0 + qq, col = c0 + cc;
                     bs[qq][cc] = (q < r && col < N) ? B[(size_t)col * r + q] * (v ? v[col] : 1.f) : 0.f;
@@ -408,6 +411,143 @@ __device__ void backward_dy_impl(const T* __restrict__ dy, const float* __restri
             const int col = col_block + ct * BD_COLS + ty * 8 + c;
             if (col < N) ppart[((size_t)blockIdx.y * r + q) * N + col] = pacc[ct][c];
         }
+}
+
+// The same one read of dy on tensor cores, for f16/bf16 dy
+// (lowrank_backward_dy_tc_*): same grid, tiles and partial layouts as
+// backward_dy_impl, so the rows/cols steps are shared. The f32 operands
+// B⊙v and t⊙u are split into hi + lo 16-bit halves (as in the tensor-core
+// shrink), so every product with dy is exact in f32. Warps: for gB, warp w
+// owns rows 16·(w%4).. over half (w/4) of each 128-column tile, and the two
+// halves are summed through shared memory; for P, warp w owns columns
+// 16·w.. of each tile, in 4 accumulators kept over the whole row stripe.
+#define TB_LD (BD_COLS + 8)     // dy tile and B tile row stride (elements)
+#define TB_TLD (BD_RANKS + 8)   // t⊙u tile row stride (elements)
+
+template <typename T>
+__device__ void backward_dy_tc_impl(const T* __restrict__ dy, const float* __restrict__ t,
+                                    const float* __restrict__ B, const float* __restrict__ u,
+                                    const float* __restrict__ v, float* __restrict__ gpart,
+                                    float* __restrict__ ppart, int M, int N, int r, int rows_per_block) {
+    using namespace nvcuda;
+    __shared__ __align__(32) T dys[BD_ROWS][TB_LD];
+    __shared__ __align__(32) T b_hi[BD_RANKS][TB_LD];
+    __shared__ __align__(32) T b_lo[BD_RANKS][TB_LD];
+    __shared__ __align__(32) T t_hi[BD_ROWS][TB_TLD];
+    __shared__ __align__(32) T t_lo[BD_ROWS][TB_TLD];
+    __shared__ __align__(32) float stage[LR_THREADS / 32][16][20];
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int col_block = blockIdx.x * BD_COLS * BD_TILES, q0 = blockIdx.z * BD_RANKS;
+    const int row_begin = blockIdx.y * rows_per_block;
+    const int row_end = min(M, row_begin + rows_per_block);
+    const bool want_g = gpart != nullptr, want_p = ppart != nullptr;
+    const T zero = from_f32<T>(0.f);
+    const int g_rows = (warp % 4) * 16, g_half = (warp / 4) * (BD_COLS / 2);
+
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> pacc[BD_TILES];
+#pragma unroll
+    for (int ct = 0; ct < BD_TILES; ++ct) wmma::fill_fragment(pacc[ct], 0.f);
+
+    for (int r0 = row_begin; r0 < row_end; r0 += BD_ROWS) {
+        __syncthreads();  // the previous sub-tile's readers of t_* and stage are done
+        for (int e = tid; e < BD_ROWS * BD_RANKS; e += LR_THREADS) {
+            const int rr = e / BD_RANKS, qq = e % BD_RANKS, row = r0 + rr, q = q0 + qq;
+            const float tv = (t && row < row_end && q < r) ? t[(size_t)row * r + q] * (u ? u[q] : 1.f) : 0.f;
+            const T hi = from_f32<T>(tv);
+            t_hi[rr][qq] = hi;
+            t_lo[rr][qq] = from_f32<T>(tv - to_f32(hi));
+        }
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> gacc;
+        wmma::fill_fragment(gacc, 0.f);
+#pragma unroll
+        for (int ct = 0; ct < BD_TILES; ++ct) {
+            const int c0 = col_block + ct * BD_COLS;
+            __syncthreads();
+#pragma unroll 4
+            for (int e = tid; e < BD_ROWS * BD_COLS; e += LR_THREADS) {
+                const int rr = e / BD_COLS, cc = e % BD_COLS, row = r0 + rr, col = c0 + cc;
+                dys[rr][cc] = (row < row_end && col < N) ? dy[(size_t)row * N + col] : zero;
+            }
+            if (want_g) {
+#pragma unroll 2
+                for (int e = tid; e < BD_RANKS * BD_COLS; e += LR_THREADS) {
+                    const int cc = e / BD_RANKS, qq = e % BD_RANKS, q = q0 + qq, col = c0 + cc;
+                    const float bv = (q < r && col < N) ? B[(size_t)col * r + q] * (v ? v[col] : 1.f) : 0.f;
+                    const T hi = from_f32<T>(bv);
+                    b_hi[qq][cc] = hi;
+                    b_lo[qq][cc] = from_f32<T>(bv - to_f32(hi));
+                }
+            }
+            __syncthreads();
+            if (want_g) {
+#pragma unroll
+                for (int kk = 0; kk < BD_COLS / 2; kk += 16) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fh, fl;
+                    wmma::load_matrix_sync(fa, &dys[g_rows][g_half + kk], TB_LD);
+                    // (col, q) lives at b_*[q][col]: column-major with ld TB_LD.
+                    wmma::load_matrix_sync(fh, &b_hi[0][g_half + kk], TB_LD);
+                    wmma::load_matrix_sync(fl, &b_lo[0][g_half + kk], TB_LD);
+                    wmma::mma_sync(gacc, fa, fh, gacc);
+                    wmma::mma_sync(gacc, fa, fl, gacc);
+                }
+            }
+            if (want_p) {
+#pragma unroll
+                for (int kr = 0; kr < BD_ROWS; kr += 16) {
+                    // dyᵀ: (col, row) lives at dys[row][col]: column-major.
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fh, fl;
+                    wmma::load_matrix_sync(fa, &dys[kr][warp * 16], TB_LD);
+                    wmma::load_matrix_sync(fh, &t_hi[kr][0], TB_TLD);
+                    wmma::load_matrix_sync(fl, &t_lo[kr][0], TB_TLD);
+                    wmma::mma_sync(pacc[ct], fa, fh, pacc[ct]);
+                    wmma::mma_sync(pacc[ct], fa, fl, pacc[ct]);
+                }
+            }
+        }
+        if (want_g) {
+            wmma::store_matrix_sync(&stage[warp][0][0], gacc, 20, wmma::mem_row_major);
+            __syncthreads();
+            for (int e = tid; e < BD_ROWS * BD_RANKS; e += LR_THREADS) {
+                const int rr = e / BD_RANKS, qq = e % BD_RANKS, row = r0 + rr, q = q0 + qq;
+                const int w = rr / 16;  // rows 16w.. come from warps w and w + 4
+                if (row < row_end && q < r)
+                    gpart[((size_t)blockIdx.x * M + row) * r + q] = stage[w][rr % 16][qq] + stage[w + 4][rr % 16][qq];
+            }
+        }
+    }
+    if (!want_p) return;
+    __syncthreads();  // stage is free
+#pragma unroll
+    for (int ct = 0; ct < BD_TILES; ++ct) {
+        wmma::store_matrix_sync(&stage[warp][0][0], pacc[ct], 20, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 16 * 16; e += 32) {
+            const int i = e % 16, j = e / 16;  // column i, rank j: columns fastest
+            const int col = col_block + ct * BD_COLS + warp * 16 + i, q = q0 + j;
+            if (col < N && q < r) ppart[((size_t)blockIdx.y * r + q) * N + col] = stage[warp][i][j];
+        }
+        __syncwarp();
+    }
+}
+
+#define LOWRANK_BWD_TC_KERNEL(SUFFIX, T)                                                                \
+    extern "C" __global__ void __launch_bounds__(LR_THREADS, 2) lowrank_backward_dy_tc_##SUFFIX(       \
+        const T* __restrict__ dy, const float* __restrict__ t, const float* __restrict__ B,             \
+        const float* __restrict__ u, const float* __restrict__ v, float* __restrict__ gpart,            \
+        float* __restrict__ ppart, int M, int N, int r, int rows_per_block) {                           \
+        backward_dy_tc_impl<T>(dy, t, B, u, v, gpart, ppart, M, N, r, rows_per_block);                  \
+    }
+LOWRANK_BWD_TC_KERNEL(f16, __half)
+LOWRANK_BWD_TC_KERNEL(bf16, __nv_bfloat16)
+
+// The CUDA-core pass serves f32 dy only (16-bit dy takes the tensor cores).
+extern "C" __global__ void __launch_bounds__(LR_THREADS)
+    lowrank_backward_dy_f32(const float* __restrict__ dy, const float* __restrict__ t, const float* __restrict__ B,
+                            const float* __restrict__ u, const float* __restrict__ v, float* __restrict__ gpart,
+                            float* __restrict__ ppart, int M, int N, int r, int rows_per_block) {
+    backward_dy_impl<float>(dy, t, B, u, v, gpart, ppart, M, N, r, rows_per_block);
 }
 
 // Per row: gB = Σ_part gpart (fixed order); dS = s·gB⊙u written in T for
@@ -504,12 +644,6 @@ extern "C" __global__ void __launch_bounds__(LR_THREADS)
         T* __restrict__ y, float* __restrict__ t_out, float* __restrict__ work, int M, int K, int N, int r, \
         int k_chunk) {                                                                                     \
         decode_impl<T>(x, A, B, u, v, bias, scale, y, t_out, work, M, K, N, r, k_chunk);                   \
-    }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(LR_THREADS) lowrank_backward_dy_##SUFFIX(                \
-        const T* __restrict__ dy, const float* __restrict__ t, const float* __restrict__ B,                \
-        const float* __restrict__ u, const float* __restrict__ v, float* __restrict__ gpart,               \
-        float* __restrict__ ppart, int M, int N, int r, int rows_per_block) {                              \
-        backward_dy_impl<T>(dy, t, B, u, v, gpart, ppart, M, N, r, rows_per_block);                        \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(LR_THREADS) lowrank_backward_rows_##SUFFIX(              \
         const float* __restrict__ gpart, int nparts, const float* __restrict__ t,                          \

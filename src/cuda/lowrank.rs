@@ -605,7 +605,9 @@ pub fn backward<T: Element>(
             let mut gpart = if want_g { Some(scratch::<f32>(gpu, gx * m * r)?) } else { None };
             let mut ppart = if want_p { Some(scratch::<f32>(gpu, gy * r * n)?) } else { None };
             {
-                let (f, name) = kernel::<T>(gpu, "lowrank_backward_dy")?;
+                // 16-bit dy: tensor cores; f32: CUDA cores. Same grid and partials.
+                let stem = if d == DType::F32 { "lowrank_backward_dy" } else { "lowrank_backward_dy_tc" };
+                let (f, name) = kernel::<T>(gpu, stem)?;
                 let cfg = LaunchConfig {
                     grid_dim: (gx as u32, gy as u32, gz as u32),
                     block_dim: (THREADS, 1, 1),
