@@ -53,7 +53,8 @@
 //                         element gB already needs
 //   lowrank_backward_cols dB += s·v⊙P, dv += s·rowsum(P⊙B): dv reuses the
 //                         product dB forms, never the M×N (t⊙u)·Bᵀ
-//   cuBLAS                dA += dSᵀ·x, dx = dy·W, dx += dS·A, dW += dyᵀ·x,
+//   cuBLAS                dA += dSᵀ·x, dx = dS·A then dx += dy·W (β = 1,
+//                         as in the forward), dW += dyᵀ·x,
 //                         dbias += dyᵀ·1
 #include <cooperative_groups.h>
 #include <mma.h>

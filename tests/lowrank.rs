@@ -385,6 +385,8 @@ fn configs_scale_label_and_initialise_as_documented() {
     assert_eq!(u.unwrap(), vec![VERA_U_INIT; 4]);
     assert_eq!(v.unwrap(), vec![0.0; 6]);
 
+    assert_eq!(Trainable::ALL.label(), "vBuA");
+    assert_eq!(Trainable::NONE.label(), "-");
     let labels: Vec<String> = Trainable::all_combinations().map(Trainable::label).collect();
     assert_eq!(labels.len(), 16);
     assert_eq!(labels[0], "-");

@@ -731,14 +731,11 @@ pub fn backward<T: Element>(
     }
 
     if let Some(mut dx) = dx {
-        // dx = dy·W, then dx += dS·A (A rounded to T for the tensor cores).
-        {
-            let (gp, _g1) = rd(gpu, dy);
-            let (wp, _g2) = rd(gpu, w);
-            let (cp, _g3) = wr(gpu, &mut dx);
-            let dyo = Operand { ptr: gp, ld: n, trans: false, dtype: d };
-            gemm(&h, (m, k, n), dyo, Operand { ptr: wp, ld: k, trans: false, dtype: d }, cp, k, d, 1.0, 0.0)?;
-        }
+        // As in the forward: the rank-r term dS·A (A rounded to T for the
+        // tensor cores) is written into dx first, and the big GEMM dy·W
+        // accumulates onto it with β = 1 in its epilogue, instead of a
+        // second pass reading and rewriting dx after it.
+        let mut beta = 0.0;
         if let (Some(ad), Some(ds)) = (adapter, ds.as_ref()) {
             let mut a_t = scratch::<T>(gpu, r * k)?;
             let (f, name) = kernel::<T>(gpu, "lowrank_cast")?;
@@ -750,8 +747,14 @@ pub fn backward<T: Element>(
             let (ap, _g2) = rd(gpu, &a_t);
             let (cp, _g3) = wr(gpu, &mut dx);
             let dso = Operand { ptr: sp, ld: r, trans: false, dtype: d };
-            gemm(&h, (m, k, r), dso, Operand { ptr: ap, ld: k, trans: false, dtype: d }, cp, k, d, 1.0, 1.0)?;
+            gemm(&h, (m, k, r), dso, Operand { ptr: ap, ld: k, trans: false, dtype: d }, cp, k, d, 1.0, 0.0)?;
+            beta = 1.0;
         }
+        let (gp, _g1) = rd(gpu, dy);
+        let (wp, _g2) = rd(gpu, w);
+        let (cp, _g3) = wr(gpu, &mut dx);
+        let dyo = Operand { ptr: gp, ld: n, trans: false, dtype: d };
+        gemm(&h, (m, k, n), dyo, Operand { ptr: wp, ld: k, trans: false, dtype: d }, cp, k, d, 1.0, beta)?;
     }
     Ok(())
 }
