@@ -45,9 +45,10 @@
 //
 // Backward:
 //   lowrank_backward_dy   ONE read of dy gives, per tile, the partials of
-//                         (f32 dy: CUDA cores; f16/bf16: _tc, tensor cores)
 //                         gB = (dy⊙v)·B (row reductions) and
 //                         P = dyᵀ·(t⊙u) (column reductions)
+//                         (f32 dy: CUDA cores; f16/bf16 dy:
+//                         lowrank_backward_dy_tc, tensor cores)
 //   lowrank_backward_rows dS = s·gB⊙u (in T, for the cuBLAS GEMMs) and du
 //                         partials Σ t⊙gB: du costs one multiply-add per
 //                         element gB already needs
@@ -67,7 +68,7 @@ namespace cg = cooperative_groups;
 
 // ---- small elementwise helpers -------------------------------------------
 
-// dst = (T) src: A in T for the dx += dS·A GEMM.
+// dst = (T) src: A in T for the dx = dS·A GEMM.
 template <typename T>
 __device__ void cast_impl(const float* __restrict__ src, T* __restrict__ dst, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
