@@ -4,6 +4,8 @@
 //! parameter-efficient fine-tuning, each with a plain CPU twin that serves as
 //! the test oracle and as a working backend without a GPU.
 //!
+//! - [`lowrank`]: the fused low-rank update of LoRA, Tied-LoRA and VeRA on a
+//!   linear layer, forward and hand-written backward.
 //! - [`projection`]: Uni-LoRA's shared projection `θ_D = P·θ_d` (gather) and
 //!   its transpose (scatter), `P` computed from a seed, never stored.
 //!
@@ -29,6 +31,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod lowrank;
 pub mod projection;
 pub mod rng;
 pub mod testing;

@@ -5,6 +5,7 @@
 //! family it mirrors in `kernels/`.
 
 pub mod gemm;
+pub mod lowrank;
 pub mod projection;
 
 use crate::backend::{Backend, Scalar};

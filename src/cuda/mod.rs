@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod kernels;
+pub mod lowrank;
 pub mod projection;
 
 use std::collections::HashMap;

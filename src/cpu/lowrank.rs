@@ -1,0 +1,267 @@
+//! CPU twin of `kernels/lowrank.cu`: the same steps under the same names
+//! (`lowrank_shrink`, `lowrank_expand_add`, `lowrank_backward_dy`,
+//! `lowrank_grad_a`), in f64 through [`matmul`], converting to the storage
+//! dtype only at the edges. It is the oracle the kernels are tested
+//! against, and the backend the CPU trainer uses.
+
+use super::gemm::{matmul, Op};
+use super::Cpu;
+use crate::dtype::Element;
+use crate::lowrank::{Adapter, AdapterLens, GradLens, Grads, LinearShape, LowRankOps};
+use crate::Result;
+
+fn widen<T: Element>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|e| e.to_f64()).collect()
+}
+
+fn widen_f32(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&e| e as f64).collect()
+}
+
+/// An adapter widened to f64 once per call.
+struct Wide {
+    a: Vec<f64>,
+    b: Vec<f64>,
+    u: Option<Vec<f64>>,
+    v: Option<Vec<f64>>,
+    s: f64,
+}
+
+impl Wide {
+    fn of(ad: &Adapter<'_, Cpu>) -> Self {
+        Wide {
+            a: widen_f32(ad.a),
+            b: widen_f32(ad.b),
+            u: ad.u.map(|u| widen_f32(u)),
+            v: ad.v.map(|v| widen_f32(v)),
+            s: ad.scale as f64,
+        }
+    }
+}
+
+/// Multiplies every row of the `rows × cols` matrix `m` by `vec` (length
+/// `cols`), elementwise; no-op for `None` (ones).
+fn scale_columns(m: &mut [f64], cols: usize, vec: Option<&[f64]>) {
+    if let Some(vec) = vec {
+        for row in m.chunks_exact_mut(cols) {
+            row.iter_mut().zip(vec).for_each(|(e, s)| *e *= s);
+        }
+    }
+}
+
+/// Shrink: `t = x·Aᵀ` (M×r) for `x` M×K, `A` r×K.
+pub fn lowrank_shrink(shape: LinearShape, x: &[f64], a: &[f64]) -> Result<Vec<f64>> {
+    let LinearShape { m, k, r, .. } = shape;
+    let mut t = vec![0.0; m * r];
+    matmul((m, k, r), x, Op::N, a, Op::T, &mut t, 1.0, 0.0)?;
+    Ok(t)
+}
+
+/// Expand-and-add: `y += s·((t ⊙ u)·Bᵀ) ⊙ v` for `t` M×r, `B` N×r.
+fn lowrank_expand_add(shape: LinearShape, t: &[f64], w: &Wide, y: &mut [f64]) -> Result<()> {
+    let LinearShape { m, n, r, .. } = shape;
+    let mut tu = t.to_vec();
+    scale_columns(&mut tu, r, w.u.as_deref());
+    let mut z = vec![0.0; m * n];
+    matmul((m, r, n), &tu, Op::N, &w.b, Op::T, &mut z, w.s, 0.0)?;
+    scale_columns(&mut z, n, w.v.as_deref());
+    y.iter_mut().zip(&z).for_each(|(y, z)| *y += z);
+    Ok(())
+}
+
+/// What one read of `dy` gives: `gB = (dy ⊙ v)·B` (M×r, before `⊙ u`),
+/// `dS = s·gB ⊙ u` (M×r), and `P = dyᵀ·(t ⊙ u)` (N×r) from which
+/// `dB = s·v ⊙ P` and `dv = s·rowsum(P ⊙ B)` follow (so `dv` reuses the
+/// product `dB` forms instead of building the M×N matrix `(t⊙u)·Bᵀ`).
+struct DyProducts {
+    gb: Vec<f64>,
+    ds: Vec<f64>,
+    p: Option<Vec<f64>>,
+}
+
+/// The `dy` side of the backward (see [`DyProducts`]); `P` only when `dB`
+/// or `dv` is wanted.
+fn lowrank_backward_dy(shape: LinearShape, dy: &[f64], t: &[f64], w: &Wide, want_p: bool) -> Result<DyProducts> {
+    let LinearShape { m, n, r, .. } = shape;
+    let mut g = dy.to_vec();
+    scale_columns(&mut g, n, w.v.as_deref());
+    let mut gb = vec![0.0; m * r];
+    matmul((m, n, r), &g, Op::N, &w.b, Op::N, &mut gb, 1.0, 0.0)?;
+    let mut ds: Vec<f64> = gb.iter().map(|e| e * w.s).collect();
+    scale_columns(&mut ds, r, w.u.as_deref());
+    let p = if want_p {
+        let mut tu = t.to_vec();
+        scale_columns(&mut tu, r, w.u.as_deref());
+        let mut p = vec![0.0; n * r];
+        matmul((n, m, r), dy, Op::T, &tu, Op::N, &mut p, 1.0, 0.0)?;
+        Some(p)
+    } else {
+        None
+    };
+    Ok(DyProducts { gb, ds, p })
+}
+
+/// `dA += dSᵀ·x` (r×K) and `du += s·colsum(t ⊙ gB)` (r).
+fn lowrank_grad_a(
+    shape: LinearShape,
+    x: Option<&[f64]>,
+    t: &[f64],
+    prod: &DyProducts,
+    s: f64,
+    da: Option<&mut Vec<f32>>,
+    du: Option<&mut Vec<f32>>,
+) -> Result<()> {
+    let LinearShape { m, k, r, .. } = shape;
+    if let (Some(da), Some(x)) = (da, x) {
+        let mut acc = widen_f32(da);
+        matmul((r, m, k), &prod.ds, Op::T, x, Op::N, &mut acc, 1.0, 1.0)?;
+        da.iter_mut().zip(&acc).for_each(|(d, a)| *d = *a as f32);
+    }
+    if let Some(du) = du {
+        let mut col = vec![0.0; r];
+        for (trow, grow) in t.chunks_exact(r).zip(prod.gb.chunks_exact(r)) {
+            for j in 0..r {
+                col[j] += trow[j] * grow[j];
+            }
+        }
+        du.iter_mut().zip(&col).for_each(|(d, c)| *d = (*d as f64 + s * c) as f32);
+    }
+    Ok(())
+}
+
+fn accumulate(dst: &mut [f32], add: impl Iterator<Item = f64>) {
+    dst.iter_mut().zip(add).for_each(|(d, a)| *d = (*d as f64 + a) as f32);
+}
+
+impl LowRankOps for Cpu {
+    fn lowrank_forward<T: Element>(
+        &self,
+        shape: LinearShape,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        bias: Option<&Vec<T>>,
+        adapter: Option<Adapter<'_, Cpu>>,
+        y: &mut Vec<T>,
+        t: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
+        let lens = adapter.as_ref().map(AdapterLens::of);
+        shape.check_forward(
+            x.len(),
+            w.len(),
+            bias.map(Vec::len),
+            lens.as_ref(),
+            y.len(),
+            t.as_deref().map(Vec::len),
+        )?;
+        let LinearShape { m, k, n, .. } = shape;
+        let xf = widen(x);
+        let mut acc = vec![0.0; m * n];
+        matmul((m, k, n), &xf, Op::N, &widen(w), Op::T, &mut acc, 1.0, 0.0)?;
+        if let Some(bias) = bias {
+            let bias = widen(bias);
+            acc.chunks_exact_mut(n).for_each(|row| row.iter_mut().zip(&bias).for_each(|(y, b)| *y += b));
+        }
+        if let Some(ad) = adapter {
+            let wide = Wide::of(&ad);
+            let tt = lowrank_shrink(shape, &xf, &wide.a)?;
+            lowrank_expand_add(shape, &tt, &wide, &mut acc)?;
+            if let Some(t) = t {
+                t.iter_mut().zip(&tt).for_each(|(o, v)| *o = *v as f32);
+            }
+        }
+        y.iter_mut().zip(&acc).for_each(|(o, v)| *o = T::from_f64(*v));
+        Ok(())
+    }
+
+    fn lowrank_backward<T: Element>(
+        &self,
+        shape: LinearShape,
+        x: &Vec<T>,
+        w: &Vec<T>,
+        adapter: Option<Adapter<'_, Cpu>>,
+        t: Option<&Vec<f32>>,
+        dy: &Vec<T>,
+        grads: Grads<'_, Cpu, T>,
+    ) -> Result<()> {
+        let lens = adapter.as_ref().map(AdapterLens::of);
+        let glens = GradLens::of(&grads);
+        shape.check_backward(x.len(), w.len(), lens.as_ref(), t.map(Vec::len), dy.len(), &glens)?;
+        let LinearShape { m, k, n, r } = shape;
+        let Grads { dx, dw, dbias, da, db, du, dv } = grads;
+        let dyf = widen(dy);
+        // t only feeds du, dB and dv: a dx-only backward never recomputes it.
+        let need_t = du.is_some() || db.is_some() || dv.is_some();
+        let need_x = dw.is_some() || da.is_some() || (adapter.is_some() && t.is_none() && need_t);
+        let xf = if need_x { Some(widen(x)) } else { None };
+
+        if let Some(dbias) = dbias {
+            let mut col = vec![0.0; n];
+            dyf.chunks_exact(n).for_each(|row| row.iter().zip(&mut col).for_each(|(g, c)| *c += g));
+            accumulate(dbias, col.into_iter());
+        }
+        if let (Some(dw), Some(xf)) = (dw, xf.as_ref()) {
+            let mut acc = widen_f32(dw);
+            matmul((n, m, k), &dyf, Op::T, xf, Op::N, &mut acc, 1.0, 1.0)?;
+            dw.iter_mut().zip(&acc).for_each(|(d, a)| *d = *a as f32);
+        }
+
+        let mut dx_acc = dx.as_ref().map(|_| vec![0.0; m * k]);
+        if let Some(acc) = dx_acc.as_mut() {
+            matmul((m, n, k), &dyf, Op::N, &widen(w), Op::N, acc, 1.0, 0.0)?;
+        }
+
+        if let Some(ad) = adapter {
+            let wide = Wide::of(&ad);
+            let want_ds = dx.is_some() || da.is_some() || du.is_some();
+            let want_p = db.is_some() || dv.is_some();
+            if want_ds || want_p {
+                let tt = match t {
+                    _ if !need_t => Vec::new(),
+                    Some(t) => widen_f32(t),
+                    None => lowrank_shrink(shape, xf.as_deref().unwrap_or(&[]), &wide.a)?,
+                };
+                let prod = lowrank_backward_dy(shape, &dyf, &tt, &wide, want_p)?;
+                if let Some(acc) = dx_acc.as_mut() {
+                    matmul((m, r, k), &prod.ds, Op::N, &wide.a, Op::N, acc, 1.0, 1.0)?;
+                }
+                lowrank_grad_a(shape, xf.as_deref(), &tt, &prod, wide.s, da, du)?;
+                if let Some(p) = prod.p.as_ref() {
+                    if let Some(db) = db {
+                        let add = p.chunks_exact(r).enumerate().flat_map(|(j, row)| {
+                            let vj = wide.v.as_ref().map_or(1.0, |v| v[j]);
+                            row.iter().map(move |e| wide.s * vj * e)
+                        });
+                        accumulate(db, add);
+                    }
+                    if let Some(dv) = dv {
+                        let add = p
+                            .chunks_exact(r)
+                            .zip(wide.b.chunks_exact(r))
+                            .map(|(prow, brow)| wide.s * prow.iter().zip(brow).map(|(p, b)| p * b).sum::<f64>());
+                        accumulate(dv, add);
+                    }
+                }
+            }
+        }
+        if let (Some(dx), Some(acc)) = (dx, dx_acc) {
+            dx.iter_mut().zip(&acc).for_each(|(o, v)| *o = T::from_f64(*v));
+        }
+        Ok(())
+    }
+
+    fn lowrank_add<T: Element>(
+        &self,
+        shape: LinearShape,
+        x: &Vec<T>,
+        adapter: Adapter<'_, Cpu>,
+        y: &mut Vec<T>,
+    ) -> Result<()> {
+        shape.check_add(x.len(), &AdapterLens::of(&adapter), y.len())?;
+        let wide = Wide::of(&adapter);
+        let tt = lowrank_shrink(shape, &widen(x), &wide.a)?;
+        let mut acc = widen(y);
+        lowrank_expand_add(shape, &tt, &wide, &mut acc)?;
+        y.iter_mut().zip(&acc).for_each(|(o, v)| *o = T::from_f64(*v));
+        Ok(())
+    }
+}

@@ -1,0 +1,627 @@
+//! The fused low-rank linear layer: the CPU oracle against independent
+//! triple-loop math, finite-difference gradients, tied accumulation, every
+//! trainable/frozen combination, typed errors; then the GPU against the CPU
+//! (skipped without a GPU).
+
+mod common;
+
+use half::{bf16, f16};
+use lorafuse::cpu::Cpu;
+use lorafuse::dtype::{convert, Element};
+use lorafuse::lowrank::*;
+use lorafuse::rng::Rng;
+use lorafuse::testing::check_close;
+use lorafuse::Error;
+
+/// One layer's inputs, f32 on the host.
+#[derive(Clone)]
+struct Case {
+    s: LinearShape,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    u: Option<Vec<f32>>,
+    v: Option<Vec<f32>>,
+    scale: f32,
+    dy: Vec<f32>,
+}
+
+impl Case {
+    fn new(seed: u64, s: LinearShape, bias: bool, vectors: bool) -> Case {
+        let mut rng = Rng::new(seed);
+        let mut gen = |n: usize| rng.uniform_vec(n, -1.0, 1.0);
+        let LinearShape { m, k, n, r } = s;
+        Case {
+            s,
+            x: gen(m * k),
+            w: gen(n * k),
+            bias: bias.then(|| gen(n)),
+            a: gen(r * k),
+            b: gen(n * r),
+            u: vectors.then(|| gen(r)),
+            v: vectors.then(|| gen(n)),
+            scale: 0.75,
+            dy: gen(m * n),
+        }
+    }
+
+    fn adapter(&self) -> Adapter<'_, Cpu> {
+        Adapter { a: &self.a, b: &self.b, u: self.u.as_ref(), v: self.v.as_ref(), scale: self.scale }
+    }
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&e| e as f64).collect()
+}
+
+/// Independent forward: explicit loops, f64, no shared code with the oracle.
+#[allow(clippy::too_many_arguments)]
+fn naive_forward(
+    s: LinearShape,
+    x: &[f64],
+    w: &[f64],
+    bias: Option<&[f64]>,
+    a: &[f64],
+    b: &[f64],
+    u: Option<&[f64]>,
+    v: Option<&[f64]>,
+    scale: f64,
+    adapter: bool,
+) -> Vec<f64> {
+    let LinearShape { m, k, n, r } = s;
+    let mut y = vec![0.0; m * n];
+    for i in 0..m {
+        let t: Vec<f64> = (0..r).map(|q| (0..k).map(|l| x[i * k + l] * a[q * k + l]).sum()).collect();
+        for j in 0..n {
+            let mut acc: f64 = (0..k).map(|l| x[i * k + l] * w[j * k + l]).sum();
+            acc += bias.map_or(0.0, |bb| bb[j]);
+            if adapter {
+                let low: f64 = (0..r).map(|q| t[q] * u.map_or(1.0, |u| u[q]) * b[j * r + q]).sum();
+                acc += scale * low * v.map_or(1.0, |v| v[j]);
+            }
+            y[i * n + j] = acc;
+        }
+    }
+    y
+}
+
+/// `L = Σ y ⊙ dy` with the naive forward; `ops` = x, W, bias, A, B, u, v
+/// as f64.
+fn loss(c: &Case, ops: &[Vec<f64>; 7]) -> f64 {
+    let [x, w, bias, a, b, u, v] = ops;
+    let y = naive_forward(c.s, x, w, Some(bias), a, b, Some(u), Some(v), c.scale as f64, true);
+    y.iter().zip(&c.dy).map(|(y, g)| y * *g as f64).sum()
+}
+
+fn run_forward<T: Element>(c: &Case, with_adapter: bool) -> (Vec<T>, Vec<f32>) {
+    let x: Vec<T> = convert(&c.x);
+    let w: Vec<T> = convert(&c.w);
+    let bias: Option<Vec<T>> = c.bias.as_ref().map(|b| convert(b));
+    let mut y = vec![T::from_f32(f32::NAN); c.s.m * c.s.n];
+    let mut t = vec![f32::NAN; c.s.m * c.s.r];
+    let ad = with_adapter.then(|| c.adapter());
+    let t_out = if with_adapter { Some(&mut t) } else { None };
+    Cpu.lowrank_forward(c.s, &x, &w, bias.as_ref(), ad, &mut y, t_out).unwrap();
+    (y, t)
+}
+
+fn shapes() -> Vec<LinearShape> {
+    vec![
+        LinearShape { m: 1, k: 1, n: 1, r: 1 },
+        LinearShape { m: 1, k: 7, n: 5, r: 1 },
+        LinearShape { m: 3, k: 9, n: 11, r: 2 },
+        LinearShape { m: 17, k: 33, n: 31, r: 5 },
+        LinearShape { m: 65, k: 130, n: 67, r: 16 },
+    ]
+}
+
+fn forward_matches_naive_for<T: Element>() {
+    for (i, s) in shapes().into_iter().enumerate() {
+        for (bias, vectors) in [(false, false), (true, true), (true, false)] {
+            let seed = 100 + i as u64;
+            let c = Case::new(seed, s, bias, vectors);
+            // The oracle reads inputs rounded to T: so does the reference.
+            let round = |v: &[f32]| -> Vec<f64> { v.iter().map(|&e| T::from_f32(e).to_f64()).collect() };
+            let want = naive_forward(
+                s,
+                &round(&c.x),
+                &round(&c.w),
+                c.bias.as_deref().map(round).as_deref(),
+                &f64s(&c.a),
+                &f64s(&c.b),
+                c.u.as_deref().map(f64s).as_deref(),
+                c.v.as_deref().map(f64s).as_deref(),
+                c.scale as f64,
+                true,
+            );
+            let (y, t) = run_forward::<T>(&c, true);
+            let ctx = format!("lowrank_forward {s} {} bias={bias} uv={vectors} seed={seed}", T::DTYPE);
+            // The oracle rounds once (to T); allow half an ulp of T.
+            let tol = if T::DTYPE == lorafuse::DType::F32 { 1e-6 } else { T::DTYPE.tolerance() / 2.0 };
+            check_close(&ctx, &y, &want, tol).unwrap();
+            let xr = round(&c.x);
+            let want_t: Vec<f64> = (0..s.m * s.r)
+                .map(|e| (0..s.k).map(|l| xr[e / s.r * s.k + l] * c.a[e % s.r * s.k + l] as f64).sum())
+                .collect();
+            check_close(&format!("{ctx} (saved t)"), &t, &want_t, 1e-6).unwrap();
+        }
+    }
+}
+
+#[test]
+fn forward_matches_naive_math_f32() {
+    forward_matches_naive_for::<f32>();
+}
+
+#[test]
+fn forward_matches_naive_math_f16_bf16() {
+    forward_matches_naive_for::<f16>();
+    forward_matches_naive_for::<bf16>();
+}
+
+#[test]
+fn add_in_place_equals_forward_difference() {
+    let s = LinearShape { m: 5, k: 13, n: 9, r: 3 };
+    let c = Case::new(7, s, true, true);
+    let (with, _) = run_forward::<f32>(&c, true);
+    let (base, _) = run_forward::<f32>(&c, false);
+    let mut y = base.clone();
+    Cpu.lowrank_add(s, &c.x, c.adapter(), &mut y).unwrap();
+    check_close(&format!("lowrank_add {s} f32 seed=7"), &y, &f64s(&with), 1e-6).unwrap();
+}
+
+/// Every gradient of one layer, from the oracle, into buffers pre-filled
+/// with `prefill` (so accumulation is visible).
+struct AllGrads {
+    dx: Vec<f32>,
+    dw: Vec<f32>,
+    dbias: Vec<f32>,
+    da: Vec<f32>,
+    db: Vec<f32>,
+    du: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+impl AllGrads {
+    fn filled(s: LinearShape, value: f32) -> Self {
+        let LinearShape { m, k, n, r } = s;
+        AllGrads {
+            dx: vec![f32::NAN; m * k],
+            dw: vec![value; n * k],
+            dbias: vec![value; n],
+            da: vec![value; r * k],
+            db: vec![value; n * r],
+            du: vec![value; r],
+            dv: vec![value; n],
+        }
+    }
+
+    fn run(&mut self, c: &Case, train: Trainable, dx: bool, base: bool, saved_t: Option<&Vec<f32>>) {
+        let grads = Grads::<Cpu, f32> {
+            dx: dx.then_some(&mut self.dx),
+            dw: base.then_some(&mut self.dw),
+            dbias: base.then_some(&mut self.dbias),
+            da: train.a.then_some(&mut self.da),
+            db: train.b.then_some(&mut self.db),
+            du: train.u.then_some(&mut self.du),
+            dv: train.v.then_some(&mut self.dv),
+        };
+        Cpu.lowrank_backward(c.s, &c.x, &c.w, Some(c.adapter()), saved_t, &c.dy, grads).unwrap();
+    }
+}
+
+const ALL: Trainable = Trainable { a: true, b: true, u: true, v: true };
+
+#[test]
+fn gradients_match_finite_differences_in_f64() {
+    let s = LinearShape { m: 3, k: 5, n: 4, r: 2 };
+    for seed in [1u64, 2] {
+        let c = Case::new(seed, s, true, true);
+        let (_, t) = run_forward::<f32>(&c, true);
+        let mut g = AllGrads::filled(s, 0.0);
+        g.run(&c, ALL, true, true, Some(&t));
+        let base = [f64s(&c.x), f64s(&c.w), f64s(c.bias.as_ref().unwrap()), f64s(&c.a), f64s(&c.b)];
+        let (u, v) = (f64s(c.u.as_ref().unwrap()), f64s(c.v.as_ref().unwrap()));
+        let operands = [base[0].clone(), base[1].clone(), base[2].clone(), base[3].clone(), base[4].clone(), u, v];
+        let names = ["dx", "dW", "dbias", "dA", "dB", "du", "dv"];
+        let got = [&g.dx, &g.dw, &g.dbias, &g.da, &g.db, &g.du, &g.dv];
+        for (which, (name, got)) in names.iter().zip(got).enumerate() {
+            let h = 1e-5;
+            let want: Vec<f64> = (0..operands[which].len())
+                .map(|e| {
+                    let eval = |delta: f64| {
+                        let mut ops = operands.clone();
+                        ops[which][e] += delta;
+                        loss(&c, &ops)
+                    };
+                    (eval(h) - eval(-h)) / (2.0 * h)
+                })
+                .collect();
+            let ctx = format!("finite difference {name} {s} f32 seed={seed}");
+            check_close(&ctx, got, &want, 1e-6).unwrap();
+        }
+    }
+}
+
+#[test]
+fn recomputed_t_equals_saved_t() {
+    let s = LinearShape { m: 4, k: 9, n: 6, r: 3 };
+    let c = Case::new(3, s, false, true);
+    let (_, t) = run_forward::<f32>(&c, true);
+    let mut saved = AllGrads::filled(s, 0.0);
+    saved.run(&c, ALL, true, false, Some(&t));
+    let mut recomputed = AllGrads::filled(s, 0.0);
+    recomputed.run(&c, ALL, true, false, None);
+    for (name, a, b) in [
+        ("dx", &saved.dx, &recomputed.dx),
+        ("dA", &saved.da, &recomputed.da),
+        ("dB", &saved.db, &recomputed.db),
+        ("du", &saved.du, &recomputed.du),
+        ("dv", &saved.dv, &recomputed.dv),
+    ] {
+        check_close(&format!("t recomputed vs saved: {name} {s} seed=3"), a, &f64s(b), 1e-6).unwrap();
+    }
+}
+
+#[test]
+fn every_trainable_frozen_combination_accumulates_only_what_trains() {
+    let s = LinearShape { m: 6, k: 11, n: 7, r: 3 };
+    let c = Case::new(5, s, false, true);
+    let mut full = AllGrads::filled(s, 0.0);
+    full.run(&c, ALL, true, false, None);
+    let prefill = 0.25f32;
+    for train in Trainable::all_combinations() {
+        for dx in [false, true] {
+            let mut g = AllGrads::filled(s, prefill);
+            g.run(&c, train, dx, false, None);
+            let ctx = |name: &str| format!("combination {} dx={dx}: {name} {s} seed=5", train.label());
+            let plus = |v: &[f32]| -> Vec<f64> { v.iter().map(|&e| e as f64 + prefill as f64).collect() };
+            let untouched = |n: usize| vec![prefill as f64; n];
+            for (name, on, got, want) in [
+                ("dA", train.a, &g.da, &full.da),
+                ("dB", train.b, &g.db, &full.db),
+                ("du", train.u, &g.du, &full.du),
+                ("dv", train.v, &g.dv, &full.dv),
+            ] {
+                let want = if on { plus(want) } else { untouched(want.len()) };
+                check_close(&ctx(name), got, &want, 1e-6).unwrap();
+            }
+            if dx {
+                check_close(&ctx("dx"), &g.dx, &f64s(&full.dx), 1e-6).unwrap();
+            } else {
+                assert!(g.dx.iter().all(|v| v.is_nan()), "{}: dx written though not asked for", ctx("dx"));
+            }
+        }
+    }
+}
+
+#[test]
+fn tied_factors_accumulate_the_sum_over_layers() {
+    let s = LinearShape { m: 4, k: 10, n: 6, r: 2 };
+    let first = Case::new(11, s, false, true);
+    // A second layer sharing A and B, with its own x, u, v and dy.
+    let mut second = Case::new(12, s, false, true);
+    second.a = first.a.clone();
+    second.b = first.b.clone();
+    let mut shared = AllGrads::filled(s, 0.0);
+    shared.run(&first, ALL, false, false, None);
+    shared.run(&second, ALL, false, false, None);
+    let mut one = AllGrads::filled(s, 0.0);
+    one.run(&first, ALL, false, false, None);
+    let mut two = AllGrads::filled(s, 0.0);
+    two.run(&second, ALL, false, false, None);
+    let sum = |p: &[f32], q: &[f32]| -> Vec<f64> { p.iter().zip(q).map(|(a, b)| *a as f64 + *b as f64).collect() };
+    check_close("tied dA over two layers", &shared.da, &sum(&one.da, &two.da), 1e-6).unwrap();
+    check_close("tied dB over two layers", &shared.db, &sum(&one.db, &two.db), 1e-6).unwrap();
+    // The two layers really differ, so the sum is not twice one of them.
+    let twice: Vec<f64> = one.da.iter().map(|&e| 2.0 * e as f64).collect();
+    assert!(check_close("", &shared.da, &twice, 1e-3).is_err(), "layers were not independent");
+}
+
+#[test]
+fn no_vectors_equals_vectors_of_ones() {
+    let s = LinearShape { m: 3, k: 7, n: 5, r: 2 };
+    let plain = Case::new(21, s, true, false);
+    let mut ones = plain.clone();
+    ones.u = Some(vec![1.0; s.r]);
+    ones.v = Some(vec![1.0; s.n]);
+    let (y0, _) = run_forward::<f32>(&plain, true);
+    let (y1, _) = run_forward::<f32>(&ones, true);
+    check_close("u=v=None vs ones: y", &y0, &f64s(&y1), 1e-7).unwrap();
+    let mut g0 = AllGrads::filled(s, 0.0);
+    g0.run(&plain, ALL, true, false, None);
+    let mut g1 = AllGrads::filled(s, 0.0);
+    g1.run(&ones, ALL, true, false, None);
+    check_close("u=v=None vs ones: du", &g0.du, &f64s(&g1.du), 1e-7).unwrap();
+    check_close("u=v=None vs ones: dv", &g0.dv, &f64s(&g1.dv), 1e-7).unwrap();
+}
+
+#[test]
+fn bad_shapes_are_typed_errors_naming_the_operand() {
+    let s = LinearShape { m: 2, k: 3, n: 4, r: 2 };
+    let c = Case::new(1, s, false, true);
+    let mut y = vec![0f32; 8];
+    let short_a = vec![0f32; 5];
+    let bad = Adapter::<Cpu> { a: &short_a, ..c.adapter() };
+    let err = Cpu.lowrank_forward(s, &c.x, &c.w, None, Some(bad), &mut y, None).unwrap_err();
+    assert!(matches!(err, Error::Shape { operand: "A", .. }), "{err}");
+    let err = Cpu.lowrank_forward(s, &c.x, &c.w[1..].to_vec(), None, None, &mut y, None).unwrap_err();
+    assert!(matches!(err, Error::Shape { operand: "W", .. }), "{err}");
+    let mut da = vec![0f32; s.r * s.k];
+    let grads = Grads::<Cpu, f32> { da: Some(&mut da), ..Grads::none() };
+    let err = Cpu.lowrank_backward(s, &c.x, &c.w, None, None, &c.dy, grads).unwrap_err();
+    assert!(matches!(err, Error::Invalid { .. }), "{err}");
+    let mut dv = vec![0f32; s.n + 1];
+    let grads = Grads::<Cpu, f32> { dv: Some(&mut dv), ..Grads::none() };
+    let err = Cpu.lowrank_backward(s, &c.x, &c.w, Some(c.adapter()), None, &c.dy, grads).unwrap_err();
+    assert!(matches!(err, Error::Shape { operand: "dv", .. }), "{err}");
+    let zero_rank = LinearShape { r: 0, ..s };
+    let err = Cpu.lowrank_forward(zero_rank, &c.x, &c.w, None, Some(c.adapter()), &mut y, None).unwrap_err();
+    assert!(matches!(err, Error::Invalid { .. }), "{err}");
+    let nan = Adapter::<Cpu> { scale: f32::NAN, ..c.adapter() };
+    assert!(Cpu.lowrank_add(s, &c.x, nan, &mut y).is_err());
+}
+
+#[test]
+fn configs_scale_label_and_initialise_as_documented() {
+    let lora = LowRankConfig::lora(16, 32.0);
+    assert_eq!(lora.scale(), 2.0);
+    assert_eq!(lora.rs().scale(), 8.0);
+    assert_eq!(lora.train.label(), "BA");
+    assert!(!lora.has_vectors());
+    lora.validate().unwrap();
+    let mut rng = Rng::new(9);
+    let (a, b) = lora.init_factors(64, 24, &mut rng);
+    assert!(b.iter().all(|&e| e == 0.0) && a.iter().any(|&e| e != 0.0));
+    assert!(a.iter().all(|&e| e.abs() <= 1.0 / 8.0));
+
+    let vera = LowRankConfig::vera(4, 4.0);
+    assert_eq!(vera.train.label(), "vu");
+    let (a, b) = vera.init_factors(8, 6, &mut rng);
+    assert!(a.iter().any(|&e| e != 0.0) && b.iter().any(|&e| e != 0.0));
+    let (u, v) = vera.init_vectors(6);
+    assert_eq!(u.unwrap(), vec![VERA_U_INIT; 4]);
+    assert_eq!(v.unwrap(), vec![0.0; 6]);
+
+    assert_eq!(Trainable::ALL.label(), "vBuA");
+    assert_eq!(Trainable::NONE.label(), "-");
+    let labels: Vec<String> = Trainable::all_combinations().map(Trainable::label).collect();
+    assert_eq!(labels.len(), 16);
+    assert_eq!(labels[0], "-");
+    assert_eq!(labels[15], "vBuA");
+    let mut unique = labels.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 16);
+
+    let tied = LowRankConfig::tied(8, 8.0, Trainable { a: true, b: true, u: true, v: true });
+    assert_eq!(tied.init_vectors(3).1.unwrap(), vec![1.0; 3]);
+    assert!(LowRankConfig::lora(0, 1.0).validate().is_err());
+    assert!(LowRankConfig { train: ALL, ..LowRankConfig::lora(4, 1.0) }.validate().is_err());
+}
+
+// ---- GPU against the CPU oracle ------------------------------------------
+
+use lorafuse::cuda::Gpu;
+use lorafuse::Backend;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+/// One randomised GPU-vs-CPU comparison: forward (with `t` saved and a
+/// NaN-poisoned `y`), the in-place add, and the backward with the gradients
+/// of `train` (+ dx, dW, dbias when asked) accumulated onto random values.
+#[allow(clippy::too_many_arguments)]
+fn gpu_matches_cpu<T: Element>(
+    gpu: &Gpu,
+    c: &Case,
+    train: Trainable,
+    dx: bool,
+    base: bool,
+    saved_t: bool,
+    seed: u64,
+) -> Result<(), String> {
+    let s = c.s;
+    let LinearShape { m, k, n, r } = s;
+    let ctx = |what: &str| {
+        format!(
+            "{what} {s} {} train={} dx={dx} base={base} bias={} uv={} saved_t={saved_t} seed={seed}",
+            T::DTYPE,
+            train.label(),
+            c.bias.is_some(),
+            c.u.is_some()
+        )
+    };
+    let up32 = |v: &[f32]| gpu.upload(v).unwrap();
+    let x: Vec<T> = convert(&c.x);
+    let w: Vec<T> = convert(&c.w);
+    let bias: Option<Vec<T>> = c.bias.as_ref().map(|b| convert(b));
+    let dy: Vec<T> = convert(&c.dy);
+    let (gx, gw, gdy) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap(), gpu.upload(&dy).unwrap());
+    let gbias = bias.as_ref().map(|b| gpu.upload(b).unwrap());
+    let (ga, gb) = (up32(&c.a), up32(&c.b));
+    let (gu, gv) = (c.u.as_deref().map(up32), c.v.as_deref().map(up32));
+    let gad = Adapter::<Gpu> { a: &ga, b: &gb, u: gu.as_ref(), v: gv.as_ref(), scale: c.scale };
+    let tol = T::DTYPE.tolerance();
+
+    // Forward.
+    let nan = T::from_f32(f32::NAN);
+    let mut gy = gpu.upload(&vec![nan; m * n]).unwrap();
+    let mut gt = gpu.upload(&vec![f32::NAN; m * r]).unwrap();
+    gpu.lowrank_forward(s, &gx, &gw, gbias.as_ref(), Some(gad), &mut gy, Some(&mut gt))
+        .map_err(|e| ctx(&e.to_string()))?;
+    let (mut cy, mut ct) = (vec![nan; m * n], vec![f32::NAN; m * r]);
+    Cpu.lowrank_forward(s, &x, &w, bias.as_ref(), Some(c.adapter()), &mut cy, Some(&mut ct)).unwrap();
+    let gt_host = gpu.download(&gt).unwrap();
+    check_close(
+        &ctx("forward y"),
+        &gpu.download(&gy).unwrap(),
+        &cy.iter().map(|v| v.to_f64()).collect::<Vec<_>>(),
+        tol,
+    )?;
+    // f32: CUDA-core shrink in f32. 16-bit: tensor cores with A split in
+    // two 16-bit halves (~16 bits of A kept for bf16), hence the margin.
+    let t_tol = if T::DTYPE == lorafuse::DType::F32 { 1e-5 } else { 3e-5 };
+    check_close(&ctx("forward t"), &gt_host, &f64s(&ct), t_tol)?;
+
+    // In-place add onto a y that holds random values.
+    let y0: Vec<T> = convert(&common::random(seed ^ 0xadd, m * n));
+    let mut gy0 = gpu.upload(&y0).unwrap();
+    gpu.lowrank_add(s, &gx, gad, &mut gy0).map_err(|e| ctx(&e.to_string()))?;
+    let mut cy0 = y0.clone();
+    Cpu.lowrank_add(s, &x, c.adapter(), &mut cy0).unwrap();
+    check_close(
+        &ctx("add in place"),
+        &gpu.download(&gy0).unwrap(),
+        &cy0.iter().map(|v| v.to_f64()).collect::<Vec<_>>(),
+        tol,
+    )?;
+
+    // Backward, onto random starting gradients.
+    let start = |len: usize, salt: u64| common::random(seed ^ salt, len);
+    let starts = [start(n * k, 1), start(n, 2), start(r * k, 3), start(n * r, 4), start(r, 5), start(n, 6)];
+    let mut g: Vec<_> = starts.iter().map(|v| up32(v)).collect();
+    let mut c_grads: Vec<Vec<f32>> = starts.to_vec();
+    let mut gdx = gpu.upload(&vec![nan; m * k]).unwrap();
+    let mut cdx = vec![nan; m * k];
+    let wants = [base, base, train.a, train.b, train.u, train.v];
+    {
+        let [gdw, gdb, gda, gdbb, gdu, gdv] = &mut g[..] else { unreachable!() };
+        let grads = Grads::<Gpu, T> {
+            dx: dx.then_some(&mut gdx),
+            dw: wants[0].then_some(gdw),
+            dbias: wants[1].then_some(gdb),
+            da: wants[2].then_some(gda),
+            db: wants[3].then_some(gdbb),
+            du: wants[4].then_some(gdu),
+            dv: wants[5].then_some(gdv),
+        };
+        let t_arg = saved_t.then_some(&gt);
+        gpu.lowrank_backward(s, &gx, &gw, Some(gad), t_arg, &gdy, grads).map_err(|e| ctx(&e.to_string()))?;
+    }
+    {
+        let [cdw, cdb, cda, cdbb, cdu, cdv] = &mut c_grads[..] else { unreachable!() };
+        let grads = Grads::<Cpu, T> {
+            dx: dx.then_some(&mut cdx),
+            dw: wants[0].then_some(cdw),
+            dbias: wants[1].then_some(cdb),
+            da: wants[2].then_some(cda),
+            db: wants[3].then_some(cdbb),
+            du: wants[4].then_some(cdu),
+            dv: wants[5].then_some(cdv),
+        };
+        Cpu.lowrank_backward(s, &x, &w, Some(c.adapter()), saved_t.then_some(&ct), &dy, grads).unwrap();
+    }
+    if dx {
+        let want: Vec<f64> = cdx.iter().map(|v| v.to_f64()).collect();
+        check_close(&ctx("backward dx"), &gpu.download(&gdx).unwrap(), &want, tol)?;
+    }
+    for (i, name) in ["dW", "dbias", "dA", "dB", "du", "dv"].iter().enumerate() {
+        let got = gpu.download(&g[i]).unwrap();
+        if wants[i] {
+            check_close(&ctx(&format!("backward {name}")), &got, &f64s(&c_grads[i]), tol)?;
+        } else if got != starts[i] {
+            return Err(ctx(&format!("backward {name}: frozen gradient buffer was modified")));
+        }
+    }
+    Ok(())
+}
+
+fn shape_strategy() -> impl Strategy<Value = LinearShape> {
+    let m = prop_oneof![1usize..=4, 5usize..=32, 33usize..=300];
+    let r = prop_oneof![Just(1usize), 2usize..=17, 18usize..=128];
+    (m, 1usize..=300, 1usize..=300, r).prop_map(|(m, k, n, r)| LinearShape { m, k, n, r })
+}
+
+#[test]
+fn gpu_lowrank_matches_cpu_on_random_shapes_dtypes_and_combinations() {
+    let Some(gpu) = common::gpu_or_skip("gpu_lowrank_matches_cpu_on_random_shapes_dtypes_and_combinations") else {
+        return;
+    };
+    let mut runner = TestRunner::new(Config { cases: common::cases(64), ..Config::default() });
+    let strategy = (
+        shape_strategy(),
+        0usize..3,
+        0u8..16,
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<u64>(),
+    );
+    runner
+        .run(&strategy, |(s, dtype, bits, bias, vectors, dx, saved_t, seed)| {
+            let c = Case::new(seed, s, bias, vectors);
+            let train = Trainable { a: bits & 8 != 0, b: bits & 4 != 0, u: bits & 2 != 0, v: bits & 1 != 0 };
+            let base = bits % 3 == 0;
+            let out = match dtype {
+                0 => gpu_matches_cpu::<f32>(&gpu, &c, train, dx, base, saved_t, seed),
+                1 => gpu_matches_cpu::<f16>(&gpu, &c, train, dx, base, saved_t, seed),
+                _ => gpu_matches_cpu::<bf16>(&gpu, &c, train, dx, base, saved_t, seed),
+            };
+            out.map_err(TestCaseError::fail)
+        })
+        .unwrap();
+}
+
+#[test]
+fn gpu_edge_shapes_every_dtype() {
+    let Some(gpu) = common::gpu_or_skip("gpu_edge_shapes_every_dtype") else { return };
+    // M = 1, r = 1, decode/prefill boundary, tiles straddled (64 rows, 128
+    // and 512 columns, 16 ranks, 32-wide K tiles), r = 128.
+    let shapes = [
+        (1, 1, 1, 1),
+        (1, 4096, 11, 16),
+        (32, 257, 129, 128),
+        (33, 257, 129, 17),
+        (65, 33, 513, 1),
+        (300, 1000, 700, 64),
+    ];
+    for (i, &(m, k, n, r)) in shapes.iter().enumerate() {
+        let s = LinearShape { m, k, n, r };
+        let c = Case::new(500 + i as u64, s, true, true);
+        for (dx, saved) in [(true, true), (true, false)] {
+            gpu_matches_cpu::<f32>(&gpu, &c, ALL, dx, true, saved, 500 + i as u64).unwrap();
+            gpu_matches_cpu::<f16>(&gpu, &c, ALL, dx, true, saved, 500 + i as u64).unwrap();
+            gpu_matches_cpu::<bf16>(&gpu, &c, ALL, dx, true, saved, 500 + i as u64).unwrap();
+        }
+    }
+}
+
+#[test]
+fn gpu_results_are_deterministic() {
+    let Some(gpu) = common::gpu_or_skip("gpu_results_are_deterministic") else { return };
+    let s = LinearShape { m: 200, k: 515, n: 777, r: 16 };
+    let c = Case::new(77, s, true, true);
+    let run = || {
+        let x = gpu.upload(&convert::<f32, bf16>(&c.x)).unwrap();
+        let w = gpu.upload(&convert::<f32, bf16>(&c.w)).unwrap();
+        let dy = gpu.upload(&convert::<f32, bf16>(&c.dy)).unwrap();
+        let (a, b) = (gpu.upload(&c.a).unwrap(), gpu.upload(&c.b).unwrap());
+        let (u, v) = (gpu.upload(c.u.as_ref().unwrap()).unwrap(), gpu.upload(c.v.as_ref().unwrap()).unwrap());
+        let ad = Adapter::<Gpu> { a: &a, b: &b, u: Some(&u), v: Some(&v), scale: c.scale };
+        let mut y = gpu.zeros::<bf16>(s.m * s.n).unwrap();
+        gpu.lowrank_forward(s, &x, &w, None, Some(ad), &mut y, None).unwrap();
+        let (mut da, mut db) = (gpu.zeros::<f32>(s.r * s.k).unwrap(), gpu.zeros::<f32>(s.n * s.r).unwrap());
+        let (mut du, mut dv) = (gpu.zeros::<f32>(s.r).unwrap(), gpu.zeros::<f32>(s.n).unwrap());
+        let grads = Grads::<Gpu, bf16> {
+            da: Some(&mut da),
+            db: Some(&mut db),
+            du: Some(&mut du),
+            dv: Some(&mut dv),
+            ..Grads::none()
+        };
+        gpu.lowrank_backward(s, &x, &w, Some(ad), None, &dy, grads).unwrap();
+        let bits = |v: Vec<f32>| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+        let y: Vec<u16> = gpu.download(&y).unwrap().iter().map(|e| e.to_bits()).collect();
+        (
+            y,
+            bits(gpu.download(&da).unwrap()),
+            bits(gpu.download(&db).unwrap()),
+            bits(gpu.download(&du).unwrap()),
+            bits(gpu.download(&dv).unwrap()),
+        )
+    };
+    assert!(run() == run(), "two identical runs gave different bits");
+}
