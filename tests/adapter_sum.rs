@@ -333,3 +333,79 @@ fn gpu_case<T: Element>(gpu: &lorafuse::cuda::Gpu, s: MergeShape, seed: u64) {
     let ctx = format!("gpu adapter_merge {s:?} {} seed={seed}", T::DTYPE);
     check_close(&ctx, &got, &want, T::DTYPE.tolerance()).unwrap();
 }
+
+/// Runs the `lorafuse` binary and returns its stdout, failing on a non-zero exit.
+fn lorafuse(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lorafuse")).args(args).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "lorafuse {args:?} failed:\n{stdout}\n{stderr}");
+    stdout.into_owned()
+}
+
+#[test]
+fn cli_sum_similarity_merge_unmerge_and_compress() {
+    use lorafuse::peft::{self, Tensor, TensorFile};
+    let dir = std::env::temp_dir().join(format!("lorafuse-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let adapters = mixed_adapters();
+    for (i, a) in adapters.iter().enumerate() {
+        peft::save_adapter(&dir.join(format!("a{i}")), a).unwrap();
+    }
+    // A base whose names carry an extra prefix the adapters' do not, plus an
+    // unrelated tensor that must be copied unchanged.
+    let mut base = TensorFile::default();
+    for (k, name) in NAMES.iter().enumerate() {
+        let w = common::random(100 + k as u64, 29 * 37);
+        base.tensors.insert(format!("model.{name}.weight"), Tensor::from_f32(vec![29, 37], &w, DType::BF16).unwrap());
+    }
+    base.tensors.insert("model.wte.weight".into(), Tensor::f32(vec![3, 2], common::random(7, 6)).unwrap());
+    peft::write_safetensors(&dir.join("base.safetensors"), &base).unwrap();
+
+    let json = lorafuse(&["similarity", &p("a0"), &p("a1"), &p("a2"), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let want = adapter_sum::similarity(&adapters[0], &adapters[1]).unwrap().rms_cosine;
+    let got = v["pairs"][0]["similarity"]["rms_cosine"].as_f64().unwrap();
+    assert!((got - want).abs() < 1e-12, "cli rms cosine {got} vs library {want}");
+    assert!(lorafuse(&["similarity", &p("a0"), &p("a1")]).contains("RMS cosine"));
+
+    lorafuse(&["sum", &p("a0"), &p("a1"), &p("a2"), "--weights", "1,-0.5,2", "--out", &p("sum")]);
+    let sum = peft::load_adapter(&dir.join("sum")).unwrap();
+    let refs: Vec<&Adapter> = adapters.iter().collect();
+    for m in sum.deltas().unwrap().iter() {
+        let cmp = compare(m.dense().unwrap(), naive_sum(&refs, &[1.0, -0.5, 2.0], &m.name, 29 * 37));
+        assert!(cmp.within(1e-6), "cli sum `{}`: {cmp}", m.name);
+    }
+
+    let args = ["merge", "--base", &p("base.safetensors"), &p("a0"), &p("a1"), &p("a2"), "--weights", "1,-0.5,2"];
+    lorafuse(&[&args[..], &["--out", &p("merged.safetensors")]].concat());
+    let merged = peft::read_safetensors(&dir.join("merged.safetensors")).unwrap();
+    assert_eq!(merged.tensors["model.wte.weight"], base.tensors["model.wte.weight"]);
+    for name in NAMES {
+        let key = format!("model.{name}.weight");
+        let w0 = base.tensors[&key].to_f32_vec(&key).unwrap();
+        let want: Vec<f64> = naive_sum(&refs, &[1.0, -0.5, 2.0], name, 29 * 37)
+            .iter()
+            .zip(&w0)
+            .map(|(d, &w)| w as f64 + d)
+            .collect();
+        let got = merged.tensors[&key].to_f32_vec(&key).unwrap();
+        check_close(&format!("cli merge `{key}` bf16"), &got, &want, DType::BF16.tolerance()).unwrap();
+    }
+    let args = ["merge", "--base", &p("merged.safetensors"), &p("sum"), "--unmerge", "--cpu"];
+    lorafuse(&[&args[..], &["--out", &p("unmerged.safetensors")]].concat());
+    let unmerged = peft::read_safetensors(&dir.join("unmerged.safetensors")).unwrap();
+    for name in NAMES {
+        let key = format!("model.{name}.weight");
+        let want: Vec<f64> = base.tensors[&key].to_f32_vec(&key).unwrap().iter().map(|&x| x as f64).collect();
+        let got = unmerged.tensors[&key].to_f32_vec(&key).unwrap();
+        check_close(&format!("cli unmerge `{key}` bf16"), &got, &want, 2.0 * DType::BF16.tolerance()).unwrap();
+    }
+
+    let report = lorafuse(&["compress", &p("sum"), "--rank", "2", "--out", &p("small"), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let e = v["discarded_energy"].as_f64().unwrap();
+    assert!(e > 0.0 && e < 1.0, "rank 2 of ranks 4..7 discards something: {e}");
+    let small = peft::load_adapter(&dir.join("small")).unwrap();
+    assert!(small.deltas().unwrap().iter().all(|m| m.rank == 2));
+}
