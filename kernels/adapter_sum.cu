@@ -122,8 +122,12 @@ __device__ __forceinline__ void adapter_merge(T* __restrict__ w, const float* __
             rs[kk][c] = (k < rank && col < cols) ? right[(size_t)k * cols + col] : 0.0f;
         }
         __syncthreads();
+        // Stop at the true rank: a rank-4 adapter costs 4 steps, not 16
+        // (the bound is uniform across the block, so this never diverges).
+        const uint32_t depth = min((uint32_t)MERGE_KC, rank - k0);
 #pragma unroll
         for (int kk = 0; kk < MERGE_KC; ++kk) {
+            if ((uint32_t)kk >= depth) break;
             const float4 a = *reinterpret_cast<const float4*>(&ls[kk][ty * 4]);
             const float4 b0 = *reinterpret_cast<const float4*>(&rs[kk][tx * 4]);
             const float4 b1 = *reinterpret_cast<const float4*>(&rs[kk][64 + tx * 4]);

@@ -369,8 +369,13 @@ pub fn similarity(a: &Adapter, b: &Adapter) -> Result<Similarity> {
             only_in_a.push(ma.name.clone());
             continue;
         };
-        let (norm_a, norm_b) = (frobenius_norm(ma)?, frobenius_norm(mb)?);
-        let inner = inner_product(ma, mb)?;
+        check_same_shape(ma, mb)?;
+        // Fold each module once, then three small Gram pairs.
+        let (fa, fb) = (ma.effective_factors(1.0), mb.effective_factors(1.0));
+        let (k, n) = (ma.in_features, ma.out_features);
+        let norm_a = gram_inner(&fa, &fa, (ma.rank, ma.rank, k, n))?.max(0.0).sqrt();
+        let norm_b = gram_inner(&fb, &fb, (mb.rank, mb.rank, k, n))?.max(0.0).sqrt();
+        let inner = gram_inner(&fa, &fb, (ma.rank, mb.rank, k, n))?;
         modules.push(ModuleSimilarity { name: ma.name.clone(), cosine: cosine(inner, norm_a, norm_b), norm_a, norm_b });
     }
     let only_in_b = map_b.keys().filter(|n| !names_a.contains(*n)).map(|n| n.to_string()).collect();

@@ -271,9 +271,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| Error::invalid("output path", format!("{} has no file name", path.display())))?;
+    // Unique per process and call, so concurrent saves never share a temp.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
-    tmp_name.push(format!(".tmp.{}", std::process::id()));
+    tmp_name.push(format!(".tmp.{}.{call}", std::process::id()));
     let tmp: PathBuf = path.with_file_name(tmp_name);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -573,7 +576,12 @@ pub fn save_adapter_as(dir: &Path, adapter: &Adapter, dtype: DType) -> Result<()
     let mut rank_pattern = cfg.rank_pattern.clone();
     let mut alpha_pattern = cfg.alpha_pattern.clone();
     let mut put = |key: String, shape: Vec<usize>, values: &[f32]| -> Result<()> {
-        tensors.insert(key, Tensor::from_f32(shape, values, dtype)?);
+        let t = Tensor::from_f32(shape, values, dtype)?;
+        // f16 overflows at 65504: refuse to write an inf the reader would reject.
+        if dtype != DType::F32 {
+            crate::error::check_finite(&format!("`{key}` rounded to {dtype}"), &t.to_f32_vec(&key)?)?;
+        }
+        tensors.insert(key, t);
         Ok(())
     };
     match &adapter.weights {

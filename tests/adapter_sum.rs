@@ -384,11 +384,8 @@ fn cli_sum_similarity_merge_unmerge_and_compress() {
     for name in NAMES {
         let key = format!("model.{name}.weight");
         let w0 = base.tensors[&key].to_f32_vec(&key).unwrap();
-        let want: Vec<f64> = naive_sum(&refs, &[1.0, -0.5, 2.0], name, 29 * 37)
-            .iter()
-            .zip(&w0)
-            .map(|(d, &w)| w as f64 + d)
-            .collect();
+        let want: Vec<f64> =
+            naive_sum(&refs, &[1.0, -0.5, 2.0], name, 29 * 37).iter().zip(&w0).map(|(d, &w)| w as f64 + d).collect();
         let got = merged.tensors[&key].to_f32_vec(&key).unwrap();
         check_close(&format!("cli merge `{key}` bf16"), &got, &want, DType::BF16.tolerance()).unwrap();
     }
@@ -408,4 +405,14 @@ fn cli_sum_similarity_merge_unmerge_and_compress() {
     assert!(e > 0.0 && e < 1.0, "rank 2 of ranks 4..7 discards something: {e}");
     let small = peft::load_adapter(&dir.join("small")).unwrap();
     assert!(small.deltas().unwrap().iter().all(|m| m.rank == 2));
+}
+
+#[test]
+fn a_zero_delta_has_norm_zero_and_cosine_zero() {
+    // LoRA at initialisation: B = 0, so ΔW = 0 and interferes with nothing.
+    let zero = ModuleDelta::lora("m", (3, 8, 5), common::random(1, 24), vec![0.0; 15], 2.0).unwrap();
+    let other = lora("m", 5, (2, 8, 5), 1.0);
+    let s = adapter_sum::similarity(&lora_adapter(vec![zero]), &lora_adapter(vec![other])).unwrap();
+    assert_eq!((s.modules[0].norm_a, s.modules[0].cosine, s.rms_cosine), (0.0, 0.0, 0.0));
+    assert!(s.modules[0].norm_b > 0.0);
 }

@@ -388,3 +388,12 @@ fn inconsistent_hand_built_adapters_are_rejected() {
     let e = Adapter::new(AdapterConfig::lora(1, 1.0, vec![]), vec![m.clone(), m]).unwrap_err();
     assert!(e.to_string().contains("twice"), "{e}");
 }
+
+#[test]
+fn saving_values_beyond_f16_range_is_an_error_not_an_inf() {
+    let m = ModuleDelta::lora("m", (1, 2, 2), vec![1e5, 1.0], vec![0.5, 0.5], 1.0).unwrap();
+    let a = Adapter::new(AdapterConfig::lora(1, 1.0, vec![]), vec![m]).unwrap();
+    let e = peft::save_adapter_as(&scratch("f16-range"), &a, DType::F16).unwrap_err();
+    assert!(matches!(e, Error::NonFinite { .. }), "{e}");
+    peft::save_adapter_as(&scratch("bf16-range"), &a, DType::BF16).unwrap();
+}

@@ -273,6 +273,12 @@ pub fn merge(args: &MergeArgs) -> Result<()> {
                 format!("no tensor `{module}.weight` (or a suffix of it) in {}", args.base.display()),
             ));
         };
+        if let Some((_, other)) = plan.iter().find(|(n, _): &&(String, MergeFactors)| n == name) {
+            return Err(Error::invalid(
+                "merge",
+                format!("modules `{}` and `{module}` both resolve to base tensor `{name}`", other.name),
+            ));
+        }
         plan.push((name.clone(), f));
     }
     let direction = if args.unmerge { Direction::Unmerge } else { Direction::Merge };
