@@ -120,6 +120,23 @@ pub fn merge_module<B: AdapterSumOps, T: Element>(
 
 // ---- exact sums ----------------------------------------------------------------
 
+/// PEFT tensors that change the model but are not a `B·A` delta lorafuse
+/// models (embedding LoRA, DoRA magnitudes, LoRA biases). They would sit in
+/// `extra_tensors` and be dropped by a sum or merge, so their presence is an
+/// error rather than a silent loss.
+const UNSUMMABLE: [&str; 4] = [".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector", ".lora_B.bias"];
+
+fn check_summable(a: &Adapter) -> Result<()> {
+    a.validate()?;
+    match a.extra_tensors.keys().find(|k| UNSUMMABLE.iter().any(|u| k.contains(u))) {
+        None => Ok(()),
+        Some(k) => Err(Error::invalid(
+            "adapter",
+            format!("tensor `{k}` is a kind of adapter weight lorafuse cannot sum or merge (only lora_A/lora_B pairs)"),
+        )),
+    }
+}
+
 /// Checks weights and adapters, and materialises every adapter's deltas.
 fn weighted_deltas(adapters: &[&Adapter], weights: &[f64]) -> Result<Vec<Vec<ModuleDelta>>> {
     if adapters.is_empty() {
@@ -141,7 +158,7 @@ fn weighted_deltas(adapters: &[&Adapter], weights: &[f64]) -> Result<Vec<Vec<Mod
     adapters
         .iter()
         .map(|a| {
-            a.validate()?;
+            check_summable(a)?;
             Ok(a.deltas()?.into_owned())
         })
         .collect()
@@ -355,8 +372,8 @@ pub struct Similarity {
 /// Per-module cosines, norms and their RMS for two adapters (any kinds),
 /// from Gram products only.
 pub fn similarity(a: &Adapter, b: &Adapter) -> Result<Similarity> {
-    a.validate()?;
-    b.validate()?;
+    check_summable(a)?;
+    check_summable(b)?;
     let (da, db) = (a.deltas()?, b.deltas()?);
     let map_b: BTreeMap<&str, &ModuleDelta> = db.iter().map(|m| (m.name.as_str(), m)).collect();
     let names_a: BTreeSet<&str> = da.iter().map(|m| m.name.as_str()).collect();
@@ -496,7 +513,7 @@ pub fn compress(adapter: &Adapter, rank: usize) -> Result<Compression> {
     if rank == 0 {
         return Err(Error::invalid("compress rank", "must be at least 1"));
     }
-    adapter.validate()?;
+    check_summable(adapter)?;
     let deltas = adapter.deltas()?;
     let mut sorted: Vec<&ModuleDelta> = deltas.iter().collect();
     sorted.sort_by(|x, y| x.name.cmp(&y.name));

@@ -416,3 +416,18 @@ fn a_zero_delta_has_norm_zero_and_cosine_zero() {
     assert_eq!((s.modules[0].norm_a, s.modules[0].cosine, s.rms_cosine), (0.0, 0.0, 0.0));
     assert!(s.modules[0].norm_b > 0.0);
 }
+
+#[test]
+fn adapters_with_weights_lorafuse_cannot_sum_are_refused_not_dropped() {
+    let mut a = lora_adapter(vec![lora("m", 1, (2, 5, 7), 1.0)]);
+    let t = lorafuse::peft::Tensor::f32(vec![2, 11], common::random(3, 22)).unwrap();
+    a.extra_tensors.insert("base_model.model.wte.lora_embedding_A".into(), t);
+    for e in [
+        adapter_sum::concat_sum(&[&a], &[1.0]).unwrap_err(),
+        adapter_sum::merge_factors(&[&a], &[1.0]).unwrap_err(),
+        adapter_sum::similarity(&a, &a).unwrap_err(),
+        adapter_sum::compress(&a, 1).unwrap_err(),
+    ] {
+        assert!(e.to_string().contains("lora_embedding_A"), "{e}");
+    }
+}

@@ -397,3 +397,49 @@ fn saving_values_beyond_f16_range_is_an_error_not_an_inf() {
     assert!(matches!(e, Error::NonFinite { .. }), "{e}");
     peft::save_adapter_as(&scratch("bf16-range"), &a, DType::BF16).unwrap();
 }
+
+mod corruption {
+    //! A poor man's fuzzer (the crate's layout has no room for cargo-fuzz):
+    //! random byte flips and truncations of valid adapter files of every kind
+    //! must load as a typed error or as a valid adapter, never panic.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn valid(kind: u8) -> Adapter {
+        match kind {
+            0 => random_lora(3, SHAPES),
+            1 => tied_adapter(AdapterKind::Vera),
+            _ => unilora_adapter(Assignment::Balanced),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(common::cases(96)))]
+
+        #[test]
+        fn corrupted_adapters_never_panic(
+            kind in 0u8..3,
+            in_config in any::<bool>(),
+            truncate in any::<bool>(),
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+        ) {
+            let dir = scratch(&format!("corrupt-{kind}"));
+            peft::save_adapter(&dir, &valid(kind)).unwrap();
+            let path = dir.join(if in_config { peft::CONFIG_FILE } else { peft::WEIGHTS_FILE });
+            let mut bytes = std::fs::read(&path).unwrap();
+            let i = at.index(bytes.len());
+            if truncate {
+                bytes.truncate(i);
+            } else {
+                bytes[i] ^= byte | 1;
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            if let Ok(a) = peft::load_adapter(&dir) {
+                // Whatever loads must be a usable adapter.
+                prop_assert!(a.validate().is_ok());
+                prop_assert!(a.deltas().is_ok());
+            }
+        }
+    }
+}
