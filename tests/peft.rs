@@ -66,6 +66,9 @@ fn lora_round_trip_is_exact_in_f32_and_keeps_extras() {
         m[1].scale = 0.37;
     }
     adapter.extra_tensors.insert("optimizer.step".into(), Tensor::f32(vec![1], vec![12.0]).unwrap());
+    // Optimizer state named after a module stays optimizer state.
+    let moment = Tensor::f32(vec![4, 17], common::random(5, 68)).unwrap();
+    adapter.extra_tensors.insert("optimizer.m.transformer.h.0.attn.c_attn.lora_A.weight".into(), moment);
     peft::save_adapter(&dir, &adapter).unwrap();
     let back = peft::load_adapter(&dir).unwrap();
     assert_eq!(back.config.kind, AdapterKind::Lora);

@@ -258,12 +258,23 @@ fn merge_all<B: AdapterSumOps>(
     Ok(())
 }
 
+/// Runs `work` under a spinner (large base files take seconds to read and
+/// write); indicatif draws nothing when stderr is not a terminal.
+fn with_spinner<R>(message: &str, work: impl FnOnce() -> Result<R>) -> Result<R> {
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_message(message.to_string());
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let result = work();
+    spinner.finish_and_clear();
+    result
+}
+
 /// `lorafuse merge`.
 pub fn merge(args: &MergeArgs) -> Result<()> {
     let adapters = load_all(&args.adapters)?;
     let refs: Vec<&Adapter> = adapters.iter().collect();
     let factors = adapter_sum::merge_factors(&refs, &weights_or_ones(&args.weights, refs.len()))?;
-    let mut base = peft::read_safetensors(&args.base)?;
+    let mut base = with_spinner(&format!("reading {}", args.base.display()), || peft::read_safetensors(&args.base))?;
     let names: Vec<String> = base.tensors.keys().cloned().collect();
     let mut plan = Vec::new();
     for (module, f) in factors {
@@ -293,7 +304,7 @@ pub fn merge(args: &MergeArgs) -> Result<()> {
             Cpu.describe()
         }
     };
-    peft::write_safetensors(&args.out, &base)?;
+    with_spinner(&format!("writing {}", args.out.display()), || peft::write_safetensors(&args.out, &base))?;
     let verb = if args.unmerge { "unmerged" } else { "merged" };
     println!("{verb} {} modules of {} adapter(s) on {device}; wrote {}", plan.len(), refs.len(), args.out.display());
     Ok(())
