@@ -185,6 +185,7 @@ fn concat_sum_delta_equals_the_weighted_sum_of_deltas() {
         let cmp = compare(y.dense().unwrap(), x.dense().unwrap());
         assert!(cmp.within(1e-12), "`{}` after save/load: {cmp}", x.name);
     }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -405,6 +406,7 @@ fn cli_sum_similarity_merge_unmerge_and_compress() {
     assert!(e > 0.0 && e < 1.0, "rank 2 of ranks 4..7 discards something: {e}");
     let small = peft::load_adapter(&dir.join("small")).unwrap();
     assert!(small.deltas().unwrap().iter().all(|m| m.rank == 2));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

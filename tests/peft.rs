@@ -14,12 +14,36 @@ use lorafuse::projection::{Assignment, Projection, ProjectionLayout};
 use lorafuse::rng::Rng;
 use lorafuse::{DType, Error};
 
-/// A fresh, empty directory under the target dir, unique per test.
-fn scratch(test: &str) -> PathBuf {
+/// A fresh, empty temporary directory, unique per test; removed when
+/// dropped, unless the test is failing (then it is kept for inspection).
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn scratch(test: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("lorafuse-peft-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Scratch(dir)
 }
 
 /// A LoRA adapter over modules of odd shapes and different ranks.
