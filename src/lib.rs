@@ -8,6 +8,9 @@
 //!   linear layer, forward and hand-written backward.
 //! - [`projection`]: Uni-LoRA's shared projection `θ_D = P·θ_d` (gather) and
 //!   its transpose (scatter), `P` computed from a seed, never stored.
+//! - [`adapter`], [`peft`], [`adapter_sum`]: adapters in memory and in PEFT
+//!   files; exact sums, merge/unmerge into base weights, the interference
+//!   (cosine) diagnostic and low-rank recompression.
 //!
 //! Every operation exists three times under one name: `kernels/<family>.cu`,
 //! `src/cpu/<family>.rs` (the oracle) and `src/cuda/<family>.rs` (the launch
@@ -26,12 +29,15 @@
 //! # Ok(()) }
 //! ```
 
+pub mod adapter;
+pub mod adapter_sum;
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod lowrank;
+pub mod peft;
 pub mod projection;
 pub mod rng;
 pub mod testing;

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod adapters;
 mod selfcheck;
 
 /// Fused LoRA-family kernels: inspect the device and check the kernels.
@@ -19,6 +20,16 @@ enum Command {
     /// Run every kernel family on random inputs against the CPU oracle, on
     /// the GPU when there is one, else on the CPU backend alone.
     Selfcheck(selfcheck::Args),
+    /// Per-module cosine similarity (interference) of adapters' deltas, their
+    /// RMS and norms, from r×r Gram products.
+    Similarity(adapters::SimilarityArgs),
+    /// The exact sum of adapters as one concatenated adapter (PEFT format).
+    Sum(adapters::SumArgs),
+    /// Merge adapters into base weights (or take them out with --unmerge).
+    Merge(adapters::MergeArgs),
+    /// Best rank-r approximation of an adapter (e.g. a sum), with the energy
+    /// it discards.
+    Compress(adapters::CompressArgs),
 }
 
 fn main() {
@@ -26,6 +37,10 @@ fn main() {
     let result = match cli.command {
         Command::Info => selfcheck::info(),
         Command::Selfcheck(args) => selfcheck::run(&args),
+        Command::Similarity(args) => adapters::similarity(&args),
+        Command::Sum(args) => adapters::sum(&args),
+        Command::Merge(args) => adapters::merge(&args),
+        Command::Compress(args) => adapters::compress(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
