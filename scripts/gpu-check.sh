@@ -91,7 +91,7 @@ run() {
     done
     echo "==== summary"
     cat "$summary"
-    for f in "$out"/bench-*.txt; do echo "==== $f"; grep -E ' x ?[0-9]|GB/s|skipped' "$f" | head -60; done
+    for f in "$out"/bench-*.txt; do echo "==== $f"; grep -E ' x ?[0-9]|GB/s|skipped|^(forward|fwd\+bwd|  decode)' "$f" | head -120; done
 }
 
 case "${1:-}" in

@@ -28,9 +28,10 @@ use crate::cpu::Cpu;
 use crate::projection::{Projection, ProjectionLayout, ProjectionOps, Segment};
 use crate::{DType, Error, Result};
 
-/// The most elements a Uni-LoRA layout may materialise (2^31, 8 GiB of f32):
-/// a few bytes of hostile config cannot make lorafuse allocate more.
-pub const MAX_MATERIALIZED_ELEMENTS: u64 = 1 << 31;
+/// The most elements a Uni-LoRA layout may materialise (2^30, 4 GiB of f32;
+/// a rank-64 LoRA of a 70B model is about 2^29.6): a few bytes of hostile
+/// config cannot make lorafuse allocate more.
+pub const MAX_MATERIALIZED_ELEMENTS: u64 = 1 << 30;
 
 /// Which member of the LoRA family an adapter is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -32,6 +32,7 @@
 //! ```
 
 pub mod adapter;
+pub mod adapter_sum;
 pub mod backend;
 pub mod cpu;
 pub mod cuda;

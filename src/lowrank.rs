@@ -34,7 +34,10 @@
 //!
 //! # Calling it
 //! [`LowRankOps`] is implemented by [`crate::cpu::Cpu`] (f64 oracle) and
-//! [`crate::cuda::Gpu`]. A layer's call:
+//! [`crate::cuda::Gpu`] (kernels/lowrank.cu plus cuBLAS; M ≤ 32 takes a
+//! single-launch decode kernel). Engines holding raw device memory call the
+//! free functions of [`crate::cuda::lowrank`] (`forward`, `add_in_place`,
+//! `backward`) on views, on their own stream. A layer's call:
 //!
 //! ```
 //! use lorafuse::{cpu::Cpu, lowrank::*};
@@ -89,6 +92,16 @@ pub struct Trainable {
 }
 
 impl Trainable {
+    /// Everything trains (`"vBuA"`).
+    pub const ALL: Trainable = Trainable { a: true, b: true, u: true, v: true };
+    /// Only the factors train (`"BA"`): plain LoRA, or tied LoRA with
+    /// frozen `u = v = 1`.
+    pub const FACTORS: Trainable = Trainable { a: true, b: true, u: false, v: false };
+    /// Only the scaling vectors train (`"vu"`): VeRA.
+    pub const VECTORS: Trainable = Trainable { a: false, b: false, u: true, v: true };
+    /// Nothing trains (`"-"`): a frozen adapter (dx still flows).
+    pub const NONE: Trainable = Trainable { a: false, b: false, u: false, v: false };
+
     /// Every one of the 16 combinations, in the order of the bits
     /// `a, b, u, v` (all frozen first).
     pub fn all_combinations() -> impl Iterator<Item = Trainable> {
@@ -156,13 +169,7 @@ pub const VERA_U_INIT: f32 = 0.1;
 impl LowRankConfig {
     /// Plain LoRA: `A` and `B` train, no `u`, `v`; `s = α/r`.
     pub fn lora(rank: usize, alpha: f32) -> Self {
-        LowRankConfig {
-            rank,
-            alpha,
-            scaling: Scaling::Standard,
-            method: Method::Lora,
-            train: Trainable { a: true, b: true, u: false, v: false },
-        }
+        LowRankConfig { rank, alpha, scaling: Scaling::Standard, method: Method::Lora, train: Trainable::FACTORS }
     }
 
     /// Tied-LoRA with `train` choosing the trainable parts ([`Trainable::label`]
@@ -175,13 +182,7 @@ impl LowRankConfig {
     /// VeRA: frozen shared random `A`, `B`; `u` (init [`VERA_U_INIT`]) and
     /// `v` (init 0) train.
     pub fn vera(rank: usize, alpha: f32) -> Self {
-        LowRankConfig {
-            rank,
-            alpha,
-            scaling: Scaling::Standard,
-            method: Method::Vera,
-            train: Trainable { a: false, b: false, u: true, v: true },
-        }
+        LowRankConfig { rank, alpha, scaling: Scaling::Standard, method: Method::Vera, train: Trainable::VECTORS }
     }
 
     /// The same config with rank-stabilised scaling `s = α/√r`.

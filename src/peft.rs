@@ -5,7 +5,9 @@
 //! # Plain LoRA (PEFT-compatible)
 //!
 //! `peft_type: "LORA"`; per module `base_model.model.<module>.lora_A.weight`
-//! (r×K) and `base_model.model.<module>.lora_B.weight` (N×r); config fields
+//! (r×K) and `base_model.model.<module>.lora_B.weight` (N×r) (only keys under
+//! `base_model.model.` are modules; a trainer may store anything else, e.g.
+//! optimizer state, in [`Adapter::extra_tensors`]); config fields
 //! `r`, `lora_alpha`, `use_rslora`, `target_modules`, `fan_in_fan_out`,
 //! `rank_pattern`, `alpha_pattern`, `base_model_name_or_path`. Every other
 //! config field is kept verbatim ([`AdapterConfig::extra`]); every other
@@ -271,9 +273,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| Error::invalid("output path", format!("{} has no file name", path.display())))?;
+    // Unique per process and call, so concurrent saves never share a temp.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
-    tmp_name.push(format!(".tmp.{}", std::process::id()));
+    tmp_name.push(format!(".tmp.{}.{call}", std::process::id()));
     let tmp: PathBuf = path.with_file_name(tmp_name);
     let result = (|| {
         let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -434,10 +439,19 @@ pub fn load_adapter(dir: &Path) -> Result<Adapter> {
 }
 
 fn load_lora(path: &Path, config: &AdapterConfig, tensors: &mut BTreeMap<String, Tensor>) -> Result<Vec<ModuleDelta>> {
-    let names: Vec<String> =
-        tensors.keys().filter_map(|k| k.strip_suffix(".lora_A.weight")).map(|m| m.to_string()).collect();
+    // Only PEFT's `base_model.model.` keys are modules: anything else (a
+    // trainer's optimizer state, say) stays in `extra_tensors` whatever its
+    // suffix.
+    let stem_of = |k: &str, suffix: &str| k.strip_prefix(MODEL_PREFIX).and_then(|m| m.strip_suffix(suffix)).is_some();
+    let names: Vec<String> = tensors
+        .keys()
+        .filter(|k| stem_of(k, ".lora_A.weight"))
+        .filter_map(|k| k.strip_suffix(".lora_A.weight"))
+        .map(|m| m.to_string())
+        .collect();
     if let Some(k) = tensors.keys().find(|k| {
-        k.strip_suffix(".lora_B.weight").is_some_and(|m| !tensors.contains_key(&format!("{m}.lora_A.weight")))
+        stem_of(k, ".lora_B.weight")
+            && k.strip_suffix(".lora_B.weight").is_some_and(|m| !tensors.contains_key(&format!("{m}.lora_A.weight")))
     }) {
         return Err(Error::format(path, format!("tensor `{k}` has no matching lora_A")));
     }
@@ -456,12 +470,12 @@ fn load_lora(path: &Path, config: &AdapterConfig, tensors: &mut BTreeMap<String,
         }
         let (_, a) = take_f32(path, tensors, &key_a, None)?;
         let (_, b) = take_f32(path, tensors, &key_b, None)?;
-        let name = stem.strip_prefix(MODEL_PREFIX).unwrap_or(&stem).to_string();
+        let name = stem[MODEL_PREFIX.len()..].to_string();
         let scale = config.scale_for(&name, r);
         modules.push(ModuleDelta::lora(name, (r, k, n), a, b, scale)?);
     }
     if modules.is_empty() {
-        return Err(Error::format(path, "no `…lora_A.weight` tensors: not a LoRA adapter"));
+        return Err(Error::format(path, "no `base_model.model.…lora_A.weight` tensors: not a LoRA adapter"));
     }
     Ok(modules)
 }
@@ -573,7 +587,12 @@ pub fn save_adapter_as(dir: &Path, adapter: &Adapter, dtype: DType) -> Result<()
     let mut rank_pattern = cfg.rank_pattern.clone();
     let mut alpha_pattern = cfg.alpha_pattern.clone();
     let mut put = |key: String, shape: Vec<usize>, values: &[f32]| -> Result<()> {
-        tensors.insert(key, Tensor::from_f32(shape, values, dtype)?);
+        let t = Tensor::from_f32(shape, values, dtype)?;
+        // f16 overflows at 65504: refuse to write an inf the reader would reject.
+        if dtype != DType::F32 {
+            crate::error::check_finite(&format!("`{key}` rounded to {dtype}"), &t.to_f32_vec(&key)?)?;
+        }
+        tensors.insert(key, t);
         Ok(())
     };
     match &adapter.weights {

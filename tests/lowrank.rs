@@ -385,6 +385,8 @@ fn configs_scale_label_and_initialise_as_documented() {
     assert_eq!(u.unwrap(), vec![VERA_U_INIT; 4]);
     assert_eq!(v.unwrap(), vec![0.0; 6]);
 
+    assert_eq!(Trainable::ALL.label(), "vBuA");
+    assert_eq!(Trainable::NONE.label(), "-");
     let labels: Vec<String> = Trainable::all_combinations().map(Trainable::label).collect();
     assert_eq!(labels.len(), 16);
     assert_eq!(labels[0], "-");
@@ -398,4 +400,228 @@ fn configs_scale_label_and_initialise_as_documented() {
     assert_eq!(tied.init_vectors(3).1.unwrap(), vec![1.0; 3]);
     assert!(LowRankConfig::lora(0, 1.0).validate().is_err());
     assert!(LowRankConfig { train: ALL, ..LowRankConfig::lora(4, 1.0) }.validate().is_err());
+}
+
+// ---- GPU against the CPU oracle ------------------------------------------
+
+use lorafuse::cuda::Gpu;
+use lorafuse::Backend;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+
+/// One randomised GPU-vs-CPU comparison: forward (with `t` saved and a
+/// NaN-poisoned `y`), the in-place add, and the backward with the gradients
+/// of `train` (+ dx, dW, dbias when asked) accumulated onto random values.
+#[allow(clippy::too_many_arguments)]
+fn gpu_matches_cpu<T: Element>(
+    gpu: &Gpu,
+    c: &Case,
+    train: Trainable,
+    dx: bool,
+    base: bool,
+    saved_t: bool,
+    seed: u64,
+) -> Result<(), String> {
+    let s = c.s;
+    let LinearShape { m, k, n, r } = s;
+    let ctx = |what: &str| {
+        format!(
+            "{what} {s} {} train={} dx={dx} base={base} bias={} uv={} saved_t={saved_t} seed={seed}",
+            T::DTYPE,
+            train.label(),
+            c.bias.is_some(),
+            c.u.is_some()
+        )
+    };
+    let up32 = |v: &[f32]| gpu.upload(v).unwrap();
+    let x: Vec<T> = convert(&c.x);
+    let w: Vec<T> = convert(&c.w);
+    let bias: Option<Vec<T>> = c.bias.as_ref().map(|b| convert(b));
+    let dy: Vec<T> = convert(&c.dy);
+    let (gx, gw, gdy) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap(), gpu.upload(&dy).unwrap());
+    let gbias = bias.as_ref().map(|b| gpu.upload(b).unwrap());
+    let (ga, gb) = (up32(&c.a), up32(&c.b));
+    let (gu, gv) = (c.u.as_deref().map(up32), c.v.as_deref().map(up32));
+    let gad = Adapter::<Gpu> { a: &ga, b: &gb, u: gu.as_ref(), v: gv.as_ref(), scale: c.scale };
+    let tol = T::DTYPE.tolerance();
+
+    // Forward.
+    let nan = T::from_f32(f32::NAN);
+    let mut gy = gpu.upload(&vec![nan; m * n]).unwrap();
+    let mut gt = gpu.upload(&vec![f32::NAN; m * r]).unwrap();
+    gpu.lowrank_forward(s, &gx, &gw, gbias.as_ref(), Some(gad), &mut gy, Some(&mut gt))
+        .map_err(|e| ctx(&e.to_string()))?;
+    let (mut cy, mut ct) = (vec![nan; m * n], vec![f32::NAN; m * r]);
+    Cpu.lowrank_forward(s, &x, &w, bias.as_ref(), Some(c.adapter()), &mut cy, Some(&mut ct)).unwrap();
+    let gt_host = gpu.download(&gt).unwrap();
+    check_close(
+        &ctx("forward y"),
+        &gpu.download(&gy).unwrap(),
+        &cy.iter().map(|v| v.to_f64()).collect::<Vec<_>>(),
+        tol,
+    )?;
+    // f32: CUDA-core shrink in f32. 16-bit: tensor cores with A split in
+    // two 16-bit halves (~16 bits of A kept for bf16), hence the margin.
+    let t_tol = if T::DTYPE == lorafuse::DType::F32 { 1e-5 } else { 3e-5 };
+    check_close(&ctx("forward t"), &gt_host, &f64s(&ct), t_tol)?;
+
+    // In-place add onto a y that holds random values.
+    let y0: Vec<T> = convert(&common::random(seed ^ 0xadd, m * n));
+    let mut gy0 = gpu.upload(&y0).unwrap();
+    gpu.lowrank_add(s, &gx, gad, &mut gy0).map_err(|e| ctx(&e.to_string()))?;
+    let mut cy0 = y0.clone();
+    Cpu.lowrank_add(s, &x, c.adapter(), &mut cy0).unwrap();
+    check_close(
+        &ctx("add in place"),
+        &gpu.download(&gy0).unwrap(),
+        &cy0.iter().map(|v| v.to_f64()).collect::<Vec<_>>(),
+        tol,
+    )?;
+
+    // Backward, onto random starting gradients.
+    let start = |len: usize, salt: u64| common::random(seed ^ salt, len);
+    let starts = [start(n * k, 1), start(n, 2), start(r * k, 3), start(n * r, 4), start(r, 5), start(n, 6)];
+    let mut g: Vec<_> = starts.iter().map(|v| up32(v)).collect();
+    let mut c_grads: Vec<Vec<f32>> = starts.to_vec();
+    let mut gdx = gpu.upload(&vec![nan; m * k]).unwrap();
+    let mut cdx = vec![nan; m * k];
+    let wants = [base, base, train.a, train.b, train.u, train.v];
+    {
+        let [gdw, gdb, gda, gdbb, gdu, gdv] = &mut g[..] else { unreachable!() };
+        let grads = Grads::<Gpu, T> {
+            dx: dx.then_some(&mut gdx),
+            dw: wants[0].then_some(gdw),
+            dbias: wants[1].then_some(gdb),
+            da: wants[2].then_some(gda),
+            db: wants[3].then_some(gdbb),
+            du: wants[4].then_some(gdu),
+            dv: wants[5].then_some(gdv),
+        };
+        let t_arg = saved_t.then_some(&gt);
+        gpu.lowrank_backward(s, &gx, &gw, Some(gad), t_arg, &gdy, grads).map_err(|e| ctx(&e.to_string()))?;
+    }
+    {
+        let [cdw, cdb, cda, cdbb, cdu, cdv] = &mut c_grads[..] else { unreachable!() };
+        let grads = Grads::<Cpu, T> {
+            dx: dx.then_some(&mut cdx),
+            dw: wants[0].then_some(cdw),
+            dbias: wants[1].then_some(cdb),
+            da: wants[2].then_some(cda),
+            db: wants[3].then_some(cdbb),
+            du: wants[4].then_some(cdu),
+            dv: wants[5].then_some(cdv),
+        };
+        Cpu.lowrank_backward(s, &x, &w, Some(c.adapter()), saved_t.then_some(&ct), &dy, grads).unwrap();
+    }
+    if dx {
+        let want: Vec<f64> = cdx.iter().map(|v| v.to_f64()).collect();
+        check_close(&ctx("backward dx"), &gpu.download(&gdx).unwrap(), &want, tol)?;
+    }
+    for (i, name) in ["dW", "dbias", "dA", "dB", "du", "dv"].iter().enumerate() {
+        let got = gpu.download(&g[i]).unwrap();
+        if wants[i] {
+            check_close(&ctx(&format!("backward {name}")), &got, &f64s(&c_grads[i]), tol)?;
+        } else if got != starts[i] {
+            return Err(ctx(&format!("backward {name}: frozen gradient buffer was modified")));
+        }
+    }
+    Ok(())
+}
+
+fn shape_strategy() -> impl Strategy<Value = LinearShape> {
+    let m = prop_oneof![1usize..=4, 5usize..=32, 33usize..=300];
+    let r = prop_oneof![Just(1usize), 2usize..=17, 18usize..=128];
+    (m, 1usize..=300, 1usize..=300, r).prop_map(|(m, k, n, r)| LinearShape { m, k, n, r })
+}
+
+#[test]
+fn gpu_lowrank_matches_cpu_on_random_shapes_dtypes_and_combinations() {
+    let Some(gpu) = common::gpu_or_skip("gpu_lowrank_matches_cpu_on_random_shapes_dtypes_and_combinations") else {
+        return;
+    };
+    let mut runner = TestRunner::new(Config { cases: common::cases(64), ..Config::default() });
+    let strategy = (
+        shape_strategy(),
+        0usize..3,
+        0u8..16,
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<u64>(),
+    );
+    runner
+        .run(&strategy, |(s, dtype, bits, bias, vectors, dx, saved_t, seed)| {
+            let c = Case::new(seed, s, bias, vectors);
+            let train = Trainable { a: bits & 8 != 0, b: bits & 4 != 0, u: bits & 2 != 0, v: bits & 1 != 0 };
+            let base = bits % 3 == 0;
+            let out = match dtype {
+                0 => gpu_matches_cpu::<f32>(&gpu, &c, train, dx, base, saved_t, seed),
+                1 => gpu_matches_cpu::<f16>(&gpu, &c, train, dx, base, saved_t, seed),
+                _ => gpu_matches_cpu::<bf16>(&gpu, &c, train, dx, base, saved_t, seed),
+            };
+            out.map_err(TestCaseError::fail)
+        })
+        .unwrap();
+}
+
+#[test]
+fn gpu_edge_shapes_every_dtype() {
+    let Some(gpu) = common::gpu_or_skip("gpu_edge_shapes_every_dtype") else { return };
+    // M = 1, r = 1, decode/prefill boundary, tiles straddled (64 rows, 128
+    // and 512 columns, 16 ranks, 32-wide K tiles), r = 128.
+    let shapes = [
+        (1, 1, 1, 1),
+        (1, 4096, 11, 16),
+        (32, 257, 129, 128),
+        (33, 257, 129, 17),
+        (65, 33, 513, 1),
+        (300, 1000, 700, 64),
+    ];
+    for (i, &(m, k, n, r)) in shapes.iter().enumerate() {
+        let s = LinearShape { m, k, n, r };
+        let c = Case::new(500 + i as u64, s, true, true);
+        for (dx, saved) in [(true, true), (true, false)] {
+            gpu_matches_cpu::<f32>(&gpu, &c, ALL, dx, true, saved, 500 + i as u64).unwrap();
+            gpu_matches_cpu::<f16>(&gpu, &c, ALL, dx, true, saved, 500 + i as u64).unwrap();
+            gpu_matches_cpu::<bf16>(&gpu, &c, ALL, dx, true, saved, 500 + i as u64).unwrap();
+        }
+    }
+}
+
+#[test]
+fn gpu_results_are_deterministic() {
+    let Some(gpu) = common::gpu_or_skip("gpu_results_are_deterministic") else { return };
+    let s = LinearShape { m: 200, k: 515, n: 777, r: 16 };
+    let c = Case::new(77, s, true, true);
+    let run = || {
+        let x = gpu.upload(&convert::<f32, bf16>(&c.x)).unwrap();
+        let w = gpu.upload(&convert::<f32, bf16>(&c.w)).unwrap();
+        let dy = gpu.upload(&convert::<f32, bf16>(&c.dy)).unwrap();
+        let (a, b) = (gpu.upload(&c.a).unwrap(), gpu.upload(&c.b).unwrap());
+        let (u, v) = (gpu.upload(c.u.as_ref().unwrap()).unwrap(), gpu.upload(c.v.as_ref().unwrap()).unwrap());
+        let ad = Adapter::<Gpu> { a: &a, b: &b, u: Some(&u), v: Some(&v), scale: c.scale };
+        let mut y = gpu.zeros::<bf16>(s.m * s.n).unwrap();
+        gpu.lowrank_forward(s, &x, &w, None, Some(ad), &mut y, None).unwrap();
+        let (mut da, mut db) = (gpu.zeros::<f32>(s.r * s.k).unwrap(), gpu.zeros::<f32>(s.n * s.r).unwrap());
+        let (mut du, mut dv) = (gpu.zeros::<f32>(s.r).unwrap(), gpu.zeros::<f32>(s.n).unwrap());
+        let grads = Grads::<Gpu, bf16> {
+            da: Some(&mut da),
+            db: Some(&mut db),
+            du: Some(&mut du),
+            dv: Some(&mut dv),
+            ..Grads::none()
+        };
+        gpu.lowrank_backward(s, &x, &w, Some(ad), None, &dy, grads).unwrap();
+        let bits = |v: Vec<f32>| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+        let y: Vec<u16> = gpu.download(&y).unwrap().iter().map(|e| e.to_bits()).collect();
+        (
+            y,
+            bits(gpu.download(&da).unwrap()),
+            bits(gpu.download(&db).unwrap()),
+            bits(gpu.download(&du).unwrap()),
+            bits(gpu.download(&dv).unwrap()),
+        )
+    };
+    assert!(run() == run(), "two identical runs gave different bits");
 }

@@ -14,12 +14,36 @@ use lorafuse::projection::{Assignment, Projection, ProjectionLayout};
 use lorafuse::rng::Rng;
 use lorafuse::{DType, Error};
 
-/// A fresh, empty directory under the target dir, unique per test.
-fn scratch(test: &str) -> PathBuf {
+/// A fresh, empty temporary directory, unique per test; removed when
+/// dropped, unless the test is failing (then it is kept for inspection).
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn scratch(test: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("lorafuse-peft-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Scratch(dir)
 }
 
 /// A LoRA adapter over modules of odd shapes and different ranks.
@@ -66,6 +90,9 @@ fn lora_round_trip_is_exact_in_f32_and_keeps_extras() {
         m[1].scale = 0.37;
     }
     adapter.extra_tensors.insert("optimizer.step".into(), Tensor::f32(vec![1], vec![12.0]).unwrap());
+    // Optimizer state named after a module stays optimizer state.
+    let moment = Tensor::f32(vec![4, 17], common::random(5, 68)).unwrap();
+    adapter.extra_tensors.insert("optimizer.m.transformer.h.0.attn.c_attn.lora_A.weight".into(), moment);
     peft::save_adapter(&dir, &adapter).unwrap();
     let back = peft::load_adapter(&dir).unwrap();
     assert_eq!(back.config.kind, AdapterKind::Lora);
@@ -387,4 +414,59 @@ fn inconsistent_hand_built_adapters_are_rejected() {
     let m = ModuleDelta::lora("m", (1, 2, 3), vec![0.5; 2], vec![0.5; 3], 1.0).unwrap();
     let e = Adapter::new(AdapterConfig::lora(1, 1.0, vec![]), vec![m.clone(), m]).unwrap_err();
     assert!(e.to_string().contains("twice"), "{e}");
+}
+
+#[test]
+fn saving_values_beyond_f16_range_is_an_error_not_an_inf() {
+    let m = ModuleDelta::lora("m", (1, 2, 2), vec![1e5, 1.0], vec![0.5, 0.5], 1.0).unwrap();
+    let a = Adapter::new(AdapterConfig::lora(1, 1.0, vec![]), vec![m]).unwrap();
+    let e = peft::save_adapter_as(&scratch("f16-range"), &a, DType::F16).unwrap_err();
+    assert!(matches!(e, Error::NonFinite { .. }), "{e}");
+    peft::save_adapter_as(&scratch("bf16-range"), &a, DType::BF16).unwrap();
+}
+
+mod corruption {
+    //! A poor man's fuzzer (the crate's layout has no room for cargo-fuzz):
+    //! random byte flips and truncations of valid adapter files of every kind
+    //! must load as a typed error or as a valid adapter, never panic.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn valid(kind: u8) -> Adapter {
+        match kind {
+            0 => random_lora(3, SHAPES),
+            1 => tied_adapter(AdapterKind::Vera),
+            _ => unilora_adapter(Assignment::Balanced),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(common::cases(96)))]
+
+        #[test]
+        fn corrupted_adapters_never_panic(
+            kind in 0u8..3,
+            in_config in any::<bool>(),
+            truncate in any::<bool>(),
+            at in any::<prop::sample::Index>(),
+            byte in any::<u8>(),
+        ) {
+            let dir = scratch(&format!("corrupt-{kind}"));
+            peft::save_adapter(&dir, &valid(kind)).unwrap();
+            let path = dir.join(if in_config { peft::CONFIG_FILE } else { peft::WEIGHTS_FILE });
+            let mut bytes = std::fs::read(&path).unwrap();
+            let i = at.index(bytes.len());
+            if truncate {
+                bytes.truncate(i);
+            } else {
+                bytes[i] ^= byte | 1;
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            if let Ok(a) = peft::load_adapter(&dir) {
+                // Whatever loads must be a usable adapter.
+                prop_assert!(a.validate().is_ok());
+                prop_assert!(a.deltas().is_ok());
+            }
+        }
+    }
 }

@@ -189,7 +189,9 @@ impl LowRankOps for Cpu {
         let LinearShape { m, k, n, r } = shape;
         let Grads { dx, dw, dbias, da, db, du, dv } = grads;
         let dyf = widen(dy);
-        let need_x = dw.is_some() || da.is_some() || (adapter.is_some() && t.is_none());
+        // t only feeds du, dB and dv: a dx-only backward never recomputes it.
+        let need_t = du.is_some() || db.is_some() || dv.is_some();
+        let need_x = dw.is_some() || da.is_some() || (adapter.is_some() && t.is_none() && need_t);
         let xf = if need_x { Some(widen(x)) } else { None };
 
         if let Some(dbias) = dbias {
@@ -214,6 +216,7 @@ impl LowRankOps for Cpu {
             let want_p = db.is_some() || dv.is_some();
             if want_ds || want_p {
                 let tt = match t {
+                    _ if !need_t => Vec::new(),
                     Some(t) => widen_f32(t),
                     None => lowrank_shrink(shape, xf.as_deref().unwrap_or(&[]), &wide.a)?,
                 };

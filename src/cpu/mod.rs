@@ -4,6 +4,7 @@
 //! machines without a GPU. Each file here has the same name as the kernel
 //! family it mirrors in `kernels/`.
 
+pub mod adapter_sum;
 pub mod gemm;
 pub mod lowrank;
 pub mod projection;

@@ -11,8 +11,10 @@
 //! [`Gpu::from_stream`]; every op then runs on that stream over caller-owned
 //! memory.
 
+pub mod adapter_sum;
 pub mod bench;
 pub mod kernels;
+pub mod lowrank;
 pub mod projection;
 
 use std::collections::HashMap;

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod adapters;
 mod selfcheck;
 mod train;
 
@@ -28,6 +29,16 @@ enum Command {
     /// Pretrain a tiny base on the embedded data, then train LoRA,
     /// Tied-LoRA and Uni-LoRA adapters on one domain and compare them.
     Demo(train::DemoArgs),
+    /// Per-module cosine similarity (interference) of adapters' deltas, their
+    /// RMS and norms, from r×r Gram products.
+    Similarity(adapters::SimilarityArgs),
+    /// The exact sum of adapters as one concatenated adapter (PEFT format).
+    Sum(adapters::SumArgs),
+    /// Merge adapters into base weights (or take them out with --unmerge).
+    Merge(adapters::MergeArgs),
+    /// Best rank-r approximation of an adapter (e.g. a sum), with the energy
+    /// it discards.
+    Compress(adapters::CompressArgs),
 }
 
 fn main() {
@@ -38,6 +49,10 @@ fn main() {
         Command::Train(args) => train::train(&args),
         Command::Eval(args) => train::eval(&args),
         Command::Demo(args) => train::demo(&args),
+        Command::Similarity(args) => adapters::similarity(&args),
+        Command::Sum(args) => adapters::sum(&args),
+        Command::Merge(args) => adapters::merge(&args),
+        Command::Compress(args) => adapters::compress(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
