@@ -456,6 +456,40 @@ fn model_and_adapter_files_round_trip_and_hostile_token_files_are_rejected() {
         let got = lorafuse::train::trainer::evaluate(&Cpu, &mut base, Some(&mut set), &t.data, 8, 32, 200).unwrap();
         assert_eq!(got, want, "{method}: evaluation after save/load differs");
     }
+    // Hostile model files: a missing tensor, a shape that contradicts
+    // config.json, a NaN weight and a truncated file are errors.
+    let mdir = dir.join("model");
+    let good = lorafuse::peft::read_safetensors(&mdir.join("model.safetensors")).unwrap();
+    let cases: [(&str, fn(&mut lorafuse::peft::TensorFile)); 3] = [
+        ("is missing", |f| {
+            f.tensors.remove("h.1.mlp.c_fc.bias");
+        }),
+        ("config.json implies", |f| {
+            let t = f.tensors.get_mut("h.0.attn.c_attn.weight").unwrap();
+            t.shape = vec![96, 32];
+        }),
+        ("non-finite", |f| {
+            let t = f.tensors.get_mut("wpe.weight").unwrap();
+            if let lorafuse::peft::TensorData::F32(v) = &mut t.data {
+                v[3] = f32::NAN;
+            }
+        }),
+    ];
+    for (want, break_it) in cases {
+        let mut f = good.clone();
+        break_it(&mut f);
+        lorafuse::peft::write_safetensors(&mdir.join("model.safetensors"), &f).unwrap();
+        let err = Gpt2::<Cpu>::load(&Cpu, &mdir).err().expect("hostile model accepted").to_string();
+        assert!(err.contains(want), "expected `{want}`: {err}");
+    }
+    let bytes = std::fs::read(dir.join("model/config.json")).unwrap();
+    lorafuse::peft::write_safetensors(&mdir.join("model.safetensors"), &good).unwrap();
+    let full = std::fs::read(mdir.join("model.safetensors")).unwrap();
+    std::fs::write(mdir.join("model.safetensors"), &full[..full.len() / 2]).unwrap();
+    assert!(Gpt2::<Cpu>::load(&Cpu, &mdir).is_err(), "truncated model accepted");
+    std::fs::write(mdir.join("config.json"), b"{\"n_embd\": 0}").unwrap();
+    assert!(Gpt2::<Cpu>::load(&Cpu, &mdir).is_err());
+    std::fs::write(mdir.join("config.json"), bytes).unwrap();
     // llm.c token files: round trip, then a wrong magic, a truncated body
     // and a lying count are rejected with a format error.
     use lorafuse::train::data::{read_llmc_tokens, write_llmc_tokens};
