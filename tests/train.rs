@@ -460,7 +460,8 @@ fn model_and_adapter_files_round_trip_and_hostile_token_files_are_rejected() {
     // config.json, a NaN weight and a truncated file are errors.
     let mdir = dir.join("model");
     let good = lorafuse::peft::read_safetensors(&mdir.join("model.safetensors")).unwrap();
-    let cases: [(&str, fn(&mut lorafuse::peft::TensorFile)); 3] = [
+    type Breaker = fn(&mut lorafuse::peft::TensorFile);
+    let cases: [(&str, Breaker); 3] = [
         ("is missing", |f| {
             f.tensors.remove("h.1.mlp.c_fc.bias");
         }),
