@@ -11,6 +11,8 @@
 //! - [`adapter`], [`peft`], [`adapter_sum`]: adapters in memory and in PEFT
 //!   files; exact sums, merge/unmerge into base weights, the interference
 //!   (cosine) diagnostic and low-rank recompression.
+//! - [`train`]: a GPT-2-architecture trainer with hand-written backward
+//!   passes for full, LoRA, Tied-LoRA, VeRA and Uni-LoRA fine-tuning.
 //!
 //! Every operation exists three times under one name: `kernels/<family>.cu`,
 //! `src/cpu/<family>.rs` (the oracle) and `src/cuda/<family>.rs` (the launch
@@ -41,6 +43,7 @@ pub mod peft;
 pub mod projection;
 pub mod rng;
 pub mod testing;
+pub mod train;
 
 pub use backend::{Backend, Scalar};
 pub use dtype::{DType, Element};

@@ -8,6 +8,7 @@ pub mod adapter_sum;
 pub mod gemm;
 pub mod lowrank;
 pub mod projection;
+pub mod train;
 
 use crate::backend::{Backend, Scalar};
 use crate::Result;

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod adapters;
 mod selfcheck;
+mod train;
 
 /// Fused LoRA-family kernels: inspect the device and check the kernels.
 #[derive(Parser)]
@@ -20,6 +21,14 @@ enum Command {
     /// Run every kernel family on random inputs against the CPU oracle, on
     /// the GPU when there is one, else on the CPU backend alone.
     Selfcheck(selfcheck::Args),
+    /// Fine-tune a GPT-2-architecture model: full, LoRA, Tied-LoRA, VeRA or
+    /// Uni-LoRA, on the embedded domains, byte text or llm.c token files.
+    Train(Box<train::TrainArgs>),
+    /// Evaluate a model with and without adapters on a dataset.
+    Eval(train::EvalArgs),
+    /// Pretrain a tiny base on the embedded data, then train LoRA,
+    /// Tied-LoRA and Uni-LoRA adapters on one domain and compare them.
+    Demo(train::DemoArgs),
     /// Per-module cosine similarity (interference) of adapters' deltas, their
     /// RMS and norms, from r×r Gram products.
     Similarity(adapters::SimilarityArgs),
@@ -37,6 +46,9 @@ fn main() {
     let result = match cli.command {
         Command::Info => selfcheck::info(),
         Command::Selfcheck(args) => selfcheck::run(&args),
+        Command::Train(args) => train::train(&args),
+        Command::Eval(args) => train::eval(&args),
+        Command::Demo(args) => train::demo(&args),
         Command::Similarity(args) => adapters::similarity(&args),
         Command::Sum(args) => adapters::sum(&args),
         Command::Merge(args) => adapters::merge(&args),

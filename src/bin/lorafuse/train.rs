@@ -1,0 +1,483 @@
+//! `lorafuse train`, `lorafuse eval` and `lorafuse demo`.
+//!
+//! The commands are written over any [`TrainBackend`]; today only the CPU
+//! backend implements the trainer's ops (`TrainOps`), so they run on the
+//! CPU. A CUDA `TrainOps` makes them run on the GPU unchanged.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use lorafuse::cpu::Cpu;
+use lorafuse::peft::load_adapter;
+use lorafuse::train::adapters::AdapterSet;
+use lorafuse::train::checkpoint::{latest_checkpoint, spec_for};
+use lorafuse::train::config::Gpt2Config;
+use lorafuse::train::data::{Dataset, EvalMetrics, DOMAINS};
+use lorafuse::train::model::{Gpt2, TrainBackend};
+use lorafuse::train::trainer::{evaluate, TrainConfig, Trainer};
+use lorafuse::{Backend, Error, Result};
+
+/// Where the model and data come from, and where results go.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct Sources {
+    /// Base model: a directory with config.json + model.safetensors (GPT-2
+    /// naming), or `random:<layers>,<width>,<heads>[,<positions>[,<vocab>]]`.
+    #[arg(long)]
+    model: Option<String>,
+    /// Data: `embedded[:domain,domain...]` (add, sort, recall, reverse),
+    /// `text:<file>` (byte tokens) or `tokens:<file>` (llm.c token file).
+    #[arg(long)]
+    data: Option<String>,
+}
+
+/// Options of `lorafuse train` (flags override the TOML file).
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// TOML file: top-level `model`, `data`, `out`, `checkpoint_dir`,
+    /// `checkpoint_every`, and a `[train]` table (with `[train.optim]`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    sources: Sources,
+    /// Where the adapter (or, for `full`, the model) is saved.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// `full`, `lora`, `tied[:vBuA letters]`, `vera`, `unilora:<d>`, `unilora-balanced:<d>`.
+    #[arg(long)]
+    method: Option<String>,
+    /// Adapter rank.
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Adapter α.
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// Comma-separated target modules (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj).
+    #[arg(long)]
+    targets: Option<String>,
+    /// Iterations.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Rows per batch.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Tokens per row.
+    #[arg(long)]
+    seq: Option<usize>,
+    /// Seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Learning rate of A, B.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Learning rate of u, v (Tied-LoRA, VeRA).
+    #[arg(long)]
+    lr_vector: Option<f64>,
+    /// Learning rate of Uni-LoRA's θ.
+    #[arg(long)]
+    lr_theta: Option<f64>,
+    /// Learning rate of base weights (full).
+    #[arg(long)]
+    lr_base: Option<f64>,
+    /// Warmup iterations.
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Loss on answers only (embedded data).
+    #[arg(long)]
+    answer_only: bool,
+    /// Evaluate every N iterations.
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// Checkpoint directory (enables checkpoints).
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint every N iterations.
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Resume from the latest checkpoint in --checkpoint-dir.
+    #[arg(long)]
+    resume: bool,
+    /// Metrics file (JSON lines); default `<out>/metrics.jsonl`.
+    #[arg(long)]
+    metrics: Option<PathBuf>,
+}
+
+/// Options of `lorafuse eval`.
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    sources: Sources,
+    /// Adapter directories (PEFT format), each evaluated on its own.
+    #[arg(long)]
+    adapter: Vec<PathBuf>,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 32)]
+    seq: usize,
+    /// Held-out examples (or windows).
+    #[arg(long, default_value_t = 400)]
+    examples: usize,
+    /// Seed of the embedded data.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Options of `lorafuse demo`.
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Pretraining iterations of the tiny base (full fine-tuning, all domains).
+    #[arg(long, default_value_t = 3000)]
+    base_steps: u64,
+    /// Iterations of each adapter.
+    #[arg(long, default_value_t = 800)]
+    adapter_steps: u64,
+    /// The domain the adapters learn.
+    #[arg(long, default_value = "sort")]
+    domain: String,
+    /// Where the base and the adapters are saved.
+    #[arg(long, default_value = "lorafuse-demo")]
+    out: PathBuf,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RunFile {
+    model: Option<String>,
+    data: Option<String>,
+    out: Option<PathBuf>,
+    checkpoint_dir: Option<PathBuf>,
+    checkpoint_every: Option<u64>,
+    metrics: Option<PathBuf>,
+    #[serde(default)]
+    train: TrainConfig,
+}
+
+fn model_from(backend: &Cpu, spec: &str, seed: u64) -> Result<Gpt2<Cpu>> {
+    if let Some(dims) = spec.strip_prefix("random:") {
+        let v: Vec<usize> = dims
+            .split(',')
+            .map(|s| s.trim().parse().map_err(|_| Error::invalid("--model random:", format!("`{s}` is not a number"))))
+            .collect::<Result<_>>()?;
+        let (layers, width, heads) = match v[..] {
+            [l, w, h, ..] => (l, w, h),
+            _ => {
+                return Err(Error::invalid("--model random:", "give <layers>,<width>,<heads>[,<positions>[,<vocab>]]"))
+            }
+        };
+        let cfg = Gpt2Config::new(*v.get(4).unwrap_or(&256), *v.get(3).unwrap_or(&64), width, layers, heads)?;
+        Gpt2::random(backend, &cfg, seed)
+    } else {
+        Gpt2::load(backend, Path::new(spec))
+    }
+}
+
+fn data_from(spec: &str, vocab: usize, eval: usize, seed: u64) -> Result<Dataset> {
+    if spec == "embedded" {
+        return Dataset::embedded(&DOMAINS, 4000, eval.div_ceil(DOMAINS.len()), seed);
+    }
+    if let Some(list) = spec.strip_prefix("embedded:") {
+        let domains: Vec<&str> = list.split(',').map(str::trim).collect();
+        return Dataset::embedded(&domains, 4000, eval.div_ceil(domains.len()), seed);
+    }
+    if let Some(p) = spec.strip_prefix("text:") {
+        return Dataset::text(Path::new(p));
+    }
+    if let Some(p) = spec.strip_prefix("tokens:") {
+        return Dataset::llmc(Path::new(p), vocab);
+    }
+    Err(Error::invalid(format!("--data `{spec}`"), "use embedded[:domains], text:<file> or tokens:<file>"))
+}
+
+fn metrics_line(out: &mut Option<std::fs::File>, value: serde_json::Value) -> Result<()> {
+    if let Some(f) = out {
+        writeln!(f, "{value}").map_err(|e| Error::io("metrics file", e))?;
+    }
+    Ok(())
+}
+
+/// A loss curve: (iteration, moving-average loss) points.
+type Curve = Vec<(f64, f64)>;
+
+/// Runs the loop with a progress bar; returns (seconds, trained tokens,
+/// the loss curve as (iteration, loss)).
+fn run_loop<B: TrainBackend>(
+    t: &mut Trainer<B>,
+    label: &str,
+    metrics: &mut Option<std::fs::File>,
+    checkpoints: Option<(&Path, u64)>,
+) -> Result<(f64, usize, Curve)> {
+    let total = t.config.steps;
+    let mut curve = Vec::new();
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+            .map_err(|e| Error::invalid("progress style", e.to_string()))?
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_string());
+    bar.set_position(t.iteration);
+    let start = Instant::now();
+    let mut tokens = 0usize;
+    let mut ema = None::<f64>;
+    while t.iteration < total {
+        let o = t.step()?;
+        tokens += t.config.batch * t.config.seq;
+        let secs = start.elapsed().as_secs_f64();
+        if o.loss.is_finite() {
+            ema = Some(ema.map_or(o.loss, |e| 0.9 * e + 0.1 * o.loss));
+        }
+        // The plotted curve is the moving average the progress bar shows.
+        curve.push((o.iteration as f64, ema.unwrap_or(f64::NAN)));
+        bar.set_position(o.iteration);
+        bar.set_message(format!("loss {:.3} {:.0} tok/s", ema.unwrap_or(f64::NAN), tokens as f64 / secs.max(1e-9)));
+        let mut line = serde_json::json!({
+            "run": label, "iteration": o.iteration, "loss": o.loss, "tokens_per_s": tokens as f64 / secs.max(1e-9),
+        });
+        if let Some(r) = o.report {
+            line["grad_norm"] = r.grad_norm.into();
+            line["lr_factor"] = r.lr_factor.into();
+        }
+        if let Some(why) = &o.refused {
+            bar.println(format!("iteration {}: step refused: {why}", o.iteration));
+            line["refused"] = why.clone().into();
+        }
+        if t.config.eval_every > 0 && o.iteration % t.config.eval_every == 0 && o.iteration < total {
+            let m = t.evaluate()?;
+            line["eval"] = serde_json::to_value(&m).unwrap_or_default();
+        }
+        metrics_line(metrics, line)?;
+        if let Some((dir, every)) = checkpoints {
+            if every > 0 && o.iteration % every == 0 {
+                t.checkpoint(dir, 2)?;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    Ok((start.elapsed().as_secs_f64(), tokens, curve))
+}
+
+pub fn train(args: &TrainArgs) -> Result<()> {
+    let file: RunFile = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
+            toml::from_str(&text).map_err(|e| Error::format(p, e.to_string()))?
+        }
+        None => RunFile::default(),
+    };
+    let mut c = file.train;
+    macro_rules! set {
+        ($($flag:ident => $field:expr),*) => { $(if let Some(v) = args.$flag.clone() { $field = v; })* };
+    }
+    set!(method => c.method, rank => c.rank, alpha => c.alpha, steps => c.steps, batch => c.batch, seq => c.seq,
+         seed => c.seed, lr => c.optim.lr, lr_vector => c.optim.lr_vector, lr_theta => c.optim.lr_theta,
+         lr_base => c.optim.lr_base, warmup => c.optim.warmup, eval_every => c.eval_every);
+    if let Some(t) = &args.targets {
+        c.targets = t.split(',').map(|s| s.trim().to_string()).collect();
+    }
+    c.answer_only |= args.answer_only;
+    let model_spec = args.sources.model.clone().or(file.model).ok_or_else(|| {
+        Error::invalid(
+            "--model",
+            "give a model directory or random:<layers>,<width>,<heads> (or `model` in the TOML file)",
+        )
+    })?;
+    let data_spec = args.sources.data.clone().or(file.data).unwrap_or_else(|| "embedded".into());
+    let out = args.out.clone().or(file.out).unwrap_or_else(|| PathBuf::from("lorafuse-out"));
+    let ckpt_dir = args.checkpoint_dir.clone().or(file.checkpoint_dir);
+    let ckpt_every =
+        args.checkpoint_every.or(file.checkpoint_every).unwrap_or(if ckpt_dir.is_some() { 100 } else { 0 });
+
+    let backend = Cpu;
+    let model = model_from(&backend, &model_spec, c.seed)?;
+    let data = data_from(&data_spec, model.config.vocab_size, c.eval_examples, c.seed)?;
+    let mut t = match (&ckpt_dir, args.resume) {
+        (Some(dir), true) => {
+            let ck = latest_checkpoint(dir)?;
+            eprintln!("resuming from {}", ck.display());
+            let mut t = Trainer::resume(backend, model, data, &ck)?;
+            // The checkpoint carries the run's config; only the length may
+            // change on resume (the schedule then stretches to the new end).
+            if let Some(steps) = args.steps {
+                t.config.steps = steps;
+            }
+            t
+        }
+        (None, true) => return Err(Error::invalid("--resume", "needs --checkpoint-dir")),
+        _ => Trainer::new(backend, model, data, c)?,
+    };
+    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    let metrics_path = args.metrics.clone().or(file.metrics).unwrap_or_else(|| out.join("metrics.jsonl"));
+    let mut metrics = Some(std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?);
+    let trainable = t.num_trainable();
+    eprintln!(
+        "{} on {}: {} trainable of {} base parameters, data {}",
+        t.config.method,
+        t.backend.describe(),
+        trainable,
+        t.model.num_params(),
+        t.data.name
+    );
+    let label = t.config.method.clone();
+    let (secs, tokens, curve) = run_loop(&mut t, &label, &mut metrics, ckpt_dir.as_deref().map(|d| (d, ckpt_every)))?;
+    let png = out.join("loss.png");
+    if !curve.is_empty() {
+        lorafuse::train::plot::write_loss_png(&png, &[curve])?;
+    }
+    let eval = t.evaluate()?;
+    t.save_result(&out)?;
+    let report = serde_json::json!({
+        "method": t.config.method, "trainable_params": trainable, "eval": eval,
+        "seconds": secs, "tokens_per_s": tokens as f64 / secs.max(1e-9), "saved": out.display().to_string(),
+    });
+    metrics_line(&mut metrics, serde_json::json!({ "final": report }))?;
+    println!("trainable parameters: {trainable}");
+    println!(
+        "eval: loss {:.4}  perplexity {:.3}  exact match {:.1}%  token accuracy {:.1}%  ({} rows)",
+        eval.loss,
+        eval.perplexity,
+        100.0 * eval.exact_match,
+        100.0 * eval.token_accuracy,
+        eval.rows
+    );
+    println!("time {secs:.1} s, {:.0} tokens/s", tokens as f64 / secs.max(1e-9));
+    println!(
+        "{} saved to {}; metrics in {}",
+        if t.adapters.is_some() { "adapter" } else { "model" },
+        out.display(),
+        metrics_path.display()
+    );
+    if png.exists() {
+        println!("loss curve: {}", png.display());
+    }
+    Ok(())
+}
+
+fn print_metrics(name: &str, params: &str, m: &EvalMetrics, extra: &str) {
+    println!(
+        "{name:<18} {params:>10} {:>9.4} {:>8.3} {:>7.1}% {:>7.1}% {extra}",
+        m.loss,
+        m.perplexity,
+        100.0 * m.exact_match,
+        100.0 * m.token_accuracy
+    );
+}
+
+pub fn eval(args: &EvalArgs) -> Result<()> {
+    let backend = Cpu;
+    let spec = args.sources.model.clone().ok_or_else(|| Error::invalid("--model", "required"))?;
+    let mut model = model_from(&backend, &spec, args.seed)?;
+    let data = data_from(
+        args.sources.data.as_deref().unwrap_or("embedded"),
+        model.config.vocab_size,
+        args.examples,
+        args.seed,
+    )?;
+    println!("{:<18} {:>10} {:>9} {:>8} {:>8} {:>8}", "adapter", "params", "loss", "ppl", "exact", "token");
+    let base = evaluate(&backend, &mut model, None, &data, 16, args.seq, args.examples)?;
+    print_metrics("(base)", "-", &base, "");
+    for dir in &args.adapter {
+        let adapter = load_adapter(dir)?;
+        let spec = spec_for(&adapter)?;
+        let mut set = AdapterSet::new(&backend, &model.config, &spec)?;
+        set.load_values(&backend, &adapter)?;
+        let n = set.num_trainable();
+        let m = evaluate(&backend, &mut model, Some(&mut set), &data, 16, args.seq, args.examples)?;
+        print_metrics(&dir.display().to_string(), &n.to_string(), &m, "");
+    }
+    Ok(())
+}
+
+pub fn demo(args: &DemoArgs) -> Result<()> {
+    let backend = Cpu;
+    let start = Instant::now();
+    if !DOMAINS.contains(&args.domain.as_str()) {
+        return Err(Error::invalid(format!("--domain `{}`", args.domain), format!("known: {}", DOMAINS.join(", "))));
+    }
+    let cfg = Gpt2Config::new(256, 32, 64, 2, 4)?;
+    eprintln!(
+        "demo on {}: pretrain a {}-layer, width-{} GPT-2 on all domains ({} iterations), then adapt to `{}`",
+        backend.describe(),
+        cfg.n_layer,
+        cfg.n_embd,
+        args.base_steps,
+        args.domain
+    );
+    let base = Gpt2::random(&backend, &cfg, args.seed)?;
+    let mixed = Dataset::embedded(&DOMAINS, 4000, 50, args.seed)?;
+    let mut pre = TrainConfig {
+        method: "full".into(),
+        steps: args.base_steps,
+        batch: 16,
+        seq: 32,
+        seed: args.seed,
+        ..TrainConfig::default()
+    };
+    pre.optim.lr_base = 3e-3;
+    pre.optim.warmup = 20;
+    pre.optim.weight_decay = 0.0;
+    let mut t = Trainer::new(backend, base, mixed, pre)?;
+    let mut metrics = Some(
+        std::fs::create_dir_all(&args.out)
+            .and_then(|_| std::fs::File::create(args.out.join("metrics.jsonl")))
+            .map_err(|e| Error::io(&args.out, e))?,
+    );
+    let (secs, toks, base_curve) = run_loop(&mut t, "base", &mut metrics, None)?;
+    lorafuse::train::plot::write_loss_png(&args.out.join("base-loss.png"), &[base_curve])?;
+    let mut curves = Vec::new();
+    let base_dir = args.out.join("base");
+    t.model.save(&t.backend, &base_dir)?;
+    let base_params = t.model.num_params();
+    let mut rows = vec![("base (full)".to_string(), base_params, None, secs, toks as f64 / secs)];
+    let domain = Dataset::embedded(&[args.domain.as_str()], 4000, 200, args.seed + 1)?;
+    let mut base_model = Gpt2::load(&backend, &base_dir)?;
+    let before = evaluate(&backend, &mut base_model, None, &domain, 32, 32, 200)?;
+    let methods: [(&str, usize, f32, f64); 3] =
+        [("lora", 4, 8.0, 0.0), ("tied:vBuA", 4, 8.0, 0.0), ("unilora:2048", 4, 1.0, 0.0)];
+    for (method, rank, alpha, _) in methods {
+        let mut c = TrainConfig {
+            method: method.into(),
+            rank,
+            alpha,
+            steps: args.adapter_steps,
+            batch: 16,
+            seq: 32,
+            seed: args.seed,
+            answer_only: true,
+            eval_examples: 200,
+            ..TrainConfig::default()
+        };
+        c.optim.lr = 1e-2;
+        c.optim.lr_vector = 3e-2;
+        c.optim.lr_theta = 1e-2;
+        c.optim.warmup = 10;
+        let model = Gpt2::load(&backend, &base_dir)?;
+        let mut t = Trainer::new(backend, model, domain.clone(), c)?;
+        let n = t.num_trainable();
+        let (secs, toks, curve) = run_loop(&mut t, method, &mut metrics, None)?;
+        curves.push(curve);
+        let m = t.evaluate()?;
+        t.save_result(&args.out.join(method.replace(':', "-")))?;
+        rows.push((method.to_string(), n, Some(m), secs, toks as f64 / secs));
+    }
+    println!("\ndomain `{}`: held-out evaluation on answers ({} examples)", args.domain, before.rows);
+    println!(
+        "{:<18} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "run", "trainable", "loss", "ppl", "exact", "token", "time", "tok/s"
+    );
+    print_metrics("base, no adapter", "-", &before, "");
+    for (name, n, m, secs, tps) in &rows {
+        match m {
+            Some(m) => print_metrics(name, &n.to_string(), m, &format!("{secs:>7.1}s {tps:>9.0}")),
+            None => println!("{name:<18} {n:>10} {:>9} {:>8} {:>8} {:>8} {secs:>7.1}s {tps:>9.0}", "-", "-", "-", "-"),
+        }
+    }
+    lorafuse::train::plot::write_loss_png(&args.out.join("adapters-loss.png"), &curves)?;
+    let colours: Vec<String> =
+        methods.iter().zip(lorafuse::train::plot::COLORS).map(|((m, ..), (c, _))| format!("{m} {c}")).collect();
+    println!("\ntotal {:.1} s; base and adapters saved under {}", start.elapsed().as_secs_f64(), args.out.display());
+    println!("loss curves: base-loss.png, adapters-loss.png ({})", colours.join(", "));
+    Ok(())
+}

@@ -1,0 +1,493 @@
+//! CPU twin of the trainer's non-GEMM ops ([`crate::train::ops::TrainOps`]).
+//!
+//! Each op is written once as a plain f64 function (`*_f64`, public so the
+//! finite-difference tests check the math in f64 directly), and the
+//! [`TrainOps`] impl converts the f32 buffers at the edges. Matrix products
+//! inside attention go through [`super::gemm::matmul`].
+
+use rayon::prelude::*;
+
+use super::gemm::{matmul, Op};
+use super::Cpu;
+use crate::error::check_len;
+use crate::train::ops::{AdamWStep, AttnShape, CrossEntropyOut, SeqShape, TrainOps, IGNORE};
+use crate::{Error, Result};
+
+fn to64(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+fn store(dst: &mut [f32], src: &[f64]) {
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s as f32);
+}
+
+fn accumulate(dst: &mut [f32], src: &[f64]) {
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = (*d as f64 + s) as f32);
+}
+
+fn rows_of(op: &'static str, operand: &'static str, len: usize, width: usize) -> Result<usize> {
+    if width == 0 || len % width != 0 {
+        return Err(Error::shape(op, operand, format!("a multiple of {width} elements"), format!("{len} elements")));
+    }
+    Ok(len / width)
+}
+
+/// Checks every token is `< vocab`.
+pub fn check_tokens(op: &str, tokens: &[u32], vocab: usize) -> Result<()> {
+    match tokens.iter().position(|&t| t as usize >= vocab) {
+        None => Ok(()),
+        Some(i) => Err(Error::Index {
+            what: format!("{op}: token at position {i}"),
+            index: tokens[i] as u64,
+            bound: vocab as u64,
+        }),
+    }
+}
+
+/// LayerNorm forward in f64: returns `(out, mean, rstd)`.
+pub fn layernorm_forward_f64(x: &[f64], gamma: &[f64], beta: &[f64], eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let d = gamma.len();
+    let rows = x.len() / d;
+    let (mut out, mut mean, mut rstd) = (vec![0.0; x.len()], vec![0.0; rows], vec![0.0; rows]);
+    for r in 0..rows {
+        let row = &x[r * d..(r + 1) * d];
+        let mu = row.iter().sum::<f64>() / d as f64;
+        let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f64>() / d as f64;
+        let rs = 1.0 / (var + eps).sqrt();
+        for i in 0..d {
+            out[r * d + i] = (row[i] - mu) * rs * gamma[i] + beta[i];
+        }
+        mean[r] = mu;
+        rstd[r] = rs;
+    }
+    (out, mean, rstd)
+}
+
+/// LayerNorm backward in f64: returns `(dx, dgamma, dbeta)`.
+pub fn layernorm_backward_f64(
+    dout: &[f64],
+    x: &[f64],
+    gamma: &[f64],
+    mean: &[f64],
+    rstd: &[f64],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let d = gamma.len();
+    let rows = x.len() / d;
+    let (mut dx, mut dg, mut db) = (vec![0.0; x.len()], vec![0.0; d], vec![0.0; d]);
+    for r in 0..rows {
+        let (xr, dr) = (&x[r * d..(r + 1) * d], &dout[r * d..(r + 1) * d]);
+        // x̂ = (x − μ)·rstd; dx̂ = dout·γ; dx = rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)).
+        let (mut m1, mut m2) = (0.0, 0.0);
+        for i in 0..d {
+            let xhat = (xr[i] - mean[r]) * rstd[r];
+            let dxhat = dr[i] * gamma[i];
+            m1 += dxhat;
+            m2 += dxhat * xhat;
+            dg[i] += dr[i] * xhat;
+            db[i] += dr[i];
+        }
+        m1 /= d as f64;
+        m2 /= d as f64;
+        for i in 0..d {
+            let xhat = (xr[i] - mean[r]) * rstd[r];
+            dx[r * d + i] = rstd[r] * (dr[i] * gamma[i] - m1 - xhat * m2);
+        }
+    }
+    (dx, dg, db)
+}
+
+const GELU_C: f64 = 0.797_884_560_802_865_4; // sqrt(2/π)
+
+/// GELU (tanh approximation) of one value.
+pub fn gelu_f64(x: f64) -> f64 {
+    0.5 * x * (1.0 + (GELU_C * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// Derivative of [`gelu_f64`].
+pub fn gelu_grad_f64(x: f64) -> f64 {
+    let u = GELU_C * (x + 0.044715 * x * x * x);
+    let t = u.tanh();
+    let du = GELU_C * (1.0 + 3.0 * 0.044715 * x * x);
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+}
+
+/// Gathers head `h` of part `part` (0 = q, 1 = k, 2 = v) of row block `b`
+/// into a contiguous seq × hd matrix.
+fn head(qkv: &[f64], s: &AttnShape, b: usize, part: usize, h: usize) -> Vec<f64> {
+    let (t, hd, w) = (s.seq.seq, s.head_dim, s.width());
+    let mut m = vec![0.0; t * hd];
+    for i in 0..t {
+        let base = (b * t + i) * 3 * w + part * w + h * hd;
+        m[i * hd..(i + 1) * hd].copy_from_slice(&qkv[base..base + hd]);
+    }
+    m
+}
+
+/// Causal attention forward in f64: returns `(out, probs)`.
+pub fn attention_forward_f64(qkv: &[f64], s: AttnShape) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (t, hd, w) = (s.seq.seq, s.head_dim, s.width());
+    let scale = 1.0 / (hd as f64).sqrt();
+    let per: Vec<(Vec<f64>, Vec<f64>)> = (0..s.seq.batch * s.heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (b, h) = (bh / s.heads, bh % s.heads);
+            let (q, k, v) = (head(qkv, &s, b, 0, h), head(qkv, &s, b, 1, h), head(qkv, &s, b, 2, h));
+            let mut p = vec![0.0; t * t];
+            matmul((t, hd, t), &q, Op::N, &k, Op::T, &mut p, scale, 0.0)?;
+            for i in 0..t {
+                let row = &mut p[i * t..(i + 1) * t];
+                let max = row[..=i].iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let mut sum = 0.0;
+                for e in row[..=i].iter_mut() {
+                    *e = (*e - max).exp();
+                    sum += *e;
+                }
+                row[..=i].iter_mut().for_each(|e| *e /= sum);
+                row[i + 1..].iter_mut().for_each(|e| *e = 0.0);
+            }
+            let mut o = vec![0.0; t * hd];
+            matmul((t, t, hd), &p, Op::N, &v, Op::N, &mut o, 1.0, 0.0)?;
+            Ok((o, p))
+        })
+        .collect::<Result<_>>()?;
+    let mut out = vec![0.0; s.seq.tokens() * w];
+    let mut probs = Vec::with_capacity(s.probs_len());
+    for (bh, (o, p)) in per.into_iter().enumerate() {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        for i in 0..t {
+            let base = (b * t + i) * w + h * hd;
+            out[base..base + hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
+        }
+        probs.extend_from_slice(&p);
+    }
+    Ok((out, probs))
+}
+
+/// Causal attention backward in f64 from the stored probabilities: `dqkv`.
+pub fn attention_backward_f64(dout: &[f64], qkv: &[f64], probs: &[f64], s: AttnShape) -> Result<Vec<f64>> {
+    let (t, hd, w) = (s.seq.seq, s.head_dim, s.width());
+    let scale = 1.0 / (hd as f64).sqrt();
+    let per: Vec<[Vec<f64>; 3]> = (0..s.seq.batch * s.heads)
+        .into_par_iter()
+        .map(|bh| {
+            let (b, h) = (bh / s.heads, bh % s.heads);
+            let (q, k, v) = (head(qkv, &s, b, 0, h), head(qkv, &s, b, 1, h), head(qkv, &s, b, 2, h));
+            let p = &probs[bh * t * t..(bh + 1) * t * t];
+            let mut dout_h = vec![0.0; t * hd];
+            for i in 0..t {
+                let base = (b * t + i) * w + h * hd;
+                dout_h[i * hd..(i + 1) * hd].copy_from_slice(&dout[base..base + hd]);
+            }
+            // dV = Pᵀ·dO; dP = dO·Vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) (softmax
+            // backward); dQ = scale·dS·K; dK = scale·dSᵀ·Q.
+            let mut dv = vec![0.0; t * hd];
+            matmul((t, t, hd), p, Op::T, &dout_h, Op::N, &mut dv, 1.0, 0.0)?;
+            let mut ds = vec![0.0; t * t];
+            matmul((t, hd, t), &dout_h, Op::N, &v, Op::T, &mut ds, 1.0, 0.0)?;
+            for i in 0..t {
+                let (pr, dr) = (&p[i * t..(i + 1) * t], &mut ds[i * t..(i + 1) * t]);
+                let dot: f64 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                dr.iter_mut().zip(pr).for_each(|(d, p)| *d = p * (*d - dot));
+            }
+            let mut dq = vec![0.0; t * hd];
+            matmul((t, t, hd), &ds, Op::N, &k, Op::N, &mut dq, scale, 0.0)?;
+            let mut dk = vec![0.0; t * hd];
+            matmul((t, t, hd), &ds, Op::T, &q, Op::N, &mut dk, scale, 0.0)?;
+            Ok([dq, dk, dv])
+        })
+        .collect::<Result<_>>()?;
+    let mut dqkv = vec![0.0; qkv.len()];
+    for (bh, parts) in per.into_iter().enumerate() {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        for (part, m) in parts.iter().enumerate() {
+            for i in 0..t {
+                let base = (b * t + i) * 3 * w + part * w + h * hd;
+                dqkv[base..base + hd].copy_from_slice(&m[i * hd..(i + 1) * hd]);
+            }
+        }
+    }
+    Ok(dqkv)
+}
+
+/// Softmax cross-entropy of one row in f64: `(loss, argmax == target,
+/// softmax − onehot)`.
+pub fn cross_entropy_row_f64(logits: &[f64], target: usize) -> (f64, bool, Vec<f64>) {
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let argmax = logits.iter().position(|&v| v == max).unwrap_or(0);
+    let sum: f64 = logits.iter().map(|v| (v - max).exp()).sum();
+    let lse = max + sum.ln();
+    let mut grad: Vec<f64> = logits.iter().map(|v| (v - lse).exp()).collect();
+    grad[target] -= 1.0;
+    (lse - logits[target], argmax == target, grad)
+}
+
+impl TrainOps for Cpu {
+    fn embedding_forward(
+        &self,
+        tokens: &Vec<u32>,
+        wte: &Vec<f32>,
+        wpe: &Vec<f32>,
+        shape: SeqShape,
+        width: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let op = "embedding_forward";
+        check_len(op, "tokens", tokens.len(), shape.tokens())?;
+        check_len(op, "out", out.len(), shape.tokens() * width)?;
+        let vocab = rows_of(op, "wte", wte.len(), width)?;
+        let positions = rows_of(op, "wpe", wpe.len(), width)?;
+        if shape.seq > positions {
+            return Err(Error::invalid(
+                "sequence length",
+                format!("{} exceeds the model's {positions} positions", shape.seq),
+            ));
+        }
+        check_tokens(op, tokens, vocab)?;
+        for (i, &tok) in tokens.iter().enumerate() {
+            let (t, tok) = (i % shape.seq, tok as usize);
+            for c in 0..width {
+                out[i * width + c] = (wte[tok * width + c] as f64 + wpe[t * width + c] as f64) as f32;
+            }
+        }
+        Ok(())
+    }
+
+    fn embedding_backward(
+        &self,
+        tokens: &Vec<u32>,
+        dout: &Vec<f32>,
+        shape: SeqShape,
+        width: usize,
+        dwte: Option<&mut Vec<f32>>,
+        dwpe: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
+        let op = "embedding_backward";
+        check_len(op, "tokens", tokens.len(), shape.tokens())?;
+        check_len(op, "dout", dout.len(), shape.tokens() * width)?;
+        if let Some(dwte) = dwte {
+            let vocab = rows_of(op, "dwte", dwte.len(), width)?;
+            check_tokens(op, tokens, vocab)?;
+            let mut acc = to64(dwte);
+            for (i, &tok) in tokens.iter().enumerate() {
+                for c in 0..width {
+                    acc[tok as usize * width + c] += dout[i * width + c] as f64;
+                }
+            }
+            store(dwte, &acc);
+        }
+        if let Some(dwpe) = dwpe {
+            let positions = rows_of(op, "dwpe", dwpe.len(), width)?;
+            if shape.seq > positions {
+                return Err(Error::shape(
+                    op,
+                    "dwpe",
+                    format!("at least {} rows", shape.seq),
+                    format!("{positions} rows"),
+                ));
+            }
+            let mut acc = to64(dwpe);
+            for i in 0..shape.tokens() {
+                let t = i % shape.seq;
+                for c in 0..width {
+                    acc[t * width + c] += dout[i * width + c] as f64;
+                }
+            }
+            store(dwpe, &acc);
+        }
+        Ok(())
+    }
+
+    fn layernorm_forward(
+        &self,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        beta: &Vec<f32>,
+        eps: f64,
+        out: &mut Vec<f32>,
+        mean: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+    ) -> Result<()> {
+        let op = "layernorm_forward";
+        let d = gamma.len();
+        let rows = rows_of(op, "x", x.len(), d)?;
+        check_len(op, "beta", beta.len(), d)?;
+        check_len(op, "out", out.len(), x.len())?;
+        check_len(op, "mean", mean.len(), rows)?;
+        check_len(op, "rstd", rstd.len(), rows)?;
+        let (o, m, r) = layernorm_forward_f64(&to64(x), &to64(gamma), &to64(beta), eps);
+        store(out, &o);
+        store(mean, &m);
+        store(rstd, &r);
+        Ok(())
+    }
+
+    fn layernorm_backward(
+        &self,
+        dout: &Vec<f32>,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        mean: &Vec<f32>,
+        rstd: &Vec<f32>,
+        dx: &mut Vec<f32>,
+        dgamma: Option<&mut Vec<f32>>,
+        dbeta: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
+        let op = "layernorm_backward";
+        let d = gamma.len();
+        let rows = rows_of(op, "x", x.len(), d)?;
+        check_len(op, "dout", dout.len(), x.len())?;
+        check_len(op, "dx", dx.len(), x.len())?;
+        check_len(op, "mean", mean.len(), rows)?;
+        check_len(op, "rstd", rstd.len(), rows)?;
+        let (gx, gg, gb) = layernorm_backward_f64(&to64(dout), &to64(x), &to64(gamma), &to64(mean), &to64(rstd));
+        accumulate(dx, &gx);
+        if let Some(dg) = dgamma {
+            check_len(op, "dgamma", dg.len(), d)?;
+            accumulate(dg, &gg);
+        }
+        if let Some(db) = dbeta {
+            check_len(op, "dbeta", db.len(), d)?;
+            accumulate(db, &gb);
+        }
+        Ok(())
+    }
+
+    fn attention_forward(
+        &self,
+        qkv: &Vec<f32>,
+        shape: AttnShape,
+        out: &mut Vec<f32>,
+        probs: &mut Vec<f32>,
+    ) -> Result<()> {
+        let op = "attention_forward";
+        check_len(op, "qkv", qkv.len(), shape.seq.tokens() * 3 * shape.width())?;
+        check_len(op, "out", out.len(), shape.seq.tokens() * shape.width())?;
+        check_len(op, "probs", probs.len(), shape.probs_len())?;
+        let (o, p) = attention_forward_f64(&to64(qkv), shape)?;
+        store(out, &o);
+        store(probs, &p);
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        dout: &Vec<f32>,
+        qkv: &Vec<f32>,
+        probs: &Vec<f32>,
+        shape: AttnShape,
+        dqkv: &mut Vec<f32>,
+    ) -> Result<()> {
+        let op = "attention_backward";
+        check_len(op, "qkv", qkv.len(), shape.seq.tokens() * 3 * shape.width())?;
+        check_len(op, "dqkv", dqkv.len(), qkv.len())?;
+        check_len(op, "dout", dout.len(), shape.seq.tokens() * shape.width())?;
+        check_len(op, "probs", probs.len(), shape.probs_len())?;
+        let g = attention_backward_f64(&to64(dout), &to64(qkv), &to64(probs), shape)?;
+        store(dqkv, &g);
+        Ok(())
+    }
+
+    fn gelu_forward(&self, x: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+        check_len("gelu_forward", "out", out.len(), x.len())?;
+        out.par_iter_mut().zip(x.par_iter()).for_each(|(o, &v)| *o = gelu_f64(v as f64) as f32);
+        Ok(())
+    }
+
+    fn gelu_backward(&self, dout: &Vec<f32>, x: &Vec<f32>, dx: &mut Vec<f32>) -> Result<()> {
+        check_len("gelu_backward", "dout", dout.len(), x.len())?;
+        check_len("gelu_backward", "dx", dx.len(), x.len())?;
+        dx.par_iter_mut()
+            .zip(x.par_iter().zip(dout.par_iter()))
+            .for_each(|(d, (&v, &g))| *d = (g as f64 * gelu_grad_f64(v as f64)) as f32);
+        Ok(())
+    }
+
+    fn add_assign(&self, y: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
+        check_len("add_assign", "x", x.len(), y.len())?;
+        y.iter_mut().zip(x).for_each(|(a, &b)| *a = (*a as f64 + b as f64) as f32);
+        Ok(())
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &mut Vec<f32>,
+        targets: &Vec<u32>,
+        vocab: usize,
+        grad: Option<f64>,
+    ) -> Result<CrossEntropyOut<Cpu>> {
+        let op = "cross_entropy";
+        let rows = rows_of(op, "logits", logits.len(), vocab)?;
+        check_len(op, "targets", targets.len(), rows)?;
+        if let Some(i) = targets.iter().position(|&t| t != IGNORE && t as usize >= vocab) {
+            return Err(Error::Index {
+                what: format!("{op}: target at row {i}"),
+                index: targets[i] as u64,
+                bound: vocab as u64,
+            });
+        }
+        let results: Vec<(f32, u32)> = logits
+            .par_chunks_mut(vocab)
+            .zip(targets.par_iter())
+            .map(|(row, &target)| {
+                if target == IGNORE {
+                    if grad.is_some() {
+                        row.iter_mut().for_each(|v| *v = 0.0);
+                    }
+                    return (0.0, 0);
+                }
+                let (loss, hit, g) = cross_entropy_row_f64(&to64(row), target as usize);
+                if let Some(scale) = grad {
+                    row.iter_mut().zip(&g).for_each(|(v, &d)| *v = (d * scale) as f32);
+                }
+                (loss as f32, hit as u32)
+            })
+            .collect();
+        Ok(CrossEntropyOut {
+            losses: results.iter().map(|r| r.0).collect(),
+            correct: results.iter().map(|r| r.1).collect(),
+        })
+    }
+
+    fn adamw(
+        &self,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        let op = "adamw";
+        check_len(op, "grad", grad.len(), param.len())?;
+        check_len(op, "m", m.len(), param.len())?;
+        check_len(op, "v", v.len(), param.len())?;
+        if hp.step == 0 {
+            return Err(Error::invalid(
+                "adamw step",
+                "steps are counted from 1 (bias correction divides by 1 − β^step)",
+            ));
+        }
+        let c1 = 1.0 - hp.beta1.powi(hp.step.min(i32::MAX as u64) as i32);
+        let c2 = 1.0 - hp.beta2.powi(hp.step.min(i32::MAX as u64) as i32);
+        for i in 0..param.len() {
+            let g = grad[i] as f64 * hp.grad_scale;
+            let mi = hp.beta1 * m[i] as f64 + (1.0 - hp.beta1) * g;
+            let vi = hp.beta2 * v[i] as f64 + (1.0 - hp.beta2) * g * g;
+            let mut p = param[i] as f64;
+            p -= hp.lr * hp.weight_decay * p;
+            p -= hp.lr * (mi / c1) / ((vi / c2).sqrt() + hp.eps);
+            m[i] = mi as f32;
+            v[i] = vi as f32;
+            param[i] = p as f32;
+        }
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: &Vec<f32>) -> Result<f64> {
+        Ok(x.iter().map(|&v| v as f64 * v as f64).sum())
+    }
+
+    fn fill_zero(&self, x: &mut Vec<f32>) -> Result<()> {
+        x.iter_mut().for_each(|v| *v = 0.0);
+        Ok(())
+    }
+}

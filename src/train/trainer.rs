@@ -1,0 +1,366 @@
+//! The training loop: sample a batch, forward and backward, refuse
+//! non-finite steps, AdamW, evaluate, checkpoint, resume.
+
+use std::path::Path;
+
+use crate::peft::{load_adapter, save_adapter};
+use crate::rng::Rng;
+use crate::{Error, Result};
+
+use super::adapters::{AdapterSet, AdapterSpec, Group, Method};
+use super::checkpoint::{read_checkpoint, write_checkpoint, CheckpointState, CheckpointTensors};
+use super::data::{Dataset, EvalMetrics, MetricsAccumulator};
+use super::model::{Batch, Gpt2, Module, TrainBackend};
+use super::optimizer::{AdamW, OptimConfig, ParamRef, StepReport};
+
+/// Everything about a run except file paths (the CLI adds those). Readable
+/// from TOML or JSON; every field has a default.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// `full`, `lora`, `tied[:letters]`, `vera`, `unilora:<d>` (see
+    /// [`Method::parse`]).
+    pub method: String,
+    /// Adapter rank.
+    pub rank: usize,
+    /// Adapter α (scale α/r).
+    pub alpha: f32,
+    /// Target modules (PEFT `target_modules`).
+    pub targets: Vec<String>,
+    /// Training iterations.
+    pub steps: u64,
+    /// Rows per batch.
+    pub batch: usize,
+    /// Tokens per row.
+    pub seq: usize,
+    /// Seed of the data order and the adapter init.
+    pub seed: u64,
+    /// Example data: take loss on answers only.
+    pub answer_only: bool,
+    /// Evaluate every this many iterations (0: only at the end).
+    pub eval_every: u64,
+    /// Held-out examples (or windows) per evaluation.
+    pub eval_examples: usize,
+    /// Stop after this many consecutive refused (non-finite) steps.
+    pub max_bad_steps: u32,
+    /// Optimizer settings.
+    pub optim: OptimConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            method: "lora".into(),
+            rank: 4,
+            alpha: 8.0,
+            targets: Module::ALL.iter().map(|m| m.name().to_string()).collect(),
+            steps: 200,
+            batch: 8,
+            seq: 32,
+            seed: 0,
+            answer_only: false,
+            eval_every: 0,
+            eval_examples: 200,
+            max_bad_steps: 5,
+            optim: OptimConfig::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The adapter spec this config names (parsed, not yet checked against
+    /// a model).
+    pub fn spec(&self) -> Result<AdapterSpec> {
+        let method = Method::parse(&self.method)?;
+        let targets = self.targets.iter().map(|t| Module::parse(t)).collect::<Result<Vec<_>>>()?;
+        Ok(AdapterSpec { method, rank: self.rank, alpha: self.alpha, targets, seed: self.seed })
+    }
+
+    /// Every check that can fail before work starts, against the model
+    /// and the data.
+    pub fn validate(&self, model: &super::config::Gpt2Config, data: &Dataset) -> Result<AdapterSpec> {
+        let spec = self.spec()?;
+        spec.validate(model)?;
+        self.optim.validate()?;
+        for (name, v) in [("steps", self.steps as usize), ("batch", self.batch), ("seq", self.seq)] {
+            if v == 0 {
+                return Err(Error::invalid(format!("train {name}"), "must be at least 1"));
+            }
+        }
+        if self.seq > model.n_positions {
+            return Err(Error::invalid(
+                "sequence length",
+                format!("seq = {} exceeds the model's n_positions = {}", self.seq, model.n_positions),
+            ));
+        }
+        if data.vocab > model.vocab_size {
+            return Err(Error::invalid(
+                "data",
+                format!(
+                    "`{}` uses token ids up to {} but the model's vocab_size is {}",
+                    data.name,
+                    data.vocab - 1,
+                    model.vocab_size
+                ),
+            ));
+        }
+        if self.max_bad_steps == 0 {
+            return Err(Error::invalid("max_bad_steps", "must be at least 1"));
+        }
+        data.check_seq(self.seq)?;
+        Ok(spec)
+    }
+}
+
+/// What one iteration did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOutcome {
+    /// 1-based iteration number.
+    pub iteration: u64,
+    /// Mean training loss of the batch (may be non-finite when refused).
+    pub loss: f64,
+    /// Scored tokens in the batch.
+    pub tokens: usize,
+    /// The optimizer's report, or `None` when the step was refused.
+    pub report: Option<StepReport>,
+    /// Why the step was refused.
+    pub refused: Option<String>,
+}
+
+/// A model, its adapters (or full fine-tuning), the optimizer, the data and
+/// the sampler's RNG.
+pub struct Trainer<B: TrainBackend> {
+    /// The backend.
+    pub backend: B,
+    /// The model (its gradients are on for full fine-tuning).
+    pub model: Gpt2<B>,
+    /// The adapters, or `None` for full fine-tuning.
+    pub adapters: Option<AdapterSet<B>>,
+    /// AdamW state.
+    pub optimizer: AdamW<B>,
+    /// The data.
+    pub data: Dataset,
+    /// The data sampler.
+    pub rng: Rng,
+    /// The run's settings.
+    pub config: TrainConfig,
+    /// Iterations done.
+    pub iteration: u64,
+    /// Consecutive refused steps.
+    pub bad_steps: u32,
+}
+
+fn trainable<'a, B: TrainBackend>(
+    model: &'a mut Gpt2<B>,
+    adapters: Option<&'a mut AdapterSet<B>>,
+) -> Vec<ParamRef<'a, B>> {
+    match adapters {
+        Some(a) => a.trainable(),
+        None => {
+            let names = Gpt2::<B>::param_specs(&model.config);
+            match model.grads.as_ref() {
+                Some(grads) => names
+                    .into_iter()
+                    .zip(model.params.iter_mut().zip(grads))
+                    .map(|(s, (p, g))| (s.name, Group::Base, p, g))
+                    .collect(),
+                None => Vec::new(),
+            }
+        }
+    }
+}
+
+impl<B: TrainBackend> Trainer<B> {
+    /// Validates everything, then builds adapters (or turns on full
+    /// fine-tuning) and the optimizer.
+    pub fn new(backend: B, mut model: Gpt2<B>, data: Dataset, config: TrainConfig) -> Result<Self> {
+        let spec = config.validate(&model.config, &data)?;
+        let adapters = if spec.method == Method::Full {
+            model.enable_full_grads(&backend)?;
+            None
+        } else {
+            Some(AdapterSet::new(&backend, &model.config, &spec)?)
+        };
+        let mut t = Trainer {
+            optimizer: AdamW { config: config.optim.clone(), step: 0, moments: Vec::new() },
+            rng: Rng::new(config.seed ^ 0xDA7A),
+            backend,
+            model,
+            adapters,
+            data,
+            config,
+            iteration: 0,
+            bad_steps: 0,
+        };
+        let params = trainable(&mut t.model, t.adapters.as_mut());
+        t.optimizer = AdamW::new(&t.backend, t.config.optim.clone(), &params)?;
+        Ok(t)
+    }
+
+    /// Trainable parameters.
+    pub fn num_trainable(&mut self) -> usize {
+        trainable(&mut self.model, self.adapters.as_mut()).iter().map(|(_, _, p, _)| B::len(p)).sum()
+    }
+
+    fn zero_grads(&mut self) -> Result<()> {
+        if let Some(a) = self.adapters.as_mut() {
+            a.zero_grads(&self.backend)?;
+        }
+        if let Some(g) = self.model.grads.as_mut() {
+            for buf in g.iter_mut() {
+                self.backend.fill_zero(buf)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One iteration. A non-finite loss or gradient refuses the step (no
+    /// parameter changes) and is reported; `max_bad_steps` consecutive
+    /// refusals stop the run with an error.
+    pub fn step(&mut self) -> Result<StepOutcome> {
+        let host = self.data.sample(&mut self.rng, self.config.batch, self.config.seq, self.config.answer_only);
+        let batch = Batch::upload(
+            &self.backend,
+            super::ops::SeqShape { batch: host.rows, seq: host.seq },
+            &host.tokens,
+            &host.targets,
+        )?;
+        self.zero_grads()?;
+        let out = self.model.run(&self.backend, self.adapters.as_mut(), &batch, true)?;
+        if let Some(a) = self.adapters.as_mut() {
+            a.scatter(&self.backend)?;
+        }
+        self.iteration += 1;
+        let loss = out.mean_loss();
+        let total = self.config.steps;
+        let result = if !loss.is_finite() {
+            Err(format!("loss is {loss}"))
+        } else {
+            let params = trainable(&mut self.model, self.adapters.as_mut());
+            match self.optimizer.step(&self.backend, params, total) {
+                Ok(r) => Ok(r),
+                Err(Error::NonFinite { what, value, .. }) => Err(format!("{what} has a non-finite norm ({value})")),
+                Err(e) => return Err(e),
+            }
+        };
+        let outcome = StepOutcome { iteration: self.iteration, loss, tokens: out.count(), report: None, refused: None };
+        match result {
+            Ok(report) => {
+                self.bad_steps = 0;
+                if let Some(a) = self.adapters.as_mut() {
+                    a.gather(&self.backend)?;
+                }
+                Ok(StepOutcome { report: Some(report), ..outcome })
+            }
+            Err(why) => {
+                self.bad_steps += 1;
+                if self.bad_steps >= self.config.max_bad_steps {
+                    return Err(Error::invalid(
+                        "training",
+                        format!(
+                            "stopped at iteration {}: {} consecutive steps were refused (last: {why}); \
+                             lower the learning rates or enable clipping (optim.clip_norm)",
+                            self.iteration, self.bad_steps
+                        ),
+                    ));
+                }
+                Ok(StepOutcome { refused: Some(why), ..outcome })
+            }
+        }
+    }
+
+    /// Loss, perplexity and accuracy on the held-out set.
+    pub fn evaluate(&mut self) -> Result<EvalMetrics> {
+        evaluate(
+            &self.backend,
+            &mut self.model,
+            self.adapters.as_mut(),
+            &self.data,
+            self.config.batch.max(8),
+            self.config.seq,
+            self.config.eval_examples,
+        )
+    }
+
+    /// Saves the trained adapter (PEFT format) or, for full fine-tuning, the
+    /// model (Hugging Face format) into `dir`.
+    pub fn save_result(&self, dir: &Path) -> Result<()> {
+        match &self.adapters {
+            Some(a) => save_adapter(dir, &a.to_adapter(&self.backend, &self.model.config)?),
+            None => self.model.save(&self.backend, dir),
+        }
+    }
+
+    /// Writes a checkpoint under `root` (see [`super::checkpoint`]).
+    pub fn checkpoint(&mut self, root: &Path, keep: usize) -> Result<std::path::PathBuf> {
+        let config = serde_json::to_value(&self.config).map_err(|e| Error::invalid("train config", e.to_string()))?;
+        let state = CheckpointState {
+            iteration: self.iteration,
+            optimizer_step: self.optimizer.step,
+            rng_state: self.rng.state(),
+            bad_steps: self.bad_steps,
+            config,
+        };
+        let moments = self
+            .optimizer
+            .moments
+            .iter()
+            .map(|(n, m, v)| Ok((n.clone(), self.backend.download(m)?, self.backend.download(v)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let weights_dir = if self.adapters.is_some() { "adapter" } else { "model" };
+        write_checkpoint(root, &state, &CheckpointTensors { moments }, keep, |dir| {
+            self.save_result(&dir.join(weights_dir))
+        })
+    }
+
+    /// Rebuilds a run from a checkpoint directory: `model` is the base (for
+    /// full fine-tuning its weights are replaced by the checkpoint's), `data`
+    /// the same dataset. Continues bit-identically on the CPU.
+    pub fn resume(backend: B, model: Gpt2<B>, data: Dataset, dir: &Path) -> Result<Self> {
+        let (state, moments) = read_checkpoint(dir)?;
+        let config: TrainConfig = serde_json::from_value(state.config.clone())
+            .map_err(|e| Error::format(dir.join("state.json"), e.to_string()))?;
+        let model = if config.method == "full" { Gpt2::load(&backend, &dir.join("model"))? } else { model };
+        let mut t = Trainer::new(backend, model, data, config)?;
+        if let Some(a) = t.adapters.as_mut() {
+            a.load_values(&t.backend, &load_adapter(&dir.join("adapter"))?)?;
+        }
+        for (name, m, v) in t.optimizer.moments.iter_mut() {
+            for (suffix, buf) in [("adam_m", m), ("adam_v", v)] {
+                let key = format!("{name}.{suffix}");
+                let host = moments
+                    .get(&key)
+                    .ok_or_else(|| Error::format(dir.join("optimizer.safetensors"), format!("`{key}` is missing")))?;
+                crate::error::check_len("resume", "optimizer moment", host.len(), B::len(buf))?;
+                *buf = t.backend.upload(host)?;
+            }
+        }
+        t.optimizer.step = state.optimizer_step;
+        t.iteration = state.iteration;
+        t.bad_steps = state.bad_steps;
+        // SplitMix64's state is its whole state: restore it by construction.
+        t.rng = Rng::new(state.rng_state);
+        Ok(t)
+    }
+}
+
+/// Evaluates `model` (+ `adapters`) on `data`'s held-out set, `limit`
+/// examples (or windows) in batches of `rows`.
+pub fn evaluate<B: TrainBackend>(
+    backend: &B,
+    model: &mut Gpt2<B>,
+    mut adapters: Option<&mut AdapterSet<B>>,
+    data: &Dataset,
+    rows: usize,
+    seq: usize,
+    limit: usize,
+) -> Result<EvalMetrics> {
+    data.check_seq(seq)?;
+    let mut acc = MetricsAccumulator::default();
+    for hb in data.eval_batches(rows, seq, limit) {
+        let batch = Batch::upload(backend, super::ops::SeqShape { batch: hb.rows, seq }, &hb.tokens, &hb.targets)?;
+        let out = model.run(backend, adapters.as_deref_mut(), &batch, false)?;
+        acc.add(seq, &out.losses, &out.correct, &out.targets);
+    }
+    Ok(acc.finish())
+}
