@@ -106,7 +106,8 @@ extern "C" __global__ void projection_prescale(const float* __restrict__ theta,
     if (j < cols) out[j] = theta[j] * scale[j];
 }
 
-template <typename T> struct Vec8 { T v[PROJ_VEC]; };
+// 16-byte aligned so the packed halves can be stored as one uint4.
+template <typename T> struct alignas(16) Vec8 { T v[PROJ_VEC]; };
 
 template <typename T>
 __device__ __forceinline__ void store8(T* dst, const float (&v)[PROJ_VEC]) {

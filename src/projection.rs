@@ -36,6 +36,10 @@ use crate::{Error, Result};
 /// launches.
 pub const MAX_SEGMENTS_PER_LAUNCH: usize = 128;
 
+/// Rows one segment may hold (the kernels index within a segment in 32 bits
+/// and need headroom for a tile past the end).
+pub const MAX_SEGMENT_ROWS: u64 = 1 << 31;
+
 /// Mixed into the seed so that projections do not share streams with other
 /// SplitMix64 users of the same seed.
 pub const KEY_SALT: u64 = 0x4C4F_5241_4655_5345; // "LORAFUSE"
@@ -270,10 +274,14 @@ impl ProjectionLayout {
                     format!("segment `{}` has shape {:?}: it holds no rows", s.name, s.shape),
                 ));
             }
-            if s.len() > u32::MAX as u64 {
+            if s.len() > MAX_SEGMENT_ROWS {
                 return Err(Error::invalid(
                     "projection layout",
-                    format!("segment `{}` holds {} rows; at most 2^32 - 1 per segment", s.name, s.len()),
+                    format!(
+                        "segment `{}` holds {} rows; at most 2^31 per segment (split larger tensors)",
+                        s.name,
+                        s.len()
+                    ),
                 ));
             }
             let end = s.start.checked_add(s.len()).filter(|&e| e <= rows);

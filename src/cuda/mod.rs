@@ -11,6 +11,7 @@
 //! [`Gpu::from_stream`]; every op then runs on that stream over caller-owned
 //! memory.
 
+pub mod bench;
 pub mod kernels;
 pub mod projection;
 

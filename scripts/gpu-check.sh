@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The GPU suite in two halves, because the GPU machine has no Rust toolchain.
+#
+#   scripts/gpu-check.sh bundle   (here, with cargo and the pinned nvcc)
+#       Builds every test and bench executable with the kernels compiled,
+#       strips them, and packs them with this script into gpu-bundle/
+#       (git-ignored; carry it to the GPU machine).
+#
+#   scripts/gpu-check.sh run [OUTDIR]   (on the GPU machine, in the repo root)
+#       Unpacks the bundle, prints the device, runs every test executable
+#       (GPU tests included), compute-sanitizer memcheck and racecheck over
+#       the GPU tests, then the benches; logs go to OUTDIR (default
+#       gpu-report/) and a summary table is printed last.
+#
+# Results belong in BENCHMARKS.md (device, driver, date, commit) with the raw
+# logs under docs/gpu-runs/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+bundle() {
+    set -e
+    local nvcc
+    nvcc=$(scripts/install-cuda-toolchain.sh | tail -1)
+    export NVCC="$nvcc"
+    # No debug info: the bundle must travel in under 64 MiB.
+    export CARGO_PROFILE_DEV_DEBUG=false CARGO_PROFILE_BENCH_DEBUG=false CARGO_PROFILE_RELEASE_DEBUG=false
+    rm -rf gpu-bundle && mkdir -p gpu-bundle/tests gpu-bundle/benches
+    cargo test --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        kind = m["target"]["kind"][0]
+        name = m["target"]["name"] if kind == "test" else kind + "-" + m["target"]["name"]
+        print(name, m["executable"])' |
+        while read -r name exe; do cp "$exe" "gpu-bundle/tests/$name"; done
+    cargo bench --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "bench" in m["target"]["kind"]:
+        print(m["target"]["name"], m["executable"])' |
+        while read -r name exe; do cp "$exe" "gpu-bundle/benches/$name"; done
+    cargo build --release --bin lorafuse
+    cp target/release/lorafuse gpu-bundle/
+    strip gpu-bundle/tests/* gpu-bundle/benches/* gpu-bundle/lorafuse
+    git rev-parse HEAD > gpu-bundle/COMMIT 2>/dev/null || echo unknown > gpu-bundle/COMMIT
+    tar -C gpu-bundle -cJf gpu-bundle.tar.xz . && rm -rf gpu-bundle/* && mv gpu-bundle.tar.xz gpu-bundle/
+    ls -la gpu-bundle/
+}
+
+run() {
+    local out="${1:-gpu-report}"
+    mkdir -p "$out" /tmp/gpu-bundle
+    tar -C /tmp/gpu-bundle -xJf gpu-bundle/gpu-bundle.tar.xz || { echo "no bundle: run 'scripts/gpu-check.sh bundle' first"; exit 1; }
+    local b=/tmp/gpu-bundle summary="$out/summary.txt"
+    : > "$summary"
+    {
+        echo "commit: $(cat $b/COMMIT)"
+        echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+        "$b/lorafuse" info
+    } 2>&1 | tee "$out/device.txt"
+    "$b/lorafuse" selfcheck 2>&1 | tee "$out/selfcheck.txt"
+    echo "selfcheck rc=${PIPESTATUS[0]}" >> "$summary"
+
+    for t in "$b"/tests/*; do
+        name=$(basename "$t")
+        "$t" --test-threads=1 > "$out/test-$name.txt" 2>&1
+        rc=$?
+        echo "test $name rc=$rc $(grep -E '^test result' "$out/test-$name.txt" | tail -1) skipped=$(grep -c 'skipped:' "$out/test-$name.txt")" >> "$summary"
+    done
+    if command -v compute-sanitizer > /dev/null; then
+        for tool in memcheck racecheck; do
+            for t in "$b"/tests/*; do
+                name=$(basename "$t")
+                # GPU tests are the ones whose names start with gpu_.
+                "$t" --list 2>/dev/null | grep -q '^gpu_' || continue
+                compute-sanitizer --tool "$tool" --error-exitcode 99 "$t" gpu_ --test-threads=1 \
+                    > "$out/sanitizer-$tool-$name.txt" 2>&1
+                echo "$tool $name rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer-$tool-$name.txt" | tail -1)" >> "$summary"
+            done
+        done
+    else
+        echo "compute-sanitizer not found: sanitizer runs skipped" >> "$summary"
+    fi
+    for bench in "$b"/benches/*; do
+        name=$(basename "$bench")
+        "$bench" --bench > "$out/bench-$name.txt" 2>&1
+        echo "bench $name rc=$?" >> "$summary"
+    done
+    echo "==== summary"
+    cat "$summary"
+    for f in "$out"/bench-*.txt; do echo "==== $f"; grep -E ' x ?[0-9]|GB/s|skipped' "$f" | head -60; done
+}
+
+case "${1:-}" in
+    bundle) bundle ;;
+    run) shift; run "$@" ;;
+    *) echo "usage: $0 bundle | run [OUTDIR]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,49 @@
+//! Measuring kernels the same way everywhere: CUDA-event medians after
+//! warm-up, and the device-to-device copy bandwidth that every memory-bound
+//! kernel's floor is computed from (measured in the same run, never taken
+//! from a datasheet).
+
+use cudarc::driver::CudaSlice;
+
+use super::Gpu;
+use crate::backend::Backend;
+use crate::Result;
+
+/// Median of `runs` timings of `work` (milliseconds) after `warmup` untimed
+/// calls. `work` receives the run index, so callers can rotate inputs and
+/// keep caches from flattering the numbers.
+pub fn median_ms(gpu: &Gpu, warmup: usize, runs: usize, mut work: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    for i in 0..warmup {
+        work(i)?;
+    }
+    gpu.synchronize()?;
+    let mut times = Vec::with_capacity(runs);
+    for i in 0..runs.max(1) {
+        times.push(gpu.time_ms(|| work(warmup + i))? as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Device-to-device copy bandwidth in bytes per second (bytes read plus
+/// bytes written), over a buffer of `bytes` (use one far larger than L2).
+pub fn copy_bandwidth(gpu: &Gpu, bytes: usize) -> Result<f64> {
+    let n = bytes / 4;
+    let src: CudaSlice<f32> = gpu.upload(&vec![1.5f32; n])?;
+    let mut dst: CudaSlice<f32> = gpu.zeros(n)?;
+    let ms = median_ms(gpu, 3, 20, |_| gpu.copy(&src, &mut dst))?;
+    Ok(2.0 * (n * 4) as f64 / (ms * 1e-3))
+}
+
+/// One row of a bench table: time, achieved bandwidth and the ratio to the
+/// floor `floor_bytes / copy_bw`.
+pub fn report_row(label: &str, ms: f64, floor_bytes: f64, copy_bw: f64) -> String {
+    let floor_ms = floor_bytes / copy_bw * 1e3;
+    format!(
+        "{label:<44} {:>10.1} us {:>8.0} GB/s  floor {:>9.1} us  x{:>5.2}",
+        ms * 1e3,
+        floor_bytes / (ms * 1e-3) / 1e9,
+        floor_ms * 1e3,
+        ms / floor_ms
+    )
+}
