@@ -36,7 +36,11 @@ fn rows_of(op: &'static str, operand: &'static str, len: usize, width: usize) ->
 pub fn check_tokens(op: &str, tokens: &[u32], vocab: usize) -> Result<()> {
     match tokens.iter().position(|&t| t as usize >= vocab) {
         None => Ok(()),
-        Some(i) => Err(Error::Index { what: format!("{op}: token at position {i}"), index: tokens[i] as u64, bound: vocab as u64 }),
+        Some(i) => Err(Error::Index {
+            what: format!("{op}: token at position {i}"),
+            index: tokens[i] as u64,
+            bound: vocab as u64,
+        }),
     }
 }
 
@@ -233,7 +237,10 @@ impl TrainOps for Cpu {
         let vocab = rows_of(op, "wte", wte.len(), width)?;
         let positions = rows_of(op, "wpe", wpe.len(), width)?;
         if shape.seq > positions {
-            return Err(Error::invalid("sequence length", format!("{} exceeds the model's {positions} positions", shape.seq)));
+            return Err(Error::invalid(
+                "sequence length",
+                format!("{} exceeds the model's {positions} positions", shape.seq),
+            ));
         }
         check_tokens(op, tokens, vocab)?;
         for (i, &tok) in tokens.iter().enumerate() {
@@ -271,7 +278,12 @@ impl TrainOps for Cpu {
         if let Some(dwpe) = dwpe {
             let positions = rows_of(op, "dwpe", dwpe.len(), width)?;
             if shape.seq > positions {
-                return Err(Error::shape(op, "dwpe", format!("at least {} rows", shape.seq), format!("{positions} rows")));
+                return Err(Error::shape(
+                    op,
+                    "dwpe",
+                    format!("at least {} rows", shape.seq),
+                    format!("{positions} rows"),
+                ));
             }
             let mut acc = to64(dwpe);
             for i in 0..shape.tokens() {
@@ -340,7 +352,13 @@ impl TrainOps for Cpu {
         Ok(())
     }
 
-    fn attention_forward(&self, qkv: &Vec<f32>, shape: AttnShape, out: &mut Vec<f32>, probs: &mut Vec<f32>) -> Result<()> {
+    fn attention_forward(
+        &self,
+        qkv: &Vec<f32>,
+        shape: AttnShape,
+        out: &mut Vec<f32>,
+        probs: &mut Vec<f32>,
+    ) -> Result<()> {
         let op = "attention_forward";
         check_len(op, "qkv", qkv.len(), shape.seq.tokens() * 3 * shape.width())?;
         check_len(op, "out", out.len(), shape.seq.tokens() * shape.width())?;
@@ -401,7 +419,11 @@ impl TrainOps for Cpu {
         let rows = rows_of(op, "logits", logits.len(), vocab)?;
         check_len(op, "targets", targets.len(), rows)?;
         if let Some(i) = targets.iter().position(|&t| t != IGNORE && t as usize >= vocab) {
-            return Err(Error::Index { what: format!("{op}: target at row {i}"), index: targets[i] as u64, bound: vocab as u64 });
+            return Err(Error::Index {
+                what: format!("{op}: target at row {i}"),
+                index: targets[i] as u64,
+                bound: vocab as u64,
+            });
         }
         let results: Vec<(f32, u32)> = logits
             .par_chunks_mut(vocab)
@@ -426,13 +448,23 @@ impl TrainOps for Cpu {
         })
     }
 
-    fn adamw(&self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, hp: &AdamWStep) -> Result<()> {
+    fn adamw(
+        &self,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        hp: &AdamWStep,
+    ) -> Result<()> {
         let op = "adamw";
         check_len(op, "grad", grad.len(), param.len())?;
         check_len(op, "m", m.len(), param.len())?;
         check_len(op, "v", v.len(), param.len())?;
         if hp.step == 0 {
-            return Err(Error::invalid("adamw step", "steps are counted from 1 (bias correction divides by 1 − β^step)"));
+            return Err(Error::invalid(
+                "adamw step",
+                "steps are counted from 1 (bias correction divides by 1 − β^step)",
+            ));
         }
         let c1 = 1.0 - hp.beta1.powi(hp.step.min(i32::MAX as u64) as i32);
         let c2 = 1.0 - hp.beta2.powi(hp.step.min(i32::MAX as u64) as i32);

@@ -14,6 +14,7 @@
 pub mod bench;
 pub mod kernels;
 pub mod projection;
+pub mod train;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
