@@ -16,6 +16,7 @@ pub mod bench;
 pub mod kernels;
 pub mod lowrank;
 pub mod projection;
+pub mod train;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,587 @@
+//! Launch wrappers for `kernels/train.cu`: the trainer's non-GEMM ops
+//! ([`TrainOps`]) on the GPU, f32 throughout.
+//!
+//! Shapes are checked here exactly as the CPU twin checks them. Token and
+//! target ranges are checked on the host (the wrapper downloads the small
+//! index buffers), so a bad token is an `Error::Index`, never an
+//! out-of-bounds read. The embedding backward also uses the host copy to
+//! group rows by token, which makes its sums deterministic.
+
+use cudarc::driver::{CudaSlice, DevicePtrMut, DeviceRepr, PushKernelArg, SyncOnDrop};
+
+use super::{blocks_for, grid, kernels, Gpu};
+use crate::backend::Backend;
+use crate::cpu::train::check_tokens;
+use crate::error::check_len;
+use crate::train::ops::{AdamWStep, AttnShape, CrossEntropyOut, SeqShape, TrainOps, IGNORE};
+use crate::{Error, Result};
+
+const THREADS: u32 = 256;
+const WARPS: u32 = THREADS / 32;
+/// Grid-stride kernels never need more blocks than this to fill the GPU.
+const MAX_BLOCKS: u32 = 65_535;
+/// Rows per partial sum in the LayerNorm parameter gradients.
+const LN_ROWS_PER_CHUNK: u32 = 64;
+/// Shared memory a block may use without opting in.
+const SHARED_LIMIT: usize = 48 * 1024;
+/// The per-key attention kernel keeps `head_dim / 32` channels per lane in
+/// registers: at most 8.
+const MAX_HEAD_DIM: usize = 256;
+
+/// Mirrors `struct AttnDims` in kernels/train.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AttnDims {
+    batch: u32,
+    seq: u32,
+    heads: u32,
+    hd: u32,
+    scale: f32,
+}
+// SAFETY: plain numbers, laid out as the CUDA struct.
+unsafe impl DeviceRepr for AttnDims {}
+
+/// Mirrors `struct AdamWArgs` in kernels/train.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AdamWArgs {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    grad_scale: f64,
+    correction1: f64,
+    correction2: f64,
+}
+// SAFETY: plain numbers, laid out as the CUDA struct.
+unsafe impl DeviceRepr for AdamWArgs {}
+
+fn rows_of(op: &'static str, operand: &'static str, len: usize, width: usize) -> Result<usize> {
+    if width == 0 || len % width != 0 {
+        return Err(Error::shape(op, operand, format!("a multiple of {width} elements"), format!("{len} elements")));
+    }
+    Ok(len / width)
+}
+
+fn launch_err(name: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
+    move |e| Error::cuda(format!("launching {name}"), e)
+}
+
+fn grid_stride(n: u64) -> u32 {
+    blocks_for(n, THREADS).min(MAX_BLOCKS)
+}
+
+fn u32_arg(what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::invalid(what, format!("{v} exceeds the kernels' 32-bit limit")))
+}
+
+/// The device address of an optional output (0 when absent, which the
+/// kernels read as "skip"), with the guard that orders it on the stream.
+fn optional_ptr<'a>(
+    buf: Option<&'a mut CudaSlice<f32>>,
+    stream: &'a cudarc::driver::CudaStream,
+) -> (u64, Option<SyncOnDrop<'a>>) {
+    match buf {
+        Some(b) => {
+            let (ptr, guard) = b.device_ptr_mut(stream);
+            (ptr, Some(guard))
+        }
+        None => (0, None),
+    }
+}
+
+fn attn_dims(shape: AttnShape) -> Result<AttnDims> {
+    if shape.head_dim == 0 || shape.head_dim > MAX_HEAD_DIM {
+        return Err(Error::invalid(
+            "attention head_dim",
+            format!("{} (the CUDA kernels support 1..={MAX_HEAD_DIM})", shape.head_dim),
+        ));
+    }
+    Ok(AttnDims {
+        batch: u32_arg("batch", shape.seq.batch)?,
+        seq: u32_arg("seq", shape.seq.seq)?,
+        heads: u32_arg("heads", shape.heads)?,
+        hd: shape.head_dim as u32,
+        scale: (1.0 / (shape.head_dim as f64).sqrt()) as f32,
+    })
+}
+
+fn check_attention(op: &'static str, shape: AttnShape, qkv: usize, out: usize, probs: usize) -> Result<()> {
+    check_len(op, "qkv", qkv, shape.seq.tokens() * 3 * shape.width())?;
+    check_len(op, "out", out, shape.seq.tokens() * shape.width())?;
+    check_len(op, "probs", probs, shape.probs_len())
+}
+
+impl TrainOps for Gpu {
+    fn embedding_forward(
+        &self,
+        tokens: &CudaSlice<u32>,
+        wte: &CudaSlice<f32>,
+        wpe: &CudaSlice<f32>,
+        shape: SeqShape,
+        width: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let op = "embedding_forward";
+        check_len(op, "tokens", tokens.len(), shape.tokens())?;
+        check_len(op, "out", out.len(), shape.tokens() * width)?;
+        let vocab = rows_of(op, "wte", wte.len(), width)?;
+        let positions = rows_of(op, "wpe", wpe.len(), width)?;
+        if shape.seq > positions {
+            return Err(Error::invalid(
+                "sequence length",
+                format!("{} exceeds the model's {positions} positions", shape.seq),
+            ));
+        }
+        check_tokens(op, &self.download(tokens)?, vocab)?;
+        let f = self.function(kernels::TRAIN, "embedding_forward_f32")?;
+        let (seq, width32, total) = (u32_arg("seq", shape.seq)?, u32_arg("width", width)?, out.len() as u64);
+        // SAFETY: argument types match; tokens < vocab was checked above and
+        // every buffer length was checked against the shape.
+        unsafe {
+            self.stream()
+                .launch_builder(&f)
+                .arg(tokens)
+                .arg(wte)
+                .arg(wpe)
+                .arg(&seq)
+                .arg(&width32)
+                .arg(&total)
+                .arg(out)
+                .launch(grid(grid_stride(total), THREADS, 0))
+        }
+        .map(drop)
+        .map_err(launch_err("embedding_forward_f32"))
+    }
+
+    fn embedding_backward(
+        &self,
+        tokens: &CudaSlice<u32>,
+        dout: &CudaSlice<f32>,
+        shape: SeqShape,
+        width: usize,
+        dwte: Option<&mut CudaSlice<f32>>,
+        dwpe: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        let op = "embedding_backward";
+        check_len(op, "tokens", tokens.len(), shape.tokens())?;
+        check_len(op, "dout", dout.len(), shape.tokens() * width)?;
+        let width32 = u32_arg("width", width)?;
+        if let Some(dwte) = dwte {
+            let vocab = rows_of(op, "dwte", dwte.len(), width)?;
+            let host = self.download(tokens)?;
+            check_tokens(op, &host, vocab)?;
+            // Rows grouped by token (stable, so each group is in row order):
+            // the kernel sums each group in this fixed order.
+            let mut order: Vec<u32> = (0..host.len() as u32).collect();
+            order.sort_by_key(|&i| host[i as usize]);
+            let (mut uniq, mut starts) = (Vec::new(), Vec::new());
+            for (k, &i) in order.iter().enumerate() {
+                if uniq.last() != Some(&host[i as usize]) {
+                    uniq.push(host[i as usize]);
+                    starts.push(k as u32);
+                }
+            }
+            starts.push(order.len() as u32);
+            if !uniq.is_empty() {
+                let (order, uniq_d, starts) = (self.upload(&order)?, self.upload(&uniq)?, self.upload(&starts)?);
+                let f = self.function(kernels::TRAIN, "embedding_backward_wte_f32")?;
+                // SAFETY: argument types match; every token index is < vocab.
+                unsafe {
+                    self.stream()
+                        .launch_builder(&f)
+                        .arg(&order)
+                        .arg(&uniq_d)
+                        .arg(&starts)
+                        .arg(&width32)
+                        .arg(dout)
+                        .arg(dwte)
+                        .launch(grid(uniq.len() as u32, THREADS, 0))
+                }
+                .map(drop)
+                .map_err(launch_err("embedding_backward_wte_f32"))?;
+            }
+        }
+        if let Some(dwpe) = dwpe {
+            let positions = rows_of(op, "dwpe", dwpe.len(), width)?;
+            if shape.seq > positions {
+                return Err(Error::shape(
+                    op,
+                    "dwpe",
+                    format!("at least {} rows", shape.seq),
+                    format!("{positions} rows"),
+                ));
+            }
+            let f = self.function(kernels::TRAIN, "embedding_backward_wpe_f32")?;
+            let (batch, seq) = (u32_arg("batch", shape.batch)?, u32_arg("seq", shape.seq)?);
+            // SAFETY: argument types match; dwpe holds at least seq rows.
+            unsafe {
+                self.stream().launch_builder(&f).arg(dout).arg(&batch).arg(&seq).arg(&width32).arg(dwpe).launch(grid(
+                    blocks_for((shape.seq * width) as u64, THREADS),
+                    THREADS,
+                    0,
+                ))
+            }
+            .map(drop)
+            .map_err(launch_err("embedding_backward_wpe_f32"))?;
+        }
+        Ok(())
+    }
+
+    fn layernorm_forward(
+        &self,
+        x: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        beta: &CudaSlice<f32>,
+        eps: f64,
+        out: &mut CudaSlice<f32>,
+        mean: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let op = "layernorm_forward";
+        let d = gamma.len();
+        let rows = rows_of(op, "x", x.len(), d)?;
+        check_len(op, "beta", beta.len(), d)?;
+        check_len(op, "out", out.len(), x.len())?;
+        check_len(op, "mean", mean.len(), rows)?;
+        check_len(op, "rstd", rstd.len(), rows)?;
+        let f = self.function(kernels::TRAIN, "layernorm_forward_f32")?;
+        let (eps, rows32, d32) = (eps as f32, u32_arg("rows", rows)?, u32_arg("width", d)?);
+        // SAFETY: argument types match; lengths checked above.
+        unsafe {
+            self.stream()
+                .launch_builder(&f)
+                .arg(x)
+                .arg(gamma)
+                .arg(beta)
+                .arg(&eps)
+                .arg(&rows32)
+                .arg(&d32)
+                .arg(out)
+                .arg(mean)
+                .arg(rstd)
+                .launch(grid(rows32.div_ceil(WARPS), THREADS, 0))
+        }
+        .map(drop)
+        .map_err(launch_err("layernorm_forward_f32"))
+    }
+
+    fn layernorm_backward(
+        &self,
+        dout: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        gamma: &CudaSlice<f32>,
+        mean: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        dgamma: Option<&mut CudaSlice<f32>>,
+        dbeta: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        let op = "layernorm_backward";
+        let d = gamma.len();
+        let rows = rows_of(op, "x", x.len(), d)?;
+        check_len(op, "dout", dout.len(), x.len())?;
+        check_len(op, "dx", dx.len(), x.len())?;
+        check_len(op, "mean", mean.len(), rows)?;
+        check_len(op, "rstd", rstd.len(), rows)?;
+        if let Some(g) = &dgamma {
+            check_len(op, "dgamma", g.len(), d)?;
+        }
+        if let Some(b) = &dbeta {
+            check_len(op, "dbeta", b.len(), d)?;
+        }
+        let (rows32, d32) = (u32_arg("rows", rows)?, u32_arg("width", d)?);
+        let f = self.function(kernels::TRAIN, "layernorm_backward_dx_f32")?;
+        // SAFETY: argument types match; lengths checked above.
+        unsafe {
+            self.stream()
+                .launch_builder(&f)
+                .arg(dout)
+                .arg(x)
+                .arg(gamma)
+                .arg(mean)
+                .arg(rstd)
+                .arg(&rows32)
+                .arg(&d32)
+                .arg(dx)
+                .launch(grid(rows32.div_ceil(WARPS), THREADS, 0))
+        }
+        .map(drop)
+        .map_err(launch_err("layernorm_backward_dx_f32"))?;
+        if dgamma.is_none() && dbeta.is_none() {
+            return Ok(());
+        }
+        let chunks = rows32.div_ceil(LN_ROWS_PER_CHUNK);
+        let mut partial_g: CudaSlice<f32> = self.zeros(chunks as usize * d)?;
+        let mut partial_b: CudaSlice<f32> = self.zeros(chunks as usize * d)?;
+        let f = self.function(kernels::TRAIN, "layernorm_backward_params_partial_f32")?;
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (d32.div_ceil(THREADS), chunks, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types match; partials hold chunks·d.
+        unsafe {
+            self.stream()
+                .launch_builder(&f)
+                .arg(dout)
+                .arg(x)
+                .arg(mean)
+                .arg(rstd)
+                .arg(&rows32)
+                .arg(&d32)
+                .arg(&LN_ROWS_PER_CHUNK)
+                .arg(&mut partial_g)
+                .arg(&mut partial_b)
+                .launch(cfg)
+        }
+        .map(drop)
+        .map_err(launch_err("layernorm_backward_params_partial_f32"))?;
+        let stream = self.stream().clone();
+        let (g_ptr, _g_guard) = optional_ptr(dgamma, &stream);
+        let (b_ptr, _b_guard) = optional_ptr(dbeta, &stream);
+        let f = self.function(kernels::TRAIN, "layernorm_backward_params_final_f32")?;
+        // SAFETY: argument types match; a zero address means "skip" in the
+        // kernel, a nonzero one holds d floats (checked above).
+        unsafe {
+            stream
+                .launch_builder(&f)
+                .arg(&partial_g)
+                .arg(&partial_b)
+                .arg(&chunks)
+                .arg(&d32)
+                .arg(&g_ptr)
+                .arg(&b_ptr)
+                .launch(grid(d32.div_ceil(THREADS), THREADS, 0))
+        }
+        .map(drop)
+        .map_err(launch_err("layernorm_backward_params_final_f32"))
+    }
+
+    fn attention_forward(
+        &self,
+        qkv: &CudaSlice<f32>,
+        shape: AttnShape,
+        out: &mut CudaSlice<f32>,
+        probs: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        check_attention("attention_forward", shape, qkv.len(), out.len(), probs.len())?;
+        let dims = attn_dims(shape)?;
+        let rows = (shape.seq.batch * shape.heads * shape.seq.seq) as u64;
+        let f = self.function(kernels::TRAIN, "attention_forward_f32")?;
+        // SAFETY: argument types match; lengths checked against the shape.
+        unsafe {
+            self.stream().launch_builder(&f).arg(qkv).arg(&dims).arg(out).arg(probs).launch(grid(
+                blocks_for(rows, WARPS),
+                THREADS,
+                0,
+            ))
+        }
+        .map(drop)
+        .map_err(launch_err("attention_forward_f32"))
+    }
+
+    fn attention_backward(
+        &self,
+        dout: &CudaSlice<f32>,
+        qkv: &CudaSlice<f32>,
+        probs: &CudaSlice<f32>,
+        shape: AttnShape,
+        dqkv: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let op = "attention_backward";
+        check_attention(op, shape, qkv.len(), dout.len(), probs.len())?;
+        check_len(op, "dqkv", dqkv.len(), qkv.len())?;
+        let dims = attn_dims(shape)?;
+        let rows = (shape.seq.batch * shape.heads * shape.seq.seq) as u64;
+        // The query kernel keeps one ds row (seq floats) per warp in shared
+        // memory: fewer warps per block for long sequences.
+        let row_bytes = shape.seq.seq * 4;
+        let warps = (SHARED_LIMIT / row_bytes.max(1)).clamp(0, WARPS as usize) as u32;
+        if warps == 0 {
+            return Err(Error::invalid(
+                "attention sequence length",
+                format!("{} exceeds the CUDA backward's limit of {}", shape.seq.seq, SHARED_LIMIT / 4),
+            ));
+        }
+        let mut rowdot: CudaSlice<f32> = self.zeros(rows as usize)?;
+        let f = self.function(kernels::TRAIN, "attention_backward_query_f32")?;
+        // SAFETY: argument types match; lengths checked; shared memory holds
+        // one seq-long row per warp of the block.
+        unsafe {
+            self.stream()
+                .launch_builder(&f)
+                .arg(dout)
+                .arg(qkv)
+                .arg(probs)
+                .arg(&dims)
+                .arg(&mut rowdot)
+                .arg(&mut *dqkv)
+                .launch(grid(blocks_for(rows, warps), warps * 32, warps * row_bytes as u32))
+        }
+        .map(drop)
+        .map_err(launch_err("attention_backward_query_f32"))?;
+        let f = self.function(kernels::TRAIN, "attention_backward_key_f32")?;
+        // SAFETY: as above; this kernel writes the k and v thirds of dqkv,
+        // the query kernel wrote the q third.
+        unsafe {
+            self.stream()
+                .launch_builder(&f)
+                .arg(dout)
+                .arg(qkv)
+                .arg(probs)
+                .arg(&dims)
+                .arg(&rowdot)
+                .arg(dqkv)
+                .launch(grid(blocks_for(rows, WARPS), THREADS, 0))
+        }
+        .map(drop)
+        .map_err(launch_err("attention_backward_key_f32"))
+    }
+
+    fn gelu_forward(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
+        check_len("gelu_forward", "out", out.len(), x.len())?;
+        let n = x.len() as u64;
+        let f = self.function(kernels::TRAIN, "gelu_forward_f32")?;
+        // SAFETY: argument types match; both buffers hold n.
+        unsafe { self.stream().launch_builder(&f).arg(x).arg(&n).arg(out).launch(grid(grid_stride(n), THREADS, 0)) }
+            .map(drop)
+            .map_err(launch_err("gelu_forward_f32"))
+    }
+
+    fn gelu_backward(&self, dout: &CudaSlice<f32>, x: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) -> Result<()> {
+        check_len("gelu_backward", "dout", dout.len(), x.len())?;
+        check_len("gelu_backward", "dx", dx.len(), x.len())?;
+        let n = x.len() as u64;
+        let f = self.function(kernels::TRAIN, "gelu_backward_f32")?;
+        // SAFETY: argument types match; all buffers hold n.
+        unsafe {
+            self.stream().launch_builder(&f).arg(dout).arg(x).arg(&n).arg(dx).launch(grid(grid_stride(n), THREADS, 0))
+        }
+        .map(drop)
+        .map_err(launch_err("gelu_backward_f32"))
+    }
+
+    fn add_assign(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> Result<()> {
+        check_len("add_assign", "x", x.len(), y.len())?;
+        let n = x.len() as u64;
+        let f = self.function(kernels::TRAIN, "add_assign_f32")?;
+        // SAFETY: argument types match; both buffers hold n.
+        unsafe { self.stream().launch_builder(&f).arg(y).arg(x).arg(&n).launch(grid(grid_stride(n), THREADS, 0)) }
+            .map(drop)
+            .map_err(launch_err("add_assign_f32"))
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &mut CudaSlice<f32>,
+        targets: &CudaSlice<u32>,
+        vocab: usize,
+        grad: Option<f64>,
+    ) -> Result<CrossEntropyOut<Gpu>> {
+        let op = "cross_entropy";
+        let rows = rows_of(op, "logits", logits.len(), vocab)?;
+        check_len(op, "targets", targets.len(), rows)?;
+        let host = self.download(targets)?;
+        if let Some(i) = host.iter().position(|&t| t != IGNORE && t as usize >= vocab) {
+            return Err(Error::Index {
+                what: format!("{op}: target at row {i}"),
+                index: host[i] as u64,
+                bound: vocab as u64,
+            });
+        }
+        let mut losses: CudaSlice<f32> = self.zeros(rows)?;
+        let mut correct: CudaSlice<u32> = self.zeros(rows)?;
+        if rows == 0 {
+            return Ok(CrossEntropyOut { losses, correct });
+        }
+        let (vocab32, write_grad, scale) =
+            (u32_arg("vocab", vocab)?, grad.is_some() as u32, grad.unwrap_or(0.0) as f32);
+        let f = self.function(kernels::TRAIN, "cross_entropy_f32")?;
+        // SAFETY: argument types match; one block per row of `vocab` logits,
+        // targets range-checked above.
+        unsafe {
+            self.stream()
+                .launch_builder(&f)
+                .arg(logits)
+                .arg(targets)
+                .arg(&vocab32)
+                .arg(&write_grad)
+                .arg(&scale)
+                .arg(&mut losses)
+                .arg(&mut correct)
+                .launch(grid(u32_arg("rows", rows)?, THREADS, 0))
+        }
+        .map(drop)
+        .map_err(launch_err("cross_entropy_f32"))?;
+        Ok(CrossEntropyOut { losses, correct })
+    }
+
+    fn adamw(
+        &self,
+        param: &mut CudaSlice<f32>,
+        grad: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        hp: &AdamWStep,
+    ) -> Result<()> {
+        let op = "adamw";
+        check_len(op, "grad", grad.len(), param.len())?;
+        check_len(op, "m", m.len(), param.len())?;
+        check_len(op, "v", v.len(), param.len())?;
+        if hp.step == 0 {
+            return Err(Error::invalid(
+                "adamw step",
+                "steps are counted from 1 (bias correction divides by 1 − β^step)",
+            ));
+        }
+        let step = hp.step.min(i32::MAX as u64) as i32;
+        let args = AdamWArgs {
+            lr: hp.lr,
+            beta1: hp.beta1,
+            beta2: hp.beta2,
+            eps: hp.eps,
+            weight_decay: hp.weight_decay,
+            grad_scale: hp.grad_scale,
+            correction1: 1.0 - hp.beta1.powi(step),
+            correction2: 1.0 - hp.beta2.powi(step),
+        };
+        let n = param.len() as u64;
+        let f = self.function(kernels::TRAIN, "adamw_f32")?;
+        // SAFETY: argument types match; all four buffers hold n.
+        unsafe {
+            self.stream().launch_builder(&f).arg(param).arg(grad).arg(m).arg(v).arg(&n).arg(&args).launch(grid(
+                grid_stride(n),
+                THREADS,
+                0,
+            ))
+        }
+        .map(drop)
+        .map_err(launch_err("adamw_f32"))
+    }
+
+    fn sum_squares(&self, x: &CudaSlice<f32>) -> Result<f64> {
+        let n = x.len() as u64;
+        let blocks = grid_stride(n).min(1024);
+        let mut partial: CudaSlice<f64> = self.zeros(blocks as usize)?;
+        let mut total: CudaSlice<f64> = self.zeros(1)?;
+        let f = self.function(kernels::TRAIN, "sum_squares_partial_f32")?;
+        // SAFETY: argument types match; `partial` holds one value per block.
+        unsafe { self.stream().launch_builder(&f).arg(x).arg(&n).arg(&mut partial).launch(grid(blocks, THREADS, 0)) }
+            .map(drop)
+            .map_err(launch_err("sum_squares_partial_f32"))?;
+        let f = self.function(kernels::TRAIN, "sum_squares_final_f32")?;
+        // SAFETY: argument types match; one block adds `blocks` partials.
+        unsafe {
+            self.stream().launch_builder(&f).arg(&partial).arg(&blocks).arg(&mut total).launch(grid(1, THREADS, 0))
+        }
+        .map(drop)
+        .map_err(launch_err("sum_squares_final_f32"))?;
+        Ok(self.download(&total)?[0])
+    }
+
+    fn fill_zero(&self, x: &mut CudaSlice<f32>) -> Result<()> {
+        self.memset_zero(x)
+    }
+}
