@@ -602,3 +602,39 @@ fn cli_trains_from_a_toml_file_resumes_and_evaluates() {
     assert!(!ok && text.contains("r = 0"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---- the whole trainer on the GPU against the CPU trainer -------------------
+
+/// Every tensor of a saved adapter (or model), by name, as f32.
+fn saved_tensors(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let file = ["adapter_model.safetensors", "model.safetensors"].iter().map(|f| dir.join(f)).find(|p| p.exists());
+    let file = lorafuse::peft::read_safetensors(&file.expect("nothing saved")).unwrap();
+    file.tensors.iter().map(|(name, t)| (name.clone(), t.to_f32_vec(name).unwrap())).collect()
+}
+
+#[test]
+fn gpu_trainer_matches_cpu_trainer_for_every_adapter_kind() {
+    let Some(gpu) = common::gpu_or_skip("gpu_trainer_matches_cpu_trainer_for_every_adapter_kind") else { return };
+    let root = std::env::temp_dir().join(format!("lorafuse-gpu-trainer-{}", std::process::id()));
+    let base_dir = root.join("base");
+    small_base(7).save(&Cpu, &base_dir).unwrap();
+    for method in ["full", "lora", "tied:vBuA", "tied:BA", "vera", "unilora:1024"] {
+        let cfg = overfit_config(method, 5);
+        let mut cpu =
+            Trainer::new(Cpu, Gpt2::<Cpu>::load(&Cpu, &base_dir).unwrap(), fixed_stream(2), cfg.clone()).unwrap();
+        let mut dev =
+            Trainer::new(gpu.clone(), Gpt2::load(&gpu, &base_dir).unwrap(), fixed_stream(2), cfg.clone()).unwrap();
+        // The loss at step k depends on every gradient and update before it.
+        let want: Vec<f64> = (0..5).map(|_| cpu.step().unwrap().loss).collect();
+        let got: Vec<f32> = (0..5).map(|_| dev.step().unwrap().loss as f32).collect();
+        check_close(&format!("{method}: losses over 5 steps"), &got, &want, 1e-4).unwrap_or_else(|e| panic!("{e}"));
+        let (dc, dg) = (root.join(format!("{method}-cpu")), root.join(format!("{method}-gpu")));
+        cpu.save_result(&dc).unwrap();
+        dev.save_result(&dg).unwrap();
+        for ((name, c), (_, g)) in saved_tensors(&dc).iter().zip(saved_tensors(&dg)) {
+            let want: Vec<f64> = c.iter().map(|&v| v as f64).collect();
+            check_close(&format!("{method}: {name} after 5 steps"), &g, &want, 1e-3).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -65,11 +65,15 @@ impl std::fmt::Display for DeviceInfo {
 }
 
 /// A CUDA device and stream, with the kernel modules loaded on it.
+///
+/// Cloning is cheap: clones share the stream and the module cache, so a
+/// trainer, its evaluator and an engine's own code can hold one each.
+#[derive(Clone)]
 pub struct Gpu {
     stream: Arc<CudaStream>,
     info: DeviceInfo,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
+    modules: Arc<Mutex<HashMap<&'static str, Arc<CudaModule>>>>,
+    functions: Arc<Mutex<HashMap<String, CudaFunction>>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -132,7 +136,7 @@ impl Gpu {
     /// it and over the caller's memory.
     pub fn from_stream(stream: Arc<CudaStream>) -> Result<Gpu> {
         let info = read_info(stream.context())?;
-        Ok(Gpu { stream, info, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) })
+        Ok(Gpu { stream, info, modules: Arc::default(), functions: Arc::default() })
     }
 
     /// The stream every op of this handle is queued on.

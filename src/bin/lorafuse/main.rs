@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod adapters;
+mod device;
 mod selfcheck;
 mod train;
 

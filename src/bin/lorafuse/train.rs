@@ -8,8 +8,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::device::{on_backend, pick, DeviceChoice};
 use indicatif::{ProgressBar, ProgressStyle};
-use lorafuse::cpu::Cpu;
 use lorafuse::peft::load_adapter;
 use lorafuse::train::adapters::AdapterSet;
 use lorafuse::train::checkpoint::{latest_checkpoint, spec_for};
@@ -17,11 +17,15 @@ use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::{Dataset, EvalMetrics, DOMAINS};
 use lorafuse::train::model::{Gpt2, TrainBackend};
 use lorafuse::train::trainer::{evaluate, TrainConfig, Trainer};
-use lorafuse::{Backend, Error, Result};
+use lorafuse::{Error, Result};
 
 /// Where the model and data come from, and where results go.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct Sources {
+    /// Where to run: `cuda` (fails without a GPU or kernels), `cpu`, or
+    /// `auto` (the GPU when one answers and the kernels are built).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
     /// Base model: a directory with config.json + model.safetensors (GPT-2
     /// naming), or `random:<layers>,<width>,<heads>[,<positions>[,<vocab>]]`.
     #[arg(long)]
@@ -125,6 +129,10 @@ pub struct EvalArgs {
 /// Options of `lorafuse demo`.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
+    /// Where to run: `cuda`, `cpu`, or `auto` (the GPU when one answers and
+    /// the kernels are built).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
     /// Pretraining iterations of the tiny base (full fine-tuning, all domains).
     #[arg(long, default_value_t = 3000)]
     base_steps: u64,
@@ -155,7 +163,7 @@ struct RunFile {
     train: TrainConfig,
 }
 
-fn model_from(backend: &Cpu, spec: &str, seed: u64) -> Result<Gpt2<Cpu>> {
+fn model_from<B: TrainBackend>(backend: &B, spec: &str, seed: u64) -> Result<Gpt2<B>> {
     if let Some(dims) = spec.strip_prefix("random:") {
         let v: Vec<usize> = dims
             .split(',')
@@ -259,7 +267,12 @@ fn run_loop<B: TrainBackend>(
     Ok((start.elapsed().as_secs_f64(), tokens, curve))
 }
 
+/// `lorafuse train` on the backend `--device` picks.
 pub fn train(args: &TrainArgs) -> Result<()> {
+    on_backend!(pick(args.sources.device)?, train_on(args))
+}
+
+fn train_on<B: TrainBackend + Clone>(backend: B, args: &TrainArgs) -> Result<()> {
     let file: RunFile = match &args.config {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
@@ -290,14 +303,13 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     let ckpt_every =
         args.checkpoint_every.or(file.checkpoint_every).unwrap_or(if ckpt_dir.is_some() { 100 } else { 0 });
 
-    let backend = Cpu;
     let model = model_from(&backend, &model_spec, c.seed)?;
     let data = data_from(&data_spec, model.config.vocab_size, c.eval_examples, c.seed)?;
     let mut t = match (&ckpt_dir, args.resume) {
         (Some(dir), true) => {
             let ck = latest_checkpoint(dir)?;
             eprintln!("resuming from {}", ck.display());
-            let mut t = Trainer::resume(backend, model, data, &ck)?;
+            let mut t = Trainer::resume(backend.clone(), model, data, &ck)?;
             // The checkpoint carries the run's config; only the length may
             // change on resume (the schedule then stretches to the new end).
             if let Some(steps) = args.steps {
@@ -306,7 +318,7 @@ pub fn train(args: &TrainArgs) -> Result<()> {
             t
         }
         (None, true) => return Err(Error::invalid("--resume", "needs --checkpoint-dir")),
-        _ => Trainer::new(backend, model, data, c)?,
+        _ => Trainer::new(backend.clone(), model, data, c)?,
     };
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let metrics_path = args.metrics.clone().or(file.metrics).unwrap_or_else(|| out.join("metrics.jsonl"));
@@ -365,8 +377,12 @@ fn print_metrics(name: &str, params: &str, m: &EvalMetrics, extra: &str) {
     );
 }
 
+/// `lorafuse eval` on the backend `--device` picks.
 pub fn eval(args: &EvalArgs) -> Result<()> {
-    let backend = Cpu;
+    on_backend!(pick(args.sources.device)?, eval_on(args))
+}
+
+fn eval_on<B: TrainBackend + Clone>(backend: B, args: &EvalArgs) -> Result<()> {
     let spec = args.sources.model.clone().ok_or_else(|| Error::invalid("--model", "required"))?;
     let mut model = model_from(&backend, &spec, args.seed)?;
     let data = data_from(
@@ -390,8 +406,12 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// `lorafuse demo` on the backend `--device` picks.
 pub fn demo(args: &DemoArgs) -> Result<()> {
-    let backend = Cpu;
+    on_backend!(pick(args.device)?, demo_on(args))
+}
+
+fn demo_on<B: TrainBackend + Clone>(backend: B, args: &DemoArgs) -> Result<()> {
     let start = Instant::now();
     if !DOMAINS.contains(&args.domain.as_str()) {
         return Err(Error::invalid(format!("--domain `{}`", args.domain), format!("known: {}", DOMAINS.join(", "))));
@@ -418,7 +438,7 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
     pre.optim.lr_base = 3e-3;
     pre.optim.warmup = 20;
     pre.optim.weight_decay = 0.0;
-    let mut t = Trainer::new(backend, base, mixed, pre)?;
+    let mut t = Trainer::new(backend.clone(), base, mixed, pre)?;
     let mut metrics = Some(
         std::fs::create_dir_all(&args.out)
             .and_then(|_| std::fs::File::create(args.out.join("metrics.jsonl")))
@@ -454,7 +474,7 @@ pub fn demo(args: &DemoArgs) -> Result<()> {
         c.optim.lr_theta = 1e-2;
         c.optim.warmup = 10;
         let model = Gpt2::load(&backend, &base_dir)?;
-        let mut t = Trainer::new(backend, model, domain.clone(), c)?;
+        let mut t = Trainer::new(backend.clone(), model, domain.clone(), c)?;
         let n = t.num_trainable();
         let (secs, toks, curve) = run_loop(&mut t, method, &mut metrics, None)?;
         curves.push(curve);
