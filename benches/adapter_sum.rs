@@ -134,18 +134,7 @@ fn cpu_bench(c: &mut Criterion) {
 }
 
 fn main() {
-    match Gpu::new(0) {
-        Ok(_) if !lorafuse::cuda::kernels::built() => {
-            println!("skipped: gpu adapter_sum bench: this build has no kernels (set NVCC and rebuild)")
-        }
-        Ok(gpu) => {
-            if let Err(e) = gpu_bench(&gpu) {
-                eprintln!("gpu bench failed: {e}");
-                std::process::exit(1);
-            }
-        }
-        Err(e) => println!("skipped: gpu adapter_sum bench (merge vs copy): {e}"),
-    }
+    bench::run_gpu_part("adapter_sum (merge vs copy)", gpu_bench);
     gram_vs_dense();
     let mut c = Criterion::default().configure_from_args();
     cpu_bench(&mut c);

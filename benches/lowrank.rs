@@ -226,15 +226,7 @@ fn cpu_bench(c: &mut Criterion) {
 }
 
 fn main() {
-    match Gpu::new(0) {
-        Ok(gpu) => {
-            if let Err(e) = gpu_bench(&gpu) {
-                eprintln!("gpu bench failed: {e}");
-                std::process::exit(1);
-            }
-        }
-        Err(e) => println!("skipped: gpu lowrank bench: {e}"),
-    }
+    bench::run_gpu_part("lowrank", gpu_bench);
     let mut c = Criterion::default().configure_from_args();
     cpu_bench(&mut c);
     c.final_summary();

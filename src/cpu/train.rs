@@ -10,8 +10,8 @@ use rayon::prelude::*;
 use super::gemm::{matmul, Op};
 use super::Cpu;
 use crate::error::check_len;
-use crate::train::ops::{AdamWStep, AttnShape, CrossEntropyOut, SeqShape, TrainOps, IGNORE};
-use crate::{Error, Result};
+use crate::train::ops::{check, AdamWStep, AttnShape, CrossEntropyOut, SeqShape, TrainOps, IGNORE};
+use crate::Result;
 
 fn to64(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| v as f64).collect()
@@ -23,25 +23,6 @@ fn store(dst: &mut [f32], src: &[f64]) {
 
 fn accumulate(dst: &mut [f32], src: &[f64]) {
     dst.iter_mut().zip(src).for_each(|(d, &s)| *d = (*d as f64 + s) as f32);
-}
-
-fn rows_of(op: &'static str, operand: &'static str, len: usize, width: usize) -> Result<usize> {
-    if width == 0 || len % width != 0 {
-        return Err(Error::shape(op, operand, format!("a multiple of {width} elements"), format!("{len} elements")));
-    }
-    Ok(len / width)
-}
-
-/// Checks every token is `< vocab`.
-pub fn check_tokens(op: &str, tokens: &[u32], vocab: usize) -> Result<()> {
-    match tokens.iter().position(|&t| t as usize >= vocab) {
-        None => Ok(()),
-        Some(i) => Err(Error::Index {
-            what: format!("{op}: token at position {i}"),
-            index: tokens[i] as u64,
-            bound: vocab as u64,
-        }),
-    }
 }
 
 /// LayerNorm forward in f64: returns `(out, mean, rstd)`.
@@ -231,18 +212,8 @@ impl TrainOps for Cpu {
         width: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        let op = "embedding_forward";
-        check_len(op, "tokens", tokens.len(), shape.tokens())?;
-        check_len(op, "out", out.len(), shape.tokens() * width)?;
-        let vocab = rows_of(op, "wte", wte.len(), width)?;
-        let positions = rows_of(op, "wpe", wpe.len(), width)?;
-        if shape.seq > positions {
-            return Err(Error::invalid(
-                "sequence length",
-                format!("{} exceeds the model's {positions} positions", shape.seq),
-            ));
-        }
-        check_tokens(op, tokens, vocab)?;
+        let vocab = check::embedding_forward((tokens.len(), wte.len(), wpe.len(), out.len()), shape, width)?;
+        check::tokens("embedding_forward", tokens, vocab)?;
         for (i, &tok) in tokens.iter().enumerate() {
             let (t, tok) = (i % shape.seq, tok as usize);
             for c in 0..width {
@@ -261,12 +232,10 @@ impl TrainOps for Cpu {
         dwte: Option<&mut Vec<f32>>,
         dwpe: Option<&mut Vec<f32>>,
     ) -> Result<()> {
-        let op = "embedding_backward";
-        check_len(op, "tokens", tokens.len(), shape.tokens())?;
-        check_len(op, "dout", dout.len(), shape.tokens() * width)?;
-        if let Some(dwte) = dwte {
-            let vocab = rows_of(op, "dwte", dwte.len(), width)?;
-            check_tokens(op, tokens, vocab)?;
+        let lens = (tokens.len(), dout.len(), dwte.as_ref().map(|b| b.len()), dwpe.as_ref().map(|b| b.len()));
+        let vocab = check::embedding_backward(lens, shape, width)?;
+        if let (Some(dwte), Some(vocab)) = (dwte, vocab) {
+            check::tokens("embedding_backward", tokens, vocab)?;
             let mut acc = to64(dwte);
             for (i, &tok) in tokens.iter().enumerate() {
                 for c in 0..width {
@@ -276,15 +245,6 @@ impl TrainOps for Cpu {
             store(dwte, &acc);
         }
         if let Some(dwpe) = dwpe {
-            let positions = rows_of(op, "dwpe", dwpe.len(), width)?;
-            if shape.seq > positions {
-                return Err(Error::shape(
-                    op,
-                    "dwpe",
-                    format!("at least {} rows", shape.seq),
-                    format!("{positions} rows"),
-                ));
-            }
             let mut acc = to64(dwpe);
             for i in 0..shape.tokens() {
                 let t = i % shape.seq;
@@ -307,13 +267,7 @@ impl TrainOps for Cpu {
         mean: &mut Vec<f32>,
         rstd: &mut Vec<f32>,
     ) -> Result<()> {
-        let op = "layernorm_forward";
-        let d = gamma.len();
-        let rows = rows_of(op, "x", x.len(), d)?;
-        check_len(op, "beta", beta.len(), d)?;
-        check_len(op, "out", out.len(), x.len())?;
-        check_len(op, "mean", mean.len(), rows)?;
-        check_len(op, "rstd", rstd.len(), rows)?;
+        check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()))?;
         let (o, m, r) = layernorm_forward_f64(&to64(x), &to64(gamma), &to64(beta), eps);
         store(out, &o);
         store(mean, &m);
@@ -332,21 +286,14 @@ impl TrainOps for Cpu {
         dgamma: Option<&mut Vec<f32>>,
         dbeta: Option<&mut Vec<f32>>,
     ) -> Result<()> {
-        let op = "layernorm_backward";
-        let d = gamma.len();
-        let rows = rows_of(op, "x", x.len(), d)?;
-        check_len(op, "dout", dout.len(), x.len())?;
-        check_len(op, "dx", dx.len(), x.len())?;
-        check_len(op, "mean", mean.len(), rows)?;
-        check_len(op, "rstd", rstd.len(), rows)?;
+        let lens = (dout.len(), x.len(), gamma.len(), mean.len(), rstd.len(), dx.len());
+        check::layernorm_backward(lens, dgamma.as_ref().map(|b| b.len()), dbeta.as_ref().map(|b| b.len()))?;
         let (gx, gg, gb) = layernorm_backward_f64(&to64(dout), &to64(x), &to64(gamma), &to64(mean), &to64(rstd));
         accumulate(dx, &gx);
         if let Some(dg) = dgamma {
-            check_len(op, "dgamma", dg.len(), d)?;
             accumulate(dg, &gg);
         }
         if let Some(db) = dbeta {
-            check_len(op, "dbeta", db.len(), d)?;
             accumulate(db, &gb);
         }
         Ok(())
@@ -359,10 +306,7 @@ impl TrainOps for Cpu {
         out: &mut Vec<f32>,
         probs: &mut Vec<f32>,
     ) -> Result<()> {
-        let op = "attention_forward";
-        check_len(op, "qkv", qkv.len(), shape.seq.tokens() * 3 * shape.width())?;
-        check_len(op, "out", out.len(), shape.seq.tokens() * shape.width())?;
-        check_len(op, "probs", probs.len(), shape.probs_len())?;
+        check::attention("attention_forward", shape, qkv.len(), out.len(), probs.len())?;
         let (o, p) = attention_forward_f64(&to64(qkv), shape)?;
         store(out, &o);
         store(probs, &p);
@@ -378,24 +322,21 @@ impl TrainOps for Cpu {
         dqkv: &mut Vec<f32>,
     ) -> Result<()> {
         let op = "attention_backward";
-        check_len(op, "qkv", qkv.len(), shape.seq.tokens() * 3 * shape.width())?;
+        check::attention(op, shape, qkv.len(), dout.len(), probs.len())?;
         check_len(op, "dqkv", dqkv.len(), qkv.len())?;
-        check_len(op, "dout", dout.len(), shape.seq.tokens() * shape.width())?;
-        check_len(op, "probs", probs.len(), shape.probs_len())?;
         let g = attention_backward_f64(&to64(dout), &to64(qkv), &to64(probs), shape)?;
         store(dqkv, &g);
         Ok(())
     }
 
     fn gelu_forward(&self, x: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
-        check_len("gelu_forward", "out", out.len(), x.len())?;
+        check::same_len("gelu_forward", x.len(), &[("out", out.len())])?;
         out.par_iter_mut().zip(x.par_iter()).for_each(|(o, &v)| *o = gelu_f64(v as f64) as f32);
         Ok(())
     }
 
     fn gelu_backward(&self, dout: &Vec<f32>, x: &Vec<f32>, dx: &mut Vec<f32>) -> Result<()> {
-        check_len("gelu_backward", "dout", dout.len(), x.len())?;
-        check_len("gelu_backward", "dx", dx.len(), x.len())?;
+        check::same_len("gelu_backward", x.len(), &[("dout", dout.len()), ("dx", dx.len())])?;
         dx.par_iter_mut()
             .zip(x.par_iter().zip(dout.par_iter()))
             .for_each(|(d, (&v, &g))| *d = (g as f64 * gelu_grad_f64(v as f64)) as f32);
@@ -403,7 +344,7 @@ impl TrainOps for Cpu {
     }
 
     fn add_assign(&self, y: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
-        check_len("add_assign", "x", x.len(), y.len())?;
+        check::same_len("add_assign", y.len(), &[("x", x.len())])?;
         y.iter_mut().zip(x).for_each(|(a, &b)| *a = (*a as f64 + b as f64) as f32);
         Ok(())
     }
@@ -415,16 +356,7 @@ impl TrainOps for Cpu {
         vocab: usize,
         grad: Option<f64>,
     ) -> Result<CrossEntropyOut<Cpu>> {
-        let op = "cross_entropy";
-        let rows = rows_of(op, "logits", logits.len(), vocab)?;
-        check_len(op, "targets", targets.len(), rows)?;
-        if let Some(i) = targets.iter().position(|&t| t != IGNORE && t as usize >= vocab) {
-            return Err(Error::Index {
-                what: format!("{op}: target at row {i}"),
-                index: targets[i] as u64,
-                bound: vocab as u64,
-            });
-        }
+        check::cross_entropy(logits.len(), targets, vocab)?;
         let results: Vec<(f32, u32)> = logits
             .par_chunks_mut(vocab)
             .zip(targets.par_iter())
@@ -456,16 +388,7 @@ impl TrainOps for Cpu {
         v: &mut Vec<f32>,
         hp: &AdamWStep,
     ) -> Result<()> {
-        let op = "adamw";
-        check_len(op, "grad", grad.len(), param.len())?;
-        check_len(op, "m", m.len(), param.len())?;
-        check_len(op, "v", v.len(), param.len())?;
-        if hp.step == 0 {
-            return Err(Error::invalid(
-                "adamw step",
-                "steps are counted from 1 (bias correction divides by 1 − β^step)",
-            ));
-        }
+        check::adamw((param.len(), grad.len(), m.len(), v.len()), hp)?;
         let c1 = 1.0 - hp.beta1.powi(hp.step.min(i32::MAX as u64) as i32);
         let c2 = 1.0 - hp.beta2.powi(hp.step.min(i32::MAX as u64) as i32);
         for i in 0..param.len() {

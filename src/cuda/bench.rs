@@ -47,3 +47,23 @@ pub fn report_row(label: &str, ms: f64, floor_bytes: f64, copy_bw: f64) -> Strin
         ms / floor_ms
     )
 }
+
+/// Runs a bench's GPU part when there is a GPU and this build has kernels;
+/// otherwise prints `skipped: gpu <name> bench: <reason>`. A GPU part that
+/// fails ends the process with status 1, so a broken kernel cannot pass as
+/// a skipped bench.
+pub fn run_gpu_part(name: &str, part: impl FnOnce(&Gpu) -> Result<()>) {
+    if !super::kernels::built() {
+        println!("skipped: gpu {name} bench: {}", crate::Error::KernelsNotBuilt);
+        return;
+    }
+    match Gpu::new(0) {
+        Ok(gpu) => {
+            if let Err(e) = part(&gpu) {
+                eprintln!("gpu {name} bench failed: {e}");
+                std::process::exit(1);
+            }
+        }
+        Err(e) => println!("skipped: gpu {name} bench: {e}"),
+    }
+}

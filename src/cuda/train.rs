@@ -11,9 +11,8 @@ use cudarc::driver::{CudaSlice, DevicePtrMut, DeviceRepr, PushKernelArg, SyncOnD
 
 use super::{blocks_for, grid, kernels, Gpu};
 use crate::backend::Backend;
-use crate::cpu::train::check_tokens;
 use crate::error::check_len;
-use crate::train::ops::{AdamWStep, AttnShape, CrossEntropyOut, SeqShape, TrainOps, IGNORE};
+use crate::train::ops::{check, AdamWStep, AttnShape, CrossEntropyOut, SeqShape, TrainOps};
 use crate::{Error, Result};
 
 const THREADS: u32 = 256;
@@ -56,13 +55,6 @@ struct AdamWArgs {
 }
 // SAFETY: plain numbers, laid out as the CUDA struct.
 unsafe impl DeviceRepr for AdamWArgs {}
-
-fn rows_of(op: &'static str, operand: &'static str, len: usize, width: usize) -> Result<usize> {
-    if width == 0 || len % width != 0 {
-        return Err(Error::shape(op, operand, format!("a multiple of {width} elements"), format!("{len} elements")));
-    }
-    Ok(len / width)
-}
 
 fn launch_err(name: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
     move |e| Error::cuda(format!("launching {name}"), e)
@@ -107,12 +99,6 @@ fn attn_dims(shape: AttnShape) -> Result<AttnDims> {
     })
 }
 
-fn check_attention(op: &'static str, shape: AttnShape, qkv: usize, out: usize, probs: usize) -> Result<()> {
-    check_len(op, "qkv", qkv, shape.seq.tokens() * 3 * shape.width())?;
-    check_len(op, "out", out, shape.seq.tokens() * shape.width())?;
-    check_len(op, "probs", probs, shape.probs_len())
-}
-
 impl TrainOps for Gpu {
     fn embedding_forward(
         &self,
@@ -123,18 +109,8 @@ impl TrainOps for Gpu {
         width: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let op = "embedding_forward";
-        check_len(op, "tokens", tokens.len(), shape.tokens())?;
-        check_len(op, "out", out.len(), shape.tokens() * width)?;
-        let vocab = rows_of(op, "wte", wte.len(), width)?;
-        let positions = rows_of(op, "wpe", wpe.len(), width)?;
-        if shape.seq > positions {
-            return Err(Error::invalid(
-                "sequence length",
-                format!("{} exceeds the model's {positions} positions", shape.seq),
-            ));
-        }
-        check_tokens(op, &self.download(tokens)?, vocab)?;
+        let vocab = check::embedding_forward((tokens.len(), wte.len(), wpe.len(), out.len()), shape, width)?;
+        check::tokens("embedding_forward", &self.download(tokens)?, vocab)?;
         let f = self.function(kernels::TRAIN, "embedding_forward_f32")?;
         let (seq, width32, total) = (u32_arg("seq", shape.seq)?, u32_arg("width", width)?, out.len() as u64);
         // SAFETY: argument types match; tokens < vocab was checked above and
@@ -164,14 +140,12 @@ impl TrainOps for Gpu {
         dwte: Option<&mut CudaSlice<f32>>,
         dwpe: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
-        let op = "embedding_backward";
-        check_len(op, "tokens", tokens.len(), shape.tokens())?;
-        check_len(op, "dout", dout.len(), shape.tokens() * width)?;
+        let lens = (tokens.len(), dout.len(), dwte.as_ref().map(|b| b.len()), dwpe.as_ref().map(|b| b.len()));
+        let vocab = check::embedding_backward(lens, shape, width)?;
         let width32 = u32_arg("width", width)?;
-        if let Some(dwte) = dwte {
-            let vocab = rows_of(op, "dwte", dwte.len(), width)?;
+        if let (Some(dwte), Some(vocab)) = (dwte, vocab) {
             let host = self.download(tokens)?;
-            check_tokens(op, &host, vocab)?;
+            check::tokens("embedding_backward", &host, vocab)?;
             // Rows grouped by token (stable, so each group is in row order):
             // the kernel sums each group in this fixed order.
             let mut order: Vec<u32> = (0..host.len() as u32).collect();
@@ -204,15 +178,6 @@ impl TrainOps for Gpu {
             }
         }
         if let Some(dwpe) = dwpe {
-            let positions = rows_of(op, "dwpe", dwpe.len(), width)?;
-            if shape.seq > positions {
-                return Err(Error::shape(
-                    op,
-                    "dwpe",
-                    format!("at least {} rows", shape.seq),
-                    format!("{positions} rows"),
-                ));
-            }
             let f = self.function(kernels::TRAIN, "embedding_backward_wpe_f32")?;
             let (batch, seq) = (u32_arg("batch", shape.batch)?, u32_arg("seq", shape.seq)?);
             // SAFETY: argument types match; dwpe holds at least seq rows.
@@ -239,13 +204,8 @@ impl TrainOps for Gpu {
         mean: &mut CudaSlice<f32>,
         rstd: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let op = "layernorm_forward";
-        let d = gamma.len();
-        let rows = rows_of(op, "x", x.len(), d)?;
-        check_len(op, "beta", beta.len(), d)?;
-        check_len(op, "out", out.len(), x.len())?;
-        check_len(op, "mean", mean.len(), rows)?;
-        check_len(op, "rstd", rstd.len(), rows)?;
+        let (rows, d) =
+            check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()))?;
         let f = self.function(kernels::TRAIN, "layernorm_forward_f32")?;
         let (eps, rows32, d32) = (eps as f32, u32_arg("rows", rows)?, u32_arg("width", d)?);
         // SAFETY: argument types match; lengths checked above.
@@ -278,19 +238,9 @@ impl TrainOps for Gpu {
         dgamma: Option<&mut CudaSlice<f32>>,
         dbeta: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
-        let op = "layernorm_backward";
-        let d = gamma.len();
-        let rows = rows_of(op, "x", x.len(), d)?;
-        check_len(op, "dout", dout.len(), x.len())?;
-        check_len(op, "dx", dx.len(), x.len())?;
-        check_len(op, "mean", mean.len(), rows)?;
-        check_len(op, "rstd", rstd.len(), rows)?;
-        if let Some(g) = &dgamma {
-            check_len(op, "dgamma", g.len(), d)?;
-        }
-        if let Some(b) = &dbeta {
-            check_len(op, "dbeta", b.len(), d)?;
-        }
+        let lens = (dout.len(), x.len(), gamma.len(), mean.len(), rstd.len(), dx.len());
+        let (rows, d) =
+            check::layernorm_backward(lens, dgamma.as_ref().map(|b| b.len()), dbeta.as_ref().map(|b| b.len()))?;
         let (rows32, d32) = (u32_arg("rows", rows)?, u32_arg("width", d)?);
         let f = self.function(kernels::TRAIN, "layernorm_backward_dx_f32")?;
         // SAFETY: argument types match; lengths checked above.
@@ -366,7 +316,7 @@ impl TrainOps for Gpu {
         out: &mut CudaSlice<f32>,
         probs: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check_attention("attention_forward", shape, qkv.len(), out.len(), probs.len())?;
+        check::attention("attention_forward", shape, qkv.len(), out.len(), probs.len())?;
         let dims = attn_dims(shape)?;
         let rows = (shape.seq.batch * shape.heads * shape.seq.seq) as u64;
         let f = self.function(kernels::TRAIN, "attention_forward_f32")?;
@@ -391,7 +341,7 @@ impl TrainOps for Gpu {
         dqkv: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let op = "attention_backward";
-        check_attention(op, shape, qkv.len(), dout.len(), probs.len())?;
+        check::attention(op, shape, qkv.len(), dout.len(), probs.len())?;
         check_len(op, "dqkv", dqkv.len(), qkv.len())?;
         let dims = attn_dims(shape)?;
         let rows = (shape.seq.batch * shape.heads * shape.seq.seq) as u64;
@@ -441,7 +391,7 @@ impl TrainOps for Gpu {
     }
 
     fn gelu_forward(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
-        check_len("gelu_forward", "out", out.len(), x.len())?;
+        check::same_len("gelu_forward", x.len(), &[("out", out.len())])?;
         let n = x.len() as u64;
         let f = self.function(kernels::TRAIN, "gelu_forward_f32")?;
         // SAFETY: argument types match; both buffers hold n.
@@ -451,8 +401,7 @@ impl TrainOps for Gpu {
     }
 
     fn gelu_backward(&self, dout: &CudaSlice<f32>, x: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) -> Result<()> {
-        check_len("gelu_backward", "dout", dout.len(), x.len())?;
-        check_len("gelu_backward", "dx", dx.len(), x.len())?;
+        check::same_len("gelu_backward", x.len(), &[("dout", dout.len()), ("dx", dx.len())])?;
         let n = x.len() as u64;
         let f = self.function(kernels::TRAIN, "gelu_backward_f32")?;
         // SAFETY: argument types match; all buffers hold n.
@@ -464,7 +413,7 @@ impl TrainOps for Gpu {
     }
 
     fn add_assign(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> Result<()> {
-        check_len("add_assign", "x", x.len(), y.len())?;
+        check::same_len("add_assign", y.len(), &[("x", x.len())])?;
         let n = x.len() as u64;
         let f = self.function(kernels::TRAIN, "add_assign_f32")?;
         // SAFETY: argument types match; both buffers hold n.
@@ -480,17 +429,7 @@ impl TrainOps for Gpu {
         vocab: usize,
         grad: Option<f64>,
     ) -> Result<CrossEntropyOut<Gpu>> {
-        let op = "cross_entropy";
-        let rows = rows_of(op, "logits", logits.len(), vocab)?;
-        check_len(op, "targets", targets.len(), rows)?;
-        let host = self.download(targets)?;
-        if let Some(i) = host.iter().position(|&t| t != IGNORE && t as usize >= vocab) {
-            return Err(Error::Index {
-                what: format!("{op}: target at row {i}"),
-                index: host[i] as u64,
-                bound: vocab as u64,
-            });
-        }
+        let rows = check::cross_entropy(logits.len(), &self.download(targets)?, vocab)?;
         let mut losses: CudaSlice<f32> = self.zeros(rows)?;
         let mut correct: CudaSlice<u32> = self.zeros(rows)?;
         if rows == 0 {
@@ -526,16 +465,7 @@ impl TrainOps for Gpu {
         v: &mut CudaSlice<f32>,
         hp: &AdamWStep,
     ) -> Result<()> {
-        let op = "adamw";
-        check_len(op, "grad", grad.len(), param.len())?;
-        check_len(op, "m", m.len(), param.len())?;
-        check_len(op, "v", v.len(), param.len())?;
-        if hp.step == 0 {
-            return Err(Error::invalid(
-                "adamw step",
-                "steps are counted from 1 (bias correction divides by 1 − β^step)",
-            ));
-        }
+        check::adamw((param.len(), grad.len(), m.len(), v.len()), hp)?;
         let step = hp.step.min(i32::MAX as u64) as i32;
         let args = AdamWArgs {
             lr: hp.lr,

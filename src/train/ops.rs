@@ -204,3 +204,156 @@ pub trait TrainOps: Backend + Sized {
     /// Sets every element to zero.
     fn fill_zero(&self, x: &mut Self::Buf<f32>) -> Result<()>;
 }
+
+/// Argument checks shared by every [`TrainOps`] implementation, so the CPU
+/// twin and the CUDA wrappers accept and reject exactly the same calls.
+/// Each takes buffer lengths and returns the sizes the op needs.
+pub mod check {
+    use super::{AdamWStep, AttnShape, SeqShape, IGNORE};
+    use crate::error::check_len;
+    use crate::{Error, Result};
+
+    /// `len / width`, or a shape error when `len` is not a multiple of it.
+    pub fn rows_of(op: &'static str, operand: &'static str, len: usize, width: usize) -> Result<usize> {
+        if width == 0 || len % width != 0 {
+            return Err(Error::shape(
+                op,
+                operand,
+                format!("a multiple of {width} elements"),
+                format!("{len} elements"),
+            ));
+        }
+        Ok(len / width)
+    }
+
+    /// Every token `< vocab`.
+    pub fn tokens(op: &str, tokens: &[u32], vocab: usize) -> Result<()> {
+        match tokens.iter().position(|&t| t as usize >= vocab) {
+            None => Ok(()),
+            Some(i) => Err(Error::Index {
+                what: format!("{op}: token at position {i}"),
+                index: tokens[i] as u64,
+                bound: vocab as u64,
+            }),
+        }
+    }
+
+    /// [`super::TrainOps::embedding_forward`]: returns the vocabulary size.
+    pub fn embedding_forward(
+        (tokens, wte, wpe, out): (usize, usize, usize, usize),
+        shape: SeqShape,
+        width: usize,
+    ) -> Result<usize> {
+        let op = "embedding_forward";
+        check_len(op, "tokens", tokens, shape.tokens())?;
+        check_len(op, "out", out, shape.tokens() * width)?;
+        let vocab = rows_of(op, "wte", wte, width)?;
+        let positions = rows_of(op, "wpe", wpe, width)?;
+        if shape.seq > positions {
+            return Err(Error::invalid(
+                "sequence length",
+                format!("{} exceeds the model's {positions} positions", shape.seq),
+            ));
+        }
+        Ok(vocab)
+    }
+
+    /// [`super::TrainOps::embedding_backward`]: returns the vocabulary size
+    /// when `dwte` is given.
+    pub fn embedding_backward(
+        (tokens, dout, dwte, dwpe): (usize, usize, Option<usize>, Option<usize>),
+        shape: SeqShape,
+        width: usize,
+    ) -> Result<Option<usize>> {
+        let op = "embedding_backward";
+        check_len(op, "tokens", tokens, shape.tokens())?;
+        check_len(op, "dout", dout, shape.tokens() * width)?;
+        if let Some(dwpe) = dwpe {
+            let positions = rows_of(op, "dwpe", dwpe, width)?;
+            if shape.seq > positions {
+                return Err(Error::shape(
+                    op,
+                    "dwpe",
+                    format!("at least {} rows", shape.seq),
+                    format!("{positions} rows"),
+                ));
+            }
+        }
+        dwte.map(|len| rows_of(op, "dwte", len, width)).transpose()
+    }
+
+    /// [`super::TrainOps::layernorm_forward`]: returns `(rows, width)`.
+    pub fn layernorm_forward(
+        (x, gamma, beta, out, mean, rstd): (usize, usize, usize, usize, usize, usize),
+    ) -> Result<(usize, usize)> {
+        let op = "layernorm_forward";
+        let rows = rows_of(op, "x", x, gamma)?;
+        check_len(op, "beta", beta, gamma)?;
+        check_len(op, "out", out, x)?;
+        check_len(op, "mean", mean, rows)?;
+        check_len(op, "rstd", rstd, rows)?;
+        Ok((rows, gamma))
+    }
+
+    /// [`super::TrainOps::layernorm_backward`]: returns `(rows, width)`.
+    #[allow(clippy::type_complexity)]
+    pub fn layernorm_backward(
+        (dout, x, gamma, mean, rstd, dx): (usize, usize, usize, usize, usize, usize),
+        dgamma: Option<usize>,
+        dbeta: Option<usize>,
+    ) -> Result<(usize, usize)> {
+        let op = "layernorm_backward";
+        let rows = rows_of(op, "x", x, gamma)?;
+        check_len(op, "dout", dout, x)?;
+        check_len(op, "dx", dx, x)?;
+        check_len(op, "mean", mean, rows)?;
+        check_len(op, "rstd", rstd, rows)?;
+        if let Some(len) = dgamma {
+            check_len(op, "dgamma", len, gamma)?;
+        }
+        if let Some(len) = dbeta {
+            check_len(op, "dbeta", len, gamma)?;
+        }
+        Ok((rows, gamma))
+    }
+
+    /// [`super::TrainOps::attention_forward`] and the shared part of the
+    /// backward: `qkv`, the per-token output (or its gradient) and `probs`.
+    pub fn attention(op: &'static str, shape: AttnShape, qkv: usize, out: usize, probs: usize) -> Result<()> {
+        check_len(op, "qkv", qkv, shape.seq.tokens() * 3 * shape.width())?;
+        check_len(op, if op == "attention_forward" { "out" } else { "dout" }, out, shape.seq.tokens() * shape.width())?;
+        check_len(op, "probs", probs, shape.probs_len())
+    }
+
+    /// Elementwise ops: every named operand has `n` elements.
+    pub fn same_len(op: &'static str, n: usize, operands: &[(&'static str, usize)]) -> Result<()> {
+        operands.iter().try_for_each(|&(name, len)| check_len(op, name, len, n))
+    }
+
+    /// [`super::TrainOps::cross_entropy`]: returns the number of rows.
+    pub fn cross_entropy(logits: usize, targets: &[u32], vocab: usize) -> Result<usize> {
+        let op = "cross_entropy";
+        let rows = rows_of(op, "logits", logits, vocab)?;
+        check_len(op, "targets", targets.len(), rows)?;
+        if let Some(i) = targets.iter().position(|&t| t != IGNORE && t as usize >= vocab) {
+            return Err(Error::Index {
+                what: format!("{op}: target at row {i}"),
+                index: targets[i] as u64,
+                bound: vocab as u64,
+            });
+        }
+        Ok(rows)
+    }
+
+    /// [`super::TrainOps::adamw`].
+    pub fn adamw((param, grad, m, v): (usize, usize, usize, usize), hp: &AdamWStep) -> Result<()> {
+        same_len("adamw", param, &[("grad", grad), ("m", m), ("v", v)])?;
+        if hp.step == 0 {
+            return Err(Error::invalid(
+                "adamw step",
+                "steps are counted from 1 (bias correction divides by 1 − β^step)",
+            ));
+        }
+        Ok(())
+    }
+}
