@@ -30,10 +30,11 @@ pub struct Args {
 pub fn info() -> Result<()> {
     println!("lorafuse {}", env!("CARGO_PKG_VERSION"));
     let built = cuda::kernels::built();
-    println!(
-        "kernels compiled: {}",
-        if built { "yes (sm_80, sm_90a, compute_80 PTX)" } else { "no (built without nvcc)" }
-    );
+    if built {
+        println!("kernels compiled: yes ({})", cuda::kernels::GENCODE);
+    } else {
+        println!("kernels compiled: no (built without nvcc)");
+    }
     match cuda::probe() {
         Ok(gpu) => println!("device: {}", gpu.info()),
         Err(e) => println!("device: none ({e})"),
