@@ -638,3 +638,138 @@ fn gpu_trainer_matches_cpu_trainer_for_every_adapter_kind() {
     }
     let _ = std::fs::remove_dir_all(&root);
 }
+
+// ---- what scripts/peft_compare.py relies on --------------------------------
+
+#[test]
+fn sequential_batches_walk_the_stream_in_order_and_wrap() {
+    let tokens: Vec<u32> = (0..50).collect();
+    let data = Dataset::stream("ramp", tokens, 256).unwrap();
+    // 45 training tokens, seq 8: W = 44 / 8 = 5 windows.
+    let (rows, seq) = (3, 8);
+    for index in 0..4u64 {
+        let b = data.sequential_batch(index, rows, seq).unwrap();
+        for j in 0..rows {
+            let w = ((index as usize) * rows + j) % 5;
+            let want: Vec<u32> = (w * seq..w * seq + seq).map(|t| t as u32).collect();
+            assert_eq!(b.tokens[j * seq..(j + 1) * seq], want[..], "batch {index} row {j}: tokens of window {w}");
+            let next: Vec<u32> = want.iter().map(|t| t + 1).collect();
+            assert_eq!(b.targets[j * seq..(j + 1) * seq], next[..], "batch {index} row {j}: targets shift by one");
+        }
+    }
+    let examples = Dataset::embedded(&["add"], 10, 2, 0).unwrap();
+    let e = examples.sequential_batch(0, 1, 8).unwrap_err().to_string();
+    assert!(e.contains("token streams"), "{e}");
+    assert!(data.sequential_batch(0, 1, 45).is_err(), "a window longer than the stream must be refused");
+}
+
+/// A LoRA adapter on `small_base` with nonzero `B` (so it changes the loss).
+fn nonzero_lora(seed: u64) -> AdapterSet<Cpu> {
+    let spec = AdapterSpec { method: Method::Lora, rank: 2, alpha: 4.0, targets: Module::ALL.to_vec(), seed };
+    let mut set = AdapterSet::new(&Cpu, &small_base(3).config, &spec).unwrap();
+    let mut rng = Rng::new(seed ^ 0xB);
+    for m in set.mats.iter_mut().filter(|m| m.name.ends_with("lora_B")) {
+        m.data = rng.uniform_vec(m.data.len(), -0.05, 0.05);
+    }
+    set
+}
+
+#[test]
+fn cli_starts_from_an_init_adapter_with_sequential_batches() {
+    use lorafuse::train::data::write_llmc_tokens;
+    let dir = std::env::temp_dir().join(format!("lorafuse-cli-init-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = small_base(3);
+    base.save(&Cpu, &dir.join("base")).unwrap();
+    let mut rng = Rng::new(11);
+    let tokens: Vec<u32> = (0..400).map(|_| 32 + rng.below(64) as u32).collect();
+    write_llmc_tokens(&dir.join("data.bin"), &tokens).unwrap();
+    let init = nonzero_lora(5);
+    lorafuse::peft::save_adapter(&dir.join("init"), &init.to_adapter(&Cpu, &base.config).unwrap()).unwrap();
+    std::fs::write(dir.join("run.toml"), "[train.optim]\nschedule = \"constant\"\nclip_norm = 0.0\n").unwrap();
+    let run = |extra: &[&str]| {
+        let defaults = [
+            ("--data", "tokens:data.bin"),
+            ("--method", "lora"),
+            ("--rank", "2"),
+            ("--alpha", "4"),
+            ("--steps", "3"),
+            ("--batch", "2"),
+            ("--seq", "16"),
+            ("--warmup", "0"),
+            ("--lr", "0.01"),
+            ("--out", "out"),
+        ];
+        let mut args = vec!["train", "--device", "cpu", "--config", "run.toml", "--model", "base"];
+        // A flag in `extra` replaces its default.
+        for (flag, value) in defaults.iter().filter(|(f, _)| !extra.contains(f)) {
+            args.extend([*flag, *value]);
+        }
+        args.extend_from_slice(extra);
+        let out =
+            std::process::Command::new(env!("CARGO_BIN_EXE_lorafuse")).args(&args).current_dir(&dir).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    let (ok, text) = run(&["--init-adapter", "init", "--sequential-batches"]);
+    assert!(ok, "{text}");
+    let got: Vec<f64> = std::fs::read_to_string(dir.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
+        .collect();
+
+    // The same run through the library: identical losses (same CPU code).
+    let data = Dataset::llmc(&dir.join("data.bin"), 256).unwrap();
+    let mut c = TrainConfig {
+        method: "lora".into(),
+        rank: 2,
+        alpha: 4.0,
+        steps: 3,
+        batch: 2,
+        seq: 16,
+        sequential_batches: true,
+        ..TrainConfig::default()
+    };
+    c.optim.lr = 0.01;
+    c.optim.warmup = 0;
+    c.optim.clip_norm = 0.0;
+    c.optim.schedule = lorafuse::train::optimizer::Schedule::Constant;
+    let mut t = Trainer::new(Cpu, Gpt2::<Cpu>::load(&Cpu, &dir.join("base")).unwrap(), data.clone(), c).unwrap();
+    let loaded = lorafuse::peft::load_adapter(&dir.join("init")).unwrap();
+    t.adapters.as_mut().unwrap().load_values(&Cpu, &loaded).unwrap();
+    let want = losses(&mut t, 3);
+    // (serde_json's float parsing may move the last bit.)
+    assert_eq!(got.len(), 3, "one loss per step");
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-12 * w.abs(), "CLI losses {got:?} vs library losses {want:?}");
+    }
+
+    // Step 1's loss is the initial adapter's loss on windows 0 and 1,
+    // computed independently of the trainer, and differs from the base's.
+    let host = data.sequential_batch(0, 2, 16).unwrap();
+    assert_eq!(host.tokens[..16], tokens[..16], "first row is the stream's first window");
+    let batch = Batch::upload(&Cpu, SeqShape { batch: 2, seq: 16 }, &host.tokens, &host.targets).unwrap();
+    let mut model = Gpt2::<Cpu>::load(&Cpu, &dir.join("base")).unwrap();
+    let mut set = nonzero_lora(5);
+    let with = model.run(&Cpu, Some(&mut set), &batch, false).unwrap().mean_loss();
+    let without = model.run(&Cpu, None, &batch, false).unwrap().mean_loss();
+    assert!((got[0] - with).abs() < 1e-9 * with.abs(), "step-1 loss {} vs adapter loss {with}", got[0]);
+    assert!((with - without).abs() > 1e-4, "the init adapter must change the loss ({with} vs {without})");
+
+    // Mismatches are refused, naming the fix.
+    let (ok, text) = run(&["--init-adapter", "init", "--rank", "4"]);
+    assert!(!ok && text.contains("--rank/--alpha"), "{text}");
+    let (ok, text) = run(&["--init-adapter", "init", "--targets", "attn.c_attn"]);
+    assert!(!ok && text.contains("--targets"), "{text}");
+    let (ok, text) = run(&["--init-adapter", "init", "--method", "vera"]);
+    assert!(!ok, "a LoRA adapter cannot start a VeRA run: {text}");
+    let (ok, text) = run(&["--init-adapter", "init", "--method", "full"]);
+    assert!(!ok && text.contains("full fine-tuning"), "{text}");
+    let (ok, text) = run(&["--init-adapter", "missing"]);
+    assert!(!ok && text.contains("missing"), "{text}");
+    let (ok, text) = run(&["--sequential-batches", "--data", "embedded:add"]);
+    assert!(!ok && text.contains("token streams"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
