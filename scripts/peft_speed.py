@@ -114,7 +114,8 @@ def main():
                 result = time_training(model, args, compiled)
             except Exception as e:  # report and go on: one failing mode must not hide the others
                 result = {"error": f"{type(e).__name__}: {e}"}
-            result.update(kind=kind, mode="torch.compile" if compiled else "eager", wall_s=round(time.time() - t0, 1))
+            result.update(kind=kind, mode="torch.compile" if compiled else "eager", wall_s=round(time.time() - t0, 1),
+                          batch=args.batch, seq=args.seq)
             print(json.dumps(result), flush=True)
             del model
             torch.cuda.empty_cache()

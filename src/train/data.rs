@@ -315,7 +315,7 @@ impl Dataset {
                 ))
             }
         };
-        let windows = if seq == 0 { 0 } else { t.len().saturating_sub(1) / seq };
+        let windows = t.len().saturating_sub(1).checked_div(seq).unwrap_or(0);
         if windows == 0 {
             return Err(Error::invalid(
                 format!("training data `{}`", self.name),
