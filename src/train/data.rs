@@ -13,8 +13,9 @@
 //!   - `recall`: `"a3 b7 c1?b>"` → `"7\n"` (key–value recall),
 //!   - `reverse`: `"rev:kcad>"` → `"dack\n"`.
 //!
-//! Streams (files, text) sample random windows for training and evaluate on
-//! consecutive windows of their last 10%. Example sets train on rows packed
+//! Streams (files, text) sample random windows for training (or, with
+//! [`Dataset::sequential_batch`], take them in order, for runs another
+//! framework replays) and evaluate on consecutive windows of their last 10%. Example sets train on rows packed
 //! with whole examples and evaluate one example per row, with loss and
 //! exact-match accuracy on the answer tokens only.
 
