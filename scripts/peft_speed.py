@@ -105,7 +105,11 @@ def main():
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__}), flush=True)
     for kind in args.kinds.split(","):
         for compiled in (False, True):
-            model = attach(build_model(args), kind, args)
+            try:
+                model = attach(build_model(args), kind, args)
+            except Exception as e:  # e.g. an older PEFT's VeRA refuses layers of different shapes
+                print(json.dumps({"kind": kind, "skipped": f"{type(e).__name__}: {e}"}), flush=True)
+                break
             if model is None:
                 print(json.dumps({"kind": kind, "skipped": "this PEFT has no UniLoraConfig"}), flush=True)
                 break
