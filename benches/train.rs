@@ -30,7 +30,7 @@ use lorafuse::cuda::{kernels, Gpu};
 use lorafuse::rng::Rng;
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::Dataset;
-use lorafuse::train::model::{Batch, Gpt2};
+use lorafuse::train::model::{Batch, Gpt2, TrainBackend};
 use lorafuse::train::ops::SeqShape;
 use lorafuse::train::trainer::{TrainConfig, Trainer};
 use lorafuse::{Backend, Error, Result};
@@ -115,16 +115,24 @@ fn used_bytes(gpu: &Gpu) -> Result<u64> {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// Times `method` on `model` and gives the model back for the next method.
-fn bench_method(
-    gpu: &Gpu,
-    model: Gpt2<Gpu>,
+/// Extra JSON fields a backend adds at two points of [`time_method`].
+type Probe<'a> = &'a mut dyn FnMut() -> Result<serde_json::Value>;
+
+/// Times `method` on `model` (see the module docs) and gives the model back
+/// for the next method, with the result as one JSON object. `after_warmup`
+/// and `after_timed` add backend-specific fields (memory).
+#[allow(clippy::too_many_arguments)]
+fn time_method<B: TrainBackend + Clone>(
+    backend: &B,
+    model: Gpt2<B>,
     data: &Dataset,
     (method, rank, alpha): (&str, usize, f32),
-    batch: usize,
-    seq: usize,
-) -> Result<Gpt2<Gpu>> {
-    let (warmup, steps) = (env_usize("LORAFUSE_BENCH_WARMUP", 3), env_usize("LORAFUSE_BENCH_STEPS", 10).max(1));
+    (batch, seq): (usize, usize),
+    (warmup, steps): (usize, usize),
+    after_warmup: Probe<'_>,
+    after_timed: Probe<'_>,
+) -> Result<(Gpt2<B>, serde_json::Value)> {
+    let steps = steps.max(1);
     let config = TrainConfig {
         method: method.into(),
         rank,
@@ -135,49 +143,48 @@ fn bench_method(
         eval_examples: 1,
         ..TrainConfig::default()
     };
-    let mut t = Trainer::new(gpu.clone(), model, data.clone(), config)?;
+    let mut t = Trainer::new(backend.clone(), model, data.clone(), config)?;
     let trainable = t.num_trainable();
     for _ in 0..warmup {
         t.step()?;
     }
-    gpu.synchronize()?;
-    let used_after_warmup = used_bytes(gpu)?;
-    pool::reset_peak(gpu);
+    backend.synchronize()?;
+    let warm = after_warmup()?;
     let mut step_ms = Vec::with_capacity(steps);
     for _ in 0..steps {
-        step_ms.push(wall_ms(gpu, || t.step().map(drop))?);
+        step_ms.push(wall_ms(backend, || t.step().map(drop))?);
     }
-    let pool_peak = pool::peak(gpu);
+    let timed = after_timed()?;
 
     // Breakdown from the trainer's public pieces, on one fixed batch.
     let mut rng = Rng::new(99);
     let host = data.sample(&mut rng, batch, seq, false);
-    let b = Batch::upload(gpu, SeqShape { batch, seq }, &host.tokens, &host.targets)?;
+    let b = Batch::upload(backend, SeqShape { batch, seq }, &host.tokens, &host.targets)?;
     let (mut fwd, mut fwd_bwd, mut opt) = (Vec::new(), Vec::new(), Vec::new());
     let total = t.config.steps;
     for _ in 0..steps.min(5) {
-        fwd.push(wall_ms(gpu, || t.model.run(gpu, t.adapters.as_mut(), &b, false).map(drop))?);
-        fwd_bwd.push(wall_ms(gpu, || {
+        fwd.push(wall_ms(backend, || t.model.run(backend, t.adapters.as_mut(), &b, false).map(drop))?);
+        fwd_bwd.push(wall_ms(backend, || {
             if let Some(a) = t.adapters.as_mut() {
-                a.zero_grads(gpu)?;
+                a.zero_grads(backend)?;
             }
-            t.model.run(gpu, t.adapters.as_mut(), &b, true)?;
+            t.model.run(backend, t.adapters.as_mut(), &b, true)?;
             match t.adapters.as_mut() {
-                Some(a) => a.scatter(gpu),
+                Some(a) => a.scatter(backend),
                 None => Ok(()),
             }
         })?);
-        opt.push(wall_ms(gpu, || {
+        opt.push(wall_ms(backend, || {
             let a = t.adapters.as_mut().ok_or_else(|| Error::invalid("bench", "adapter methods only"))?;
-            t.optimizer.step(gpu, a.trainable(), total)?;
-            a.gather(gpu)
+            t.optimizer.step(backend, a.trainable(), total)?;
+            a.gather(backend)
         })?);
     }
     let ms = median(step_ms.clone());
     let (f, fb) = (median(fwd), median(fwd_bwd));
-    let line = serde_json::json!({
+    let mut line = serde_json::json!({
         "bench": "lorafuse-train",
-        "device": gpu.info().name,
+        "device": backend.describe(),
         "method": method, "rank": rank, "alpha": alpha,
         "layers": t.model.config.n_layer, "width": t.model.config.n_embd, "heads": t.model.config.n_head,
         "vocab": t.model.config.vocab_size, "batch": batch, "seq": seq,
@@ -186,12 +193,14 @@ fn bench_method(
         "step_ms": ms,
         "step_ms_min": step_ms.iter().copied().fold(f64::INFINITY, f64::min),
         "timed_steps": steps, "warmup_steps": warmup,
-        "mem_used_after_warmup_gib": used_after_warmup as f64 / GIB,
-        "pool_peak_gib": pool_peak.map(|p| p as f64 / GIB),
         "forward_ms": f, "backward_ms": fb - f, "optimizer_ms": median(opt),
     });
-    println!("{line}");
-    Ok(t.model)
+    for extra in [warm, timed] {
+        if let (Some(l), serde_json::Value::Object(e)) = (line.as_object_mut(), extra) {
+            l.extend(e);
+        }
+    }
+    Ok((t.model, line))
 }
 
 fn gpu_bench(gpu: &Gpu) -> Result<()> {
@@ -218,7 +227,19 @@ fn gpu_bench(gpu: &Gpu) -> Result<()> {
         if wanted.as_ref().is_some_and(|w| !w.iter().any(|x| x == m.0)) {
             continue;
         }
-        model = bench_method(gpu, model, &data, m, batch, seq)?;
+        let (warmup, steps) = (env_usize("LORAFUSE_BENCH_WARMUP", 3), env_usize("LORAFUSE_BENCH_STEPS", 10));
+        let mut after_warmup = || -> Result<serde_json::Value> {
+            let used = used_bytes(gpu)?;
+            pool::reset_peak(gpu);
+            Ok(serde_json::json!({ "mem_used_after_warmup_gib": used as f64 / GIB }))
+        };
+        let mut after_timed = || -> Result<serde_json::Value> {
+            Ok(serde_json::json!({ "pool_peak_gib": pool::peak(gpu).map(|p| p as f64 / GIB) }))
+        };
+        let (back, line) =
+            time_method(gpu, model, &data, m, (batch, seq), (warmup, steps), &mut after_warmup, &mut after_timed)?;
+        println!("{line}");
+        model = back;
     }
     Ok(())
 }
@@ -228,6 +249,13 @@ fn cpu_bench(c: &mut Criterion) {
     let mut rng = Rng::new(1);
     let tokens: Vec<u32> = (0..8192).map(|_| rng.below(256) as u32).collect();
     let data = Dataset::stream("random bytes", tokens, 256).unwrap();
+    // The GPU part's measurement, on the CPU backend and a tiny model: the
+    // same JSON line, so the code path is exercised where there is no GPU.
+    let mut none = || -> Result<serde_json::Value> { Ok(serde_json::json!({})) };
+    let mut none2 = || -> Result<serde_json::Value> { Ok(serde_json::json!({})) };
+    let model = Gpt2::random(&Cpu, &cfg, 0).unwrap();
+    let (_, line) = time_method(&Cpu, model, &data, ("lora", 4, 8.0), (4, 32), (1, 3), &mut none, &mut none2).unwrap();
+    println!("{line}");
     let mut group = c.benchmark_group("train step, 2 layers, width 64, batch 4 x seq 32 (cpu)");
     group.sample_size(20);
     for (method, rank, alpha) in [("lora", 4, 8.0), ("tied:vBuA", 4, 8.0), ("unilora:2048", 4, 1.0)] {
