@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use criterion::Criterion;
 use lorafuse::cpu::Cpu;
-use lorafuse::cuda::{kernels, Gpu};
+use lorafuse::cuda::{bench, Gpu};
 use lorafuse::rng::Rng;
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::Dataset;
@@ -275,24 +275,8 @@ fn cpu_bench(c: &mut Criterion) {
     group.finish();
 }
 
-/// Why the GPU part cannot run here, if it cannot.
-fn gpu_or_reason() -> std::result::Result<Gpu, String> {
-    if kernels::TRAIN.image.is_none() {
-        return Err("the CUDA kernels were not built (set NVCC when building)".into());
-    }
-    Gpu::new(0).map_err(|e| e.to_string())
-}
-
 fn main() {
-    match gpu_or_reason() {
-        Ok(gpu) => {
-            if let Err(e) = gpu_bench(&gpu) {
-                eprintln!("gpu train bench failed: {e}");
-                std::process::exit(1);
-            }
-        }
-        Err(why) => println!("skipped: gpu train bench: {why}"),
-    }
+    bench::run_gpu_part("train", gpu_bench);
     let mut c = Criterion::default().configure_from_args();
     cpu_bench(&mut c);
     c.final_summary();
