@@ -796,3 +796,84 @@ fn sequential_runs_resume_in_the_same_batch_order() {
     assert_eq!([head, losses(&mut resumed, 2)].concat(), all, "resumed sequential run differs");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn cli_starts_a_unilora_run_from_an_explicit_assignment() {
+    // What peft_compare.py hands lorafuse for PEFT's Uni-LoRA: PEFT's own
+    // index per element of θ_D (an explicit assignment) and its θ_d.
+    use lorafuse::adapter::AdapterWeights;
+    use lorafuse::projection::{Assignment, Projection};
+    use lorafuse::train::data::write_llmc_tokens;
+    let dir = std::env::temp_dir().join(format!("lorafuse-cli-uni-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = small_base(3);
+    base.save(&Cpu, &dir.join("base")).unwrap();
+    let mut rng = Rng::new(12);
+    let tokens: Vec<u32> = (0..400).map(|_| 32 + rng.below(64) as u32).collect();
+    write_llmc_tokens(&dir.join("data.bin"), &tokens).unwrap();
+    let spec = AdapterSpec {
+        method: Method::parse("unilora:64").unwrap(),
+        rank: 2,
+        alpha: 2.0,
+        targets: Module::ALL.to_vec(),
+        seed: 1,
+    };
+    let mut adapter = AdapterSet::new(&Cpu, &base.config, &spec).unwrap().to_adapter(&Cpu, &base.config).unwrap();
+    let AdapterWeights::UniLora(w) = &mut adapter.weights else { panic!("a Uni-LoRA set gives a Uni-LoRA adapter") };
+    let index: Vec<u32> = (0..w.layout.rows()).map(|_| rng.below(64) as u32).collect();
+    w.projection = Projection::explicit(index, 64).unwrap();
+    w.theta = rng.uniform_vec(64, -0.5, 0.5);
+    lorafuse::peft::save_adapter(&dir.join("init"), &adapter).unwrap();
+
+    let args = [
+        "train",
+        "--device",
+        "cpu",
+        "--model",
+        "base",
+        "--data",
+        "tokens:data.bin",
+        "--method",
+        "unilora:64",
+        "--rank",
+        "2",
+        "--alpha",
+        "2",
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--init-adapter",
+        "init",
+        "--sequential-batches",
+        "--out",
+        "out",
+    ];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lorafuse")).args(args).current_dir(&dir).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    let first: f64 = std::fs::read_to_string(dir.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64())
+        .unwrap();
+
+    // Step 1's loss is the loss of that θ_d through that assignment.
+    let host = Dataset::llmc(&dir.join("data.bin"), 256).unwrap().sequential_batch(0, 2, 16).unwrap();
+    let batch = Batch::upload(&Cpu, SeqShape { batch: 2, seq: 16 }, &host.tokens, &host.targets).unwrap();
+    let mut model = Gpt2::<Cpu>::load(&Cpu, &dir.join("base")).unwrap();
+    let mut set = AdapterSet::new(&Cpu, &base.config, &spec).unwrap();
+    let fresh = model.run(&Cpu, Some(&mut set), &batch, false).unwrap().mean_loss();
+    set.load_values(&Cpu, &lorafuse::peft::load_adapter(&dir.join("init")).unwrap()).unwrap();
+    let want = model.run(&Cpu, Some(&mut set), &batch, false).unwrap().mean_loss();
+    assert!((first - want).abs() < 1e-9 * want.abs(), "step-1 loss {first} vs {want}");
+    assert!((want - fresh).abs() > 1e-4, "the explicit assignment must matter ({want} vs {fresh})");
+    // The trained adapter keeps the explicit assignment.
+    let saved = lorafuse::peft::load_adapter(&dir.join("out")).unwrap();
+    let AdapterWeights::UniLora(w) = &saved.weights else { panic!("saved adapter is not Uni-LoRA") };
+    assert_eq!(w.projection.assignment(), Assignment::Explicit);
+    let _ = std::fs::remove_dir_all(&dir);
+}
