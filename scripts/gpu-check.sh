@@ -94,6 +94,16 @@ run() {
         LORAFUSE_BENCH_BATCH="$batch" "$bench" --bench > "$out/bench-$name.txt" 2>&1
         echo "bench $name rc=$?" >> "$summary"
     done
+    # Per-kernel breakdown of the trainer (LoRA, a few steps), when Nsight
+    # Systems is installed; the criterion filter matches no CPU bench.
+    if command -v nsys > /dev/null; then
+        LORAFUSE_BENCH_BATCH="$batch" LORAFUSE_BENCH_METHODS=lora LORAFUSE_BENCH_WARMUP=1 LORAFUSE_BENCH_STEPS=3 \
+            nsys profile --stats=true --force-overwrite true -o "$out/nsys-train-lora" \
+            "$b/benches/train" --bench no-cpu-part > "$out/nsys-train-lora.txt" 2>&1
+        echo "nsys train (lora) rc=$? (per-kernel times in nsys-train-lora.txt)" >> "$summary"
+    else
+        echo "nsys not found: no per-kernel breakdown of the trainer" >> "$summary"
+    fi
     # PyTorch + PEFT: the speed baseline, then the numerical comparison of
     # the trainers (lorafuse on the GPU and, as the oracle, on the CPU).
     if python3 -c "import torch, transformers, peft" > /dev/null 2>&1; then
