@@ -9,8 +9,11 @@
 #   scripts/gpu-check.sh run [OUTDIR]   (on the GPU machine, in the repo root)
 #       Unpacks the bundle, prints the device, runs every test executable
 #       (GPU tests included), compute-sanitizer memcheck and racecheck over
-#       the GPU tests, then the benches; logs go to OUTDIR (default
-#       gpu-report/) and a summary table is printed last.
+#       the GPU tests, then the benches, then (when python3 has torch,
+#       transformers and peft) scripts/peft_speed.py, train_speed_table.py
+#       and peft_compare.py; logs go to OUTDIR (default gpu-report/) and a
+#       summary table is printed last. BATCH (default 8) is the training
+#       benchmarks' batch, lorafuse's and PEFT's alike.
 #
 # Results belong in BENCHMARKS.md (device, driver, date, commit) with the raw
 # logs under docs/gpu-runs/.
@@ -84,14 +87,43 @@ run() {
     else
         echo "compute-sanitizer not found: sanitizer runs skipped" >> "$summary"
     fi
+    # benches/train.rs and peft_speed.py use the same batch (BATCH, default 8).
+    local batch="${BATCH:-8}"
     for bench in "$b"/benches/*; do
         name=$(basename "$bench")
-        "$bench" --bench > "$out/bench-$name.txt" 2>&1
+        LORAFUSE_BENCH_BATCH="$batch" "$bench" --bench > "$out/bench-$name.txt" 2>&1
         echo "bench $name rc=$?" >> "$summary"
     done
+    # Per-kernel breakdown of the trainer (LoRA, a few steps), when Nsight
+    # Systems is installed; the criterion filter matches no CPU bench.
+    if command -v nsys > /dev/null; then
+        LORAFUSE_BENCH_BATCH="$batch" LORAFUSE_BENCH_METHODS=lora LORAFUSE_BENCH_WARMUP=1 LORAFUSE_BENCH_STEPS=3 \
+            nsys profile --stats=true --force-overwrite true -o "$out/nsys-train-lora" \
+            "$b/benches/train" --bench no-cpu-part > "$out/nsys-train-lora.txt" 2>&1
+        echo "nsys train (lora) rc=$? (per-kernel times in nsys-train-lora.txt)" >> "$summary"
+    else
+        echo "nsys not found: no per-kernel breakdown of the trainer" >> "$summary"
+    fi
+    # PyTorch + PEFT: the speed baseline, then the numerical comparison of
+    # the trainers (lorafuse on the GPU and, as the oracle, on the CPU).
+    if python3 -c "import torch, transformers, peft" > /dev/null 2>&1; then
+        python3 scripts/peft_speed.py --batch "$batch" > "$out/peft_speed.jsonl" 2> "$out/peft_speed.err"
+        echo "peft_speed rc=$? (stderr in peft_speed.err)" >> "$summary"
+        python3 scripts/train_speed_table.py "$out/bench-train.txt" "$out/peft_speed.jsonl" > "$out/train_speed.txt" 2>&1
+        for dev in cuda cpu; do
+            python3 scripts/peft_compare.py --lorafuse "$b/lorafuse" --lorafuse-device "$dev" \
+                --out "$out/peft-compare-$dev" > "$out/peft_compare-$dev.txt" 2>&1
+            echo "peft_compare lorafuse-on-$dev rc=$? $(tail -1 "$out/peft_compare-$dev.txt")" >> "$summary"
+        done
+    else
+        echo "peft_speed, peft_compare: skipped (python3 cannot import torch, transformers and peft)" >> "$summary"
+    fi
     echo "==== summary"
     cat "$summary"
-    for f in "$out"/bench-*.txt; do echo "==== $f"; grep -E ' x ?[0-9]|GB/s|skipped|^(forward|fwd\+bwd|  decode)' "$f" | head -120; done
+    for f in "$out"/bench-*.txt; do echo "==== $f"; grep -E ' x ?[0-9]|GB/s|skipped|tokens_per_s|^(forward|fwd\+bwd|  decode)' "$f" | head -120; done
+    for f in "$out"/train_speed.txt "$out"/peft_compare-*.txt; do
+        [ -f "$f" ] && { echo "==== $f"; grep -vE '^\$ ' "$f" | tail -60; }
+    done
 }
 
 case "${1:-}" in

@@ -105,7 +105,11 @@ def main():
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__}), flush=True)
     for kind in args.kinds.split(","):
         for compiled in (False, True):
-            model = attach(build_model(args), kind, args)
+            try:
+                model = attach(build_model(args), kind, args)
+            except Exception as e:  # e.g. an older PEFT's VeRA refuses layers of different shapes
+                print(json.dumps({"kind": kind, "skipped": f"{type(e).__name__}: {e}"}), flush=True)
+                break
             if model is None:
                 print(json.dumps({"kind": kind, "skipped": "this PEFT has no UniLoraConfig"}), flush=True)
                 break
@@ -114,7 +118,8 @@ def main():
                 result = time_training(model, args, compiled)
             except Exception as e:  # report and go on: one failing mode must not hide the others
                 result = {"error": f"{type(e).__name__}: {e}"}
-            result.update(kind=kind, mode="torch.compile" if compiled else "eager", wall_s=round(time.time() - t0, 1))
+            result.update(kind=kind, mode="torch.compile" if compiled else "eager", wall_s=round(time.time() - t0, 1),
+                          batch=args.batch, seq=args.seq)
             print(json.dumps(result), flush=True)
             del model
             torch.cuda.empty_cache()

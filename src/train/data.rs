@@ -13,8 +13,9 @@
 //!   - `recall`: `"a3 b7 c1?b>"` → `"7\n"` (key–value recall),
 //!   - `reverse`: `"rev:kcad>"` → `"dack\n"`.
 //!
-//! Streams (files, text) sample random windows for training and evaluate on
-//! consecutive windows of their last 10%. Example sets train on rows packed
+//! Streams (files, text) sample random windows for training (or, with
+//! [`Dataset::sequential_batch`], take them in order, for runs another
+//! framework replays) and evaluate on consecutive windows of their last 10%. Example sets train on rows packed
 //! with whole examples and evaluate one example per row, with loss and
 //! exact-match accuracy on the answer tokens only.
 
@@ -297,6 +298,39 @@ impl Dataset {
             }
         }
         b
+    }
+
+    /// Training batch number `index` (0-based) in **sequential** order, for
+    /// runs another framework must reproduce exactly (no RNG involved):
+    /// the training stream is cut into `W = (len − 1) / seq` consecutive
+    /// non-overlapping windows, window `w` being tokens `w·seq .. w·seq + seq`
+    /// with targets shifted by one; row `j` of batch `i` is window
+    /// `(i·rows + j) mod W`. Only token streams have such an order.
+    pub fn sequential_batch(&self, index: u64, rows: usize, seq: usize) -> Result<HostBatch> {
+        let t = match &self.train {
+            Corpus::Stream(t) => t,
+            Corpus::Examples(_) => {
+                return Err(Error::invalid(
+                    format!("sequential batches of `{}`", self.name),
+                    "only token streams (text:, tokens:) have a sequential order; use random batches",
+                ))
+            }
+        };
+        let windows = t.len().saturating_sub(1).checked_div(seq).unwrap_or(0);
+        if windows == 0 {
+            return Err(Error::invalid(
+                format!("training data `{}`", self.name),
+                format!("{} tokens: need at least seq + 1 = {}", t.len(), seq + 1),
+            ));
+        }
+        let mut b =
+            HostBatch { rows, seq, tokens: Vec::with_capacity(rows * seq), targets: Vec::with_capacity(rows * seq) };
+        for j in 0..rows as u64 {
+            let w = (index.wrapping_mul(rows as u64).wrapping_add(j) % windows as u64) as usize;
+            b.tokens.extend_from_slice(&t[w * seq..w * seq + seq]);
+            b.targets.extend_from_slice(&t[w * seq + 1..w * seq + seq + 1]);
+        }
+        Ok(b)
     }
 
     /// The held-out set as batches of at most `rows` rows, with the number

@@ -37,6 +37,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Example data: take loss on answers only.
     pub answer_only: bool,
+    /// Take training batches in the stream's order
+    /// ([`Dataset::sequential_batch`]) instead of random windows, so that
+    /// another framework can feed exactly the same batches (streams only).
+    pub sequential_batches: bool,
     /// Evaluate every this many iterations (0: only at the end).
     pub eval_every: u64,
     /// Held-out examples (or windows) per evaluation.
@@ -59,6 +63,7 @@ impl Default for TrainConfig {
             seq: 32,
             seed: 0,
             answer_only: false,
+            sequential_batches: false,
             eval_every: 0,
             eval_examples: 200,
             max_bad_steps: 5,
@@ -108,6 +113,9 @@ impl TrainConfig {
             return Err(Error::invalid("max_bad_steps", "must be at least 1"));
         }
         data.check_seq(self.seq)?;
+        if self.sequential_batches {
+            data.sequential_batch(0, 1, self.seq)?;
+        }
         Ok(spec)
     }
 }
@@ -218,7 +226,13 @@ impl<B: TrainBackend> Trainer<B> {
     /// parameter changes) and is reported; `max_bad_steps` consecutive
     /// refusals stop the run with an error.
     pub fn step(&mut self) -> Result<StepOutcome> {
-        let host = self.data.sample(&mut self.rng, self.config.batch, self.config.seq, self.config.answer_only);
+        let host = if self.config.sequential_batches {
+            // Batch number = iterations done, so a resumed run continues
+            // the same order.
+            self.data.sequential_batch(self.iteration, self.config.batch, self.config.seq)?
+        } else {
+            self.data.sample(&mut self.rng, self.config.batch, self.config.seq, self.config.answer_only)
+        };
         let batch = Batch::upload(
             &self.backend,
             super::ops::SeqShape { batch: host.rows, seq: host.seq },

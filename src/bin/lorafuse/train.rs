@@ -90,6 +90,16 @@ pub struct TrainArgs {
     /// Loss on answers only (embedded data).
     #[arg(long)]
     answer_only: bool,
+    /// Take training windows in the stream's order (batch i, row j =
+    /// window i·batch + j of `seq` tokens) instead of at random, so another
+    /// framework can feed the same batches (text:/tokens: data only).
+    #[arg(long)]
+    sequential_batches: bool,
+    /// Start from this adapter (PEFT format, e.g. written by PEFT's
+    /// save_pretrained) instead of the usual init; its kind, rank, α and
+    /// target modules must be the run's.
+    #[arg(long)]
+    init_adapter: Option<PathBuf>,
     /// Evaluate every N iterations.
     #[arg(long)]
     eval_every: Option<u64>,
@@ -267,6 +277,42 @@ fn run_loop<B: TrainBackend>(
     Ok((start.elapsed().as_secs_f64(), tokens, curve))
 }
 
+/// Replaces the fresh adapters of `t` by the adapter in `dir`, after
+/// checking it describes the same adapter (a silent mismatch would train
+/// something else than asked).
+fn init_from<B: TrainBackend>(t: &mut Trainer<B>, dir: &Path) -> Result<()> {
+    let adapter = load_adapter(dir)?;
+    let set = t.adapters.as_mut().ok_or_else(|| {
+        Error::invalid("--init-adapter", "full fine-tuning has no adapter to start from; pick an adapter --method")
+    })?;
+    let theirs = spec_for(&adapter)?;
+    let ours = &set.spec;
+    let what = format!("--init-adapter {}", dir.display());
+    if theirs.rank != ours.rank || theirs.alpha != ours.alpha {
+        return Err(Error::invalid(
+            what,
+            format!(
+                "has r = {}, alpha = {} but the run has r = {}, alpha = {}: pass --rank/--alpha to match",
+                theirs.rank, theirs.alpha, ours.rank, ours.alpha
+            ),
+        ));
+    }
+    let mut want = ours.targets.clone();
+    want.sort();
+    if theirs.targets != want {
+        let names = |m: &[lorafuse::train::model::Module]| m.iter().map(|m| m.name()).collect::<Vec<_>>().join(",");
+        return Err(Error::invalid(
+            what,
+            format!("adapts {} but the run adapts {}: pass --targets to match", names(&theirs.targets), names(&want)),
+        ));
+    }
+    if adapter.config.use_rslora || !adapter.config.alpha_pattern.is_empty() || !adapter.config.rank_pattern.is_empty()
+    {
+        return Err(Error::invalid(what, "rsLoRA, rank_pattern and alpha_pattern adapters cannot start a run"));
+    }
+    set.load_values(&t.backend, &adapter)
+}
+
 /// `lorafuse train` on the backend `--device` picks.
 pub fn train(args: &TrainArgs) -> Result<()> {
     on_backend!(pick(args.sources.device)?, train_on(args))
@@ -291,6 +337,7 @@ fn train_on<B: TrainBackend + Clone>(backend: B, args: &TrainArgs) -> Result<()>
         c.targets = t.split(',').map(|s| s.trim().to_string()).collect();
     }
     c.answer_only |= args.answer_only;
+    c.sequential_batches |= args.sequential_batches;
     let model_spec = args.sources.model.clone().or(file.model).ok_or_else(|| {
         Error::invalid(
             "--model",
@@ -320,6 +367,12 @@ fn train_on<B: TrainBackend + Clone>(backend: B, args: &TrainArgs) -> Result<()>
         (None, true) => return Err(Error::invalid("--resume", "needs --checkpoint-dir")),
         _ => Trainer::new(backend.clone(), model, data, c)?,
     };
+    if let Some(dir) = &args.init_adapter {
+        if args.resume {
+            return Err(Error::invalid("--init-adapter", "cannot be combined with --resume (the checkpoint has one)"));
+        }
+        init_from(&mut t, dir)?;
+    }
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let metrics_path = args.metrics.clone().or(file.metrics).unwrap_or_else(|| out.join("metrics.jsonl"));
     let mut metrics = Some(std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?);

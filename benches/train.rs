@@ -1,0 +1,283 @@
+//! The trainer's speed: lorafuse's side of the comparison with PyTorch +
+//! PEFT (scripts/peft_speed.py prints the other side; scripts/gpu-check.sh
+//! runs both in the same session and puts them side by side).
+//!
+//! GPU (when present and the kernels are built): GPT-2 small's shape (12
+//! layers, width 768, 12 heads, seq 1024, vocab 50257) with random weights,
+//! batch `LORAFUSE_BENCH_BATCH` (default 8), adapters on attn.c_attn,
+//! attn.c_proj, mlp.c_fc, mlp.c_proj: LoRA r = 4, α = 64 (the summation
+//! paper's setup), Tied-LoRA `tied:vBuA` r = 4, VeRA r = 256 and Uni-LoRA
+//! d = 23040 (peft_speed.py's defaults for its VeRA/Uni-LoRA). For each: the
+//! median wall time of a whole training step (batch sampling, upload,
+//! forward, backward, AdamW, as `Trainer::step` runs it; synchronize before
+//! and after) over `LORAFUSE_BENCH_STEPS` (default 10) steps after
+//! `LORAFUSE_BENCH_WARMUP` (default 3), as tokens/s; device memory in use
+//! after warm-up (`cuMemGetInfo`) and the stream-ordered pool's high-water
+//! mark over the timed steps (every buffer of the trainer comes from that
+//! pool); and a coarse breakdown from the trainer's public pieces: the
+//! forward alone (`Gpt2::run` without backward), forward + backward, and
+//! the optimizer (AdamW, plus Uni-LoRA's gather). One JSON line per method;
+//! `LORAFUSE_BENCH_METHODS` (comma-separated) picks methods.
+//!
+//! CPU: criterion timing of one training step of a tiny model.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use criterion::Criterion;
+use lorafuse::cpu::Cpu;
+use lorafuse::cuda::{bench, Gpu};
+use lorafuse::rng::Rng;
+use lorafuse::train::config::Gpt2Config;
+use lorafuse::train::data::Dataset;
+use lorafuse::train::model::{Batch, Gpt2, TrainBackend};
+use lorafuse::train::ops::SeqShape;
+use lorafuse::train::trainer::{TrainConfig, Trainer};
+use lorafuse::{Backend, Error, Result};
+
+/// (method, rank, α) timed by default.
+const METHODS: [(&str, usize, f32); 4] =
+    [("lora", 4, 64.0), ("tied:vBuA", 4, 64.0), ("vera", 256, 256.0), ("unilora:23040", 4, 1.0)];
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// Milliseconds of `work`, with the device idle before and after.
+fn wall_ms<B: Backend>(backend: &B, work: impl FnOnce() -> Result<()>) -> Result<f64> {
+    backend.synchronize()?;
+    let start = Instant::now();
+    work()?;
+    backend.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() * 1e3)
+}
+
+/// The device's stream-ordered default pool (cudarc allocates from it when
+/// the device supports it).
+mod pool {
+    use cudarc::driver::sys;
+    use lorafuse::cuda::Gpu;
+
+    fn current(gpu: &Gpu) -> Option<sys::CUmemoryPool> {
+        if !gpu.context().has_async_alloc() || gpu.context().bind_to_thread().is_err() {
+            return None;
+        }
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: a valid device handle and an out-pointer to a local.
+        let rc = unsafe { sys::cuDeviceGetMemPool(&mut pool, gpu.context().cu_device()) };
+        (rc == sys::CUresult::CUDA_SUCCESS && !pool.is_null()).then_some(pool)
+    }
+
+    /// Resets the pool's used-memory high-water mark (only 0 is allowed).
+    pub fn reset_peak(gpu: &Gpu) {
+        if let Some(p) = current(gpu) {
+            let mut zero: u64 = 0;
+            // SAFETY: USED_MEM_HIGH takes a cuuint64_t; the pointer is to a local.
+            unsafe {
+                sys::cuMemPoolSetAttribute(
+                    p,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    &mut zero as *mut u64 as *mut std::ffi::c_void,
+                )
+            };
+        }
+    }
+
+    /// Bytes: the pool's used-memory high-water mark since the last reset.
+    pub fn peak(gpu: &Gpu) -> Option<u64> {
+        let p = current(gpu)?;
+        let mut v: u64 = 0;
+        // SAFETY: as above.
+        let rc = unsafe {
+            sys::cuMemPoolGetAttribute(
+                p,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut v as *mut u64 as *mut std::ffi::c_void,
+            )
+        };
+        (rc == sys::CUresult::CUDA_SUCCESS).then_some(v)
+    }
+}
+
+fn used_bytes(gpu: &Gpu) -> Result<u64> {
+    let (free, total) = gpu.context().mem_get_info().map_err(|e| Error::cuda("cuMemGetInfo", e))?;
+    Ok((total - free) as u64)
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Extra JSON fields a backend adds at two points of [`time_method`].
+type Probe<'a> = &'a mut dyn FnMut() -> Result<serde_json::Value>;
+
+/// Times `method` on `model` (see the module docs) and gives the model back
+/// for the next method, with the result as one JSON object. `after_warmup`
+/// and `after_timed` add backend-specific fields (memory).
+#[allow(clippy::too_many_arguments)]
+fn time_method<B: TrainBackend + Clone>(
+    backend: &B,
+    model: Gpt2<B>,
+    data: &Dataset,
+    (method, rank, alpha): (&str, usize, f32),
+    (batch, seq): (usize, usize),
+    (warmup, steps): (usize, usize),
+    after_warmup: Probe<'_>,
+    after_timed: Probe<'_>,
+) -> Result<(Gpt2<B>, serde_json::Value)> {
+    let steps = steps.max(1);
+    let config = TrainConfig {
+        method: method.into(),
+        rank,
+        alpha,
+        steps: (warmup + steps + 100) as u64,
+        batch,
+        seq,
+        eval_examples: 1,
+        ..TrainConfig::default()
+    };
+    let mut t = Trainer::new(backend.clone(), model, data.clone(), config)?;
+    let trainable = t.num_trainable();
+    for _ in 0..warmup {
+        t.step()?;
+    }
+    backend.synchronize()?;
+    let warm = after_warmup()?;
+    let mut step_ms = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        step_ms.push(wall_ms(backend, || t.step().map(drop))?);
+    }
+    let timed = after_timed()?;
+
+    // Breakdown from the trainer's public pieces, on one fixed batch.
+    let mut rng = Rng::new(99);
+    let host = data.sample(&mut rng, batch, seq, false);
+    let b = Batch::upload(backend, SeqShape { batch, seq }, &host.tokens, &host.targets)?;
+    let (mut fwd, mut fwd_bwd, mut opt) = (Vec::new(), Vec::new(), Vec::new());
+    let total = t.config.steps;
+    for _ in 0..steps.min(5) {
+        fwd.push(wall_ms(backend, || t.model.run(backend, t.adapters.as_mut(), &b, false).map(drop))?);
+        fwd_bwd.push(wall_ms(backend, || {
+            if let Some(a) = t.adapters.as_mut() {
+                a.zero_grads(backend)?;
+            }
+            t.model.run(backend, t.adapters.as_mut(), &b, true)?;
+            match t.adapters.as_mut() {
+                Some(a) => a.scatter(backend),
+                None => Ok(()),
+            }
+        })?);
+        opt.push(wall_ms(backend, || {
+            let a = t.adapters.as_mut().ok_or_else(|| Error::invalid("bench", "adapter methods only"))?;
+            t.optimizer.step(backend, a.trainable(), total)?;
+            a.gather(backend)
+        })?);
+    }
+    let ms = median(step_ms.clone());
+    let (f, fb) = (median(fwd), median(fwd_bwd));
+    let mut line = serde_json::json!({
+        "bench": "lorafuse-train",
+        "device": backend.describe(),
+        "method": method, "rank": rank, "alpha": alpha,
+        "layers": t.model.config.n_layer, "width": t.model.config.n_embd, "heads": t.model.config.n_head,
+        "vocab": t.model.config.vocab_size, "batch": batch, "seq": seq,
+        "trainable_params": trainable,
+        "tokens_per_s": (batch * seq) as f64 / (ms * 1e-3),
+        "step_ms": ms,
+        "step_ms_min": step_ms.iter().copied().fold(f64::INFINITY, f64::min),
+        "timed_steps": steps, "warmup_steps": warmup,
+        "forward_ms": f, "backward_ms": fb - f, "optimizer_ms": median(opt),
+    });
+    for extra in [warm, timed] {
+        if let (Some(l), serde_json::Value::Object(e)) = (line.as_object_mut(), extra) {
+            l.extend(e);
+        }
+    }
+    Ok((t.model, line))
+}
+
+fn gpu_bench(gpu: &Gpu) -> Result<()> {
+    let batch = env_usize("LORAFUSE_BENCH_BATCH", 8);
+    let seq = 1024;
+    let cfg = Gpt2Config::new(50257, 1024, 768, 12, 12)?;
+    let wanted: Option<Vec<String>> =
+        std::env::var("LORAFUSE_BENCH_METHODS").ok().map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+    let mut rng = Rng::new(5);
+    let tokens: Vec<u32> = (0..(batch * seq * 8).max(1 << 16)).map(|_| rng.below(50257) as u32).collect();
+    let data = Dataset::stream("random tokens", tokens, 50257)?;
+    let base = used_bytes(gpu)?;
+    let mut model = Gpt2::random(gpu, &cfg, 0)?;
+    gpu.synchronize()?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "lorafuse-train", "device": gpu.info().name, "params": model.num_params(),
+            "mem_used_before_model_gib": base as f64 / GIB,
+            "mem_used_with_model_gib": used_bytes(gpu)? as f64 / GIB,
+        })
+    );
+    for m in METHODS {
+        if wanted.as_ref().is_some_and(|w| !w.iter().any(|x| x == m.0)) {
+            continue;
+        }
+        let (warmup, steps) = (env_usize("LORAFUSE_BENCH_WARMUP", 3), env_usize("LORAFUSE_BENCH_STEPS", 10));
+        let mut after_warmup = || -> Result<serde_json::Value> {
+            let used = used_bytes(gpu)?;
+            pool::reset_peak(gpu);
+            Ok(serde_json::json!({ "mem_used_after_warmup_gib": used as f64 / GIB }))
+        };
+        let mut after_timed = || -> Result<serde_json::Value> {
+            Ok(serde_json::json!({ "pool_peak_gib": pool::peak(gpu).map(|p| p as f64 / GIB) }))
+        };
+        let (back, line) =
+            time_method(gpu, model, &data, m, (batch, seq), (warmup, steps), &mut after_warmup, &mut after_timed)?;
+        println!("{line}");
+        model = back;
+    }
+    Ok(())
+}
+
+fn cpu_bench(c: &mut Criterion) {
+    let cfg = Gpt2Config::new(256, 64, 64, 2, 4).unwrap();
+    let mut rng = Rng::new(1);
+    let tokens: Vec<u32> = (0..8192).map(|_| rng.below(256) as u32).collect();
+    let data = Dataset::stream("random bytes", tokens, 256).unwrap();
+    // The GPU part's measurement, on the CPU backend and a tiny model: the
+    // same JSON line, so the code path is exercised where there is no GPU.
+    let mut none = || -> Result<serde_json::Value> { Ok(serde_json::json!({})) };
+    let mut none2 = || -> Result<serde_json::Value> { Ok(serde_json::json!({})) };
+    let model = Gpt2::random(&Cpu, &cfg, 0).unwrap();
+    let (_, line) = time_method(&Cpu, model, &data, ("lora", 4, 8.0), (4, 32), (1, 3), &mut none, &mut none2).unwrap();
+    println!("{line}");
+    let mut group = c.benchmark_group("train step, 2 layers, width 64, batch 4 x seq 32 (cpu)");
+    group.sample_size(20);
+    for (method, rank, alpha) in [("lora", 4, 8.0), ("tied:vBuA", 4, 8.0), ("unilora:2048", 4, 1.0)] {
+        let model = Gpt2::random(&Cpu, &cfg, 0).unwrap();
+        let config = TrainConfig {
+            method: method.into(),
+            rank,
+            alpha,
+            steps: 1000,
+            batch: 4,
+            seq: 32,
+            ..TrainConfig::default()
+        };
+        let mut t = Trainer::new(Cpu, model, data.clone(), config).unwrap();
+        group.bench_function(method, |b| b.iter(|| black_box(t.step().unwrap().loss)));
+    }
+    group.finish();
+}
+
+fn main() {
+    bench::run_gpu_part("train", gpu_bench);
+    let mut c = Criterion::default().configure_from_args();
+    cpu_bench(&mut c);
+    c.final_summary();
+}
