@@ -17,7 +17,7 @@ use cudarc::driver::{
     CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 
-use super::{blocks_for, grid, kernels, Gpu};
+use super::{blocks_for, grid, kernels, ArgOrNull, Gpu};
 use crate::dtype::{DType, Element};
 use crate::lowrank::{Adapter, AdapterLens, GradLens, Grads, LinearShape, LowRankOps};
 use crate::{Error, Result};
@@ -245,8 +245,6 @@ fn padded_rank(r: usize) -> usize {
     (r + 1).div_ceil(8) * 8
 }
 
-const NULL: u64 = 0;
-
 /// `part = x·Aᵀ` per K-split: returns (partials, splits). Enough splits
 /// that the grid covers the device, at least 4 K-tiles per split.
 fn shrink<T: Element>(
@@ -300,19 +298,10 @@ fn shrink_finish<T: Element>(
     let (splits, ld32, bias32, m32, r32) = (splits as i32, ld as i32, bias_col as i32, s.m as i32, s.r as i32);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(part).arg(&splits);
-    match &ad.u {
-        Some(u) => b.arg(u),
-        None => b.arg(&NULL),
-    };
+    b.arg_or_null(ad.u.as_ref());
     b.arg(&ad.scale);
-    match t {
-        Some(t) => b.arg(t),
-        None => b.arg(&NULL),
-    };
-    match tx {
-        Some(tx) => b.arg(tx),
-        None => b.arg(&NULL),
-    };
+    b.arg_or_null(t);
+    b.arg_or_null(tx);
     b.arg(&ld32).arg(&bias32).arg(&m32).arg(&r32);
     unsafe { b.launch(cfg) }.map_err(launch_err(&name))?;
     Ok(())
@@ -332,14 +321,8 @@ fn prep_expand<T: Element>(
     let (ld32, n32, r32) = (ld as i32, s.n as i32, s.r as i32);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&ad.b);
-    match &ad.v {
-        Some(v) => b.arg(v),
-        None => b.arg(&NULL),
-    };
-    match bias {
-        Some(bias) => b.arg(bias),
-        None => b.arg(&NULL),
-    };
+    b.arg_or_null(ad.v.as_ref());
+    b.arg_or_null(bias);
     b.arg(&mut bx).arg(&ld32).arg(&n32).arg(&r32);
     unsafe { b.launch(cfg) }.map_err(launch_err(&name))?;
     Ok(bx)
@@ -429,23 +412,11 @@ fn decode<T: Element>(
     let (m32, k32, n32, r32, kc) = (m as i32, k as i32, n as i32, r as i32, k_chunk as i32);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(x).arg(&ad.a).arg(&ad.b);
-    match &ad.u {
-        Some(u) => b.arg(u),
-        None => b.arg(&NULL),
-    };
-    match &ad.v {
-        Some(v) => b.arg(v),
-        None => b.arg(&NULL),
-    };
-    match bias {
-        Some(bias) => b.arg(bias),
-        None => b.arg(&NULL),
-    };
+    b.arg_or_null(ad.u.as_ref());
+    b.arg_or_null(ad.v.as_ref());
+    b.arg_or_null(bias);
     b.arg(&ad.scale).arg(y);
-    match t {
-        Some(t) => b.arg(t),
-        None => b.arg(&NULL),
-    };
+    b.arg_or_null(t);
     b.arg(&mut work).arg(&m32).arg(&k32).arg(&n32).arg(&r32).arg(&kc);
     unsafe { b.launch_cooperative(cfg) }.map_err(launch_err(&name))?;
     Ok(())
@@ -616,28 +587,12 @@ pub fn backward<T: Element>(
                 let (m32, n32, r32, rpb) = (m as i32, n as i32, r as i32, rows_per_block as i32);
                 let mut b = gpu.stream().launch_builder(&f);
                 b.arg(dy);
-                if need_t {
-                    b.arg(&t_view)
-                } else {
-                    b.arg(&NULL)
-                };
+                b.arg_or_null(need_t.then_some(&t_view));
                 b.arg(&ad.b);
-                match &ad.u {
-                    Some(u) => b.arg(u),
-                    None => b.arg(&NULL),
-                };
-                match &ad.v {
-                    Some(v) => b.arg(v),
-                    None => b.arg(&NULL),
-                };
-                match gpart.as_mut() {
-                    Some(g) => b.arg(g),
-                    None => b.arg(&NULL),
-                };
-                match ppart.as_mut() {
-                    Some(p) => b.arg(p),
-                    None => b.arg(&NULL),
-                };
+                b.arg_or_null(ad.u.as_ref());
+                b.arg_or_null(ad.v.as_ref());
+                b.arg_or_null(gpart.as_mut());
+                b.arg_or_null(ppart.as_mut());
                 b.arg(&m32).arg(&n32).arg(&r32).arg(&rpb);
                 unsafe { b.launch(cfg) }.map_err(launch_err(&name))?;
             }
@@ -652,24 +607,11 @@ pub fn backward<T: Element>(
                 let (np, m32, r32, rpb) = (gx as i32, m as i32, r as i32, ROWS_PER_BLOCK as i32);
                 let mut b = gpu.stream().launch_builder(&f);
                 b.arg(gpart).arg(&np);
-                if need_t {
-                    b.arg(&t_view)
-                } else {
-                    b.arg(&NULL)
-                };
-                match &ad.u {
-                    Some(u) => b.arg(u),
-                    None => b.arg(&NULL),
-                };
+                b.arg_or_null(need_t.then_some(&t_view));
+                b.arg_or_null(ad.u.as_ref());
                 b.arg(&ad.scale);
-                match ds.as_mut() {
-                    Some(ds) => b.arg(ds),
-                    None => b.arg(&NULL),
-                };
-                match dupart.as_mut() {
-                    Some(p) => b.arg(p),
-                    None => b.arg(&NULL),
-                };
+                b.arg_or_null(ds.as_mut());
+                b.arg_or_null(dupart.as_mut());
                 b.arg(&m32).arg(&r32).arg(&rpb);
                 unsafe { b.launch(cfg) }.map_err(launch_err(&name))?;
             }
@@ -679,33 +621,15 @@ pub fn backward<T: Element>(
                 let (np, nd, n32, r32) = (gy as i32, row_blocks as i32, n as i32, r as i32);
                 let (mut db, mut dv, mut du) = (db, dv, du);
                 let mut b = gpu.stream().launch_builder(&f);
-                match ppart.as_ref() {
-                    Some(p) => b.arg(p),
-                    None => b.arg(&NULL),
-                };
+                b.arg_or_null(ppart.as_ref());
                 b.arg(&np).arg(&ad.b);
-                match &ad.v {
-                    Some(v) => b.arg(v),
-                    None => b.arg(&NULL),
-                };
+                b.arg_or_null(ad.v.as_ref());
                 b.arg(&ad.scale);
-                match db.as_mut() {
-                    Some(x) => b.arg(x),
-                    None => b.arg(&NULL),
-                };
-                match dv.as_mut() {
-                    Some(x) => b.arg(x),
-                    None => b.arg(&NULL),
-                };
-                match dupart.as_ref() {
-                    Some(p) => b.arg(p),
-                    None => b.arg(&NULL),
-                };
+                b.arg_or_null(db.as_mut());
+                b.arg_or_null(dv.as_mut());
+                b.arg_or_null(dupart.as_ref());
                 b.arg(&nd);
-                match du.as_mut() {
-                    Some(x) => b.arg(x),
-                    None => b.arg(&NULL),
-                };
+                b.arg_or_null(du.as_mut());
                 b.arg(&n32).arg(&r32);
                 unsafe { b.launch(cfg) }.map_err(launch_err("lowrank_backward_cols"))?;
             }

@@ -21,7 +21,9 @@ pub mod train;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 
 use crate::backend::{Backend, Scalar};
 use crate::{Error, Result};
@@ -216,6 +218,30 @@ impl Gpu {
     /// Sets every byte of `buf` to zero, on the stream.
     pub fn memset_zero<T: Scalar>(&self, buf: &mut CudaSlice<T>) -> Result<()> {
         self.stream.memset_zeros(buf).map_err(|e| Error::cuda("memset", e))
+    }
+}
+
+/// Optional kernel arguments: kernels read a null pointer as "absent"
+/// (frozen, not requested), so an `Option` of a buffer becomes the buffer or 0.
+pub(crate) trait ArgOrNull {
+    /// Pushes `arg`, or a null device pointer when it is `None`.
+    fn arg_or_null<A>(&mut self, arg: Option<A>) -> &mut Self
+    where
+        Self: PushKernelArg<A>;
+}
+
+/// The null device pointer optional arguments stand for.
+static NULL_PTR: u64 = 0;
+
+impl<'a> ArgOrNull for LaunchArgs<'a> {
+    fn arg_or_null<A>(&mut self, arg: Option<A>) -> &mut Self
+    where
+        Self: PushKernelArg<A>,
+    {
+        match arg {
+            Some(a) => self.arg(a),
+            None => <Self as PushKernelArg<&'static u64>>::arg(self, &NULL_PTR),
+        }
     }
 }
 

@@ -7,9 +7,9 @@
 //! out-of-bounds read. The embedding backward also uses the host copy to
 //! group rows by token, which makes its sums deterministic.
 
-use cudarc::driver::{CudaSlice, DevicePtrMut, DeviceRepr, PushKernelArg, SyncOnDrop};
+use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
 
-use super::{blocks_for, grid, kernels, Gpu};
+use super::{blocks_for, grid, kernels, ArgOrNull, Gpu};
 use crate::backend::Backend;
 use crate::error::check_len;
 use crate::train::ops::{check, AdamWStep, AttnShape, CrossEntropyOut, SeqShape, TrainOps};
@@ -66,21 +66,6 @@ fn grid_stride(n: u64) -> u32 {
 
 fn u32_arg(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::invalid(what, format!("{v} exceeds the kernels' 32-bit limit")))
-}
-
-/// The device address of an optional output (0 when absent, which the
-/// kernels read as "skip"), with the guard that orders it on the stream.
-fn optional_ptr<'a>(
-    buf: Option<&'a mut CudaSlice<f32>>,
-    stream: &'a cudarc::driver::CudaStream,
-) -> (u64, Option<SyncOnDrop<'a>>) {
-    match buf {
-        Some(b) => {
-            let (ptr, guard) = b.device_ptr_mut(stream);
-            (ptr, Some(guard))
-        }
-        None => (0, None),
-    }
 }
 
 fn attn_dims(shape: AttnShape) -> Result<AttnDims> {
@@ -288,21 +273,18 @@ impl TrainOps for Gpu {
         }
         .map(drop)
         .map_err(launch_err("layernorm_backward_params_partial_f32"))?;
-        let stream = self.stream().clone();
-        let (g_ptr, _g_guard) = optional_ptr(dgamma, &stream);
-        let (b_ptr, _b_guard) = optional_ptr(dbeta, &stream);
         let f = self.function(kernels::TRAIN, "layernorm_backward_params_final_f32")?;
-        // SAFETY: argument types match; a zero address means "skip" in the
-        // kernel, a nonzero one holds d floats (checked above).
+        // SAFETY: argument types match; a null address means "skip" in the
+        // kernel, a present one holds d floats (checked above).
         unsafe {
-            stream
+            self.stream()
                 .launch_builder(&f)
                 .arg(&partial_g)
                 .arg(&partial_b)
                 .arg(&chunks)
                 .arg(&d32)
-                .arg(&g_ptr)
-                .arg(&b_ptr)
+                .arg_or_null(dgamma)
+                .arg_or_null(dbeta)
                 .launch(grid(d32.div_ceil(THREADS), THREADS, 0))
         }
         .map(drop)
