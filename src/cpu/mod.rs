@@ -5,6 +5,7 @@
 //! family it mirrors in `kernels/`.
 
 pub mod adapter_sum;
+pub mod attention;
 pub mod gemm;
 pub mod lowrank;
 pub mod projection;

@@ -56,6 +56,11 @@ impl AttnShape {
     pub fn probs_len(&self) -> usize {
         self.seq.batch * self.heads * self.seq.seq * self.seq.seq
     }
+    /// Elements of the per-query log-sum-exp the attention forward keeps
+    /// for its backward: batch·heads·seq.
+    pub fn lse_len(&self) -> usize {
+        self.seq.batch * self.heads * self.seq.seq
+    }
 }
 
 /// One AdamW update's hyper-parameters (decoupled weight decay, bias
@@ -323,6 +328,17 @@ pub mod check {
         check_len(op, "qkv", qkv, shape.seq.tokens() * 3 * shape.width())?;
         check_len(op, if op == "attention_forward" { "out" } else { "dout" }, out, shape.seq.tokens() * shape.width())?;
         check_len(op, "probs", probs, shape.probs_len())
+    }
+
+    /// The flash-form attention (`kernels/attention.cu`): `qkv`, the
+    /// per-token output (or its gradient) and the per-query `lse`.
+    pub fn attention_lse(op: &'static str, shape: AttnShape, qkv: usize, out: usize, lse: usize) -> Result<()> {
+        if shape.head_dim == 0 || shape.heads == 0 || shape.seq.tokens() == 0 {
+            return Err(Error::invalid(op, format!("empty attention shape {shape:?}")));
+        }
+        check_len(op, "qkv", qkv, shape.seq.tokens() * 3 * shape.width())?;
+        check_len(op, if op.ends_with("forward") { "out" } else { "dout" }, out, shape.seq.tokens() * shape.width())?;
+        check_len(op, "lse", lse, shape.lse_len())
     }
 
     /// Elementwise ops: every named operand has `n` elements.
