@@ -16,8 +16,12 @@
 //! mark over the timed steps (every buffer of the trainer comes from that
 //! pool); and a coarse breakdown from the trainer's public pieces: the
 //! forward alone (`Gpt2::run` without backward), forward + backward, and
-//! the optimizer (AdamW, plus Uni-LoRA's gather). One JSON line per method;
-//! `LORAFUSE_BENCH_METHODS` (comma-separated) picks methods.
+//! the optimizer (AdamW, plus Uni-LoRA's gather); and the per-op breakdown
+//! of one more step (`op_ms`: CUDA events between the trainer's op marks,
+//! see `lorafuse::op_timing`). One JSON line per method and precision;
+//! `LORAFUSE_BENCH_METHODS` (comma-separated) picks methods,
+//! `LORAFUSE_BENCH_PRECISION` (`bf16`, `f32` or both, comma-separated;
+//! default bf16, as PEFT runs under bf16 autocast) the compute dtypes.
 //!
 //! CPU: criterion timing of one training step of a tiny model.
 
@@ -30,7 +34,7 @@ use lorafuse::cuda::{bench, Gpu};
 use lorafuse::rng::Rng;
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::Dataset;
-use lorafuse::train::model::{Batch, Gpt2, TrainBackend};
+use lorafuse::train::model::{Batch, Gpt2, Precision, TrainBackend};
 use lorafuse::train::ops::SeqShape;
 use lorafuse::train::trainer::{TrainConfig, Trainer};
 use lorafuse::{Backend, Error, Result};
@@ -127,6 +131,7 @@ fn time_method<B: TrainBackend + Clone>(
     model: Gpt2<B>,
     data: &Dataset,
     (method, rank, alpha): (&str, usize, f32),
+    precision: Precision,
     (batch, seq): (usize, usize),
     (warmup, steps): (usize, usize),
     after_warmup: Probe<'_>,
@@ -141,6 +146,7 @@ fn time_method<B: TrainBackend + Clone>(
         batch,
         seq,
         eval_examples: 1,
+        precision,
         ..TrainConfig::default()
     };
     let mut t = Trainer::new(backend.clone(), model, data.clone(), config)?;
@@ -155,6 +161,11 @@ fn time_method<B: TrainBackend + Clone>(
         step_ms.push(wall_ms(backend, || t.step().map(drop))?);
     }
     let timed = after_timed()?;
+
+    // Per-op time of one more step, from marks on the device's clock.
+    backend.op_timing_start()?;
+    t.step()?;
+    let ops = backend.op_timing_finish()?;
 
     // Breakdown from the trainer's public pieces, on one fixed batch.
     let mut rng = Rng::new(99);
@@ -194,6 +205,8 @@ fn time_method<B: TrainBackend + Clone>(
         "step_ms_min": step_ms.iter().copied().fold(f64::INFINITY, f64::min),
         "timed_steps": steps, "warmup_steps": warmup,
         "forward_ms": f, "backward_ms": fb - f, "optimizer_ms": median(opt),
+        "precision": precision.to_string(),
+        "op_ms": ops.to_json(), "op_total_ms": ops.total_ms(),
     });
     for extra in [warm, timed] {
         if let (Some(l), serde_json::Value::Object(e)) = (line.as_object_mut(), extra) {
@@ -223,7 +236,9 @@ fn gpu_bench(gpu: &Gpu) -> Result<()> {
             "mem_used_with_model_gib": used_bytes(gpu)? as f64 / GIB,
         })
     );
-    for m in METHODS {
+    let precisions = std::env::var("LORAFUSE_BENCH_PRECISION").unwrap_or_else(|_| "bf16".into());
+    let precisions = precisions.split(',').map(Precision::parse).collect::<Result<Vec<_>>>()?;
+    for (m, precision) in METHODS.iter().flat_map(|m| precisions.iter().map(move |p| (*m, *p))) {
         if wanted.as_ref().is_some_and(|w| !w.iter().any(|x| x == m.0)) {
             continue;
         }
@@ -236,8 +251,17 @@ fn gpu_bench(gpu: &Gpu) -> Result<()> {
         let mut after_timed = || -> Result<serde_json::Value> {
             Ok(serde_json::json!({ "pool_peak_gib": pool::peak(gpu).map(|p| p as f64 / GIB) }))
         };
-        let (back, line) =
-            time_method(gpu, model, &data, m, (batch, seq), (warmup, steps), &mut after_warmup, &mut after_timed)?;
+        let (back, line) = time_method(
+            gpu,
+            model,
+            &data,
+            m,
+            precision,
+            (batch, seq),
+            (warmup, steps),
+            &mut after_warmup,
+            &mut after_timed,
+        )?;
         println!("{line}");
         model = back;
     }
@@ -254,7 +278,9 @@ fn cpu_bench(c: &mut Criterion) {
     let mut none = || -> Result<serde_json::Value> { Ok(serde_json::json!({})) };
     let mut none2 = || -> Result<serde_json::Value> { Ok(serde_json::json!({})) };
     let model = Gpt2::random(&Cpu, &cfg, 0).unwrap();
-    let (_, line) = time_method(&Cpu, model, &data, ("lora", 4, 8.0), (4, 32), (1, 3), &mut none, &mut none2).unwrap();
+    let (_, line) =
+        time_method(&Cpu, model, &data, ("lora", 4, 8.0), Precision::F32, (4, 32), (1, 3), &mut none, &mut none2)
+            .unwrap();
     println!("{line}");
     let mut group = c.benchmark_group("train step, 2 layers, width 64, batch 4 x seq 32 (cpu)");
     group.sample_size(20);

@@ -1,36 +1,43 @@
-// The trainer's non-GEMM ops (crate::train::ops::TrainOps), f32 storage and
-// arithmetic. The CPU twin is src/cpu/train.rs; the wrappers are
-// src/cuda/train.rs. Every reduction runs in a fixed order: no float atomics,
-// so a training step gives the same bits on every run.
-//
-// This is the correct-first version: attention is one warp per query (or key)
-// row, O(T²·hd) per head without tiling; a flash-style tiled kernel is the
-// next step once this one has been measured.
+// The trainer's non-GEMM ops (crate::train::ops::TrainOps) in mixed
+// precision: T (f32, f16 or bf16) is the compute dtype of every activation
+// that feeds or leaves a GEMM; the residual stream, its gradient, LayerNorm
+// statistics, parameter gradients and optimizer state are f32, and all
+// arithmetic is f32. The CPU twin is src/cpu/train.rs; the wrappers are
+// src/cuda/train.rs; attention has its own family (kernels/attention.cu).
+// Every reduction runs in a fixed order: no float atomics, so a training
+// step gives the same bits on every run.
 #include "common.cuh"
 
 #define TRAIN_THREADS 256
 #define WARPS_PER_BLOCK (TRAIN_THREADS / 32)
 
+#define GRID_STRIDE(i, n)                                                    \
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < (n); \
+         i += (uint64_t)gridDim.x * blockDim.x)
+
 // ---- embedding -----------------------------------------------------------
 
-// out[row, c] = wte[tokens[row], c] + wpe[row % seq, c]. Tokens are checked
-// against the vocabulary by the wrapper before launch.
-extern "C" __global__ void embedding_forward_f32(const uint32_t* __restrict__ tokens,
-                                                 const float* __restrict__ wte,
-                                                 const float* __restrict__ wpe, uint32_t seq,
-                                                 uint32_t width, uint64_t total,
-                                                 float* __restrict__ out) {
-    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < total;
-         i += (uint64_t)gridDim.x * blockDim.x) {
-        uint64_t row = i / width;
-        uint32_t c = (uint32_t)(i % width);
-        out[i] = wte[(uint64_t)tokens[row] * width + c] + wpe[(row % seq) * width + c];
+// out[row, c] = wte[tokens[row], c] + wpe[row % seq, c] into the f32
+// residual stream. The wrapper range-checks the tokens on the host copy;
+// the guard here only keeps a mismatched device copy from reading out of
+// bounds (such a row becomes NaN, which the loss then shows).
+template <typename T>
+__device__ void embedding_forward_impl(const uint32_t* __restrict__ tokens, const T* __restrict__ wte,
+                                       const T* __restrict__ wpe, uint32_t vocab, uint32_t seq,
+                                       uint32_t width, uint64_t total, float* __restrict__ out) {
+    GRID_STRIDE(i, total) {
+        const uint64_t row = i / width;
+        const uint32_t c = (uint32_t)(i % width), tok = tokens[row];
+        out[i] = tok < vocab ? to_f32(wte[(uint64_t)tok * width + c]) + to_f32(wpe[(row % seq) * width + c])
+                             : __int_as_float(0x7fc00000);
     }
 }
 
 // dwte[tok] += Σ dout[row] over the rows holding tok. One block per distinct
 // token, rows visited in the order the host sorted them (`order`, grouped by
 // `starts`), so duplicate tokens sum deterministically without atomics.
+// dout is the f32 residual gradient; dwte is only wanted in full
+// fine-tuning.
 extern "C" __global__ void embedding_backward_wte_f32(const uint32_t* __restrict__ order,
                                                       const uint32_t* __restrict__ uniq,
                                                       const uint32_t* __restrict__ starts,
@@ -60,14 +67,14 @@ extern "C" __global__ void embedding_backward_wpe_f32(const float* __restrict__ 
 
 // ---- LayerNorm -----------------------------------------------------------
 
-// One warp per row: mean, then variance around it (two passes over a row
-// that sits in L1), then the normalised output.
-extern "C" __global__ void layernorm_forward_f32(const float* __restrict__ x,
-                                                 const float* __restrict__ gamma,
-                                                 const float* __restrict__ beta, float eps,
-                                                 uint32_t rows, uint32_t d,
-                                                 float* __restrict__ out, float* __restrict__ mean,
-                                                 float* __restrict__ rstd) {
+// One warp per row of the f32 residual stream: mean, then variance around
+// it (two passes over a row that sits in L1), then the normalised output in
+// T, which is what the next GEMM reads (no separate cast pass).
+template <typename T>
+__device__ void layernorm_forward_impl(const float* __restrict__ x, const T* __restrict__ gamma,
+                                       const T* __restrict__ beta, float eps, uint32_t rows, uint32_t d,
+                                       T* __restrict__ out, float* __restrict__ mean,
+                                       float* __restrict__ rstd) {
     const uint32_t row = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
     const float* xr = x + (uint64_t)row * d;
@@ -77,25 +84,27 @@ extern "C" __global__ void layernorm_forward_f32(const float* __restrict__ x,
     float v = 0.0f;
     for (uint32_t i = lane; i < d; i += 32) v += (xr[i] - mu) * (xr[i] - mu);
     const float rs = 1.0f / sqrtf(warp_sum(v) / d + eps);
-    float* orow = out + (uint64_t)row * d;
-    for (uint32_t i = lane; i < d; i += 32) orow[i] = (xr[i] - mu) * rs * gamma[i] + beta[i];
+    T* orow = out + (uint64_t)row * d;
+    for (uint32_t i = lane; i < d; i += 32)
+        orow[i] = from_f32<T>((xr[i] - mu) * rs * to_f32(gamma[i]) + to_f32(beta[i]));
     if (lane == 0) { mean[row] = mu; rstd[row] = rs; }
 }
 
-// dx += rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) with dx̂ = dout·γ, one warp per row.
-extern "C" __global__ void layernorm_backward_dx_f32(const float* __restrict__ dout,
-                                                     const float* __restrict__ x,
-                                                     const float* __restrict__ gamma,
-                                                     const float* __restrict__ mean,
-                                                     const float* __restrict__ rstd, uint32_t rows,
-                                                     uint32_t d, float* __restrict__ dx) {
+// dx += rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) with dx̂ = dout·γ, one warp per
+// row. dx is the f32 residual gradient, accumulated in place so the
+// residual branch's gradient needs no extra add pass.
+template <typename T>
+__device__ void layernorm_backward_dx_impl(const T* __restrict__ dout, const float* __restrict__ x,
+                                           const T* __restrict__ gamma, const float* __restrict__ mean,
+                                           const float* __restrict__ rstd, uint32_t rows, uint32_t d,
+                                           float* __restrict__ dx) {
     const uint32_t row = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
     const uint64_t base = (uint64_t)row * d;
     const float mu = mean[row], rs = rstd[row];
     float m1 = 0.0f, m2 = 0.0f;
     for (uint32_t i = lane; i < d; i += 32) {
-        float dxhat = dout[base + i] * gamma[i];
+        float dxhat = to_f32(dout[base + i]) * to_f32(gamma[i]);
         m1 += dxhat;
         m2 += dxhat * (x[base + i] - mu) * rs;
     }
@@ -103,23 +112,26 @@ extern "C" __global__ void layernorm_backward_dx_f32(const float* __restrict__ d
     m2 = warp_sum(m2) / d;
     for (uint32_t i = lane; i < d; i += 32) {
         float xhat = (x[base + i] - mu) * rs;
-        dx[base + i] += rs * (dout[base + i] * gamma[i] - m1 - xhat * m2);
+        dx[base + i] += rs * (to_f32(dout[base + i]) * to_f32(gamma[i]) - m1 - xhat * m2);
     }
 }
 
 // dγ and dβ are column sums over all rows: each (column block, row chunk)
 // writes a partial, and layernorm_backward_params_final_f32 adds the chunks
 // in order. Coalesced across columns, deterministic, no atomics.
-extern "C" __global__ void layernorm_backward_params_partial_f32(
-    const float* __restrict__ dout, const float* __restrict__ x, const float* __restrict__ mean,
-    const float* __restrict__ rstd, uint32_t rows, uint32_t d, uint32_t rows_per_chunk,
-    float* __restrict__ partial_g, float* __restrict__ partial_b) {
+template <typename T>
+__device__ void layernorm_backward_params_partial_impl(const T* __restrict__ dout, const float* __restrict__ x,
+                                                       const float* __restrict__ mean,
+                                                       const float* __restrict__ rstd, uint32_t rows,
+                                                       uint32_t d, uint32_t rows_per_chunk,
+                                                       float* __restrict__ partial_g,
+                                                       float* __restrict__ partial_b) {
     const uint32_t i = blockIdx.x * blockDim.x + threadIdx.x, chunk = blockIdx.y;
     if (i >= d) return;
     float g = 0.0f, b = 0.0f;
     const uint32_t end = min(rows, (chunk + 1) * rows_per_chunk);
     for (uint32_t r = chunk * rows_per_chunk; r < end; ++r) {
-        float dy = dout[(uint64_t)r * d + i];
+        float dy = to_f32(dout[(uint64_t)r * d + i]);
         g += dy * (x[(uint64_t)r * d + i] - mean[r]) * rstd[r];
         b += dy;
     }
@@ -141,180 +153,42 @@ extern "C" __global__ void layernorm_backward_params_final_f32(
     if (dbeta) dbeta[i] += b;
 }
 
-// ---- causal attention ----------------------------------------------------
-// qkv rows are [q | k | v] (3·W wide, W = heads·hd), head h in columns
-// h·hd..(h+1)·hd of each third, as GPT-2's c_attn writes them. probs is
-// [batch][head][query][key], zero above the diagonal.
-
-struct AttnDims {
-    uint32_t batch, seq, heads, hd;
-    float scale;  // 1/sqrt(hd)
-};
-
-__device__ __forceinline__ const float* qkv_row(const float* qkv, const AttnDims& a, uint32_t b,
-                                                uint32_t t, uint32_t part, uint32_t h) {
-    const uint64_t w = (uint64_t)a.heads * a.hd;
-    return qkv + ((uint64_t)b * a.seq + t) * 3 * w + part * w + (uint64_t)h * a.hd;
-}
-
-// One warp per (batch, head, query i): scores for keys j ≤ i, softmax, then
-// out_i = Σ_j p_ij·v_j. The probability row is written once and reread from
-// L1 for the weighted sum.
-extern "C" __global__ void attention_forward_f32(const float* __restrict__ qkv, AttnDims a,
-                                                 float* __restrict__ out,
-                                                 float* __restrict__ probs) {
-    const uint64_t rows = (uint64_t)a.batch * a.heads * a.seq;
-    const uint64_t row = blockIdx.x * (uint64_t)WARPS_PER_BLOCK + threadIdx.x / 32;
-    const uint32_t lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    const uint32_t i = row % a.seq, h = (row / a.seq) % a.heads, b = row / ((uint64_t)a.seq * a.heads);
-    const float* q = qkv_row(qkv, a, b, i, 0, h);
-    float* p = probs + row * a.seq;
-    float mx = -INFINITY;
-    for (uint32_t j = lane; j <= i; j += 32) {
-        const float* k = qkv_row(qkv, a, b, j, 1, h);
-        float s = 0.0f;
-        for (uint32_t e = 0; e < a.hd; ++e) s += q[e] * k[e];
-        s *= a.scale;
-        p[j] = s;
-        mx = fmaxf(mx, s);
-    }
-    mx = warp_max(mx);
-    float sum = 0.0f;
-    for (uint32_t j = lane; j <= i; j += 32) {
-        float e = expf(p[j] - mx);
-        p[j] = e;
-        sum += e;
-    }
-    const float inv = 1.0f / warp_sum(sum);
-    for (uint32_t j = lane; j < a.seq; j += 32) p[j] = j <= i ? p[j] * inv : 0.0f;
-    __syncwarp();
-    float* o = out + ((uint64_t)b * a.seq + i) * a.heads * a.hd + (uint64_t)h * a.hd;
-    for (uint32_t e = lane; e < a.hd; e += 32) {
-        float acc = 0.0f;
-        for (uint32_t j = 0; j <= i; ++j) acc += p[j] * qkv_row(qkv, a, b, j, 2, h)[e];
-        o[e] = acc;
-    }
-}
-
-// Softmax backward for query row i: dp_j = dout_i·v_j, ds_j = p_ij·(dp_j − Σ_k p_ik·dp_k).
-// Per-query kernel: writes dq_i = scale·Σ_j ds_j·k_j and the row's
-// Σ_k p_ik·dp_k (`rowdot`) that the per-key kernel needs, so no
-// batch·heads·seq² buffer of ds is ever stored. Uses seq floats of shared
-// memory per warp for the ds row.
-extern "C" __global__ void attention_backward_query_f32(const float* __restrict__ dout,
-                                                        const float* __restrict__ qkv,
-                                                        const float* __restrict__ probs, AttnDims a,
-                                                        float* __restrict__ rowdot,
-                                                        float* __restrict__ dqkv) {
-    extern __shared__ float ds_rows[];
-    // Warps per block come from the launch: long sequences get fewer warps
-    // so their ds rows still fit in shared memory.
-    const uint64_t rows = (uint64_t)a.batch * a.heads * a.seq;
-    const uint64_t row = blockIdx.x * (uint64_t)(blockDim.x / 32) + threadIdx.x / 32;
-    const uint32_t lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    float* ds = ds_rows + (threadIdx.x / 32) * a.seq;
-    const uint32_t i = row % a.seq, h = (row / a.seq) % a.heads, b = row / ((uint64_t)a.seq * a.heads);
-    const float* dout_i = dout + ((uint64_t)b * a.seq + i) * a.heads * a.hd + (uint64_t)h * a.hd;
-    const float* p = probs + row * a.seq;
-    float dot = 0.0f;
-    for (uint32_t j = lane; j <= i; j += 32) {
-        const float* v = qkv_row(qkv, a, b, j, 2, h);
-        float dp = 0.0f;
-        for (uint32_t e = 0; e < a.hd; ++e) dp += dout_i[e] * v[e];
-        ds[j] = dp;
-        dot += p[j] * dp;
-    }
-    dot = warp_sum(dot);
-    for (uint32_t j = lane; j <= i; j += 32) ds[j] = p[j] * (ds[j] - dot);
-    if (lane == 0) rowdot[row] = dot;
-    __syncwarp();
-    float* dq = dqkv + ((uint64_t)b * a.seq + i) * 3 * a.heads * a.hd + (uint64_t)h * a.hd;
-    for (uint32_t e = lane; e < a.hd; e += 32) {
-        float acc = 0.0f;
-        for (uint32_t j = 0; j <= i; ++j) acc += ds[j] * qkv_row(qkv, a, b, j, 1, h)[e];
-        dq[e] = a.scale * acc;
-    }
-}
-
-// Per-key kernel, one warp per (batch, head, key j): dk_j = scale·Σ_{i≥j} ds_ij·q_i and
-// dv_j = Σ_{i≥j} p_ij·dout_i, recomputing ds_ij from p, dout, v and rowdot.
-// Summing over queries inside one warp keeps it deterministic.
-extern "C" __global__ void attention_backward_key_f32(const float* __restrict__ dout,
-                                                      const float* __restrict__ qkv,
-                                                      const float* __restrict__ probs, AttnDims a,
-                                                      const float* __restrict__ rowdot,
-                                                      float* __restrict__ dqkv) {
-    const uint64_t rows = (uint64_t)a.batch * a.heads * a.seq;
-    const uint64_t row = blockIdx.x * (uint64_t)WARPS_PER_BLOCK + threadIdx.x / 32;
-    const uint32_t lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    const uint32_t j = row % a.seq, h = (row / a.seq) % a.heads, b = row / ((uint64_t)a.seq * a.heads);
-    const uint64_t head_row0 = row - j;  // row index of (b, h, query 0)
-    const float* v_j = qkv_row(qkv, a, b, j, 2, h);
-    const uint64_t w = (uint64_t)a.heads * a.hd;
-    // Each lane owns channels lane, lane+32, ... (hd ≤ 256 → at most 8).
-    float dk[8], dv[8];
-#pragma unroll
-    for (int r = 0; r < 8; ++r) { dk[r] = 0.0f; dv[r] = 0.0f; }
-    for (uint32_t i = j; i < a.seq; ++i) {
-        const float* dout_i = dout + ((uint64_t)b * a.seq + i) * w + (uint64_t)h * a.hd;
-        const float* q_i = qkv_row(qkv, a, b, i, 0, h);
-        float part = 0.0f;
-#pragma unroll
-        for (int r = 0; r < 8; ++r) {
-            uint32_t e = lane + 32 * r;
-            if (e < a.hd) part += dout_i[e] * v_j[e];
-        }
-        const float dp = warp_sum(part);
-        const float p = probs[(head_row0 + i) * a.seq + j];
-        const float ds = p * (dp - rowdot[head_row0 + i]);
-#pragma unroll
-        for (int r = 0; r < 8; ++r) {
-            uint32_t e = lane + 32 * r;
-            if (e < a.hd) { dk[r] += ds * q_i[e]; dv[r] += p * dout_i[e]; }
-        }
-    }
-    float* dk_out = dqkv + ((uint64_t)b * a.seq + j) * 3 * w + w + (uint64_t)h * a.hd;
-    float* dv_out = dk_out + w;
-#pragma unroll
-    for (int r = 0; r < 8; ++r) {
-        uint32_t e = lane + 32 * r;
-        if (e < a.hd) { dk_out[e] = a.scale * dk[r]; dv_out[e] = dv[r]; }
-    }
-}
-
 // ---- elementwise ---------------------------------------------------------
 
 #define GELU_C 0.7978845608028654f  // sqrt(2/pi)
 
-extern "C" __global__ void gelu_forward_f32(const float* __restrict__ x, uint64_t n,
-                                            float* __restrict__ out) {
-    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
-         i += (uint64_t)gridDim.x * blockDim.x) {
-        float v = x[i];
-        out[i] = 0.5f * v * (1.0f + tanhf(GELU_C * (v + 0.044715f * v * v * v)));
+template <typename T>
+__device__ void gelu_forward_impl(const T* __restrict__ x, uint64_t n, T* __restrict__ out) {
+    GRID_STRIDE(i, n) {
+        float v = to_f32(x[i]);
+        out[i] = from_f32<T>(0.5f * v * (1.0f + tanhf(GELU_C * (v + 0.044715f * v * v * v))));
     }
 }
 
-extern "C" __global__ void gelu_backward_f32(const float* __restrict__ dout,
-                                             const float* __restrict__ x, uint64_t n,
-                                             float* __restrict__ dx) {
-    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
-         i += (uint64_t)gridDim.x * blockDim.x) {
-        float v = x[i];
+template <typename T>
+__device__ void gelu_backward_impl(const T* __restrict__ dout, const T* __restrict__ x, uint64_t n,
+                                   T* __restrict__ dx) {
+    GRID_STRIDE(i, n) {
+        float v = to_f32(x[i]);
         float t = tanhf(GELU_C * (v + 0.044715f * v * v * v));
         float du = GELU_C * (1.0f + 3.0f * 0.044715f * v * v);
-        dx[i] = dout[i] * (0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * du);
+        dx[i] = from_f32<T>(to_f32(dout[i]) * (0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * du));
     }
 }
 
-extern "C" __global__ void add_assign_f32(float* __restrict__ y, const float* __restrict__ x,
-                                          uint64_t n) {
-    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
-         i += (uint64_t)gridDim.x * blockDim.x)
-        y[i] += x[i];
+// out = x + y: the residual add, reading the GEMM's T output and writing
+// the f32 stream (x stays: the LayerNorm backward needs it).
+template <typename T>
+__device__ void residual_add_impl(const float* __restrict__ x, const T* __restrict__ y, uint64_t n,
+                                  float* __restrict__ out) {
+    GRID_STRIDE(i, n) out[i] = x[i] + to_f32(y[i]);
+}
+
+// out = (T) x: the residual gradient entering a GEMM backward, and the bf16
+// working copy of the f32 master weights.
+template <typename T>
+__device__ void cast_from_f32_impl(const float* __restrict__ x, uint64_t n, T* __restrict__ out) {
+    GRID_STRIDE(i, n) out[i] = from_f32<T>(x[i]);
 }
 
 // ---- softmax cross-entropy -----------------------------------------------
@@ -322,29 +196,34 @@ extern "C" __global__ void add_assign_f32(float* __restrict__ y, const float* __
 // One block per row. Reads the logits three times (max, Σexp, loss/grad) and
 // overwrites them with the gradient in the last pass, so the probabilities
 // never take a buffer of their own. Ties in argmax go to the lowest index,
-// as on the CPU. Targets were range-checked by the wrapper.
-extern "C" __global__ void cross_entropy_f32(float* __restrict__ logits,
-                                             const uint32_t* __restrict__ targets, uint32_t vocab,
-                                             uint32_t write_grad, float grad_scale,
-                                             float* __restrict__ losses,
-                                             uint32_t* __restrict__ correct) {
+// as on the CPU. Targets were range-checked on the host; a target that is
+// out of range on the device anyway gets a NaN loss, never a stray read.
+template <typename T>
+__device__ void cross_entropy_impl(T* __restrict__ logits, const uint32_t* __restrict__ targets, uint32_t vocab,
+                                   uint32_t write_grad, float grad_scale, float* __restrict__ losses,
+                                   uint32_t* __restrict__ correct) {
     __shared__ float s_val[WARPS_PER_BLOCK];
     __shared__ uint32_t s_idx[WARPS_PER_BLOCK];
     __shared__ float s_target_logit;
     const uint64_t row = blockIdx.x;
-    float* l = logits + row * vocab;
+    T* l = logits + row * vocab;
     const uint32_t target = targets[row];
     const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    if (target == 0xffffffffu) {  // IGNORE
+    if (target == 0xffffffffu || target >= vocab) {  // IGNORE (or a corrupt target)
         if (write_grad)
-            for (uint32_t c = threadIdx.x; c < vocab; c += blockDim.x) l[c] = 0.0f;
-        if (threadIdx.x == 0) { losses[row] = 0.0f; correct[row] = 0; }
+            for (uint32_t c = threadIdx.x; c < vocab; c += blockDim.x) l[c] = from_f32<T>(0.0f);
+        if (threadIdx.x == 0) {
+            losses[row] = target == 0xffffffffu ? 0.0f : __int_as_float(0x7fc00000);
+            correct[row] = 0;
+        }
         return;
     }
     float mx = -INFINITY;
     uint32_t arg = 0xffffffffu;
-    for (uint32_t c = threadIdx.x; c < vocab; c += blockDim.x)
-        if (l[c] > mx) { mx = l[c]; arg = c; }
+    for (uint32_t c = threadIdx.x; c < vocab; c += blockDim.x) {
+        const float v = to_f32(l[c]);
+        if (v > mx) { mx = v; arg = c; }
+    }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         float om = __shfl_xor_sync(0xffffffffu, mx, o);
@@ -352,7 +231,7 @@ extern "C" __global__ void cross_entropy_f32(float* __restrict__ logits,
         if (om > mx || (om == mx && oa < arg)) { mx = om; arg = oa; }
     }
     if (lane == 0) { s_val[warp] = mx; s_idx[warp] = arg; }
-    if (threadIdx.x == 0) s_target_logit = l[target];
+    if (threadIdx.x == 0) s_target_logit = to_f32(l[target]);
     __syncthreads();
     mx = s_val[0];
     arg = s_idx[0];
@@ -360,7 +239,7 @@ extern "C" __global__ void cross_entropy_f32(float* __restrict__ logits,
         if (s_val[w] > mx || (s_val[w] == mx && s_idx[w] < arg)) { mx = s_val[w]; arg = s_idx[w]; }
     __syncthreads();
     float sum = 0.0f;
-    for (uint32_t c = threadIdx.x; c < vocab; c += blockDim.x) sum += expf(l[c] - mx);
+    for (uint32_t c = threadIdx.x; c < vocab; c += blockDim.x) sum += expf(to_f32(l[c]) - mx);
     sum = warp_sum(sum);
     if (lane == 0) s_val[warp] = sum;
     __syncthreads();
@@ -373,8 +252,59 @@ extern "C" __global__ void cross_entropy_f32(float* __restrict__ logits,
     }
     if (write_grad)
         for (uint32_t c = threadIdx.x; c < vocab; c += blockDim.x)
-            l[c] = grad_scale * (expf(l[c] - lse) - (c == target ? 1.0f : 0.0f));
+            l[c] = from_f32<T>(grad_scale * (expf(to_f32(l[c]) - lse) - (c == target ? 1.0f : 0.0f)));
 }
+
+// ---- one exported kernel per op and dtype --------------------------------
+
+#define TRAIN_KERNELS(S, T)                                                                               \
+    extern "C" __global__ void embedding_forward_##S(const uint32_t* __restrict__ tokens,                 \
+                                                     const T* __restrict__ wte, const T* __restrict__ wpe, \
+                                                     uint32_t vocab, uint32_t seq, uint32_t width,         \
+                                                     uint64_t total, float* __restrict__ out) {            \
+        embedding_forward_impl<T>(tokens, wte, wpe, vocab, seq, width, total, out);                       \
+    }                                                                                                     \
+    extern "C" __global__ void layernorm_forward_##S(const float* __restrict__ x, const T* __restrict__ gamma, \
+                                                     const T* __restrict__ beta, float eps, uint32_t rows, \
+                                                     uint32_t d, T* __restrict__ out,                      \
+                                                     float* __restrict__ mean, float* __restrict__ rstd) { \
+        layernorm_forward_impl<T>(x, gamma, beta, eps, rows, d, out, mean, rstd);                          \
+    }                                                                                                     \
+    extern "C" __global__ void layernorm_backward_dx_##S(                                                  \
+        const T* __restrict__ dout, const float* __restrict__ x, const T* __restrict__ gamma,              \
+        const float* __restrict__ mean, const float* __restrict__ rstd, uint32_t rows, uint32_t d,          \
+        float* __restrict__ dx) {                                                                          \
+        layernorm_backward_dx_impl<T>(dout, x, gamma, mean, rstd, rows, d, dx);                            \
+    }                                                                                                     \
+    extern "C" __global__ void layernorm_backward_params_partial_##S(                                      \
+        const T* __restrict__ dout, const float* __restrict__ x, const float* __restrict__ mean,            \
+        const float* __restrict__ rstd, uint32_t rows, uint32_t d, uint32_t rows_per_chunk,                 \
+        float* __restrict__ partial_g, float* __restrict__ partial_b) {                                    \
+        layernorm_backward_params_partial_impl<T>(dout, x, mean, rstd, rows, d, rows_per_chunk, partial_g, \
+                                                  partial_b);                                              \
+    }                                                                                                     \
+    extern "C" __global__ void gelu_forward_##S(const T* __restrict__ x, uint64_t n, T* __restrict__ out) { \
+        gelu_forward_impl<T>(x, n, out);                                                                  \
+    }                                                                                                     \
+    extern "C" __global__ void gelu_backward_##S(const T* __restrict__ dout, const T* __restrict__ x,       \
+                                                 uint64_t n, T* __restrict__ dx) {                         \
+        gelu_backward_impl<T>(dout, x, n, dx);                                                             \
+    }                                                                                                     \
+    extern "C" __global__ void residual_add_##S(const float* __restrict__ x, const T* __restrict__ y,      \
+                                                uint64_t n, float* __restrict__ out) {                     \
+        residual_add_impl<T>(x, y, n, out);                                                                \
+    }                                                                                                     \
+    extern "C" __global__ void cast_from_f32_##S(const float* __restrict__ x, uint64_t n,                  \
+                                                 T* __restrict__ out) {                                    \
+        cast_from_f32_impl<T>(x, n, out);                                                                  \
+    }                                                                                                     \
+    extern "C" __global__ void cross_entropy_##S(T* __restrict__ logits, const uint32_t* __restrict__ targets, \
+                                                 uint32_t vocab, uint32_t write_grad, float grad_scale,    \
+                                                 float* __restrict__ losses, uint32_t* __restrict__ correct) { \
+        cross_entropy_impl<T>(logits, targets, vocab, write_grad, grad_scale, losses, correct);            \
+    }
+
+LORAFUSE_FOR_EACH_DTYPE(TRAIN_KERNELS)
 
 // ---- optimiser and norms -------------------------------------------------
 

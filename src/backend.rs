@@ -58,4 +58,26 @@ pub trait Backend: Send + Sync {
 
     /// Waits until all queued work has finished.
     fn synchronize(&self) -> Result<()>;
+
+    /// True for a device with bf16 tensor cores, where mixed precision is
+    /// the sensible default (the CLI's `--precision auto`).
+    fn has_tensor_cores(&self) -> bool {
+        false
+    }
+
+    /// Starts collecting per-op timing marks ([`crate::op_timing`]),
+    /// discarding any earlier ones.
+    fn op_timing_start(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Closes the interval the previous mark opened and opens one named
+    /// `label`. Free (and a no-op) while timing is off; a mark that fails
+    /// to record is dropped rather than failing the op it precedes.
+    fn op_mark(&self, _label: &'static str) {}
+
+    /// Stops timing and returns the time per label (waits for the device).
+    fn op_timing_finish(&self) -> Result<crate::op_timing::Breakdown> {
+        Ok(Default::default())
+    }
 }

@@ -1,37 +1,40 @@
 //! The trainer's CUDA ops (kernels/train.cu) against their CPU twins
-//! (src/cpu/train.rs), op by op, on random inputs of awkward shapes:
-//! outputs NaN-poisoned before overwriting ops, accumulating ops started
-//! from random values. Skips without a GPU.
+//! (src/cpu/train.rs), op by op, in every compute dtype, on random inputs of
+//! awkward shapes: outputs NaN-poisoned before overwriting ops, accumulating
+//! ops started from random values. Inputs are rounded to the dtype first,
+//! so both sides see the same values. Skips without a GPU.
 
 mod common;
 
+use half::{bf16, f16};
 use lorafuse::cpu::Cpu;
 use lorafuse::cuda::Gpu;
 use lorafuse::testing::check_close;
-use lorafuse::train::ops::{AdamWStep, AttnShape, SeqShape, TrainOps, IGNORE};
-use lorafuse::Backend;
+use lorafuse::train::ops::{AdamWStep, AttnShape, SeqShape, TokenIds, TrainOps, IGNORE};
+use lorafuse::{Backend, Element};
 
-/// f32 kernels against the f64 oracle (rounded to f32 at the edges).
-const TOL: f64 = 1e-5;
-
-fn f64s(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| x as f64).collect()
+fn nan<T: Element>(n: usize) -> Vec<T> {
+    vec![T::from_f32(f32::NAN); n]
 }
 
-fn nan(n: usize) -> Vec<f32> {
-    vec![f32::NAN; n]
+/// `n` seeded values in `[-scale, scale)`, rounded to `T`.
+fn input<T: Element>(seed: u64, n: usize, scale: f32) -> Vec<T> {
+    common::random(seed, n).iter().map(|&v| T::from_f32(scale * v)).collect()
 }
 
-fn check(gpu: &Gpu, ctx: &str, got: &<Gpu as Backend>::Buf<f32>, want: &[f32]) {
+/// GPU result vs CPU twin, within the tolerance of the stored dtype `T`
+/// (the two sides round the same f32/f64 values, so they differ by at
+/// most the last bits of `T`).
+fn check<T: Element>(gpu: &Gpu, ctx: &str, got: &<Gpu as Backend>::Buf<T>, want: &[T]) {
     let got = gpu.download(got).unwrap();
-    if let Err(e) = check_close(ctx, &got, &f64s(want), TOL) {
+    let want: Vec<f64> = want.iter().map(|v| v.to_f64()).collect();
+    let ctx = format!("{ctx} dtype={}", T::DTYPE);
+    if let Err(e) = check_close(&ctx, &got, &want, T::DTYPE.tolerance()) {
         panic!("{e}");
     }
 }
 
-#[test]
-fn gpu_embedding_matches_cpu() {
-    let Some(gpu) = common::gpu_or_skip("gpu_embedding_matches_cpu") else { return };
+fn embedding<T: Element>(gpu: &Gpu) {
     for (n, &(batch, seq, width, vocab, positions)) in
         [(1, 1, 1, 1, 1), (2, 7, 33, 50, 9), (3, 64, 96, 300, 64)].iter().enumerate()
     {
@@ -41,52 +44,72 @@ fn gpu_embedding_matches_cpu() {
         let mut rng = lorafuse::rng::Rng::new(seed);
         // Repeated tokens exercise the grouped (deterministic) backward.
         let tokens: Vec<u32> = (0..batch * seq).map(|_| rng.below(vocab.min(5) as u64) as u32).collect();
-        let wte = common::random(seed, vocab * width);
-        let wpe = common::random(seed + 1, positions * width);
+        let wte: Vec<T> = input(seed, vocab * width, 1.0);
+        let wpe: Vec<T> = input(seed + 1, positions * width, 1.0);
         let mut out_c = vec![0f32; batch * seq * width];
-        Cpu.embedding_forward(&tokens, &wte, &wpe, shape, width, &mut out_c).unwrap();
+        let ids_c = TokenIds::<Cpu> { device: &tokens, host: &tokens };
+        Cpu.embedding_forward(ids_c, &wte, &wpe, shape, width, &mut out_c).unwrap();
         let (t_g, wte_g, wpe_g) = (gpu.upload(&tokens).unwrap(), gpu.upload(&wte).unwrap(), gpu.upload(&wpe).unwrap());
-        let mut out_g = gpu.upload(&nan(out_c.len())).unwrap();
-        gpu.embedding_forward(&t_g, &wte_g, &wpe_g, shape, width, &mut out_g).unwrap();
-        check(&gpu, &format!("embedding_forward {ctx}"), &out_g, &out_c);
+        let ids_g = TokenIds::<Gpu> { device: &t_g, host: &tokens };
+        let mut out_g = gpu.upload(&nan::<f32>(out_c.len())).unwrap();
+        gpu.embedding_forward(ids_g, &wte_g, &wpe_g, shape, width, &mut out_g).unwrap();
+        check(gpu, &format!("embedding_forward {ctx} weights={}", T::DTYPE), &out_g, &out_c);
 
         let dout = common::random(seed + 2, out_c.len());
         let (mut dwte_c, mut dwpe_c) = (common::random(seed + 3, wte.len()), common::random(seed + 4, wpe.len()));
         let (mut dwte_g, mut dwpe_g) = (gpu.upload(&dwte_c).unwrap(), gpu.upload(&dwpe_c).unwrap());
-        Cpu.embedding_backward(&tokens, &dout, shape, width, Some(&mut dwte_c), Some(&mut dwpe_c)).unwrap();
+        Cpu.embedding_backward(ids_c, &dout, shape, width, Some(&mut dwte_c), Some(&mut dwpe_c)).unwrap();
         let dout_g = gpu.upload(&dout).unwrap();
-        gpu.embedding_backward(&t_g, &dout_g, shape, width, Some(&mut dwte_g), Some(&mut dwpe_g)).unwrap();
-        check(&gpu, &format!("embedding_backward dwte {ctx}"), &dwte_g, &dwte_c);
-        check(&gpu, &format!("embedding_backward dwpe {ctx}"), &dwpe_g, &dwpe_c);
+        gpu.embedding_backward(ids_g, &dout_g, shape, width, Some(&mut dwte_g), Some(&mut dwpe_g)).unwrap();
+        check(gpu, &format!("embedding_backward dwte {ctx}"), &dwte_g, &dwte_c);
+        check(gpu, &format!("embedding_backward dwpe {ctx}"), &dwpe_g, &dwpe_c);
     }
-    // A token outside the vocabulary is a typed error, not a wild read.
-    let shape = SeqShape { batch: 1, seq: 2 };
-    let t_g = gpu.upload(&[0u32, 9]).unwrap();
-    let (wte_g, wpe_g) = (gpu.upload(&[0.5f32; 8]).unwrap(), gpu.upload(&[0.5f32; 4]).unwrap());
-    let mut out_g = gpu.upload(&[0f32; 4]).unwrap();
-    let err = gpu.embedding_forward(&t_g, &wte_g, &wpe_g, shape, 2, &mut out_g).unwrap_err();
-    assert!(matches!(err, lorafuse::Error::Index { index: 9, bound: 4, .. }), "{err}");
 }
 
 #[test]
-fn gpu_layernorm_matches_cpu() {
-    let Some(gpu) = common::gpu_or_skip("gpu_layernorm_matches_cpu") else { return };
+fn gpu_embedding_matches_cpu() {
+    let Some(gpu) = common::gpu_or_skip("gpu_embedding_matches_cpu") else { return };
+    embedding::<f32>(&gpu);
+    embedding::<bf16>(&gpu);
+    // A token outside the vocabulary is a typed error, not a wild read.
+    let shape = SeqShape { batch: 1, seq: 2 };
+    let host = [0u32, 9];
+    let t_g = gpu.upload(&host).unwrap();
+    let (wte_g, wpe_g) = (gpu.upload(&[0.5f32; 8]).unwrap(), gpu.upload(&[0.5f32; 4]).unwrap());
+    let mut out_g = gpu.upload(&[0f32; 4]).unwrap();
+    let ids = TokenIds::<Gpu> { device: &t_g, host: &host };
+    let err = gpu.embedding_forward(ids, &wte_g, &wpe_g, shape, 2, &mut out_g).unwrap_err();
+    assert!(matches!(err, lorafuse::Error::Index { index: 9, bound: 4, .. }), "{err}");
+    // A device copy that disagrees with the (valid) host copy must not read
+    // out of bounds: the kernel guards the index (compute-sanitizer checks
+    // this test) and the row comes out NaN.
+    let good = [0u32, 1];
+    let ids = TokenIds::<Gpu> { device: &t_g, host: &good };
+    gpu.embedding_forward(ids, &wte_g, &wpe_g, shape, 2, &mut out_g).unwrap();
+    let out = gpu.download(&out_g).unwrap();
+    assert!(out[0].is_finite() && out[2].is_nan(), "guarded embedding rows: {out:?}");
+}
+
+fn layernorm<T: Element>(gpu: &Gpu) {
     for (n, &(rows, d)) in [(1, 1), (1, 31), (9, 33), (130, 768), (65, 257)].iter().enumerate() {
         let seed = 200 + n as u64;
         let ctx = format!("rows={rows} d={d} seed={seed}");
         let x: Vec<f32> = common::random(seed, rows * d).iter().map(|v| 3.0 * v + 0.5).collect();
-        let (gamma, beta) = (common::random(seed + 1, d), common::random(seed + 2, d));
-        let (mut out_c, mut mean_c, mut rstd_c) = (vec![0f32; rows * d], vec![0f32; rows], vec![0f32; rows]);
+        let (gamma, beta): (Vec<T>, Vec<T>) = (input(seed + 1, d, 1.0), input(seed + 2, d, 1.0));
+        let (mut out_c, mut mean_c, mut rstd_c) = (vec![T::default(); rows * d], vec![0f32; rows], vec![0f32; rows]);
         Cpu.layernorm_forward(&x, &gamma, &beta, 1e-5, &mut out_c, &mut mean_c, &mut rstd_c).unwrap();
         let (x_g, g_g, b_g) = (gpu.upload(&x).unwrap(), gpu.upload(&gamma).unwrap(), gpu.upload(&beta).unwrap());
-        let (mut out_g, mut mean_g, mut rstd_g) =
-            (gpu.upload(&nan(rows * d)).unwrap(), gpu.upload(&nan(rows)).unwrap(), gpu.upload(&nan(rows)).unwrap());
+        let (mut out_g, mut mean_g, mut rstd_g) = (
+            gpu.upload(&nan::<T>(rows * d)).unwrap(),
+            gpu.upload(&nan::<f32>(rows)).unwrap(),
+            gpu.upload(&nan::<f32>(rows)).unwrap(),
+        );
         gpu.layernorm_forward(&x_g, &g_g, &b_g, 1e-5, &mut out_g, &mut mean_g, &mut rstd_g).unwrap();
-        check(&gpu, &format!("layernorm_forward out {ctx}"), &out_g, &out_c);
-        check(&gpu, &format!("layernorm_forward mean {ctx}"), &mean_g, &mean_c);
-        check(&gpu, &format!("layernorm_forward rstd {ctx}"), &rstd_g, &rstd_c);
+        check(gpu, &format!("layernorm_forward out {ctx}"), &out_g, &out_c);
+        check(gpu, &format!("layernorm_forward mean {ctx}"), &mean_g, &mean_c);
+        check(gpu, &format!("layernorm_forward rstd {ctx}"), &rstd_g, &rstd_c);
 
-        let dout = common::random(seed + 3, rows * d);
+        let dout: Vec<T> = input(seed + 3, rows * d, 1.0);
         let mut dx_c = common::random(seed + 4, rows * d);
         let (mut dg_c, mut db_c) = (common::random(seed + 5, d), common::random(seed + 6, d));
         let (mut dx_g, mut dg_g, mut db_g) =
@@ -97,67 +120,97 @@ fn gpu_layernorm_matches_cpu() {
         let (mean_g2, rstd_g2) = (gpu.upload(&mean_c).unwrap(), gpu.upload(&rstd_c).unwrap());
         gpu.layernorm_backward(&dout_g, &x_g, &g_g, &mean_g2, &rstd_g2, &mut dx_g, Some(&mut dg_g), Some(&mut db_g))
             .unwrap();
-        check(&gpu, &format!("layernorm_backward dx {ctx}"), &dx_g, &dx_c);
-        check(&gpu, &format!("layernorm_backward dgamma {ctx}"), &dg_g, &dg_c);
-        check(&gpu, &format!("layernorm_backward dbeta {ctx}"), &db_g, &db_c);
+        check(gpu, &format!("layernorm_backward dx {ctx} dtype={}", T::DTYPE), &dx_g, &dx_c);
+        check(gpu, &format!("layernorm_backward dgamma {ctx} dtype={}", T::DTYPE), &dg_g, &dg_c);
+        check(gpu, &format!("layernorm_backward dbeta {ctx} dtype={}", T::DTYPE), &db_g, &db_c);
+    }
+}
+
+#[test]
+fn gpu_layernorm_matches_cpu() {
+    let Some(gpu) = common::gpu_or_skip("gpu_layernorm_matches_cpu") else { return };
+    layernorm::<f32>(&gpu);
+    layernorm::<bf16>(&gpu);
+    layernorm::<f16>(&gpu);
+}
+
+/// The [`TrainOps`] attention entry points (the kernels themselves are
+/// tested in depth by tests/attention.rs): wiring, `lse`, and `dqkv`.
+fn attention<T: Element>(gpu: &Gpu) {
+    for (n, &(batch, seq, heads, head_dim)) in [(1, 1, 1, 1), (2, 33, 3, 16), (1, 70, 2, 64)].iter().enumerate() {
+        let seed = 300 + n as u64;
+        let ctx = format!("batch={batch} seq={seq} heads={heads} head_dim={head_dim} seed={seed}");
+        let shape = AttnShape { seq: SeqShape { batch, seq }, heads, head_dim };
+        let qkv: Vec<T> = input(seed, shape.seq.tokens() * 3 * shape.width(), 1.0);
+        let (mut out_c, mut lse_c) =
+            (vec![T::default(); shape.seq.tokens() * shape.width()], vec![0f32; shape.lse_len()]);
+        Cpu.attention_forward(&qkv, shape, &mut out_c, &mut lse_c).unwrap();
+        let qkv_g = gpu.upload(&qkv).unwrap();
+        let (mut out_g, mut lse_g) =
+            (gpu.upload(&nan::<T>(out_c.len())).unwrap(), gpu.upload(&nan::<f32>(lse_c.len())).unwrap());
+        gpu.attention_forward(&qkv_g, shape, &mut out_g, &mut lse_g).unwrap();
+        check(gpu, &format!("attention_forward out {ctx}"), &out_g, &out_c);
+        check(gpu, &format!("attention_forward lse {ctx} dtype={}", T::DTYPE), &lse_g, &lse_c);
+
+        let dout: Vec<T> = input(seed + 1, out_c.len(), 1.0);
+        let mut dqkv_c = vec![T::default(); qkv.len()];
+        Cpu.attention_backward(&dout, &qkv, &out_c, &lse_c, shape, &mut dqkv_c).unwrap();
+        let (dout_g, out_cg, lse_cg) =
+            (gpu.upload(&dout).unwrap(), gpu.upload(&out_c).unwrap(), gpu.upload(&lse_c).unwrap());
+        let mut dqkv_g = gpu.upload(&nan::<T>(qkv.len())).unwrap();
+        gpu.attention_backward(&dout_g, &qkv_g, &out_cg, &lse_cg, shape, &mut dqkv_g).unwrap();
+        check(gpu, &format!("attention_backward dqkv {ctx}"), &dqkv_g, &dqkv_c);
     }
 }
 
 #[test]
 fn gpu_attention_matches_cpu() {
     let Some(gpu) = common::gpu_or_skip("gpu_attention_matches_cpu") else { return };
-    for (n, &(batch, seq, heads, head_dim)) in
-        [(1, 1, 1, 1), (1, 5, 2, 3), (2, 33, 3, 16), (1, 70, 2, 64), (2, 17, 1, 200)].iter().enumerate()
-    {
-        let seed = 300 + n as u64;
-        let ctx = format!("batch={batch} seq={seq} heads={heads} head_dim={head_dim} seed={seed}");
-        let shape = AttnShape { seq: SeqShape { batch, seq }, heads, head_dim };
-        let qkv = common::random(seed, shape.seq.tokens() * 3 * shape.width());
-        let (mut out_c, mut probs_c) = (vec![0f32; shape.seq.tokens() * shape.width()], vec![0f32; shape.probs_len()]);
-        Cpu.attention_forward(&qkv, shape, &mut out_c, &mut probs_c).unwrap();
-        let qkv_g = gpu.upload(&qkv).unwrap();
-        let (mut out_g, mut probs_g) =
-            (gpu.upload(&nan(out_c.len())).unwrap(), gpu.upload(&nan(probs_c.len())).unwrap());
-        gpu.attention_forward(&qkv_g, shape, &mut out_g, &mut probs_g).unwrap();
-        check(&gpu, &format!("attention_forward out {ctx}"), &out_g, &out_c);
-        check(&gpu, &format!("attention_forward probs {ctx}"), &probs_g, &probs_c);
+    attention::<f32>(&gpu);
+    attention::<bf16>(&gpu);
+}
 
-        let dout = common::random(seed + 1, out_c.len());
-        let mut dqkv_c = vec![0f32; qkv.len()];
-        Cpu.attention_backward(&dout, &qkv, &probs_c, shape, &mut dqkv_c).unwrap();
-        let (dout_g, probs_cg) = (gpu.upload(&dout).unwrap(), gpu.upload(&probs_c).unwrap());
-        let mut dqkv_g = gpu.upload(&nan(qkv.len())).unwrap();
-        gpu.attention_backward(&dout_g, &qkv_g, &probs_cg, shape, &mut dqkv_g).unwrap();
-        check(&gpu, &format!("attention_backward dqkv {ctx}"), &dqkv_g, &dqkv_c);
+fn elementwise<T: Element>(gpu: &Gpu) {
+    for (k, &n) in [1usize, 31, 4097, 100_003].iter().enumerate() {
+        let seed = 400 + k as u64;
+        let ctx = format!("n={n} seed={seed}");
+        let x: Vec<T> = input(seed, n, 4.0);
+        let x_g = gpu.upload(&x).unwrap();
+        let mut out_c = vec![T::default(); n];
+        Cpu.gelu_forward(&x, &mut out_c).unwrap();
+        let mut out_g = gpu.upload(&nan::<T>(n)).unwrap();
+        gpu.gelu_forward(&x_g, &mut out_g).unwrap();
+        check(gpu, &format!("gelu_forward {ctx}"), &out_g, &out_c);
+
+        let dout: Vec<T> = input(seed + 1, n, 1.0);
+        let dout_g = gpu.upload(&dout).unwrap();
+        Cpu.gelu_backward(&dout, &x, &mut out_c).unwrap();
+        let mut dx_g = gpu.upload(&nan::<T>(n)).unwrap();
+        gpu.gelu_backward(&dout_g, &x_g, &mut dx_g).unwrap();
+        check(gpu, &format!("gelu_backward {ctx}"), &dx_g, &out_c);
+
+        let res = common::random(seed + 2, n);
+        let res_g = gpu.upload(&res).unwrap();
+        let mut sum_c = vec![0f32; n];
+        Cpu.residual_add(&res, &x, &mut sum_c).unwrap();
+        let mut sum_g = gpu.upload(&nan::<f32>(n)).unwrap();
+        gpu.residual_add(&res_g, &x_g, &mut sum_g).unwrap();
+        check(gpu, &format!("residual_add {ctx} y={}", T::DTYPE), &sum_g, &sum_c);
+
+        let mut cast_c = vec![T::default(); n];
+        Cpu.cast_from_f32(&res, &mut cast_c).unwrap();
+        let mut cast_g = gpu.upload(&nan::<T>(n)).unwrap();
+        gpu.cast_from_f32(&res_g, &mut cast_g).unwrap();
+        // Round to nearest even on both sides: bit-identical.
+        assert_eq!(gpu.download(&cast_g).unwrap(), cast_c, "cast_from_f32 {ctx} dtype={}", T::DTYPE);
     }
 }
 
-#[test]
-fn gpu_elementwise_ops_match_cpu() {
-    let Some(gpu) = common::gpu_or_skip("gpu_elementwise_ops_match_cpu") else { return };
+fn optimizer(gpu: &Gpu) {
     for (k, &n) in [1usize, 31, 4097, 100_003].iter().enumerate() {
-        let seed = 400 + k as u64;
-        let x: Vec<f32> = common::random(seed, n).iter().map(|v| 4.0 * v).collect();
+        let seed = 450 + k as u64;
+        let x: Vec<f32> = input(seed, n, 4.0);
         let x_g = gpu.upload(&x).unwrap();
-        let mut out_c = vec![0f32; n];
-        Cpu.gelu_forward(&x, &mut out_c).unwrap();
-        let mut out_g = gpu.upload(&nan(n)).unwrap();
-        gpu.gelu_forward(&x_g, &mut out_g).unwrap();
-        check(&gpu, &format!("gelu_forward n={n} seed={seed}"), &out_g, &out_c);
-
-        let dout = common::random(seed + 1, n);
-        let dout_g = gpu.upload(&dout).unwrap();
-        Cpu.gelu_backward(&dout, &x, &mut out_c).unwrap();
-        let mut dx_g = gpu.upload(&nan(n)).unwrap();
-        gpu.gelu_backward(&dout_g, &x_g, &mut dx_g).unwrap();
-        check(&gpu, &format!("gelu_backward n={n} seed={seed}"), &dx_g, &out_c);
-
-        let mut y_c = common::random(seed + 2, n);
-        let mut y_g = gpu.upload(&y_c).unwrap();
-        Cpu.add_assign(&mut y_c, &x).unwrap();
-        gpu.add_assign(&mut y_g, &x_g).unwrap();
-        check(&gpu, &format!("add_assign n={n} seed={seed}"), &y_g, &y_c);
-
         let want = Cpu.sum_squares(&x).unwrap();
         let got = gpu.sum_squares(&x_g).unwrap();
         assert!((got - want).abs() <= 1e-12 * want.max(1.0), "sum_squares n={n} seed={seed}: {got} vs {want}");
@@ -174,30 +227,49 @@ fn gpu_elementwise_ops_match_cpu() {
             AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 3, grad_scale: 0.5 };
         Cpu.adamw(&mut p_c, &g, &mut m_c, &mut v_c, &hp).unwrap();
         gpu.adamw(&mut p_g, &g_g, &mut m_g, &mut v_g, &hp).unwrap();
-        check(&gpu, &format!("adamw param n={n} seed={seed}"), &p_g, &p_c);
-        check(&gpu, &format!("adamw m n={n} seed={seed}"), &m_g, &m_c);
-        check(&gpu, &format!("adamw v n={n} seed={seed}"), &v_g, &v_c);
+        check(gpu, &format!("adamw param n={n} seed={seed}"), &p_g, &p_c);
+        check(gpu, &format!("adamw m n={n} seed={seed}"), &m_g, &m_c);
+        check(gpu, &format!("adamw v n={n} seed={seed}"), &v_g, &v_c);
+    }
+}
+
+#[test]
+fn gpu_elementwise_ops_match_cpu() {
+    let Some(gpu) = common::gpu_or_skip("gpu_elementwise_ops_match_cpu") else { return };
+    elementwise::<f32>(&gpu);
+    elementwise::<bf16>(&gpu);
+    elementwise::<f16>(&gpu);
+    optimizer(&gpu);
+}
+
+fn cross_entropy<T: Element>(gpu: &Gpu) {
+    for (k, &(rows, vocab)) in [(1usize, 1usize), (3, 7), (17, 257), (64, 50_257)].iter().enumerate() {
+        let seed = 500 + k as u64;
+        let ctx = format!("rows={rows} vocab={vocab} seed={seed}");
+        let logits: Vec<T> = input(seed, rows * vocab, 5.0);
+        let mut rng = lorafuse::rng::Rng::new(seed);
+        let targets: Vec<u32> =
+            (0..rows).map(|r| if r % 5 == 4 { IGNORE } else { rng.below(vocab as u64) as u32 }).collect();
+        for grad in [None, Some(0.25)] {
+            let mut l_c = logits.clone();
+            let out_c =
+                Cpu.cross_entropy(&mut l_c, TokenIds { device: &targets, host: &targets }, vocab, grad).unwrap();
+            let (mut l_g, t_g) = (gpu.upload(&logits).unwrap(), gpu.upload(&targets).unwrap());
+            let out_g = gpu.cross_entropy(&mut l_g, TokenIds { device: &t_g, host: &targets }, vocab, grad).unwrap();
+            // Losses are f32 whatever the logits' dtype.
+            let losses = gpu.download(&out_g.losses).unwrap();
+            let want: Vec<f64> = out_c.losses.iter().map(|&v| v as f64).collect();
+            let lctx = format!("cross_entropy losses {ctx} grad={grad:?} dtype={}", T::DTYPE);
+            check_close(&lctx, &losses, &want, 1e-5).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(gpu.download(&out_g.correct).unwrap(), out_c.correct, "cross_entropy correct {ctx}");
+            check(gpu, &format!("cross_entropy logits/grad {ctx} grad={grad:?}"), &l_g, &l_c);
+        }
     }
 }
 
 #[test]
 fn gpu_cross_entropy_matches_cpu() {
     let Some(gpu) = common::gpu_or_skip("gpu_cross_entropy_matches_cpu") else { return };
-    for (k, &(rows, vocab)) in [(1usize, 1usize), (3, 7), (17, 257), (64, 50_257)].iter().enumerate() {
-        let seed = 500 + k as u64;
-        let ctx = format!("rows={rows} vocab={vocab} seed={seed}");
-        let logits: Vec<f32> = common::random(seed, rows * vocab).iter().map(|v| 5.0 * v).collect();
-        let mut rng = lorafuse::rng::Rng::new(seed);
-        let targets: Vec<u32> =
-            (0..rows).map(|r| if r % 5 == 4 { IGNORE } else { rng.below(vocab as u64) as u32 }).collect();
-        for grad in [None, Some(0.25)] {
-            let mut l_c = logits.clone();
-            let out_c = Cpu.cross_entropy(&mut l_c, &targets, vocab, grad).unwrap();
-            let (mut l_g, t_g) = (gpu.upload(&logits).unwrap(), gpu.upload(&targets).unwrap());
-            let out_g = gpu.cross_entropy(&mut l_g, &t_g, vocab, grad).unwrap();
-            check(&gpu, &format!("cross_entropy losses {ctx} grad={grad:?}"), &out_g.losses, &out_c.losses);
-            assert_eq!(gpu.download(&out_g.correct).unwrap(), out_c.correct, "cross_entropy correct {ctx}");
-            check(&gpu, &format!("cross_entropy logits/grad {ctx} grad={grad:?}"), &l_g, &l_c);
-        }
-    }
+    cross_entropy::<f32>(&gpu);
+    cross_entropy::<bf16>(&gpu);
 }

@@ -11,7 +11,10 @@ pub mod lowrank;
 pub mod projection;
 pub mod train;
 
+use std::time::Instant;
+
 use crate::backend::{Backend, Scalar};
+use crate::op_timing::{Breakdown, Timeline};
 use crate::Result;
 
 /// The CPU backend. Stateless; cheap to create.
@@ -39,4 +42,27 @@ impl Backend for Cpu {
     fn synchronize(&self) -> Result<()> {
         Ok(())
     }
+    fn op_timing_start(&self) -> Result<()> {
+        TIMELINE.with_borrow_mut(|t| *t = Some(Timeline::default()));
+        Ok(())
+    }
+    fn op_mark(&self, label: &'static str) {
+        TIMELINE.with_borrow_mut(|t| {
+            if let Some(t) = t.as_mut() {
+                t.push(label, Instant::now());
+            }
+        });
+    }
+    fn op_timing_finish(&self) -> Result<Breakdown> {
+        self.op_mark("end");
+        TIMELINE.with_borrow_mut(Option::take).map(|t| t.breakdown()).unwrap_or_else(|| Ok(Breakdown::default()))
+    }
+}
+
+thread_local! {
+    /// The CPU backend is a stateless `Copy` value, so its timeline lives
+    /// with the thread that calls the ops: timing covers the work this
+    /// thread issues (ops fan out to rayon inside and return before the
+    /// next mark), and runs on other threads do not mix in.
+    static TIMELINE: std::cell::RefCell<Option<Timeline<Instant>>> = const { std::cell::RefCell::new(None) };
 }

@@ -3,22 +3,24 @@
 //! Each op is written once as a plain f64 function (`*_f64`, public so the
 //! finite-difference tests check the math in f64 directly), and the
 //! [`TrainOps`] impl converts the f32 buffers at the edges. Matrix products
-//! inside attention go through [`super::gemm::matmul`].
+//! inside attention go through [`super::gemm::matmul`]; attention itself
+//! lives in [`super::attention`] (its kernels have a family of their own).
 
 use rayon::prelude::*;
 
-use super::gemm::{matmul, Op};
+pub use super::attention::{attention_backward_f64, attention_forward_f64};
 use super::Cpu;
+use crate::dtype::Element;
 use crate::error::check_len;
-use crate::train::ops::{check, AdamWStep, AttnShape, CrossEntropyOut, SeqShape, TrainOps, IGNORE};
+use crate::train::ops::{check, AdamWStep, AttnShape, CrossEntropyOut, SeqShape, TokenIds, TrainOps, IGNORE};
 use crate::Result;
 
-fn to64(x: &[f32]) -> Vec<f64> {
-    x.iter().map(|&v| v as f64).collect()
+fn to64<T: Element>(x: &[T]) -> Vec<f64> {
+    x.iter().map(|&v| v.to_f64()).collect()
 }
 
-fn store(dst: &mut [f32], src: &[f64]) {
-    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s as f32);
+fn store<T: Element>(dst: &mut [T], src: &[f64]) {
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = T::from_f64(s));
 }
 
 fn accumulate(dst: &mut [f32], src: &[f64]) {
@@ -92,104 +94,6 @@ pub fn gelu_grad_f64(x: f64) -> f64 {
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
 }
 
-/// Gathers head `h` of part `part` (0 = q, 1 = k, 2 = v) of row block `b`
-/// into a contiguous seq × hd matrix.
-fn head(qkv: &[f64], s: &AttnShape, b: usize, part: usize, h: usize) -> Vec<f64> {
-    let (t, hd, w) = (s.seq.seq, s.head_dim, s.width());
-    let mut m = vec![0.0; t * hd];
-    for i in 0..t {
-        let base = (b * t + i) * 3 * w + part * w + h * hd;
-        m[i * hd..(i + 1) * hd].copy_from_slice(&qkv[base..base + hd]);
-    }
-    m
-}
-
-/// Causal attention forward in f64: returns `(out, probs)`.
-pub fn attention_forward_f64(qkv: &[f64], s: AttnShape) -> Result<(Vec<f64>, Vec<f64>)> {
-    let (t, hd, w) = (s.seq.seq, s.head_dim, s.width());
-    let scale = 1.0 / (hd as f64).sqrt();
-    let per: Vec<(Vec<f64>, Vec<f64>)> = (0..s.seq.batch * s.heads)
-        .into_par_iter()
-        .map(|bh| {
-            let (b, h) = (bh / s.heads, bh % s.heads);
-            let (q, k, v) = (head(qkv, &s, b, 0, h), head(qkv, &s, b, 1, h), head(qkv, &s, b, 2, h));
-            let mut p = vec![0.0; t * t];
-            matmul((t, hd, t), &q, Op::N, &k, Op::T, &mut p, scale, 0.0)?;
-            for i in 0..t {
-                let row = &mut p[i * t..(i + 1) * t];
-                let max = row[..=i].iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let mut sum = 0.0;
-                for e in row[..=i].iter_mut() {
-                    *e = (*e - max).exp();
-                    sum += *e;
-                }
-                row[..=i].iter_mut().for_each(|e| *e /= sum);
-                row[i + 1..].iter_mut().for_each(|e| *e = 0.0);
-            }
-            let mut o = vec![0.0; t * hd];
-            matmul((t, t, hd), &p, Op::N, &v, Op::N, &mut o, 1.0, 0.0)?;
-            Ok((o, p))
-        })
-        .collect::<Result<_>>()?;
-    let mut out = vec![0.0; s.seq.tokens() * w];
-    let mut probs = Vec::with_capacity(s.probs_len());
-    for (bh, (o, p)) in per.into_iter().enumerate() {
-        let (b, h) = (bh / s.heads, bh % s.heads);
-        for i in 0..t {
-            let base = (b * t + i) * w + h * hd;
-            out[base..base + hd].copy_from_slice(&o[i * hd..(i + 1) * hd]);
-        }
-        probs.extend_from_slice(&p);
-    }
-    Ok((out, probs))
-}
-
-/// Causal attention backward in f64 from the stored probabilities: `dqkv`.
-pub fn attention_backward_f64(dout: &[f64], qkv: &[f64], probs: &[f64], s: AttnShape) -> Result<Vec<f64>> {
-    let (t, hd, w) = (s.seq.seq, s.head_dim, s.width());
-    let scale = 1.0 / (hd as f64).sqrt();
-    let per: Vec<[Vec<f64>; 3]> = (0..s.seq.batch * s.heads)
-        .into_par_iter()
-        .map(|bh| {
-            let (b, h) = (bh / s.heads, bh % s.heads);
-            let (q, k, v) = (head(qkv, &s, b, 0, h), head(qkv, &s, b, 1, h), head(qkv, &s, b, 2, h));
-            let p = &probs[bh * t * t..(bh + 1) * t * t];
-            let mut dout_h = vec![0.0; t * hd];
-            for i in 0..t {
-                let base = (b * t + i) * w + h * hd;
-                dout_h[i * hd..(i + 1) * hd].copy_from_slice(&dout[base..base + hd]);
-            }
-            // dV = Pᵀ·dO; dP = dO·Vᵀ; dS = P ⊙ (dP − rowsum(dP ⊙ P)) (softmax
-            // backward); dQ = scale·dS·K; dK = scale·dSᵀ·Q.
-            let mut dv = vec![0.0; t * hd];
-            matmul((t, t, hd), p, Op::T, &dout_h, Op::N, &mut dv, 1.0, 0.0)?;
-            let mut ds = vec![0.0; t * t];
-            matmul((t, hd, t), &dout_h, Op::N, &v, Op::T, &mut ds, 1.0, 0.0)?;
-            for i in 0..t {
-                let (pr, dr) = (&p[i * t..(i + 1) * t], &mut ds[i * t..(i + 1) * t]);
-                let dot: f64 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                dr.iter_mut().zip(pr).for_each(|(d, p)| *d = p * (*d - dot));
-            }
-            let mut dq = vec![0.0; t * hd];
-            matmul((t, t, hd), &ds, Op::N, &k, Op::N, &mut dq, scale, 0.0)?;
-            let mut dk = vec![0.0; t * hd];
-            matmul((t, t, hd), &ds, Op::T, &q, Op::N, &mut dk, scale, 0.0)?;
-            Ok([dq, dk, dv])
-        })
-        .collect::<Result<_>>()?;
-    let mut dqkv = vec![0.0; qkv.len()];
-    for (bh, parts) in per.into_iter().enumerate() {
-        let (b, h) = (bh / s.heads, bh % s.heads);
-        for (part, m) in parts.iter().enumerate() {
-            for i in 0..t {
-                let base = (b * t + i) * 3 * w + part * w + h * hd;
-                dqkv[base..base + hd].copy_from_slice(&m[i * hd..(i + 1) * hd]);
-            }
-        }
-    }
-    Ok(dqkv)
-}
-
 /// Softmax cross-entropy of one row in f64: `(loss, argmax == target,
 /// softmax − onehot)`.
 pub fn cross_entropy_row_f64(logits: &[f64], target: usize) -> (f64, bool, Vec<f64>) {
@@ -203,21 +107,23 @@ pub fn cross_entropy_row_f64(logits: &[f64], target: usize) -> (f64, bool, Vec<f
 }
 
 impl TrainOps for Cpu {
-    fn embedding_forward(
+    fn embedding_forward<T: Element>(
         &self,
-        tokens: &Vec<u32>,
-        wte: &Vec<f32>,
-        wpe: &Vec<f32>,
+        tokens: TokenIds<'_, Cpu>,
+        wte: &Vec<T>,
+        wpe: &Vec<T>,
         shape: SeqShape,
         width: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        let vocab = check::embedding_forward((tokens.len(), wte.len(), wpe.len(), out.len()), shape, width)?;
-        check::tokens("embedding_forward", tokens, vocab)?;
-        for (i, &tok) in tokens.iter().enumerate() {
+        let lens = (tokens.device.len(), wte.len(), wpe.len(), out.len());
+        let vocab = check::embedding_forward(lens, shape, width)?;
+        check::tokens("embedding_forward", tokens.host, vocab)?;
+        check::tokens("embedding_forward", tokens.device, vocab)?;
+        for (i, &tok) in tokens.device.iter().enumerate() {
             let (t, tok) = (i % shape.seq, tok as usize);
             for c in 0..width {
-                out[i * width + c] = (wte[tok * width + c] as f64 + wpe[t * width + c] as f64) as f32;
+                out[i * width + c] = (wte[tok * width + c].to_f64() + wpe[t * width + c].to_f64()) as f32;
             }
         }
         Ok(())
@@ -225,19 +131,20 @@ impl TrainOps for Cpu {
 
     fn embedding_backward(
         &self,
-        tokens: &Vec<u32>,
+        tokens: TokenIds<'_, Cpu>,
         dout: &Vec<f32>,
         shape: SeqShape,
         width: usize,
         dwte: Option<&mut Vec<f32>>,
         dwpe: Option<&mut Vec<f32>>,
     ) -> Result<()> {
-        let lens = (tokens.len(), dout.len(), dwte.as_ref().map(|b| b.len()), dwpe.as_ref().map(|b| b.len()));
+        let lens = (tokens.device.len(), dout.len(), dwte.as_ref().map(|b| b.len()), dwpe.as_ref().map(|b| b.len()));
         let vocab = check::embedding_backward(lens, shape, width)?;
         if let (Some(dwte), Some(vocab)) = (dwte, vocab) {
-            check::tokens("embedding_backward", tokens, vocab)?;
+            check::tokens("embedding_backward", tokens.host, vocab)?;
+            check::tokens("embedding_backward", tokens.device, vocab)?;
             let mut acc = to64(dwte);
-            for (i, &tok) in tokens.iter().enumerate() {
+            for (i, &tok) in tokens.device.iter().enumerate() {
                 for c in 0..width {
                     acc[tok as usize * width + c] += dout[i * width + c] as f64;
                 }
@@ -257,13 +164,13 @@ impl TrainOps for Cpu {
         Ok(())
     }
 
-    fn layernorm_forward(
+    fn layernorm_forward<T: Element>(
         &self,
         x: &Vec<f32>,
-        gamma: &Vec<f32>,
-        beta: &Vec<f32>,
+        gamma: &Vec<T>,
+        beta: &Vec<T>,
         eps: f64,
-        out: &mut Vec<f32>,
+        out: &mut Vec<T>,
         mean: &mut Vec<f32>,
         rstd: &mut Vec<f32>,
     ) -> Result<()> {
@@ -275,11 +182,11 @@ impl TrainOps for Cpu {
         Ok(())
     }
 
-    fn layernorm_backward(
+    fn layernorm_backward<T: Element>(
         &self,
-        dout: &Vec<f32>,
+        dout: &Vec<T>,
         x: &Vec<f32>,
-        gamma: &Vec<f32>,
+        gamma: &Vec<T>,
         mean: &Vec<f32>,
         rstd: &Vec<f32>,
         dx: &mut Vec<f32>,
@@ -299,77 +206,86 @@ impl TrainOps for Cpu {
         Ok(())
     }
 
-    fn attention_forward(
+    fn attention_forward<T: Element>(
         &self,
-        qkv: &Vec<f32>,
+        qkv: &Vec<T>,
         shape: AttnShape,
-        out: &mut Vec<f32>,
-        probs: &mut Vec<f32>,
+        out: &mut Vec<T>,
+        lse: &mut Vec<f32>,
     ) -> Result<()> {
-        check::attention("attention_forward", shape, qkv.len(), out.len(), probs.len())?;
-        let (o, p) = attention_forward_f64(&to64(qkv), shape)?;
+        check::attention_lse("attention_forward", shape, qkv.len(), out.len(), lse.len())?;
+        let (o, l) = attention_forward_f64(&to64(qkv), shape)?;
         store(out, &o);
-        store(probs, &p);
+        store(lse, &l);
         Ok(())
     }
 
-    fn attention_backward(
+    fn attention_backward<T: Element>(
         &self,
-        dout: &Vec<f32>,
-        qkv: &Vec<f32>,
-        probs: &Vec<f32>,
+        dout: &Vec<T>,
+        qkv: &Vec<T>,
+        out: &Vec<T>,
+        lse: &Vec<f32>,
         shape: AttnShape,
-        dqkv: &mut Vec<f32>,
+        dqkv: &mut Vec<T>,
     ) -> Result<()> {
         let op = "attention_backward";
-        check::attention(op, shape, qkv.len(), dout.len(), probs.len())?;
+        check::attention_lse(op, shape, qkv.len(), dout.len(), lse.len())?;
+        check_len(op, "out", out.len(), dout.len())?;
         check_len(op, "dqkv", dqkv.len(), qkv.len())?;
-        let g = attention_backward_f64(&to64(dout), &to64(qkv), &to64(probs), shape)?;
+        let g = attention_backward_f64(&to64(dout), &to64(qkv), &to64(out), &to64(lse), shape)?;
         store(dqkv, &g);
         Ok(())
     }
 
-    fn gelu_forward(&self, x: &Vec<f32>, out: &mut Vec<f32>) -> Result<()> {
+    fn gelu_forward<T: Element>(&self, x: &Vec<T>, out: &mut Vec<T>) -> Result<()> {
         check::same_len("gelu_forward", x.len(), &[("out", out.len())])?;
-        out.par_iter_mut().zip(x.par_iter()).for_each(|(o, &v)| *o = gelu_f64(v as f64) as f32);
+        out.par_iter_mut().zip(x.par_iter()).for_each(|(o, &v)| *o = T::from_f64(gelu_f64(v.to_f64())));
         Ok(())
     }
 
-    fn gelu_backward(&self, dout: &Vec<f32>, x: &Vec<f32>, dx: &mut Vec<f32>) -> Result<()> {
+    fn gelu_backward<T: Element>(&self, dout: &Vec<T>, x: &Vec<T>, dx: &mut Vec<T>) -> Result<()> {
         check::same_len("gelu_backward", x.len(), &[("dout", dout.len()), ("dx", dx.len())])?;
         dx.par_iter_mut()
             .zip(x.par_iter().zip(dout.par_iter()))
-            .for_each(|(d, (&v, &g))| *d = (g as f64 * gelu_grad_f64(v as f64)) as f32);
+            .for_each(|(d, (&v, &g))| *d = T::from_f64(g.to_f64() * gelu_grad_f64(v.to_f64())));
         Ok(())
     }
 
-    fn add_assign(&self, y: &mut Vec<f32>, x: &Vec<f32>) -> Result<()> {
-        check::same_len("add_assign", y.len(), &[("x", x.len())])?;
-        y.iter_mut().zip(x).for_each(|(a, &b)| *a = (*a as f64 + b as f64) as f32);
+    fn residual_add<T: Element>(&self, x: &Vec<f32>, y: &Vec<T>, out: &mut Vec<f32>) -> Result<()> {
+        check::same_len("residual_add", x.len(), &[("y", y.len()), ("out", out.len())])?;
+        out.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&a, &b))| *o = (a as f64 + b.to_f64()) as f32);
         Ok(())
     }
 
-    fn cross_entropy(
+    fn cast_from_f32<T: Element>(&self, x: &Vec<f32>, out: &mut Vec<T>) -> Result<()> {
+        check::same_len("cast_from_f32", x.len(), &[("out", out.len())])?;
+        out.iter_mut().zip(x).for_each(|(o, &v)| *o = T::from_f32(v));
+        Ok(())
+    }
+
+    fn cross_entropy<T: Element>(
         &self,
-        logits: &mut Vec<f32>,
-        targets: &Vec<u32>,
+        logits: &mut Vec<T>,
+        targets: TokenIds<'_, Cpu>,
         vocab: usize,
         grad: Option<f64>,
     ) -> Result<CrossEntropyOut<Cpu>> {
-        check::cross_entropy(logits.len(), targets, vocab)?;
+        check::cross_entropy(logits.len(), targets.host, vocab)?;
+        check::cross_entropy(logits.len(), targets.device, vocab)?;
         let results: Vec<(f32, u32)> = logits
             .par_chunks_mut(vocab)
-            .zip(targets.par_iter())
+            .zip(targets.device.par_iter())
             .map(|(row, &target)| {
                 if target == IGNORE {
                     if grad.is_some() {
-                        row.iter_mut().for_each(|v| *v = 0.0);
+                        row.iter_mut().for_each(|v| *v = T::default());
                     }
                     return (0.0, 0);
                 }
                 let (loss, hit, g) = cross_entropy_row_f64(&to64(row), target as usize);
                 if let Some(scale) = grad {
-                    row.iter_mut().zip(&g).for_each(|(v, &d)| *v = (d * scale) as f32);
+                    row.iter_mut().zip(&g).for_each(|(v, &d)| *v = T::from_f64(d * scale));
                 }
                 (loss as f32, hit as u32)
             })
@@ -379,7 +295,6 @@ impl TrainOps for Cpu {
             correct: results.iter().map(|r| r.1).collect(),
         })
     }
-
     fn adamw(
         &self,
         param: &mut Vec<f32>,

@@ -12,6 +12,7 @@
 //! memory.
 
 pub mod adapter_sum;
+pub mod attention;
 pub mod bench;
 pub mod kernels;
 pub mod lowrank;
@@ -26,6 +27,7 @@ use cudarc::driver::{
 };
 
 use crate::backend::{Backend, Scalar};
+use crate::op_timing::{Breakdown, Timeline};
 use crate::{Error, Result};
 pub use kernels::KernelFamily;
 
@@ -76,6 +78,17 @@ pub struct Gpu {
     info: DeviceInfo,
     modules: Arc<Mutex<HashMap<&'static str, Arc<CudaModule>>>>,
     functions: Arc<Mutex<HashMap<String, CudaFunction>>>,
+    /// Per-op timing marks while [`Backend::op_timing_start`] is on.
+    timeline: Arc<Mutex<Option<Timeline<TimedEvent>>>>,
+}
+
+/// A CUDA event recorded on the stream: a [`crate::op_timing::Marker`].
+struct TimedEvent(cudarc::driver::CudaEvent);
+
+impl crate::op_timing::Marker for TimedEvent {
+    fn ms_until(&self, later: &Self) -> Result<f64> {
+        self.0.elapsed_ms(&later.0).map(f64::from).map_err(|e| Error::cuda("reading event time", e))
+    }
 }
 
 impl std::fmt::Debug for Gpu {
@@ -138,7 +151,7 @@ impl Gpu {
     /// it and over the caller's memory.
     pub fn from_stream(stream: Arc<CudaStream>) -> Result<Gpu> {
         let info = read_info(stream.context())?;
-        Ok(Gpu { stream, info, modules: Arc::default(), functions: Arc::default() })
+        Ok(Gpu { stream, info, modules: Arc::default(), functions: Arc::default(), timeline: Arc::default() })
     }
 
     /// The stream every op of this handle is queued on.
@@ -157,6 +170,10 @@ impl Gpu {
     }
 
     /// Loads `family` once and returns its kernel `name`.
+    fn lock_timeline(&self) -> std::sync::MutexGuard<'_, Option<Timeline<TimedEvent>>> {
+        self.timeline.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     pub(crate) fn function(&self, family: KernelFamily, name: &str) -> Result<CudaFunction> {
         if let Some(f) = self.functions.lock().unwrap().get(name) {
             return Ok(f.clone());
@@ -261,6 +278,28 @@ impl Backend for Gpu {
 
     fn describe(&self) -> String {
         self.info.to_string()
+    }
+    fn has_tensor_cores(&self) -> bool {
+        // bf16 tensor cores arrived with Ampere (sm_80).
+        self.info.compute_capability.0 >= 8
+    }
+    fn op_timing_start(&self) -> Result<()> {
+        *self.lock_timeline() = Some(Timeline::default());
+        Ok(())
+    }
+    fn op_mark(&self, label: &'static str) {
+        if let Some(t) = self.lock_timeline().as_mut() {
+            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            if let Ok(event) = self.stream.record_event(flags) {
+                t.push(label, TimedEvent(event));
+            }
+        }
+    }
+    fn op_timing_finish(&self) -> Result<Breakdown> {
+        self.op_mark("end");
+        let timeline = self.lock_timeline().take();
+        self.synchronize()?;
+        timeline.map(|t| t.breakdown()).unwrap_or_else(|| Ok(Breakdown::default()))
     }
     fn zeros<T: Scalar>(&self, len: usize) -> Result<CudaSlice<T>> {
         self.stream.alloc_zeros(len).map_err(|e| Error::cuda(format!("allocating {len} elements"), e))

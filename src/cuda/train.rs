@@ -1,18 +1,21 @@
 //! Launch wrappers for `kernels/train.cu`: the trainer's non-GEMM ops
-//! ([`TrainOps`]) on the GPU, f32 throughout.
+//! ([`TrainOps`]) on the GPU, in the compute dtype `T` with an f32 residual
+//! stream (attention calls into [`super::attention`]).
 //!
 //! Shapes are checked here exactly as the CPU twin checks them. Token and
-//! target ranges are checked on the host (the wrapper downloads the small
-//! index buffers), so a bad token is an `Error::Index`, never an
-//! out-of-bounds read. The embedding backward also uses the host copy to
-//! group rows by token, which makes its sums deterministic.
+//! target ranges are checked on the host copy a [`TokenIds`] carries, so a
+//! bad token is an `Error::Index` without a download (no stall of the
+//! stream); the kernels guard every index as well. The embedding backward
+//! also uses the host copy to group rows by token, which makes its sums
+//! deterministic.
 
 use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
 
 use super::{blocks_for, grid, kernels, ArgOrNull, Gpu};
 use crate::backend::Backend;
 use crate::error::check_len;
-use crate::train::ops::{check, AdamWStep, AttnShape, CrossEntropyOut, SeqShape, TrainOps};
+use crate::train::ops::{check, AdamWStep, AttnShape, CrossEntropyOut, SeqShape, TokenIds, TrainOps};
+use crate::Element;
 use crate::{Error, Result};
 
 const THREADS: u32 = 256;
@@ -21,24 +24,6 @@ const WARPS: u32 = THREADS / 32;
 const MAX_BLOCKS: u32 = 65_535;
 /// Rows per partial sum in the LayerNorm parameter gradients.
 const LN_ROWS_PER_CHUNK: u32 = 64;
-/// Shared memory a block may use without opting in.
-const SHARED_LIMIT: usize = 48 * 1024;
-/// The per-key attention kernel keeps `head_dim / 32` channels per lane in
-/// registers: at most 8.
-const MAX_HEAD_DIM: usize = 256;
-
-/// Mirrors `struct AttnDims` in kernels/train.cu.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct AttnDims {
-    batch: u32,
-    seq: u32,
-    heads: u32,
-    hd: u32,
-    scale: f32,
-}
-// SAFETY: plain numbers, laid out as the CUDA struct.
-unsafe impl DeviceRepr for AttnDims {}
 
 /// Mirrors `struct AdamWArgs` in kernels/train.cu.
 #[repr(C)]
@@ -68,44 +53,38 @@ fn u32_arg(what: &str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| Error::invalid(what, format!("{v} exceeds the kernels' 32-bit limit")))
 }
 
-fn attn_dims(shape: AttnShape) -> Result<AttnDims> {
-    if shape.head_dim == 0 || shape.head_dim > MAX_HEAD_DIM {
-        return Err(Error::invalid(
-            "attention head_dim",
-            format!("{} (the CUDA kernels support 1..={MAX_HEAD_DIM})", shape.head_dim),
-        ));
-    }
-    Ok(AttnDims {
-        batch: u32_arg("batch", shape.seq.batch)?,
-        seq: u32_arg("seq", shape.seq.seq)?,
-        heads: u32_arg("heads", shape.heads)?,
-        hd: shape.head_dim as u32,
-        scale: (1.0 / (shape.head_dim as f64).sqrt()) as f32,
-    })
+/// `<base>_<dtype>`: the exported name of a kernel instantiated per dtype.
+fn typed<T: Element>(base: &str) -> String {
+    format!("{base}_{}", T::DTYPE.suffix())
 }
 
 impl TrainOps for Gpu {
-    fn embedding_forward(
+    fn embedding_forward<T: Element>(
         &self,
-        tokens: &CudaSlice<u32>,
-        wte: &CudaSlice<f32>,
-        wpe: &CudaSlice<f32>,
+        tokens: TokenIds<'_, Gpu>,
+        wte: &CudaSlice<T>,
+        wpe: &CudaSlice<T>,
         shape: SeqShape,
         width: usize,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let vocab = check::embedding_forward((tokens.len(), wte.len(), wpe.len(), out.len()), shape, width)?;
-        check::tokens("embedding_forward", &self.download(tokens)?, vocab)?;
-        let f = self.function(kernels::TRAIN, "embedding_forward_f32")?;
-        let (seq, width32, total) = (u32_arg("seq", shape.seq)?, u32_arg("width", width)?, out.len() as u64);
-        // SAFETY: argument types match; tokens < vocab was checked above and
-        // every buffer length was checked against the shape.
+        let lens = (tokens.device.len(), wte.len(), wpe.len(), out.len());
+        let vocab = check::embedding_forward(lens, shape, width)?;
+        check_len("embedding_forward", "host tokens", tokens.host.len(), tokens.device.len())?;
+        check::tokens("embedding_forward", tokens.host, vocab)?;
+        let name = typed::<T>("embedding_forward");
+        let f = self.function(kernels::TRAIN, &name)?;
+        let (vocab32, seq, width32, total) =
+            (u32_arg("vocab", vocab)?, u32_arg("seq", shape.seq)?, u32_arg("width", width)?, out.len() as u64);
+        // SAFETY: argument types match; every buffer length was checked
+        // against the shape and the kernel guards each token against vocab.
         unsafe {
             self.stream()
                 .launch_builder(&f)
-                .arg(tokens)
+                .arg(tokens.device)
                 .arg(wte)
                 .arg(wpe)
+                .arg(&vocab32)
                 .arg(&seq)
                 .arg(&width32)
                 .arg(&total)
@@ -113,26 +92,28 @@ impl TrainOps for Gpu {
                 .launch(grid(grid_stride(total), THREADS, 0))
         }
         .map(drop)
-        .map_err(launch_err("embedding_forward_f32"))
+        .map_err(|e| Error::cuda(format!("launching {name}"), e))
     }
 
     fn embedding_backward(
         &self,
-        tokens: &CudaSlice<u32>,
+        tokens: TokenIds<'_, Gpu>,
         dout: &CudaSlice<f32>,
         shape: SeqShape,
         width: usize,
         dwte: Option<&mut CudaSlice<f32>>,
         dwpe: Option<&mut CudaSlice<f32>>,
     ) -> Result<()> {
-        let lens = (tokens.len(), dout.len(), dwte.as_ref().map(|b| b.len()), dwpe.as_ref().map(|b| b.len()));
+        let lens = (tokens.device.len(), dout.len(), dwte.as_ref().map(|b| b.len()), dwpe.as_ref().map(|b| b.len()));
         let vocab = check::embedding_backward(lens, shape, width)?;
+        check_len("embedding_backward", "host tokens", tokens.host.len(), tokens.device.len())?;
         let width32 = u32_arg("width", width)?;
         if let (Some(dwte), Some(vocab)) = (dwte, vocab) {
-            let host = self.download(tokens)?;
-            check::tokens("embedding_backward", &host, vocab)?;
+            let host = tokens.host;
+            check::tokens("embedding_backward", host, vocab)?;
             // Rows grouped by token (stable, so each group is in row order):
-            // the kernel sums each group in this fixed order.
+            // the kernel sums each group in this fixed order. Built from the
+            // host copy, so every index it holds is in range.
             let mut order: Vec<u32> = (0..host.len() as u32).collect();
             order.sort_by_key(|&i| host[i as usize]);
             let (mut uniq, mut starts) = (Vec::new(), Vec::new());
@@ -179,19 +160,20 @@ impl TrainOps for Gpu {
         Ok(())
     }
 
-    fn layernorm_forward(
+    fn layernorm_forward<T: Element>(
         &self,
         x: &CudaSlice<f32>,
-        gamma: &CudaSlice<f32>,
-        beta: &CudaSlice<f32>,
+        gamma: &CudaSlice<T>,
+        beta: &CudaSlice<T>,
         eps: f64,
-        out: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<T>,
         mean: &mut CudaSlice<f32>,
         rstd: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let (rows, d) =
             check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()))?;
-        let f = self.function(kernels::TRAIN, "layernorm_forward_f32")?;
+        let name = typed::<T>("layernorm_forward");
+        let f = self.function(kernels::TRAIN, &name)?;
         let (eps, rows32, d32) = (eps as f32, u32_arg("rows", rows)?, u32_arg("width", d)?);
         // SAFETY: argument types match; lengths checked above.
         unsafe {
@@ -209,14 +191,14 @@ impl TrainOps for Gpu {
                 .launch(grid(rows32.div_ceil(WARPS), THREADS, 0))
         }
         .map(drop)
-        .map_err(launch_err("layernorm_forward_f32"))
+        .map_err(|e| Error::cuda(format!("launching {name}"), e))
     }
 
-    fn layernorm_backward(
+    fn layernorm_backward<T: Element>(
         &self,
-        dout: &CudaSlice<f32>,
+        dout: &CudaSlice<T>,
         x: &CudaSlice<f32>,
-        gamma: &CudaSlice<f32>,
+        gamma: &CudaSlice<T>,
         mean: &CudaSlice<f32>,
         rstd: &CudaSlice<f32>,
         dx: &mut CudaSlice<f32>,
@@ -227,7 +209,8 @@ impl TrainOps for Gpu {
         let (rows, d) =
             check::layernorm_backward(lens, dgamma.as_ref().map(|b| b.len()), dbeta.as_ref().map(|b| b.len()))?;
         let (rows32, d32) = (u32_arg("rows", rows)?, u32_arg("width", d)?);
-        let f = self.function(kernels::TRAIN, "layernorm_backward_dx_f32")?;
+        let name = typed::<T>("layernorm_backward_dx");
+        let f = self.function(kernels::TRAIN, &name)?;
         // SAFETY: argument types match; lengths checked above.
         unsafe {
             self.stream()
@@ -243,14 +226,15 @@ impl TrainOps for Gpu {
                 .launch(grid(rows32.div_ceil(WARPS), THREADS, 0))
         }
         .map(drop)
-        .map_err(launch_err("layernorm_backward_dx_f32"))?;
+        .map_err(|e| Error::cuda(format!("launching {name}"), e))?;
         if dgamma.is_none() && dbeta.is_none() {
             return Ok(());
         }
         let chunks = rows32.div_ceil(LN_ROWS_PER_CHUNK);
         let mut partial_g: CudaSlice<f32> = self.zeros(chunks as usize * d)?;
         let mut partial_b: CudaSlice<f32> = self.zeros(chunks as usize * d)?;
-        let f = self.function(kernels::TRAIN, "layernorm_backward_params_partial_f32")?;
+        let name = typed::<T>("layernorm_backward_params_partial");
+        let f = self.function(kernels::TRAIN, &name)?;
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (d32.div_ceil(THREADS), chunks, 1),
             block_dim: (THREADS, 1, 1),
@@ -272,7 +256,7 @@ impl TrainOps for Gpu {
                 .launch(cfg)
         }
         .map(drop)
-        .map_err(launch_err("layernorm_backward_params_partial_f32"))?;
+        .map_err(|e| Error::cuda(format!("launching {name}"), e))?;
         let f = self.function(kernels::TRAIN, "layernorm_backward_params_final_f32")?;
         // SAFETY: argument types match; a null address means "skip" in the
         // kernel, a present one holds d floats (checked above).
@@ -291,127 +275,81 @@ impl TrainOps for Gpu {
         .map_err(launch_err("layernorm_backward_params_final_f32"))
     }
 
-    fn attention_forward(
+    fn attention_forward<T: Element>(
         &self,
-        qkv: &CudaSlice<f32>,
+        qkv: &CudaSlice<T>,
         shape: AttnShape,
-        out: &mut CudaSlice<f32>,
-        probs: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<T>,
+        lse: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        check::attention("attention_forward", shape, qkv.len(), out.len(), probs.len())?;
-        let dims = attn_dims(shape)?;
-        let rows = (shape.seq.batch * shape.heads * shape.seq.seq) as u64;
-        let f = self.function(kernels::TRAIN, "attention_forward_f32")?;
-        // SAFETY: argument types match; lengths checked against the shape.
-        unsafe {
-            self.stream().launch_builder(&f).arg(qkv).arg(&dims).arg(out).arg(probs).launch(grid(
-                blocks_for(rows, WARPS),
-                THREADS,
-                0,
-            ))
-        }
-        .map(drop)
-        .map_err(launch_err("attention_forward_f32"))
+        super::attention::attention_forward(self, qkv, shape, out, lse)
     }
 
-    fn attention_backward(
+    fn attention_backward<T: Element>(
         &self,
-        dout: &CudaSlice<f32>,
-        qkv: &CudaSlice<f32>,
-        probs: &CudaSlice<f32>,
+        dout: &CudaSlice<T>,
+        qkv: &CudaSlice<T>,
+        out: &CudaSlice<T>,
+        lse: &CudaSlice<f32>,
         shape: AttnShape,
-        dqkv: &mut CudaSlice<f32>,
+        dqkv: &mut CudaSlice<T>,
     ) -> Result<()> {
-        let op = "attention_backward";
-        check::attention(op, shape, qkv.len(), dout.len(), probs.len())?;
-        check_len(op, "dqkv", dqkv.len(), qkv.len())?;
-        let dims = attn_dims(shape)?;
-        let rows = (shape.seq.batch * shape.heads * shape.seq.seq) as u64;
-        // The query kernel keeps one ds row (seq floats) per warp in shared
-        // memory: fewer warps per block for long sequences.
-        let row_bytes = shape.seq.seq * 4;
-        let warps = (SHARED_LIMIT / row_bytes.max(1)).clamp(0, WARPS as usize) as u32;
-        if warps == 0 {
-            return Err(Error::invalid(
-                "attention sequence length",
-                format!("{} exceeds the CUDA backward's limit of {}", shape.seq.seq, SHARED_LIMIT / 4),
-            ));
-        }
-        let mut rowdot: CudaSlice<f32> = self.zeros(rows as usize)?;
-        let f = self.function(kernels::TRAIN, "attention_backward_query_f32")?;
-        // SAFETY: argument types match; lengths checked; shared memory holds
-        // one seq-long row per warp of the block.
-        unsafe {
-            self.stream()
-                .launch_builder(&f)
-                .arg(dout)
-                .arg(qkv)
-                .arg(probs)
-                .arg(&dims)
-                .arg(&mut rowdot)
-                .arg(&mut *dqkv)
-                .launch(grid(blocks_for(rows, warps), warps * 32, warps * row_bytes as u32))
-        }
-        .map(drop)
-        .map_err(launch_err("attention_backward_query_f32"))?;
-        let f = self.function(kernels::TRAIN, "attention_backward_key_f32")?;
-        // SAFETY: as above; this kernel writes the k and v thirds of dqkv,
-        // the query kernel wrote the q third.
-        unsafe {
-            self.stream()
-                .launch_builder(&f)
-                .arg(dout)
-                .arg(qkv)
-                .arg(probs)
-                .arg(&dims)
-                .arg(&rowdot)
-                .arg(dqkv)
-                .launch(grid(blocks_for(rows, WARPS), THREADS, 0))
-        }
-        .map(drop)
-        .map_err(launch_err("attention_backward_key_f32"))
+        super::attention::attention_backward(self, dout, qkv, out, lse, shape, dqkv)
     }
 
-    fn gelu_forward(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<()> {
+    fn gelu_forward<T: Element>(&self, x: &CudaSlice<T>, out: &mut CudaSlice<T>) -> Result<()> {
         check::same_len("gelu_forward", x.len(), &[("out", out.len())])?;
-        let n = x.len() as u64;
-        let f = self.function(kernels::TRAIN, "gelu_forward_f32")?;
+        let (name, n) = (typed::<T>("gelu_forward"), x.len() as u64);
+        let f = self.function(kernels::TRAIN, &name)?;
         // SAFETY: argument types match; both buffers hold n.
         unsafe { self.stream().launch_builder(&f).arg(x).arg(&n).arg(out).launch(grid(grid_stride(n), THREADS, 0)) }
             .map(drop)
-            .map_err(launch_err("gelu_forward_f32"))
+            .map_err(|e| Error::cuda(format!("launching {name}"), e))
     }
 
-    fn gelu_backward(&self, dout: &CudaSlice<f32>, x: &CudaSlice<f32>, dx: &mut CudaSlice<f32>) -> Result<()> {
+    fn gelu_backward<T: Element>(&self, dout: &CudaSlice<T>, x: &CudaSlice<T>, dx: &mut CudaSlice<T>) -> Result<()> {
         check::same_len("gelu_backward", x.len(), &[("dout", dout.len()), ("dx", dx.len())])?;
-        let n = x.len() as u64;
-        let f = self.function(kernels::TRAIN, "gelu_backward_f32")?;
+        let (name, n) = (typed::<T>("gelu_backward"), x.len() as u64);
+        let f = self.function(kernels::TRAIN, &name)?;
         // SAFETY: argument types match; all buffers hold n.
         unsafe {
             self.stream().launch_builder(&f).arg(dout).arg(x).arg(&n).arg(dx).launch(grid(grid_stride(n), THREADS, 0))
         }
         .map(drop)
-        .map_err(launch_err("gelu_backward_f32"))
+        .map_err(|e| Error::cuda(format!("launching {name}"), e))
     }
 
-    fn add_assign(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> Result<()> {
-        check::same_len("add_assign", y.len(), &[("x", x.len())])?;
-        let n = x.len() as u64;
-        let f = self.function(kernels::TRAIN, "add_assign_f32")?;
+    fn residual_add<T: Element>(&self, x: &CudaSlice<f32>, y: &CudaSlice<T>, out: &mut CudaSlice<f32>) -> Result<()> {
+        check::same_len("residual_add", x.len(), &[("y", y.len()), ("out", out.len())])?;
+        let (name, n) = (typed::<T>("residual_add"), x.len() as u64);
+        let f = self.function(kernels::TRAIN, &name)?;
+        // SAFETY: argument types match; all buffers hold n.
+        unsafe {
+            self.stream().launch_builder(&f).arg(x).arg(y).arg(&n).arg(out).launch(grid(grid_stride(n), THREADS, 0))
+        }
+        .map(drop)
+        .map_err(|e| Error::cuda(format!("launching {name}"), e))
+    }
+
+    fn cast_from_f32<T: Element>(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<T>) -> Result<()> {
+        check::same_len("cast_from_f32", x.len(), &[("out", out.len())])?;
+        let (name, n) = (typed::<T>("cast_from_f32"), x.len() as u64);
+        let f = self.function(kernels::TRAIN, &name)?;
         // SAFETY: argument types match; both buffers hold n.
-        unsafe { self.stream().launch_builder(&f).arg(y).arg(x).arg(&n).launch(grid(grid_stride(n), THREADS, 0)) }
+        unsafe { self.stream().launch_builder(&f).arg(x).arg(&n).arg(out).launch(grid(grid_stride(n), THREADS, 0)) }
             .map(drop)
-            .map_err(launch_err("add_assign_f32"))
+            .map_err(|e| Error::cuda(format!("launching {name}"), e))
     }
 
-    fn cross_entropy(
+    fn cross_entropy<T: Element>(
         &self,
-        logits: &mut CudaSlice<f32>,
-        targets: &CudaSlice<u32>,
+        logits: &mut CudaSlice<T>,
+        targets: TokenIds<'_, Gpu>,
         vocab: usize,
         grad: Option<f64>,
     ) -> Result<CrossEntropyOut<Gpu>> {
-        let rows = check::cross_entropy(logits.len(), &self.download(targets)?, vocab)?;
+        check_len("cross_entropy", "host targets", targets.host.len(), targets.device.len())?;
+        let rows = check::cross_entropy(logits.len(), targets.host, vocab)?;
         let mut losses: CudaSlice<f32> = self.zeros(rows)?;
         let mut correct: CudaSlice<u32> = self.zeros(rows)?;
         if rows == 0 {
@@ -419,14 +357,15 @@ impl TrainOps for Gpu {
         }
         let (vocab32, write_grad, scale) =
             (u32_arg("vocab", vocab)?, grad.is_some() as u32, grad.unwrap_or(0.0) as f32);
-        let f = self.function(kernels::TRAIN, "cross_entropy_f32")?;
-        // SAFETY: argument types match; one block per row of `vocab` logits,
-        // targets range-checked above.
+        let name = typed::<T>("cross_entropy");
+        let f = self.function(kernels::TRAIN, &name)?;
+        // SAFETY: argument types match; one block per row of `vocab` logits;
+        // the kernel guards each target against vocab.
         unsafe {
             self.stream()
                 .launch_builder(&f)
                 .arg(logits)
-                .arg(targets)
+                .arg(targets.device)
                 .arg(&vocab32)
                 .arg(&write_grad)
                 .arg(&scale)
@@ -435,7 +374,7 @@ impl TrainOps for Gpu {
                 .launch(grid(u32_arg("rows", rows)?, THREADS, 0))
         }
         .map(drop)
-        .map_err(launch_err("cross_entropy_f32"))?;
+        .map_err(|e| Error::cuda(format!("launching {name}"), e))?;
         Ok(CrossEntropyOut { losses, correct })
     }
 

@@ -23,7 +23,7 @@
 use crate::lowrank::{Adapter, Grads, LinearShape, Trainable};
 use crate::projection::{Assignment, PreparedProjection, Projection, ProjectionLayout, ScatterMode};
 use crate::rng::Rng;
-use crate::{DType, Error, Result};
+use crate::{DType, Element, Error, Result};
 
 use super::config::Gpt2Config;
 use super::model::{Module, TrainBackend};
@@ -428,23 +428,23 @@ impl<B: TrainBackend> AdapterSet<B> {
     /// Backward of one linear module with this set's adapter (if the slot is
     /// adapted): overwrites `dx`, accumulates base and adapter gradients.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn linear_backward(
+    pub(crate) fn linear_backward<T: Element>(
         &mut self,
         backend: &B,
         layer: usize,
         module: Module,
         (m, k, n): (usize, usize, usize),
-        x: &B::Buf<f32>,
-        w: &B::Buf<f32>,
+        x: &B::Buf<T>,
+        w: &B::Buf<T>,
         t: Option<&B::Buf<f32>>,
-        dy: &B::Buf<f32>,
-        dx: &mut B::Buf<f32>,
+        dy: &B::Buf<T>,
+        dx: &mut B::Buf<T>,
         dw: Option<&mut B::Buf<f32>>,
         dbias: Option<&mut B::Buf<f32>>,
     ) -> Result<()> {
         let Some(s) = self.slot_of(layer, module).cloned() else {
             let shape = LinearShape { m, k, n, r: 0 };
-            let grads = Grads::<B, f32> { dx: Some(dx), dw, dbias, ..Grads::none() };
+            let grads = Grads::<B, T> { dx: Some(dx), dw, dbias, ..Grads::none() };
             return backend.lowrank_backward(shape, x, w, None, None, dy, grads);
         };
         let train = if self.uni.is_some() {
@@ -469,7 +469,7 @@ impl<B: TrainBackend> AdapterSet<B> {
             (None, Some(j)) => (None, Some(&mut self.vec_grads[j])),
             (None, None) => (None, None),
         };
-        let grads = Grads::<B, f32> {
+        let grads = Grads::<B, T> {
             dx: Some(dx),
             dw,
             dbias,

@@ -14,14 +14,17 @@
 //! `transformers`' `GPT2LMHeadModel`.
 //!
 //! # What the backward keeps per layer ([`LayerCache`])
-//! With `T` tokens, width `D`, `H` heads, rows of `S` tokens, rank `r`:
-//! the block input `x` (T·D), `ln_1(x)` (T·D) with its mean and rstd (2·T),
-//! `qkv` (3·T·D), the attention probabilities (T·H·S), the attention output
-//! (T·D), the residual after attention (T·D), `ln_2` of it (T·D) with mean
-//! and rstd (2·T), the MLP pre-activation (4·T·D) and its GELU (4·T·D), and
-//! `x·Aᵀ` (T·r) for every adapted module. Plus, once per model, the final
-//! LayerNorm's input and output (2·T·D, 2·T) and the logits (T·V), which the
-//! fused cross-entropy overwrites with their gradient.
+//! With `T` tokens, width `D`, `H` heads, rank `r`; "f32" marks the
+//! residual stream and statistics, the rest is in the compute dtype
+//! ([`Precision`]): the block input `x` (T·D f32), `ln_1(x)` (T·D) with its
+//! mean and rstd (2·T f32), `qkv` (3·T·D), the attention's per-query
+//! log-sum-exp (T·H f32; the T·S probabilities are recomputed, never kept),
+//! the attention output (T·D), the residual after attention (T·D f32),
+//! `ln_2` of it (T·D) with mean and rstd (2·T f32), the MLP pre-activation
+//! (4·T·D) and its GELU (4·T·D), and `x·Aᵀ` (T·r f32) for every adapted
+//! module. Plus, once per model, the final LayerNorm's input and output
+//! (2·T·D, 2·T) and the logits (T·V), which the fused cross-entropy
+//! overwrites with their gradient.
 
 use std::path::Path;
 
@@ -29,17 +32,21 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::adapters::AdapterSet;
 use super::config::Gpt2Config;
-use super::ops::{AttnShape, SeqShape, TrainOps};
+use super::ops::{AttnShape, SeqShape, TokenIds, TrainOps};
 use crate::lowrank::{Grads, LinearShape, LowRankOps};
 use crate::projection::ProjectionOps;
 use crate::rng::Rng;
-use crate::{Error, Result};
+use crate::{Element, Error, Result};
+use half::bf16;
 
 /// An f32 buffer of backend `B`.
 pub type F32<B> = <B as crate::Backend>::Buf<f32>;
 
-/// LayerNorm's output, mean and rstd.
-type Normed<B> = (F32<B>, F32<B>, F32<B>);
+/// A linear layer's output (compute dtype) and its saved `x·Aᵀ` when adapted.
+type Linear<B, T> = (<B as crate::Backend>::Buf<T>, Option<F32<B>>);
+
+/// LayerNorm's output (compute dtype), mean and rstd.
+type Normed<B, T> = (<B as crate::Backend>::Buf<T>, F32<B>, F32<B>);
 
 /// Everything the trainer needs from a backend.
 pub trait TrainBackend: TrainOps + LowRankOps + ProjectionOps {}
@@ -106,6 +113,26 @@ impl Module {
         }
     }
 
+    /// Label of its forward in the per-op breakdown ([`crate::op_timing`]).
+    pub fn forward_label(self) -> &'static str {
+        match self {
+            Module::CAttn => "fwd attn.c_attn",
+            Module::AttnProj => "fwd attn.c_proj",
+            Module::Fc => "fwd mlp.c_fc",
+            Module::MlpProj => "fwd mlp.c_proj",
+        }
+    }
+
+    /// Label of its backward in the per-op breakdown.
+    pub fn backward_label(self) -> &'static str {
+        match self {
+            Module::CAttn => "bwd attn.c_attn",
+            Module::AttnProj => "bwd attn.c_proj",
+            Module::Fc => "bwd mlp.c_fc",
+            Module::MlpProj => "bwd mlp.c_proj",
+        }
+    }
+
     /// Index of its weight inside a block's parameters (bias follows).
     fn slot(self) -> usize {
         match self {
@@ -157,16 +184,56 @@ impl ParamSpec {
     }
 }
 
-/// A GPT-2 model on backend `B`: weights, and their gradients when full
-/// fine-tuning is on.
+/// The dtype the forward and backward compute in (see
+/// [`super::ops::TrainOps`] for what stays f32 either way).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32: the reference, and the CPU's default.
+    #[default]
+    F32,
+    /// Mixed precision: a bf16 working copy of the base weights, bf16 GEMM
+    /// inputs and outputs (tensor cores), f32 residual stream, master
+    /// weights, adapters, gradients and optimizer state.
+    Bf16,
+}
+
+impl Precision {
+    /// Parses `f32` or `bf16`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(Error::invalid(format!("precision `{other}`"), "use f32 or bf16")),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+/// A GPT-2 model on backend `B`: f32 weights, their gradients when full
+/// fine-tuning is on, and the bf16 working copy under
+/// [`Precision::Bf16`].
 pub struct Gpt2<B: TrainBackend> {
     /// Shape.
     pub config: Gpt2Config,
-    /// Every parameter, in [`Gpt2::param_specs`] order.
+    /// Every parameter (f32 master copy), in [`Gpt2::param_specs`] order.
     pub params: Vec<B::Buf<f32>>,
     /// Gradients of every parameter (full fine-tuning), or `None` (frozen
     /// base: only activation gradients flow through it).
     pub grads: Option<Vec<B::Buf<f32>>>,
+    precision: Precision,
+    /// `params` rounded to bf16, made by [`Gpt2::set_precision`]; the
+    /// forward reads these instead of `params` so every GEMM runs on bf16
+    /// tensor cores without casting weights per call.
+    work_bf16: Option<Vec<B::Buf<bf16>>>,
 }
 
 fn index_wte() -> usize {
@@ -226,7 +293,7 @@ impl<B: TrainBackend> Gpt2<B> {
             };
             params.push(backend.upload(&host)?);
         }
-        Ok(Gpt2 { config: config.clone(), params, grads: None })
+        Ok(Gpt2 { config: config.clone(), params, grads: None, precision: Precision::F32, work_bf16: None })
     }
 
     /// Loads `config.json` and `model.safetensors` from a directory (or a
@@ -275,7 +342,7 @@ impl<B: TrainBackend> Gpt2<B> {
             crate::error::check_finite(&spec.name, &host)?;
             params.push(backend.upload(&host)?);
         }
-        Ok(Gpt2 { config, params, grads: None })
+        Ok(Gpt2 { config, params, grads: None, precision: Precision::F32, work_bf16: None })
     }
 
     /// Turns full fine-tuning on: allocates a gradient for every parameter.
@@ -291,12 +358,74 @@ impl<B: TrainBackend> Gpt2<B> {
         Self::param_specs(&self.config).iter().map(ParamSpec::len).sum()
     }
 
+    /// The dtype forward and backward compute in.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Switches the compute dtype. [`Precision::Bf16`] makes the bf16
+    /// working copy of every weight (one cast pass); [`Precision::F32`]
+    /// drops it.
+    pub fn set_precision(&mut self, backend: &B, precision: Precision) -> Result<()> {
+        self.precision = precision;
+        self.work_bf16 = None;
+        self.refresh_working_copy(backend)
+    }
+
+    /// Re-rounds the bf16 working copy from the f32 master weights. Full
+    /// fine-tuning under [`Precision::Bf16`] calls this after every
+    /// optimizer step; a frozen base never needs it.
+    pub fn refresh_working_copy(&mut self, backend: &B) -> Result<()> {
+        if self.precision != Precision::Bf16 {
+            return Ok(());
+        }
+        let work = match self.work_bf16.take() {
+            Some(w) => w,
+            None => self.params.iter().map(|p| backend.zeros(B::len(p))).collect::<Result<Vec<_>>>()?,
+        };
+        let mut work = work;
+        for (w, p) in work.iter_mut().zip(&self.params) {
+            backend.cast_from_f32(p, w)?;
+        }
+        self.work_bf16 = Some(work);
+        Ok(())
+    }
+
     /// The forward pass on `batch` (and the backward when `backward`):
     /// returns per-position losses and argmax hits. With `backward`, the
     /// gradients of the mean loss over non-ignored targets are
     /// **accumulated** into the model's gradients (full fine-tuning) and the
     /// adapters' (zero them first).
     pub fn run(
+        &mut self,
+        backend: &B,
+        adapters: Option<&mut AdapterSet<B>>,
+        batch: &Batch<B>,
+        backward: bool,
+    ) -> Result<BatchOutput> {
+        let grads = self.grads.as_deref_mut();
+        match (self.precision, self.work_bf16.as_deref()) {
+            (Precision::F32, _) => {
+                Pass { config: &self.config, params: &self.params, grads }.run(backend, adapters, batch, backward)
+            }
+            (Precision::Bf16, Some(work)) => {
+                Pass { config: &self.config, params: work, grads }.run(backend, adapters, batch, backward)
+            }
+            (Precision::Bf16, None) => Err(Error::invalid("bf16 forward", "the working copy is missing")),
+        }
+    }
+}
+
+/// One forward (and backward) in compute dtype `T`: the weights it reads
+/// and the f32 gradients it accumulates into.
+struct Pass<'a, B: TrainBackend, T: Element> {
+    config: &'a Gpt2Config,
+    params: &'a [B::Buf<T>],
+    grads: Option<&'a mut [B::Buf<f32>]>,
+}
+
+impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
+    fn run(
         &mut self,
         backend: &B,
         mut adapters: Option<&mut AdapterSet<B>>,
@@ -314,9 +443,10 @@ impl<B: TrainBackend> Gpt2<B> {
         }
         let tokens = shape.tokens();
         let attn = AttnShape { seq: shape, heads: c.n_head, head_dim: c.head_dim() };
-        let mut x = backend.zeros(tokens * d)?;
+        backend.op_mark("fwd embedding");
+        let mut x = backend.zeros::<f32>(tokens * d)?;
         backend.embedding_forward(
-            &batch.tokens,
+            batch.tokens(),
             &self.params[index_wte()],
             &self.params[index_wpe()],
             shape,
@@ -331,62 +461,48 @@ impl<B: TrainBackend> Gpt2<B> {
             caches.push(cache);
             x = out;
         }
-        let (mut lnf, mut lnf_mean, mut lnf_rstd) =
-            (backend.zeros(tokens * d)?, backend.zeros(tokens)?, backend.zeros(tokens)?);
         let lnf_i = self.params.len() - 2;
-        backend.layernorm_forward(
-            &x,
-            &self.params[lnf_i],
-            &self.params[lnf_i + 1],
-            c.layer_norm_epsilon,
-            &mut lnf,
-            &mut lnf_mean,
-            &mut lnf_rstd,
-        )?;
+        let (lnf, lnf_mean, lnf_rstd) = self.layernorm(backend, &x, lnf_i, tokens)?;
         let head = LinearShape { m: tokens, k: d, n: vocab, r: 0 };
-        let mut logits = backend.zeros(tokens * vocab)?;
+        backend.op_mark("fwd lm_head");
+        let mut logits = backend.zeros::<T>(tokens * vocab)?;
         backend.lowrank_forward(head, &lnf, &self.params[index_wte()], None, None, &mut logits, None)?;
 
-        let host_targets = backend.download(&batch.targets)?;
-        let count = host_targets.iter().filter(|&&t| t != super::ops::IGNORE).count();
+        let count = batch.host_targets.iter().filter(|&&t| t != super::ops::IGNORE).count();
         let grad_scale = if backward && count > 0 { Some(1.0 / count as f64) } else { None };
-        let ce = backend.cross_entropy(&mut logits, &batch.targets, vocab, grad_scale)?;
+        backend.op_mark("cross_entropy");
+        let ce = backend.cross_entropy(&mut logits, batch.targets(), vocab, grad_scale)?;
+        backend.op_mark("loss download");
         let out = BatchOutput {
             losses: backend.download(&ce.losses)?,
             correct: backend.download(&ce.correct)?,
-            targets: host_targets,
+            targets: batch.host_targets.clone(),
         };
         if grad_scale.is_none() {
             return Ok(out);
         }
 
         // Backward. `logits` now holds dloss/dlogits.
-        let mut dlnf = backend.zeros(tokens * d)?;
+        backend.op_mark("bwd lm_head");
+        let mut dlnf = backend.zeros::<T>(tokens * d)?;
         {
-            let dw = self.grads.as_mut().map(|g| &mut g[index_wte()]);
-            let grads = Grads::<B, f32> { dx: Some(&mut dlnf), dw, ..Grads::none() };
+            let dw = self.grads.as_deref_mut().map(|g| &mut g[index_wte()]);
+            let grads = Grads::<B, T> { dx: Some(&mut dlnf), dw, ..Grads::none() };
             backend.lowrank_backward(head, &lnf, &self.params[index_wte()], None, None, &logits, grads)?;
         }
         drop(logits);
-        let mut dx = backend.zeros(tokens * d)?;
-        {
-            let (g, b) = match self.grads.as_mut() {
-                Some(gr) => {
-                    let (lo, hi) = gr.split_at_mut(lnf_i + 1);
-                    (Some(&mut lo[lnf_i]), Some(&mut hi[0]))
-                }
-                None => (None, None),
-            };
-            backend.layernorm_backward(&dlnf, &x, &self.params[lnf_i], &lnf_mean, &lnf_rstd, &mut dx, g, b)?;
-        }
+        let mut dx = backend.zeros::<f32>(tokens * d)?;
+        self.layernorm_backward(backend, lnf_i, &dlnf, &x, &lnf_mean, &lnf_rstd, &mut dx)?;
         for l in (0..c.n_layer).rev() {
             let cache = caches.pop().ok_or_else(|| Error::invalid("backward", "missing layer cache"))?;
             self.block_backward(backend, adapters.as_deref_mut(), l, cache, attn, &mut dx)?;
         }
-        if let Some(g) = self.grads.as_mut() {
+        if let Some(g) = self.grads.as_deref_mut() {
             let (lo, hi) = g.split_at_mut(1);
-            backend.embedding_backward(&batch.tokens, &dx, shape, d, Some(&mut lo[0]), Some(&mut hi[0]))?;
+            backend.op_mark("bwd embedding");
+            backend.embedding_backward(batch.tokens(), &dx, shape, d, Some(&mut lo[0]), Some(&mut hi[0]))?;
         }
+        backend.op_mark("after backward");
         Ok(out)
     }
 
@@ -396,16 +512,17 @@ impl<B: TrainBackend> Gpt2<B> {
         adapters: Option<&AdapterSet<B>>,
         layer: usize,
         module: Module,
-        x: &B::Buf<f32>,
+        x: &B::Buf<T>,
         tokens: usize,
-    ) -> Result<(F32<B>, Option<F32<B>>)> {
+    ) -> Result<Linear<B, T>> {
         let (k, n) = module.dims(self.config.n_embd);
         let wi = block_index(layer, module.slot());
         let adapter = adapters.and_then(|a| a.adapter(layer, module));
         let r = adapter.as_ref().map_or(0, |(_, r)| *r);
         let shape = LinearShape { m: tokens, k, n, r };
-        let mut y = backend.zeros(tokens * n)?;
-        let mut t = if r > 0 { Some(backend.zeros(tokens * r)?) } else { None };
+        backend.op_mark(module.forward_label());
+        let mut y = backend.zeros::<T>(tokens * n)?;
+        let mut t = if r > 0 { Some(backend.zeros::<f32>(tokens * r)?) } else { None };
         backend.lowrank_forward(
             shape,
             x,
@@ -427,15 +544,16 @@ impl<B: TrainBackend> Gpt2<B> {
         adapters: Option<&mut AdapterSet<B>>,
         layer: usize,
         module: Module,
-        x: &B::Buf<f32>,
+        x: &B::Buf<T>,
         t: Option<&B::Buf<f32>>,
-        dy: &B::Buf<f32>,
+        dy: &B::Buf<T>,
         tokens: usize,
-    ) -> Result<B::Buf<f32>> {
+    ) -> Result<B::Buf<T>> {
         let (k, n) = module.dims(self.config.n_embd);
         let wi = block_index(layer, module.slot());
-        let mut dx = backend.zeros(tokens * k)?;
-        let (dw, dbias) = match self.grads.as_mut() {
+        backend.op_mark(module.backward_label());
+        let mut dx = backend.zeros::<T>(tokens * k)?;
+        let (dw, dbias) = match self.grads.as_deref_mut() {
             Some(g) => {
                 let (lo, hi) = g.split_at_mut(wi + 1);
                 (Some(&mut lo[wi]), Some(&mut hi[0]))
@@ -449,17 +567,18 @@ impl<B: TrainBackend> Gpt2<B> {
             }
             None => {
                 let shape = LinearShape { m: tokens, k, n, r: 0 };
-                let grads = Grads::<B, f32> { dx: Some(&mut dx), dw, dbias, ..Grads::none() };
+                let grads = Grads::<B, T> { dx: Some(&mut dx), dw, dbias, ..Grads::none() };
                 backend.lowrank_backward(shape, x, w, None, None, dy, grads)?;
             }
         }
         Ok(dx)
     }
 
-    fn layernorm(&self, backend: &B, x: &B::Buf<f32>, index: usize, tokens: usize) -> Result<Normed<B>> {
+    fn layernorm(&self, backend: &B, x: &F32<B>, index: usize, tokens: usize) -> Result<Normed<B, T>> {
         let d = self.config.n_embd;
+        backend.op_mark("fwd layernorm");
         let (mut out, mut mean, mut rstd) =
-            (backend.zeros(tokens * d)?, backend.zeros(tokens)?, backend.zeros(tokens)?);
+            (backend.zeros::<T>(tokens * d)?, backend.zeros::<f32>(tokens)?, backend.zeros::<f32>(tokens)?);
         backend.layernorm_forward(
             x,
             &self.params[index],
@@ -472,35 +591,54 @@ impl<B: TrainBackend> Gpt2<B> {
         Ok((out, mean, rstd))
     }
 
+    /// `x + y` into a new f32 residual buffer.
+    fn residual(&self, backend: &B, x: &F32<B>, y: &B::Buf<T>) -> Result<F32<B>> {
+        backend.op_mark("fwd residual");
+        let mut out = backend.zeros::<f32>(B::len(x))?;
+        backend.residual_add(x, y, &mut out)?;
+        Ok(out)
+    }
+
+    /// The residual gradient in `T`, for a GEMM's backward.
+    fn cast(&self, backend: &B, x: &F32<B>) -> Result<B::Buf<T>> {
+        backend.op_mark("bwd cast");
+        let mut out = backend.zeros::<T>(B::len(x))?;
+        backend.cast_from_f32(x, &mut out)?;
+        Ok(out)
+    }
+
     fn block_forward(
         &self,
         backend: &B,
         adapters: Option<&AdapterSet<B>>,
         l: usize,
-        x: B::Buf<f32>,
+        x: F32<B>,
         attn: AttnShape,
-    ) -> Result<(LayerCache<B>, B::Buf<f32>)> {
+    ) -> Result<(LayerCache<B, T>, F32<B>)> {
         let tokens = attn.seq.tokens();
         let (ln1, ln1_mean, ln1_rstd) = self.layernorm(backend, &x, block_index(l, 0), tokens)?;
         let (qkv, t0) = self.linear_forward(backend, adapters, l, Module::CAttn, &ln1, tokens)?;
-        let mut att = backend.zeros(tokens * attn.width())?;
-        let mut probs = backend.zeros(attn.probs_len())?;
-        backend.attention_forward(&qkv, attn, &mut att, &mut probs)?;
-        let (mut mid, t1) = self.linear_forward(backend, adapters, l, Module::AttnProj, &att, tokens)?;
-        backend.add_assign(&mut mid, &x)?;
+        backend.op_mark("fwd attention");
+        let mut att = backend.zeros::<T>(tokens * attn.width())?;
+        let mut lse = backend.zeros::<f32>(attn.lse_len())?;
+        backend.attention_forward(&qkv, attn, &mut att, &mut lse)?;
+        let (proj, t1) = self.linear_forward(backend, adapters, l, Module::AttnProj, &att, tokens)?;
+        let mid = self.residual(backend, &x, &proj)?;
+        drop(proj);
         let (ln2, ln2_mean, ln2_rstd) = self.layernorm(backend, &mid, block_index(l, 6), tokens)?;
         let (fc, t2) = self.linear_forward(backend, adapters, l, Module::Fc, &ln2, tokens)?;
-        let mut gelu = backend.zeros(B::len(&fc))?;
+        backend.op_mark("fwd gelu");
+        let mut gelu = backend.zeros::<T>(B::len(&fc))?;
         backend.gelu_forward(&fc, &mut gelu)?;
-        let (mut out, t3) = self.linear_forward(backend, adapters, l, Module::MlpProj, &gelu, tokens)?;
-        backend.add_assign(&mut out, &mid)?;
+        let (proj, t3) = self.linear_forward(backend, adapters, l, Module::MlpProj, &gelu, tokens)?;
+        let out = self.residual(backend, &mid, &proj)?;
         let cache = LayerCache {
             x,
             ln1,
             ln1_mean,
             ln1_rstd,
             qkv,
-            probs,
+            lse,
             att,
             mid,
             ln2,
@@ -520,62 +658,51 @@ impl<B: TrainBackend> Gpt2<B> {
         backend: &B,
         mut adapters: Option<&mut AdapterSet<B>>,
         l: usize,
-        cache: LayerCache<B>,
+        cache: LayerCache<B, T>,
         attn: AttnShape,
-        dres: &mut B::Buf<f32>,
+        dres: &mut F32<B>,
     ) -> Result<()> {
         let tokens = attn.seq.tokens();
-        let LayerCache { x, ln1, ln1_mean, ln1_rstd, qkv, probs, att, mid, ln2, ln2_mean, ln2_rstd, fc, gelu, t } =
-            cache;
-        let dgelu = self.linear_backward(
-            backend,
-            adapters.as_deref_mut(),
-            l,
-            Module::MlpProj,
-            &gelu,
-            t[3].as_ref(),
-            dres,
-            tokens,
-        )?;
-        drop(gelu);
-        let mut dfc = backend.zeros(B::len(&fc))?;
+        let LayerCache { x, ln1, ln1_mean, ln1_rstd, qkv, lse, att, mid, ln2, ln2_mean, ln2_rstd, fc, gelu, t } = cache;
+        let dy = self.cast(backend, dres)?;
+        let ad = adapters.as_deref_mut();
+        let dgelu = self.linear_backward(backend, ad, l, Module::MlpProj, &gelu, t[3].as_ref(), &dy, tokens)?;
+        drop((gelu, dy));
+        backend.op_mark("bwd gelu");
+        let mut dfc = backend.zeros::<T>(B::len(&fc))?;
         backend.gelu_backward(&dgelu, &fc, &mut dfc)?;
         drop((dgelu, fc));
-        let dln2 =
-            self.linear_backward(backend, adapters.as_deref_mut(), l, Module::Fc, &ln2, t[2].as_ref(), &dfc, tokens)?;
+        let ad = adapters.as_deref_mut();
+        let dln2 = self.linear_backward(backend, ad, l, Module::Fc, &ln2, t[2].as_ref(), &dfc, tokens)?;
         drop(dfc);
-        self.layernorm_backward(backend, l, 6, &dln2, &mid, &ln2_mean, &ln2_rstd, dres)?;
-        let datt = self.linear_backward(
-            backend,
-            adapters.as_deref_mut(),
-            l,
-            Module::AttnProj,
-            &att,
-            t[1].as_ref(),
-            dres,
-            tokens,
-        )?;
-        let mut dqkv = backend.zeros(B::len(&qkv))?;
-        backend.attention_backward(&datt, &qkv, &probs, attn, &mut dqkv)?;
-        drop((datt, probs, qkv));
+        self.layernorm_backward(backend, block_index(l, 6), &dln2, &mid, &ln2_mean, &ln2_rstd, dres)?;
+        let dy = self.cast(backend, dres)?;
+        let ad = adapters.as_deref_mut();
+        let datt = self.linear_backward(backend, ad, l, Module::AttnProj, &att, t[1].as_ref(), &dy, tokens)?;
+        drop(dy);
+        backend.op_mark("bwd attention");
+        let mut dqkv = backend.zeros::<T>(B::len(&qkv))?;
+        backend.attention_backward(&datt, &qkv, &att, &lse, attn, &mut dqkv)?;
+        drop((datt, lse, qkv, att));
         let dln1 = self.linear_backward(backend, adapters, l, Module::CAttn, &ln1, t[0].as_ref(), &dqkv, tokens)?;
-        self.layernorm_backward(backend, l, 0, &dln1, &x, &ln1_mean, &ln1_rstd, dres)
+        self.layernorm_backward(backend, block_index(l, 0), &dln1, &x, &ln1_mean, &ln1_rstd, dres)
     }
 
+    /// LayerNorm backward of the norm whose γ sits at `params[i]` (β at
+    /// `i + 1`), accumulating into the f32 residual gradient `dx`.
     #[allow(clippy::too_many_arguments)]
     fn layernorm_backward(
         &mut self,
         backend: &B,
-        l: usize,
-        slot: usize,
-        dout: &B::Buf<f32>,
-        x: &B::Buf<f32>,
-        mean: &B::Buf<f32>,
-        rstd: &B::Buf<f32>,
-        dx: &mut B::Buf<f32>,
+        i: usize,
+        dout: &B::Buf<T>,
+        x: &F32<B>,
+        mean: &F32<B>,
+        rstd: &F32<B>,
+        dx: &mut F32<B>,
     ) -> Result<()> {
-        let i = block_index(l, slot);
-        let (dg, db) = match self.grads.as_mut() {
+        backend.op_mark("bwd layernorm");
+        let (dg, db) = match self.grads.as_deref_mut() {
             Some(g) => {
                 let (lo, hi) = g.split_at_mut(i + 1);
                 (Some(&mut lo[i]), Some(&mut hi[0]))
@@ -588,32 +715,34 @@ impl<B: TrainBackend> Gpt2<B> {
 
 /// What one block's backward needs from its forward (see the module docs
 /// for sizes). `t[i]` is `x·Aᵀ` of module `Module::ALL[i]` when adapted.
-pub struct LayerCache<B: TrainBackend> {
-    x: B::Buf<f32>,
-    ln1: B::Buf<f32>,
-    ln1_mean: B::Buf<f32>,
-    ln1_rstd: B::Buf<f32>,
-    qkv: B::Buf<f32>,
-    probs: B::Buf<f32>,
-    att: B::Buf<f32>,
-    mid: B::Buf<f32>,
-    ln2: B::Buf<f32>,
-    ln2_mean: B::Buf<f32>,
-    ln2_rstd: B::Buf<f32>,
-    fc: B::Buf<f32>,
-    gelu: B::Buf<f32>,
-    t: [Option<B::Buf<f32>>; 4],
+pub struct LayerCache<B: TrainBackend, T: Element> {
+    x: F32<B>,
+    ln1: B::Buf<T>,
+    ln1_mean: F32<B>,
+    ln1_rstd: F32<B>,
+    qkv: B::Buf<T>,
+    lse: F32<B>,
+    att: B::Buf<T>,
+    mid: F32<B>,
+    ln2: B::Buf<T>,
+    ln2_mean: F32<B>,
+    ln2_rstd: F32<B>,
+    fc: B::Buf<T>,
+    gelu: B::Buf<T>,
+    t: [Option<F32<B>>; 4],
 }
 
 /// A batch on the backend: `tokens` and next-token `targets` (`IGNORE` for
-/// positions without loss), both `batch × seq`.
+/// positions without loss), both `batch × seq`, with the host copies they
+/// were uploaded from (range checks and the embedding backward's grouping
+/// read those, so a step never waits on a download of its own inputs).
 pub struct Batch<B: TrainBackend> {
     /// Rows and tokens per row.
     pub shape: SeqShape,
-    /// Input tokens.
-    pub tokens: B::Buf<u32>,
-    /// Targets, [`super::ops::IGNORE`] where no loss is taken.
-    pub targets: B::Buf<u32>,
+    device_tokens: B::Buf<u32>,
+    device_targets: B::Buf<u32>,
+    host_tokens: Vec<u32>,
+    host_targets: Vec<u32>,
 }
 
 impl<B: TrainBackend> Batch<B> {
@@ -621,7 +750,24 @@ impl<B: TrainBackend> Batch<B> {
     pub fn upload(backend: &B, shape: SeqShape, tokens: &[u32], targets: &[u32]) -> Result<Self> {
         crate::error::check_len("batch", "tokens", tokens.len(), shape.tokens())?;
         crate::error::check_len("batch", "targets", targets.len(), shape.tokens())?;
-        Ok(Batch { shape, tokens: backend.upload(tokens)?, targets: backend.upload(targets)? })
+        Ok(Batch {
+            shape,
+            device_tokens: backend.upload(tokens)?,
+            device_targets: backend.upload(targets)?,
+            host_tokens: tokens.to_vec(),
+            host_targets: targets.to_vec(),
+        })
+    }
+
+    /// Input tokens, on the backend and on the host.
+    pub fn tokens(&self) -> TokenIds<'_, B> {
+        TokenIds { device: &self.device_tokens, host: &self.host_tokens }
+    }
+
+    /// Targets ([`super::ops::IGNORE`] where no loss is taken), on the
+    /// backend and on the host.
+    pub fn targets(&self) -> TokenIds<'_, B> {
+        TokenIds { device: &self.device_targets, host: &self.host_targets }
     }
 }
 

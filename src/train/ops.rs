@@ -8,12 +8,13 @@
 //! `src/cpu/train.rs` (f64 arithmetic, f32 at the edges); a CUDA one adds
 //! `src/cuda/train.rs` and `kernels/train.cu` without touching the trainer.
 //!
-//! Activations, weights and gradients are f32 buffers. Backward functions
-//! say whether they overwrite or accumulate their outputs; parameter
-//! gradients always accumulate (so tied weights, such as the token embedding
+//! See [`TrainOps`] for which buffers are in the compute dtype and which
+//! stay f32. Backward functions say whether they overwrite or accumulate
+//! their outputs; parameter gradients always accumulate (so tied weights, such as the token embedding
 //! used by both the input and the LM head, sum their contributions).
 
 use crate::backend::Backend;
+use crate::dtype::Element;
 use crate::Result;
 
 /// Targets equal to this are ignored by [`TrainOps::cross_entropy`] (padding
@@ -52,10 +53,6 @@ impl AttnShape {
     pub fn width(&self) -> usize {
         self.heads * self.head_dim
     }
-    /// Elements of the stored attention probabilities: batch·heads·seq·seq.
-    pub fn probs_len(&self) -> usize {
-        self.seq.batch * self.heads * self.seq.seq * self.seq.seq
-    }
     /// Elements of the per-query log-sum-exp the attention forward keeps
     /// for its backward: batch·heads·seq.
     pub fn lse_len(&self) -> usize {
@@ -91,16 +88,45 @@ pub struct CrossEntropyOut<B: Backend> {
     pub correct: B::Buf<u32>,
 }
 
-/// The trainer's non-GEMM kernels. All shapes are checked; a mismatch is an
-/// [`crate::Error::Shape`] naming the operand.
+/// Token ids on the backend together with the host copy they were uploaded
+/// from. Range checks (a token `>= vocab` is an [`crate::Error::Index`]) and
+/// the embedding backward's grouping read the host copy, so no op has to
+/// download the ids and stall the stream. Kernels also guard every index
+/// they read, so a `host` that does not match `device` gives wrong numbers,
+/// never an out-of-bounds access.
+pub struct TokenIds<'a, B: Backend> {
+    /// The ids on the backend.
+    pub device: &'a B::Buf<u32>,
+    /// The same ids on the host.
+    pub host: &'a [u32],
+}
+
+impl<B: Backend> Clone for TokenIds<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for TokenIds<'_, B> {}
+
+/// The trainer's non-GEMM kernels, in mixed precision. All shapes are
+/// checked; a mismatch is an [`crate::Error::Shape`] naming the operand.
+///
+/// # Precision
+/// `T` is the compute dtype (f32, or bf16 for mixed precision): the base
+/// weights' working copy and every activation that feeds or leaves a GEMM.
+/// The residual stream and its gradient stay f32 (as under PyTorch's
+/// autocast, where the residual adds see an f32 operand), as do LayerNorm
+/// statistics, the attention's log-sum-exp, losses, parameter gradients
+/// and optimizer state. Every op computes in f32 (CUDA) or f64 (CPU).
 pub trait TrainOps: Backend + Sized {
-    /// `out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]` (`out` overwritten). A
-    /// token `>= vocab` or `seq > positions` is an error.
-    fn embedding_forward(
+    /// `out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]` into the f32 residual
+    /// stream (`out` overwritten). A token `>= vocab` or `seq > positions`
+    /// is an error.
+    fn embedding_forward<T: Element>(
         &self,
-        tokens: &Self::Buf<u32>,
-        wte: &Self::Buf<f32>,
-        wpe: &Self::Buf<f32>,
+        tokens: TokenIds<'_, Self>,
+        wte: &Self::Buf<T>,
+        wpe: &Self::Buf<T>,
         shape: SeqShape,
         width: usize,
         out: &mut Self::Buf<f32>,
@@ -110,7 +136,7 @@ pub trait TrainOps: Backend + Sized {
     /// `dwpe`'s first `seq` rows (either may be skipped when frozen).
     fn embedding_backward(
         &self,
-        tokens: &Self::Buf<u32>,
+        tokens: TokenIds<'_, Self>,
         dout: &Self::Buf<f32>,
         shape: SeqShape,
         width: usize,
@@ -118,28 +144,30 @@ pub trait TrainOps: Backend + Sized {
         dwpe: Option<&mut Self::Buf<f32>>,
     ) -> Result<()>;
 
-    /// Row-wise LayerNorm: `out = (x − μ)·rstd·γ + β`, keeping `mean` and
-    /// `rstd` (one per row) for the backward. `out` is overwritten.
+    /// Row-wise LayerNorm of the f32 residual stream: `out = (x − μ)·rstd·γ
+    /// + β` in `T` (it feeds a GEMM), keeping `mean` and `rstd` (one per
+    /// row) for the backward. `out` is overwritten.
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_forward(
+    fn layernorm_forward<T: Element>(
         &self,
         x: &Self::Buf<f32>,
-        gamma: &Self::Buf<f32>,
-        beta: &Self::Buf<f32>,
+        gamma: &Self::Buf<T>,
+        beta: &Self::Buf<T>,
         eps: f64,
-        out: &mut Self::Buf<f32>,
+        out: &mut Self::Buf<T>,
         mean: &mut Self::Buf<f32>,
         rstd: &mut Self::Buf<f32>,
     ) -> Result<()>;
 
-    /// LayerNorm backward: **accumulates** into `dx` (the residual stream's
-    /// gradient already sits there) and into `dgamma`, `dbeta` when given.
+    /// LayerNorm backward: **accumulates** into the f32 `dx` (the residual
+    /// stream's gradient already sits there) and into `dgamma`, `dbeta`
+    /// when given.
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_backward(
+    fn layernorm_backward<T: Element>(
         &self,
-        dout: &Self::Buf<f32>,
+        dout: &Self::Buf<T>,
         x: &Self::Buf<f32>,
-        gamma: &Self::Buf<f32>,
+        gamma: &Self::Buf<T>,
         mean: &Self::Buf<f32>,
         rstd: &Self::Buf<f32>,
         dx: &mut Self::Buf<f32>,
@@ -150,44 +178,53 @@ pub trait TrainOps: Backend + Sized {
     /// Causal multi-head attention on `qkv` (tokens × 3·width, laid out
     /// `[q | k | v]`, head `h` in columns `h·hd..(h+1)·hd` of each third,
     /// as GPT-2's `c_attn` produces it). Writes `out` (tokens × width) and
-    /// keeps the softmax probabilities (`probs_len()` elements) for the
-    /// backward. Scores are scaled by `1/sqrt(head_dim)`.
-    fn attention_forward(
+    /// the per-query log-sum-exp of the scaled scores (`lse_len()` f32s),
+    /// all the backward needs: the `seq × seq` probabilities are never
+    /// stored. Scores are scaled by `1/sqrt(head_dim)`.
+    fn attention_forward<T: Element>(
         &self,
-        qkv: &Self::Buf<f32>,
+        qkv: &Self::Buf<T>,
         shape: AttnShape,
-        out: &mut Self::Buf<f32>,
-        probs: &mut Self::Buf<f32>,
+        out: &mut Self::Buf<T>,
+        lse: &mut Self::Buf<f32>,
     ) -> Result<()>;
 
-    /// Attention backward from the stored probabilities: `dqkv` overwritten.
-    fn attention_backward(
+    /// Attention backward, recomputing the probabilities from `qkv` and
+    /// `lse`: `dqkv` overwritten. `out` is the forward's output.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward<T: Element>(
         &self,
-        dout: &Self::Buf<f32>,
-        qkv: &Self::Buf<f32>,
-        probs: &Self::Buf<f32>,
+        dout: &Self::Buf<T>,
+        qkv: &Self::Buf<T>,
+        out: &Self::Buf<T>,
+        lse: &Self::Buf<f32>,
         shape: AttnShape,
-        dqkv: &mut Self::Buf<f32>,
+        dqkv: &mut Self::Buf<T>,
     ) -> Result<()>;
 
     /// GELU, tanh approximation (GPT-2's `gelu_new`). `out` overwritten.
-    fn gelu_forward(&self, x: &Self::Buf<f32>, out: &mut Self::Buf<f32>) -> Result<()>;
+    fn gelu_forward<T: Element>(&self, x: &Self::Buf<T>, out: &mut Self::Buf<T>) -> Result<()>;
 
     /// GELU backward from its input: `dx = dout·gelu'(x)`, overwritten.
-    fn gelu_backward(&self, dout: &Self::Buf<f32>, x: &Self::Buf<f32>, dx: &mut Self::Buf<f32>) -> Result<()>;
+    fn gelu_backward<T: Element>(&self, dout: &Self::Buf<T>, x: &Self::Buf<T>, dx: &mut Self::Buf<T>) -> Result<()>;
 
-    /// Residual connection: `y += x`.
-    fn add_assign(&self, y: &mut Self::Buf<f32>, x: &Self::Buf<f32>) -> Result<()>;
+    /// Residual connection into the f32 stream: `out = x + y` (`out`
+    /// overwritten; `x` is kept, the LayerNorm backward reads it).
+    fn residual_add<T: Element>(&self, x: &Self::Buf<f32>, y: &Self::Buf<T>, out: &mut Self::Buf<f32>) -> Result<()>;
 
-    /// Fused softmax cross-entropy over `rows × vocab` logits. When `grad`
-    /// is set, the logits are **overwritten** by `grad·(softmax − onehot)`
-    /// (0 on ignored rows), so the probabilities never need a buffer of
-    /// their own. Targets equal to [`IGNORE`] carry no loss; others must be
-    /// `< vocab`.
-    fn cross_entropy(
+    /// `out = x` rounded to `T` (the residual gradient entering a GEMM's
+    /// backward; the working copy of f32 master weights).
+    fn cast_from_f32<T: Element>(&self, x: &Self::Buf<f32>, out: &mut Self::Buf<T>) -> Result<()>;
+
+    /// Fused softmax cross-entropy over `rows × vocab` logits (any `T`,
+    /// reduced in f32). When `grad` is set, the logits are **overwritten**
+    /// by `grad·(softmax − onehot)` (0 on ignored rows), so the
+    /// probabilities never need a buffer of their own. Targets equal to
+    /// [`IGNORE`] carry no loss; others must be `< vocab`.
+    fn cross_entropy<T: Element>(
         &self,
-        logits: &mut Self::Buf<f32>,
-        targets: &Self::Buf<u32>,
+        logits: &mut Self::Buf<T>,
+        targets: TokenIds<'_, Self>,
         vocab: usize,
         grad: Option<f64>,
     ) -> Result<CrossEntropyOut<Self>>;
@@ -320,14 +357,6 @@ pub mod check {
             check_len(op, "dbeta", len, gamma)?;
         }
         Ok((rows, gamma))
-    }
-
-    /// [`super::TrainOps::attention_forward`] and the shared part of the
-    /// backward: `qkv`, the per-token output (or its gradient) and `probs`.
-    pub fn attention(op: &'static str, shape: AttnShape, qkv: usize, out: usize, probs: usize) -> Result<()> {
-        check_len(op, "qkv", qkv, shape.seq.tokens() * 3 * shape.width())?;
-        check_len(op, if op == "attention_forward" { "out" } else { "dout" }, out, shape.seq.tokens() * shape.width())?;
-        check_len(op, "probs", probs, shape.probs_len())
     }
 
     /// The flash-form attention (`kernels/attention.cu`): `qkv`, the

@@ -10,7 +10,7 @@ use crate::{Error, Result};
 use super::adapters::{AdapterSet, AdapterSpec, Group, Method};
 use super::checkpoint::{read_checkpoint, write_checkpoint, CheckpointState, CheckpointTensors};
 use super::data::{Dataset, EvalMetrics, MetricsAccumulator};
-use super::model::{Batch, Gpt2, Module, TrainBackend};
+use super::model::{Batch, Gpt2, Module, Precision, TrainBackend};
 use super::optimizer::{AdamW, OptimConfig, ParamRef, StepReport};
 
 /// Everything about a run except file paths (the CLI adds those). Readable
@@ -49,6 +49,9 @@ pub struct TrainConfig {
     pub max_bad_steps: u32,
     /// Optimizer settings.
     pub optim: OptimConfig,
+    /// Compute dtype of forward and backward ([`Precision::Bf16`] is mixed
+    /// precision with f32 master weights; the CLI picks bf16 on a GPU).
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -68,6 +71,7 @@ impl Default for TrainConfig {
             eval_examples: 200,
             max_bad_steps: 5,
             optim: OptimConfig::default(),
+            precision: Precision::F32,
         }
     }
 }
@@ -183,6 +187,7 @@ impl<B: TrainBackend> Trainer<B> {
     /// fine-tuning) and the optimizer.
     pub fn new(backend: B, mut model: Gpt2<B>, data: Dataset, config: TrainConfig) -> Result<Self> {
         let spec = config.validate(&model.config, &data)?;
+        model.set_precision(&backend, config.precision)?;
         let adapters = if spec.method == Method::Full {
             model.enable_full_grads(&backend)?;
             None
@@ -226,6 +231,7 @@ impl<B: TrainBackend> Trainer<B> {
     /// parameter changes) and is reported; `max_bad_steps` consecutive
     /// refusals stop the run with an error.
     pub fn step(&mut self) -> Result<StepOutcome> {
+        self.backend.op_mark("batch sample + upload");
         let host = if self.config.sequential_batches {
             // Batch number = iterations done, so a resumed run continues
             // the same order.
@@ -239,11 +245,14 @@ impl<B: TrainBackend> Trainer<B> {
             &host.tokens,
             &host.targets,
         )?;
+        self.backend.op_mark("zero grads");
         self.zero_grads()?;
         let out = self.model.run(&self.backend, self.adapters.as_mut(), &batch, true)?;
+        self.backend.op_mark("adapter scatter");
         if let Some(a) = self.adapters.as_mut() {
             a.scatter(&self.backend)?;
         }
+        self.backend.op_mark("optimizer");
         self.iteration += 1;
         let loss = out.mean_loss();
         let total = self.config.steps;
@@ -261,8 +270,13 @@ impl<B: TrainBackend> Trainer<B> {
         match result {
             Ok(report) => {
                 self.bad_steps = 0;
+                self.backend.op_mark("adapter gather");
                 if let Some(a) = self.adapters.as_mut() {
                     a.gather(&self.backend)?;
+                }
+                if self.model.grads.is_some() {
+                    // Full fine-tuning changed the f32 master weights.
+                    self.model.refresh_working_copy(&self.backend)?;
                 }
                 Ok(StepOutcome { report: Some(report), ..outcome })
             }

@@ -2,6 +2,7 @@
 
 use lorafuse::cpu::Cpu;
 use lorafuse::cuda::{kernels, Gpu};
+use lorafuse::train::model::Precision;
 use lorafuse::{Error, Result};
 
 /// The `--device` choices.
@@ -14,6 +15,31 @@ pub enum DeviceChoice {
     Cpu,
     /// CUDA device 0; an error when there is none or no kernels.
     Cuda,
+}
+
+/// The `--precision` choices.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrecisionChoice {
+    /// bf16 mixed precision on a GPU with tensor cores, f32 elsewhere.
+    #[default]
+    Auto,
+    /// Everything in f32.
+    F32,
+    /// bf16 working copy of the weights and bf16 GEMM activations; f32
+    /// residual stream, master weights, gradients and optimizer state.
+    Bf16,
+}
+
+impl PrecisionChoice {
+    /// The precision to run with on `backend`.
+    pub fn resolve<B: lorafuse::Backend>(self, backend: &B) -> Precision {
+        match self {
+            PrecisionChoice::F32 => Precision::F32,
+            PrecisionChoice::Bf16 => Precision::Bf16,
+            PrecisionChoice::Auto if backend.has_tensor_cores() => Precision::Bf16,
+            PrecisionChoice::Auto => Precision::F32,
+        }
+    }
 }
 
 /// The backend a command got.

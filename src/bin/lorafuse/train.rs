@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::device::{on_backend, pick, DeviceChoice};
+use crate::device::{on_backend, pick, DeviceChoice, PrecisionChoice};
 use indicatif::{ProgressBar, ProgressStyle};
 use lorafuse::peft::load_adapter;
 use lorafuse::train::adapters::AdapterSet;
@@ -115,6 +115,11 @@ pub struct TrainArgs {
     /// Metrics file (JSON lines); default `<out>/metrics.jsonl`.
     #[arg(long)]
     metrics: Option<PathBuf>,
+    /// Compute dtype: `bf16` (mixed precision, f32 masters), `f32`, or
+    /// `auto`: bf16 on a GPU with tensor cores, else f32. `precision` in
+    /// the TOML file's `[train]` table wins over `auto`.
+    #[arg(long, value_enum, default_value_t = PrecisionChoice::Auto)]
+    precision: PrecisionChoice,
 }
 
 /// Options of `lorafuse eval`.
@@ -155,6 +160,9 @@ pub struct DemoArgs {
     /// Where the base and the adapters are saved.
     #[arg(long, default_value = "lorafuse-demo")]
     out: PathBuf,
+    /// Compute dtype (`auto`: bf16 on a GPU with tensor cores, else f32).
+    #[arg(long, value_enum, default_value_t = PrecisionChoice::Auto)]
+    precision: PrecisionChoice,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -319,14 +327,19 @@ pub fn train(args: &TrainArgs) -> Result<()> {
 }
 
 fn train_on<B: TrainBackend + Clone>(backend: B, args: &TrainArgs) -> Result<()> {
-    let file: RunFile = match &args.config {
+    let (file, file_sets_precision): (RunFile, bool) = match &args.config {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-            toml::from_str(&text).map_err(|e| Error::format(p, e.to_string()))?
+            let table: toml::Table = toml::from_str(&text).map_err(|e| Error::format(p, e.to_string()))?;
+            let explicit = table.get("train").and_then(|t| t.get("precision")).is_some();
+            (toml::from_str(&text).map_err(|e| Error::format(p, e.to_string()))?, explicit)
         }
-        None => RunFile::default(),
+        None => (RunFile::default(), false),
     };
     let mut c = file.train;
+    if args.precision != PrecisionChoice::Auto || !file_sets_precision {
+        c.precision = args.precision.resolve(&backend);
+    }
     macro_rules! set {
         ($($flag:ident => $field:expr),*) => { $(if let Some(v) = args.$flag.clone() { $field = v; })* };
     }
@@ -471,8 +484,9 @@ fn demo_on<B: TrainBackend + Clone>(backend: B, args: &DemoArgs) -> Result<()> {
     }
     let cfg = Gpt2Config::new(256, 32, 64, 2, 4)?;
     eprintln!(
-        "demo on {}: pretrain a {}-layer, width-{} GPT-2 on all domains ({} iterations), then adapt to `{}`",
+        "demo on {} ({}): pretrain a {}-layer, width-{} GPT-2 on all domains ({} iterations), then adapt to `{}`",
         backend.describe(),
+        args.precision.resolve(&backend),
         cfg.n_layer,
         cfg.n_embd,
         args.base_steps,
@@ -486,6 +500,7 @@ fn demo_on<B: TrainBackend + Clone>(backend: B, args: &DemoArgs) -> Result<()> {
         batch: 16,
         seq: 32,
         seed: args.seed,
+        precision: args.precision.resolve(&backend),
         ..TrainConfig::default()
     };
     pre.optim.lr_base = 3e-3;
@@ -520,6 +535,7 @@ fn demo_on<B: TrainBackend + Clone>(backend: B, args: &DemoArgs) -> Result<()> {
             seed: args.seed,
             answer_only: true,
             eval_examples: 200,
+            precision: args.precision.resolve(&backend),
             ..TrainConfig::default()
         };
         c.optim.lr = 1e-2;
