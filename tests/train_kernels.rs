@@ -233,6 +233,19 @@ fn optimizer(gpu: &Gpu) {
     }
 }
 
+/// The batched norm shares (one download per optimizer step).
+fn sum_squares_each(gpu: &Gpu) {
+    let xs: Vec<Vec<f32>> =
+        [1usize, 257, 70_001].iter().enumerate().map(|(i, &n)| input(600 + i as u64, n, 2.0)).collect();
+    let on_gpu: Vec<_> = xs.iter().map(|x| gpu.upload(x).unwrap()).collect();
+    let want = Cpu.sum_squares_each(&xs.iter().collect::<Vec<_>>()).unwrap();
+    let got = gpu.sum_squares_each(&on_gpu.iter().collect::<Vec<_>>()).unwrap();
+    assert_eq!(got.len(), 3);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() <= 1e-12 * w.max(1.0), "sum_squares_each tensor {i} seed={}: {g} vs {w}", 600 + i);
+    }
+}
+
 #[test]
 fn gpu_elementwise_ops_match_cpu() {
     let Some(gpu) = common::gpu_or_skip("gpu_elementwise_ops_match_cpu") else { return };
@@ -240,6 +253,7 @@ fn gpu_elementwise_ops_match_cpu() {
     elementwise::<bf16>(&gpu);
     elementwise::<f16>(&gpu);
     optimizer(&gpu);
+    sum_squares_each(&gpu);
 }
 
 fn cross_entropy<T: Element>(gpu: &Gpu) {

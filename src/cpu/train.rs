@@ -320,8 +320,8 @@ impl TrainOps for Cpu {
         Ok(())
     }
 
-    fn sum_squares(&self, x: &Vec<f32>) -> Result<f64> {
-        Ok(x.iter().map(|&v| v as f64 * v as f64).sum())
+    fn sum_squares_each(&self, xs: &[&Vec<f32>]) -> Result<Vec<f64>> {
+        Ok(xs.iter().map(|x| x.iter().map(|&v| v as f64 * v as f64).sum()).collect())
     }
 
     fn fill_zero(&self, x: &mut Vec<f32>) -> Result<()> {

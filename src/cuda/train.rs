@@ -412,24 +412,32 @@ impl TrainOps for Gpu {
         .map_err(launch_err("adamw_f32"))
     }
 
-    fn sum_squares(&self, x: &CudaSlice<f32>) -> Result<f64> {
-        let n = x.len() as u64;
-        let blocks = grid_stride(n).min(1024);
-        let mut partial: CudaSlice<f64> = self.zeros(blocks as usize)?;
-        let mut total: CudaSlice<f64> = self.zeros(1)?;
-        let f = self.function(kernels::TRAIN, "sum_squares_partial_f32")?;
-        // SAFETY: argument types match; `partial` holds one value per block.
-        unsafe { self.stream().launch_builder(&f).arg(x).arg(&n).arg(&mut partial).launch(grid(blocks, THREADS, 0)) }
+    fn sum_squares_each(&self, xs: &[&CudaSlice<f32>]) -> Result<Vec<f64>> {
+        let mut totals: CudaSlice<f64> = self.zeros(xs.len().max(1))?;
+        for (i, x) in xs.iter().enumerate() {
+            let n = x.len() as u64;
+            let blocks = grid_stride(n).min(1024);
+            let mut partial: CudaSlice<f64> = self.zeros(blocks as usize)?;
+            let f = self.function(kernels::TRAIN, "sum_squares_partial_f32")?;
+            // SAFETY: argument types match; `partial` holds one value per block.
+            unsafe {
+                self.stream().launch_builder(&f).arg(*x).arg(&n).arg(&mut partial).launch(grid(blocks, THREADS, 0))
+            }
             .map(drop)
             .map_err(launch_err("sum_squares_partial_f32"))?;
-        let f = self.function(kernels::TRAIN, "sum_squares_final_f32")?;
-        // SAFETY: argument types match; one block adds `blocks` partials.
-        unsafe {
-            self.stream().launch_builder(&f).arg(&partial).arg(&blocks).arg(&mut total).launch(grid(1, THREADS, 0))
+            let f = self.function(kernels::TRAIN, "sum_squares_final_f32")?;
+            let mut slot = totals.slice_mut(i..i + 1);
+            // SAFETY: argument types match; one block adds `blocks` partials
+            // into the one-element view `slot`.
+            unsafe {
+                self.stream().launch_builder(&f).arg(&partial).arg(&blocks).arg(&mut slot).launch(grid(1, THREADS, 0))
+            }
+            .map(drop)
+            .map_err(launch_err("sum_squares_final_f32"))?;
         }
-        .map(drop)
-        .map_err(launch_err("sum_squares_final_f32"))?;
-        Ok(self.download(&total)?[0])
+        let mut all = self.download(&totals)?;
+        all.truncate(xs.len());
+        Ok(all)
     }
 
     fn fill_zero(&self, x: &mut CudaSlice<f32>) -> Result<()> {

@@ -239,9 +239,16 @@ pub trait TrainOps: Backend + Sized {
         hp: &AdamWStep,
     ) -> Result<()>;
 
-    /// `Σ x²` in f64 (NaN or ∞ if any element is non-finite): one tensor's
-    /// share of the global gradient norm.
-    fn sum_squares(&self, x: &Self::Buf<f32>) -> Result<f64>;
+    /// `Σ x²` in f64 of each tensor (NaN or ∞ where an element is
+    /// non-finite): the shares of the global gradient norm, all read back
+    /// in one transfer (one host sync per optimizer step, not one per
+    /// tensor).
+    fn sum_squares_each(&self, xs: &[&Self::Buf<f32>]) -> Result<Vec<f64>>;
+
+    /// `Σ x²` of one tensor ([`TrainOps::sum_squares_each`]).
+    fn sum_squares(&self, x: &Self::Buf<f32>) -> Result<f64> {
+        Ok(self.sum_squares_each(&[x])?[0])
+    }
 
     /// Sets every element to zero.
     fn fill_zero(&self, x: &mut Self::Buf<f32>) -> Result<()>;

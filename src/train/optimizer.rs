@@ -169,9 +169,10 @@ impl<B: TrainOps> AdamW<B> {
 
     /// The global gradient norm; `Err(NonFinite)` when it is not finite.
     pub fn grad_norm(backend: &B, params: &[ParamRef<'_, B>]) -> Result<f64> {
+        let grads: Vec<&B::Buf<f32>> = params.iter().map(|(_, _, _, g)| &**g).collect();
+        let shares = backend.sum_squares_each(&grads)?;
         let mut sum = 0.0;
-        for (name, _, _, g) in params {
-            let s = backend.sum_squares(g)?;
+        for ((name, _, _, _), s) in params.iter().zip(shares) {
             if !s.is_finite() {
                 return Err(Error::NonFinite { what: format!("gradient of `{name}`"), index: 0, value: s });
             }
