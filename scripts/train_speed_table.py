@@ -54,7 +54,7 @@ def main(argv):
     base = {}
     for r in peft:
         base[(r["kind"], r.get("mode"))] = r
-    header = (f"{'method':<16} {'lorafuse tok/s':>14} {'peft eager':>11} {'x eager':>8} {'compile':>11} "
+    header = (f"{'method':<16} {'prec':>4} {'lorafuse tok/s':>14} {'peft eager':>11} {'x eager':>8} {'compile':>11} "
               f"{'x compile':>9} {'lf peak GiB':>11} {'peft GiB':>9}  fwd/bwd/opt ms")
     print(header)
     for r in ours:
@@ -64,9 +64,19 @@ def main(argv):
         ratio = lambda b: tps / b["tokens_per_s"] if tps and b.get("tokens_per_s") else None
         peak = r.get("pool_peak_gib") or r.get("mem_used_after_warmup_gib")
         split = "/".join(fmt(r.get(k), ".1f") for k in ("forward_ms", "backward_ms", "optimizer_ms"))
-        print(f"{r['method']:<16} {fmt(tps, '14.0f')} {fmt(eager.get('tokens_per_s'), '11.0f')} "
+        print(f"{r['method']:<16} {r.get('precision', '-'):>4} {fmt(tps, '14.0f')} {fmt(eager.get('tokens_per_s'), '11.0f')} "
               f"{fmt(ratio(eager), '8.2f')} {fmt(comp.get('tokens_per_s'), '11.0f')} {fmt(ratio(comp), '9.2f')} "
               f"{fmt(peak, '11.2f')} {fmt(eager.get('peak_mem_gib'), '9.2f')}  {split}")
+    # Where the time goes: the per-op breakdown of one step (CUDA events
+    # between the trainer's op marks), largest first.
+    for r in ours:
+        ops = r.get("op_ms")
+        if not isinstance(ops, dict) or not ops:
+            continue
+        total = sum(v for v in ops.values() if isinstance(v, (int, float))) or 1.0
+        print(f"\nper-op time, {r['method']} {r.get('precision', '')}: {total:.1f} ms in one step")
+        for name, ms in sorted(ops.items(), key=lambda kv: -kv[1]):
+            print(f"  {name:<24} {ms:9.2f} ms  {100.0 * ms / total:5.1f}%")
     shapes = {(r.get("batch"), r.get("seq")) for r in ours}
     print(f"lorafuse batch x seq: {sorted(shapes)}; make sure peft_speed.py ran with the same --batch/--seq")
     return 0
