@@ -95,13 +95,7 @@ pub fn attention_forward_f64(qkv: &[f64], s: AttnShape) -> Result<(Vec<f64>, Vec
 
 /// Causal attention backward in f64: `dqkv` from `dout`, the inputs, and
 /// the forward's `out` and `lse` (probabilities recomputed, never stored).
-pub fn attention_backward_f64(
-    dout: &[f64],
-    qkv: &[f64],
-    out: &[f64],
-    lse: &[f64],
-    s: AttnShape,
-) -> Result<Vec<f64>> {
+pub fn attention_backward_f64(dout: &[f64], qkv: &[f64], out: &[f64], lse: &[f64], s: AttnShape) -> Result<Vec<f64>> {
     let (t, hd, w) = (s.seq.seq, s.head_dim, s.width());
     let scale = 1.0 / (hd as f64).sqrt();
     let per: Vec<[Vec<f64>; 3]> = (0..s.seq.batch * s.heads)

@@ -12,6 +12,7 @@
 //! memory.
 
 pub mod adapter_sum;
+pub mod attention;
 pub mod bench;
 pub mod kernels;
 pub mod lowrank;
