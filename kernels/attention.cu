@@ -30,6 +30,10 @@
 // with a row pitch of D+1 (or C + 8/R for score tiles): the 4 groups read 4
 // different rows and the 8 lanes 8 different rows or consecutive columns, and
 // these pitches put all of them in different banks.
+//
+// scripts/attention-emu runs these kernels on the CPU (one OS thread per CUDA
+// thread) against an f64 reference, so their indexing can be checked on a
+// machine without a GPU.
 #include "common.cuh"
 
 #define ATTN_THREADS 128

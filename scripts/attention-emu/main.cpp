@@ -186,7 +186,7 @@ int main(int argc, char** argv) {
     bool ok = true;
     int n = 0;
     for (int seq : {1, 7, 64, 65, 130, 257})
-        for (int hd : {3, 32, 64, 80, 128}) {
+        for (int hd : {3, 5, 32, 33, 64, 80, 128}) {
             const Shape s{1 + n % 2, seq, 1 + n % 3, hd};
             const uint64_t seed = 1000 + n++;
             if (which == "all" || which == "f32") ok &= run_any<float>(s, seed, "f32", 2e-5);
