@@ -12,7 +12,7 @@ use lorafuse::testing::check_close;
 use lorafuse::train::adapters::{AdapterSet, AdapterSpec, Method};
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::model::{Batch, Gpt2, Module, Precision};
-use lorafuse::train::ops::{AttnShape, SeqShape, TokenIds, TrainOps, IGNORE};
+use lorafuse::train::ops::{SeqShape, TokenIds, TrainOps, IGNORE};
 
 fn rand64(seed: u64, n: usize) -> Vec<f64> {
     let mut r = Rng::new(seed);
@@ -65,26 +65,7 @@ fn layernorm_gradients_match_finite_differences_f64() {
     check(&format!("{ctx} dbeta"), &db, &numeric_grad(&beta, 1e-6, |v| loss(&x, &gamma, v)), 1e-7);
 }
 
-#[test]
-fn attention_gradients_match_finite_differences_f64() {
-    // Two rows, odd head dim, seq 5: exercises masking, heads and batching.
-    let shape = AttnShape { seq: SeqShape { batch: 2, seq: 5 }, heads: 2, head_dim: 3 };
-    let seed = 4;
-    let qkv = rand64(seed, shape.seq.tokens() * 3 * shape.width());
-    let w = rand64(seed + 1, shape.seq.tokens() * shape.width());
-    let (out, lse) = attention_forward_f64(&qkv, shape).unwrap();
-    let dqkv = attention_backward_f64(&w, &qkv, &out, &lse, shape).unwrap();
-    let want = numeric_grad(&qkv, 1e-6, |v| dot(&attention_forward_f64(v, shape).unwrap().0, &w));
-    check(&format!("attention {shape:?} f64 seed={seed}"), &dqkv, &want, 1e-7);
-    // Causality: changing a later token's k and v leaves earlier outputs alone.
-    let mut later = qkv.clone();
-    let row = 3 * shape.width();
-    for c in shape.width()..row {
-        later[4 * row + c] += 1.0; // token 4 of row 0: its k and v
-    }
-    let (out2, _) = attention_forward_f64(&later, shape).unwrap();
-    assert_eq!(&out[..4 * shape.width()], &out2[..4 * shape.width()], "attention looks ahead");
-}
+// Attention's f64 gradients, causality and lse form: tests/attention.rs.
 
 #[test]
 fn gelu_and_cross_entropy_gradients_match_finite_differences_f64() {

@@ -1,32 +1,306 @@
-//! Placeholder until the flash-form attention kernels land (same branch
-//! of work): both calls return an error.
+//! Launch wrappers for `kernels/attention.cu`: causal multi-head attention
+//! in the memory-saving ("flash") form, with f32, f16 or bf16 storage and
+//! f32 arithmetic. The f64 twin is [`crate::cpu::attention`]; layouts are
+//! documented there (`qkv` rows `[q | k | v]`, `lse` `[batch][head][query]`).
+//!
+//! The forward keeps one log-sum-exp per query instead of the
+//! batch·heads·seq·seq probabilities; the backward recomputes them. Every
+//! output element has one writer and every sum runs in a fixed order, so
+//! two runs on the same inputs give the same bits.
+//!
+//! Head dims are served by kernels built for 32, 64 or 128 (the smallest
+//! that holds `head_dim`), so any `head_dim` in `1..=`[`MAX_HEAD_DIM`] works.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::Gpu;
-use crate::train::ops::AttnShape;
-use crate::{Element, Error, Result};
+use super::{blocks_for, kernels, Gpu};
+use crate::dtype::Element;
+use crate::error::check_len;
+use crate::train::ops::{check, AttnShape};
+use crate::{Error, Result};
 
-/// Flash-form causal attention forward (not yet wired).
-pub fn attention_forward<T: Element>(
-    _gpu: &Gpu,
-    _qkv: &CudaSlice<T>,
-    _shape: AttnShape,
-    _out: &mut CudaSlice<T>,
-    _lse: &mut CudaSlice<f32>,
-) -> Result<()> {
-    Err(Error::invalid("attention_forward", "the CUDA attention kernels are not merged yet"))
+/// The largest `head_dim` the CUDA attention kernels support.
+pub const MAX_HEAD_DIM: usize = 128;
+
+/// Threads per block of the tiled kernels (`ATTN_THREADS`).
+const THREADS: u32 = 128;
+/// Threads per block of the delta kernel: one warp per query.
+const DELTA_THREADS: u32 = 256;
+/// The CUDA limit on `gridDim.y` (query or key tiles per head).
+const MAX_GRID_Y: usize = 65_535;
+/// The CUDA limit on `gridDim.x` (batch·heads, or delta blocks).
+const MAX_GRID_X: usize = i32::MAX as usize;
+
+/// Mirrors `struct AttnArgs` in kernels/attention.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct AttnArgs {
+    batch: u32,
+    seq: u32,
+    heads: u32,
+    hd: u32,
+    scale: f32,
+    scale_log2: f32,
+}
+// SAFETY: plain numbers, laid out as the CUDA struct.
+unsafe impl DeviceRepr for AttnArgs {}
+
+/// One tiled kernel's tile: `r` rows per 8-lane group (16·r rows per block)
+/// and `c` columns per streamed tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tile {
+    r: u32,
+    c: u32,
 }
 
-/// Flash-form causal attention backward (not yet wired).
-pub fn attention_backward<T: Element>(
-    _gpu: &Gpu,
-    _dout: &CudaSlice<T>,
-    _qkv: &CudaSlice<T>,
-    _out: &CudaSlice<T>,
-    _lse: &CudaSlice<f32>,
-    _shape: AttnShape,
-    _dqkv: &mut CudaSlice<T>,
+impl Tile {
+    /// Rows (queries, or keys for dK/dV) one block owns.
+    fn rows(self) -> u32 {
+        16 * self.r
+    }
+}
+
+/// The kernels' head-dim bucket for `head_dim` (1..=128).
+fn bucket(head_dim: usize) -> u32 {
+    match head_dim {
+        0..=32 => 32,
+        33..=64 => 64,
+        _ => 128,
+    }
+}
+
+/// Tiles of (forward, dQ, dK/dV) for bucket `d`; mirrors `AttnTiles<D>` in
+/// kernels/attention.cu.
+fn tiles(d: u32) -> [Tile; 3] {
+    let t = |r, c| Tile { r, c };
+    match d {
+        32 => [t(4, 64), t(4, 64), t(4, 64)],
+        64 => [t(4, 64), t(4, 32), t(4, 32)],
+        _ => [t(4, 32), t(2, 32), t(2, 32)],
+    }
+}
+
+/// Dynamic shared memory in bytes of each tiled kernel; mirrors
+/// `fwd_smem_floats`, `dq_smem_floats` and `dkv_smem_floats` (the kernels
+/// trap when launched with less).
+fn smem_bytes(d: u32) -> [u32; 3] {
+    let [f, q, k] = tiles(d);
+    let rows = |t: Tile| 16 * t.r;
+    let score = |t: Tile| t.c + 8 / t.r;
+    let forward = rows(f) * (d + 1) + f.c * (d + 1) + f.c * d + rows(f) * score(f);
+    let dq = 2 * rows(q) * (d + 1) + 2 * q.c * (d + 1) + rows(q) * score(q);
+    let dkv = 2 * rows(k) * (d + 1) + 2 * k.c * (d + 1) + 2 * k.c + 2 * rows(k) * score(k);
+    [4 * forward, 4 * dq, 4 * dkv]
+}
+
+/// What one call launches: the kernel arguments, the bucket and grid sizes.
+struct Plan {
+    args: AttnArgs,
+    d: u32,
+    /// batch·heads: `gridDim.x` of the tiled kernels.
+    heads_total: u32,
+}
+
+fn plan(op: &'static str, shape: AttnShape) -> Result<Plan> {
+    if shape.head_dim > MAX_HEAD_DIM {
+        return Err(Error::invalid(
+            format!("{op} head_dim"),
+            format!(
+                "{} exceeds the CUDA attention kernels' limit of {MAX_HEAD_DIM} (supported: 1..={MAX_HEAD_DIM})",
+                shape.head_dim
+            ),
+        ));
+    }
+    let too_big = |what: &str, v: usize, limit: usize| {
+        Error::invalid(format!("{op} {what}"), format!("{v} exceeds the CUDA attention kernels' limit of {limit}"))
+    };
+    let (seq, heads_total) = (shape.seq.seq, shape.seq.batch * shape.heads);
+    // The kernels index positions with i32 and tiles with gridDim.y; the
+    // smallest tile (32 rows) gives the most tiles.
+    let max_seq = (i32::MAX as usize).min(MAX_GRID_Y * 32);
+    if seq > max_seq {
+        return Err(too_big("sequence length", seq, max_seq));
+    }
+    if heads_total > MAX_GRID_X {
+        return Err(too_big("batch·heads", heads_total, MAX_GRID_X));
+    }
+    let queries = heads_total * seq;
+    if queries.div_ceil((DELTA_THREADS / 32) as usize) > MAX_GRID_X {
+        return Err(too_big("batch·heads·seq", queries, MAX_GRID_X * (DELTA_THREADS / 32) as usize));
+    }
+    let scale = 1.0 / (shape.head_dim as f64).sqrt();
+    Ok(Plan {
+        args: AttnArgs {
+            batch: shape.seq.batch as u32,
+            seq: seq as u32,
+            heads: shape.heads as u32,
+            hd: shape.head_dim as u32,
+            scale: scale as f32,
+            scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+        },
+        d: bucket(shape.head_dim),
+        heads_total: heads_total as u32,
+    })
+}
+
+fn launch_err(name: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::cuda(format!("launching {name}"), e)
+}
+
+/// Loads a tiled kernel and lets it use `smem` bytes of dynamic shared
+/// memory (above 48 KiB a kernel must opt in).
+fn tiled_function(gpu: &Gpu, name: &str, smem: u32) -> Result<CudaFunction> {
+    let limit = gpu.info().max_shared_per_block;
+    if smem as usize > limit {
+        return Err(Error::invalid(
+            "attention on this device",
+            format!("{name} needs {smem} bytes of shared memory per block; the device allows {limit}"),
+        ));
+    }
+    let f = gpu.function(kernels::ATTENTION, name)?;
+    gpu.context().bind_to_thread().map_err(|e| Error::cuda("binding the CUDA context", e))?;
+    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        .map_err(|e| Error::cuda(format!("allowing {smem} bytes of shared memory for {name}"), e))?;
+    Ok(f)
+}
+
+/// A launch of `tiles` blocks per head (`gridDim.y`) over every head.
+fn tiled_grid(plan: &Plan, seq: usize, tile: Tile, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (plan.heads_total, seq.div_ceil(tile.rows() as usize) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+/// Causal attention forward: `out` (tokens × W, W = heads·head_dim) and the
+/// per-query log-sum-exp of the scaled scores `lse` (batch·heads·seq,
+/// natural log) from `qkv` (tokens × 3W). Overwrites both.
+///
+/// Errors: lengths that do not match `shape` ([`check::attention_lse`]),
+/// `head_dim` above [`MAX_HEAD_DIM`], shapes past the kernels' 32-bit grid
+/// limits, or a build without kernels.
+pub fn attention_forward<T: Element>(
+    gpu: &Gpu,
+    qkv: &CudaSlice<T>,
+    shape: AttnShape,
+    out: &mut CudaSlice<T>,
+    lse: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    Err(Error::invalid("attention_backward", "the CUDA attention kernels are not merged yet"))
+    let op = "attention_forward";
+    check::attention_lse(op, shape, qkv.len(), out.len(), lse.len())?;
+    let plan = plan(op, shape)?;
+    let (tile, smem) = (tiles(plan.d)[0], smem_bytes(plan.d)[0]);
+    let name = format!("attention_forward_hd{}_{}", plan.d, T::DTYPE.suffix());
+    let f = tiled_function(gpu, &name, smem)?;
+    // SAFETY: argument types match the kernel; every buffer length was
+    // checked against the shape, and the grid covers each (head, query tile)
+    // once with the shared memory the kernel carves up.
+    unsafe {
+        gpu.stream().launch_builder(&f).arg(qkv).arg(&plan.args).arg(out).arg(lse).launch(tiled_grid(
+            &plan,
+            shape.seq.seq,
+            tile,
+            smem,
+        ))
+    }
+    .map(drop)
+    .map_err(launch_err(&name))
+}
+
+/// Causal attention backward: overwrites `dqkv` (tokens × 3W, the same
+/// layout as `qkv`) with the gradient of the forward's `out` given `dout`.
+/// `out` and `lse` must be what [`attention_forward`] returned for this
+/// `qkv`: the probabilities are recomputed as `exp(s − lse)` and the
+/// softmax row sums taken as `dout_i · out_i`.
+///
+/// Runs three kernels: the per-query `dout_i · out_i` (into a scratch
+/// buffer of batch·heads·seq floats allocated on the stream), dQ by query
+/// tile, then dK and dV by key tile. No atomics: the result is bit-identical
+/// from run to run.
+///
+/// Errors: as [`attention_forward`], plus a `dqkv` whose length differs
+/// from `qkv`'s.
+pub fn attention_backward<T: Element>(
+    gpu: &Gpu,
+    dout: &CudaSlice<T>,
+    qkv: &CudaSlice<T>,
+    out: &CudaSlice<T>,
+    lse: &CudaSlice<f32>,
+    shape: AttnShape,
+    dqkv: &mut CudaSlice<T>,
+) -> Result<()> {
+    let op = "attention_backward";
+    check::attention_lse(op, shape, qkv.len(), dout.len(), lse.len())?;
+    check_len(op, "out", out.len(), dout.len())?;
+    check_len(op, "dqkv", dqkv.len(), qkv.len())?;
+    let plan = plan(op, shape)?;
+    let suffix = T::DTYPE.suffix();
+
+    let mut delta = gpu
+        .stream()
+        .alloc_zeros::<f32>(shape.lse_len())
+        .map_err(|e| Error::cuda(format!("allocating {} floats of attention scratch", shape.lse_len()), e))?;
+    let name = format!("attention_backward_delta_{suffix}");
+    let f = gpu.function(kernels::ATTENTION, &name)?;
+    let queries = shape.lse_len() as u64;
+    let blocks = blocks_for(queries, DELTA_THREADS / 32);
+    // SAFETY: argument types match; dout and out hold tokens·W elements and
+    // delta one float per query, the warp count the grid covers.
+    unsafe {
+        gpu.stream().launch_builder(&f).arg(dout).arg(out).arg(&plan.args).arg(&mut delta).launch(LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (DELTA_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map(drop)
+    .map_err(launch_err(&name))?;
+
+    let [_, dq_tile, dkv_tile] = tiles(plan.d);
+    let [_, dq_smem, dkv_smem] = smem_bytes(plan.d);
+    for (kind, tile, smem) in [("dq", dq_tile, dq_smem), ("dkv", dkv_tile, dkv_smem)] {
+        let name = format!("attention_backward_{kind}_hd{}_{suffix}", plan.d);
+        let f = tiled_function(gpu, &name, smem)?;
+        // SAFETY: argument types match; lengths were checked against the
+        // shape; the dq kernel writes only the q third of dqkv and the dkv
+        // kernel only the k and v thirds, each element once.
+        unsafe {
+            gpu.stream()
+                .launch_builder(&f)
+                .arg(dout)
+                .arg(qkv)
+                .arg(lse)
+                .arg(&delta)
+                .arg(&plan.args)
+                .arg(&mut *dqkv)
+                .launch(tiled_grid(&plan, shape.seq.seq, tile, smem))
+        }
+        .map(drop)
+        .map_err(launch_err(&name))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The byte counts `scripts/attention-emu` prints from the kernels'
+    /// own `*_smem_floats` formulas: the host must launch with exactly these.
+    #[test]
+    fn shared_memory_matches_the_kernels() {
+        assert_eq!(smem_bytes(32), [41_984, 50_688, 68_096]);
+        assert_eq!(smem_bytes(64), [66_560, 58_624, 67_584]);
+        assert_eq!(smem_bytes(128), [74_624, 70_656, 75_520]);
+    }
+
+    #[test]
+    fn buckets_cover_every_supported_head_dim() {
+        for hd in 1..=MAX_HEAD_DIM {
+            let d = bucket(hd) as usize;
+            assert!(hd <= d && (d == 32 || hd > d / 2), "hd {hd} -> bucket {d}");
+        }
+    }
 }

@@ -35,6 +35,8 @@ pub fn info() -> Result<()> {
     } else {
         println!("kernels compiled: no (built without nvcc)");
     }
+    let families: Vec<&str> = cuda::kernels::ALL.iter().map(|f| f.name).collect();
+    println!("kernel families: {}", families.join(", "));
     match cuda::probe() {
         Ok(gpu) => println!("device: {}", gpu.info()),
         Err(e) => println!("device: none ({e})"),
