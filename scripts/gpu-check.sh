@@ -110,10 +110,13 @@ run() {
         python3 scripts/peft_speed.py --batch "$batch" > "$out/peft_speed.jsonl" 2> "$out/peft_speed.err"
         echo "peft_speed rc=$? (stderr in peft_speed.err)" >> "$summary"
         python3 scripts/train_speed_table.py "$out/bench-train.txt" "$out/peft_speed.jsonl" > "$out/train_speed.txt" 2>&1
-        for dev in cuda cpu; do
+        # f32 on both devices (the agreement check), then bf16 mixed
+        # precision on the GPU (how far it drifts from torch's f32).
+        for run in cuda:f32 cpu:f32 cuda:bf16; do
+            dev=${run%%:*} prec=${run##*:} tag=${run/:/-}
             python3 scripts/peft_compare.py --lorafuse "$b/lorafuse" --lorafuse-device "$dev" \
-                --out "$out/peft-compare-$dev" > "$out/peft_compare-$dev.txt" 2>&1
-            echo "peft_compare lorafuse-on-$dev rc=$? $(tail -1 "$out/peft_compare-$dev.txt")" >> "$summary"
+                --lorafuse-precision "$prec" --out "$out/peft-compare-$tag" > "$out/peft_compare-$tag.txt" 2>&1
+            echo "peft_compare lorafuse-on-$tag rc=$? $(tail -1 "$out/peft_compare-$tag.txt")" >> "$summary"
         done
     else
         echo "peft_speed, peft_compare: skipped (python3 cannot import torch, transformers and peft)" >> "$summary"

@@ -92,6 +92,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lorafuse", required=True, help="path to the lorafuse binary")
     p.add_argument("--lorafuse-device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--lorafuse-precision", default="f32", choices=["f32", "bf16"],
+                   help="lorafuse's compute dtype (torch runs f32; bf16 shows the mixed-precision drift)")
     p.add_argument("--torch-device", default="auto", help="auto (cuda if available), cpu or cuda")
     p.add_argument("--out", default=None, help="working directory (default: a fresh temporary one)")
     p.add_argument("--kinds", default="lora,vera,unilora", help="comma-separated: lora, vera, unilora")
@@ -449,7 +451,8 @@ def train_lorafuse(args, kind, work, base_dir, data_path, init_dir):
         "vera": ("vera", args.vera_rank, args.vera_rank, args.vera_lr),
         "unilora": (f"unilora:{args.unilora_d}", args.rank, args.rank, args.unilora_lr),
     }[kind]
-    cmd = [args.lorafuse, "train", "--device", args.lorafuse_device, "--config", toml, "--model", base_dir,
+    cmd = [args.lorafuse, "train", "--device", args.lorafuse_device, "--precision", args.lorafuse_precision,
+           "--config", toml, "--model", base_dir,
            "--data", f"tokens:{data_path}", "--method", method, "--rank", str(rank), "--alpha", str(alpha),
            "--targets", ",".join(TARGETS), "--steps", str(args.steps), "--batch", str(args.batch),
            "--seq", str(args.seq), "--lr", str(lr), "--lr-vector", str(lr), "--lr-theta", str(lr), "--warmup", "0",
