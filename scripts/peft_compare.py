@@ -116,9 +116,11 @@ def parse_args():
                    help="multiply the random token embedding by this, so the tied LM head's logits are not all "
                         "near zero (a std-0.02 embedding gives an almost flat softmax)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tol", type=float, default=1e-4, help="largest relative loss difference at any step")
-    p.add_argument("--param-tol", type=float, default=5e-3,
-                   help="largest relative (Frobenius) difference of the trained adapter parameters; this catches a "
+    p.add_argument("--tol", type=float, default=None,
+                   help="largest relative loss difference at any step (default 1e-4; 3e-3 with bf16)")
+    p.add_argument("--param-tol", type=float, default=None,
+                   help="largest relative (Frobenius) difference of the trained adapter parameters (default 5e-3; "
+                        "1.5e-2 with bf16); this catches a "
                         "wrong mapping that moves the loss little (measured: one mis-mapped Uni-LoRA layer gave "
                         "8e-4 in the loss, 2e-2 in the parameters; correct runs on the CPU give ~2e-7 in both)")
     return p.parse_args()
@@ -548,6 +550,16 @@ def run_kind(kind, args, torch, work, base_dir, data_path, data, device):
 
 def main():
     args = parse_args()
+    # bf16 mixed precision rounds every GEMM input to 8 mantissa bits (one
+    # ulp is 4e-3 relative): against torch's f32 the losses drift by ~1e-3
+    # and the trained parameters by ~5e-3 (measured on the CPU backend:
+    # docs/cpu-runs/peft-compare-cpu-bf16-2026-11-23.txt). 1.5e-2 still
+    # catches the mis-mapped layer (2e-2) the parameter check is for.
+    bf16 = args.lorafuse_precision == "bf16"
+    if args.tol is None:
+        args.tol = 3e-3 if bf16 else 1e-4
+    if args.param_tol is None:
+        args.param_tol = 1.5e-2 if bf16 else 5e-3
     try:
         import torch
         import transformers
