@@ -31,7 +31,7 @@
 // different rows and the 8 lanes 8 different rows or consecutive columns, and
 // these pitches put all of them in different banks.
 //
-// scripts/attention-emu runs these kernels on the CPU (one OS thread per CUDA
+// scripts/kernel-emu runs these kernels on the CPU (one OS thread per CUDA
 // thread) against an f64 reference, so their indexing can be checked on a
 // machine without a GPU.
 #include "common.cuh"

@@ -5,7 +5,8 @@
 // arithmetic is f32. The CPU twin is src/cpu/train.rs; the wrappers are
 // src/cuda/train.rs; attention has its own family (kernels/attention.cu).
 // Every reduction runs in a fixed order: no float atomics, so a training
-// step gives the same bits on every run.
+// step gives the same bits on every run. scripts/kernel-emu runs these
+// kernels on the CPU (one OS thread per CUDA thread) against f64 references.
 #include "common.cuh"
 
 #define TRAIN_THREADS 256

@@ -287,7 +287,7 @@ pub fn attention_backward<T: Element>(
 mod tests {
     use super::*;
 
-    /// The byte counts `scripts/attention-emu` prints from the kernels'
+    /// The byte counts `scripts/kernel-emu` (attention) prints from the kernels'
     /// own `*_smem_floats` formulas: the host must launch with exactly these.
     #[test]
     fn shared_memory_matches_the_kernels() {

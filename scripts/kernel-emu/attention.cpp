@@ -2,11 +2,16 @@
 // textbook loops, written independently of src/cpu/attention.rs), for
 // checking the kernels' indexing on a machine without a GPU. Same shapes,
 // input rounding and NaN-poisoned outputs as the GPU tests in
-// tests/attention.rs. Build and run with scripts/attention-emu/run.sh.
+// tests/attention.rs. Build and run with scripts/kernel-emu/run.sh attention.
 #include "emu.h"
 
 // Every block's dynamic shared memory (blocks run one at a time).
 float attn_smem[1 << 16];
+
+// attention.cu declares only `extern __shared__ float attn_smem[]`, which
+// must name the array above, not a static.
+#undef __shared__
+#define __shared__
 
 #include "attention.cu"
 

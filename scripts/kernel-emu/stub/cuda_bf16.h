@@ -1,4 +1,4 @@
-// Host stand-in for <cuda_bf16.h>, for the attention emulator only.
+// Host stand-in for <cuda_bf16.h>, for the kernel emulator only.
 #pragma once
 #include <stdint.h>
 #include <string.h>

@@ -1,4 +1,4 @@
-// Host stand-in for <cuda_fp16.h>, for the attention emulator only: __half
+// Host stand-in for <cuda_fp16.h>, for the kernel emulator only: __half
 // as _Float16, converted with round-to-nearest-even like the device.
 #pragma once
 typedef _Float16 __half;

@@ -1,0 +1,614 @@
+// Emulated run of kernels/train.cu against f64 references written here from
+// the formulas of src/cpu/train.rs, for checking the kernels' indexing,
+// reductions and edge cases on a machine without a GPU. Launch geometry is
+// that of the wrappers in src/cuda/train.rs (256 threads, one warp per
+// LayerNorm row, one block per cross-entropy row or distinct token, ...).
+// Inputs are rounded to their storage dtype first and the references read the
+// rounded values; outputs are NaN-poisoned before overwriting kernels, and
+// accumulating kernels start from random values.
+// Build and run with scripts/kernel-emu/run.sh train [dtype].
+#include "emu.h"
+
+#include "train.cu"
+
+#include <algorithm>
+#include <cstdarg>
+#include <map>
+#include <numeric>
+#include <random>
+#include <set>
+#include <string>
+
+// ---- launch geometry of src/cuda/train.rs --------------------------------
+
+constexpr unsigned THREADS = 256, WARPS = THREADS / 32;
+constexpr uint32_t LN_ROWS_PER_CHUNK = 64;
+// The wrappers cap grid-stride grids at 65535 blocks (and the sum of squares
+// at 1024). A grid-stride loop is correct for any grid, so the emulator caps
+// them at 3 blocks instead: the runs stay short, and at n = 4097 every thread
+// takes several strides, the last one partial.
+constexpr unsigned EMU_MAX_BLOCKS = 3;
+
+static unsigned cdiv(uint64_t a, uint64_t b) { return (unsigned)((a + b - 1) / b); }
+// blocks_for in src/cuda/mod.rs: at least one block.
+static unsigned blocks_for(uint64_t n) { return max(1u, cdiv(n, THREADS)); }
+static unsigned grid_stride(uint64_t n) { return min(blocks_for(n), EMU_MAX_BLOCKS); }
+static void launch(Dim3 grid, const std::function<void()>& k) { emu_launch(grid, THREADS, k); }
+static void launch(unsigned blocks, const std::function<void()>& k) { launch(Dim3{blocks, 1, 1}, k); }
+
+template <typename T> struct K;
+#define EMU_TRAIN_KERNELS(S, T)                                                          \
+    template <> struct K<T> {                                                            \
+        static constexpr const char* name = #S;                                          \
+        static constexpr auto embedding_forward = embedding_forward_##S;                 \
+        static constexpr auto layernorm_forward = layernorm_forward_##S;                 \
+        static constexpr auto layernorm_backward_dx = layernorm_backward_dx_##S;         \
+        static constexpr auto layernorm_partial = layernorm_backward_params_partial_##S; \
+        static constexpr auto gelu_forward = gelu_forward_##S;                           \
+        static constexpr auto gelu_backward = gelu_backward_##S;                         \
+        static constexpr auto residual_add = residual_add_##S;                           \
+        static constexpr auto cast_from_f32 = cast_from_f32_##S;                         \
+        static constexpr auto cross_entropy = cross_entropy_##S;                         \
+    };
+LORAFUSE_FOR_EACH_DTYPE(EMU_TRAIN_KERNELS)
+
+// ---- tolerances and comparison -------------------------------------------
+
+// Each output element's error is |got − want| / (|want| + rms(want)): one
+// wrong element fails however large the tensor, and elements near zero are
+// judged on the tensor's scale. A kernel rounds its f32 result to the
+// output's dtype once, so an f16 or bf16 output is off by at most the unit
+// roundoff (2^-11, 2^-8) plus f32 error: the tolerances are about twice that.
+// f32 outputs (residual stream, statistics, parameter gradients) carry only
+// f32 arithmetic error, whatever T is.
+template <typename T> constexpr double tol_of();
+template <> constexpr double tol_of<float>() { return 1e-5; }
+template <> constexpr double tol_of<__half>() { return 1e-3; }
+template <> constexpr double tol_of<__nv_bfloat16>() { return 8e-3; }
+template <> constexpr double tol_of<double>() { return 1e-12; }
+constexpr double F32_TOL = tol_of<float>();
+
+template <typename T> static double as64(T v) {
+    if constexpr (std::is_same_v<T, double>) {
+        return v;
+    } else {
+        return to_f32(v);
+    }
+}
+
+// Worst error over the results table: per (kernel output, dtype).
+struct Stat {
+    int cases = 0, failed = 0;
+    double worst = 0, tol = 0;
+};
+static std::map<std::pair<std::string, std::string>, Stat> g_stats;
+static std::vector<std::string> g_kernels;  // in order of first use
+static int g_failed_cases = 0, g_cases = 0;
+
+static Stat& stat(const std::string& kernel, const char* dtype) {
+    if (std::find(g_kernels.begin(), g_kernels.end(), kernel) == g_kernels.end()) g_kernels.push_back(kernel);
+    return g_stats[{kernel, dtype}];
+}
+
+// One printed line: a kernel call (or a few) on one shape, every output
+// compared.
+struct Case {
+    std::string head, body;
+    const char* dtype;
+    bool ok = true;
+
+    Case(const char* dtype_, const std::string& what) : head(what), dtype(dtype_) {}
+
+    // `want` NaN means the kernel must write NaN there (and only there).
+    template <typename G>
+    void close(const std::string& kernel, const char* out, const std::vector<G>& got, const std::vector<double>& want,
+               double tol) {
+        double ss = 0, worst = 0;
+        size_t finite = 0, bad = 0;
+        for (double w : want)
+            if (!std::isnan(w)) ss += w * w, ++finite;
+        const double rms = finite ? std::sqrt(ss / finite) : 0.0;
+        for (size_t i = 0; i < want.size(); ++i) {
+            const double g = as64(got[i]), w = want[i];
+            if (std::isnan(w) || !std::isfinite(g)) {
+                bad += !(std::isnan(w) && std::isnan(g));
+                continue;
+            }
+            const double scale = std::fabs(w) + rms;
+            worst = max(worst, scale > 0 ? std::fabs(g - w) / scale : (g == w ? 0.0 : INFINITY));
+        }
+        const bool good = bad == 0 && worst <= tol && got.size() == want.size();
+        record(kernel, good, worst, tol);
+        char buf[128];
+        std::snprintf(buf, sizeof buf, " %s %.1e", out, worst);
+        body += buf;
+        if (bad) body += " (" + std::to_string(bad) + " NaN/inf misplaced)";
+    }
+
+    template <typename U>
+    void exact(const std::string& kernel, const char* out, const std::vector<U>& got, const std::vector<U>& want) {
+        size_t wrong = 0;
+        for (size_t i = 0; i < want.size(); ++i) wrong += std::memcmp(&got[i], &want[i], sizeof(U)) != 0;
+        record(kernel, wrong == 0, wrong ? INFINITY : 0.0, 0.0);
+        body += std::string(" ") + out + (wrong ? " " + std::to_string(wrong) + " differ" : " exact");
+    }
+
+    void record(const std::string& kernel, bool good, double worst, double tol) {
+        Stat& s = stat(kernel, dtype);
+        s.cases++;
+        s.failed += !good;
+        s.worst = max(s.worst, worst);
+        s.tol = tol;
+        ok &= good;
+    }
+
+    ~Case() {
+        ++g_cases;
+        g_failed_cases += !ok;
+        std::printf("%-4s %s:%s %s\n", dtype, head.c_str(), body.c_str(), ok ? "ok" : "FAIL");
+    }
+};
+
+// ---- inputs ---------------------------------------------------------------
+
+struct Rng {
+    std::mt19937_64 g;
+    explicit Rng(uint64_t seed) : g(seed) {}
+    double uni(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(g); }
+    uint32_t below(uint32_t n) { return std::uniform_int_distribution<uint32_t>(0, n - 1)(g); }
+};
+
+template <typename T> static std::vector<T> rand_vec(Rng& rng, size_t n, double lo, double hi) {
+    std::vector<T> v(n);
+    for (auto& x : v) x = from_f32<T>((float)rng.uni(lo, hi));
+    return v;
+}
+
+template <typename T> static std::vector<double> widen(const std::vector<T>& v) {
+    std::vector<double> r(v.size());
+    for (size_t i = 0; i < v.size(); ++i) r[i] = as64(v[i]);
+    return r;
+}
+
+template <typename T> static std::vector<T> poisoned(size_t n) { return std::vector<T>(n, from_f32<T>(NAN)); }
+template <> std::vector<double> poisoned<double>(size_t n) { return std::vector<double>(n, NAN); }
+
+static std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
+static std::string fmt(const char* f, ...) {
+    char buf[256];
+    va_list ap;
+    va_start(ap, f);
+    std::vsnprintf(buf, sizeof buf, f, ap);
+    va_end(ap);
+    return buf;
+}
+
+// ---- f64 references (the formulas of src/cpu/train.rs) --------------------
+
+constexpr double GELU_C64 = 0.7978845608028654;  // sqrt(2/π)
+static double gelu64(double x) { return 0.5 * x * (1.0 + std::tanh(GELU_C64 * (x + 0.044715 * x * x * x))); }
+static double gelu_grad64(double x) {
+    const double t = std::tanh(GELU_C64 * (x + 0.044715 * x * x * x));
+    const double du = GELU_C64 * (1.0 + 3.0 * 0.044715 * x * x);
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
+}
+
+// ---- embedding ------------------------------------------------------------
+
+struct EmbShape {
+    uint32_t batch, seq, width, vocab, positions;
+};
+
+static std::vector<uint32_t> random_tokens(Rng& rng, const EmbShape& s) {
+    std::vector<uint32_t> t((size_t)s.batch * s.seq);
+    for (auto& v : t) v = rng.below(s.vocab);
+    return t;
+}
+
+// out[row] = wte[tokens[row]] + wpe[row % seq]; a token ≥ vocab (which the
+// wrapper rejects on the host) must give a NaN row, never a stray read.
+template <typename T> static void test_embedding_forward(const EmbShape& s, uint64_t seed) {
+    Rng rng(seed);
+    const uint64_t rows = (uint64_t)s.batch * s.seq, total = rows * s.width;
+    const auto wte = rand_vec<T>(rng, (size_t)s.vocab * s.width, -1, 1);
+    const auto wpe = rand_vec<T>(rng, (size_t)s.positions * s.width, -1, 1);
+    for (bool corrupt : {false, true}) {
+        auto tokens = random_tokens(rng, s);
+        if (corrupt) tokens[rows / 2] = s.vocab + 3 * (uint32_t)(rows % 2);  // vocab or vocab + 3
+        Case c(K<T>::name, fmt("embedding_forward batch=%u seq=%u width=%u vocab=%u%s", s.batch, s.seq, s.width,
+                               s.vocab, corrupt ? " (one token out of range)" : ""));
+        auto out = poisoned<float>(total);
+        launch(grid_stride(total), [&] {
+            K<T>::embedding_forward(tokens.data(), wte.data(), wpe.data(), s.vocab, s.seq, s.width, total, out.data());
+        });
+        std::vector<double> want(total);
+        for (uint64_t r = 0; r < rows; ++r)
+            for (uint32_t ch = 0; ch < s.width; ++ch)
+                want[r * s.width + ch] = tokens[r] < s.vocab ? as64(wte[(size_t)tokens[r] * s.width + ch]) +
+                                                                   as64(wpe[(r % s.seq) * s.width + ch])
+                                                             : NAN;
+        c.close("embedding_forward_<T> out", "out", out, want, F32_TOL);
+    }
+}
+
+// dwte[tok] += Σ dout[rows holding tok] with the host's grouping (rows
+// stably sorted by token, one block per distinct token), and
+// dwpe[t] += Σ_b dout[b, t]; both accumulators start random, and wpe rows
+// past seq must stay as they were.
+static void test_embedding_backward(const EmbShape& s, uint64_t seed) {
+    Rng rng(seed);
+    const uint64_t rows = (uint64_t)s.batch * s.seq;
+    const auto tokens = random_tokens(rng, s);
+    const auto dout = rand_vec<float>(rng, rows * s.width, -1, 1);
+    const auto dwte0 = rand_vec<float>(rng, (size_t)s.vocab * s.width, -1, 1);
+    const auto dwpe0 = rand_vec<float>(rng, (size_t)s.positions * s.width, -1, 1);
+
+    // src/cuda/train.rs, embedding_backward.
+    std::vector<uint32_t> order(rows), uniq, starts;
+    std::iota(order.begin(), order.end(), 0u);
+    std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return tokens[a] < tokens[b]; });
+    for (size_t k = 0; k < order.size(); ++k)
+        if (uniq.empty() || uniq.back() != tokens[order[k]]) {
+            uniq.push_back(tokens[order[k]]);
+            starts.push_back((uint32_t)k);
+        }
+    starts.push_back((uint32_t)order.size());
+
+    Case c("f32", fmt("embedding_backward batch=%u seq=%u width=%u vocab=%u positions=%u (%zu distinct tokens)",
+                      s.batch, s.seq, s.width, s.vocab, s.positions, uniq.size()));
+    auto dwte = dwte0, dwpe = dwpe0;
+    launch((unsigned)uniq.size(), [&] {
+        embedding_backward_wte_f32(order.data(), uniq.data(), starts.data(), s.width, dout.data(), dwte.data());
+    });
+    launch(blocks_for((uint64_t)s.seq * s.width),
+           [&] { embedding_backward_wpe_f32(dout.data(), s.batch, s.seq, s.width, dwpe.data()); });
+    auto want_te = widen(dwte0), want_pe = widen(dwpe0);
+    for (uint64_t r = 0; r < rows; ++r)
+        for (uint32_t ch = 0; ch < s.width; ++ch) {
+            want_te[(size_t)tokens[r] * s.width + ch] += dout[r * s.width + ch];
+            want_pe[(r % s.seq) * s.width + ch] += dout[r * s.width + ch];
+        }
+    c.close("embedding_backward_wte_f32 dwte", "dwte", dwte, want_te, F32_TOL);
+    c.close("embedding_backward_wpe_f32 dwpe", "dwpe", dwpe, want_pe, F32_TOL);
+}
+
+// ---- LayerNorm --------------------------------------------------------------
+
+template <typename T> static void test_layernorm(uint32_t rows, uint32_t d, uint64_t seed) {
+    Rng rng(seed);
+    const size_t n = (size_t)rows * d;
+    // Each row its own mean and spread, so a row mixed up with another shows.
+    std::vector<float> x(n);
+    for (uint32_t r = 0; r < rows; ++r) {
+        const double mu = rng.uni(-2, 2), spread = rng.uni(0.2, 3);
+        for (uint32_t i = 0; i < d; ++i) x[(size_t)r * d + i] = (float)(mu + spread * rng.uni(-1, 1));
+    }
+    const auto gamma = rand_vec<T>(rng, d, -1.5, 1.5), beta = rand_vec<T>(rng, d, -1, 1);
+    const float eps = 1e-5f;  // the wrapper passes eps as f32
+    Case c(K<T>::name, fmt("layernorm rows=%u d=%u", rows, d));
+
+    // Forward: mean, variance around it, (x − μ)·rstd·γ + β.
+    auto out = poisoned<T>(n);
+    auto mean = poisoned<float>(rows), rstd = poisoned<float>(rows);
+    launch(cdiv(rows, WARPS), [&] {
+        K<T>::layernorm_forward(x.data(), gamma.data(), beta.data(), eps, rows, d, out.data(), mean.data(),
+                                rstd.data());
+    });
+    std::vector<double> out_ref(n), mean_ref(rows), rstd_ref(rows);
+    for (uint32_t r = 0; r < rows; ++r) {
+        const float* xr = &x[(size_t)r * d];
+        double mu = 0, var = 0;
+        for (uint32_t i = 0; i < d; ++i) mu += xr[i];
+        mu /= d;
+        for (uint32_t i = 0; i < d; ++i) var += (xr[i] - mu) * (xr[i] - mu);
+        var /= d;
+        const double rs = 1.0 / std::sqrt(var + (double)eps);
+        for (uint32_t i = 0; i < d; ++i)
+            out_ref[(size_t)r * d + i] = (xr[i] - mu) * rs * as64(gamma[i]) + as64(beta[i]);
+        mean_ref[r] = mu;
+        rstd_ref[r] = rs;
+    }
+    c.close("layernorm_forward_<T> out", "out", out, out_ref, tol_of<T>());
+    c.close("layernorm_forward_<T> mean", "mean", mean, mean_ref, F32_TOL);
+    c.close("layernorm_forward_<T> rstd", "rstd", rstd, rstd_ref, F32_TOL);
+
+    // Backward, from the reference statistics rounded to f32 (what the
+    // forward hands on), so only the backward kernels' error is measured.
+    const auto dout = rand_vec<T>(rng, n, -1, 1);
+    std::vector<float> mean_f(rows), rstd_f(rows);
+    for (uint32_t r = 0; r < rows; ++r) mean_f[r] = (float)mean_ref[r], rstd_f[r] = (float)rstd_ref[r];
+    const auto dx0 = rand_vec<float>(rng, n, -0.5, 0.5);
+    auto dx = dx0;
+    launch(cdiv(rows, WARPS), [&] {
+        K<T>::layernorm_backward_dx(dout.data(), x.data(), gamma.data(), mean_f.data(), rstd_f.data(), rows, d,
+                                    dx.data());
+    });
+    // x̂ = (x − μ)·rstd; dx̂ = dout·γ; dx += rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂));
+    // dγ += Σ_rows dout·x̂, dβ += Σ_rows dout (each row chunk a partial).
+    const uint32_t chunks = cdiv(rows, LN_ROWS_PER_CHUNK);
+    std::vector<double> dx_ref = widen(dx0), pg_ref((size_t)chunks * d, 0.0), pb_ref((size_t)chunks * d, 0.0);
+    for (uint32_t r = 0; r < rows; ++r) {
+        const size_t base = (size_t)r * d;
+        const double mu = mean_f[r], rs = rstd_f[r];
+        double m1 = 0, m2 = 0;
+        for (uint32_t i = 0; i < d; ++i) {
+            const double xhat = (x[base + i] - mu) * rs, dy = as64(dout[base + i]), dxhat = dy * as64(gamma[i]);
+            m1 += dxhat;
+            m2 += dxhat * xhat;
+            pg_ref[(size_t)(r / LN_ROWS_PER_CHUNK) * d + i] += dy * xhat;
+            pb_ref[(size_t)(r / LN_ROWS_PER_CHUNK) * d + i] += dy;
+        }
+        m1 /= d;
+        m2 /= d;
+        for (uint32_t i = 0; i < d; ++i) {
+            const double xhat = (x[base + i] - mu) * rs;
+            dx_ref[base + i] += rs * (as64(dout[base + i]) * as64(gamma[i]) - m1 - xhat * m2);
+        }
+    }
+    c.close("layernorm_backward_dx_<T> dx", "dx", dx, dx_ref, F32_TOL);
+
+    auto pg = poisoned<float>((size_t)chunks * d), pb = poisoned<float>((size_t)chunks * d);
+    launch(Dim3{cdiv(d, THREADS), chunks, 1}, [&] {
+        K<T>::layernorm_partial(dout.data(), x.data(), mean_f.data(), rstd_f.data(), rows, d, LN_ROWS_PER_CHUNK,
+                                pg.data(), pb.data());
+    });
+    c.close("layernorm_backward_params_partial_<T> partials", "partial_g", pg, pg_ref, F32_TOL);
+    c.close("layernorm_backward_params_partial_<T> partials", "partial_b", pb, pb_ref, F32_TOL);
+
+    // The final sum, with both outputs and with either one null (the
+    // wrapper passes null for a gradient nobody wants).
+    std::vector<double> dg_ref(d, 0.0), db_ref(d, 0.0);
+    for (uint32_t k = 0; k < chunks; ++k)
+        for (uint32_t i = 0; i < d; ++i) dg_ref[i] += pg_ref[(size_t)k * d + i], db_ref[i] += pb_ref[(size_t)k * d + i];
+    for (int which : {3, 1, 2}) {  // bit 0: dgamma given, bit 1: dbeta given
+        const auto dg0 = rand_vec<float>(rng, d, -1, 1), db0 = rand_vec<float>(rng, d, -1, 1);
+        auto dg = dg0, db = db0;
+        float* dgp = which & 1 ? dg.data() : nullptr;
+        float* dbp = which & 2 ? db.data() : nullptr;
+        launch(cdiv(d, THREADS),
+               [&] { layernorm_backward_params_final_f32(pg.data(), pb.data(), chunks, d, dgp, dbp); });
+        std::vector<double> wg = widen(dg0), wb = widen(db0);
+        for (uint32_t i = 0; i < d; ++i) {
+            if (which & 1) wg[i] += dg_ref[i];
+            if (which & 2) wb[i] += db_ref[i];
+        }
+        const char* gname = which == 3 ? "dgamma" : which == 1 ? "dgamma(dbeta=null)" : "dgamma=null";
+        const char* bname = which == 3 ? "dbeta" : which == 1 ? "dbeta=null" : "dbeta(dgamma=null)";
+        if (which & 1) {
+            c.close("layernorm_backward_params_final_f32 dgamma", gname, dg, wg, F32_TOL);
+        } else {
+            c.exact("layernorm_backward_params_final_f32 null out", gname, dg, dg0);
+        }
+        if (which & 2) {
+            c.close("layernorm_backward_params_final_f32 dbeta", bname, db, wb, F32_TOL);
+        } else {
+            c.exact("layernorm_backward_params_final_f32 null out", bname, db, db0);
+        }
+    }
+}
+
+// ---- elementwise --------------------------------------------------------------
+
+template <typename T> static void test_elementwise(uint64_t n, uint64_t seed) {
+    Rng rng(seed);
+    Case c(K<T>::name, fmt("elementwise n=%llu (grid %u x %u)", (unsigned long long)n, grid_stride(n), THREADS));
+    // GELU over [-6, 6]: both tails and the bend.
+    const auto x = rand_vec<T>(rng, n, -6, 6), dout = rand_vec<T>(rng, n, -1, 1);
+    auto out = poisoned<T>(n);
+    launch(grid_stride(n), [&] { K<T>::gelu_forward(x.data(), n, out.data()); });
+    std::vector<double> want(n);
+    for (uint64_t i = 0; i < n; ++i) want[i] = gelu64(as64(x[i]));
+    c.close("gelu_forward_<T> out", "gelu", out, want, tol_of<T>());
+
+    auto dx = poisoned<T>(n);
+    launch(grid_stride(n), [&] { K<T>::gelu_backward(dout.data(), x.data(), n, dx.data()); });
+    for (uint64_t i = 0; i < n; ++i) want[i] = as64(dout[i]) * gelu_grad64(as64(x[i]));
+    c.close("gelu_backward_<T> dx", "gelu'", dx, want, tol_of<T>());
+
+    const auto xs = rand_vec<float>(rng, n, -2, 2);
+    const auto y = rand_vec<T>(rng, n, -2, 2);
+    auto sum = poisoned<float>(n);
+    launch(grid_stride(n), [&] { K<T>::residual_add(xs.data(), y.data(), n, sum.data()); });
+    for (uint64_t i = 0; i < n; ++i) want[i] = (double)xs[i] + as64(y[i]);
+    c.close("residual_add_<T> out", "residual_add", sum, want, F32_TOL);
+
+    // Magnitudes over 2^-12 ... 2^8: within every dtype's range, f16's
+    // subnormals included.
+    std::vector<float> wide(n);
+    for (auto& v : wide) v = (float)std::ldexp(rng.uni(-1, 1), (int)std::floor(rng.uni(-12, 9)));
+    auto cast = poisoned<T>(n);
+    launch(grid_stride(n), [&] { K<T>::cast_from_f32(wide.data(), n, cast.data()); });
+    c.close("cast_from_f32_<T> out", "cast", cast, widen(wide), tol_of<T>());
+}
+
+// ---- softmax cross-entropy --------------------------------------------------
+
+template <typename T> static void test_cross_entropy(uint32_t vocab, uint64_t seed) {
+    Rng rng(seed);
+    constexpr uint32_t IGNORE = 0xffffffffu;
+    std::vector<std::vector<float>> rows;
+    std::vector<uint32_t> targets;
+    auto random_row = [&] {
+        std::vector<float> r(vocab);
+        for (auto& v : r) v = (float)rng.uni(-5, 5);
+        return r;
+    };
+    for (int i = 0; i < 6; ++i) rows.push_back(random_row()), targets.push_back(rng.below(vocab));
+    rows.push_back(random_row()), targets.push_back(IGNORE);
+    // Targets the host would have rejected: NaN loss, no stray read.
+    rows.push_back(random_row()), targets.push_back(vocab);
+    rows.push_back(random_row()), targets.push_back(IGNORE - 1);
+    // Ties for the maximum (4.0, exact in every dtype; the rest below 3):
+    // across warps, inside one thread's columns (c and c + 256), between
+    // neighbouring lanes. The lowest index wins; a target on another tied
+    // column is not "correct".
+    const std::vector<std::set<uint32_t>> ties = {
+        {vocab - 1, vocab / 2, vocab / 5}, {0, vocab - 1}, {vocab / 2, (vocab / 2) ^ 1u}};
+    for (const auto& tie : ties) {
+        std::set<uint32_t> in;
+        for (uint32_t p : tie)
+            if (p < vocab) in.insert(p);
+        for (uint32_t target : {*in.begin(), *in.rbegin()}) {
+            auto r = random_row();
+            for (auto& v : r) v = std::min(v, 2.9f);
+            for (uint32_t p : in) r[p] = 4.0f;
+            rows.push_back(r), targets.push_back(target);
+        }
+    }
+    std::vector<float> flat(vocab, 1.5f);  // all equal: argmax 0
+    rows.push_back(flat), targets.push_back(vocab - 1);
+    rows.push_back(flat), targets.push_back(0);
+
+    const uint32_t nrows = (uint32_t)rows.size();
+    std::vector<T> logits0((size_t)nrows * vocab);
+    for (uint32_t r = 0; r < nrows; ++r)
+        for (uint32_t ch = 0; ch < vocab; ++ch) logits0[(size_t)r * vocab + ch] = from_f32<T>(rows[r][ch]);
+    const float scale = 0.37f;
+
+    // Reference on the rounded logits: loss = lse − logit[target], argmax
+    // the lowest index of the maximum, grad = scale·(softmax − onehot).
+    std::vector<double> loss_ref(nrows), grad_ref(logits0.size(), 0.0);
+    std::vector<uint32_t> correct_ref(nrows, 0);
+    for (uint32_t r = 0; r < nrows; ++r) {
+        const uint32_t t = targets[r];
+        if (t == IGNORE || t >= vocab) {
+            loss_ref[r] = t == IGNORE ? 0.0 : NAN;
+            continue;
+        }
+        const T* l = &logits0[(size_t)r * vocab];
+        double mx = -INFINITY;
+        uint32_t arg = 0;
+        for (uint32_t ch = 0; ch < vocab; ++ch)
+            if (as64(l[ch]) > mx) mx = as64(l[ch]), arg = ch;
+        double sum = 0;
+        for (uint32_t ch = 0; ch < vocab; ++ch) sum += std::exp(as64(l[ch]) - mx);
+        const double lse = mx + std::log(sum);
+        loss_ref[r] = lse - as64(l[t]);
+        correct_ref[r] = arg == t;
+        for (uint32_t ch = 0; ch < vocab; ++ch)
+            grad_ref[(size_t)r * vocab + ch] = scale * (std::exp(as64(l[ch]) - lse) - (ch == t ? 1.0 : 0.0));
+    }
+    for (uint32_t write_grad : {1u, 0u}) {
+        Case c(K<T>::name, fmt("cross_entropy rows=%u vocab=%u write_grad=%u", nrows, vocab, write_grad));
+        auto logits = logits0;
+        auto losses = poisoned<float>(nrows);
+        std::vector<uint32_t> correct(nrows, 0xdeadbeefu);
+        launch(nrows, [&] {
+            K<T>::cross_entropy(logits.data(), targets.data(), vocab, write_grad, scale, losses.data(),
+                                correct.data());
+        });
+        c.close("cross_entropy_<T> loss", "loss", losses, loss_ref, F32_TOL);
+        c.exact("cross_entropy_<T> correct", "correct", correct, correct_ref);
+        if (write_grad) {
+            c.close("cross_entropy_<T> grad", "grad", logits, grad_ref, tol_of<T>());
+        } else {
+            c.exact("cross_entropy_<T> logits kept", "logits kept", logits, logits0);
+        }
+    }
+}
+
+// ---- optimiser and norms ------------------------------------------------------
+
+static void test_adamw(uint64_t n, int step, uint64_t seed) {
+    Rng rng(seed);
+    Case c("f32", fmt("adamw n=%llu step=%d (grid %u x %u)", (unsigned long long)n, step, grid_stride(n), THREADS));
+    const double lr = 0.05, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.1, gs = 0.5;
+    // As the wrapper builds it (corrections 1 − β^step).
+    const AdamWArgs a{lr, b1, b2, eps, wd, gs, 1.0 - std::pow(b1, step), 1.0 - std::pow(b2, step)};
+    const auto p0 = rand_vec<float>(rng, n, -1, 1), g = rand_vec<float>(rng, n, -1, 1);
+    const auto m0 = rand_vec<float>(rng, n, -0.1, 0.1), v0 = rand_vec<float>(rng, n, 0, 0.01);
+    auto p = p0, m = m0, v = v0;
+    launch(grid_stride(n), [&] { adamw_f32(p.data(), g.data(), m.data(), v.data(), n, a); });
+    std::vector<double> pw(n), mw(n), vw(n);
+    for (uint64_t i = 0; i < n; ++i) {
+        const double gi = g[i] * gs;
+        mw[i] = b1 * m0[i] + (1 - b1) * gi;
+        vw[i] = b2 * v0[i] + (1 - b2) * gi * gi;
+        double pi = p0[i];
+        pi -= lr * wd * pi;
+        pi -= lr * (mw[i] / a.correction1) / (std::sqrt(vw[i] / a.correction2) + eps);
+        pw[i] = pi;
+    }
+    c.close("adamw_f32 param", "param", p, pw, F32_TOL);
+    c.close("adamw_f32 m", "m", m, mw, F32_TOL);
+    c.close("adamw_f32 v", "v", v, vw, F32_TOL);
+}
+
+static void test_sum_squares(uint64_t n, uint64_t seed) {
+    Rng rng(seed);
+    const unsigned blocks = grid_stride(n);
+    Case c("f32", fmt("sum_squares n=%llu (grid %u x %u)", (unsigned long long)n, blocks, THREADS));
+    const auto x = rand_vec<float>(rng, n, -3, 3);
+    auto partial = poisoned<double>(blocks), out = poisoned<double>(1);
+    launch(blocks, [&] { sum_squares_partial_f32(x.data(), n, partial.data()); });
+    launch(1, [&] { sum_squares_final_f32(partial.data(), blocks, out.data()); });
+    long double want = 0;
+    for (float v : x) want += (long double)v * v;
+    c.close("sum_squares_{partial,final}_f32", "sum", out, {(double)want}, tol_of<double>());
+}
+
+// The final pass alone over more partials than it has threads (the wrapper
+// allows up to 1024).
+static void test_sum_squares_final(unsigned blocks, uint64_t seed) {
+    Rng rng(seed);
+    Case c("f32", fmt("sum_squares_final partials=%u", blocks));
+    std::vector<double> partial(blocks);
+    long double want = 0;
+    for (auto& v : partial) want += v = rng.uni(0, 100);
+    auto out = poisoned<double>(1);
+    launch(1, [&] { sum_squares_final_f32(partial.data(), blocks, out.data()); });
+    c.close("sum_squares_final_f32 (many partials)", "sum", out, {(double)want}, tol_of<double>());
+}
+
+// ---- driver -------------------------------------------------------------------
+
+template <typename T> static void run_dtype(uint64_t seed) {
+    // rows 130: three row chunks of the parameter gradients, and a last
+    // block with two of its eight warps in use.
+    for (uint32_t rows : {1u, 7u, 130u})
+        for (uint32_t d : {1u, 31u, 33u, 257u, 768u}) test_layernorm<T>(rows, d, seed++);
+    for (uint64_t n : {1ull, 31ull, 4097ull}) test_elementwise<T>(n, seed++);
+    for (uint32_t vocab : {1u, 7u, 257u, 1031u}) test_cross_entropy<T>(vocab, seed++);
+    for (const EmbShape& s : {EmbShape{1, 1, 1, 1, 1}, EmbShape{3, 11, 31, 1, 11}, EmbShape{2, 5, 33, 7, 8},
+                              EmbShape{4, 9, 257, 257, 9}, EmbShape{2, 6, 768, 7, 13}})
+        test_embedding_forward<T>(s, seed++);
+}
+
+static void run_f32_only(uint64_t seed) {
+    // vocab 1: one token, one group of every row; vocab 7: repeats;
+    // vocab 257: mostly distinct tokens. positions > seq: rows left alone.
+    for (const EmbShape& s : {EmbShape{1, 1, 1, 1, 1}, EmbShape{3, 11, 31, 1, 11}, EmbShape{2, 5, 33, 7, 8},
+                              EmbShape{4, 9, 257, 257, 9}, EmbShape{2, 6, 768, 7, 13}})
+        test_embedding_backward(s, seed++);
+    for (uint64_t n : {1ull, 31ull, 4097ull})
+        for (int step : {1, 7}) test_adamw(n, step, seed++);
+    for (uint64_t n : {1ull, 31ull, 4097ull}) test_sum_squares(n, seed++);
+    test_sum_squares_final(1000, seed++);
+}
+
+int main(int argc, char** argv) {
+    const std::string which = argc > 1 ? argv[1] : "all";
+    if (which != "all" && which != "f32" && which != "f16" && which != "bf16") {
+        std::fprintf(stderr, "usage: %s [all|f32|f16|bf16]\n", argv[0]);
+        return 2;
+    }
+    if (which == "all" || which == "f32") {
+        run_dtype<float>(2000);
+        run_f32_only(2500);
+    }
+    if (which == "all" || which == "f16") run_dtype<__half>(3000);
+    if (which == "all" || which == "bf16") run_dtype<__nv_bfloat16>(4000);
+
+    std::printf("\n%-52s %-5s %6s %9s %9s  %s\n", "kernel output", "dtype", "cases", "worst", "tolerance", "");
+    for (const auto& kernel : g_kernels)
+        for (const char* dtype : {"f32", "f16", "bf16"}) {
+            const auto it = g_stats.find({kernel, dtype});
+            if (it == g_stats.end()) continue;
+            const Stat& s = it->second;
+            std::printf("%-52s %-5s %6d %9.1e %9.1e  %s\n", kernel.c_str(), dtype, s.cases, s.worst, s.tol,
+                        s.failed ? "FAIL" : "ok");
+        }
+    std::printf("%d cases, %d failed\n", g_cases, g_failed_cases);
+    std::printf(g_failed_cases ? "FAILURES\n" : "all ok\n");
+    return g_failed_cases ? 1 : 0;
+}
