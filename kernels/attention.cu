@@ -290,6 +290,46 @@ __device__ __forceinline__ void attn_backward_delta(const T* __restrict__ dout, 
 // diagonal summed in order inside the block. This recomputes P and dP that
 // the dK/dV kernel also computes; the alternative, accumulating dQ across
 // key-tile blocks, needs float atomics and would make steps irreproducible.
+// Both backward kernels recompute, for this lane's R rows (r0 + i) and CL
+// columns (cg + 8k) of the tile, the scores s = a_row · b_col and the
+// softmax-input gradients dp = c_row · e_col over the head dimension: the
+// dQ kernel with rows = queries (a = Q, c = dO, b = K, e = V), the dK/dV
+// kernel transposed (rows = keys). One loop over d feeds both products, so
+// each shared-memory load is used R or CL times.
+template <int R, int CL, int LD>
+__device__ __forceinline__ void score_and_dp(const float* __restrict__ a, const float* __restrict__ c,
+                                             const float* __restrict__ b, const float* __restrict__ e, int r0,
+                                             int cg, int hd4, float (&s)[R][CL], float (&dp)[R][CL]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int k = 0; k < CL; ++k) s[i][k] = dp[i][k] = 0.0f;
+    for (int d0 = 0; d0 < hd4; d0 += 4) {
+#pragma unroll
+        for (int dd = 0; dd < 4; ++dd) {
+            const int d = d0 + dd;
+            float av[R], cv[R], bv[CL], ev[CL];
+#pragma unroll
+            for (int i = 0; i < R; ++i) {
+                av[i] = a[(r0 + i) * LD + d];
+                cv[i] = c[(r0 + i) * LD + d];
+            }
+#pragma unroll
+            for (int k = 0; k < CL; ++k) {
+                bv[k] = b[(cg + 8 * k) * LD + d];
+                ev[k] = e[(cg + 8 * k) * LD + d];
+            }
+#pragma unroll
+            for (int i = 0; i < R; ++i)
+#pragma unroll
+                for (int k = 0; k < CL; ++k) {
+                    s[i][k] = fmaf(av[i], bv[k], s[i][k]);
+                    dp[i][k] = fmaf(cv[i], ev[k], dp[i][k]);
+                }
+        }
+    }
+}
+
 template <typename T, int D, int R, int C>
 __device__ __forceinline__ void attn_backward_dq(const T* __restrict__ dout, const T* __restrict__ qkv,
                                                  const float* __restrict__ lse, const float* __restrict__ delta,
@@ -339,34 +379,7 @@ __device__ __forceinline__ void attn_backward_dq(const T* __restrict__ dout, con
         __syncthreads();
 
         float s[R][CL], dp[R][CL];
-#pragma unroll
-        for (int i = 0; i < R; ++i)
-#pragma unroll
-            for (int k = 0; k < CL; ++k) s[i][k] = dp[i][k] = 0.0f;
-        for (int d0 = 0; d0 < hd4; d0 += 4) {
-#pragma unroll
-            for (int dd = 0; dd < 4; ++dd) {
-                const int d = d0 + dd;
-                float qv[R], ov[R], kv[CL], vv[CL];
-#pragma unroll
-                for (int i = 0; i < R; ++i) {
-                    qv[i] = Qs[(r0 + i) * LD + d];
-                    ov[i] = dOs[(r0 + i) * LD + d];
-                }
-#pragma unroll
-                for (int k = 0; k < CL; ++k) {
-                    kv[k] = Ks[(cg + 8 * k) * LD + d];
-                    vv[k] = Vs[(cg + 8 * k) * LD + d];
-                }
-#pragma unroll
-                for (int i = 0; i < R; ++i)
-#pragma unroll
-                    for (int k = 0; k < CL; ++k) {
-                        s[i][k] = fmaf(qv[i], kv[k], s[i][k]);
-                        dp[i][k] = fmaf(ov[i], vv[k], dp[i][k]);
-                    }
-            }
-        }
+        score_and_dp<R, CL, LD>(Qs, dOs, Ks, Vs, r0, cg, hd4, s, dp);
 
 #pragma unroll
         for (int i = 0; i < R; ++i) {
@@ -466,34 +479,7 @@ __device__ __forceinline__ void attn_backward_dkv(const T* __restrict__ dout, co
 
         // Sᵀ and dPᵀ for this lane's R keys × C/8 queries.
         float s[R][CL], dp[R][CL];
-#pragma unroll
-        for (int i = 0; i < R; ++i)
-#pragma unroll
-            for (int k = 0; k < CL; ++k) s[i][k] = dp[i][k] = 0.0f;
-        for (int d0 = 0; d0 < hd4; d0 += 4) {
-#pragma unroll
-            for (int dd = 0; dd < 4; ++dd) {
-                const int d = d0 + dd;
-                float kv[R], vv[R], qv[CL], ov[CL];
-#pragma unroll
-                for (int i = 0; i < R; ++i) {
-                    kv[i] = Ks[(r0 + i) * LD + d];
-                    vv[i] = Vs[(r0 + i) * LD + d];
-                }
-#pragma unroll
-                for (int k = 0; k < CL; ++k) {
-                    qv[k] = Qs[(cg + 8 * k) * LD + d];
-                    ov[k] = dOs[(cg + 8 * k) * LD + d];
-                }
-#pragma unroll
-                for (int i = 0; i < R; ++i)
-#pragma unroll
-                    for (int k = 0; k < CL; ++k) {
-                        s[i][k] = fmaf(kv[i], qv[k], s[i][k]);
-                        dp[i][k] = fmaf(vv[i], ov[k], dp[i][k]);
-                    }
-            }
-        }
+        score_and_dp<R, CL, LD>(Ks, Vs, Qs, dOs, r0, cg, hd4, s, dp);
 
 #pragma unroll
         for (int k = 0; k < CL; ++k) {

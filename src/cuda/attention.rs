@@ -11,8 +11,7 @@
 //! Head dims are served by kernels built for 32, 64 or 128 (the smallest
 //! that holds `head_dim`), so any `head_dim` in `1..=`[`MAX_HEAD_DIM`] works.
 
-use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{blocks_for, kernels, Gpu};
 use crate::dtype::Element;
@@ -148,23 +147,6 @@ fn launch_err(name: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error +
     move |e| Error::cuda(format!("launching {name}"), e)
 }
 
-/// Loads a tiled kernel and lets it use `smem` bytes of dynamic shared
-/// memory (above 48 KiB a kernel must opt in).
-fn tiled_function(gpu: &Gpu, name: &str, smem: u32) -> Result<CudaFunction> {
-    let limit = gpu.info().max_shared_per_block;
-    if smem as usize > limit {
-        return Err(Error::invalid(
-            "attention on this device",
-            format!("{name} needs {smem} bytes of shared memory per block; the device allows {limit}"),
-        ));
-    }
-    let f = gpu.function(kernels::ATTENTION, name)?;
-    gpu.context().bind_to_thread().map_err(|e| Error::cuda("binding the CUDA context", e))?;
-    f.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-        .map_err(|e| Error::cuda(format!("allowing {smem} bytes of shared memory for {name}"), e))?;
-    Ok(f)
-}
-
 /// A launch of `tiles` blocks per head (`gridDim.y`) over every head.
 fn tiled_grid(plan: &Plan, seq: usize, tile: Tile, smem: u32) -> LaunchConfig {
     LaunchConfig {
@@ -193,7 +175,7 @@ pub fn attention_forward<T: Element>(
     let plan = plan(op, shape)?;
     let (tile, smem) = (tiles(plan.d)[0], smem_bytes(plan.d)[0]);
     let name = format!("attention_forward_hd{}_{}", plan.d, T::DTYPE.suffix());
-    let f = tiled_function(gpu, &name, smem)?;
+    let f = gpu.function_with_shared(kernels::ATTENTION, &name, smem)?;
     // SAFETY: argument types match the kernel; every buffer length was
     // checked against the shape, and the grid covers each (head, query tile)
     // once with the shared memory the kernel carves up.
@@ -262,7 +244,7 @@ pub fn attention_backward<T: Element>(
     let [_, dq_smem, dkv_smem] = smem_bytes(plan.d);
     for (kind, tile, smem) in [("dq", dq_tile, dq_smem), ("dkv", dkv_tile, dkv_smem)] {
         let name = format!("attention_backward_{kind}_hd{}_{suffix}", plan.d);
-        let f = tiled_function(gpu, &name, smem)?;
+        let f = gpu.function_with_shared(kernels::ATTENTION, &name, smem)?;
         // SAFETY: argument types match; lengths were checked against the
         // shape; the dq kernel writes only the q third of dqkv and the dkv
         // kernel only the k and v thirds, each element once.

@@ -169,11 +169,37 @@ impl Gpu {
         &self.info
     }
 
-    /// Loads `family` once and returns its kernel `name`.
     fn lock_timeline(&self) -> std::sync::MutexGuard<'_, Option<Timeline<TimedEvent>>> {
         self.timeline.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Kernel `name` of `family`, allowed `smem` bytes of dynamic shared
+    /// memory (above 48 KiB a kernel must opt in). The attribute stays on
+    /// the function, so it is set once, at the first call, not per launch.
+    pub(crate) fn function_with_shared(&self, family: KernelFamily, name: &str, smem: u32) -> Result<CudaFunction> {
+        let key = format!("{name}#smem={smem}");
+        if let Some(f) = self.functions.lock().unwrap().get(&key) {
+            return Ok(f.clone());
+        }
+        let limit = self.info.max_shared_per_block;
+        if smem as usize > limit {
+            return Err(Error::invalid(
+                format!("{name} on this device"),
+                format!("needs {smem} bytes of shared memory per block; the device allows {limit}"),
+            ));
+        }
+        let f = self.function(family, name)?;
+        self.context().bind_to_thread().map_err(|e| Error::cuda("binding the CUDA context", e))?;
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| Error::cuda(format!("allowing {smem} bytes of shared memory for {name}"), e))?;
+        self.functions.lock().unwrap().insert(key, f.clone());
+        Ok(f)
+    }
+
+    /// Loads `family` once and returns its kernel `name`.
     pub(crate) fn function(&self, family: KernelFamily, name: &str) -> Result<CudaFunction> {
         if let Some(f) = self.functions.lock().unwrap().get(name) {
             return Ok(f.clone());

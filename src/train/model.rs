@@ -379,11 +379,10 @@ impl<B: TrainBackend> Gpt2<B> {
         if self.precision != Precision::Bf16 {
             return Ok(());
         }
-        let work = match self.work_bf16.take() {
+        let mut work = match self.work_bf16.take() {
             Some(w) => w,
             None => self.params.iter().map(|p| backend.zeros(B::len(p))).collect::<Result<Vec<_>>>()?,
         };
-        let mut work = work;
         for (w, p) in work.iter_mut().zip(&self.params) {
             backend.cast_from_f32(p, w)?;
         }
