@@ -67,3 +67,28 @@ pub fn run_gpu_part(name: &str, part: impl FnOnce(&Gpu) -> Result<()>) {
         Err(e) => println!("skipped: gpu {name} bench: {e}"),
     }
 }
+
+/// The PyTorch time (microseconds) of the same work, measured by
+/// `scripts/torch_baselines.py` earlier in the same `gpu-check.sh` run and
+/// handed over as a JSON file named by `LORAFUSE_TORCH_BASELINES`; `None`
+/// when the variable is unset, the file is unreadable, or it has no row
+/// `key`. Keys are the ones the scripts in `scripts/baselines/` write.
+pub fn torch_baseline_us(key: &str) -> Option<f64> {
+    static ROWS: std::sync::OnceLock<Option<serde_json::Value>> = std::sync::OnceLock::new();
+    let rows = ROWS.get_or_init(|| {
+        let path = std::env::var_os("LORAFUSE_TORCH_BASELINES")?;
+        let text = std::fs::read_to_string(path).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()?.get("rows").cloned()
+    });
+    rows.as_ref()?.get(key)?.get("us")?.as_f64()
+}
+
+/// `"torch 123.4 us  ours/torch x0.87"` for a time `ms` of ours against the
+/// PyTorch row `key`, or a line saying the baseline was not measured in
+/// this run, so a bench never prints a ratio it did not measure.
+pub fn vs_torch(key: &str, ms: f64) -> String {
+    match torch_baseline_us(key) {
+        Some(us) => format!("torch {us:>9.1} us  ours/torch x{:>5.2}", ms * 1e3 / us),
+        None => format!("torch `{key}`: not measured in this run (LORAFUSE_TORCH_BASELINES)"),
+    }
+}
