@@ -63,6 +63,25 @@ impl Default for TargetModules {
     }
 }
 
+/// PEFT's `rank_pattern` / `alpha_pattern`: `(key, value)` in the order the
+/// file lists them. As in PEFT (`peft.utils.other.get_pattern_key`), a key is
+/// a regular expression matched against the whole module path as
+/// `^(.*\.)?(key)$` (so it is anchored at a module-name boundary), and the
+/// **first** key that matches wins, whatever its length.
+pub type Patterns<V> = Vec<(String, V)>;
+
+/// The regular expression PEFT builds from a pattern key.
+fn pattern_regex(key: &str) -> std::result::Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
+}
+
+/// The first entry of `patterns` whose key matches `module` as PEFT matches
+/// it. A key that is not a valid regular expression never matches
+/// ([`AdapterConfig::validate`] rejects such configs).
+pub fn pattern_match<'a, V>(patterns: &'a [(String, V)], module: &str) -> Option<&'a V> {
+    patterns.iter().find(|(k, _)| pattern_regex(k).is_ok_and(|re| re.is_match(module))).map(|(_, v)| v)
+}
+
 /// The adapter-wide settings, mirroring PEFT's `adapter_config.json`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdapterConfig {
@@ -79,10 +98,10 @@ pub struct AdapterConfig {
     /// The base layer stores its weight as K×N (GPT-2's `Conv1D`), so a merge
     /// adds `(B·A)ᵀ`.
     pub fan_in_fan_out: bool,
-    /// Per-module rank overrides (key: module name or a suffix of it).
-    pub rank_pattern: BTreeMap<String, usize>,
-    /// Per-module `α` overrides (key: module name or a suffix of it).
-    pub alpha_pattern: BTreeMap<String, f64>,
+    /// Per-module rank overrides, in file order (see [`Patterns`]).
+    pub rank_pattern: Patterns<usize>,
+    /// Per-module `α` overrides, in file order (see [`Patterns`]).
+    pub alpha_pattern: Patterns<f64>,
     /// The base model the adapter was trained on, if recorded.
     pub base_model_name_or_path: Option<String>,
     /// Every other `adapter_config.json` field, kept verbatim so that files
@@ -100,8 +119,8 @@ impl AdapterConfig {
             use_rslora: false,
             target_modules: TargetModules::List(target_modules),
             fan_in_fan_out: false,
-            rank_pattern: BTreeMap::new(),
-            alpha_pattern: BTreeMap::new(),
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
             base_model_name_or_path: None,
             extra: BTreeMap::new(),
         }
@@ -115,39 +134,38 @@ impl AdapterConfig {
         if !self.lora_alpha.is_finite() {
             return Err(Error::invalid("adapter config `lora_alpha`", format!("{} is not finite", self.lora_alpha)));
         }
-        if let Some((k, _)) = self.rank_pattern.iter().find(|(_, &r)| r == 0) {
+        if let Some((k, _)) = self.rank_pattern.iter().find(|(_, r)| *r == 0) {
             return Err(Error::invalid("adapter config `rank_pattern`", format!("`{k}` has rank 0")));
         }
         if let Some((k, a)) = self.alpha_pattern.iter().find(|(_, a)| !a.is_finite()) {
             return Err(Error::invalid("adapter config `alpha_pattern`", format!("`{k}` has α = {a}")));
         }
+        for (what, keys) in [
+            ("rank_pattern", self.rank_pattern.iter().map(|(k, _)| k).collect::<Vec<_>>()),
+            ("alpha_pattern", self.alpha_pattern.iter().map(|(k, _)| k).collect()),
+        ] {
+            for k in keys {
+                if let Err(e) = pattern_regex(k) {
+                    return Err(Error::invalid(
+                        format!("adapter config `{what}` key `{k}`"),
+                        format!("is not a regular expression lorafuse can match as PEFT does ({e})"),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
-    /// The pattern entry for `module`: an exact key, else the longest key that
-    /// is a dotted suffix of it (PEFT's `(.*\.)?key$` for literal keys).
-    fn pattern<'a, V>(map: &'a BTreeMap<String, V>, module: &str) -> Option<&'a V> {
-        if let Some(v) = map.get(module) {
-            return Some(v);
-        }
-        map.iter()
-            .filter(|(k, _)| {
-                module.len() > k.len() && module.ends_with(k.as_str()) && {
-                    module.as_bytes()[module.len() - k.len() - 1] == b'.'
-                }
-            })
-            .max_by_key(|(k, _)| k.len())
-            .map(|(_, v)| v)
-    }
-
-    /// The rank PEFT builds for `module` (its `rank_pattern` entry or `r`).
+    /// The rank PEFT builds for `module` (its first matching `rank_pattern`
+    /// entry, else `r`).
     pub fn rank_for(&self, module: &str) -> usize {
-        Self::pattern(&self.rank_pattern, module).copied().unwrap_or(self.r)
+        pattern_match(&self.rank_pattern, module).copied().unwrap_or(self.r)
     }
 
-    /// `α` for `module` (its `alpha_pattern` entry or `lora_alpha`).
+    /// `α` for `module` (its first matching `alpha_pattern` entry, else
+    /// `lora_alpha`).
     pub fn alpha_for(&self, module: &str) -> f64 {
-        Self::pattern(&self.alpha_pattern, module).copied().unwrap_or(self.lora_alpha)
+        pattern_match(&self.alpha_pattern, module).copied().unwrap_or(self.lora_alpha)
     }
 
     /// The scale `s` of `module` at rank `rank`: `α/r` or `α/√r`, and 1 for
@@ -410,6 +428,15 @@ impl UniLoraWeights {
     /// bits the GPU gather writes), with scale 1.
     pub fn materialize(&self) -> Result<Vec<ModuleDelta>> {
         self.validate()?;
+        // The layout's D comes from a config, not from the data the file
+        // holds: budget the peak (gathered f32 buffers, the module copies,
+        // the prepared projection and the f64 factors consumers fold them
+        // into) before allocating.
+        let elems: u128 = self.layout.segments().iter().map(|s| s.len() as u128).sum();
+        crate::memory::check(
+            &format!("materialising a Uni-LoRA layout of D = {} elements", self.layout.rows()),
+            Some(elems.max(self.layout.rows() as u128) * 40),
+        )?;
         let layout = ProjectionLayout::new(self.layout.rows(), DType::F32, self.layout.segments().to_vec())?;
         let prepared = Cpu.projection_prepare(&self.projection)?;
         let mut bufs: Vec<Vec<f32>> = layout.segments().iter().map(|s| vec![0f32; s.len() as usize]).collect();
@@ -443,7 +470,8 @@ pub struct Adapter {
     /// The factors (or Uni-LoRA's θ).
     pub weights: AdapterWeights,
     /// Tensors that are not part of the delta (e.g. a trainer's optimizer
-    /// state, PEFT's `modules_to_save`): written back verbatim, ignored by
+    /// state; a loaded file never has model weights here, see
+    /// [`crate::peft::load_adapter`]): written back verbatim, ignored by
     /// every sum and merge.
     pub extra_tensors: BTreeMap<String, crate::peft::Tensor>,
 }

@@ -191,21 +191,44 @@ fn by_module<'a>(
 }
 
 /// `B_cat` (N×R) and `A_cat` (R×K) in f64 for one module.
-fn concat_factors(parts: &[(&ModuleDelta, f64)]) -> (usize, usize, usize, Vec<f64>, Vec<f64>) {
+/// The first non-finite element of f64 working data, as an error.
+fn finite_f64(what: &str, values: &[f64]) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(index) => Err(Error::NonFinite { what: what.to_string(), index, value: values[index] }),
+    }
+}
+
+/// The folded factors of `weight·ΔW` ([`ModuleDelta::effective_factors`]),
+/// refused when they overflow: a finite but huge `lora_alpha` or weight
+/// would otherwise feed inf/NaN into a sum, a merge or an SVD.
+fn folded(m: &ModuleDelta, weight: f64) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (b, a) = m.effective_factors(weight);
+    let what = format!("module `{}` scaled by {} (weight × scale)", m.name, weight * m.scale);
+    finite_f64(&what, &b).map_err(|e| {
+        Error::invalid("adapter", format!("{e}: the scale or weight overflows; check lora_alpha and the weights"))
+    })?;
+    Ok((b, a))
+}
+
+/// `(R, K, N, B_cat, A_cat)` of one module.
+type Concatenated = (usize, usize, usize, Vec<f64>, Vec<f64>);
+
+fn concat_factors(parts: &[(&ModuleDelta, f64)]) -> Result<Concatenated> {
     let (k, n) = (parts[0].0.in_features, parts[0].0.out_features);
     let big_r: usize = parts.iter().map(|(m, _)| m.rank).sum();
     let mut b_cat = vec![0.0; n * big_r];
     let mut a_cat = Vec::with_capacity(big_r * k);
     let mut col = 0;
     for (m, w) in parts {
-        let (b, a) = m.effective_factors(*w);
+        let (b, a) = folded(m, *w)?;
         for row in 0..n {
             b_cat[row * big_r + col..row * big_r + col + m.rank].copy_from_slice(&b[row * m.rank..(row + 1) * m.rank]);
         }
         a_cat.extend_from_slice(&a);
         col += m.rank;
     }
-    (big_r, k, n, b_cat, a_cat)
+    Ok((big_r, k, n, b_cat, a_cat))
 }
 
 /// The exact sum `Σ wᵢ·ΔWᵢ` as one LoRA adapter of rank `Σ rᵢ` per module
@@ -217,41 +240,44 @@ pub fn concat_sum(adapters: &[&Adapter], weights: &[f64]) -> Result<Adapter> {
     let deltas = weighted_deltas(adapters, weights)?;
     let mut modules = Vec::new();
     for parts in by_module(&deltas, weights)?.values() {
-        let (big_r, k, n, b, a) = concat_factors(parts);
+        let (big_r, k, n, b, a) = concat_factors(parts)?;
         let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
         modules.push(ModuleDelta::lora(parts[0].0.name.clone(), (big_r, k, n), f32s(a), f32s(b), 1.0)?);
     }
     Adapter::new(sum_config(adapters, &modules), modules)
 }
 
+/// Config fields of the inputs a combined adapter keeps: they describe the
+/// run or the loader, never which modules carry the adapter. Everything else
+/// (`layers_to_transform`, `layers_pattern`, `exclude_modules`, ...) could
+/// make PEFT skip or add modules the sum does not hold, so it is dropped.
+const KEPT_FIELDS: [&str; 6] =
+    ["task_type", "inference_mode", "lora_dropout", "revision", "init_lora_weights", "peft_version"];
+
 /// The config of a combined adapter: LoRA, scale 1 at the largest rank,
-/// target modules the union of the inputs', other fields from the first.
+/// `target_modules` exactly the modules it holds (full paths, which PEFT
+/// matches only to themselves), the base model and [`KEPT_FIELDS`] from the
+/// first input.
 fn sum_config(adapters: &[&Adapter], modules: &[ModuleDelta]) -> AdapterConfig {
     let first = &adapters[0].config;
     let r = modules.iter().map(|m| m.rank).max().unwrap_or(1).max(1);
-    let mut targets = BTreeSet::new();
-    let mut all_lists = true;
-    for a in adapters {
-        match &a.config.target_modules {
-            TargetModules::List(l) => targets.extend(l.iter().cloned()),
-            TargetModules::Pattern(_) => all_lists = false,
-        }
-    }
+    let targets: BTreeSet<String> = modules.iter().map(|m| m.name.clone()).collect();
     AdapterConfig {
         kind: AdapterKind::Lora,
         r,
         lora_alpha: r as f64,
         use_rslora: false,
-        target_modules: if all_lists {
-            TargetModules::List(targets.into_iter().collect())
-        } else {
-            first.target_modules.clone()
-        },
+        target_modules: TargetModules::List(targets.into_iter().collect()),
         fan_in_fan_out: first.fan_in_fan_out,
-        rank_pattern: BTreeMap::new(),
-        alpha_pattern: BTreeMap::new(),
+        rank_pattern: Vec::new(),
+        alpha_pattern: Vec::new(),
         base_model_name_or_path: first.base_model_name_or_path.clone(),
-        extra: first.extra.clone(),
+        extra: first
+            .extra
+            .iter()
+            .filter(|(k, _)| KEPT_FIELDS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 
@@ -262,7 +288,7 @@ pub fn merge_factors(adapters: &[&Adapter], weights: &[f64]) -> Result<BTreeMap<
     let fifo = adapters[0].config.fan_in_fan_out;
     let mut out = BTreeMap::new();
     for (name, parts) in by_module(&deltas, weights)? {
-        let (big_r, k, n, b_cat, a_cat) = concat_factors(&parts);
+        let (big_r, k, n, b_cat, a_cat) = concat_factors(&parts)?;
         // left must be R×rows: B_catᵀ (R×N) for W = [N, K]; A_cat for [K, N].
         let mut b_t = vec![0f32; big_r * n];
         for row in 0..n {
@@ -314,12 +340,12 @@ fn check_same_shape(a: &ModuleDelta, b: &ModuleDelta) -> Result<()> {
 pub fn inner_product(a: &ModuleDelta, b: &ModuleDelta) -> Result<f64> {
     check_same_shape(a, b)?;
     let dims = (a.rank, b.rank, a.in_features, a.out_features);
-    gram_inner(&a.effective_factors(1.0), &b.effective_factors(1.0), dims)
+    gram_inner(&folded(a, 1.0)?, &folded(b, 1.0)?, dims)
 }
 
 /// `‖ΔW‖_F` without forming the N×K matrix.
 pub fn frobenius_norm(a: &ModuleDelta) -> Result<f64> {
-    let f = a.effective_factors(1.0);
+    let f = folded(a, 1.0)?;
     Ok(gram_inner(&f, &f, (a.rank, a.rank, a.in_features, a.out_features))?.max(0.0).sqrt())
 }
 
@@ -388,11 +414,17 @@ pub fn similarity(a: &Adapter, b: &Adapter) -> Result<Similarity> {
         };
         check_same_shape(ma, mb)?;
         // Fold each module once, then three small Gram pairs.
-        let (fa, fb) = (ma.effective_factors(1.0), mb.effective_factors(1.0));
+        let (fa, fb) = (folded(ma, 1.0)?, folded(mb, 1.0)?);
         let (k, n) = (ma.in_features, ma.out_features);
         let norm_a = gram_inner(&fa, &fa, (ma.rank, ma.rank, k, n))?.max(0.0).sqrt();
         let norm_b = gram_inner(&fb, &fb, (mb.rank, mb.rank, k, n))?.max(0.0).sqrt();
         let inner = gram_inner(&fa, &fb, (ma.rank, mb.rank, k, n))?;
+        if !(inner.is_finite() && norm_a.is_finite() && norm_b.is_finite()) {
+            return Err(Error::invalid(
+                format!("module `{}`", ma.name),
+                "its Gram products overflow f64: the adapters' scales are too large to compare",
+            ));
+        }
         modules.push(ModuleSimilarity { name: ma.name.clone(), cosine: cosine(inner, norm_a, norm_b), norm_a, norm_b });
     }
     let only_in_b = map_b.keys().filter(|n| !names_a.contains(*n)).map(|n| n.to_string()).collect();
@@ -457,7 +489,7 @@ fn row_major_transpose(m: &DMatrix<f64>) -> Vec<f64> {
 /// through QR of `B` (N×R) and `Aᵀ` (K×R) and an SVD of the small core.
 fn compress_module(m: &ModuleDelta, rank: usize) -> Result<(ModuleDelta, ModuleCompression)> {
     let (big_r, k, n) = (m.rank, m.in_features, m.out_features);
-    let (b, a) = m.effective_factors(1.0);
+    let (b, a) = folded(m, 1.0)?;
     let qr_b = DMatrix::from_row_slice(n, big_r, &b).qr();
     let qr_a = DMatrix::from_row_slice(big_r, k, &a).transpose().qr();
     let (q_b, r_b) = (qr_b.q(), qr_b.r()); // N×p, p×R
@@ -467,6 +499,9 @@ fn compress_module(m: &ModuleDelta, rank: usize) -> Result<(ModuleDelta, ModuleC
     // row-major transpose.
     let mut core = vec![0.0; p * q];
     matmul((p, big_r, q), &row_major_transpose(&r_b), Op::T, &row_major_transpose(&r_a), Op::N, &mut core, 1.0, 0.0)?;
+    // nalgebra's SVD panics on non-finite input: products of finite but
+    // huge factors can still overflow.
+    finite_f64(&format!("module `{}`: the core R_B·R_Aᵀ", m.name), &core)?;
     let svd = nalgebra::SVD::try_new(DMatrix::from_row_slice(p, q, &core), true, true, f64::EPSILON, 10_000)
         .ok_or_else(|| Error::invalid(format!("module `{}`", m.name), "SVD of the core did not converge"))?;
     let (Some(u), Some(v_t)) = (svd.u.as_ref(), svd.v_t.as_ref()) else {

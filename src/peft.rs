@@ -9,11 +9,19 @@
 //! `base_model.model.` are modules; a trainer may store anything else, e.g.
 //! optimizer state, in [`Adapter::extra_tensors`]); config fields
 //! `r`, `lora_alpha`, `use_rslora`, `target_modules`, `fan_in_fan_out`,
-//! `rank_pattern`, `alpha_pattern`, `base_model_name_or_path`. Every other
-//! config field is kept verbatim ([`AdapterConfig::extra`]); every other
-//! tensor is kept in [`Adapter::extra_tensors`]. A module whose rank differs
-//! from `r` gets a `rank_pattern` entry, and one whose scale differs from
-//! `α/r` an `alpha_pattern` entry, so PEFT rebuilds exactly the same deltas.
+//! `rank_pattern`, `alpha_pattern` (regular expressions, first match wins,
+//! as in PEFT: [`crate::adapter::Patterns`]), `base_model_name_or_path`.
+//! Every other config field is kept verbatim ([`AdapterConfig::extra`]);
+//! every tensor outside `base_model.model.` is kept in
+//! [`Adapter::extra_tensors`]. A module's rank must be the one `r` and
+//! `rank_pattern` give it. On writing, a module whose rank differs from `r`
+//! gets a `rank_pattern` entry, and one whose scale differs from `α/r` an
+//! `alpha_pattern` entry, so PEFT rebuilds exactly the same deltas.
+//!
+//! What PEFT can express but lorafuse does not model is refused by name,
+//! never dropped: `modules_to_save`, `bias` other than `"none"`,
+//! `trainable_token_indices`, DoRA, and any other tensor under
+//! `base_model.model.`.
 //!
 //! # lorafuse's own kinds (same container, documented extras)
 //!
@@ -38,7 +46,9 @@
 //! dtypes and finiteness are checked per tensor. Everything wrong is an
 //! [`Error::Format`] (or `Invalid`/`Shape`/`NonFinite`) naming the file and
 //! the tensor. Writes go to a temporary file in the same directory, then a
-//! rename, so a crash never leaves a half-written adapter under the real name.
+//! rename, so a crash never leaves a half-written file under the real name;
+//! an adapter directory is written as one rename of a fresh directory where
+//! it can be ([`write_dir_atomic`]).
 //! Little-endian hosts only (as safetensors itself).
 
 use std::collections::{BTreeMap, HashMap};
@@ -63,6 +73,9 @@ pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 const MODEL_PREFIX: &str = "base_model.model.";
+/// Config fields lorafuse adds for itself; for plain LoRA they are stored
+/// in the weights file's `__metadata__` (PEFT ignores it).
+const METADATA_PREFIX: &str = "lorafuse_";
 const TIED_PREFIX: &str = "base_model.lorafuse_tied.";
 const THETA_KEY: &str = "base_model.unilora_theta_d";
 const INDEX_KEY: &str = "base_model.unilora_indices";
@@ -251,6 +264,11 @@ pub fn read_safetensors(path: &Path) -> Result<TensorFile> {
 
 /// Writes `file` as safetensors, atomically (temporary file, then rename).
 pub fn write_safetensors(path: &Path, file: &TensorFile) -> Result<()> {
+    write_atomic(path, &safetensors_bytes(file)?)
+}
+
+/// `file` serialised as a safetensors image.
+pub fn safetensors_bytes(file: &TensorFile) -> Result<Vec<u8>> {
     let views = file
         .tensors
         .iter()
@@ -262,8 +280,25 @@ pub fn write_safetensors(path: &Path, file: &TensorFile) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let meta: Option<HashMap<String, String>> =
         (!file.metadata.is_empty()).then(|| file.metadata.clone().into_iter().collect());
-    let bytes = safetensors::serialize(views, meta).map_err(|e| Error::invalid("safetensors", e.to_string()))?;
-    write_atomic(path, &bytes)
+    safetensors::serialize(views, meta).map_err(|e| Error::invalid("safetensors", e.to_string()))
+}
+
+/// The environment variable of the crash test: when set to `N`, the process
+/// aborts (as a kill would stop it) just before its `N`-th file or
+/// directory rename, counted from 1 over every atomic write of this
+/// crate. For tests only: it lets a test stop a training run at every
+/// commit point of a checkpoint and check that the run resumes exactly.
+pub const FAULT_RENAME_ENV: &str = "LORAFUSE_TEST_ABORT_AT_RENAME";
+
+/// `std::fs::rename`, with the [`FAULT_RENAME_ENV`] hook.
+pub(crate) fn rename(from: &Path, to: &Path) -> std::io::Result<()> {
+    static RENAMES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = RENAMES.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    if std::env::var(FAULT_RENAME_ENV).ok().and_then(|v| v.parse::<u64>().ok()) == Some(n) {
+        eprintln!("{FAULT_RENAME_ENV}: aborting before rename {n} ({} -> {})", from.display(), to.display());
+        std::process::abort();
+    }
+    std::fs::rename(from, to)
 }
 
 /// Writes `bytes` to `path` through a temporary sibling file that is synced
@@ -284,7 +319,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
         f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
         f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        rename(&tmp, path).map_err(|e| Error::io(path, e))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -308,9 +343,9 @@ struct ConfigJson {
     #[serde(default)]
     fan_in_fan_out: bool,
     #[serde(default)]
-    rank_pattern: Option<BTreeMap<String, usize>>,
+    rank_pattern: Option<Ordered<usize>>,
     #[serde(default)]
-    alpha_pattern: Option<BTreeMap<String, f64>>,
+    alpha_pattern: Option<Ordered<f64>>,
     #[serde(default)]
     base_model_name_or_path: Option<String>,
     #[serde(default)]
@@ -325,6 +360,65 @@ struct ConfigJson {
 
 fn lora_type() -> String {
     "LORA".into()
+}
+
+/// A JSON object read in document order (PEFT's patterns are first-match),
+/// refusing repeated keys (Python would keep the last value at the first
+/// key's position: a file with duplicates is ambiguous, not hostile-proof).
+struct Ordered<V>(Vec<(String, V)>);
+
+impl<'de, V: serde::Deserialize<'de>> serde::Deserialize<'de> for Ordered<V> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Visit<V>(std::marker::PhantomData<V>);
+        impl<'de, V: serde::Deserialize<'de>> serde::de::Visitor<'de> for Visit<V> {
+            type Value = Ordered<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of pattern keys")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+                let mut out: Vec<(String, V)> = Vec::new();
+                while let Some((k, v)) = map.next_entry::<String, V>()? {
+                    if out.iter().any(|(seen, _)| *seen == k) {
+                        return Err(serde::de::Error::custom(format!("pattern key `{k}` appears twice")));
+                    }
+                    out.push((k, v));
+                }
+                Ok(Ordered(out))
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+/// PEFT features that change what an adapter does but that lorafuse does not
+/// model: refused by name so that no sum, merge or evaluation silently drops
+/// them.
+fn refuse_unmodelled(path: &Path, extra: &BTreeMap<String, serde_json::Value>) -> Result<()> {
+    let set = |k: &str| extra.get(k).filter(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()));
+    if let Some(v) = set("modules_to_save") {
+        return Err(Error::format(
+            path,
+            format!(
+                "`modules_to_save: {v}` (fully trained extra modules) is not supported: lorafuse models only \
+                 low-rank deltas; merge those modules with PEFT, or train without them"
+            ),
+        ));
+    }
+    if let Some(b) = extra.get("bias").and_then(|b| b.as_str()).filter(|b| *b != "none") {
+        return Err(Error::format(
+            path,
+            format!("`bias: \"{b}\"` (trained biases) is not supported: lorafuse models only bias-free deltas (bias: \"none\")"),
+        ));
+    }
+    for k in ["trainable_token_indices", "target_parameters", "layer_replication"] {
+        if let Some(v) = set(k) {
+            return Err(Error::format(
+                path,
+                format!("`{k}: {v}` is not supported by lorafuse (only low-rank deltas of linear modules)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -370,7 +464,7 @@ fn take_f32(
         }
     }
     let v = t.to_f32_vec(key).map_err(|e| Error::format(path, e.to_string()))?;
-    crate::error::check_finite(key, &v)?;
+    crate::error::check_finite(&format!("{}: tensor `{key}`", path.display()), &v)?;
     Ok((t.shape, v))
 }
 
@@ -386,10 +480,20 @@ fn matrix_shape(path: &Path, key: &str, shape: &[usize]) -> Result<(usize, usize
 pub fn load_adapter(dir: &Path) -> Result<Adapter> {
     let cfg_path = dir.join(CONFIG_FILE);
     let st_path = dir.join(WEIGHTS_FILE);
-    let cfg = read_config(&cfg_path)?;
-    let mut tensors = read_safetensors(&st_path)?.tensors;
+    let mut cfg = read_config(&cfg_path)?;
     if cfg.use_dora {
         return Err(Error::format(&cfg_path, "DoRA adapters (use_dora: true) are not supported"));
+    }
+    refuse_unmodelled(&cfg_path, &cfg.extra)?;
+    let file = read_safetensors(&st_path)?;
+    let mut tensors = file.tensors;
+    // lorafuse's own metadata travels in the weights file, where PEFT
+    // ignores it (see `save_adapter_as`).
+    for (k, v) in file.metadata {
+        if k.starts_with(METADATA_PREFIX) {
+            let value = serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v));
+            cfg.extra.entry(k).or_insert(value);
+        }
     }
     let kind = match cfg.peft_type.as_str() {
         "LORA" => AdapterKind::Lora,
@@ -412,8 +516,8 @@ pub fn load_adapter(dir: &Path) -> Result<Adapter> {
         use_rslora: cfg.use_rslora,
         target_modules: cfg.target_modules.unwrap_or_default(),
         fan_in_fan_out: cfg.fan_in_fan_out,
-        rank_pattern: cfg.rank_pattern.unwrap_or_default(),
-        alpha_pattern: cfg.alpha_pattern.unwrap_or_default(),
+        rank_pattern: cfg.rank_pattern.map(|p| p.0).unwrap_or_default(),
+        alpha_pattern: cfg.alpha_pattern.map(|p| p.0).unwrap_or_default(),
         base_model_name_or_path: cfg.base_model_name_or_path,
         extra: cfg.extra,
     };
@@ -433,6 +537,17 @@ pub fn load_adapter(dir: &Path) -> Result<Adapter> {
             AdapterWeights::UniLora(load_unilora(&cfg_path, &st_path, u, &mut tensors)?)
         }
     };
+    // Anything left under the module prefix changes the model in a way
+    // lorafuse does not model (a `modules_to_save` copy, a bias, ...).
+    if let Some(k) = tensors.keys().find(|k| k.starts_with(MODEL_PREFIX)) {
+        return Err(Error::format(
+            &st_path,
+            format!(
+                "tensor `{k}` is not a factor lorafuse models (only lora_A/lora_B pairs, and lorafuse_u/v for \
+                 Tied-LoRA/VeRA): modules_to_save, biases and embedding adapters are not supported"
+            ),
+        ));
+    }
     let adapter = Adapter { config, weights, extra_tensors: tensors };
     adapter.validate().map_err(|e| Error::format(dir, e.to_string()))?;
     Ok(adapter)
@@ -471,6 +586,7 @@ fn load_lora(path: &Path, config: &AdapterConfig, tensors: &mut BTreeMap<String,
         let (_, a) = take_f32(path, tensors, &key_a, None)?;
         let (_, b) = take_f32(path, tensors, &key_b, None)?;
         let name = stem[MODEL_PREFIX.len()..].to_string();
+        check_rank(path, config, &name, r)?;
         let scale = config.scale_for(&name, r);
         modules.push(ModuleDelta::lora(name, (r, k, n), a, b, scale)?);
     }
@@ -478,6 +594,23 @@ fn load_lora(path: &Path, config: &AdapterConfig, tensors: &mut BTreeMap<String,
         return Err(Error::format(path, "no `base_model.model.…lora_A.weight` tensors: not a LoRA adapter"));
     }
     Ok(modules)
+}
+
+/// The rank the config gives `module` (`r`, or its `rank_pattern` entry)
+/// must be the tensors' rank: a config and weights from different writes
+/// would otherwise load as a different adapter.
+fn check_rank(path: &Path, config: &AdapterConfig, module: &str, rank: usize) -> Result<()> {
+    let want = config.rank_for(module);
+    if want == rank {
+        return Ok(());
+    }
+    Err(Error::format(
+        path,
+        format!(
+            "module `{module}` has rank {rank} but {CONFIG_FILE} gives it r = {want} (from `r` or `rank_pattern`): \
+             the config and the weights do not belong together; rewrite the adapter from its source"
+        ),
+    ))
 }
 
 /// A tie group's (r, K, N, A, B), loaded once and shared by its modules.
@@ -513,6 +646,7 @@ fn load_tied(
                 Ok(None)
             }
         };
+        check_rank(path, config, module, r)?;
         let u = vector("lorafuse_u", r)?;
         let v = vector("lorafuse_v", n)?;
         let scale = config.scale_for(module, r);
@@ -572,20 +706,40 @@ pub fn save_adapter(dir: &Path, adapter: &Adapter) -> Result<()> {
     save_adapter_as(dir, adapter, DType::F32)
 }
 
-/// Saves `adapter` into `dir` (created if needed) with floats stored as
-/// `dtype`. The weights file is written first and the config last, each
-/// atomically, so a complete config means complete weights.
+/// Saves `adapter` into `dir` with floats stored as `dtype`, in one atomic
+/// step where the file system allows: both files are written into a fresh
+/// sibling directory that is renamed into place, so a crash (or a second
+/// writer) never leaves weights and a config from different writes. When
+/// `dir` already holds other files (a training run's metrics, say) it
+/// cannot be swapped whole; then each file is replaced atomically, the
+/// weights first and the config last, and [`load_adapter`] refuses a pair
+/// whose ranks disagree.
+///
+/// `rank_pattern`/`alpha_pattern` are written resolved: one key per module
+/// whose rank or scale differs from `r` and `α/r`, the full module path with
+/// its dots escaped, so the keys are disjoint and PEFT's first-match rule
+/// cannot pick another entry. lorafuse's own config fields (`lorafuse_*`)
+/// of a plain LoRA adapter go into the weights file's metadata, which PEFT
+/// ignores, so PEFT loads the config without warnings.
 pub fn save_adapter_as(dir: &Path, adapter: &Adapter, dtype: DType) -> Result<()> {
     adapter.validate()?;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let cfg = &adapter.config;
     let mut tensors = adapter.extra_tensors.clone();
     let mut json = serde_json::Map::new();
+    let mut metadata = BTreeMap::new();
     for (k, v) in &cfg.extra {
-        json.insert(k.clone(), v.clone());
+        if cfg.kind == AdapterKind::Lora && k.starts_with(METADATA_PREFIX) {
+            let text = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            metadata.insert(k.clone(), text);
+        } else {
+            json.insert(k.clone(), v.clone());
+        }
     }
-    let mut rank_pattern = cfg.rank_pattern.clone();
-    let mut alpha_pattern = cfg.alpha_pattern.clone();
+    let mut rank_pattern = serde_json::Map::new();
+    let mut alpha_pattern = serde_json::Map::new();
     let mut put = |key: String, shape: Vec<usize>, values: &[f32]| -> Result<()> {
         let t = Tensor::from_f32(shape, values, dtype)?;
         // f16 overflows at 65504: refuse to write an inf the reader would reject.
@@ -600,12 +754,13 @@ pub fn save_adapter_as(dir: &Path, adapter: &Adapter, dtype: DType) -> Result<()
             let mut groups = BTreeMap::new();
             for m in modules {
                 // Make PEFT's rank/α rules reproduce this module's r and s.
-                if cfg.rank_for(&m.name) != m.rank {
-                    rank_pattern.insert(m.name.clone(), m.rank);
+                let key = regex::escape(&m.name);
+                if m.rank != cfg.r {
+                    rank_pattern.insert(key.clone(), m.rank.into());
                 }
-                if !same(cfg.scale_for(&m.name, m.rank), m.scale) {
-                    let root = if cfg.use_rslora { (m.rank as f64).sqrt() } else { m.rank as f64 };
-                    alpha_pattern.insert(m.name.clone(), m.scale * root);
+                let root = if cfg.use_rslora { (m.rank as f64).sqrt() } else { m.rank as f64 };
+                if !same(cfg.lora_alpha / root, m.scale) {
+                    alpha_pattern.insert(key, (m.scale * root).into());
                 }
                 let (r, k, n) = (m.rank, m.in_features, m.out_features);
                 match &m.tie {
@@ -651,12 +806,71 @@ pub fn save_adapter_as(dir: &Path, adapter: &Adapter, dtype: DType) -> Result<()
     json.insert("use_rslora".into(), cfg.use_rslora.into());
     json.insert("target_modules".into(), serde_json::to_value(&cfg.target_modules).map_err(json_err)?);
     json.insert("fan_in_fan_out".into(), cfg.fan_in_fan_out.into());
-    json.insert("rank_pattern".into(), serde_json::to_value(rank_pattern).map_err(json_err)?);
-    json.insert("alpha_pattern".into(), serde_json::to_value(alpha_pattern).map_err(json_err)?);
+    json.insert("rank_pattern".into(), serde_json::Value::Object(rank_pattern));
+    json.insert("alpha_pattern".into(), serde_json::Value::Object(alpha_pattern));
     json.insert("base_model_name_or_path".into(), cfg.base_model_name_or_path.clone().into());
-    write_safetensors(&dir.join(WEIGHTS_FILE), &TensorFile { tensors, metadata: BTreeMap::new() })?;
+    let weights = safetensors_bytes(&TensorFile { tensors, metadata })?;
     let text = serde_json::to_string_pretty(&serde_json::Value::Object(json)).map_err(json_err)?;
-    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+    write_dir_atomic(dir, &[(WEIGHTS_FILE, &weights), (CONFIG_FILE, text.as_bytes())])
+}
+
+/// Writes `files` into `dir` as one rename of a fresh sibling directory
+/// when `dir` is new or holds nothing but those files; else file by file,
+/// each atomically, in the order given.
+pub fn write_dir_atomic(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+    let only_ours = match std::fs::read_dir(dir) {
+        Ok(entries) => entries.filter_map(|e| e.ok()).all(|e| {
+            let name = e.file_name();
+            files.iter().any(|(f, _)| name == *f)
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let name = dir.file_name().filter(|n| *n != "." && *n != "..");
+    let (true, Some(name)) = (only_ours, name) else {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        for (f, bytes) in files {
+            write_atomic(&dir.join(f), bytes)?;
+        }
+        return Ok(());
+    };
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let sibling = |what: &str| {
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut n = std::ffi::OsString::from(".");
+        n.push(name);
+        n.push(format!(".{what}.{}.{call}", std::process::id()));
+        dir.with_file_name(n)
+    };
+    let tmp = sibling("tmp");
+    let result = (|| {
+        std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        for (f, bytes) in files {
+            let path = tmp.join(f);
+            let mut file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
+            file.write_all(bytes).map_err(|e| Error::io(&path, e))?;
+            file.sync_all().map_err(|e| Error::io(&path, e))?;
+        }
+        if dir.exists() {
+            // A directory cannot be renamed over a non-empty one: move the
+            // old one aside first (a crash between the two renames leaves
+            // it under the hidden `.old` name, complete).
+            let old = sibling("old");
+            rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+            rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
 }
 
 fn same(a: f64, b: f64) -> bool {

@@ -176,6 +176,10 @@ impl AdapterSpec {
                 return Err(Error::invalid("tied adapter", "nothing trains"));
             }
         }
+        if let Method::UniLora { dim, .. } = self.method {
+            // θ_d, its gradient and AdamW's two moments.
+            crate::memory::check(&format!("Uni-LoRA with d = {dim}"), Some(dim as u128 * 16))?;
+        }
         Ok(())
     }
 

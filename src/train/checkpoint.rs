@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::adapter::{Adapter, AdapterConfig, AdapterKind, AdapterWeights, ModuleDelta, TargetModules, UniLoraWeights};
-use crate::peft::{read_safetensors, write_atomic, write_safetensors, Tensor, TensorFile};
+use crate::peft::{read_safetensors, rename, write_atomic, write_safetensors, Tensor, TensorFile};
 use crate::{Error, Result};
 
 use super::adapters::{module_path, AdapterSet, AdapterSpec, Method};
@@ -68,6 +68,9 @@ impl<B: TrainBackend> AdapterSet<B> {
         let mut cfg = AdapterConfig::lora(spec.rank, spec.alpha as f64, targets);
         cfg.kind = kind_of(&spec.method)?;
         cfg.fan_in_fan_out = true;
+        // PEFT builds a causal-LM model (not a bare PeftModel) from this.
+        cfg.extra.insert("task_type".into(), "CAUSAL_LM".into());
+        // Stored where PEFT ignores it (see `crate::peft::save_adapter_as`).
         cfg.extra.insert("lorafuse_method".into(), serde_json::Value::String(spec.method.label()));
         if let Some(u) = &self.uni {
             let w = UniLoraWeights::new(backend.download(&u.theta)?, u.prepared.projection.clone(), u.layout.clone())?;
@@ -161,6 +164,87 @@ impl<B: TrainBackend> AdapterSet<B> {
     }
 }
 
+/// The `(layer, module)` a module path names on a model of shape `config`
+/// (`[base_model.model.][transformer.]h.<l>.<module>`), checking its
+/// in/out features.
+fn locate(delta: &ModuleDelta, config: &Gpt2Config) -> Result<(usize, Module)> {
+    let name = delta.name.trim_start_matches("base_model.model.");
+    let name = name.strip_prefix("transformer.").unwrap_or(name);
+    let not_here = |why: String| Error::invalid(format!("adapter module `{}`", delta.name), why);
+    let (layer, module) = name
+        .strip_prefix("h.")
+        .and_then(|rest| rest.split_once('.'))
+        .and_then(|(l, m)| Some((l.parse::<usize>().ok()?, Module::ALL.into_iter().find(|x| x.name() == m)?)))
+        .ok_or_else(|| not_here("is not a GPT-2 attn/mlp linear (`transformer.h.<l>.attn.c_attn`, ...)".into()))?;
+    if layer >= config.n_layer {
+        return Err(not_here(format!(
+            "is in layer {layer} but the model has {} layers: evaluate it on the model it was trained for",
+            config.n_layer
+        )));
+    }
+    let (k, n) = module.dims(config.n_embd);
+    if (delta.in_features, delta.out_features) != (k, n) {
+        return Err(not_here(format!(
+            "maps {} -> {} features but the model's {} maps {k} -> {n}: the adapter is for another model",
+            delta.in_features,
+            delta.out_features,
+            module.name()
+        )));
+    }
+    Ok((layer, module))
+}
+
+impl<B: TrainBackend> AdapterSet<B> {
+    /// An adapter set that computes exactly `adapter`'s deltas on a model of
+    /// shape `config`, for evaluation: every kind (Tied-LoRA, VeRA and
+    /// Uni-LoRA with any assignment included) is folded into plain factors
+    /// `B' = s·diag(v)·B·diag(u)`, `A` (so rsLoRA, `alpha_pattern` and
+    /// per-module ranks all hold), zero-padded to the largest rank, at
+    /// scale one. Slots the adapter does not have get a zero delta; a module the
+    /// model lacks (another layer count or width) is an error naming it.
+    pub fn for_eval(backend: &B, config: &Gpt2Config, adapter: &Adapter) -> Result<Self> {
+        adapter.validate()?;
+        let deltas = adapter.deltas()?;
+        let mut placed: BTreeMap<(usize, Module), &ModuleDelta> = BTreeMap::new();
+        for m in deltas.iter() {
+            if placed.insert(locate(m, config)?, m).is_some() {
+                return Err(Error::invalid("adapter", format!("two modules name the same layer as `{}`", m.name)));
+            }
+        }
+        let rank = placed.values().map(|m| m.rank).max().unwrap_or(1);
+        let mut targets: Vec<Module> = placed.keys().map(|&(_, m)| m).collect();
+        targets.sort();
+        targets.dedup();
+        let spec = AdapterSpec { method: Method::Lora, rank, alpha: rank as f32, targets, seed: 0 };
+        let mut set = AdapterSet::new(backend, config, &spec)?;
+        for s in set.slots.clone() {
+            let (k, n) = s.module.dims(config.n_embd);
+            let (mut a, mut b) = (vec![0f32; rank * k], vec![0f32; n * rank]);
+            if let Some(m) = placed.get(&(s.layer, s.module)) {
+                let (bf, af) = m.effective_factors(1.0);
+                let r = m.rank;
+                for (dst, src) in a.iter_mut().zip(&af) {
+                    *dst = *src as f32;
+                }
+                for row in 0..n {
+                    for c in 0..r {
+                        b[row * rank + c] = bf[row * r + c] as f32;
+                    }
+                }
+            }
+            // The folded scale can overflow f32 even when α and the factors
+            // are finite.
+            crate::error::check_finite(
+                &format!("adapter module at layer {} {} (scale folded in)", s.layer, s.module.name()),
+                &b,
+            )?;
+            set.mats[s.a].data = backend.upload(&a)?;
+            set.mats[s.b].data = backend.upload(&b)?;
+        }
+        Ok(set)
+    }
+}
+
 /// The spec that rebuilds `adapter`'s structure on a model: method from its
 /// kind (Tied-LoRA with every part present), rank, α, modules. Uni-LoRA's d
 /// and assignment come from its projection.
@@ -186,9 +270,13 @@ pub fn spec_for(adapter: &Adapter) -> Result<AdapterSpec> {
     }
     if let TargetModules::List(l) = &adapter.config.target_modules {
         for t in l {
-            let m = Module::parse(t)?;
-            if !targets.contains(&m) {
-                targets.push(m);
+            match Module::parse(t) {
+                Ok(m) if !targets.contains(&m) => targets.push(m),
+                Ok(_) => {}
+                // PEFT's usual GPT-2 `c_proj` names both projections; the
+                // tensor names already said which ones this adapter has.
+                Err(_) if deltas_names.iter().any(|n| n.ends_with(&format!(".{t}"))) => {}
+                Err(e) => return Err(e),
             }
         }
     }
@@ -242,9 +330,9 @@ pub fn write_checkpoint(
     write_weights: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+    remove_stale_temporaries(root);
     let name = format!("step-{:08}", state.iteration);
     let tmp = root.join(format!(".{name}.tmp"));
-    let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     write_weights(&tmp)?;
     let mut file = TensorFile::default();
@@ -257,30 +345,72 @@ pub fn write_checkpoint(
     write_atomic(&tmp.join("state.json"), json.as_bytes())?;
     let dst = root.join(&name);
     let _ = std::fs::remove_dir_all(&dst);
-    std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+    rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
     write_atomic(&root.join("latest"), name.as_bytes())?;
-    // Prune: keep the newest `keep` step directories.
-    let mut steps: Vec<PathBuf> = std::fs::read_dir(root)
-        .map_err(|e| Error::io(root, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")))
-        .collect();
-    steps.sort();
-    for old in steps.iter().take(steps.len().saturating_sub(keep.max(1))) {
+    // Prune: keep the newest `keep` step directories up to this one. Steps
+    // above it (another run's) are left alone, and this one is never
+    // removed, so `latest` always names a directory that exists.
+    let steps = step_dirs(root)?;
+    let older: Vec<&(u64, PathBuf)> = steps.iter().filter(|(n, _)| *n < state.iteration).collect();
+    for (_, old) in older.iter().take((older.len() + 1).saturating_sub(keep.max(1))) {
         let _ = std::fs::remove_dir_all(old);
     }
     Ok(dst)
 }
 
-/// The checkpoint directory `root/latest` names.
-pub fn latest_checkpoint(root: &Path) -> Result<PathBuf> {
-    let latest = root.join("latest");
-    let name = std::fs::read_to_string(&latest).map_err(|e| Error::io(&latest, e))?;
-    let name = name.trim();
-    if !name.starts_with("step-") || name.contains(['/', '\\']) {
-        return Err(Error::format(&latest, format!("names `{name}`, not a step-<n> directory")));
+/// Removes what an interrupted write left in a checkpoint root: hidden
+/// `.step-*.tmp` directories and `.<file>.tmp.<pid>.<n>` files.
+fn remove_stale_temporaries(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && (name.ends_with(".tmp") || name.contains(".tmp.") || name.contains(".old.")) {
+            let p = e.path();
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
     }
-    Ok(root.join(name))
+}
+
+/// The `step-<n>` directories under `root`, by step.
+pub fn step_dirs(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut steps: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
+        .map_err(|e| Error::io(root, e))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e.file_name().to_str()?.strip_prefix("step-")?.parse::<u64>().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    steps.sort();
+    Ok(steps)
+}
+
+/// The checkpoint to resume from: the directory `root/latest` names, or,
+/// when `latest` is missing or names a directory that is gone, the newest
+/// complete `step-<n>` (one with a `state.json`).
+pub fn latest_checkpoint(root: &Path) -> Result<PathBuf> {
+    if !root.is_dir() {
+        return Err(Error::invalid(
+            format!("checkpoint directory {}", root.display()),
+            "does not exist or is not a directory: nothing to resume; drop --resume to start a new run",
+        ));
+    }
+    let latest = root.join("latest");
+    if let Ok(name) = std::fs::read_to_string(&latest) {
+        let name = name.trim();
+        if !name.starts_with("step-") || name.contains(['/', '\\']) {
+            return Err(Error::format(&latest, format!("names `{name}`, not a step-<n> directory")));
+        }
+        if root.join(name).join("state.json").is_file() {
+            return Ok(root.join(name));
+        }
+    }
+    step_dirs(root)?.into_iter().rev().map(|(_, p)| p).find(|p| p.join("state.json").is_file()).ok_or_else(|| {
+        Error::invalid(
+            format!("checkpoint directory {}", root.display()),
+            "holds no complete checkpoint (no step-<n>/state.json): drop --resume to start a new run",
+        )
+    })
 }
 
 /// Reads a checkpoint's `state.json` and optimizer moments.
@@ -288,10 +418,27 @@ pub fn read_checkpoint(dir: &Path) -> Result<(CheckpointState, BTreeMap<String, 
     let path = dir.join("state.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let state: CheckpointState = serde_json::from_str(&text).map_err(|e| Error::format(&path, e.to_string()))?;
-    let opt = read_safetensors(&dir.join("optimizer.safetensors"))?;
+    // Counters a run can reach: a corrupt one would overflow on the next step.
+    if state.iteration >= 1 << 62 || state.optimizer_step > state.iteration {
+        return Err(Error::format(
+            &path,
+            format!("iteration {} / optimizer_step {} are not a run's counters", state.iteration, state.optimizer_step),
+        ));
+    }
+    let opt_path = dir.join("optimizer.safetensors");
+    let opt = read_safetensors(&opt_path)?;
     let mut moments = BTreeMap::new();
     for (name, t) in opt.tensors {
-        moments.insert(name.clone(), t.to_f32_vec(&name)?);
+        let v = t.to_f32_vec(&name).map_err(|e| Error::format(&opt_path, e.to_string()))?;
+        crate::error::check_finite(&format!("{}: `{name}`", opt_path.display()), &v)?;
+        // AdamW's second moment is a mean of squares: a negative one would
+        // make the update NaN (its square root) on the first step.
+        if name.ends_with(".adam_v") {
+            if let Some(i) = v.iter().position(|&x| x < 0.0) {
+                return Err(Error::format(&opt_path, format!("`{name}` has a negative second moment {} at {i}", v[i])));
+            }
+        }
+        moments.insert(name.clone(), v);
     }
     Ok((state, moments))
 }

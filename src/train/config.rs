@@ -63,7 +63,36 @@ impl Gpt2Config {
         if self.vocab_size > u32::MAX as usize - 1 {
             return Err(Error::invalid("model config vocab_size", "must fit a u32 token id"));
         }
-        Ok(())
+        // Checked before any allocation: a config's sizes are untrusted.
+        crate::memory::check(
+            &format!(
+                "model of {} layers, width {}, vocab {}, {} positions",
+                self.n_layer, self.n_embd, self.vocab_size, self.n_positions
+            ),
+            self.num_params().map(|p| p * 4),
+        )
+    }
+
+    /// Parameters of the model (`None` on overflow): embeddings, twelve
+    /// tensors per block, the final LayerNorm.
+    pub fn num_params(&self) -> Option<u128> {
+        let d = self.n_embd as u128;
+        let block = 12 * d * d + 13 * d;
+        let emb = (self.vocab_size as u128 + self.n_positions as u128).checked_mul(d)?;
+        (self.n_layer as u128).checked_mul(block)?.checked_add(emb)?.checked_add(2 * d)
+    }
+
+    /// An estimate of the activation memory one training step of `batch`
+    /// rows of `seq` tokens keeps for the backward (per layer about 20·D
+    /// values per token, plus logits and their gradient), in bytes, checked
+    /// against the memory budget.
+    pub fn check_activation_budget(&self, batch: usize, seq: usize) -> Result<()> {
+        let tokens = (batch as u128).checked_mul(seq as u128);
+        let per_token = (self.n_layer as u128) * 20 * self.n_embd as u128 + 2 * self.vocab_size as u128;
+        crate::memory::check(
+            &format!("a batch of {batch} rows of {seq} tokens"),
+            tokens.and_then(|t| t.checked_mul(per_token)).and_then(|v| v.checked_mul(4)),
+        )
     }
 
     /// Channels per head.

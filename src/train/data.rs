@@ -237,6 +237,9 @@ impl Dataset {
 
     /// Checks the data fits rows of `seq` tokens.
     pub fn check_seq(&self, seq: usize) -> Result<()> {
+        if seq == 0 {
+            return Err(Error::invalid("sequence length", "seq = 0: rows need at least one token (e.g. --seq 32)"));
+        }
         for (what, c) in [("training", &self.train), ("evaluation", &self.eval)] {
             match c {
                 Corpus::Stream(t) if t.len() < seq + 1 => {

@@ -117,6 +117,7 @@ impl TrainConfig {
             return Err(Error::invalid("max_bad_steps", "must be at least 1"));
         }
         data.check_seq(self.seq)?;
+        model.check_activation_budget(self.batch, self.seq)?;
         if self.sequential_batches {
             data.sequential_batch(0, 1, self.seq)?;
         }

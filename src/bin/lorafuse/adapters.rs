@@ -3,7 +3,7 @@
 //! kernels were compiled), on the CPU otherwise; both give the same result
 //! within the dtype's tolerance.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use lorafuse::adapter::Adapter;
@@ -83,6 +83,30 @@ pub struct CompressArgs {
     json: bool,
 }
 
+/// Refuses an output path that is one of the inputs (or inside one), so
+/// that a command never destroys what it reads.
+fn refuse_overwriting_inputs(out: &Path, inputs: &[&Path]) -> Result<()> {
+    // Compare resolved paths; an output that does not exist yet cannot be
+    // an input, but its parent may be (an adapter directory).
+    let resolve = |p: &Path| std::fs::canonicalize(p).ok();
+    let out_abs = resolve(out).or_else(|| {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        Some(resolve(parent)?.join(out.file_name()?))
+    });
+    let Some(out_abs) = out_abs else { return Ok(()) };
+    for input in inputs {
+        if let Some(inp) = resolve(input) {
+            if out_abs == inp || out_abs.starts_with(&inp) {
+                return Err(Error::invalid(
+                    format!("--out {}", out.display()),
+                    format!("is the input {}: writing there would destroy it; pick another --out", input.display()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn load_all(paths: &[PathBuf]) -> Result<Vec<Adapter>> {
     paths.iter().map(|p| peft::load_adapter(p)).collect()
 }
@@ -141,6 +165,7 @@ fn print_similarity(s: &Similarity) {
 
 /// `lorafuse sum`.
 pub fn sum(args: &SumArgs) -> Result<()> {
+    refuse_overwriting_inputs(&args.out, &args.adapters.iter().map(PathBuf::as_path).collect::<Vec<_>>())?;
     let adapters = load_all(&args.adapters)?;
     let refs: Vec<&Adapter> = adapters.iter().collect();
     let sum = adapter_sum::concat_sum(&refs, &weights_or_ones(&args.weights, refs.len()))?;
@@ -159,6 +184,7 @@ pub fn sum(args: &SumArgs) -> Result<()> {
 
 /// `lorafuse compress`.
 pub fn compress(args: &CompressArgs) -> Result<()> {
+    refuse_overwriting_inputs(&args.out, &[&args.adapter])?;
     let adapter = peft::load_adapter(&args.adapter)?;
     let c = adapter_sum::compress(&adapter, args.rank)?;
     peft::save_adapter_as(&args.out, &c.adapter, args.dtype)?;
@@ -168,10 +194,16 @@ pub fn compress(args: &CompressArgs) -> Result<()> {
     let width = c.modules.iter().map(|m| m.name.len()).max().unwrap_or(6).max(6);
     println!("{:<width$} {:>6} {:>6} {:>12}", "module", "rank", "kept", "discarded");
     for m in &c.modules {
-        println!("{:<width$} {:>6} {:>6} {:>11.4}%", m.name, m.rank_before, m.rank_after, 100.0 * m.discarded_energy);
+        println!("{:<width$} {:>6} {:>6} {:>11.4}%", m.name, m.rank_before, m.rank_after, percent(m.discarded_energy));
     }
-    println!("discarded energy overall: {:.4}% of ‖ΔW‖²; wrote {}", 100.0 * c.discarded_energy, args.out.display());
+    println!("discarded energy overall: {:.4}% of ‖ΔW‖²; wrote {}", percent(c.discarded_energy), args.out.display());
     Ok(())
+}
+
+/// A fraction as a percentage for printing; rounding can make an energy
+/// difference a tiny negative number, which would print as `-0.0000%`.
+fn percent(fraction: f64) -> f64 {
+    (100.0 * fraction).max(0.0)
 }
 
 /// The base tensor a module's delta goes into: `<module>.weight`, else the
@@ -251,11 +283,26 @@ fn merge_all<B: AdapterSumOps>(
         bar.set_message(f.name.clone());
         let t = base.tensors.get_mut(name).ok_or_else(|| Error::invalid("merge", format!("`{name}` vanished")))?;
         merge_tensor(backend, name, t, f, direction)?;
+        // An overflow (huge weights, or an f16 base past 65504) must not
+        // reach the output file as inf/NaN.
+        crate_check_finite(name, t)?;
         bar.inc(t.bytes().len() as u64);
     }
     backend.synchronize()?;
     bar.finish_and_clear();
     Ok(())
+}
+
+fn crate_check_finite(name: &str, t: &Tensor) -> Result<()> {
+    let values = t.to_f32_vec(name)?;
+    lorafuse::error::check_finite(&format!("merged tensor `{name}` ({:?})", t.safetensors_dtype()), &values).map_err(
+        |e| {
+            Error::invalid(
+                "merge",
+                format!("{e}: the result overflows the base's dtype; check --weights and the adapters' scales"),
+            )
+        },
+    )
 }
 
 /// Runs `work` under a spinner (large base files take seconds to read and
@@ -271,6 +318,9 @@ fn with_spinner<R>(message: &str, work: impl FnOnce() -> Result<R>) -> Result<R>
 
 /// `lorafuse merge`.
 pub fn merge(args: &MergeArgs) -> Result<()> {
+    let mut inputs: Vec<&Path> = args.adapters.iter().map(PathBuf::as_path).collect();
+    inputs.push(&args.base);
+    refuse_overwriting_inputs(&args.out, &inputs)?;
     let adapters = load_all(&args.adapters)?;
     let refs: Vec<&Adapter> = adapters.iter().collect();
     let factors = adapter_sum::merge_factors(&refs, &weights_or_ones(&args.weights, refs.len()))?;

@@ -3,6 +3,12 @@
 //! The commands are written over any [`TrainBackend`]: the CPU backend and
 //! the CUDA backend (`kernels/train.cu`, `kernels/attention.cu`) both
 //! implement the trainer's ops (`TrainOps`), and `--device` picks one.
+//!
+//! A checkpoint directory holds, besides the `step-<n>` checkpoints, the
+//! run's sources (`run.json`: model and data specs). `--resume` continues
+//! exactly that run: settings, seed, model and data come from the
+//! checkpoint; a flag that asks for something else is refused by name (only
+//! `--steps` may change).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -10,9 +16,10 @@ use std::time::Instant;
 
 use crate::device::{on_backend, pick, DeviceChoice, PrecisionChoice};
 use indicatif::{ProgressBar, ProgressStyle};
+use lorafuse::adapter::{Adapter, AdapterWeights};
 use lorafuse::peft::load_adapter;
 use lorafuse::train::adapters::AdapterSet;
-use lorafuse::train::checkpoint::{latest_checkpoint, spec_for};
+use lorafuse::train::checkpoint::{latest_checkpoint, read_checkpoint, spec_for, step_dirs};
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::{Dataset, EvalMetrics, DOMAINS};
 use lorafuse::train::model::{Gpt2, TrainBackend};
@@ -326,15 +333,93 @@ pub fn train(args: &TrainArgs) -> Result<()> {
     on_backend!(pick(args.sources.device)?, train_on(args))
 }
 
+/// What a checkpoint directory records about the run besides its
+/// `TrainConfig` (`run.json`): where the model and the data came from.
+#[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+struct RunSources {
+    model: String,
+    data: String,
+}
+
+const RUN_FILE: &str = "run.json";
+
+/// Compares a value given for this invocation with the checkpoint's and
+/// refuses a difference by name: a resumed run continues the checkpoint's
+/// run, it cannot silently become another one.
+fn same_as_checkpoint(what: &str, given: &serde_json::Value, saved: &serde_json::Value) -> Result<()> {
+    let equal = match (given.as_f64(), saved.as_f64()) {
+        // f32 fields (alpha) round-trip through JSON with f32 precision.
+        (Some(a), Some(b)) => a == b || (a - b).abs() <= 1e-6 * a.abs().max(b.abs()),
+        _ => given == saved,
+    };
+    if equal {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "--resume",
+        format!(
+            "`{what}` is {given} here but the checkpoint's run has {saved}: drop it (only --steps may change on \
+             resume), or start a new run in an empty --checkpoint-dir"
+        ),
+    ))
+}
+
+/// The settings given explicitly for this invocation (TOML `[train]` keys
+/// and flags), as JSON paths into `TrainConfig`.
+fn explicit_settings(
+    args: &TrainArgs,
+    file_train: Option<&toml::Value>,
+    precision: Option<lorafuse::train::model::Precision>,
+) -> Result<Vec<(String, serde_json::Value)>> {
+    let mut out = Vec::new();
+    if let Some(table) = file_train.and_then(|t| t.as_table()) {
+        for (k, v) in table {
+            let v = serde_json::to_value(v).map_err(|e| Error::invalid("run file", e.to_string()))?;
+            match v {
+                serde_json::Value::Object(sub) => {
+                    out.extend(sub.into_iter().map(|(k2, v2)| (format!("{k}.{k2}"), v2)));
+                }
+                v => out.push((k.clone(), v)),
+            }
+        }
+    }
+    macro_rules! flag {
+        ($($flag:ident => $path:expr),*) => {
+            $(if let Some(v) = &args.$flag {
+                out.push(($path.to_string(), serde_json::json!(v)));
+            })*
+        };
+    }
+    flag!(method => "method", rank => "rank", alpha => "alpha", batch => "batch", seq => "seq", seed => "seed",
+          lr => "optim.lr", lr_vector => "optim.lr_vector", lr_theta => "optim.lr_theta", lr_base => "optim.lr_base",
+          warmup => "optim.warmup", eval_every => "eval_every");
+    if let Some(t) = &args.targets {
+        out.push(("targets".into(), serde_json::json!(t.split(',').map(str::trim).collect::<Vec<_>>())));
+    }
+    if args.answer_only {
+        out.push(("answer_only".into(), true.into()));
+    }
+    if args.sequential_batches {
+        out.push(("sequential_batches".into(), true.into()));
+    }
+    if let Some(p) = precision {
+        out.push(("precision".into(), serde_json::to_value(p).unwrap_or_default()));
+    }
+    // The run's length may change on resume.
+    out.retain(|(k, _)| k != "steps");
+    Ok(out)
+}
+
 fn train_on<B: TrainBackend + Clone>(backend: B, args: &TrainArgs) -> Result<()> {
-    let (file, file_sets_precision): (RunFile, bool) = match &args.config {
+    let (file, file_sets_precision, file_train): (RunFile, bool, Option<toml::Value>) = match &args.config {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
             let table: toml::Table = toml::from_str(&text).map_err(|e| Error::format(p, e.to_string()))?;
             let explicit = table.get("train").and_then(|t| t.get("precision")).is_some();
-            (toml::from_str(&text).map_err(|e| Error::format(p, e.to_string()))?, explicit)
+            let train = table.get("train").cloned();
+            (toml::from_str(&text).map_err(|e| Error::format(p, e.to_string()))?, explicit, train)
         }
-        None => (RunFile::default(), false),
+        None => (RunFile::default(), false, None),
     };
     let mut c = file.train;
     if args.precision != PrecisionChoice::Auto || !file_sets_precision {
@@ -351,44 +436,122 @@ fn train_on<B: TrainBackend + Clone>(backend: B, args: &TrainArgs) -> Result<()>
     }
     c.answer_only |= args.answer_only;
     c.sequential_batches |= args.sequential_batches;
-    let model_spec = args.sources.model.clone().or(file.model).ok_or_else(|| {
+    let given_model = args.sources.model.clone().or(file.model);
+    let given_data = args.sources.data.clone().or(file.data);
+    let out = args.out.clone().or(file.out).unwrap_or_else(|| PathBuf::from("lorafuse-out"));
+    let ckpt_dir = args.checkpoint_dir.clone().or(file.checkpoint_dir);
+    let ckpt_every =
+        args.checkpoint_every.or(file.checkpoint_every).unwrap_or(if ckpt_dir.is_some() { 100 } else { 0 });
+    if let Some(dir) = &ckpt_dir {
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::invalid(
+                format!("--checkpoint-dir {}", dir.display()),
+                "is a file, not a directory: pick a directory path",
+            ));
+        }
+    }
+    if args.resume && args.init_adapter.is_some() {
+        return Err(Error::invalid("--init-adapter", "cannot be combined with --resume (the checkpoint has one)"));
+    }
+
+    // On resume the checkpoint's run is the truth: its config, seed, model
+    // and data; a differing explicit setting is refused by name.
+    let resume_from = match (&ckpt_dir, args.resume) {
+        (Some(dir), true) => {
+            let ck = latest_checkpoint(dir)?;
+            let (state, _) = read_checkpoint(&ck)?;
+            let saved: TrainConfig = serde_json::from_value(state.config.clone())
+                .map_err(|e| Error::format(ck.join("state.json"), e.to_string()))?;
+            let saved_json = serde_json::to_value(&saved).map_err(|e| Error::invalid("train config", e.to_string()))?;
+            let precision = (args.precision != PrecisionChoice::Auto).then(|| args.precision.resolve(&backend));
+            for (path, given) in explicit_settings(args, file_train.as_ref(), precision)? {
+                let at = path.split('.').try_fold(&saved_json, |v, k| v.get(k));
+                if let Some(saved_value) = at {
+                    same_as_checkpoint(&path, &given, saved_value)?;
+                }
+            }
+            let run_path = dir.join(RUN_FILE);
+            let sources: Option<RunSources> = match std::fs::read_to_string(&run_path) {
+                Ok(text) => Some(serde_json::from_str(&text).map_err(|e| Error::format(&run_path, e.to_string()))?),
+                Err(_) => None,
+            };
+            if let Some(src) = &sources {
+                if let Some(m) = &given_model {
+                    same_as_checkpoint("model", &m.as_str().into(), &src.model.as_str().into())?;
+                }
+                if let Some(d) = &given_data {
+                    same_as_checkpoint("data", &d.as_str().into(), &src.data.as_str().into())?;
+                }
+            }
+            c = saved;
+            Some((ck, sources))
+        }
+        (None, true) => return Err(Error::invalid("--resume", "needs --checkpoint-dir")),
+        (_, false) => None,
+    };
+    let sources = resume_from.as_ref().and_then(|(_, s)| s.as_ref());
+    let model_spec = sources.map(|s| s.model.clone()).or(given_model).ok_or_else(|| {
         Error::invalid(
             "--model",
             "give a model directory or random:<layers>,<width>,<heads> (or `model` in the TOML file)",
         )
     })?;
-    let data_spec = args.sources.data.clone().or(file.data).unwrap_or_else(|| "embedded".into());
-    let out = args.out.clone().or(file.out).unwrap_or_else(|| PathBuf::from("lorafuse-out"));
-    let ckpt_dir = args.checkpoint_dir.clone().or(file.checkpoint_dir);
-    let ckpt_every =
-        args.checkpoint_every.or(file.checkpoint_every).unwrap_or(if ckpt_dir.is_some() { 100 } else { 0 });
+    let data_spec = sources.map(|s| s.data.clone()).or(given_data).unwrap_or_else(|| "embedded".into());
 
     let model = model_from(&backend, &model_spec, c.seed)?;
     let data = data_from(&data_spec, model.config.vocab_size, c.eval_examples, c.seed)?;
-    let mut t = match (&ckpt_dir, args.resume) {
-        (Some(dir), true) => {
-            let ck = latest_checkpoint(dir)?;
+    let mut t = match &resume_from {
+        Some((ck, _)) => {
             eprintln!("resuming from {}", ck.display());
-            let mut t = Trainer::resume(backend.clone(), model, data, &ck)?;
-            // The checkpoint carries the run's config; only the length may
-            // change on resume (the schedule then stretches to the new end).
-            if let Some(steps) = args.steps {
+            let mut t = Trainer::resume(backend.clone(), model, data, ck)?;
+            // Only the length may change on resume (the schedule then
+            // stretches to the new end).
+            if let Some(steps) =
+                args.steps.or(file_train.as_ref().and_then(|t| t.get("steps")?.as_integer()).map(|s| s as u64))
+            {
                 t.config.steps = steps;
             }
             t
         }
-        (None, true) => return Err(Error::invalid("--resume", "needs --checkpoint-dir")),
-        _ => Trainer::new(backend.clone(), model, data, c)?,
+        None => Trainer::new(backend.clone(), model, data, c)?,
     };
     if let Some(dir) = &args.init_adapter {
-        if args.resume {
-            return Err(Error::invalid("--init-adapter", "cannot be combined with --resume (the checkpoint has one)"));
-        }
         init_from(&mut t, dir)?;
+    }
+    // Checked after the run's own settings (those errors come first): a
+    // new run must not mix its checkpoints with another run's.
+    if let (Some(dir), None) = (&ckpt_dir, &resume_from) {
+        if dir.is_dir() {
+            if let Some((n, _)) = step_dirs(dir)?.last() {
+                return Err(Error::invalid(
+                    format!("--checkpoint-dir {}", dir.display()),
+                    format!(
+                        "already holds checkpoints of a run (up to step {n}): pass --resume to continue it, \
+                         or pick an empty directory for a new run"
+                    ),
+                ));
+            }
+        }
+    }
+    if let (Some(dir), None) = (&ckpt_dir, &resume_from) {
+        if ckpt_every > 0 {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            let run = RunSources { model: model_spec.clone(), data: data_spec.clone() };
+            let text = serde_json::to_string_pretty(&run).map_err(|e| Error::invalid("run.json", e.to_string()))?;
+            lorafuse::peft::write_atomic(&dir.join(RUN_FILE), text.as_bytes())?;
+        }
     }
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
     let metrics_path = args.metrics.clone().or(file.metrics).unwrap_or_else(|| out.join("metrics.jsonl"));
-    let mut metrics = Some(std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?);
+    // A resumed run appends: the history before the resume is kept.
+    let metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(resume_from.is_some())
+        .truncate(resume_from.is_none())
+        .open(&metrics_path)
+        .map_err(|e| Error::io(&metrics_path, e))?;
+    let mut metrics = Some(metrics_file);
     let trainable = t.num_trainable();
     eprintln!(
         "{} on {}: {} trainable of {} base parameters, data {}",
@@ -400,12 +563,12 @@ fn train_on<B: TrainBackend + Clone>(backend: B, args: &TrainArgs) -> Result<()>
     );
     let label = t.config.method.clone();
     let (secs, tokens, curve) = run_loop(&mut t, &label, &mut metrics, ckpt_dir.as_deref().map(|d| (d, ckpt_every)))?;
-    let png = out.join("loss.png");
-    if !curve.is_empty() {
-        lorafuse::train::plot::write_loss_png(&png, &[curve])?;
-    }
-    let eval = t.evaluate()?;
+    // The results first: a plot that cannot be written (a full disk) must
+    // not cost the trained adapter.
     t.save_result(&out)?;
+    let eval = t.evaluate()?;
+    let png = out.join("loss.png");
+    let plotted = !curve.is_empty() && plot_or_warn(&png, &[curve]);
     let report = serde_json::json!({
         "method": t.config.method, "trainable_params": trainable, "eval": eval,
         "seconds": secs, "tokens_per_s": tokens as f64 / secs.max(1e-9), "saved": out.display().to_string(),
@@ -427,10 +590,27 @@ fn train_on<B: TrainBackend + Clone>(backend: B, args: &TrainArgs) -> Result<()>
         out.display(),
         metrics_path.display()
     );
-    if png.exists() {
+    if plotted {
         println!("loss curve: {}", png.display());
     }
     Ok(())
+}
+
+/// The adapter's own parameter count (shared factors once; Uni-LoRA's d).
+fn adapter_params(a: &Adapter) -> usize {
+    match &a.weights {
+        AdapterWeights::UniLora(w) => w.theta.len(),
+        AdapterWeights::Modules(mods) => {
+            let mut groups = std::collections::BTreeSet::new();
+            mods.iter()
+                .map(|m| {
+                    let shared = m.tie.as_ref().is_none_or(|g| groups.insert(g.clone()));
+                    let factors = if shared { m.a.len() + m.b.len() } else { 0 };
+                    factors + m.u.as_ref().map_or(0, Vec::len) + m.v.as_ref().map_or(0, Vec::len)
+                })
+                .sum()
+        }
+    }
 }
 
 fn print_metrics(name: &str, params: &str, m: &EvalMetrics, extra: &str) {
@@ -457,19 +637,40 @@ fn eval_on<B: TrainBackend + Clone>(backend: B, args: &EvalArgs) -> Result<()> {
         args.examples,
         args.seed,
     )?;
+    if args.seq == 0 || args.seq > model.config.n_positions {
+        return Err(Error::invalid(
+            format!("--seq {}", args.seq),
+            format!("must be between 1 and the model's n_positions = {}", model.config.n_positions),
+        ));
+    }
+    // Every adapter is checked against the model before any evaluation.
+    let mut sets = Vec::new();
+    for dir in &args.adapter {
+        let adapter = load_adapter(dir)?;
+        let set = AdapterSet::for_eval(&backend, &model.config, &adapter)
+            .map_err(|e| Error::invalid(format!("--adapter {}", dir.display()), e.to_string()))?;
+        sets.push((dir, adapter_params(&adapter), set));
+    }
     println!("{:<18} {:>10} {:>9} {:>8} {:>8} {:>8}", "adapter", "params", "loss", "ppl", "exact", "token");
     let base = evaluate(&backend, &mut model, None, &data, 16, args.seq, args.examples)?;
     print_metrics("(base)", "-", &base, "");
-    for dir in &args.adapter {
-        let adapter = load_adapter(dir)?;
-        let spec = spec_for(&adapter)?;
-        let mut set = AdapterSet::new(&backend, &model.config, &spec)?;
-        set.load_values(&backend, &adapter)?;
-        let n = set.num_trainable();
+    for (dir, n, mut set) in sets {
         let m = evaluate(&backend, &mut model, Some(&mut set), &data, 16, args.seq, args.examples)?;
         print_metrics(&dir.display().to_string(), &n.to_string(), &m, "");
     }
     Ok(())
+}
+
+/// Writes a loss plot; a failure (a full disk) is a warning, never the end
+/// of a run whose results are already saved.
+fn plot_or_warn(path: &Path, curves: &[Curve]) -> bool {
+    match lorafuse::train::plot::write_loss_png(path, curves) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("warning: loss plot not written: {e}");
+            false
+        }
+    }
 }
 
 /// `lorafuse demo` on the backend `--device` picks.
@@ -513,10 +714,10 @@ fn demo_on<B: TrainBackend + Clone>(backend: B, args: &DemoArgs) -> Result<()> {
             .map_err(|e| Error::io(&args.out, e))?,
     );
     let (secs, toks, base_curve) = run_loop(&mut t, "base", &mut metrics, None)?;
-    lorafuse::train::plot::write_loss_png(&args.out.join("base-loss.png"), &[base_curve])?;
     let mut curves = Vec::new();
     let base_dir = args.out.join("base");
     t.model.save(&t.backend, &base_dir)?;
+    plot_or_warn(&args.out.join("base-loss.png"), &[base_curve]);
     let base_params = t.model.num_params();
     let mut rows = vec![("base (full)".to_string(), base_params, None, secs, toks as f64 / secs)];
     let domain = Dataset::embedded(&[args.domain.as_str()], 4000, 200, args.seed + 1)?;
@@ -563,7 +764,7 @@ fn demo_on<B: TrainBackend + Clone>(backend: B, args: &DemoArgs) -> Result<()> {
             None => println!("{name:<18} {n:>10} {:>9} {:>8} {:>8} {:>8} {secs:>7.1}s {tps:>9.0}", "-", "-", "-", "-"),
         }
     }
-    lorafuse::train::plot::write_loss_png(&args.out.join("adapters-loss.png"), &curves)?;
+    plot_or_warn(&args.out.join("adapters-loss.png"), &curves);
     let colours: Vec<String> =
         methods.iter().zip(lorafuse::train::plot::COLORS).map(|((m, ..), (c, _))| format!("{m} {c}")).collect();
     println!("\ntotal {:.1} s; base and adapters saved under {}", start.elapsed().as_secs_f64(), args.out.display());
