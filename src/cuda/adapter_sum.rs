@@ -5,16 +5,26 @@
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 
-use super::{grid, kernels, Gpu};
+use super::{blocks_for, grid, kernels, Gpu};
 use crate::adapter_sum::{check_merge, AdapterSumOps, MergeShape};
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::{Error, Result};
 
-/// Must match `MERGE_THREADS`, `MERGE_TILE_M` and `MERGE_TILE_N` in
-/// kernels/adapter_sum.cu.
+/// Total rank from which a bf16 W is merged on tensor cores (cuBLAS, factors
+/// rounded to bf16) rather than by the streaming kernel, whose f32 FMAs
+/// stop hiding under W's memory traffic above rank ~32–64 (see
+/// kernels/adapter_sum.cu).
+pub const TENSOR_CORE_MIN_RANK: usize = 128;
+
+/// Must match `MERGE_THREADS` and `MergeTile` in kernels/adapter_sum.cu.
 const THREADS: u32 = 256;
-const TILE_M: u64 = 64;
-const TILE_N: u64 = 128;
+
+/// A block's tile of W: (rows, cols). A thread owns 32 elements in rows of
+/// one 16-byte access each (8 halves or 4 floats), 16 × 16 threads a block.
+fn tile(elem: usize) -> (u64, u64) {
+    let n = (16 / elem) as u64;
+    (16 * (32 / n), 16 * n)
+}
 
 /// `w += alpha·leftᵀ·right` on caller-owned views (W rows×cols, left
 /// rank×rows, right rank×cols, all row-major).
@@ -31,7 +41,11 @@ pub fn merge<T: Element>(
     if rank == 0 || rows == 0 || cols == 0 {
         return Ok(());
     }
-    let tiles = (rows as u64).div_ceil(TILE_M) * (cols as u64).div_ceil(TILE_N);
+    if T::DTYPE == DType::BF16 && rank >= TENSOR_CORE_MIN_RANK {
+        return merge_tensor_cores(gpu, w, shape, left, right, alpha);
+    }
+    let (tile_m, tile_n) = tile(T::DTYPE.size());
+    let tiles = (rows as u64).div_ceil(tile_m) * (cols as u64).div_ceil(tile_n);
     if tiles > i32::MAX as u64 {
         return Err(Error::invalid("adapter_merge", format!("{shape:?} needs {tiles} blocks, above the grid limit")));
     }
@@ -54,6 +68,49 @@ pub fn merge<T: Element>(
     }
     .map_err(|e| Error::cuda(format!("launching {name}"), e))?;
     Ok(())
+}
+
+/// `w += alpha·leftᵀ·right` for a bf16 `w` on tensor cores: the factors are
+/// rounded to bf16 into scratch buffers (rank·(rows + cols) elements, freed
+/// when the call returns), then one cuBLAS GEMM with beta = 1 reads and
+/// writes W once.
+fn merge_tensor_cores<T: Element>(
+    gpu: &Gpu,
+    w: &mut CudaViewMut<'_, T>,
+    shape: MergeShape,
+    left: &CudaView<'_, f32>,
+    right: &CudaView<'_, f32>,
+    alpha: f32,
+) -> Result<()> {
+    let MergeShape { rows, cols, rank } = shape;
+    let cast = |src: &CudaView<'_, f32>| -> Result<CudaSlice<T>> {
+        // SAFETY: every element is written by the cast kernel below before
+        // cuBLAS reads it (same stream).
+        let mut dst =
+            unsafe { gpu.stream().alloc::<T>(src.len()) }.map_err(|e| Error::cuda("allocating factors", e))?;
+        let f = gpu.function(kernels::ADAPTER_SUM, "adapter_factor_cast_bf16")?;
+        let n = src.len() as u64;
+        let blocks = gpu.persistent_grid(8, blocks_for(n, THREADS) as u64);
+        // SAFETY: argument types match; both buffers hold n elements, and T
+        // is bf16 here (the caller checked T::DTYPE).
+        unsafe { gpu.stream().launch_builder(&f).arg(src).arg(&mut dst).arg(&n).launch(grid(blocks, THREADS, 0)) }
+            .map_err(|e| Error::cuda("launching adapter_factor_cast_bf16", e))?;
+        Ok(dst)
+    };
+    let (l16, r16) = (cast(left)?, cast(right)?);
+    // Row-major W (rows×cols) += alpha · leftᵀ (rows×rank, stored rank×rows)
+    // · right (rank×cols).
+    super::lowrank::gemm_rowmajor::<T, T>(
+        gpu,
+        (rows, cols, rank),
+        &l16.slice(..),
+        true,
+        &r16.slice(..),
+        false,
+        w,
+        alpha,
+        1.0,
+    )
 }
 
 impl AdapterSumOps for Gpu {
