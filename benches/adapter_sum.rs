@@ -7,8 +7,9 @@
 //! merged in one launch, timed with CUDA events (median after warm-up, three
 //! W buffers rotated so L2 cannot hold them), next to a device-to-device copy
 //! of the same W in the same run (the floor: W read once and written once).
-//! Each row prints time, GB/s, the ratio to the floor and to the copy, and
-//! the PyTorch time from `scripts/baselines/adapter_sum.py` (keys
+//! For bf16 W the dispatching `adapter_merge` is followed by both of its
+//! paths (streaming kernel, tensor cores) at every rank. Each row prints
+//! time, GB/s, the ratio to the floor and to the copy, and the PyTorch time from `scripts/baselines/adapter_sum.py` (keys
 //! `adapter_sum copy|merge <dtype> <N>x<K>[ r<rank>]`). Goals: merge ≤ 1.10×
 //! the copy for total rank ≤ 64, ≤ 2.0× at total rank 512.
 //!
@@ -24,9 +25,10 @@ use half::bf16;
 use lorafuse::adapter::{Adapter, AdapterConfig, ModuleDelta};
 use lorafuse::adapter_sum::{self, AdapterSumOps, MergeShape};
 use lorafuse::cpu::Cpu;
+use lorafuse::cuda::adapter_sum::{merge_streaming, merge_tensor_cores};
 use lorafuse::cuda::{bench, Gpu};
 use lorafuse::rng::Rng;
-use lorafuse::{Backend, Element, Result};
+use lorafuse::{Backend, DType, Element, Result};
 
 fn random(seed: u64, n: usize) -> Vec<f32> {
     Rng::new(seed).uniform_vec(n, -1.0, 1.0)
@@ -50,16 +52,35 @@ fn gpu_merge<T: Element>(gpu: &Gpu, rows: usize, cols: usize, copy_bw: f64) -> R
         let shape = MergeShape { rows, cols, rank };
         let left = gpu.upload(&random(2, rank * rows))?;
         let right = gpu.upload(&random(3, rank * cols))?;
-        // Alternate signs so repeated merges keep W bounded.
-        let ms = bench::median_ms(gpu, 3, 30, |i| {
-            let alpha = if i % 2 == 0 { 1e-3 } else { -1e-3 };
-            gpu.adapter_merge(&mut ws[i % 3], shape, &left, &right, alpha)
-        })?;
         let goal = if rank <= 64 { 1.10 } else { 2.0 };
-        let row = bench::report_row(&format!("merge {tag} {adapters}x r{r} (rank {rank})"), ms, bytes, copy_bw);
-        let verdict = if ms / copy_ms <= goal { "meets" } else { "MISSES" };
         let key = format!("adapter_sum merge {tag} r{rank}");
-        println!("{row}  vs copy x{:.2} ({verdict} ≤{goal})  {}", ms / copy_ms, bench::vs_torch(&key, ms));
+        // bf16 W: both paths at every rank, so the dispatch threshold
+        // (TENSOR_CORE_MIN_RANK) can follow the measurement.
+        let tensor_cores = T::DTYPE == DType::BF16;
+        for path in ["merge", "streaming", "tensor cores"] {
+            if path != "merge" && !tensor_cores {
+                continue;
+            }
+            // Alternate signs so repeated merges keep W bounded.
+            let ms = bench::median_ms(gpu, 3, 30, |i| {
+                let alpha = if i % 2 == 0 { 1e-3 } else { -1e-3 };
+                let w = &mut ws[i % 3];
+                let (l, r) = (left.slice(..), right.slice(..));
+                match path {
+                    "streaming" => merge_streaming(gpu, &mut w.slice_mut(..), shape, &l, &r, alpha),
+                    "tensor cores" => merge_tensor_cores(gpu, &mut w.slice_mut(..), shape, &l, &r, alpha),
+                    _ => gpu.adapter_merge(w, shape, &left, &right, alpha),
+                }
+            })?;
+            let label = format!("{path} {tag} {adapters}x r{r} (rank {rank})");
+            let verdict = if ms / copy_ms <= goal { "meets" } else { "MISSES" };
+            println!(
+                "{}  vs copy x{:.2} ({verdict} ≤{goal})  {}",
+                bench::report_row(&label, ms, bytes, copy_bw),
+                ms / copy_ms,
+                bench::vs_torch(&key, ms)
+            );
+        }
     }
     Ok(())
 }

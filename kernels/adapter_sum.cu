@@ -30,7 +30,7 @@
 // Cost per element: 2·rank FLOPs on the CUDA cores. Estimate for a 4096²
 // half W on an H100 (~60 TFLOP/s f32 FMA, copy of W ~22 µs): the update hides
 // under the copy up to rank ~32 and is compute-bound above (rank 64 ≈ 36 µs
-// of FMA at peak; rank 512 ≈ 290 µs). So a bf16 W with total rank ≥ 128 is
+// of FMA at peak; rank 512 ≈ 290 µs). So a bf16 W with total rank ≥ 64 is
 // merged on tensor cores instead: the host rounds L and R to bf16
 // (adapter_factor_cast_bf16) and runs cuBLAS W = alpha·Lᵀ·R + 1·W (f32
 // accumulation, W still read and written once), which is what an in-place

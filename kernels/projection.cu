@@ -24,9 +24,10 @@
 // store. Bytes: D·sizeof(T) written once; 8·d read from L2 per block. The
 // row's column comes from SplitMix64, whose counter (key + (i+1)·γ) advances
 // by one add per row; only the top 32 bits of the hash are formed (the range
-// reduction uses nothing else). Estimate: ~20 integer ops per row, which at
-// 64 int ops/clk/SM is ~40–60 µs for D = 64M on an H100: the same order as
-// the 45 µs write floor, so the hash, not HBM, may bound large gathers. When
+// reduction uses nothing else). Estimate from the sm_90a SASS of the hash
+// path: ~12 IMAD and ~10 LOP3/SHF per row, which at 64 integer ops/clk/SM is
+// ~40–60 µs for D = 64M on an H100: the same order as the 45 µs write floor,
+// so the hash, not HBM, may bound large gathers. When
 // the column table does not fit shared memory, each row reads θ_j and scale_j
 // through the read-only cache (random 4-byte loads: correct, much slower).
 //

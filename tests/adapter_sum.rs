@@ -440,7 +440,8 @@ fn adapters_with_weights_lorafuse_cannot_sum_are_refused_not_dropped() {
 /// kernel's arithmetic allows: the rank-r dot product in f32 (at most
 /// (r+1)·2^-24·Σ|terms|), one f32 fma (2^-24·|x|), then one rounding to T
 /// (unit roundoff u_T, plus half a subnormal ulp). A bf16 W at total rank ≥
-/// 128 goes through tensor cores with both factors rounded to bf16 first:
+/// `TENSOR_CORE_MIN_RANK` goes through tensor cores with both factors
+/// rounded to bf16 first:
 /// each term is then off by up to (2·2^-8 + 2^-16)·|term| more.
 fn merge_bounds<T: Element>(w: &[T], s: MergeShape, left: &[f32], right: &[f32], alpha: f32) -> (Vec<f64>, Vec<f64>) {
     let (u, sub) = match T::DTYPE {
@@ -498,7 +499,7 @@ fn gpu_merge_is_within_its_rounding_bound_on_every_tile_edge_and_rank_slice() {
     let Some(gpu) = common::gpu_or_skip("gpu_merge_is_within_its_rounding_bound_...") else { return };
     // Tiles are 64×128 (f16/bf16) and 128×64 (f32); ranks are staged 32 (16)
     // at a time; odd widths break 16-byte rows and take the scalar path;
-    // rank 130 takes the tensor-core path for bf16.
+    // rank ≥ 64 takes the tensor-core path for bf16.
     let shapes = [
         (77, 301, 130),
         (1, 1, 1),

@@ -1,7 +1,10 @@
 //! Launch wrappers for `kernels/adapter_sum.cu`.
 //!
 //! [`merge`] takes caller-owned views and runs on the [`Gpu`]'s stream, for
-//! engines; the [`AdapterSumOps`] impl calls it on owned buffers.
+//! engines; the [`AdapterSumOps`] impl calls it on owned buffers. It picks
+//! one of two paths, each also callable directly (the bench times both):
+//! [`merge_streaming`] (the kernel: any dtype and rank, f32 factors) and
+//! [`merge_tensor_cores`] (bf16 W only: cuBLAS on bf16-rounded factors).
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 
@@ -12,9 +15,12 @@ use crate::{Error, Result};
 
 /// Total rank from which a bf16 W is merged on tensor cores (cuBLAS, factors
 /// rounded to bf16) rather than by the streaming kernel, whose f32 FMAs
-/// stop hiding under W's memory traffic above rank ~32–64 (see
-/// kernels/adapter_sum.cu).
-pub const TENSOR_CORE_MIN_RANK: usize = 128;
+/// stop hiding under W's memory traffic above rank ~32 (estimate: rank 64 is
+/// ~36 µs of FMA at peak for a 4096² W whose copy takes ~22–35 µs; see
+/// kernels/adapter_sum.cu). Rounding the factors to bf16 costs the update
+/// at most ~2^-7 relative, below one rounding of W itself while the update
+/// is small next to W (PEFT's bf16 merge computes B·A in bf16 outright).
+pub const TENSOR_CORE_MIN_RANK: usize = 64;
 
 /// Must match `MERGE_THREADS` and `MergeTile` in kernels/adapter_sum.cu.
 const THREADS: u32 = 256;
@@ -27,8 +33,26 @@ fn tile(elem: usize) -> (u64, u64) {
 }
 
 /// `w += alpha·leftᵀ·right` on caller-owned views (W rows×cols, left
-/// rank×rows, right rank×cols, all row-major).
+/// rank×rows, right rank×cols, all row-major): [`merge_tensor_cores`] for a
+/// bf16 W at total rank ≥ [`TENSOR_CORE_MIN_RANK`], else [`merge_streaming`].
 pub fn merge<T: Element>(
+    gpu: &Gpu,
+    w: &mut CudaViewMut<'_, T>,
+    shape: MergeShape,
+    left: &CudaView<'_, f32>,
+    right: &CudaView<'_, f32>,
+    alpha: f32,
+) -> Result<()> {
+    if T::DTYPE == DType::BF16 && shape.rank >= TENSOR_CORE_MIN_RANK {
+        merge_tensor_cores(gpu, w, shape, left, right, alpha)
+    } else {
+        merge_streaming(gpu, w, shape, left, right, alpha)
+    }
+}
+
+/// The streaming kernel: W read and written once with 16-byte accesses, the
+/// update accumulated from the f32 factors in f32, W rounded once.
+pub fn merge_streaming<T: Element>(
     gpu: &Gpu,
     w: &mut CudaViewMut<'_, T>,
     shape: MergeShape,
@@ -40,9 +64,6 @@ pub fn merge<T: Element>(
     let MergeShape { rows, cols, rank } = shape;
     if rank == 0 || rows == 0 || cols == 0 {
         return Ok(());
-    }
-    if T::DTYPE == DType::BF16 && rank >= TENSOR_CORE_MIN_RANK {
-        return merge_tensor_cores(gpu, w, shape, left, right, alpha);
     }
     let (tile_m, tile_n) = tile(T::DTYPE.size());
     let tiles = (rows as u64).div_ceil(tile_m) * (cols as u64).div_ceil(tile_n);
@@ -73,8 +94,8 @@ pub fn merge<T: Element>(
 /// `w += alpha·leftᵀ·right` for a bf16 `w` on tensor cores: the factors are
 /// rounded to bf16 into scratch buffers (rank·(rows + cols) elements, freed
 /// when the call returns), then one cuBLAS GEMM with beta = 1 reads and
-/// writes W once.
-fn merge_tensor_cores<T: Element>(
+/// writes W once. Other dtypes are a [`Error::DType`].
+pub fn merge_tensor_cores<T: Element>(
     gpu: &Gpu,
     w: &mut CudaViewMut<'_, T>,
     shape: MergeShape,
@@ -82,7 +103,19 @@ fn merge_tensor_cores<T: Element>(
     right: &CudaView<'_, f32>,
     alpha: f32,
 ) -> Result<()> {
+    if T::DTYPE != DType::BF16 {
+        return Err(Error::DType {
+            op: "adapter_merge (tensor cores)",
+            operand: "w",
+            expected: DType::BF16,
+            got: T::DTYPE,
+        });
+    }
+    check_merge(shape, w.len(), left.len(), right.len(), alpha)?;
     let MergeShape { rows, cols, rank } = shape;
+    if rank == 0 || rows == 0 || cols == 0 {
+        return Ok(());
+    }
     let cast = |src: &CudaView<'_, f32>| -> Result<CudaSlice<T>> {
         // SAFETY: every element is written by the cast kernel below before
         // cuBLAS reads it (same stream).
