@@ -182,14 +182,11 @@ fn stage_smem(gpu: &Gpu, bytes: usize) -> Option<u32> {
 
 /// `(start, address, len)` per segment, with the guards that keep cudarc's
 /// stream ordering for the views until the launches are queued.
-fn entries<'a, V: DevicePtr<E>, E>(
+fn entries<'a, V: DevicePtr<E> + 'a, E>(
     layout: &ProjectionLayout,
     views: impl Iterator<Item = &'a V>,
     stream: &'a cudarc::driver::CudaStream,
-) -> (Vec<(u64, u64, u64)>, Vec<cudarc::driver::SyncOnDrop<'a>>)
-where
-    V: 'a,
-{
+) -> (Vec<(u64, u64, u64)>, Vec<cudarc::driver::SyncOnDrop<'a>>) {
     let mut guards = Vec::new();
     let mut out = Vec::new();
     for (seg, view) in layout.segments().iter().zip(views) {
@@ -357,5 +354,32 @@ impl ProjectionOps for Gpu {
     ) -> Result<()> {
         let views: Vec<CudaView<'_, T>> = grads.iter().map(|g| g.slice(..)).collect();
         scatter(self, prepared, layout, &views, mode, &mut out.slice_mut(..))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernels give tile t of a segment the vectors starting at
+    /// lead + 8·1024·t: the table must hold just enough tiles to reach the
+    /// segment's end, for every alignment and length.
+    #[test]
+    fn tables_cover_every_row_with_no_spare_tile() {
+        for elem in [2u64, 4] {
+            for addr in (0..32u64).map(|a| (1 << 20) + a * elem) {
+                for len in [1u64, 2, 7, 8, 9, TILE - 1, TILE, TILE + 1, TILE + 7, 3 * TILE + 5] {
+                    let t = &tables(&[(0, addr, len)], elem as usize)[0];
+                    let (lead, tiles) = (lead(addr, len, elem), total_tiles(t));
+                    assert!(lead < 16 / elem && lead <= len, "addr {addr} len {len}: lead {lead}");
+                    assert!((addr + lead * elem) % 16 == 0 || lead == len, "addr {addr} len {len}: lead {lead}");
+                    assert!(lead + tiles * TILE >= len, "addr {addr} len {len}: {tiles} tiles miss rows");
+                    assert!(tiles == 1 || lead + (tiles - 1) * TILE < len, "addr {addr} len {len}: spare tile");
+                }
+            }
+        }
+        let many: Vec<(u64, u64, u64)> = (0..300).map(|k| (k * 100, 4096 * k, 100)).collect();
+        let t = tables(&many, 2);
+        assert_eq!(t.iter().map(|t| t.count).collect::<Vec<_>>(), [128, 128, 44]);
     }
 }
