@@ -5,20 +5,57 @@
 // (seed, i) (src/projection.rs documents it and holds the CPU twin), so no
 // index buffer is read; an explicit user index array is supported too.
 //
-// Memory plan (D rows, d columns, T the segment dtype):
-//   gather : write D·sizeof(T) once; read θ_d·scale once per column
-//            (projection_prescale folds 1/sqrt(n_j) into θ so the hot loop does
-//            one random read per row, served from shared memory when d fits).
-//   scatter: read g_D twice (absmax pass, then accumulate), d int64 atomics
-//            targets. The absmax pass is the price of determinism: it fixes the
-//            fixed-point scale so that integer (associative) atomics give the
-//            same bits in any order, with no float atomics.
+// Work layout shared by gather and scatter. The rows of θ_D live in up to
+// PROJ_MAX_SEGMENTS caller buffers (one per layer tensor), described by a
+// segment table in kernel parameter space. Each segment is cut into tiles of
+// PROJ_TILE = 1024 threads × 8 rows; a thread owns 8 consecutive rows, one
+// 16-byte access for f16/bf16 (two for f32). Vectors start at the segment's
+// first 16-byte boundary (`lead` rows before it are done one by one), so any
+// buffer offset gets full-width accesses. A block finds its tile's segment
+// by a binary search over the table (7 steps, once per 8192 rows, never per
+// row). Grids are persistent: one 1024-thread block per SM (regs ≤ 64 by
+// __launch_bounds__, 50 % occupancy), walking tiles grid-stride, so the
+// per-block costs below are paid 132 times on an H100, not once per tile.
+//
+// Gather (one launch, no scratch): every block first writes the d column
+// values T(θ_j·scale_j) into shared memory (d·sizeof(T) bytes: d ≤ 24,576 in
+// bf16 within 48 KiB; up to ~113K columns with the opt-in), then each row is a
+// 2- or 4-byte shared-memory lookup, and 8 rows are packed into one 16-byte
+// store. Bytes: D·sizeof(T) written once; 8·d read from L2 per block. The
+// row's column comes from SplitMix64, whose counter (key + (i+1)·γ) advances
+// by one add per row; only the top 32 bits of the hash are formed (the range
+// reduction uses nothing else). Estimate from the sm_90a SASS of the hash
+// path: ~12 IMAD and ~10 LOP3/SHF per row, which at 64 integer ops/clk/SM is
+// ~40–60 µs for D = 64M on an H100: the same order as the 45 µs write floor,
+// so the hash, not HBM, may bound large gathers. When
+// the column table does not fit shared memory, each row reads θ_j and scale_j
+// through the read-only cache (random 4-byte loads: correct, much slower).
+//
+// Scatter, deterministic (reads g_D once in the steady state): column sums
+// are exact int64 fixed-point sums, so their order does not matter. The
+// fixed-point scale 2^S must make every |g|·2^S < 2^(61 - ceil_log2 n_max);
+// S is a function of max|g| alone, bucketed to 4 binades so it rarely
+// changes between training steps. Pass 1 accumulates at the S the previous
+// call found (stored in the workspace) while it also computes max|g|; its
+// last block checks that max|g| gives the same S. If it does, pass 2 only
+// converts the sums (one pass over d). If not (first call, or max|g| moved
+// to another bucket), pass 2 accumulates again at the right S. Either way
+// the result is accumulate(S(max|g|)): the same bits whatever the history.
+// Bytes in the steady state: D·sizeof(T) read once, plus per block d
+// flush atomics (8-byte, coalesced) and 24·d bytes for the conversion.
+// Per-block sums live in shared memory as two 32-bit words per column
+// (8·d bytes, d ≤ ~29K with the opt-in) because only 32-bit integer shared
+// atomics are native (64-bit ones are CAS loops on sm_80/sm_90): the low
+// word's carry-out is detected from the atomic's return value and added to
+// the high word, which keeps the 64-bit sum exact. Larger d accumulates with
+// native 64-bit atomics in global memory. The workspace is left zeroed by
+// every call, so no memset precedes one.
 #include "common.cuh"
 
 #define PROJ_MAX_SEGMENTS 128
-#define PROJ_THREADS 256
+#define PROJ_THREADS 1024
 #define PROJ_VEC 8
-#define PROJ_TILE (PROJ_THREADS * PROJ_VEC * 4)  // elements per tile
+#define PROJ_TILE (PROJ_THREADS * PROJ_VEC)  // rows per tile
 
 enum ProjMode : uint32_t { PROJ_HASH = 0, PROJ_BALANCED = 1, PROJ_EXPLICIT = 2 };
 
@@ -27,21 +64,21 @@ enum ProjMode : uint32_t { PROJ_HASH = 0, PROJ_BALANCED = 1, PROJ_EXPLICIT = 2 }
 // it never copies it to local memory): no host-to-device copy per call.
 // Layout must match `SegmentTable` in src/cuda/projection.rs.
 struct SegmentTable {
-    uint64_t dst[PROJ_MAX_SEGMENTS];         // device pointer of the segment
-    uint64_t start[PROJ_MAX_SEGMENTS];       // first row of θ_D it holds
-    uint32_t len[PROJ_MAX_SEGMENTS];         // rows it holds
+    uint64_t dst[PROJ_MAX_SEGMENTS];             // device pointer of the segment
+    uint64_t start[PROJ_MAX_SEGMENTS];           // first row of θ_D it holds
+    uint32_t len[PROJ_MAX_SEGMENTS];             // rows it holds
     uint32_t tile_start[PROJ_MAX_SEGMENTS + 1];  // prefix sum of tiles per segment
     uint32_t count;
 };
 
 // How j(i) is drawn; mirrors `ColumnMap` on the CPU.
 struct ColumnMap {
-    uint64_t key;       // derived from the seed
-    uint64_t rows;      // D
+    uint64_t key;           // derived from the seed
+    uint64_t rows;          // D
     const uint32_t* index;  // PROJ_EXPLICIT only
-    uint32_t cols;      // d
-    uint32_t mode;      // ProjMode
-    uint32_t half_bits; // PROJ_BALANCED: Feistel half width
+    uint32_t cols;          // d
+    uint32_t mode;          // ProjMode
+    uint32_t half_bits;     // PROJ_BALANCED: Feistel half width
     uint32_t pad;
 };
 
@@ -69,14 +106,78 @@ __device__ __forceinline__ uint32_t column_of(const ColumnMap& m, uint64_t i) {
     return (uint32_t)(x % m.cols);
 }
 
-// Finds the segment holding `tile` (binary search over the prefix sums).
+// reduce_range(mix64(z), cols), forming only the top 32 bits of mix64: the
+// low half of the last product and of the last xor-shift are never used.
+__device__ __forceinline__ uint32_t hash_column(uint64_t z, uint32_t cols) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    const uint32_t hi = (uint32_t)(z >> 32);
+    const uint32_t top = hi ^ (hi >> 31);  // top 32 bits of z ^ (z >> 31)
+    return (uint32_t)(((uint64_t)top * cols) >> 32);
+}
+
+// Columns of the n (≤ 8) consecutive rows from `row`. MODE is uniform per
+// launch, so the hash path carries no branches on it.
+template <uint32_t MODE>
+__device__ __forceinline__ void columns8(const ColumnMap& m, uint64_t row, uint32_t n, uint32_t (&j)[PROJ_VEC]) {
+    if (MODE == PROJ_HASH) {
+        // splitmix_at(key, i) hashes key + (i + 1)·γ: one multiply per 8 rows.
+        uint64_t z = m.key + (row + 1) * SPLITMIX_GAMMA;
+#pragma unroll
+        for (int k = 0; k < PROJ_VEC; ++k, z += SPLITMIX_GAMMA) j[k] = hash_column(z, m.cols);
+    } else {
+#pragma unroll
+        for (int k = 0; k < PROJ_VEC; ++k) j[k] = (uint32_t)k < n ? column_of(m, row + k) : 0u;
+    }
+}
+
+// Rows before the first 16-byte boundary of a segment buffer (at most len).
+// The host computes the same number to size the tile count.
+template <typename T> __device__ __forceinline__ uint32_t lead_of(uint64_t addr, uint32_t len) {
+    return min((uint32_t)(((16u - (uint32_t)(addr & 15u)) & 15u) / sizeof(T)), len);
+}
+
+// This thread's share of `tile`: segment s, its first row e (relative to the
+// segment), and n rows (8 = one aligned vector; fewer at the tail). Rows in
+// [0, lead) belong to thread k < lead of the segment's first tile, n = 1.
+struct TileWork {
+    uint32_t s, e, n;
+};
+
 __device__ __forceinline__ uint32_t segment_of_tile(const SegmentTable& t, uint32_t tile) {
     uint32_t lo = 0, hi = t.count;  // tile_start[lo] <= tile < tile_start[hi]
     while (hi - lo > 1) {
-        uint32_t mid = (lo + hi) >> 1;
+        const uint32_t mid = (lo + hi) >> 1;
         if (t.tile_start[mid] <= tile) lo = mid; else hi = mid;
     }
     return lo;
+}
+
+template <typename T>
+__device__ __forceinline__ TileWork tile_work(const SegmentTable& t, uint32_t tile, uint32_t* lead_out) {
+    TileWork w;
+    w.s = segment_of_tile(t, tile);
+    const uint32_t len = t.len[w.s];
+    const uint32_t lead = lead_of<T>(t.dst[w.s], len);
+    const uint32_t local = tile - t.tile_start[w.s];
+    const uint64_t e = (uint64_t)lead + ((uint64_t)local * PROJ_THREADS + threadIdx.x) * PROJ_VEC;
+    w.e = e < len ? (uint32_t)e : len;
+    w.n = min((uint32_t)PROJ_VEC, len - w.e);
+    *lead_out = local == 0 ? lead : 0;
+    return w;
+}
+
+// 8 elements of T as f32 from a 16-byte-aligned address.
+template <typename T> __device__ __forceinline__ void load8(const T* p, float (&v)[PROJ_VEC]) {
+    if constexpr (sizeof(T) == 2) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(p);
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int k = 0; k < PROJ_VEC; ++k) v[k] = to_f32(e[k]);
+    } else {
+        const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    }
 }
 
 // ---- once per projection -------------------------------------------------
@@ -98,200 +199,344 @@ extern "C" __global__ void projection_scale(const uint32_t* __restrict__ counts,
 
 // ---- gather: θ_D = P·θ_d -------------------------------------------------
 
-// θ_d ⊙ scale, once per forward, so the per-row loop reads one value, not two.
-extern "C" __global__ void projection_prescale(const float* __restrict__ theta,
-                                               const float* __restrict__ scale, uint32_t cols,
-                                               float* __restrict__ out) {
-    uint32_t j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j < cols) out[j] = theta[j] * scale[j];
+// Dynamic shared memory of every projection kernel (one array, so the CPU
+// kernel emulator can provide it). The first 16 bytes are flag words.
+extern __shared__ __align__(16) unsigned char proj_smem[];
+
+// Column j's output value: the f32 product θ_j·scale_j rounded once to T,
+// exactly as the CPU twin computes it.
+template <typename T, bool STAGED>
+__device__ __forceinline__ T column_value(const T* staged, const float* __restrict__ theta,
+                                          const float* __restrict__ scale, uint32_t j) {
+    if (STAGED) return staged[j];
+    return from_f32<T>(__ldg(theta + j) * __ldg(scale + j));
 }
 
-// 16-byte aligned so the packed halves can be stored as one uint4.
-template <typename T> struct alignas(16) Vec8 { T v[PROJ_VEC]; };
-
-template <typename T>
-__device__ __forceinline__ void store8(T* dst, const float (&v)[PROJ_VEC]) {
-    // 16-byte stores where the address allows: 8 halves, or 2 x 4 floats.
-    if constexpr (sizeof(T) == 2) {
-        Vec8<T> pack;
-#pragma unroll
-        for (int k = 0; k < PROJ_VEC; ++k) pack.v[k] = from_f32<T>(v[k]);
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<uint4*>(&pack);
-    } else {
-        reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
-        reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
-    }
-}
-
-// Persistent grid: each block stages θ·scale in shared memory once (when
-// `stage_cols` > 0, i.e. d fits) and then walks tiles of the segment table.
-template <typename T>
-__device__ void gather_impl(const SegmentTable& table, const ColumnMap& map,
-                            const float* __restrict__ theta_scaled, uint32_t stage_cols) {
-    extern __shared__ float staged[];
-    const float* src = theta_scaled;
-    if (stage_cols) {
-        for (uint32_t j = threadIdx.x; j < stage_cols; j += blockDim.x) staged[j] = theta_scaled[j];
-        __syncthreads();
-        src = staged;
-    }
+template <typename T, uint32_t MODE, bool STAGED>
+__device__ void gather_tiles(const SegmentTable& table, const ColumnMap& map, const T* staged,
+                             const float* __restrict__ theta, const float* __restrict__ scale) {
     const uint32_t tiles = table.tile_start[table.count];
     for (uint32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const uint32_t s = segment_of_tile(table, tile);
-        const uint32_t first = (tile - table.tile_start[s]) * PROJ_TILE;
-        const uint32_t len = table.len[s];
-        T* dst = reinterpret_cast<T*>(table.dst[s]);
-        const uint64_t row0 = table.start[s];
-        for (uint32_t base = first + threadIdx.x * PROJ_VEC; base < min(first + PROJ_TILE, len);
-             base += PROJ_THREADS * PROJ_VEC) {
-            float v[PROJ_VEC];
+        uint32_t lead;
+        const TileWork w = tile_work<T>(table, tile, &lead);
+        T* dst = reinterpret_cast<T*>(table.dst[w.s]);
+        const uint64_t row0 = table.start[w.s];
+        if (threadIdx.x < lead) {
+            dst[threadIdx.x] =
+                column_value<T, STAGED>(staged, theta, scale, column_of(map, row0 + threadIdx.x));
+        }
+        if (w.n == 0) continue;
+        uint32_t j[PROJ_VEC];
+        columns8<MODE>(map, row0 + w.e, w.n, j);
+        if (w.n == PROJ_VEC) {
+            // 16-byte aligned by construction of `lead`.
+            if constexpr (sizeof(T) == 2) {
+                alignas(16) T pack[PROJ_VEC];
+#pragma unroll
+                for (int k = 0; k < PROJ_VEC; ++k) pack[k] = column_value<T, STAGED>(staged, theta, scale, j[k]);
+                *reinterpret_cast<uint4*>(dst + w.e) = *reinterpret_cast<const uint4*>(pack);
+            } else {
+                float v[PROJ_VEC];
+#pragma unroll
+                for (int k = 0; k < PROJ_VEC; ++k) v[k] = column_value<T, STAGED>(staged, theta, scale, j[k]);
+                reinterpret_cast<float4*>(dst + w.e)[0] = make_float4(v[0], v[1], v[2], v[3]);
+                reinterpret_cast<float4*>(dst + w.e)[1] = make_float4(v[4], v[5], v[6], v[7]);
+            }
+        } else {
 #pragma unroll
             for (int k = 0; k < PROJ_VEC; ++k)
-                v[k] = (base + k < len) ? src[column_of(map, row0 + base + k)] : 0.0f;
-            T* out = dst + base;
-            if (base + PROJ_VEC <= len && (reinterpret_cast<uintptr_t>(out) & 15) == 0) {
-                store8<T>(out, v);
-            } else {
-#pragma unroll
-                for (int k = 0; k < PROJ_VEC; ++k)
-                    if (base + k < len) out[k] = from_f32<T>(v[k]);
-            }
+                if ((uint32_t)k < w.n) dst[w.e + k] = column_value<T, STAGED>(staged, theta, scale, j[k]);
         }
+    }
+}
+
+template <typename T, bool STAGED>
+__device__ void gather_mode(const SegmentTable& table, const ColumnMap& map, const T* staged,
+                            const float* __restrict__ theta, const float* __restrict__ scale) {
+    switch (map.mode) {
+        case PROJ_HASH: gather_tiles<T, PROJ_HASH, STAGED>(table, map, staged, theta, scale); break;
+        case PROJ_BALANCED: gather_tiles<T, PROJ_BALANCED, STAGED>(table, map, staged, theta, scale); break;
+        default: gather_tiles<T, PROJ_EXPLICIT, STAGED>(table, map, staged, theta, scale); break;
+    }
+}
+
+// `stage` != 0: θ·scale fits shared memory as d values of T (the launch
+// passes 16 + d·sizeof(T) bytes of dynamic shared memory; the first 16 are
+// the flag words every projection kernel reserves).
+template <typename T>
+__device__ void gather_impl(const SegmentTable& table, const ColumnMap& map, const float* __restrict__ theta,
+                            const float* __restrict__ scale, uint32_t stage) {
+    T* staged = reinterpret_cast<T*>(proj_smem + 16);
+    if (stage) {
+        for (uint32_t j = threadIdx.x; j < map.cols; j += blockDim.x) staged[j] = from_f32<T>(theta[j] * scale[j]);
+        __syncthreads();
+        gather_mode<T, true>(table, map, staged, theta, scale);
+    } else {
+        gather_mode<T, false>(table, map, staged, theta, scale);
     }
 }
 
 // ---- scatter: g_d = Pᵀ·g_D, deterministic --------------------------------
 
-// max |g| over every segment, as float bits (non-negative floats order like
-// their bit patterns, so an integer atomicMax is exact and order-free). NaN
-// and ±inf are folded to +inf so they propagate to the result.
-template <typename T>
-__device__ void absmax_impl(const SegmentTable& table, uint32_t* __restrict__ out_bits) {
+// Per-projection state after the d accumulators in the workspace
+// (u64[d + SCATTER_STATE_U64]); the host creates it as
+// {0, 0, SHIFT_NONE, SHIFT_NONE, 0, 0, 0, 0} (src/cuda/projection.rs).
+struct ScatterState {
+    uint32_t absmax_bits;  // max |g| of the running SPECULATE pass, as float bits
+    uint32_t ticket;       // blocks of the running pass that have finished
+    int32_t guess;         // S the next SPECULATE pass accumulates at
+    int32_t final_shift;   // S (or SHIFT_ZERO / SHIFT_NONFINITE) SETTLE converts with
+    uint32_t redo;         // 1: SETTLE must accumulate again at final_shift
+    uint32_t pad[3];
+};
+#define SCATTER_STATE_U64 4
+
+#define SHIFT_NONE INT32_MIN             // no previous S: pass 1 only measures
+#define SHIFT_ZERO (INT32_MIN + 1)       // max |g| = 0: every sum is 0
+#define SHIFT_NONFINITE (INT32_MIN + 2)  // a NaN or ±inf: every output is NaN
+
+enum ScatterPhase : uint32_t { SCATTER_SPECULATE = 0, SCATTER_SETTLE = 1 };
+
+// S for a max |g| given as float bits: every |g|·2^S < 2^(61 - headroom), so
+// n_max ≤ 2^headroom terms sum below 2^61 in an int64. The exponent is
+// rounded up to a multiple of 4 so S stays put while max |g| moves within a
+// factor of 16 (costing at most 3 of the ~60 bits).
+__device__ __forceinline__ int32_t canonical_shift(uint32_t absmax_bits, uint32_t headroom) {
+    const float m = __uint_as_float(absmax_bits);
+    if (m == 0.0f) return SHIFT_ZERO;
+    if (!isfinite(m)) return SHIFT_NONFINITE;
+    int e;
+    frexpf(m, &e);  // 2^(e-1) ≤ m < 2^e
+    e += (4 - (e & 3)) & 3;
+    return 61 - (int32_t)headroom - e;
+}
+
+__device__ __forceinline__ bool is_shift(int32_t s) { return s > SHIFT_NONFINITE; }
+
+// Adds the fixed-point value q to column j: shared (lo, hi) words or a global
+// 64-bit word. The lo add's carry-out (its result wrapped below the old
+// value) moves into hi, so hi·2^32 + lo is the exact sum modulo 2^64.
+__device__ __forceinline__ void add_fixed(uint32_t* lo, int32_t* hi, unsigned long long* acc, uint32_t j,
+                                          long long q) {
+    if (lo) {
+        const uint32_t l = (uint32_t)q;
+        int32_t h = (int32_t)(q >> 32);
+        const uint32_t old = atomicAdd(&lo[j], l);
+        h += (uint32_t)(old + l) < old;
+        if (h) atomicAdd(&hi[j], h);
+    } else {
+        atomicAdd(&acc[j], (unsigned long long)q);
+    }
+}
+
+// One pass over every segment's gradient: with `shift` valid, adds the
+// fixed-point rows into the accumulators; with `measure`, returns this
+// thread's max |g| (NaN and ±inf fold to +inf so they reach the result).
+template <typename T, uint32_t MODE>
+__device__ float scatter_tiles(const SegmentTable& table, const ColumnMap& map, int32_t shift, bool measure,
+                               uint32_t* lo, int32_t* hi, unsigned long long* acc) {
+    const bool add = is_shift(shift);
     float m = 0.0f;
     const uint32_t tiles = table.tile_start[table.count];
     for (uint32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const uint32_t s = segment_of_tile(table, tile);
-        const uint32_t first = (tile - table.tile_start[s]) * PROJ_TILE;
-        const uint32_t end = min(first + PROJ_TILE, table.len[s]);
-        const T* g = reinterpret_cast<const T*>(table.dst[s]);
-        for (uint32_t e = first + threadIdx.x; e < end; e += PROJ_THREADS) {
-            float a = fabsf(to_f32(g[e]));
-            m = fmaxf(m, isfinite(a) ? a : INFINITY);
+        uint32_t lead;
+        const TileWork w = tile_work<T>(table, tile, &lead);
+        const T* g = reinterpret_cast<const T*>(table.dst[w.s]);
+        const uint64_t row0 = table.start[w.s];
+        float v[PROJ_VEC + 1];
+        uint32_t j[PROJ_VEC];
+        if (w.n == PROJ_VEC) {
+            float x[PROJ_VEC];
+            load8(g + w.e, x);
+#pragma unroll
+            for (int k = 0; k < PROJ_VEC; ++k) v[k] = x[k];
+        } else {
+#pragma unroll
+            for (int k = 0; k < PROJ_VEC; ++k) v[k] = (uint32_t)k < w.n ? to_f32(g[w.e + k]) : 0.0f;
         }
-    }
-    m = warp_max(m);
-    if ((threadIdx.x & 31) == 0) atomicMax(out_bits, __float_as_uint(m));
-}
-
-// The fixed-point exponent: every term |g|·2^S < 2^(61 - ceil_log2(n_max)), so
-// a column's sum of up to n_max terms fits an int64 with a bit to spare.
-// Returns INT32_MIN when the max is zero (nothing to add) or non-finite.
-__device__ __forceinline__ int fixed_point_shift(uint32_t absmax_bits, uint32_t ceil_log2_nmax) {
-    float m = __uint_as_float(absmax_bits);
-    if (m == 0.0f || !isfinite(m)) return INT32_MIN;
-    int e;
-    frexpf(m, &e);  // m < 2^e
-    return 61 - (int)ceil_log2_nmax - e;
-}
-
-template <typename T>
-__device__ void scatter_fixed_impl(const SegmentTable& table, const ColumnMap& map,
-                                   const uint32_t* __restrict__ absmax_bits,
-                                   uint32_t ceil_log2_nmax, unsigned long long* __restrict__ acc,
-                                   uint32_t stage_cols) {
-    const int shift = fixed_point_shift(*absmax_bits, ceil_log2_nmax);
-    if (shift == INT32_MIN) return;
-    // Small d: accumulate the block's share in shared memory first, so global
-    // atomics are d per block instead of one per row.
-    extern __shared__ unsigned long long local_acc[];
-    if (stage_cols) {
-        for (uint32_t j = threadIdx.x; j < stage_cols; j += blockDim.x) local_acc[j] = 0;
-        __syncthreads();
-    }
-    unsigned long long* target = stage_cols ? local_acc : acc;
-    const uint32_t tiles = table.tile_start[table.count];
-    for (uint32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const uint32_t s = segment_of_tile(table, tile);
-        const uint32_t first = (tile - table.tile_start[s]) * PROJ_TILE;
-        const uint32_t end = min(first + PROJ_TILE, table.len[s]);
-        const T* g = reinterpret_cast<const T*>(table.dst[s]);
-        const uint64_t row0 = table.start[s];
-        for (uint32_t e = first + threadIdx.x; e < end; e += PROJ_THREADS) {
-            float v = to_f32(g[e]);
-            if (v == 0.0f) continue;
-            long long q = __float2ll_rn(ldexpf(v, shift));
-            // Two's-complement wrap-around makes unsigned adds exact for
-            // signed sums.
-            atomicAdd(&target[column_of(map, row0 + e)], (unsigned long long)q);
+        v[PROJ_VEC] = threadIdx.x < lead ? to_f32(g[threadIdx.x]) : 0.0f;
+        if (measure) {
+#pragma unroll
+            for (int k = 0; k <= PROJ_VEC; ++k) {
+                const float a = fabsf(v[k]);
+                m = fmaxf(m, isfinite(a) ? a : INFINITY);
+            }
         }
+        if (!add) continue;
+        if (w.n) columns8<MODE>(map, row0 + w.e, w.n, j);
+#pragma unroll
+        for (int k = 0; k < PROJ_VEC; ++k)
+            if (v[k] != 0.0f) add_fixed(lo, hi, acc, j[k], __float2ll_rn(ldexpf(v[k], shift)));
+        if (v[PROJ_VEC] != 0.0f)
+            add_fixed(lo, hi, acc, column_of(map, row0 + threadIdx.x),
+                      __float2ll_rn(ldexpf(v[PROJ_VEC], shift)));
     }
-    if (stage_cols) {
-        __syncthreads();
-        for (uint32_t j = threadIdx.x; j < stage_cols; j += blockDim.x)
-            if (local_acc[j]) atomicAdd(&acc[j], local_acc[j]);
-    }
+    return m;
 }
 
-// g_d[j] = (Σ q) · 2^-S · scale_j. Non-finite input poisons every column (the
+// g_d[j] = (Σ q)·2^-S·scale_j in f64, rounded once; the accumulator is
+// zeroed for the next call. A non-finite input poisons every column (the
 // fixed-point sum cannot carry it; the CPU twin does the same).
-extern "C" __global__ void projection_scatter_finish(const unsigned long long* __restrict__ acc,
-                                                     const float* __restrict__ scale,
-                                                     const uint32_t* __restrict__ absmax_bits,
-                                                     uint32_t ceil_log2_nmax, uint32_t cols,
-                                                     float* __restrict__ out) {
-    uint32_t j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= cols) return;
-    const float m = __uint_as_float(*absmax_bits);
-    if (!isfinite(m)) { out[j] = __int_as_float(0x7fc00000); return; }
-    const int shift = fixed_point_shift(*absmax_bits, ceil_log2_nmax);
-    if (shift == INT32_MIN) { out[j] = 0.0f; return; }
-    double sum = ldexp((double)(long long)acc[j], -shift);
-    out[j] = (float)(sum * (double)scale[j]);
+__device__ __forceinline__ void finish_column(unsigned long long* acc, const float* __restrict__ scale,
+                                              int32_t shift, uint32_t j, float* __restrict__ out) {
+    const long long sum = (long long)__ldcg(acc + j);
+    acc[j] = 0;
+    if (shift == SHIFT_NONFINITE) out[j] = __int_as_float(0x7fc00000);
+    else if (!is_shift(shift)) out[j] = 0.0f;
+    else out[j] = (float)(ldexp((double)sum, -shift) * (double)scale[j]);
+}
+
+// Whether this block is the last of the launch to get here; every thread's
+// earlier global atomics are visible to that block when it returns true.
+// `flag` is a word of shared memory.
+__device__ __forceinline__ bool last_block(uint32_t* ticket, volatile uint32_t* flag) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) *flag = atomicAdd(ticket, 1u) == gridDim.x - 1;
+    __syncthreads();
+    const bool last = *flag != 0;
+    if (last) __threadfence();
+    return last;
+}
+
+// Both passes of the deterministic scatter (see the header):
+//   SPECULATE: accumulate at state.guess (when known) and measure max|g|.
+//     The last block sets final_shift = S(max|g|); if sums are needed and
+//     were taken at another S, it sets redo = 1 and guess = S (and clears
+//     the wrongly scaled sums).
+//   SETTLE: redo = 0 → every block converts its share of the d columns.
+//     redo = 1 → accumulate again at final_shift; the last block converts
+//     all columns (the rare path: first call, or max|g| changed bucket).
+// Dynamic shared memory: 16 bytes of flags, then with `stage` != 0 the
+// block's sums as two 32-bit words per column (8·d bytes). A layout of more
+// than PROJ_MAX_SEGMENTS segments takes several launches per pass; only the
+// one with `last_launch` set decides and converts.
+template <typename T>
+__device__ void scatter_impl(const SegmentTable& table, const ColumnMap& map, unsigned long long* __restrict__ ws,
+                             const float* __restrict__ scale, float* __restrict__ out, uint32_t headroom,
+                             uint32_t stage, uint32_t phase, uint32_t last_launch) {
+    const uint32_t cols = map.cols;
+    unsigned long long* acc = ws;
+    ScatterState* st = reinterpret_cast<ScatterState*>(ws + cols);
+    const volatile ScatterState* vst = st;
+    volatile uint32_t* flag = reinterpret_cast<uint32_t*>(proj_smem);
+    const int32_t shift = phase == SCATTER_SPECULATE ? vst->guess : vst->final_shift;
+    if (phase == SCATTER_SETTLE && vst->redo == 0) {
+        if (!last_launch) return;
+        for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < cols; j += gridDim.x * blockDim.x)
+            finish_column(acc, scale, shift, j, out);
+        return;
+    }
+    const bool measure = phase == SCATTER_SPECULATE;
+    uint32_t* lo = stage ? reinterpret_cast<uint32_t*>(proj_smem + 16) : nullptr;
+    int32_t* hi = stage ? reinterpret_cast<int32_t*>(proj_smem + 16) + cols : nullptr;
+    if (stage) {
+        for (uint32_t j = threadIdx.x; j < 2 * cols; j += blockDim.x) lo[j] = 0;
+        __syncthreads();
+    }
+    float m;
+    switch (map.mode) {
+        case PROJ_HASH: m = scatter_tiles<T, PROJ_HASH>(table, map, shift, measure, lo, hi, acc); break;
+        case PROJ_BALANCED: m = scatter_tiles<T, PROJ_BALANCED>(table, map, shift, measure, lo, hi, acc); break;
+        default: m = scatter_tiles<T, PROJ_EXPLICIT>(table, map, shift, measure, lo, hi, acc); break;
+    }
+    if (measure) {
+        m = warp_max(m);
+        if ((threadIdx.x & 31) == 0) atomicMax(&st->absmax_bits, __float_as_uint(m));
+    }
+    if (stage && is_shift(shift)) {
+        __syncthreads();
+        for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
+            const unsigned long long sum = ((unsigned long long)(uint32_t)hi[j] << 32) + lo[j];
+            if (sum) atomicAdd(&acc[j], sum);
+        }
+    }
+    if (!last_launch || !last_block(&st->ticket, flag)) return;
+
+    // The last block: every other block has finished this launch, so the
+    // state is this block's alone until it returns.
+    if (phase == SCATTER_SPECULATE) {
+        const int32_t actual = canonical_shift(vst->absmax_bits, headroom);
+        const bool resum = is_shift(actual) && actual != shift;
+        // Sums taken at a wrong S, or not needed at all, are cleared here.
+        if (is_shift(shift) && actual != shift)
+            for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) acc[j] = 0;
+        __syncthreads();  // every thread has read the state
+        if (threadIdx.x == 0) {
+            st->absmax_bits = 0;
+            st->ticket = 0;
+            st->final_shift = actual;
+            st->redo = resum;
+            if (resum) st->guess = actual;
+        }
+        return;
+    }
+    for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) finish_column(acc, scale, shift, j, out);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        st->ticket = 0;
+        st->redo = 0;
+    }
 }
 
 // Opt-in fast path: float atomics straight into g_d (zeroed by the caller).
 // Not deterministic: the summation order follows the hardware's.
-template <typename T>
-__device__ void scatter_atomic_impl(const SegmentTable& table, const ColumnMap& map,
-                                    const float* __restrict__ scale, float* __restrict__ out) {
+template <typename T, uint32_t MODE>
+__device__ void scatter_atomic_tiles(const SegmentTable& table, const ColumnMap& map, const float* __restrict__ scale,
+                                     float* __restrict__ out) {
     const uint32_t tiles = table.tile_start[table.count];
     for (uint32_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-        const uint32_t s = segment_of_tile(table, tile);
-        const uint32_t first = (tile - table.tile_start[s]) * PROJ_TILE;
-        const uint32_t end = min(first + PROJ_TILE, table.len[s]);
-        const T* g = reinterpret_cast<const T*>(table.dst[s]);
-        const uint64_t row0 = table.start[s];
-        for (uint32_t e = first + threadIdx.x; e < end; e += PROJ_THREADS) {
-            float v = to_f32(g[e]);
-            if (v == 0.0f) continue;
-            uint32_t j = column_of(map, row0 + e);
-            atomicAdd(&out[j], v * scale[j]);
+        uint32_t lead;
+        const TileWork w = tile_work<T>(table, tile, &lead);
+        const T* g = reinterpret_cast<const T*>(table.dst[w.s]);
+        const uint64_t row0 = table.start[w.s];
+        if (threadIdx.x < lead) {
+            const float v = to_f32(g[threadIdx.x]);
+            const uint32_t j = column_of(map, row0 + threadIdx.x);
+            if (v != 0.0f) atomicAdd(&out[j], v * scale[j]);
         }
+        if (w.n == 0) continue;
+        float v[PROJ_VEC];
+        if (w.n == PROJ_VEC) {
+            load8(g + w.e, v);
+        } else {
+#pragma unroll
+            for (int k = 0; k < PROJ_VEC; ++k) v[k] = (uint32_t)k < w.n ? to_f32(g[w.e + k]) : 0.0f;
+        }
+        uint32_t j[PROJ_VEC];
+        columns8<MODE>(map, row0 + w.e, w.n, j);
+#pragma unroll
+        for (int k = 0; k < PROJ_VEC; ++k)
+            if (v[k] != 0.0f) atomicAdd(&out[j[k]], v[k] * __ldg(scale + j[k]));
     }
 }
 
-#define PROJECTION_KERNELS(SUFFIX, T)                                                           \
-    extern "C" __global__ void __launch_bounds__(PROJ_THREADS) projection_gather_##SUFFIX(      \
-        const __grid_constant__ SegmentTable table, const __grid_constant__ ColumnMap map,      \
-        const float* __restrict__ theta_scaled, uint32_t stage_cols) {                          \
-        gather_impl<T>(table, map, theta_scaled, stage_cols);                                   \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(PROJ_THREADS) projection_absmax_##SUFFIX(      \
-        const __grid_constant__ SegmentTable table, uint32_t* __restrict__ out_bits) {          \
-        absmax_impl<T>(table, out_bits);                                                        \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(PROJ_THREADS) projection_scatter_##SUFFIX(     \
-        const __grid_constant__ SegmentTable table, const __grid_constant__ ColumnMap map,      \
-        const uint32_t* __restrict__ absmax_bits, uint32_t ceil_log2_nmax,                      \
-        unsigned long long* __restrict__ acc, uint32_t stage_cols) {                            \
-        scatter_fixed_impl<T>(table, map, absmax_bits, ceil_log2_nmax, acc, stage_cols);        \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(PROJ_THREADS)                                  \
-        projection_scatter_atomic_##SUFFIX(const __grid_constant__ SegmentTable table,          \
-                                           const __grid_constant__ ColumnMap map,               \
-                                           const float* __restrict__ scale,                     \
-                                           float* __restrict__ out) {                           \
-        scatter_atomic_impl<T>(table, map, scale, out);                                         \
+template <typename T>
+__device__ void scatter_atomic_impl(const SegmentTable& table, const ColumnMap& map, const float* __restrict__ scale,
+                                    float* __restrict__ out) {
+    switch (map.mode) {
+        case PROJ_HASH: scatter_atomic_tiles<T, PROJ_HASH>(table, map, scale, out); break;
+        case PROJ_BALANCED: scatter_atomic_tiles<T, PROJ_BALANCED>(table, map, scale, out); break;
+        default: scatter_atomic_tiles<T, PROJ_EXPLICIT>(table, map, scale, out); break;
+    }
+}
+
+#define PROJECTION_KERNELS(SUFFIX, T)                                                                    \
+    extern "C" __global__ void __launch_bounds__(PROJ_THREADS, 1) projection_gather_##SUFFIX(           \
+        const __grid_constant__ SegmentTable table, const __grid_constant__ ColumnMap map,               \
+        const float* __restrict__ theta, const float* __restrict__ scale, uint32_t stage) {              \
+        gather_impl<T>(table, map, theta, scale, stage);                                                 \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(PROJ_THREADS, 1) projection_scatter_##SUFFIX(          \
+        const __grid_constant__ SegmentTable table, const __grid_constant__ ColumnMap map,               \
+        unsigned long long* __restrict__ ws, const float* __restrict__ scale, float* __restrict__ out,   \
+        uint32_t headroom, uint32_t stage, uint32_t phase, uint32_t last_launch) {                       \
+        scatter_impl<T>(table, map, ws, scale, out, headroom, stage, phase, last_launch);                \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(PROJ_THREADS, 1) projection_scatter_atomic_##SUFFIX(   \
+        const __grid_constant__ SegmentTable table, const __grid_constant__ ColumnMap map,               \
+        const float* __restrict__ scale, float* __restrict__ out) {                                      \
+        scatter_atomic_impl<T>(table, map, scale, out);                                                  \
     }
 
 LORAFUSE_FOR_EACH_DTYPE(PROJECTION_KERNELS)

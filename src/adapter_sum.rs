@@ -71,7 +71,10 @@ pub(crate) fn check_merge(shape: MergeShape, w: usize, left: usize, right: usize
 pub trait AdapterSumOps: Backend + Sized {
     /// `w += alpha · leftᵀ·right` in one pass over `w` (read once, written
     /// once), f32 accumulation on the GPU, f64 on the CPU. `alpha = 1`
-    /// merges, `alpha = -1` unmerges.
+    /// merges, `alpha = -1` unmerges. On the GPU a bf16 `w` with total rank
+    /// ≥ [`crate::cuda::adapter_sum::TENSOR_CORE_MIN_RANK`] is merged on
+    /// tensor cores with the factors rounded to bf16 first (as an in-place
+    /// `addmm_` on bf16 factors would).
     fn adapter_merge<T: Element>(
         &self,
         w: &mut Self::Buf<T>,

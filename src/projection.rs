@@ -368,8 +368,9 @@ impl ProjectionLayout {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ScatterMode {
     /// Same bits on every run (the default). On the GPU: exact int64
-    /// fixed-point sums, no float atomics; costs one extra read of the
-    /// gradient.
+    /// fixed-point sums, no float atomics. The gradient is read once while
+    /// its largest magnitude stays within the factor-16 bucket of the
+    /// previous call's, twice otherwise (the first call included).
     #[default]
     Deterministic,
     /// GPU float atomics: faster, but the summation order (and so the last
@@ -391,6 +392,12 @@ pub struct PreparedProjection<B: Backend> {
     pub index: Option<B::Buf<u32>>,
     /// The largest `n_j`.
     pub max_count: u32,
+    /// Scratch the deterministic GPU scatter keeps between calls: d int64
+    /// sums (left zeroed by every call) and the fixed-point scale the last
+    /// call found. Empty on the CPU. Behind a lock so that a scatter holds
+    /// it for the whole call; two scatters with one prepared projection on
+    /// different streams are ordered by the buffer's stream events.
+    pub(crate) scatter_workspace: std::sync::Mutex<B::Buf<u64>>,
 }
 
 /// The shared-projection kernels, on any backend.

@@ -340,9 +340,16 @@ fn gpu_case<T: Element>(gpu: &lorafuse::cuda::Gpu, s: MergeShape, seed: u64) {
     gpu.adapter_merge(&mut w, s, &l, &r, -0.75).unwrap();
     let got = gpu.download(&w).unwrap();
     let ctx = format!("gpu adapter_merge {s:?} {} seed={seed}", T::DTYPE);
-    // f32 FMAs on CUDA cores (kernels/adapter_sum.cu), W rounded once to T.
+    // f32 FMAs on CUDA cores (kernels/adapter_sum.cu), W rounded once to T;
+    // a bf16 W at large total rank goes to tensor cores with L and R rounded
+    // to bf16 first (two roundings per term).
     let mag = merge_magnitudes(&w0, s, &left, &right, -0.75);
-    check_bounded(&ctx, &got, &want, &mag, ErrorBound::cuda_cores(T::DTYPE)).unwrap();
+    let bound = if T::DTYPE == DType::BF16 && s.rank >= lorafuse::cuda::adapter_sum::TENSOR_CORE_MIN_RANK {
+        ErrorBound::gpu(DType::BF16).intermediates(2)
+    } else {
+        ErrorBound::cuda_cores(T::DTYPE)
+    };
+    check_bounded(&ctx, &got, &want, &mag, bound).unwrap();
 }
 
 /// Runs the `lorafuse` binary and returns its stdout, failing on a non-zero exit.
@@ -442,4 +449,96 @@ fn adapters_with_weights_lorafuse_cannot_sum_are_refused_not_dropped() {
     ] {
         assert!(e.to_string().contains("lora_embedding_A"), "{e}");
     }
+}
+
+// ---- the streaming merge kernel, element by element (skip without a GPU) ---
+
+/// Per element of `W + alpha·leftᵀ·right`, the exact value and the error the
+/// kernel's arithmetic allows: the rank-r dot product in f32 (at most
+/// (r+1)·2^-24·Σ|terms|), one f32 fma (2^-24·|x|), then one rounding to T
+/// (unit roundoff u_T, plus half a subnormal ulp). A bf16 W at total rank ≥
+/// `TENSOR_CORE_MIN_RANK` goes through tensor cores with both factors
+/// rounded to bf16 first:
+/// each term is then off by up to (2·2^-8 + 2^-16)·|term| more.
+fn merge_bounds<T: Element>(w: &[T], s: MergeShape, left: &[f32], right: &[f32], alpha: f32) -> (Vec<f64>, Vec<f64>) {
+    let (u, sub) = match T::DTYPE {
+        DType::F32 => (2f64.powi(-24), 2f64.powi(-150)),
+        DType::F16 => (2f64.powi(-11), 2f64.powi(-25)),
+        DType::BF16 => (2f64.powi(-8), 2f64.powi(-134)),
+    };
+    let tensor_cores = T::DTYPE == DType::BF16 && s.rank >= lorafuse::cuda::adapter_sum::TENSOR_CORE_MIN_RANK;
+    let factor_rounding = if tensor_cores { 2.0 * 2f64.powi(-8) + 2f64.powi(-16) } else { 0.0 };
+    let mut want = Vec::with_capacity(s.rows * s.cols);
+    let mut bound = Vec::with_capacity(s.rows * s.cols);
+    for i in 0..s.rows {
+        for j in 0..s.cols {
+            let (mut dot, mut mag) = (0f64, 0f64);
+            for k in 0..s.rank {
+                let t = left[k * s.rows + i] as f64 * right[k * s.cols + j] as f64;
+                dot += t;
+                mag += t.abs();
+            }
+            let x = w[i * s.cols + j].to_f64() + alpha as f64 * dot;
+            let e32 = (alpha.abs() as f64) * ((s.rank as f64 + 1.0) * 2f64.powi(-24) + factor_rounding) * mag
+                + 2f64.powi(-24) * x.abs();
+            want.push(x);
+            bound.push(e32 + u * (x.abs() + e32) + sub);
+        }
+    }
+    (want, bound)
+}
+
+fn gpu_merge_case<T: Element>(gpu: &lorafuse::cuda::Gpu, s: MergeShape, alpha: f32, seed: u64) {
+    let ctx = format!("gpu adapter_merge {s:?} {} alpha={alpha} seed={seed}", T::DTYPE);
+    let w0: Vec<T> = common::random(seed, s.rows * s.cols).into_iter().map(T::from_f32).collect();
+    let left = common::random(seed + 1, s.rank * s.rows);
+    let right = common::random(seed + 2, s.rank * s.cols);
+    let (want, bound) = merge_bounds(&w0, s, &left, &right, alpha);
+    let (l, r) = (gpu.upload(&left).unwrap(), gpu.upload(&right).unwrap());
+    let run = || {
+        let mut w = gpu.upload(&w0).unwrap();
+        gpu.adapter_merge(&mut w, s, &l, &r, alpha).unwrap();
+        gpu.download(&w).unwrap()
+    };
+    let got = run();
+    let bad = (0..got.len()).find(|&e| outside((got[e].to_f64() - want[e]).abs(), bound[e]));
+    assert!(
+        bad.is_none(),
+        "{ctx}: element {bad:?} outside its bound: {:?}",
+        bad.map(|e| (got[e].to_f64(), want[e], bound[e]))
+    );
+    let bits = |v: &[T]| v.iter().map(|x| x.to_f64().to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&got), bits(&run()), "{ctx}: two merges gave different bits");
+}
+
+#[test]
+fn gpu_merge_is_within_its_rounding_bound_on_every_tile_edge_and_rank_slice() {
+    let Some(gpu) = common::gpu_or_skip("gpu_merge_is_within_its_rounding_bound_...") else { return };
+    // Tiles are 64×128 (f16/bf16) and 128×64 (f32); ranks are staged 32 (16)
+    // at a time; odd widths break 16-byte rows and take the scalar path;
+    // rank ≥ 64 takes the tensor-core path for bf16.
+    let shapes = [
+        (77, 301, 130),
+        (1, 1, 1),
+        (1, 300, 3),
+        (65, 129, 17),
+        (64, 128, 32),
+        (128, 64, 16),
+        (200, 67, 33),
+        (130, 1000, 64),
+        (129, 256, 70),
+        (3, 2048, 8),
+    ];
+    for (i, &(rows, cols, rank)) in shapes.iter().enumerate() {
+        let s = MergeShape { rows, cols, rank };
+        let alpha = [1.0, -0.75, 0.5, -1.0][i % 4];
+        gpu_merge_case::<f32>(&gpu, s, alpha, 40 + i as u64);
+        gpu_merge_case::<f16>(&gpu, s, alpha, 40 + i as u64);
+        gpu_merge_case::<bf16>(&gpu, s, alpha, 40 + i as u64);
+    }
+}
+
+/// An error above its bound, or NaN (which no bound admits).
+fn outside(err: f64, bound: f64) -> bool {
+    err.is_nan() || err > bound
 }

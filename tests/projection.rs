@@ -318,3 +318,257 @@ fn gpu_explicit_index_and_non_finite_gradients() {
     g[2][3] = f32::NAN;
     assert!(gpu_scatter(&gpu, &p, &layout, &g, ScatterMode::Deterministic).iter().all(|v| v.is_nan()));
 }
+
+// ---- the single-launch gather and read-once scatter (skip without a GPU) ---
+
+/// The CPU twin's gather in T, for a layout of T.
+fn cpu_gather_t<T: Element>(prep: &PreparedProjection<Cpu>, theta: &[f32], layout: &ProjectionLayout) -> Vec<Vec<T>> {
+    let mut segs: Vec<Vec<T>> = layout.segments().iter().map(|s| vec![T::from_f32(0.0); s.len() as usize]).collect();
+    Cpu.projection_gather(prep, &theta.to_vec(), layout, &mut segs.iter_mut().collect::<Vec<_>>()).unwrap();
+    segs
+}
+
+/// A layout with gaps: `parts` segments at random offsets inside [0, rows).
+fn gapped_layout(rows: u64, parts: usize, dtype: DType, seed: u64) -> ProjectionLayout {
+    let full = layout(rows, parts, DType::F32, seed);
+    let mut rng = Rng::new(seed ^ 0x5EED);
+    let segments = full
+        .segments()
+        .iter()
+        .enumerate()
+        .map(|(k, s)| {
+            let len = s.len() as usize;
+            let keep = if k % 2 == 1 && len > 1 { 1 + rng.below(len as u64 - 1) as usize } else { len };
+            Segment { name: s.name.clone(), start: s.start, shape: [1, keep] }
+        })
+        .collect();
+    ProjectionLayout::new(rows, dtype, segments).unwrap()
+}
+
+/// Gathers into views that start `offsets[k]` elements into larger buffers,
+/// so most segments are not 16-byte aligned and every lead length occurs.
+fn gpu_gather_offset<T: Element>(
+    gpu: &Gpu,
+    prep: &PreparedProjection<Gpu>,
+    theta: &[f32],
+    layout: &ProjectionLayout,
+) -> Vec<Vec<T>> {
+    let theta = gpu.upload(theta).unwrap();
+    let poison = T::from_f32(f32::NAN);
+    let mut bufs: Vec<_> = layout
+        .segments()
+        .iter()
+        .enumerate()
+        .map(|(k, s)| gpu.upload(&vec![poison; s.len() as usize + 9 + k % 8]).unwrap())
+        .collect();
+    {
+        let mut views: Vec<_> = layout
+            .segments()
+            .iter()
+            .zip(bufs.iter_mut())
+            .enumerate()
+            .map(|(k, (s, b))| b.slice_mut(k % 8..k % 8 + s.len() as usize))
+            .collect();
+        lorafuse::cuda::projection::gather(gpu, prep, &theta.slice(..), layout, &mut views).unwrap();
+    }
+    bufs.iter()
+        .zip(layout.segments())
+        .enumerate()
+        .map(|(k, (b, s))| {
+            let host = gpu.download(b).unwrap();
+            let (head, tail) = (&host[..k % 8], &host[k % 8 + s.len() as usize..]);
+            assert!(head.iter().chain(tail).all(|v| v.to_f32().is_nan()), "segment {k}: write outside its view");
+            host[k % 8..k % 8 + s.len() as usize].to_vec()
+        })
+        .collect()
+}
+
+fn gather_case<T: Element>(gpu: &Gpu, rows: u64, cols: u32, parts: usize, assign: Assignment, seed: u64) {
+    let ctx = format!("D={rows} d={cols} parts={parts} {assign:?} seed={seed} {}", T::DTYPE);
+    let layout = gapped_layout(rows, parts, T::DTYPE, seed);
+    let p = Projection::new(rows, cols, seed, assign).unwrap();
+    let theta = common::random(seed ^ 3, cols as usize);
+    let want = cpu_gather_t::<T>(&Cpu.projection_prepare(&p).unwrap(), &theta, &layout);
+    let got = gpu_gather_offset::<T>(gpu, &gpu.projection_prepare(&p).unwrap(), &theta, &layout);
+    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+        let bad = g.iter().zip(w).position(|(a, b)| a.to_f32().to_bits() != b.to_f32().to_bits());
+        assert!(bad.is_none(), "{ctx}: gather segment {k} differs first at {bad:?}");
+    }
+}
+
+#[test]
+fn gpu_gather_is_bit_identical_for_offsets_gaps_many_segments_and_both_staging_paths() {
+    let Some(gpu) = common::gpu_or_skip("gpu_gather_is_bit_identical_...") else { return };
+    // d = 150_001 does not fit shared memory in any dtype (unstaged path);
+    // 260 segments take three launches; D = 1 and single rows per segment
+    // are all lead rows.
+    let shapes: &[(u64, u32, usize)] =
+        &[(1, 1, 1), (37, 5, 9), (50_001, 777, 5), (300_007, 23_040, 96), (200_003, 150_001, 7), (90_001, 513, 260)];
+    for (n, &(rows, cols, parts)) in shapes.iter().enumerate() {
+        for assign in [Assignment::Hash, Assignment::Balanced] {
+            let seed = 2000 + n as u64;
+            gather_case::<f32>(&gpu, rows, cols, parts, assign, seed);
+            gather_case::<f16>(&gpu, rows, cols, parts, assign, seed);
+            gather_case::<bf16>(&gpu, rows, cols, parts, assign, seed);
+        }
+    }
+}
+
+/// Per-column bound on |GPU − CPU| for the deterministic scatter, from its
+/// arithmetic: each term is rounded to a multiple of 2^-S (S from max|g|
+/// with the exponent rounded up to a multiple of 4 and ceil_log2(n_max)
+/// bits of headroom), so a column of n terms is off by at most
+/// n·2^-(S+1)·scale; both sides round an f64 result once to f32 (2^-24
+/// relative each), and the CPU's f64 sum adds n·2^-53·Σ|g|.
+fn scatter_bounds(
+    prep: &PreparedProjection<Cpu>,
+    layout: &ProjectionLayout,
+    grads: &[Vec<f32>],
+    want: &[f32],
+) -> Vec<f64> {
+    let p = &prep.projection;
+    let absmax = grads.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+    let mut e = if absmax == 0.0 { 0 } else { absmax.log2().floor() as i32 + 1 };
+    e += (4 - (e & 3)) & 3;
+    let headroom = 32 - prep.max_count.max(1).saturating_sub(1).leading_zeros() as i32;
+    let shift = 61 - headroom - e;
+    let mut abs = vec![0f64; p.cols() as usize];
+    for (seg, g) in layout.segments().iter().zip(grads) {
+        for (i, v) in g.iter().enumerate() {
+            abs[p.column(seg.start + i as u64) as usize] += v.abs() as f64;
+        }
+    }
+    (0..p.cols() as usize)
+        .map(|j| {
+            let (n, s) = (prep.counts[j] as f64, prep.scale[j] as f64);
+            n * s * 2f64.powi(-shift - 1)
+                + 2.0 * 2f64.powi(-24) * want[j].abs() as f64
+                + n * 2f64.powi(-53) * s * abs[j]
+        })
+        .collect()
+}
+
+fn scatter_case<T: Element>(gpu: &Gpu, rows: u64, cols: u32, parts: usize, assign: Assignment, seed: u64) {
+    let ctx = format!("D={rows} d={cols} parts={parts} {assign:?} seed={seed} {}", T::DTYPE);
+    let layout = gapped_layout(rows, parts, T::DTYPE, seed);
+    let p = Projection::new(rows, cols, seed, assign).unwrap();
+    let cpu_prep = Cpu.projection_prepare(&p).unwrap();
+    let grads: Vec<Vec<T>> = layout
+        .segments()
+        .iter()
+        .enumerate()
+        .map(|(k, s)| {
+            common::random(seed ^ (k as u64 + 11), s.len() as usize)
+                .into_iter()
+                .map(|v| T::from_f32(v * 1e-3))
+                .collect()
+        })
+        .collect();
+    let run = |prep: &PreparedProjection<Gpu>, grads: &[Vec<T>], mode: ScatterMode| {
+        let g: Vec<_> = grads.iter().map(|g| gpu.upload(g).unwrap()).collect();
+        let mut out = gpu.upload(&vec![f32::NAN; cols as usize]).unwrap();
+        gpu.projection_scatter(prep, &layout, &g.iter().collect::<Vec<_>>(), mode, &mut out).unwrap();
+        gpu.download(&out).unwrap()
+    };
+    let check = |got: &[f32], grads: &[Vec<T>], what: &str| {
+        let g32: Vec<Vec<f32>> = grads.iter().map(|g| g.iter().map(|v| v.to_f32()).collect()).collect();
+        let mut want = vec![0f32; cols as usize];
+        let refs: Vec<&Vec<T>> = grads.iter().collect();
+        Cpu.projection_scatter(&cpu_prep, &layout, &refs, ScatterMode::Deterministic, &mut want).unwrap();
+        let bound = scatter_bounds(&cpu_prep, &layout, &g32, &want);
+        let bad = (0..cols as usize).find(|&j| outside((got[j] as f64 - want[j] as f64).abs(), bound[j]));
+        assert!(
+            bad.is_none(),
+            "{ctx}: {what}: column {bad:?} outside its bound: got {:?}",
+            bad.map(|j| (got[j], want[j], bound[j]))
+        );
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+
+    let prep = gpu.projection_prepare(&p).unwrap();
+    let first = run(&prep, &grads, ScatterMode::Deterministic); // measures S, then sums
+    check(&first, &grads, "first call");
+    let second = run(&prep, &grads, ScatterMode::Deterministic); // steady state: reads g once
+    assert_eq!(bits(&first), bits(&second), "{ctx}: deterministic scatter changed between runs");
+    // max|g| three buckets up: the speculated scale is wrong, the sums are
+    // redone, and the bits equal those of a fresh prepared projection.
+    let big: Vec<Vec<T>> = grads.iter().map(|g| g.iter().map(|v| T::from_f32(v.to_f32() * 4096.0)).collect()).collect();
+    let moved = run(&prep, &big, ScatterMode::Deterministic);
+    let fresh = run(&gpu.projection_prepare(&p).unwrap(), &big, ScatterMode::Deterministic);
+    assert_eq!(bits(&moved), bits(&fresh), "{ctx}: result depends on the previous call's scale");
+    check(&moved, &big, "after a scale change");
+
+    let atomic = run(&prep, &grads, ScatterMode::Atomic);
+    let g32: Vec<Vec<f32>> = grads.iter().map(|g| g.iter().map(|v| v.to_f32()).collect()).collect();
+    let mut abs = vec![0f64; cols as usize];
+    for (seg, g) in layout.segments().iter().zip(&g32) {
+        for (i, v) in g.iter().enumerate() {
+            let j = p.column(seg.start + i as u64) as usize;
+            abs[j] += (v.abs() * cpu_prep.scale[j]) as f64;
+        }
+    }
+    // f32 sums in any order: off by at most (n + 1)·2^-24·Σ|terms|.
+    for j in 0..cols as usize {
+        let bound = (cpu_prep.counts[j] as f64 + 1.0) * 2f64.powi(-24) * abs[j] + 1e-30;
+        assert!(
+            (atomic[j] - first[j]).abs() as f64 <= 2.0 * bound,
+            "{ctx}: atomic column {j}: {} vs {}",
+            atomic[j],
+            first[j]
+        );
+    }
+}
+
+#[test]
+fn gpu_scatter_is_deterministic_history_free_and_within_its_fixed_point_bound() {
+    let Some(gpu) = common::gpu_or_skip("gpu_scatter_is_deterministic_...") else { return };
+    // d = 23_040 fills shared memory with per-block sums; d = 40_000 does not
+    // (global 64-bit sums); 260 segments take three launches per phase.
+    let shapes: &[(u64, u32, usize)] =
+        &[(1, 1, 1), (37, 5, 9), (50_001, 777, 5), (300_007, 23_040, 96), (200_003, 40_000, 7), (90_001, 513, 260)];
+    for (n, &(rows, cols, parts)) in shapes.iter().enumerate() {
+        for assign in [Assignment::Hash, Assignment::Balanced] {
+            let seed = 3000 + n as u64;
+            scatter_case::<f32>(&gpu, rows, cols, parts, assign, seed);
+            scatter_case::<f16>(&gpu, rows, cols, parts, assign, seed);
+            scatter_case::<bf16>(&gpu, rows, cols, parts, assign, seed);
+        }
+    }
+}
+
+#[test]
+fn gpu_scatter_recovers_after_a_non_finite_gradient() {
+    let Some(gpu) = common::gpu_or_skip("gpu_scatter_recovers_after_a_non_finite_gradient") else { return };
+    let layout = layout(30_001, 5, DType::BF16, 8);
+    let p = Projection::new(30_001, 513, 8, Assignment::Hash).unwrap();
+    let prep = gpu.projection_prepare(&p).unwrap();
+    let mut grads: Vec<Vec<bf16>> = layout
+        .segments()
+        .iter()
+        .map(|s| common::random(9, s.len() as usize).into_iter().map(bf16::from_f32).collect())
+        .collect();
+    let run = |grads: &[Vec<bf16>]| {
+        let g: Vec<_> = grads.iter().map(|g| gpu.upload(g).unwrap()).collect();
+        let mut out = gpu.upload(&vec![0f32; 513]).unwrap();
+        gpu.projection_scatter(&prep, &layout, &g.iter().collect::<Vec<_>>(), ScatterMode::Deterministic, &mut out)
+            .unwrap();
+        gpu.download(&out).unwrap()
+    };
+    let clean = run(&grads);
+    grads[1][7] = bf16::INFINITY;
+    assert!(run(&grads).iter().all(|v| v.is_nan()));
+    grads[1][7] = bf16::from_f32(0.25);
+    let zero: Vec<Vec<bf16>> = grads.iter().map(|g| vec![bf16::ZERO; g.len()]).collect();
+    assert!(run(&zero).iter().all(|&v| v == 0.0));
+    grads[1][7] = bf16::from_f32(common::random(9, layout.segments()[1].len() as usize)[7]);
+    let again = run(&grads);
+    assert_eq!(
+        clean.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        again.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+}
+
+/// An error above its bound, or NaN (which no bound admits).
+fn outside(err: f64, bound: f64) -> bool {
+    err.is_nan() || err > bound
+}

@@ -52,6 +52,7 @@ impl ProjectionOps for Cpu {
             counts,
             scale,
             index: projection.index().map(<[u32]>::to_vec),
+            scatter_workspace: Default::default(),
         })
     }
 

@@ -1,24 +1,58 @@
 //! Launch wrappers for `kernels/adapter_sum.cu`.
 //!
 //! [`merge`] takes caller-owned views and runs on the [`Gpu`]'s stream, for
-//! engines; the [`AdapterSumOps`] impl calls it on owned buffers.
+//! engines; the [`AdapterSumOps`] impl calls it on owned buffers. It picks
+//! one of two paths, each also callable directly (the bench times both):
+//! [`merge_streaming`] (the kernel: any dtype and rank, f32 factors) and
+//! [`merge_tensor_cores`] (bf16 W only: cuBLAS on bf16-rounded factors).
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 
-use super::{grid, kernels, Gpu};
+use super::{blocks_for, grid, kernels, Gpu};
 use crate::adapter_sum::{check_merge, AdapterSumOps, MergeShape};
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::{Error, Result};
 
-/// Must match `MERGE_THREADS`, `MERGE_TILE_M` and `MERGE_TILE_N` in
-/// kernels/adapter_sum.cu.
+/// Total rank from which a bf16 W is merged on tensor cores (cuBLAS, factors
+/// rounded to bf16) rather than by the streaming kernel, whose f32 FMAs
+/// stop hiding under W's memory traffic above rank ~32 (estimate: rank 64 is
+/// ~36 µs of FMA at peak for a 4096² W whose copy takes ~22–35 µs; see
+/// kernels/adapter_sum.cu). Rounding the factors to bf16 costs the update
+/// at most ~2^-7 relative, below one rounding of W itself while the update
+/// is small next to W (PEFT's bf16 merge computes B·A in bf16 outright).
+pub const TENSOR_CORE_MIN_RANK: usize = 64;
+
+/// Must match `MERGE_THREADS` and `MergeTile` in kernels/adapter_sum.cu.
 const THREADS: u32 = 256;
-const TILE_M: u64 = 64;
-const TILE_N: u64 = 128;
+
+/// A block's tile of W: (rows, cols). A thread owns 32 elements in rows of
+/// one 16-byte access each (8 halves or 4 floats), 16 × 16 threads a block.
+fn tile(elem: usize) -> (u64, u64) {
+    let n = (16 / elem) as u64;
+    (16 * (32 / n), 16 * n)
+}
 
 /// `w += alpha·leftᵀ·right` on caller-owned views (W rows×cols, left
-/// rank×rows, right rank×cols, all row-major).
+/// rank×rows, right rank×cols, all row-major): [`merge_tensor_cores`] for a
+/// bf16 W at total rank ≥ [`TENSOR_CORE_MIN_RANK`], else [`merge_streaming`].
 pub fn merge<T: Element>(
+    gpu: &Gpu,
+    w: &mut CudaViewMut<'_, T>,
+    shape: MergeShape,
+    left: &CudaView<'_, f32>,
+    right: &CudaView<'_, f32>,
+    alpha: f32,
+) -> Result<()> {
+    if T::DTYPE == DType::BF16 && shape.rank >= TENSOR_CORE_MIN_RANK {
+        merge_tensor_cores(gpu, w, shape, left, right, alpha)
+    } else {
+        merge_streaming(gpu, w, shape, left, right, alpha)
+    }
+}
+
+/// The streaming kernel: W read and written once with 16-byte accesses, the
+/// update accumulated from the f32 factors in f32, W rounded once.
+pub fn merge_streaming<T: Element>(
     gpu: &Gpu,
     w: &mut CudaViewMut<'_, T>,
     shape: MergeShape,
@@ -31,7 +65,8 @@ pub fn merge<T: Element>(
     if rank == 0 || rows == 0 || cols == 0 {
         return Ok(());
     }
-    let tiles = (rows as u64).div_ceil(TILE_M) * (cols as u64).div_ceil(TILE_N);
+    let (tile_m, tile_n) = tile(T::DTYPE.size());
+    let tiles = (rows as u64).div_ceil(tile_m) * (cols as u64).div_ceil(tile_n);
     if tiles > i32::MAX as u64 {
         return Err(Error::invalid("adapter_merge", format!("{shape:?} needs {tiles} blocks, above the grid limit")));
     }
@@ -54,6 +89,61 @@ pub fn merge<T: Element>(
     }
     .map_err(|e| Error::cuda(format!("launching {name}"), e))?;
     Ok(())
+}
+
+/// `w += alpha·leftᵀ·right` for a bf16 `w` on tensor cores: the factors are
+/// rounded to bf16 into scratch buffers (rank·(rows + cols) elements, freed
+/// when the call returns), then one cuBLAS GEMM with beta = 1 reads and
+/// writes W once. Other dtypes are a [`Error::DType`].
+pub fn merge_tensor_cores<T: Element>(
+    gpu: &Gpu,
+    w: &mut CudaViewMut<'_, T>,
+    shape: MergeShape,
+    left: &CudaView<'_, f32>,
+    right: &CudaView<'_, f32>,
+    alpha: f32,
+) -> Result<()> {
+    if T::DTYPE != DType::BF16 {
+        return Err(Error::DType {
+            op: "adapter_merge (tensor cores)",
+            operand: "w",
+            expected: DType::BF16,
+            got: T::DTYPE,
+        });
+    }
+    check_merge(shape, w.len(), left.len(), right.len(), alpha)?;
+    let MergeShape { rows, cols, rank } = shape;
+    if rank == 0 || rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    let cast = |src: &CudaView<'_, f32>| -> Result<CudaSlice<T>> {
+        // SAFETY: every element is written by the cast kernel below before
+        // cuBLAS reads it (same stream).
+        let mut dst =
+            unsafe { gpu.stream().alloc::<T>(src.len()) }.map_err(|e| Error::cuda("allocating factors", e))?;
+        let f = gpu.function(kernels::ADAPTER_SUM, "adapter_factor_cast_bf16")?;
+        let n = src.len() as u64;
+        let blocks = gpu.persistent_grid(8, blocks_for(n, THREADS) as u64);
+        // SAFETY: argument types match; both buffers hold n elements, and T
+        // is bf16 here (the caller checked T::DTYPE).
+        unsafe { gpu.stream().launch_builder(&f).arg(src).arg(&mut dst).arg(&n).launch(grid(blocks, THREADS, 0)) }
+            .map_err(|e| Error::cuda("launching adapter_factor_cast_bf16", e))?;
+        Ok(dst)
+    };
+    let (l16, r16) = (cast(left)?, cast(right)?);
+    // Row-major W (rows×cols) += alpha · leftᵀ (rows×rank, stored rank×rows)
+    // · right (rank×cols).
+    super::lowrank::gemm_rowmajor::<T, T>(
+        gpu,
+        (rows, cols, rank),
+        &l16.slice(..),
+        true,
+        &r16.slice(..),
+        false,
+        w,
+        alpha,
+        1.0,
+    )
 }
 
 impl AdapterSumOps for Gpu {

@@ -15,13 +15,21 @@ use crate::projection::{
 };
 use crate::{Error, Result};
 
-/// Must match `PROJ_THREADS * PROJ_VEC * 4` in kernels/projection.cu.
-const TILE: u64 = 256 * 8 * 4;
-const THREADS: u32 = 256;
-/// Shared memory a block may stage without opting in; staying under it keeps
-/// several blocks resident per SM, which the memory-bound loops need.
-const STAGE_BYTES: usize = 48 * 1024;
-const BLOCKS_PER_SM: u32 = 4;
+/// Must match `PROJ_THREADS` and `PROJ_THREADS * PROJ_VEC` in
+/// kernels/projection.cu.
+const THREADS: u32 = 1024;
+const TILE: u64 = 1024 * 8;
+/// Threads per block of the once-per-projection counting kernels.
+const PREPARE_THREADS: u32 = 256;
+/// Shared-memory words every projection kernel reserves for block flags.
+const FLAG_BYTES: usize = 16;
+/// u64 words of `ScatterState` after the d sums in the scatter workspace.
+const SCATTER_STATE_U64: usize = 4;
+/// `SHIFT_NONE` in kernels/projection.cu: no fixed-point scale known yet.
+const SHIFT_NONE: u32 = i32::MIN as u32;
+/// `ScatterPhase` in kernels/projection.cu.
+const SPECULATE: u32 = 0;
+const SETTLE: u32 = 1;
 
 /// Mirrors `struct SegmentTable` in kernels/projection.cu.
 #[repr(C)]
@@ -82,8 +90,14 @@ fn column_map<'a>(
     (map, guard)
 }
 
+/// Rows before a segment buffer's first 16-byte boundary (`lead_of` in the
+/// kernel): the kernels do them one by one and start vectors after them.
+fn lead(addr: u64, len: u64, elem: u64) -> u64 {
+    ((16 - (addr % 16)) % 16 / elem).min(len)
+}
+
 /// Splits `(start, address, len)` per segment into launch-sized tables.
-fn tables(segments: &[(u64, u64, u64)]) -> Vec<SegmentTable> {
+fn tables(segments: &[(u64, u64, u64)], elem: usize) -> Vec<SegmentTable> {
     segments
         .chunks(MAX_SEGMENTS_PER_LAUNCH)
         .map(|chunk| {
@@ -100,7 +114,7 @@ fn tables(segments: &[(u64, u64, u64)]) -> Vec<SegmentTable> {
                 t.start[k] = start;
                 t.len[k] = len as u32;
                 t.tile_start[k] = tiles as u32;
-                tiles += len.div_ceil(TILE);
+                tiles += (len - lead(addr, len, elem as u64)).div_ceil(TILE).max(1);
             }
             t.tile_start[chunk.len()] = tiles as u32;
             t
@@ -122,19 +136,24 @@ pub fn prepare(gpu: &Gpu, projection: &Projection) -> Result<PreparedProjection<
     let index = projection.index().map(|ix| gpu.upload(ix)).transpose()?;
     let mut counts: CudaSlice<u32> = gpu.zeros(cols)?;
     let mut scale: CudaSlice<f32> = gpu.zeros(cols)?;
+    // d zeroed sums, then ScatterState {absmax 0, ticket 0, guess and
+    // final_shift SHIFT_NONE, redo 0}.
+    let mut workspace = vec![0u64; cols + SCATTER_STATE_U64];
+    workspace[cols + 1] = SHIFT_NONE as u64 | (SHIFT_NONE as u64) << 32;
     let mut prepared = PreparedProjection {
         projection: projection.clone(),
         counts: gpu.zeros(0)?,
         scale: gpu.zeros(0)?,
         index,
         max_count: 0,
+        scatter_workspace: std::sync::Mutex::new(gpu.upload(&workspace)?),
     };
     {
         let (map, _index_guard) = column_map(&prepared, gpu.stream());
         let f = gpu.function(kernels::PROJECTION, "projection_counts")?;
-        let blocks = gpu.persistent_grid(BLOCKS_PER_SM * 2, blocks_for(projection.rows(), THREADS) as u64);
+        let blocks = gpu.persistent_grid(8, blocks_for(projection.rows(), PREPARE_THREADS) as u64);
         // SAFETY: argument types match the kernel's signature; `counts` holds d.
-        unsafe { gpu.stream().launch_builder(&f).arg(&map).arg(&mut counts).launch(grid(blocks, THREADS, 0)) }
+        unsafe { gpu.stream().launch_builder(&f).arg(&map).arg(&mut counts).launch(grid(blocks, PREPARE_THREADS, 0)) }
             .map_err(launch_err("projection_counts"))?;
     }
     let f = gpu.function(kernels::PROJECTION, "projection_scale")?;
@@ -142,8 +161,8 @@ pub fn prepare(gpu: &Gpu, projection: &Projection) -> Result<PreparedProjection<
     // SAFETY: as above; both buffers hold d.
     unsafe {
         gpu.stream().launch_builder(&f).arg(&counts).arg(&cols32).arg(&mut scale).launch(grid(
-            blocks_for(cols as u64, THREADS),
-            THREADS,
+            blocks_for(cols as u64, PREPARE_THREADS),
+            PREPARE_THREADS,
             0,
         ))
     }
@@ -154,7 +173,32 @@ pub fn prepare(gpu: &Gpu, projection: &Projection) -> Result<PreparedProjection<
     Ok(prepared)
 }
 
-/// `θ_D = P·θ_d` into caller-owned segment views (one per layout segment).
+/// Shared memory per block for `bytes` of staged data, if the device allows
+/// that much (else `None`: the kernel takes its unstaged path).
+fn stage_smem(gpu: &Gpu, bytes: usize) -> Option<u32> {
+    let total = FLAG_BYTES + bytes;
+    (total <= gpu.info().max_shared_per_block).then_some(total as u32)
+}
+
+/// `(start, address, len)` per segment, with the guards that keep cudarc's
+/// stream ordering for the views until the launches are queued.
+fn entries<'a, V: DevicePtr<E> + 'a, E>(
+    layout: &ProjectionLayout,
+    views: impl Iterator<Item = &'a V>,
+    stream: &'a cudarc::driver::CudaStream,
+) -> (Vec<(u64, u64, u64)>, Vec<cudarc::driver::SyncOnDrop<'a>>) {
+    let mut guards = Vec::new();
+    let mut out = Vec::new();
+    for (seg, view) in layout.segments().iter().zip(views) {
+        let (addr, guard) = view.device_ptr(stream);
+        guards.push(guard);
+        out.push((seg.start, addr, seg.len()));
+    }
+    (out, guards)
+}
+
+/// `θ_D = P·θ_d` into caller-owned segment views (one per layout segment):
+/// one launch per [`MAX_SEGMENTS_PER_LAUNCH`] segments, no scratch memory.
 pub fn gather<T: Element>(
     gpu: &Gpu,
     prepared: &PreparedProjection<Gpu>,
@@ -166,20 +210,6 @@ pub fn gather<T: Element>(
     check_theta("projection_gather", "theta", p, theta.len())?;
     layout.check_call::<T>("projection_gather", p, segments.iter().map(|s| s.len()))?;
     let stream = gpu.stream();
-    let cols = p.cols() as usize;
-    let mut scaled: CudaSlice<f32> = gpu.zeros(cols)?;
-    let f = gpu.function(kernels::PROJECTION, "projection_prescale")?;
-    let cols32 = p.cols();
-    // SAFETY: argument types match; all three buffers hold d.
-    unsafe {
-        stream.launch_builder(&f).arg(theta).arg(&prepared.scale).arg(&cols32).arg(&mut scaled).launch(grid(
-            blocks_for(cols as u64, THREADS),
-            THREADS,
-            0,
-        ))
-    }
-    .map_err(launch_err("projection_prescale"))?;
-
     let mut guards = Vec::with_capacity(segments.len());
     let mut entries = Vec::with_capacity(segments.len());
     for (seg, view) in layout.segments().iter().zip(segments.iter_mut()) {
@@ -188,19 +218,28 @@ pub fn gather<T: Element>(
         entries.push((seg.start, addr, seg.len()));
     }
     let (map, _index_guard) = column_map(prepared, stream);
-    let stage_cols: u32 = if cols * 4 <= STAGE_BYTES { cols as u32 } else { 0 };
+    // Stage the d output values T(θ_j·scale_j) in shared memory when they fit.
+    let staged = stage_smem(gpu, p.cols() as usize * T::DTYPE.size());
+    let (stage, smem) = match staged {
+        Some(bytes) => (1u32, bytes),
+        None => (0u32, FLAG_BYTES as u32),
+    };
     let name = format!("projection_gather_{}", T::DTYPE.suffix());
-    let f = gpu.function(kernels::PROJECTION, &name)?;
-    for table in tables(&entries) {
-        let blocks = gpu.persistent_grid(BLOCKS_PER_SM, total_tiles(&table));
+    let f = gpu.function_with_shared(kernels::PROJECTION, &name, smem)?;
+    for table in tables(&entries, T::DTYPE.size()) {
+        let blocks = gpu.persistent_grid(1, total_tiles(&table));
         // SAFETY: argument types match; the table's addresses are live views
-        // whose lengths were checked against the layout above.
+        // whose lengths were checked against the layout above; θ and scale
+        // hold d.
         unsafe {
-            stream.launch_builder(&f).arg(&table).arg(&map).arg(&scaled).arg(&stage_cols).launch(grid(
-                blocks,
-                THREADS,
-                stage_cols * 4,
-            ))
+            stream
+                .launch_builder(&f)
+                .arg(&table)
+                .arg(&map)
+                .arg(theta)
+                .arg(&prepared.scale)
+                .arg(&stage)
+                .launch(grid(blocks, THREADS, smem))
         }
         .map_err(launch_err(&name))?;
     }
@@ -209,6 +248,8 @@ pub fn gather<T: Element>(
 }
 
 /// `g_d = Pᵀ·g_D` from caller-owned gradient views; `out` (d) is overwritten.
+/// Deterministic mode: two launches (accumulate, then convert) reading the
+/// gradient once in the steady state; see kernels/projection.cu.
 pub fn scatter<T: Element>(
     gpu: &Gpu,
     prepared: &PreparedProjection<Gpu>,
@@ -222,32 +263,24 @@ pub fn scatter<T: Element>(
     layout.check_call::<T>("projection_scatter", p, grads.iter().map(|g| g.len()))?;
     let stream = gpu.stream();
     let cols = p.cols() as usize;
-    let mut guards = Vec::with_capacity(grads.len());
-    let mut entries = Vec::with_capacity(grads.len());
-    for (seg, view) in layout.segments().iter().zip(grads) {
-        let (addr, guard) = view.device_ptr(stream);
-        guards.push(guard);
-        entries.push((seg.start, addr, seg.len()));
-    }
-    let tables = tables(&entries);
+    let (entries, guards) = entries(layout, grads.iter(), stream);
+    let tables = tables(&entries, T::DTYPE.size());
     let (map, _index_guard) = column_map(prepared, stream);
     let sfx = T::DTYPE.suffix();
 
     if mode == ScatterMode::Atomic {
         stream.memset_zeros(out).map_err(|e| Error::cuda("memset", e))?;
         let name = format!("projection_scatter_atomic_{sfx}");
-        let f = gpu.function(kernels::PROJECTION, &name)?;
+        let f = gpu.function_with_shared(kernels::PROJECTION, &name, FLAG_BYTES as u32)?;
         for table in &tables {
-            let blocks = gpu.persistent_grid(BLOCKS_PER_SM, total_tiles(table));
+            let blocks = gpu.persistent_grid(1, total_tiles(table));
             // SAFETY: argument types match; `out` and `scale` hold d.
             unsafe {
-                stream
-                    .launch_builder(&f)
-                    .arg(table)
-                    .arg(&map)
-                    .arg(&prepared.scale)
-                    .arg(&mut *out)
-                    .launch(grid(blocks, THREADS, 0))
+                stream.launch_builder(&f).arg(table).arg(&map).arg(&prepared.scale).arg(&mut *out).launch(grid(
+                    blocks,
+                    THREADS,
+                    FLAG_BYTES as u32,
+                ))
             }
             .map_err(launch_err(&name))?;
         }
@@ -255,53 +288,42 @@ pub fn scatter<T: Element>(
         return Ok(());
     }
 
-    // Deterministic: absmax over every segment fixes the fixed-point scale,
-    // then exact int64 sums, then one pass over d to scale back.
-    let mut absmax: CudaSlice<u32> = gpu.zeros(1)?;
-    let mut acc: CudaSlice<u64> = gpu.zeros(cols)?;
-    let name = format!("projection_absmax_{sfx}");
-    let f = gpu.function(kernels::PROJECTION, &name)?;
-    for table in &tables {
-        let blocks = gpu.persistent_grid(BLOCKS_PER_SM, total_tiles(table));
-        // SAFETY: argument types match; `absmax` holds one word.
-        unsafe { stream.launch_builder(&f).arg(table).arg(&mut absmax).launch(grid(blocks, THREADS, 0)) }
-            .map_err(launch_err(&name))?;
-    }
+    // Per-block sums in shared memory (two u32 per column) when they fit.
+    let staged = stage_smem(gpu, cols * 8);
+    let (stage, smem) = match staged {
+        Some(bytes) => (1u32, bytes),
+        None => (0u32, FLAG_BYTES as u32),
+    };
     let headroom = ceil_log2(prepared.max_count);
-    let stage_cols: u32 = if cols * 8 <= STAGE_BYTES { cols as u32 } else { 0 };
     let name = format!("projection_scatter_{sfx}");
-    let f = gpu.function(kernels::PROJECTION, &name)?;
-    for table in &tables {
-        let blocks = gpu.persistent_grid(BLOCKS_PER_SM, total_tiles(table));
-        // SAFETY: argument types match; `acc` holds d words.
-        unsafe {
-            stream
-                .launch_builder(&f)
-                .arg(table)
-                .arg(&map)
-                .arg(&absmax)
-                .arg(&headroom)
-                .arg(&mut acc)
-                .arg(&stage_cols)
-                .launch(grid(blocks, THREADS, stage_cols * 8))
+    let f = gpu.function_with_shared(kernels::PROJECTION, &name, smem)?;
+    let mut workspace = prepared.scatter_workspace.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    // Every launch of both phases uses one grid size, so the kernels' "last
+    // block" ticket counts the same blocks.
+    let blocks = tables.iter().map(|t| gpu.persistent_grid(1, total_tiles(t))).max().unwrap_or(1);
+    for phase in [SPECULATE, SETTLE] {
+        for (k, table) in tables.iter().enumerate() {
+            let last = (k + 1 == tables.len()) as u32;
+            // SAFETY: argument types match; the workspace holds d + 4 words,
+            // `scale` and `out` hold d, and the table's addresses are live
+            // views checked against the layout.
+            unsafe {
+                stream
+                    .launch_builder(&f)
+                    .arg(table)
+                    .arg(&map)
+                    .arg(&mut *workspace)
+                    .arg(&prepared.scale)
+                    .arg(&mut *out)
+                    .arg(&headroom)
+                    .arg(&stage)
+                    .arg(&phase)
+                    .arg(&last)
+                    .launch(grid(blocks, THREADS, smem))
+            }
+            .map_err(launch_err(&name))?;
         }
-        .map_err(launch_err(&name))?;
     }
-    let f = gpu.function(kernels::PROJECTION, "projection_scatter_finish")?;
-    let cols32 = p.cols();
-    // SAFETY: argument types match; every buffer holds d (absmax one word).
-    unsafe {
-        stream
-            .launch_builder(&f)
-            .arg(&acc)
-            .arg(&prepared.scale)
-            .arg(&absmax)
-            .arg(&headroom)
-            .arg(&cols32)
-            .arg(&mut *out)
-            .launch(grid(blocks_for(cols as u64, THREADS), THREADS, 0))
-    }
-    .map_err(launch_err("projection_scatter_finish"))?;
     drop(guards);
     Ok(())
 }
@@ -332,5 +354,32 @@ impl ProjectionOps for Gpu {
     ) -> Result<()> {
         let views: Vec<CudaView<'_, T>> = grads.iter().map(|g| g.slice(..)).collect();
         scatter(self, prepared, layout, &views, mode, &mut out.slice_mut(..))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernels give tile t of a segment the vectors starting at
+    /// lead + 8·1024·t: the table must hold just enough tiles to reach the
+    /// segment's end, for every alignment and length.
+    #[test]
+    fn tables_cover_every_row_with_no_spare_tile() {
+        for elem in [2u64, 4] {
+            for addr in (0..32u64).map(|a| (1 << 20) + a * elem) {
+                for len in [1u64, 2, 7, 8, 9, TILE - 1, TILE, TILE + 1, TILE + 7, 3 * TILE + 5] {
+                    let t = &tables(&[(0, addr, len)], elem as usize)[0];
+                    let (lead, tiles) = (lead(addr, len, elem), total_tiles(t));
+                    assert!(lead < 16 / elem && lead <= len, "addr {addr} len {len}: lead {lead}");
+                    assert!((addr + lead * elem) % 16 == 0 || lead == len, "addr {addr} len {len}: lead {lead}");
+                    assert!(lead + tiles * TILE >= len, "addr {addr} len {len}: {tiles} tiles miss rows");
+                    assert!(tiles == 1 || lead + (tiles - 1) * TILE < len, "addr {addr} len {len}: spare tile");
+                }
+            }
+        }
+        let many: Vec<(u64, u64, u64)> = (0..300).map(|k| (k * 100, 4096 * k, 100)).collect();
+        let t = tables(&many, 2);
+        assert_eq!(t.iter().map(|t| t.count).collect::<Vec<_>>(), [128, 128, 44]);
     }
 }
