@@ -8,47 +8,37 @@
 // two large GEMMs (x·Wᵀ, dy·W) and the rank-r GEMMs whose operands are
 // already in T run on cuBLAS (src/cuda/lowrank.rs); these kernels do the
 // rest. Nothing here uses float atomics: every reduction writes per-block
-// partials that a later step sums in a fixed order, so results are the same
-// bits on every run.
+// partials that a small finish kernel sums in a fixed order, so results are
+// the same bits on every run.
 //
-// Forward, large M (prefill / training), option (a) of the issue:
-//   lowrank_shrink        t partials = x·Aᵀ per K-split (f32 x: CUDA cores;
-//                         f16/bf16 x: lowrank_shrink_tc, tensor cores)
+// Forward, caller buffers, M > 32 (prefill / training):
+//   lowrank_split         A → A_hi, A_lo in T (r_pad × K_pad, tiny)
+//   lowrank_shrink_rRB    t partials = x·Aᵀ per K-split, tensor cores
+//                         (f32 x: lowrank_shrink_f32 on CUDA cores)
 //   lowrank_shrink_finish t = Σ partials (saved for the backward) and
 //                         t' = [s·t⊙u | 1 | 0…] in T, rank padded to ld
 //   lowrank_prep_expand   B' = [B⊙v | bias | 0…] in T (N×ld)
 //   cuBLAS                y  = t'·B'ᵀ        (β = 0: y written once)
 //   cuBLAS                y += x·Wᵀ          (β = 1, in the GEMM epilogue)
 // The expand term (and the bias, through the ones column) lands in y before
-// the base GEMM, whose epilogue adds it while writing y: this avoids the
-// separate read-modify-write pass over y (M×N read + M×N write) that an
-// "add the LoRA term afterwards" step costs, and the bias pass too.
-// Option (b), one GEMM over an extended K ([x | t']·[W | B']ᵀ), would also
-// drop the y write of the expand GEMM, but needs x in a buffer with r spare
-// columns per row (a copy of x, 2·M·K elements of traffic, unless the caller
-// produces x in that layout) and an op-owned W with spare columns; the
-// drop-in API here takes caller buffers as they are, so (a) was chosen.
-// What (a) still costs over the base GEMM at large M: one read of x (the
-// shrink), one write of y (the expand GEMM) and the β = 1 read of y in the
-// base GEMM's epilogue. At M = 8192, K = N = 4096, bf16 that is ~200 MB,
-// ~60 µs at 3.35 TB/s against a ~420 µs GEMM: about 1.1–1.15× base, not the
-// issue's 1.03× (which needs the shrink inside the GEMM main loop, where x
-// tiles already sit in shared memory: a custom GEMM, not cuBLAS). Against
-// the unfused sequence (same x read, y read + written by the β = 1 expand)
-// (a) saves only the y read the epilogue hides. Estimates, not measured:
-// no GPU was available when this was written.
+// the base GEMM, whose epilogue adds it while writing y: no separate
+// read-modify-write pass over y for the low-rank term or the bias. What it
+// still costs over the base GEMM: one read of x (the shrink), one write of
+// y (the expand GEMM) and the β = 1 read of y. The packed layout
+// (src/lowrank/packed.rs) removes all three: x and W carry t' and B' in
+// spare columns and one GEMM over K + r_pad does everything.
 //
 // Decode (M ≤ 32): lowrank_decode, one cooperative launch: split-K shrink,
 // grid sync, fixed-order reduction, grid sync, expand-and-add in place on y
-// (which the base GEMM has written). Two kernel launches fewer than the
-// prefill path, which at M ≤ 32 is all latency.
+// (which the base GEMM has written).
 //
-// Backward:
-//   lowrank_backward_dy   ONE read of dy gives, per tile, the partials of
-//                         gB = (dy⊙v)·B (row reductions) and
-//                         P = dyᵀ·(t⊙u) (column reductions)
-//                         (f32 dy: CUDA cores; f16/bf16 dy:
-//                         lowrank_backward_dy_tc, tensor cores)
+// Backward, 16-bit dy (f32 dy: lowrank_backward_dy_f32 does both products
+// in one CUDA-core pass):
+//   lowrank_split         (B⊙v)ᵀ → hi, lo (r_pad × N_pad) and
+//                         t⊙u → hi, lo (M_pad × r_pad), tiny
+//   lowrank_shrink_rRB    gB partials = dy·(B⊙v) per N-split: the same
+//                         kernel as the forward shrink, dy in the role of x
+//   lowrank_dy_p_rRB      P partials = dyᵀ·(t⊙u) per row stripe
 //   lowrank_backward_rows dS = s·gB⊙u (in T, for the cuBLAS GEMMs) and du
 //                         partials Σ t⊙gB: du costs one multiply-add per
 //                         element gB already needs
@@ -57,6 +47,10 @@
 //   cuBLAS                dA += dSᵀ·x, dx = dS·A then dx += dy·W (β = 1,
 //                         as in the forward), dW += dyᵀ·x,
 //                         dbias += dyᵀ·1
+// dy is read twice in the 16-bit backward (gB, then P), each read at
+// bandwidth: one fused pass would need either gB or P reduced across warps
+// per tile, and the rank-r GEMMs stay on the tensor cores this way for
+// every rank (VeRA's r = 256 included: rank blocks of 64 in grid.z).
 #include <cooperative_groups.h>
 #include <mma.h>
 
@@ -103,8 +97,8 @@ __device__ void fill_bias_impl(const T* __restrict__ bias, T* __restrict__ y, in
 // FMAs (9 loads per 16 FMAs). Partials go to part[split][row][rank]; with
 // one split that is t itself.
 template <typename T>
-__device__ void shrink_impl(const T* __restrict__ x, const float* __restrict__ A, float* __restrict__ part,
-                            int M, int K, int r, int k_per_split) {
+__device__ void shrink_impl(const T* __restrict__ x, int ldx, const float* __restrict__ A,
+                            float* __restrict__ part, int M, int K, int r, int k_per_split) {
     __shared__ __align__(16) float xs[SH_ROWS][SH_KT + SH_PAD];
     __shared__ __align__(16) float as[SH_RANKS][SH_KT + SH_PAD];
     const int tid = threadIdx.x, tx = tid % SH_RANKS, ty = tid / SH_RANKS;
@@ -115,7 +109,7 @@ __device__ void shrink_impl(const T* __restrict__ x, const float* __restrict__ A
     for (int k0 = k_begin; k0 < k_end; k0 += SH_KT) {
         for (int e = tid; e < SH_ROWS * SH_KT; e += LR_THREADS) {
             const int rr = e / SH_KT, kk = e % SH_KT, row = row0 + rr, k = k0 + kk;
-            xs[rr][kk] = (row < M && k < k_end) ? to_f32(x[(size_t)row * K + k]) : 0.f;
+            xs[rr][kk] = (row < M && k < k_end) ? to_f32(x[(size_t)row * ldx + k]) : 0.f;
         }
         for (int e = tid; e < SH_RANKS * SH_KT; e += LR_THREADS) {
             const int qq = e / SH_KT, kk = e % SH_KT, q = q0 + qq, k = k0 + kk;
@@ -142,90 +136,281 @@ __device__ void shrink_impl(const T* __restrict__ x, const float* __restrict__ A
     }
 }
 
-// The same shrink on tensor cores for f16/bf16 x (lowrank_shrink_tc_*; the
-// CPU twin is lowrank_shrink). A is f32, so each A tile is split into
-// A_hi = T(A) and A_lo = T(A − A_hi) and both are multiplied: products of
-// two 16-bit values are exact in f32, so t keeps ~16 (bf16) or ~22 (f16)
-// bits of A instead of 8 or 11, at no visible cost (the shrink is bound by
-// the read of x, not by tensor-core FLOPs). Block: 4 warps × 16 rows, 16
-// ranks; partials as in shrink_impl.
-#define TC_THREADS 128
-#define TC_ROWS 64
-#define TC_KT 32
-#define TC_LD (TC_KT + 8)  // 16-bit elements: a multiple of 8, 32-byte rows tiles
-
+// ---- 16-bit operands on tensor cores --------------------------------------
+//
+// The f32 factors (A, B⊙v, t⊙u) are split into hi = T(a) and lo = T(a − hi)
+// by lowrank_split, and every tile is multiplied by both: products of two
+// 16-bit values are exact in f32, so the result keeps ~16 (bf16) or ~22
+// (f16) bits of the factor instead of 8 or 11. The doubled tensor-core work
+// is free here: these kernels are bound by the read of x or dy.
+//
+// lowrank_split: out[i][j] = (i < rows && j < cols) ? src(i, j)·cs[j] : 0,
+// hi and lo, `ld` wide, `rows_pad` rows; src(i, j) = src[i·cols + j], or
+// src[j·rows + i] when `trans` (B is N×r; the shrink wants (B⊙v)ᵀ, r×N).
+// The zero padding lets the tensor-core kernels load whole 16×16 fragments
+// of the factor straight from global memory (L1/L2-resident: r×K, tiny
+// next to x) with no bounds checks.
 template <typename T>
-__device__ void shrink_tc_impl(const T* __restrict__ x, const float* __restrict__ A, float* __restrict__ part,
-                               int M, int K, int r, int k_per_split) {
-    using namespace nvcuda;
-    __shared__ __align__(32) T xs[TC_ROWS][TC_LD];
-    __shared__ __align__(32) T a_hi[SH_RANKS][TC_LD];
-    __shared__ __align__(32) T a_lo[SH_RANKS][TC_LD];
-    __shared__ __align__(32) float out[TC_THREADS / 32][16][20];
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int row0 = blockIdx.x * TC_ROWS, q0 = blockIdx.z * SH_RANKS;
-    const int k_begin = blockIdx.y * k_per_split;
-    const int k_end = min(K, k_begin + k_per_split);
-    const T zero = from_f32<T>(0.f);
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    wmma::fill_fragment(acc, 0.f);
-    for (int k0 = k_begin; k0 < k_end; k0 += TC_KT) {
-        for (int e = tid; e < TC_ROWS * TC_KT; e += TC_THREADS) {
-            const int rr = e / TC_KT, kk = e % TC_KT, row = row0 + rr, k = k0 + kk;
-            xs[rr][kk] = (row < M && k < k_end) ? x[(size_t)row * K + k] : zero;
+__device__ void split_impl(const float* __restrict__ src, int trans, const float* __restrict__ cs,
+                           T* __restrict__ hi, T* __restrict__ lo, int rows, int cols, int rows_pad, int ld) {
+    const size_t total = (size_t)rows_pad * ld;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)gridDim.x * blockDim.x) {
+        const int i = (int)(e / ld), j = (int)(e % ld);
+        float a = 0.f;
+        if (i < rows && j < cols) {
+            a = trans ? src[(size_t)j * rows + i] : src[(size_t)i * cols + j];
+            if (cs) a *= cs[j];
         }
-        for (int e = tid; e < SH_RANKS * TC_KT; e += TC_THREADS) {
-            const int qq = e / TC_KT, kk = e % TC_KT, q = q0 + qq, k = k0 + kk;
-            const float a = (q < r && k < k_end) ? A[(size_t)q * K + k] : 0.f;
-            const T hi = from_f32<T>(a);
-            a_hi[qq][kk] = hi;
-            a_lo[qq][kk] = from_f32<T>(a - to_f32(hi));
-        }
-        __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < TC_KT; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fx;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fh, fl;
-            wmma::load_matrix_sync(fx, &xs[warp * 16][kk], TC_LD);
-            // (k, q) lives at a_*[q][k]: column-major K×16 with ld TC_LD.
-            wmma::load_matrix_sync(fh, &a_hi[0][kk], TC_LD);
-            wmma::load_matrix_sync(fl, &a_lo[0][kk], TC_LD);
-            wmma::mma_sync(acc, fx, fh, acc);
-            wmma::mma_sync(acc, fx, fl, acc);
-        }
-        __syncthreads();
-    }
-    wmma::store_matrix_sync(&out[warp][0][0], acc, 20, wmma::mem_row_major);
-    __syncwarp();
-    for (int e = lane; e < 16 * 16; e += 32) {
-        const int rr = e / 16, qq = e % 16, row = row0 + warp * 16 + rr, q = q0 + qq;
-        if (row < M && q < r) part[((size_t)blockIdx.y * M + row) * r + q] = out[warp][rr][qq];
+        const T h = from_f32<T>(a);
+        hi[e] = h;
+        lo[e] = from_f32<T>(a - to_f32(h));
     }
 }
 
-#define LOWRANK_TC_KERNEL(SUFFIX, T)                                                                   \
-    extern "C" __global__ void __launch_bounds__(TC_THREADS)                                           \
-        lowrank_shrink_tc_##SUFFIX(const T* __restrict__ x, const float* __restrict__ A,               \
-                                   float* __restrict__ part, int M, int K, int r, int k_per_split) {   \
-        shrink_tc_impl<T>(x, A, part, M, K, r, k_per_split);                                           \
+#define TC_WARPS 4             // warps per block; each works alone (no __syncthreads)
+#define TC_THREADS (TC_WARPS * 32)
+#define TC_KT 64               // reduction elements per step of a warp
+#define TC_LD (TC_KT + 8)      // x/dy stage row stride: 144 B, a multiple of 16 B
+
+// One 16-byte chunk (8 elements) of row `row_off` at column `col`: a
+// single 16-byte load when the chunk is inside [0, col_end) and rows are
+// 16-byte aligned (`vec`), element loads zero-filled past the edge
+// otherwise, zeros for a row outside the tile (`in_row` false).
+template <typename T>
+__device__ __forceinline__ uint4 load8(const T* __restrict__ p, size_t row_off, int col, int col_end, bool in_row,
+                                       bool vec) {
+    uint4 out = make_uint4(0u, 0u, 0u, 0u);
+    if (!in_row) return out;
+    if (vec && col + 8 <= col_end) return *reinterpret_cast<const uint4*>(p + row_off + col);
+    T tmp[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) tmp[e] = (col + e < col_end) ? p[row_off + col + e] : from_f32<T>(0.f);
+    memcpy(&out, tmp, sizeof(out));
+    return out;
+}
+
+// lowrank_shrink_rRB: part[split][row][q] = Σ_{k in split} x[row][k]·A[q][k]
+// for RB ranks per block (grid.z walks r in blocks of RB ∈ {16, 32, 64}).
+// Also the backward's gB = dy·(B⊙v): dy as x, (B⊙v)ᵀ as A.
+//
+// Design (H100, 132 SMs): block = 4 independent warps, each owning 16 rows
+// of x and the block's K-split; grid = (M/64) × splits × r/RB, with splits
+// chosen by the host so that the grid is ≥ 2 waves of resident blocks
+// (about 8 per SM) while the partials stay ≤ 1/4 of the bytes of x. Per
+// 64-wide step a lane loads four 16-byte chunks of its warp's 16×64 tile
+// (2 KiB per warp) into registers for the NEXT step, while the tensor
+// cores work on the current one from shared memory: one tile in flight per
+// warp, ~16 warps per SM, ~32 KiB of loads in flight per SM. The factor's
+// fragments come from the padded hi/lo arrays in global memory (L1 hits:
+// the 4 warps of a block read the same ones). Accumulators: RB/16 WMMA
+// fragments (8 floats each) per warp: the rank stays in registers.
+// Shared memory: 9.2 KiB of x stage + 16×(RB+4) f32 per warp for the
+// epilogue: 14 / 18 / 26 KiB for RB = 16 / 32 / 64. ptxas (sm_90a, bf16):
+// 64 / 78 / 136 registers, so 8 / 6 / 3 resident blocks per SM (the grid
+// is sized for 8; RB = 64 only serves r > 32). No spills.
+template <typename T, int RB>
+__device__ void shrink_tc_impl(const T* __restrict__ x, int ldx, const T* __restrict__ a_hi,
+                               const T* __restrict__ a_lo, int lda, float* __restrict__ part, int M, int K, int r,
+                               int k_per_split) {
+    using namespace nvcuda;
+    __shared__ __align__(32) T xs[TC_WARPS][16][TC_LD];
+    __shared__ __align__(32) float stage[TC_WARPS][16][RB + 4];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row0 = (blockIdx.x * TC_WARPS + warp) * 16;
+    if (row0 >= M) return;  // warps are independent: no block barrier below
+    const int q0 = blockIdx.z * RB;
+    const int k_begin = blockIdx.y * k_per_split;
+    const int k_end = min(K, k_begin + k_per_split);
+    const int steps = (k_end - k_begin + TC_KT - 1) / TC_KT;
+    const bool vec = (ldx % 8 == 0) && ((reinterpret_cast<uintptr_t>(x) & 15) == 0);
+    // Chunk i of this lane: row (lane + 32 i) / 8, columns 8·((lane + 32 i) % 8)..+8.
+    uint4 buf[4];
+    auto load_step = [&](int s) {
+        const int k0 = k_begin + s * TC_KT;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int c = lane + 32 * i, rr = c / 8, row = row0 + rr;
+            buf[i] = load8(x, (size_t)row * ldx, k0 + (c % 8) * 8, k_end, row < M, vec);
+        }
+    };
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[RB / 16];
+#pragma unroll
+    for (int f = 0; f < RB / 16; ++f) wmma::fill_fragment(acc[f], 0.f);
+    load_step(0);
+    for (int s = 0; s < steps; ++s) {
+        __syncwarp();  // the previous step's fragment loads from xs are done
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int c = lane + 32 * i;
+            *reinterpret_cast<uint4*>(&xs[warp][c / 8][(c % 8) * 8]) = buf[i];
+        }
+        __syncwarp();
+        if (s + 1 < steps) load_step(s + 1);
+        const int k0 = k_begin + s * TC_KT;
+#pragma unroll
+        for (int kk = 0; kk < TC_KT; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fx;
+            wmma::load_matrix_sync(fx, &xs[warp][0][kk], TC_LD);
+#pragma unroll
+            for (int f = 0; f < RB / 16; ++f) {
+                // (k, q) lives at a_*[q·lda + k]: column-major K×16.
+                const size_t off = (size_t)(q0 + 16 * f) * lda + k0 + kk;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fh, fl;
+                wmma::load_matrix_sync(fh, a_hi + off, lda);
+                wmma::load_matrix_sync(fl, a_lo + off, lda);
+                wmma::mma_sync(acc[f], fx, fh, acc[f]);
+                wmma::mma_sync(acc[f], fx, fl, acc[f]);
+            }
+        }
     }
-LOWRANK_TC_KERNEL(f16, __half)
-LOWRANK_TC_KERNEL(bf16, __nv_bfloat16)
+#pragma unroll
+    for (int f = 0; f < RB / 16; ++f)
+        wmma::store_matrix_sync(&stage[warp][0][16 * f], acc[f], RB + 4, wmma::mem_row_major);
+    __syncwarp();
+    const int rq = min(RB, r - q0);
+    for (int e = lane; e < 16 * RB; e += 32) {
+        const int rr = e / RB, qq = e % RB, row = row0 + rr;
+        if (row < M && qq < rq) part[((size_t)blockIdx.y * M + row) * r + q0 + qq] = stage[warp][rr][qq];
+    }
+}
+
+#define LOWRANK_SHRINK_TC(SUFFIX, T, RB)                                                                 \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) lowrank_shrink_r##RB##_##SUFFIX(          \
+        const T* __restrict__ x, int ldx, const T* __restrict__ a_hi, const T* __restrict__ a_lo,      \
+        int lda, float* __restrict__ part, int M, int K, int r, int k_per_split) {                      \
+        shrink_tc_impl<T, RB>(x, ldx, a_hi, a_lo, lda, part, M, K, r, k_per_split);                      \
+    }
+
+// lowrank_dy_p_rRB: ppart[stripe][q][col] = Σ_{row in stripe} dy[row][col]·tu[row][q],
+// tu = t⊙u (hi/lo, M_pad × ld_tu). Design: block = 4 independent warps,
+// warp w owns 16·CT columns (CT = 64/RB: 64, 32 or 16 columns, so the
+// accumulators are always 4 WMMA fragments = 32 registers) and walks the
+// block's row stripe 16 rows at a time, the next 16-row tile loading into
+// registers (16-byte chunks) while the current one is multiplied
+// (dyᵀ fragments read column-major from the stage: the transpose is free).
+// grid = N/(4·16·CT) × stripes × r/RB; the host picks stripes for ≥ 2 waves
+// with the partials ≤ 1/4 of the bytes of dy. ptxas (sm_90a, bf16): 128 /
+// 96 / 72 registers for RB = 16 / 32 / 64 (the two hi/lo rank fragments
+// and 2·CT 16-byte chunks in flight): 4 / 5 / 7 blocks per SM; shared
+// memory 14 / 14 / 20 KiB. No spills.
+template <typename T, int RB>
+__device__ void dy_p_impl(const T* __restrict__ dy, int lddy, const T* __restrict__ tu_hi,
+                          const T* __restrict__ tu_lo, int ldt, float* __restrict__ ppart, int M, int N, int r,
+                          int rows_per_block) {
+    using namespace nvcuda;
+    constexpr int CT = 64 / RB;        // 16-column tiles per warp
+    constexpr int WC = 16 * CT;        // columns per warp
+    constexpr int LD = WC + 8;         // stage row stride (elements)
+    constexpr int CHUNKS = 2 * CT;     // 16-byte chunks per 16-row tile, per lane
+    __shared__ __align__(32) T dys[TC_WARPS][16][LD];
+    __shared__ __align__(32) float stage[TC_WARPS][16][RB + 4];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int col0 = (blockIdx.x * TC_WARPS + warp) * WC;
+    if (col0 >= N) return;
+    const int q0 = blockIdx.z * RB;
+    const int row_begin = blockIdx.y * rows_per_block;
+    const int row_end = min(M, row_begin + rows_per_block);
+    const int steps = (row_end - row_begin + 15) / 16;
+    const bool vec = (lddy % 8 == 0) && ((reinterpret_cast<uintptr_t>(dy) & 15) == 0);
+    // Chunk i of this lane: row (lane + 32 i) / (WC/8), columns 8·((lane + 32 i) % (WC/8))..+8.
+    uint4 buf[CHUNKS];
+    auto load_step = [&](int s) {
+        const int r0 = row_begin + s * 16;
+#pragma unroll
+        for (int i = 0; i < CHUNKS; ++i) {
+            const int c = lane + 32 * i, rr = c / (WC / 8), row = r0 + rr;
+            buf[i] = load8(dy, (size_t)row * lddy, col0 + (c % (WC / 8)) * 8, N, row < row_end, vec);
+        }
+    };
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[CT][RB / 16];
+#pragma unroll
+    for (int ct = 0; ct < CT; ++ct)
+#pragma unroll
+        for (int f = 0; f < RB / 16; ++f) wmma::fill_fragment(acc[ct][f], 0.f);
+    load_step(0);
+    for (int s = 0; s < steps; ++s) {
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < CHUNKS; ++i) {
+            const int c = lane + 32 * i;
+            *reinterpret_cast<uint4*>(&dys[warp][c / (WC / 8)][(c % (WC / 8)) * 8]) = buf[i];
+        }
+        __syncwarp();
+        if (s + 1 < steps) load_step(s + 1);
+        const int r0 = row_begin + s * 16;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> th[RB / 16], tl[RB / 16];
+#pragma unroll
+        for (int f = 0; f < RB / 16; ++f) {
+            // (row, q) lives at tu_*[row·ldt + q]: row-major 16×16.
+            const size_t off = (size_t)r0 * ldt + q0 + 16 * f;
+            wmma::load_matrix_sync(th[f], tu_hi + off, ldt);
+            wmma::load_matrix_sync(tl[f], tu_lo + off, ldt);
+        }
+#pragma unroll
+        for (int ct = 0; ct < CT; ++ct) {
+            // dyᵀ: (col, row) lives at dys[row][col]: column-major.
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
+            wmma::load_matrix_sync(fa, &dys[warp][0][16 * ct], LD);
+#pragma unroll
+            for (int f = 0; f < RB / 16; ++f) {
+                wmma::mma_sync(acc[ct][f], fa, th[f], acc[ct][f]);
+                wmma::mma_sync(acc[ct][f], fa, tl[f], acc[ct][f]);
+            }
+        }
+    }
+    const int rq = min(RB, r - q0);
+#pragma unroll
+    for (int ct = 0; ct < CT; ++ct) {
+#pragma unroll
+        for (int f = 0; f < RB / 16; ++f)
+            wmma::store_matrix_sync(&stage[warp][0][16 * f], acc[ct][f], RB + 4, wmma::mem_row_major);
+        __syncwarp();
+        for (int e = lane; e < 16 * RB; e += 32) {
+            const int i = e % 16, qq = e / 16;  // columns fastest: coalesced rows of ppart
+            const int col = col0 + 16 * ct + i;
+            if (col < N && qq < rq) ppart[((size_t)blockIdx.y * r + q0 + qq) * N + col] = stage[warp][i][qq];
+        }
+        __syncwarp();
+    }
+}
+
+#define LOWRANK_DY_P_TC(SUFFIX, T, RB)                                                                   \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) lowrank_dy_p_r##RB##_##SUFFIX(            \
+        const T* __restrict__ dy, int lddy, const T* __restrict__ tu_hi, const T* __restrict__ tu_lo,  \
+        int ldt, float* __restrict__ ppart, int M, int N, int r, int rows_per_block) {                  \
+        dy_p_impl<T, RB>(dy, lddy, tu_hi, tu_lo, ldt, ppart, M, N, r, rows_per_block);                   \
+    }
+
+#define LOWRANK_TC_KERNELS(SUFFIX, T)                                                                    \
+    extern "C" __global__ void __launch_bounds__(LR_THREADS)                                            \
+        lowrank_split_##SUFFIX(const float* __restrict__ src, int trans, const float* __restrict__ cs,  \
+                               T* __restrict__ hi, T* __restrict__ lo, int rows, int cols, int rows_pad, \
+                               int ld) {                                                                \
+        split_impl<T>(src, trans, cs, hi, lo, rows, cols, rows_pad, ld);                                \
+    }                                                                                                   \
+    LOWRANK_SHRINK_TC(SUFFIX, T, 16)                                                                    \
+    LOWRANK_SHRINK_TC(SUFFIX, T, 32)                                                                    \
+    LOWRANK_SHRINK_TC(SUFFIX, T, 64)                                                                    \
+    LOWRANK_DY_P_TC(SUFFIX, T, 16)                                                                      \
+    LOWRANK_DY_P_TC(SUFFIX, T, 32)                                                                      \
+    LOWRANK_DY_P_TC(SUFFIX, T, 64)
+LOWRANK_TC_KERNELS(f16, __half)
+LOWRANK_TC_KERNELS(bf16, __nv_bfloat16)
 
 // The CUDA-core shrink serves f32 x only (16-bit x takes the tensor cores).
 extern "C" __global__ void __launch_bounds__(LR_THREADS)
-    lowrank_shrink_f32(const float* __restrict__ x, const float* __restrict__ A, float* __restrict__ part, int M,
-                       int K, int r, int k_per_split) {
-    shrink_impl<float>(x, A, part, M, K, r, k_per_split);
+    lowrank_shrink_f32(const float* __restrict__ x, int ldx, const float* __restrict__ A, float* __restrict__ part,
+                       int M, int K, int r, int k_per_split) {
+    shrink_impl<float>(x, ldx, A, part, M, K, r, k_per_split);
 }
 
 // t = Σ_split part (fixed order), saved when `t` is non-null; and
 // t'[row] = [s·t⊙u | 1 (bias column, when bias_col) | 0…] in T, `ld` wide,
-// the left operand of the expand GEMM (`tx` null: t only, ld = r). `u`
-// null means ones.
+// at row stride `tx_ld` (the expand GEMM's own M×ld operand, or the spare
+// columns of a packed x); `tx` null: t only, ld = r. `u` null means ones.
 template <typename T>
 __device__ void shrink_finish_impl(const float* __restrict__ part, int splits, const float* __restrict__ u,
-                                   float scale, float* t, T* tx, int ld, int bias_col, int M, int r) {
+                                   float scale, float* t, T* tx, int ld, int tx_ld, int bias_col, int M, int r) {
     const size_t total = (size_t)M * ld;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         const int row = (int)(i / ld), c = (int)(i % ld);
@@ -239,7 +424,7 @@ __device__ void shrink_finish_impl(const float* __restrict__ part, int splits, c
         } else if (c == r && bias_col) {
             out = 1.f;
         }
-        if (tx) tx[i] = from_f32<T>(out);
+        if (tx) tx[(size_t)row * tx_ld + c] = from_f32<T>(out);
     }
 }
 
@@ -255,6 +440,56 @@ __device__ void prep_expand_impl(const float* __restrict__ B, const float* __res
         if (c < r) out = B[(size_t)j * r + c] * (v ? v[j] : 1.f);
         else if (c == r && bias) out = to_f32(bias[j]);
         bx[i] = from_f32<T>(out);
+    }
+}
+
+// ---- packed layout (src/lowrank/packed.rs) --------------------------------
+
+// dst[row][c] = c < cols ? src[row][c] : 0 for c < width, dst rows `ld`
+// wide: x or dy into the first columns of a packed buffer (width = cols),
+// or dS into a packed dy's spare columns with the padding zeroed (the dx
+// GEMM multiplies it by the packed W's zero rows: it must not be NaN).
+template <typename T>
+__device__ void pack_rows_impl(const T* __restrict__ src, T* __restrict__ dst, int rows, int cols, int width,
+                               int ld) {
+    const size_t total = (size_t)rows * width;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t row = i / width;
+        const int c = (int)(i % width);
+        dst[row * ld + c] = c < cols ? src[row * cols + c] : from_f32<T>(0.f);
+    }
+}
+
+// The packed weight, (N + p) × (K + p), row stride K + p:
+//   rows < N:        [ W (when non-null) | B⊙v | bias (when non-null) | 0… ]
+//   rows N..N+r:     [ A                 | 0… ]
+//   rows N+r..N+p:   0
+// W null: only the adapter's regions are written (after an optimizer step
+// the N×K block of W is not touched again). One flattened index walks the
+// three regions: N·p spare columns, p·(K + p) extra rows, then N·K of W.
+template <typename T>
+__device__ void pack_weight_impl(const T* __restrict__ W, const T* __restrict__ bias, const float* __restrict__ A,
+                                 const float* __restrict__ B, const float* __restrict__ v, T* __restrict__ out, int N,
+                                 int K, int r, int p) {
+    const size_t ld = (size_t)K + p;
+    const size_t spare = (size_t)N * p, extra = (size_t)p * ld, base = W ? (size_t)N * K : 0;
+    const size_t total = spare + extra + base;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        if (i < spare) {
+            const int j = (int)(i / p), c = (int)(i % p);
+            float o = 0.f;
+            if (c < r) o = B[(size_t)j * r + c] * (v ? v[j] : 1.f);
+            else if (c == r && bias) o = to_f32(bias[j]);
+            out[j * ld + K + c] = from_f32<T>(o);
+        } else if (i < spare + extra) {
+            const size_t e = i - spare;
+            const int q = (int)(e / ld), c = (int)(e % ld);
+            const float o = (q < r && c < K) ? A[(size_t)q * K + c] : 0.f;
+            out[(N + q) * ld + c] = from_f32<T>(o);
+        } else {
+            const size_t e = i - spare - extra;
+            out[(e / K) * ld + e % K] = W[e];
+        }
     }
 }
 
@@ -315,6 +550,7 @@ __device__ void decode_impl(const T* __restrict__ x, const float* __restrict__ A
 #define BD_TILES 4   // column tiles per block (512 columns)
 #define BD_RANKS 16  // ranks per block (grid.z walks the rest)
 
+// f32 dy only (16-bit dy takes lowrank_shrink_rRB + lowrank_dy_p_rRB).
 // One read of dy. Block (x: 512 columns, y: a stripe of rows, z: 16 ranks)
 // walks its stripe 64 rows at a time; per 64×128 tile of dy it adds
 //   gB[row][q] += Σ_col dy·(v⊙B)   (4 rows × 1 rank per thread, float4s)
@@ -324,7 +560,7 @@ __device__ void decode_impl(const T* __restrict__ x, const float* __restrict__ A
 // and goes to ppart[stripe][q][col]. Either output may be null (not
 // wanted): its arithmetic is skipped; `t` may be null when ppart is.
 template <typename T>
-__device__ void backward_dy_impl(const T* __restrict__ dy, const float* __restrict__ t,
+__device__ void backward_dy_impl(const T* __restrict__ dy, int lddy, const float* __restrict__ t,
                                  const float* __restrict__ B, const float* __restrict__ u,
                                  const float* __restrict__ v, float* __restrict__ gpart, float* __restrict__ ppart,
                                  int M, int N, int r, int rows_per_block) {
@@ -356,7 +592,7 @@ __device__ void backward_dy_impl(const T* __restrict__ dy, const float* __restri
 #pragma unroll 4
             for (int e = tid; e < BD_ROWS * BD_COLS; e += LR_THREADS) {
                 const int rr = e / BD_COLS, cc = e % BD_COLS, row = r0 + rr, col = c0 + cc;
-                dys[rr][cc] = (row < row_end && col < N) ? to_f32(dy[(size_t)row * N + col]) : 0.f;
+                dys[rr][cc] = (row < row_end && col < N) ? to_f32(dy[(size_t)row * lddy + col]) : 0.f;
             }
             if (want_g) {
                 // Ranks fastest: B's rows are contiguous in memory.
@@ -415,141 +651,14 @@ __device__ void backward_dy_impl(const T* __restrict__ dy, const float* __restri
         }
 }
 
-// The same one read of dy on tensor cores, for f16/bf16 dy
-// (lowrank_backward_dy_tc_*): same grid, tiles and partial layouts as
-// backward_dy_impl, so the rows/cols steps are shared. The f32 operands
-// B⊙v and t⊙u are split into hi + lo 16-bit halves (as in the tensor-core
-// shrink), so every product with dy is exact in f32. Warps: for gB, warp w
-// owns rows 16·(w%4).. over half (w/4) of each 128-column tile, and the two
-// halves are summed through shared memory; for P, warp w owns columns
-// 16·w.. of each tile, in 4 accumulators kept over the whole row stripe.
-#define TB_LD (BD_COLS + 8)     // dy tile and B tile row stride (elements)
-#define TB_TLD (BD_RANKS + 8)   // t⊙u tile row stride (elements)
-
-template <typename T>
-__device__ void backward_dy_tc_impl(const T* __restrict__ dy, const float* __restrict__ t,
-                                    const float* __restrict__ B, const float* __restrict__ u,
-                                    const float* __restrict__ v, float* __restrict__ gpart,
-                                    float* __restrict__ ppart, int M, int N, int r, int rows_per_block) {
-    using namespace nvcuda;
-    __shared__ __align__(32) T dys[BD_ROWS][TB_LD];
-    __shared__ __align__(32) T b_hi[BD_RANKS][TB_LD];
-    __shared__ __align__(32) T b_lo[BD_RANKS][TB_LD];
-    __shared__ __align__(32) T t_hi[BD_ROWS][TB_TLD];
-    __shared__ __align__(32) T t_lo[BD_ROWS][TB_TLD];
-    __shared__ __align__(32) float stage[LR_THREADS / 32][16][20];
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int col_block = blockIdx.x * BD_COLS * BD_TILES, q0 = blockIdx.z * BD_RANKS;
-    const int row_begin = blockIdx.y * rows_per_block;
-    const int row_end = min(M, row_begin + rows_per_block);
-    const bool want_g = gpart != nullptr, want_p = ppart != nullptr;
-    const T zero = from_f32<T>(0.f);
-    const int g_rows = (warp % 4) * 16, g_half = (warp / 4) * (BD_COLS / 2);
-
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> pacc[BD_TILES];
-#pragma unroll
-    for (int ct = 0; ct < BD_TILES; ++ct) wmma::fill_fragment(pacc[ct], 0.f);
-
-    for (int r0 = row_begin; r0 < row_end; r0 += BD_ROWS) {
-        __syncthreads();  // the previous sub-tile's readers of t_* and stage are done
-        for (int e = tid; e < BD_ROWS * BD_RANKS; e += LR_THREADS) {
-            const int rr = e / BD_RANKS, qq = e % BD_RANKS, row = r0 + rr, q = q0 + qq;
-            const float tv = (t && row < row_end && q < r) ? t[(size_t)row * r + q] * (u ? u[q] : 1.f) : 0.f;
-            const T hi = from_f32<T>(tv);
-            t_hi[rr][qq] = hi;
-            t_lo[rr][qq] = from_f32<T>(tv - to_f32(hi));
-        }
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> gacc;
-        wmma::fill_fragment(gacc, 0.f);
-#pragma unroll
-        for (int ct = 0; ct < BD_TILES; ++ct) {
-            const int c0 = col_block + ct * BD_COLS;
-            __syncthreads();
-#pragma unroll 4
-            for (int e = tid; e < BD_ROWS * BD_COLS; e += LR_THREADS) {
-                const int rr = e / BD_COLS, cc = e % BD_COLS, row = r0 + rr, col = c0 + cc;
-                dys[rr][cc] = (row < row_end && col < N) ? dy[(size_t)row * N + col] : zero;
-            }
-            if (want_g) {
-#pragma unroll 2
-                for (int e = tid; e < BD_RANKS * BD_COLS; e += LR_THREADS) {
-                    const int cc = e / BD_RANKS, qq = e % BD_RANKS, q = q0 + qq, col = c0 + cc;
-                    const float bv = (q < r && col < N) ? B[(size_t)col * r + q] * (v ? v[col] : 1.f) : 0.f;
-                    const T hi = from_f32<T>(bv);
-                    b_hi[qq][cc] = hi;
-                    b_lo[qq][cc] = from_f32<T>(bv - to_f32(hi));
-                }
-            }
-            __syncthreads();
-            if (want_g) {
-#pragma unroll
-                for (int kk = 0; kk < BD_COLS / 2; kk += 16) {
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fh, fl;
-                    wmma::load_matrix_sync(fa, &dys[g_rows][g_half + kk], TB_LD);
-                    // (col, q) lives at b_*[q][col]: column-major with ld TB_LD.
-                    wmma::load_matrix_sync(fh, &b_hi[0][g_half + kk], TB_LD);
-                    wmma::load_matrix_sync(fl, &b_lo[0][g_half + kk], TB_LD);
-                    wmma::mma_sync(gacc, fa, fh, gacc);
-                    wmma::mma_sync(gacc, fa, fl, gacc);
-                }
-            }
-            if (want_p) {
-#pragma unroll
-                for (int kr = 0; kr < BD_ROWS; kr += 16) {
-                    // dyᵀ: (col, row) lives at dys[row][col]: column-major.
-                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> fa;
-                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fh, fl;
-                    wmma::load_matrix_sync(fa, &dys[kr][warp * 16], TB_LD);
-                    wmma::load_matrix_sync(fh, &t_hi[kr][0], TB_TLD);
-                    wmma::load_matrix_sync(fl, &t_lo[kr][0], TB_TLD);
-                    wmma::mma_sync(pacc[ct], fa, fh, pacc[ct]);
-                    wmma::mma_sync(pacc[ct], fa, fl, pacc[ct]);
-                }
-            }
-        }
-        if (want_g) {
-            wmma::store_matrix_sync(&stage[warp][0][0], gacc, 20, wmma::mem_row_major);
-            __syncthreads();
-            for (int e = tid; e < BD_ROWS * BD_RANKS; e += LR_THREADS) {
-                const int rr = e / BD_RANKS, qq = e % BD_RANKS, row = r0 + rr, q = q0 + qq;
-                const int w = rr / 16;  // rows 16w.. come from warps w and w + 4
-                if (row < row_end && q < r)
-                    gpart[((size_t)blockIdx.x * M + row) * r + q] = stage[w][rr % 16][qq] + stage[w + 4][rr % 16][qq];
-            }
-        }
-    }
-    if (!want_p) return;
-    __syncthreads();  // stage is free
-#pragma unroll
-    for (int ct = 0; ct < BD_TILES; ++ct) {
-        wmma::store_matrix_sync(&stage[warp][0][0], pacc[ct], 20, wmma::mem_row_major);
-        __syncwarp();
-        for (int e = lane; e < 16 * 16; e += 32) {
-            const int i = e % 16, j = e / 16;  // column i, rank j: columns fastest
-            const int col = col_block + ct * BD_COLS + warp * 16 + i, q = q0 + j;
-            if (col < N && q < r) ppart[((size_t)blockIdx.y * r + q) * N + col] = stage[warp][i][j];
-        }
-        __syncwarp();
-    }
-}
-
-#define LOWRANK_BWD_TC_KERNEL(SUFFIX, T)                                                                \
-    extern "C" __global__ void __launch_bounds__(LR_THREADS, 2) lowrank_backward_dy_tc_##SUFFIX(       \
-        const T* __restrict__ dy, const float* __restrict__ t, const float* __restrict__ B,             \
-        const float* __restrict__ u, const float* __restrict__ v, float* __restrict__ gpart,            \
-        float* __restrict__ ppart, int M, int N, int r, int rows_per_block) {                           \
-        backward_dy_tc_impl<T>(dy, t, B, u, v, gpart, ppart, M, N, r, rows_per_block);                  \
-    }
-LOWRANK_BWD_TC_KERNEL(f16, __half)
-LOWRANK_BWD_TC_KERNEL(bf16, __nv_bfloat16)
 
 // The CUDA-core pass serves f32 dy only (16-bit dy takes the tensor cores).
 extern "C" __global__ void __launch_bounds__(LR_THREADS)
-    lowrank_backward_dy_f32(const float* __restrict__ dy, const float* __restrict__ t, const float* __restrict__ B,
-                            const float* __restrict__ u, const float* __restrict__ v, float* __restrict__ gpart,
-                            float* __restrict__ ppart, int M, int N, int r, int rows_per_block) {
-    backward_dy_impl<float>(dy, t, B, u, v, gpart, ppart, M, N, r, rows_per_block);
+    lowrank_backward_dy_f32(const float* __restrict__ dy, int lddy, const float* __restrict__ t,
+                            const float* __restrict__ B, const float* __restrict__ u, const float* __restrict__ v,
+                            float* __restrict__ gpart, float* __restrict__ ppart, int M, int N, int r,
+                            int rows_per_block) {
+    backward_dy_impl<float>(dy, lddy, t, B, u, v, gpart, ppart, M, N, r, rows_per_block);
 }
 
 // Per row: gB = Σ_part gpart (fixed order); dS = s·gB⊙u written in T for
@@ -586,28 +695,44 @@ __device__ void backward_rows_impl(const float* __restrict__ gpart, int nparts, 
 }
 
 // Per column j: P = Σ_stripe ppart (fixed order); dB[j] += s·v_j·P[j];
-// dv[j] += s·Σ_q P[j][q]·B[j][q]. Threads j < r also finish du. Any of
-// dB, dv, du may be null.
+// dv[j] += s·Σ_q P[j][q]·B[j][q]. Block = 32 columns × 8 rank groups, so
+// the ppart reads are coalesced along columns and r = 256 keeps 256
+// threads busy per 32 columns (one thread per column walked all r ranks
+// before); dv sums the 8 groups in a fixed order. Block 0 also finishes
+// du. Any of dB, dv, du may be null.
+#define COLS_W 32
+#define COLS_G (LR_THREADS / COLS_W)
 __device__ void backward_cols_impl(const float* __restrict__ ppart, int nparts, const float* __restrict__ B,
                                    const float* __restrict__ v, float scale, float* __restrict__ dB,
                                    float* __restrict__ dv, const float* __restrict__ dupart, int nduparts,
                                    float* __restrict__ du, int N, int r) {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    __shared__ float red[COLS_G][COLS_W + 1];
+    const int cl = threadIdx.x % COLS_W, g = threadIdx.x / COLS_W;
+    const int j = blockIdx.x * COLS_W + cl;
+    float acc = 0.f;
     if (j < N && ppart) {
         const float vj = v ? v[j] : 1.f;
-        float acc = 0.f;
-        for (int q = 0; q < r; ++q) {
+        for (int q = g; q < r; q += COLS_G) {
             float p = 0.f;
             for (int s = 0; s < nparts; ++s) p += ppart[((size_t)s * r + q) * N + j];
             if (dB) dB[(size_t)j * r + q] += scale * vj * p;
             acc += p * B[(size_t)j * r + q];
         }
-        if (dv) dv[j] += scale * acc;
     }
-    if (du && j < r) {
+    red[g][cl] = acc;
+    __syncthreads();
+    if (dv && g == 0 && j < N && ppart) {
         float s = 0.f;
-        for (int b = 0; b < nduparts; ++b) s += dupart[(size_t)b * r + j];
-        du[j] += scale * s;
+#pragma unroll
+        for (int h = 0; h < COLS_G; ++h) s += red[h][cl];
+        dv[j] += scale * s;
+    }
+    if (du && blockIdx.x == 0) {
+        for (int q = threadIdx.x; q < r; q += blockDim.x) {
+            float s = 0.f;
+            for (int b = 0; b < nduparts; ++b) s += dupart[(size_t)b * r + q];
+            du[q] += scale * s;
+        }
     }
 }
 
@@ -632,8 +757,8 @@ extern "C" __global__ void __launch_bounds__(LR_THREADS)
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(LR_THREADS) lowrank_shrink_finish_##SUFFIX(              \
         const float* part, int splits, const float* __restrict__ u, float scale, float* t,                \
-        T* tx, int ld, int bias_col, int M, int r) {                                                       \
-        shrink_finish_impl<T>(part, splits, u, scale, t, tx, ld, bias_col, M, r);                          \
+        T* tx, int ld, int tx_ld, int bias_col, int M, int r) {                                            \
+        shrink_finish_impl<T>(part, splits, u, scale, t, tx, ld, tx_ld, bias_col, M, r);                   \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(LR_THREADS)                                               \
         lowrank_prep_expand_##SUFFIX(const float* __restrict__ B, const float* __restrict__ v,             \
@@ -652,6 +777,16 @@ extern "C" __global__ void __launch_bounds__(LR_THREADS)
         const float* __restrict__ u, float scale, T* __restrict__ ds, float* __restrict__ dupart, int M,   \
         int r, int rows_per_block) {                                                                       \
         backward_rows_impl<T>(gpart, nparts, t, u, scale, ds, dupart, M, r, rows_per_block);               \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(LR_THREADS) lowrank_pack_rows_##SUFFIX(                  \
+        const T* __restrict__ src, T* __restrict__ dst, int rows, int cols, int width, int ld) {           \
+        pack_rows_impl<T>(src, dst, rows, cols, width, ld);                                                \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(LR_THREADS) lowrank_pack_weight_##SUFFIX(                \
+        const T* __restrict__ W, const T* __restrict__ bias, const float* __restrict__ A,                  \
+        const float* __restrict__ B, const float* __restrict__ v, T* __restrict__ out, int N, int K, int r, \
+        int p) {                                                                                           \
+        pack_weight_impl<T>(W, bias, A, B, v, out, N, K, r, p);                                            \
     }
 
 LORAFUSE_FOR_EACH_DTYPE(LOWRANK_KERNELS)

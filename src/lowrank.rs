@@ -59,6 +59,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod packed;
+
 use crate::backend::Backend;
 use crate::dtype::Element;
 use crate::rng::Rng;

@@ -907,3 +907,429 @@ fn gpu_results_are_deterministic() {
     };
     assert!(run() == run(), "two identical runs gave different bits");
 }
+
+// ---- the packed layout ----------------------------------------------------
+
+use lorafuse::lowrank::packed::{PackedLayout, PackedOps};
+
+/// Unit roundoff of `T` (half an ulp at 1): the error of one rounding.
+fn unit_roundoff<T: Element>() -> f64 {
+    match T::DTYPE {
+        lorafuse::DType::F32 => f32::EPSILON as f64 / 2.0,
+        lorafuse::DType::F16 => 2f64.powi(-11),
+        lorafuse::DType::BF16 => 2f64.powi(-8),
+    }
+}
+
+fn frob(v: &[f64]) -> f64 {
+    v.iter().map(|e| e * e).sum::<f64>().sqrt()
+}
+
+fn packed_shapes() -> Vec<LinearShape> {
+    vec![
+        LinearShape { m: 1, k: 1, n: 1, r: 1 },
+        LinearShape { m: 3, k: 9, n: 11, r: 7 },
+        LinearShape { m: 5, k: 13, n: 6, r: 8 },
+        LinearShape { m: 17, k: 33, n: 31, r: 16 },
+    ]
+}
+
+/// `x` packed: the first K columns of every row, the rest NaN (the forward
+/// must overwrite every spare column it reads).
+fn packed_x<T: Element>(l: &PackedLayout, x: &[f32]) -> Vec<T> {
+    let mut xp = vec![T::from_f32(f32::NAN); l.x_len()];
+    Cpu.pack_rows(l.shape.m, l.shape.k, l.x_ld(), &convert::<f32, T>(x), &mut xp).unwrap();
+    xp
+}
+
+/// The packed forward against the independent naive forward. Its extra
+/// rounding over the caller path: `t' = s·t⊙u`, `B⊙v` and the bias are
+/// rounded to T before the one GEMM, so each low-rank product is off by at
+/// most 2u of its size (and the bias by u); the output rounds once more.
+/// Bound: u·(‖y‖ + 2‖Σ_q |t'_q|·|B'_q|‖ + ‖bias‖) / ‖y‖ (Frobenius).
+fn packed_forward_matches_naive_for<T: Element>() {
+    let u = unit_roundoff::<T>();
+    for (i, s) in packed_shapes().into_iter().enumerate() {
+        for (bias, vectors) in [(false, false), (true, true), (true, false), (false, true)] {
+            let seed = 900 + i as u64;
+            let c = Case::new(seed, s, bias, vectors);
+            let l = PackedLayout::new(s, bias).unwrap();
+            let ctx = format!("packed forward {s} {} bias={bias} uv={vectors} seed={seed}", T::DTYPE);
+            let round = |v: &[f32]| -> Vec<f64> { v.iter().map(|&e| T::from_f32(e).to_f64()).collect() };
+            let (xr, wr) = (round(&c.x), round(&c.w));
+            let want = naive_forward(
+                s,
+                &xr,
+                &wr,
+                c.bias.as_deref().map(round).as_deref(),
+                &f64s(&c.a),
+                &f64s(&c.b),
+                c.u.as_deref().map(f64s).as_deref(),
+                c.v.as_deref().map(f64s).as_deref(),
+                c.scale as f64,
+                true,
+            );
+            let w: Vec<T> = convert(&c.w);
+            let tb: Option<Vec<T>> = c.bias.as_ref().map(|b| convert(b));
+            let mut wp = vec![T::from_f32(f32::NAN); l.w_len()];
+            Cpu.pack_weight(&l, &w, tb.as_ref(), c.adapter(), &mut wp).unwrap();
+            let mut xp = packed_x::<T>(&l, &c.x);
+            let (mut y, mut t) = (vec![T::from_f32(f32::NAN); s.m * s.n], vec![f32::NAN; s.m * s.r]);
+            Cpu.packed_forward(&l, &mut xp, &wp, c.adapter(), &mut y, Some(&mut t)).unwrap();
+
+            // The derived bound.
+            let LinearShape { m, k, n, r } = s;
+            let t64: Vec<f64> =
+                (0..m * r).map(|e| (0..k).map(|l| xr[e / r * k + l] * c.a[e % r * k + l] as f64).sum()).collect();
+            let mut low_abs = vec![0.0; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    low_abs[i * n + j] = (0..r)
+                        .map(|q| {
+                            let tq = c.scale as f64 * t64[i * r + q] * c.u.as_ref().map_or(1.0, |u| u[q] as f64);
+                            (tq * c.b[j * r + q] as f64 * c.v.as_ref().map_or(1.0, |v| v[j] as f64)).abs()
+                        })
+                        .sum();
+                }
+            }
+            let bias_norm = c.bias.as_deref().map_or(0.0, |b| frob(&f64s(b)) * (m as f64).sqrt());
+            let tol = u * (frob(&want) + 2.0 * frob(&low_abs) + bias_norm) / frob(&want) + 1e-12;
+            check_close(&ctx, &y, &want, tol).unwrap();
+            check_close(&format!("{ctx} (saved t)"), &t, &t64, 1e-6).unwrap();
+
+            // x_packed: x untouched, spare columns [T(s·t⊙u) | 1 | 0…].
+            let ld = l.x_ld();
+            for row in 0..m {
+                for col in 0..ld {
+                    let got = xp[row * ld + col].to_f64();
+                    let want = if col < k {
+                        xr[row * k + col]
+                    } else if col - k < r {
+                        let q = col - k;
+                        let tq = c.scale as f64 * t64[row * r + q] * c.u.as_ref().map_or(1.0, |u| u[q] as f64);
+                        T::from_f64(tq).to_f64()
+                    } else if col - k == r && bias {
+                        1.0
+                    } else {
+                        0.0
+                    };
+                    let close = (got - want).abs() <= 4.0 * u * want.abs().max(1e-30);
+                    assert!(close || got == want, "{ctx}: x_packed[{row}][{col}] = {got}, want {want}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_forward_matches_naive_math_every_dtype() {
+    packed_forward_matches_naive_for::<f32>();
+    packed_forward_matches_naive_for::<f16>();
+    packed_forward_matches_naive_for::<bf16>();
+}
+
+#[test]
+fn pack_weight_lays_out_w_adapter_bias_and_zero_padding() {
+    let s = LinearShape { m: 2, k: 5, n: 3, r: 2 };
+    let c = Case::new(31, s, true, true);
+    let l = PackedLayout::new(s, true).unwrap();
+    assert_eq!((l.pad(), l.x_ld(), l.dy_ld(), l.w_len()), (8, 13, 11, 11 * 13));
+    let mut wp = vec![f32::NAN; l.w_len()];
+    Cpu.pack_weight(&l, &c.w, c.bias.as_ref(), c.adapter(), &mut wp).unwrap();
+    let (v, bias) = (c.v.as_ref().unwrap(), c.bias.as_ref().unwrap());
+    for row in 0..s.n + l.pad() {
+        for col in 0..l.x_ld() {
+            let want = match (row < s.n, col < s.k) {
+                (true, true) => c.w[row * s.k + col],
+                (true, false) if col - s.k < s.r => c.b[row * s.r + col - s.k] * v[row],
+                (true, false) if col - s.k == s.r => bias[row],
+                (false, true) if row - s.n < s.r => c.a[(row - s.n) * s.k + col],
+                _ => 0.0,
+            };
+            assert_eq!(wp[row * l.x_ld() + col], want, "w_packed[{row}][{col}]");
+        }
+    }
+    // pack_adapter rewrites the adapter's part and leaves W alone.
+    let mut c2 = c.clone();
+    c2.b.iter_mut().for_each(|e| *e += 1.0);
+    let mut again = wp.clone();
+    again[0] = 123.0; // a W element: must survive
+    Cpu.pack_adapter(&l, c.bias.as_ref(), c2.adapter(), &mut again).unwrap();
+    assert_eq!(again[0], 123.0);
+    assert_eq!(again[s.k], c2.b[0] * v[0]);
+}
+
+/// The packed backward against the caller-buffer oracle: the parameter
+/// gradients exactly (same f64 math), `dx` within the derived bound of its
+/// extra roundings (dS and A rounded to T before the one GEMM: 2u of each
+/// `|dS|·|A|` product, and the output rounding), and dy_packed's spare
+/// columns holding T(dS) and zeros.
+fn packed_backward_matches_oracle_for<T: Element>() {
+    let u = unit_roundoff::<T>();
+    for (i, s) in packed_shapes().into_iter().enumerate() {
+        for train in [ALL, Trainable::VECTORS, Trainable::FACTORS, Trainable::NONE] {
+            let seed = 950 + i as u64;
+            let c = Case::new(seed, s, true, true);
+            let l = PackedLayout::new(s, true).unwrap();
+            let ctx =
+                |what: &str| format!("packed backward {what} {s} {} train={} seed={seed}", T::DTYPE, train.label());
+            let (x, w, dy): (Vec<T>, Vec<T>, Vec<T>) = (convert(&c.x), convert(&c.w), convert(&c.dy));
+            let tb: Vec<T> = convert(c.bias.as_ref().unwrap());
+            let mut wp = vec![T::from_f32(0.0); l.w_len()];
+            Cpu.pack_weight(&l, &w, Some(&tb), c.adapter(), &mut wp).unwrap();
+            let mut xp = packed_x::<T>(&l, &c.x);
+            let mut y = vec![T::from_f32(0.0); s.m * s.n];
+            let mut t = vec![0f32; s.m * s.r];
+            Cpu.packed_forward(&l, &mut xp, &wp, c.adapter(), &mut y, Some(&mut t)).unwrap();
+            let mut dyp = vec![T::from_f32(f32::NAN); l.dy_len()];
+            Cpu.pack_rows(s.m, s.n, l.dy_ld(), &dy, &mut dyp).unwrap();
+
+            let mut got = AllGrads::filled(s, 0.5);
+            let mut gdx = vec![T::from_f32(f32::NAN); s.m * s.k];
+            let grads = Grads::<Cpu, T> {
+                dx: Some(&mut gdx),
+                dw: Some(&mut got.dw),
+                dbias: Some(&mut got.dbias),
+                da: train.a.then_some(&mut got.da),
+                db: train.b.then_some(&mut got.db),
+                du: train.u.then_some(&mut got.du),
+                dv: train.v.then_some(&mut got.dv),
+            };
+            Cpu.packed_backward(&l, &xp, &wp, c.adapter(), Some(&t), &mut dyp, grads).unwrap();
+
+            let mut want = AllGrads::filled(s, 0.5);
+            let mut wdx = vec![T::from_f32(f32::NAN); s.m * s.k];
+            let grads = Grads::<Cpu, T> {
+                dx: Some(&mut wdx),
+                dw: Some(&mut want.dw),
+                dbias: Some(&mut want.dbias),
+                da: train.a.then_some(&mut want.da),
+                db: train.b.then_some(&mut want.db),
+                du: train.u.then_some(&mut want.du),
+                dv: train.v.then_some(&mut want.dv),
+            };
+            Cpu.lowrank_backward(s, &x, &w, Some(c.adapter()), Some(&t), &dy, grads).unwrap();
+            for (name, g, wnt) in [
+                ("dW", &got.dw, &want.dw),
+                ("dbias", &got.dbias, &want.dbias),
+                ("dA", &got.da, &want.da),
+                ("dB", &got.db, &want.db),
+                ("du", &got.du, &want.du),
+                ("dv", &got.dv, &want.dv),
+            ] {
+                assert!(g == wnt, "{}: differs from the caller-buffer oracle", ctx(name));
+            }
+
+            // dS (f64) and the bound for dx.
+            let LinearShape { m, k, n, r } = s;
+            let (uu, vv) = (c.u.as_ref().unwrap(), c.v.as_ref().unwrap());
+            let dyr: Vec<f64> = dy.iter().map(|e| e.to_f64()).collect();
+            let ds: Vec<f64> = (0..m * r)
+                .map(|e| {
+                    let (i, q) = (e / r, e % r);
+                    let g: f64 = (0..n).map(|j| dyr[i * n + j] * vv[j] as f64 * c.b[j * r + q] as f64).sum();
+                    c.scale as f64 * uu[q] as f64 * g
+                })
+                .collect();
+            let wdx64: Vec<f64> = wdx.iter().map(|e| e.to_f64()).collect();
+            let low_abs: Vec<f64> = (0..m * k)
+                .map(|e| (0..r).map(|q| (ds[e / k * r + q] * c.a[q * k + e % k] as f64).abs()).sum())
+                .collect();
+            // The oracle's dx is rounded to T too: one more u of ‖dx‖.
+            let tol = u * (2.0 * frob(&wdx64) + 2.0 * frob(&low_abs)) / frob(&wdx64) + 1e-12;
+            check_close(&ctx("dx"), &gdx, &wdx64, tol).unwrap();
+            let dld = l.dy_ld();
+            for row in 0..m {
+                for col in n..dld {
+                    let got = dyp[row * dld + col].to_f64();
+                    let want = if col - n < r { T::from_f64(ds[row * r + col - n]).to_f64() } else { 0.0 };
+                    let ok = (got - want).abs() <= 4.0 * u * want.abs().max(1e-30) || got == want;
+                    assert!(ok, "{}: dy_packed[{row}][{col}] = {got}, want {want}", ctx("dS"));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_backward_matches_caller_buffer_oracle_every_dtype() {
+    packed_backward_matches_oracle_for::<f32>();
+    packed_backward_matches_oracle_for::<f16>();
+    packed_backward_matches_oracle_for::<bf16>();
+}
+
+#[test]
+fn packed_layout_errors_are_typed_and_name_the_operand() {
+    let s = LinearShape { m: 2, k: 3, n: 4, r: 2 };
+    let c = Case::new(41, s, true, false);
+    assert!(matches!(PackedLayout::new(LinearShape { r: 0, ..s }, false), Err(Error::Invalid { .. })));
+    let l = PackedLayout::new(s, false).unwrap();
+    let mut wp = vec![0f32; l.w_len()];
+    // A bias for a layout without a bias column, and the reverse.
+    let err = Cpu.pack_weight(&l, &c.w, c.bias.as_ref(), c.adapter(), &mut wp).unwrap_err();
+    assert!(matches!(err, Error::Invalid { .. }), "{err}");
+    let lb = PackedLayout::new(s, true).unwrap();
+    let mut wpb = vec![0f32; lb.w_len()];
+    let err = Cpu.pack_weight(&lb, &c.w, None, c.adapter(), &mut wpb).unwrap_err();
+    assert!(matches!(err, Error::Invalid { .. }), "{err}");
+    Cpu.pack_weight(&l, &c.w, None, c.adapter(), &mut wp).unwrap();
+    // x_packed of the unpacked size.
+    let mut short = c.x.clone();
+    let mut y = vec![0f32; s.m * s.n];
+    let err = Cpu.packed_forward(&l, &mut short, &wp, c.adapter(), &mut y, None).unwrap_err();
+    assert!(matches!(err, Error::Shape { operand: "x", .. }), "{err}");
+    assert!(err.to_string().contains("x_len"), "the error says how to size it: {err}");
+    // w_packed of the wrong size, dy_packed of the wrong size.
+    let mut xp = vec![0f32; l.x_len()];
+    let err = Cpu.packed_forward(&l, &mut xp, &c.w, c.adapter(), &mut y, None).unwrap_err();
+    assert!(matches!(err, Error::Shape { operand: "w", .. }), "{err}");
+    let mut dyp = c.dy.clone();
+    let err = Cpu.packed_backward(&l, &xp, &wp, c.adapter(), None, &mut dyp, Grads::none()).unwrap_err();
+    assert!(matches!(err, Error::Shape { operand: "dy", .. }), "{err}");
+    // pack_rows: overlapping rows.
+    let mut dst = vec![0f32; 4];
+    assert!(Cpu.pack_rows(2, 3, 2, &vec![0f32; 6], &mut dst).is_err());
+}
+
+#[test]
+fn gpu_packed_matches_cpu_packed_every_dtype() {
+    let Some(gpu) = common::gpu_or_skip("gpu_packed_matches_cpu_packed_every_dtype") else { return };
+    for (i, s) in packed_shapes().into_iter().chain([LinearShape { m: 300, k: 1000, n: 700, r: 64 }]).enumerate() {
+        gpu_packed_case::<f32>(&gpu, s, 700 + i as u64);
+        gpu_packed_case::<f16>(&gpu, s, 700 + i as u64);
+        gpu_packed_case::<bf16>(&gpu, s, 700 + i as u64);
+    }
+}
+
+/// Σ_c |a[i][c]|·|b[j][c]| over `len` columns: the Σ|terms| of one GEMM
+/// output (rows of a `lda` apart, of b `ldb` apart; `b_t` = b is stored
+/// column-major, i.e. element (c, j) at b[c·ldb + j]).
+#[allow(clippy::too_many_arguments)]
+fn gemm_abs<T: Element>(
+    a: &[T],
+    lda: usize,
+    b: &[T],
+    ldb: usize,
+    b_t: bool,
+    (rows, cols, len): (usize, usize, usize),
+) -> Vec<f64> {
+    let mut out = vec![0.0; rows * cols];
+    for i in 0..rows {
+        for j in 0..cols {
+            out[i * cols + j] = (0..len)
+                .map(|c| {
+                    let bv = if b_t { b[c * ldb + j] } else { b[j * ldb + c] };
+                    (a[i * lda + c].to_f64() * bv.to_f64()).abs()
+                })
+                .sum();
+        }
+    }
+    out
+}
+
+/// The GPU's packed path against the CPU twin, element by element against
+/// derived bounds (src/testing.rs): y and dx are ONE GEMM each (over K + p,
+/// N + p) whose 16-bit operands t' and dS may round differently on the two
+/// sides (one intermediate rounding); the adapter gradients go through the
+/// caller path's kernels and take its bounds (`magnitudes`).
+fn gpu_packed_case<T: Element>(gpu: &Gpu, s: LinearShape, seed: u64) {
+    let c = Case::new(seed, s, true, true);
+    let l = PackedLayout::new(s, true).unwrap();
+    let LinearShape { m, k, n, r } = s;
+    let (ld, dld) = (l.x_ld(), l.dy_ld());
+    let ctx = |what: &str| format!("gpu packed {what} {s} {} seed={seed}", T::DTYPE);
+    let one = ErrorBound::gpu(T::DTYPE).intermediates(1);
+    let bwd = ErrorBound::gpu(T::DTYPE).intermediates(3);
+    let (x, w, dy): (Vec<T>, Vec<T>, Vec<T>) = (convert(&c.x), convert(&c.w), convert(&c.dy));
+    let tb: Vec<T> = convert(c.bias.as_ref().unwrap());
+    // CPU.
+    let mut wp = vec![T::from_f32(0.0); l.w_len()];
+    Cpu.pack_weight(&l, &w, Some(&tb), c.adapter(), &mut wp).unwrap();
+    let mut xp = packed_x::<T>(&l, &c.x);
+    let (mut y, mut t) = (vec![T::from_f32(0.0); m * n], vec![0f32; m * r]);
+    Cpu.packed_forward(&l, &mut xp, &wp, c.adapter(), &mut y, Some(&mut t)).unwrap();
+    let mut dyp = vec![T::from_f32(f32::NAN); l.dy_len()];
+    Cpu.pack_rows(m, n, dld, &dy, &mut dyp).unwrap();
+    let starts: Vec<Vec<f32>> = [n * k, n, r * k, n * r, r, n].iter().map(|&len| vec![0.25f32; len]).collect();
+    let mut cg: Vec<Vec<f32>> = starts[2..].to_vec();
+    let mut cdx = vec![T::from_f32(f32::NAN); m * k];
+    {
+        let [da, db, du, dv] = &mut cg[..] else { unreachable!() };
+        let grads = Grads::<Cpu, T> {
+            dx: Some(&mut cdx),
+            da: Some(da),
+            db: Some(db),
+            du: Some(du),
+            dv: Some(dv),
+            ..Grads::none()
+        };
+        Cpu.packed_backward(&l, &xp, &wp, c.adapter(), Some(&t), &mut dyp, grads).unwrap();
+    }
+    // Magnitudes.
+    let mag_y = Magnitude::sums(ld, &gemm_abs(&xp, ld, &wp, ld, false, (m, n, ld)));
+    let mag_dx = Magnitude::sums(dld, &gemm_abs(&dyp, dld, &wp, ld, true, (m, k, dld)));
+    let (uu, vv) = (c.u.as_ref().unwrap(), c.v.as_ref().unwrap());
+    let mag_xp: Vec<Magnitude> = (0..m * ld)
+        .map(|e| {
+            let (i, col) = (e / ld, e % ld);
+            if col < k || col - k >= r {
+                return Magnitude::default();
+            }
+            let q = col - k;
+            let sum: f64 = (0..k).map(|l| (x[i * k + l].to_f64() * c.a[q * k + l] as f64).abs()).sum();
+            Magnitude::sum(k, sum * (c.scale * uu[q]).abs() as f64)
+        })
+        .collect();
+    let mag_dyp: Vec<Magnitude> = (0..m * dld)
+        .map(|e| {
+            let (i, col) = (e / dld, e % dld);
+            if col < n || col - n >= r {
+                return Magnitude::default();
+            }
+            let q = col - n;
+            let sum: f64 = (0..n).map(|j| (dy[i * n + j].to_f64() * (vv[j] * c.b[j * r + q]) as f64).abs()).sum();
+            Magnitude::sum(n, sum * (c.scale * uu[q]).abs() as f64)
+        })
+        .collect();
+    let y0 = vec![T::from_f32(0.0); m * n];
+    let mag = magnitudes(&c, &x, &w, Some(&tb), &y0, &starts, &dy);
+    // GPU, from the unpacked inputs (pack_rows and pack_weight on the GPU).
+    let up32 = |v: &[f32]| gpu.upload(v).unwrap();
+    let (ga, gb, gu, gv) = (up32(&c.a), up32(&c.b), up32(uu), up32(vv));
+    let gad = Adapter::<Gpu> { a: &ga, b: &gb, u: Some(&gu), v: Some(&gv), scale: c.scale };
+    let (gw, gbias) = (gpu.upload(&w).unwrap(), gpu.upload(&tb).unwrap());
+    let mut gwp = gpu.upload(&vec![T::from_f32(f32::NAN); l.w_len()]).unwrap();
+    gpu.pack_weight(&l, &gw, Some(&gbias), gad, &mut gwp).unwrap();
+    assert!(gpu.download(&gwp).unwrap().iter().zip(&wp).all(|(a, b)| a.to_f64() == b.to_f64()), "{}", ctx("w_packed"));
+    let gx = gpu.upload(&x).unwrap();
+    let mut gxp = gpu.upload(&vec![T::from_f32(f32::NAN); l.x_len()]).unwrap();
+    gpu.pack_rows(m, k, ld, &gx, &mut gxp).unwrap();
+    let mut gy = gpu.upload(&vec![T::from_f32(f32::NAN); m * n]).unwrap();
+    let mut gt = gpu.upload(&vec![f32::NAN; m * r]).unwrap();
+    gpu.packed_forward(&l, &mut gxp, &gwp, gad, &mut gy, Some(&mut gt)).unwrap();
+    let want = |v: &[T]| v.iter().map(|e| e.to_f64()).collect::<Vec<_>>();
+    check_bounded(&ctx("y"), &gpu.download(&gy).unwrap(), &want(&y), &mag_y, one).unwrap();
+    check_bounded(&ctx("x_packed"), &gpu.download(&gxp).unwrap(), &want(&xp), &mag_xp, one).unwrap();
+    let gdy = gpu.upload(&dy).unwrap();
+    let mut gdyp = gpu.upload(&vec![T::from_f32(f32::NAN); l.dy_len()]).unwrap();
+    gpu.pack_rows(m, n, dld, &gdy, &mut gdyp).unwrap();
+    let mut g: Vec<_> = starts[2..].iter().map(|v| up32(v)).collect();
+    let mut gdx = gpu.upload(&vec![T::from_f32(f32::NAN); m * k]).unwrap();
+    {
+        let [gda, gdb, gdu, gdv] = &mut g[..] else { unreachable!() };
+        let grads = Grads::<Gpu, T> {
+            dx: Some(&mut gdx),
+            da: Some(gda),
+            db: Some(gdb),
+            du: Some(gdu),
+            dv: Some(gdv),
+            ..Grads::none()
+        };
+        gpu.packed_backward(&l, &gxp, &gwp, gad, Some(&gt), &mut gdyp, grads).unwrap();
+    }
+    check_bounded(&ctx("dx"), &gpu.download(&gdx).unwrap(), &want(&cdx), &mag_dx, one).unwrap();
+    check_bounded(&ctx("dy_packed"), &gpu.download(&gdyp).unwrap(), &want(&dyp), &mag_dyp, one).unwrap();
+    for (i, name) in ["dA", "dB", "du", "dv"].iter().enumerate() {
+        check_bounded(&ctx(name), &gpu.download(&g[i]).unwrap(), &f64s(&cg[i]), &mag.grads[2 + i], bwd).unwrap();
+    }
+}

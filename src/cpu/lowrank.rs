@@ -7,8 +7,9 @@
 use super::gemm::{matmul, Op};
 use super::Cpu;
 use crate::dtype::Element;
+use crate::lowrank::packed::{self, PackedLayout, PackedOps};
 use crate::lowrank::{Adapter, AdapterLens, GradLens, Grads, LinearShape, LowRankOps};
-use crate::Result;
+use crate::{Error, Result};
 
 fn widen<T: Element>(v: &[T]) -> Vec<f64> {
     v.iter().map(|e| e.to_f64()).collect()
@@ -262,6 +263,164 @@ impl LowRankOps for Cpu {
         let mut acc = widen(y);
         lowrank_expand_add(shape, &tt, &wide, &mut acc)?;
         y.iter_mut().zip(&acc).for_each(|(o, v)| *o = T::from_f64(*v));
+        Ok(())
+    }
+}
+
+/// Rows `0..rows`, columns `0..cols` of a row-major buffer with stride `ld`.
+fn unpack<T: Element>(buf: &[T], rows: usize, cols: usize, ld: usize) -> Vec<T> {
+    (0..rows).flat_map(|i| buf[i * ld..i * ld + cols].iter().copied()).collect()
+}
+
+/// The packed layout's CPU twin: the same buffers the GPU writes (spare
+/// columns rounded to `T`), and the one GEMM computed in f64 with one
+/// rounding to `T` at the end.
+impl PackedOps for Cpu {
+    fn pack_rows<T: Element>(&self, rows: usize, cols: usize, ld: usize, src: &Vec<T>, dst: &mut Vec<T>) -> Result<()> {
+        const OP: &str = "pack_rows";
+        if ld < cols {
+            return Err(Error::invalid(OP, format!("ld = {ld} < cols = {cols}: rows would overlap")));
+        }
+        if src.len() != rows * cols {
+            return Err(Error::shape(OP, "src", format!("{rows}x{cols}"), format!("{} elements", src.len())));
+        }
+        if dst.len() != rows * ld {
+            return Err(Error::shape(OP, "dst", format!("{rows}x{ld}"), format!("{} elements", dst.len())));
+        }
+        for (d, s) in dst.chunks_exact_mut(ld.max(1)).zip(src.chunks_exact(cols.max(1))) {
+            d[..cols].copy_from_slice(s);
+        }
+        Ok(())
+    }
+
+    fn pack_weight<T: Element>(
+        &self,
+        layout: &PackedLayout,
+        w: &Vec<T>,
+        bias: Option<&Vec<T>>,
+        adapter: Adapter<'_, Cpu>,
+        w_packed: &mut Vec<T>,
+    ) -> Result<()> {
+        let LinearShape { k, n, .. } = layout.shape;
+        if w.len() != n * k {
+            return Err(Error::shape(packed::PACK, "W", format!("{n}x{k}"), format!("{} elements", w.len())));
+        }
+        self.pack_adapter(layout, bias, adapter, w_packed)?;
+        let ld = layout.x_ld();
+        for (d, s) in w_packed.chunks_exact_mut(ld).zip(w.chunks_exact(k)) {
+            d[..k].copy_from_slice(s);
+        }
+        Ok(())
+    }
+
+    fn pack_adapter<T: Element>(
+        &self,
+        layout: &PackedLayout,
+        bias: Option<&Vec<T>>,
+        adapter: Adapter<'_, Cpu>,
+        w_packed: &mut Vec<T>,
+    ) -> Result<()> {
+        layout.check_adapter(packed::PACK, &AdapterLens::of(&adapter), bias.map(Vec::len))?;
+        layout.check_buf(packed::PACK, "w", w_packed.len(), layout.w_len())?;
+        let LinearShape { k, n, r, .. } = layout.shape;
+        let (p, ld) = (layout.pad(), layout.x_ld());
+        for j in 0..n {
+            let vj = adapter.v.map_or(1.0, |v| v[j]);
+            for c in 0..p {
+                let o = if c < r {
+                    adapter.b[j * r + c] * vj
+                } else if c == r && layout.bias {
+                    bias.map_or(0.0, |b| b[j].to_f64() as f32)
+                } else {
+                    0.0
+                };
+                w_packed[j * ld + k + c] = T::from_f32(o);
+            }
+        }
+        for q in 0..p {
+            for c in 0..ld {
+                let o = if q < r && c < k { adapter.a[q * k + c] } else { 0.0 };
+                w_packed[(n + q) * ld + c] = T::from_f32(o);
+            }
+        }
+        Ok(())
+    }
+
+    fn packed_forward<T: Element>(
+        &self,
+        layout: &PackedLayout,
+        x_packed: &mut Vec<T>,
+        w_packed: &Vec<T>,
+        adapter: Adapter<'_, Cpu>,
+        y: &mut Vec<T>,
+        t: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
+        let ad = AdapterLens::of(&adapter);
+        packed::check_forward(layout, x_packed.len(), w_packed.len(), &ad, y.len(), t.as_deref().map(Vec::len))?;
+        let s = layout.shape;
+        let LinearShape { m, k, n, r } = s;
+        let (p, ld) = (layout.pad(), layout.x_ld());
+        let wide = Wide::of(&adapter);
+        let tt = lowrank_shrink(s, &widen(&unpack(x_packed, m, k, ld)), &wide.a)?;
+        for i in 0..m {
+            for c in 0..p {
+                let o = if c < r {
+                    wide.s * tt[i * r + c] * wide.u.as_ref().map_or(1.0, |u| u[c])
+                } else if c == r && layout.bias {
+                    1.0
+                } else {
+                    0.0
+                };
+                x_packed[i * ld + k + c] = T::from_f64(o);
+            }
+        }
+        let xw = widen(x_packed);
+        let ww = widen(&w_packed[..n * ld]);
+        let mut acc = vec![0.0; m * n];
+        matmul((m, ld, n), &xw, Op::N, &ww, Op::T, &mut acc, 1.0, 0.0)?;
+        y.iter_mut().zip(&acc).for_each(|(o, v)| *o = T::from_f64(*v));
+        if let Some(t) = t {
+            t.iter_mut().zip(&tt).for_each(|(o, v)| *o = *v as f32);
+        }
+        Ok(())
+    }
+
+    fn packed_backward<T: Element>(
+        &self,
+        layout: &PackedLayout,
+        x_packed: &Vec<T>,
+        w_packed: &Vec<T>,
+        adapter: Adapter<'_, Cpu>,
+        t: Option<&Vec<f32>>,
+        dy_packed: &mut Vec<T>,
+        grads: Grads<'_, Cpu, T>,
+    ) -> Result<()> {
+        let ad = AdapterLens::of(&adapter);
+        let glens = GradLens::of(&grads);
+        packed::check_backward(layout, x_packed.len(), w_packed.len(), &ad, t.map(Vec::len), dy_packed.len(), &glens)?;
+        let s = layout.shape;
+        let LinearShape { m, k, n, r } = s;
+        let (p, ld, dld) = (layout.pad(), layout.x_ld(), layout.dy_ld());
+        let x = unpack(x_packed, m, k, ld);
+        let w = unpack(w_packed, n, k, ld);
+        let dy = unpack(dy_packed, m, n, dld);
+        let Grads { dx, dw, dbias, da, db, du, dv } = grads;
+        let rest = Grads::<Cpu, T> { dx: None, dw, dbias, da, db, du, dv };
+        self.lowrank_backward(s, &x, &w, Some(adapter), t, &dy, rest)?;
+        if let Some(dx) = dx {
+            let wide = Wide::of(&adapter);
+            let prod = lowrank_backward_dy(s, &widen(&dy), &[], &wide, false)?;
+            for i in 0..m {
+                for c in 0..p {
+                    let o = if c < r { prod.ds[i * r + c] } else { 0.0 };
+                    dy_packed[i * dld + n + c] = T::from_f64(o);
+                }
+            }
+            let wk = widen(&unpack(w_packed, n + p, k, ld));
+            let mut acc = vec![0.0; m * k];
+            matmul((m, dld, k), &widen(dy_packed), Op::N, &wk, Op::N, &mut acc, 1.0, 0.0)?;
+            dx.iter_mut().zip(&acc).for_each(|(o, v)| *o = T::from_f64(*v));
+        }
         Ok(())
     }
 }

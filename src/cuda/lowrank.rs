@@ -2,11 +2,12 @@
 //! them (the step list and which memory pass each fusion avoids are in the
 //! kernel file's header).
 //!
-//! [`forward`], [`add_in_place`] and [`backward`] take caller-owned views
-//! and run on the [`Gpu`]'s stream, for engines (wrap an engine's stream
-//! with [`Gpu::from_stream`]); the [`LowRankOps`] impl calls them on owned
-//! buffers. Scratch space (rank-sized partials, `t'`, `B'`, `dS`) is
-//! allocated per call from the stream's pool.
+//! [`forward`], [`add_in_place`], [`backward`] and [`project_down`] take
+//! caller-owned views and run on the [`Gpu`]'s stream, for engines (wrap an
+//! engine's stream with [`Gpu::from_stream`]); the [`LowRankOps`] impl calls
+//! them on owned buffers, and the [`PackedOps`] impl is the one-GEMM packed
+//! layout. Scratch space (rank-sized partials, the hi/lo halves of the f32
+//! factors, `t'`, `B'`, `dS`) is allocated per call from the stream's pool.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -19,15 +20,17 @@ use cudarc::driver::{
 
 use super::{blocks_for, grid, kernels, ArgOrNull, Gpu};
 use crate::dtype::{DType, Element};
+use crate::lowrank::packed::{self, PackedLayout, PackedOps};
 use crate::lowrank::{Adapter, AdapterLens, GradLens, Grads, LinearShape, LowRankOps};
 use crate::{Error, Result};
 
 /// Must match `LR_THREADS` in kernels/lowrank.cu.
 const THREADS: u32 = 256;
-/// Must match `TC_THREADS` in kernels/lowrank.cu.
-const TC_THREADS: u32 = 128;
-/// Tile sizes that must match the kernel's `SH_*`, `TC_ROWS` and `BD_*`
-/// constants.
+/// Must match `TC_WARPS` and `TC_KT` in kernels/lowrank.cu: warps per
+/// block of the tensor-core kernels, and the reduction step of a warp.
+const TC_WARPS: usize = 4;
+const TC_KT: usize = 64;
+/// Tile sizes that must match the f32 kernels' `SH_*` and `BD_*` constants.
 const SH_ROWS: usize = 64;
 const SH_RANKS: usize = 16;
 const SH_KT: usize = 32;
@@ -36,11 +39,29 @@ const BD_COLS_PER_BLOCK: usize = 128 * 4;
 const BD_RANKS: usize = 16;
 /// Rows per block of `lowrank_backward_rows`.
 const ROWS_PER_BLOCK: usize = 128;
+/// Columns per block of `lowrank_backward_cols` (`COLS_W`).
+const COLS_PER_BLOCK: usize = 32;
 /// Largest M the single-launch decode kernel takes (its `t` sits in shared
 /// memory: M·r·4 ≤ 32 KiB at r = 256).
 pub const DECODE_MAX_M: usize = 32;
-/// Blocks per SM the multi-block kernels aim for.
+/// Blocks per SM the f32 multi-block kernels aim for.
 const BLOCKS_PER_SM: usize = 2;
+/// Resident 128-thread tensor-core blocks per SM the grids are sized for
+/// (≤ 64 registers a thread: 8 blocks; the rank-64 bucket holds fewer), and
+/// how many waves of them a grid should fill.
+const TC_BLOCKS_PER_SM: usize = 8;
+const TC_WAVES: usize = 2;
+
+/// The rank bucket of the tensor-core kernels (`lowrank_shrink_r{16,32,64}`,
+/// `lowrank_dy_p_r{16,32,64}`): ranks per block, held in registers as
+/// 16×16 accumulator fragments; grid.z walks larger ranks in blocks of 64.
+fn rank_block(r: usize) -> usize {
+    match r {
+        0..=16 => 16,
+        17..=32 => 32,
+        _ => 64,
+    }
+}
 
 /// An adapter as device views (see [`crate::lowrank::Adapter`]).
 pub struct AdapterView<'a> {
@@ -85,6 +106,20 @@ pub struct GradViews<'a, T> {
     pub du: Option<CudaViewMut<'a, f32>>,
     /// `dv` (N).
     pub dv: Option<CudaViewMut<'a, f32>>,
+}
+
+impl<T> GradViews<'_, T> {
+    fn lens(&self) -> GradLens {
+        GradLens {
+            dx: self.dx.as_ref().map(|v| v.len()),
+            dw: self.dw.as_ref().map(|v| v.len()),
+            dbias: self.dbias.as_ref().map(|v| v.len()),
+            da: self.da.as_ref().map(|v| v.len()),
+            db: self.db.as_ref().map(|v| v.len()),
+            du: self.du.as_ref().map(|v| v.len()),
+            dv: self.dv.as_ref().map(|v| v.len()),
+        }
+    }
 }
 
 fn launch_err(name: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
@@ -245,41 +280,154 @@ fn padded_rank(r: usize) -> usize {
     (r + 1).div_ceil(8) * 8
 }
 
-/// `part = x·Aᵀ` per K-split: returns (partials, splits). Enough splits
-/// that the grid covers the device, at least 4 K-tiles per split.
+/// An f32 factor split into `hi = T(a)` and `lo = T(a − hi)`, zero padded
+/// to `rows_pad × ld` (see `split_impl` in the kernel file).
+struct Split<T> {
+    hi: CudaSlice<T>,
+    lo: CudaSlice<T>,
+    ld: usize,
+}
+
+/// Splits `src` (rows×cols, or cols×rows read transposed when `trans`),
+/// scaled per column by `cs`, into padded hi/lo halves in `T`.
+#[allow(clippy::too_many_arguments)]
+fn split<T: Element>(
+    gpu: &Gpu,
+    src: &CudaView<'_, f32>,
+    trans: bool,
+    cs: Option<&CudaView<'_, f32>>,
+    (rows, cols): (usize, usize),
+    rows_pad: usize,
+    ld: usize,
+) -> Result<Split<T>> {
+    let len = rows_pad * ld;
+    let mut hi = scratch::<T>(gpu, len)?;
+    let mut lo = scratch::<T>(gpu, len)?;
+    let (f, name) = kernel::<T>(gpu, "lowrank_split")?;
+    let cfg = grid(gpu.persistent_grid(8, blocks_for(len as u64, THREADS) as u64), THREADS, 0);
+    let (tr, r32, c32, rp32, ld32) = (trans as i32, rows as i32, cols as i32, rows_pad as i32, ld as i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(src).arg(&tr);
+    b.arg_or_null(cs);
+    b.arg(&mut hi).arg(&mut lo).arg(&r32).arg(&c32).arg(&rp32).arg(&ld32);
+    unsafe { b.launch(cfg) }.map_err(launch_err(&name))?;
+    Ok(Split { hi, lo, ld })
+}
+
+/// Splits of a reduction of length `len` (x's K, dy's N or M) so a grid of
+/// `other_blocks` blocks per split covers `TC_WAVES` waves, while the f32
+/// partials (`r` per row and split) stay within a quarter of the bytes of
+/// the operand read (`len` elements of T per row, read `z` times).
+fn tc_splits(gpu: &Gpu, len: usize, steps: usize, other_blocks: usize, r: usize, z: usize, size: usize) -> usize {
+    let target = gpu.info().sm_count as usize * TC_BLOCKS_PER_SM * TC_WAVES;
+    let want = target.div_ceil(other_blocks.max(1));
+    let cap = (len * size * z / (16 * r.max(1))).max(1);
+    want.min(cap).min(steps).max(1)
+}
+
+/// `part[split] = x·Aᵀ` over K-splits on the tensor cores, for 16-bit `x`
+/// (M×K, row stride `ldx`) and `A` already split; also the backward's
+/// `gB = dy·(B⊙v)` with dy as x. Returns (partials, splits).
+fn shrink_tc<T: Element>(
+    gpu: &Gpu,
+    (m, k, r): (usize, usize, usize),
+    x: &CudaView<'_, T>,
+    ldx: usize,
+    a: &Split<T>,
+) -> Result<(CudaSlice<f32>, usize)> {
+    let rb = rank_block(r);
+    let z = r.div_ceil(rb);
+    let xblocks = m.div_ceil(16 * TC_WARPS);
+    let steps = k.div_ceil(TC_KT);
+    let want = tc_splits(gpu, k, steps, xblocks * z, r, z, T::DTYPE.size());
+    let per_split = steps.div_ceil(want) * TC_KT;
+    let splits = k.div_ceil(per_split);
+    let mut part = scratch::<f32>(gpu, splits * m * r)?;
+    let (f, name) = kernel::<T>(gpu, &format!("lowrank_shrink_r{rb}"))?;
+    let cfg = LaunchConfig {
+        grid_dim: (xblocks as u32, splits as u32, z as u32),
+        block_dim: ((TC_WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (ldx32, lda32, m32, k32, r32, ps) = (ldx as i32, a.ld as i32, m as i32, k as i32, r as i32, per_split as i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(x).arg(&ldx32).arg(&a.hi).arg(&a.lo).arg(&lda32);
+    b.arg(&mut part).arg(&m32).arg(&k32).arg(&r32).arg(&ps);
+    unsafe { b.launch(cfg) }.map_err(launch_err(&name))?;
+    Ok((part, splits))
+}
+
+/// `part = x·Aᵀ` per K-split for `x` M×K with row stride `ldx`: returns
+/// (partials, splits). 16-bit x: tensor cores (`shrink_tc`); f32 x: the
+/// CUDA-core kernel, enough splits that the grid covers the device.
 fn shrink<T: Element>(
     gpu: &Gpu,
     s: LinearShape,
     x: &CudaView<'_, T>,
+    ldx: usize,
     a: &CudaView<'_, f32>,
 ) -> Result<(CudaSlice<f32>, usize)> {
     let LinearShape { m, k, r, .. } = s;
+    if T::DTYPE != DType::F32 {
+        let rows_pad = r.div_ceil(rank_block(r)) * rank_block(r);
+        let a = split::<T>(gpu, a, false, None, (r, k), rows_pad, k.div_ceil(TC_KT) * TC_KT)?;
+        return shrink_tc(gpu, (m, k, r), x, ldx, &a);
+    }
     let base = m.div_ceil(SH_ROWS) * r.div_ceil(SH_RANKS);
     let want = (gpu.info().sm_count as usize * BLOCKS_PER_SM).div_ceil(base).max(1);
     let max_splits = k.div_ceil(4 * SH_KT).max(1);
     let per_split = k.div_ceil(want.min(max_splits)).div_ceil(SH_KT) * SH_KT;
     let splits = k.div_ceil(per_split);
     let mut part = scratch::<f32>(gpu, splits * m * r)?;
-    // 16-bit x: tensor cores (A split into hi + lo halves, see the kernel);
-    // f32 x: CUDA cores. Same tiling (64 rows × 16 ranks) and partials.
-    let (stem, threads) =
-        if T::DTYPE == DType::F32 { ("lowrank_shrink", THREADS) } else { ("lowrank_shrink_tc", TC_THREADS) };
-    let (f, name) = kernel::<T>(gpu, stem)?;
+    let (f, name) = kernel::<T>(gpu, "lowrank_shrink")?;
     let cfg = LaunchConfig {
         grid_dim: (m.div_ceil(SH_ROWS) as u32, splits as u32, r.div_ceil(SH_RANKS) as u32),
-        block_dim: (threads, 1, 1),
+        block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (m32, k32, r32, ps) = (m as i32, k as i32, r as i32, per_split as i32);
-    unsafe {
-        gpu.stream().launch_builder(&f).arg(x).arg(a).arg(&mut part).arg(&m32).arg(&k32).arg(&r32).arg(&ps).launch(cfg)
-    }
-    .map_err(launch_err(&name))?;
+    let (ldx32, m32, k32, r32, ps) = (ldx as i32, m as i32, k as i32, r as i32, per_split as i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(x).arg(&ldx32).arg(a).arg(&mut part).arg(&m32).arg(&k32).arg(&r32).arg(&ps);
+    unsafe { b.launch(cfg) }.map_err(launch_err(&name))?;
     Ok((part, splits))
 }
 
+/// `ppart[stripe] = dyᵀ·(t⊙u)` over row stripes on the tensor cores, for
+/// 16-bit `dy` (M×N, row stride `lddy`) and `t⊙u` already split. Returns
+/// (partials, stripes).
+fn dy_p_tc<T: Element>(
+    gpu: &Gpu,
+    (m, n, r): (usize, usize, usize),
+    dy: &CudaView<'_, T>,
+    lddy: usize,
+    tu: &Split<T>,
+) -> Result<(CudaSlice<f32>, usize)> {
+    let rb = rank_block(r);
+    let z = r.div_ceil(rb);
+    let warp_cols = 16 * (64 / rb);
+    let xblocks = n.div_ceil(TC_WARPS * warp_cols);
+    let tiles = m.div_ceil(16);
+    let want = tc_splits(gpu, m, tiles, xblocks * z, r, z, T::DTYPE.size());
+    let rows_per_block = tiles.div_ceil(want) * 16;
+    let stripes = m.div_ceil(rows_per_block);
+    let mut ppart = scratch::<f32>(gpu, stripes * r * n)?;
+    let (f, name) = kernel::<T>(gpu, &format!("lowrank_dy_p_r{rb}"))?;
+    let cfg = LaunchConfig {
+        grid_dim: (xblocks as u32, stripes as u32, z as u32),
+        block_dim: ((TC_WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (ld32, ldt32, m32, n32, r32, rpb) =
+        (lddy as i32, tu.ld as i32, m as i32, n as i32, r as i32, rows_per_block as i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(dy).arg(&ld32).arg(&tu.hi).arg(&tu.lo).arg(&ldt32);
+    b.arg(&mut ppart).arg(&m32).arg(&n32).arg(&r32).arg(&rpb);
+    unsafe { b.launch(cfg) }.map_err(launch_err(&name))?;
+    Ok((ppart, stripes))
+}
+
 /// Sums the shrink partials into `t` (if given) and, with `tx`, writes
-/// `t' = [s·t⊙u | bias column | 0…]` (`ld` wide).
+/// `t' = [s·t⊙u | bias column | 0…]` (`ld` wide, row stride `tx_ld`).
 #[allow(clippy::too_many_arguments)]
 fn shrink_finish<T: Element>(
     gpu: &Gpu,
@@ -288,21 +436,22 @@ fn shrink_finish<T: Element>(
     splits: usize,
     ad: &AdapterView<'_>,
     t: Option<&mut CudaViewMut<'_, f32>>,
-    tx: Option<&mut CudaSlice<T>>,
-    ld: usize,
+    tx: Option<&mut CudaViewMut<'_, T>>,
+    (ld, tx_ld): (usize, usize),
     bias_col: bool,
 ) -> Result<()> {
     let (f, name) = kernel::<T>(gpu, "lowrank_shrink_finish")?;
     let total = (s.m * ld) as u64;
     let cfg = grid(gpu.persistent_grid(8, blocks_for(total, THREADS) as u64), THREADS, 0);
-    let (splits, ld32, bias32, m32, r32) = (splits as i32, ld as i32, bias_col as i32, s.m as i32, s.r as i32);
+    let (splits, ld32, txld32, bias32, m32, r32) =
+        (splits as i32, ld as i32, tx_ld as i32, bias_col as i32, s.m as i32, s.r as i32);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(part).arg(&splits);
     b.arg_or_null(ad.u.as_ref());
     b.arg(&ad.scale);
     b.arg_or_null(t);
     b.arg_or_null(tx);
-    b.arg(&ld32).arg(&bias32).arg(&m32).arg(&r32);
+    b.arg(&ld32).arg(&txld32).arg(&bias32).arg(&m32).arg(&r32);
     unsafe { b.launch(cfg) }.map_err(launch_err(&name))?;
     Ok(())
 }
@@ -436,9 +585,9 @@ fn prefill_expand<T: Element>(
     beta: f32,
 ) -> Result<()> {
     let ld = padded_rank(s.r);
-    let (part, splits) = shrink(gpu, s, x, &ad.a)?;
+    let (part, splits) = shrink(gpu, s, x, s.k, &ad.a)?;
     let mut tx = scratch::<T>(gpu, s.m * ld)?;
-    shrink_finish(gpu, s, &part, splits, ad, t, Some(&mut tx), ld, bias.is_some())?;
+    shrink_finish(gpu, s, &part, splits, ad, t, Some(&mut tx.as_view_mut()), (ld, ld), bias.is_some())?;
     let bx = prep_expand(gpu, s, ad, bias, ld)?;
     expand_gemm(gpu, s, &tx, &bx, ld, y, beta)
 }
@@ -481,6 +630,34 @@ pub fn forward<T: Element>(
     }
 }
 
+/// `t = x·Aᵀ` (M×r, f32) alone, on `gpu`'s stream: the shrink kernel and
+/// its fixed-order finish, deterministic. For engines that apply the
+/// expand themselves; the bench times it as a bandwidth row.
+pub fn project_down<T: Element>(
+    gpu: &Gpu,
+    s: LinearShape,
+    x: &CudaView<'_, T>,
+    a: &CudaView<'_, f32>,
+    t: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    const OP: &str = "project_down";
+    let LinearShape { m, k, r, .. } = s;
+    if m == 0 || k == 0 || r == 0 || r > crate::lowrank::MAX_RANK || [m, k].iter().any(|&d| d > i32::MAX as usize) {
+        return Err(Error::invalid(
+            OP,
+            format!("{s}: M, K must be in 1..2^31 and r in 1..={}", crate::lowrank::MAX_RANK),
+        ));
+    }
+    for (name, len, want) in [("x", x.len(), m * k), ("A", a.len(), r * k), ("t", t.len(), m * r)] {
+        if len != want {
+            return Err(Error::shape(OP, name, format!("{want} elements"), format!("{len} elements")));
+        }
+    }
+    let (part, splits) = shrink(gpu, s, x, k, a)?;
+    let ad = AdapterView { a: a.slice(..), b: a.slice(0..0), u: None, v: None, scale: 1.0 };
+    shrink_finish::<T>(gpu, s, &part, splits, &ad, Some(t), None, (r, r), false)
+}
+
 /// Engine form of the in-place add: `y += s·(((x·Aᵀ)⊙u)·Bᵀ)⊙v` where `y`
 /// already holds the engine's `x·Wᵀ`, on the caller's stream and buffers.
 pub fn add_in_place<T: Element>(
@@ -498,6 +675,76 @@ pub fn add_in_place<T: Element>(
     }
 }
 
+/// Partials of `gB = (dy⊙v)·B` and `P = dyᵀ·(t⊙u)` from f32 `dy` in ONE
+/// CUDA-core pass (`lowrank_backward_dy_f32`): (gpart, parts, ppart, parts).
+type DyProducts = (Option<CudaSlice<f32>>, usize, Option<CudaSlice<f32>>, usize);
+
+fn dy_products_f32<T: Element>(
+    gpu: &Gpu,
+    s: LinearShape,
+    (dy, lddy): (&CudaView<'_, T>, usize),
+    t: Option<&CudaView<'_, f32>>,
+    ad: &AdapterView<'_>,
+    want_g: bool,
+    want_p: bool,
+) -> Result<DyProducts> {
+    let LinearShape { m, n, r, .. } = s;
+    let gx = n.div_ceil(BD_COLS_PER_BLOCK);
+    let gz = r.div_ceil(BD_RANKS);
+    let want = (gpu.info().sm_count as usize * BLOCKS_PER_SM).div_ceil(gx * gz).clamp(1, m.div_ceil(BD_ROWS));
+    let rows_per_block = m.div_ceil(want).div_ceil(BD_ROWS) * BD_ROWS;
+    let gy = m.div_ceil(rows_per_block);
+    let mut gpart = if want_g { Some(scratch::<f32>(gpu, gx * m * r)?) } else { None };
+    let mut ppart = if want_p { Some(scratch::<f32>(gpu, gy * r * n)?) } else { None };
+    let (f, name) = kernel::<T>(gpu, "lowrank_backward_dy")?;
+    let cfg =
+        LaunchConfig { grid_dim: (gx as u32, gy as u32, gz as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let (ld32, m32, n32, r32, rpb) = (lddy as i32, m as i32, n as i32, r as i32, rows_per_block as i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(dy).arg(&ld32);
+    b.arg_or_null(t);
+    b.arg(&ad.b);
+    b.arg_or_null(ad.u.as_ref());
+    b.arg_or_null(ad.v.as_ref());
+    b.arg_or_null(gpart.as_mut());
+    b.arg_or_null(ppart.as_mut());
+    b.arg(&m32).arg(&n32).arg(&r32).arg(&rpb);
+    unsafe { b.launch(cfg) }.map_err(launch_err(&name))?;
+    Ok((gpart, gx, ppart, gy))
+}
+
+/// The same partials from 16-bit `dy` (row stride `lddy`) on the tensor
+/// cores: `gB` by the shrink kernel with dy as x and `(B⊙v)ᵀ` as A, `P` by
+/// `lowrank_dy_p`; the f32 factors split into hi/lo halves first.
+fn dy_products_tc<T: Element>(
+    gpu: &Gpu,
+    s: LinearShape,
+    (dy, lddy): (&CudaView<'_, T>, usize),
+    t: Option<&CudaView<'_, f32>>,
+    ad: &AdapterView<'_>,
+    want_g: bool,
+    want_p: bool,
+) -> Result<DyProducts> {
+    let LinearShape { m, n, r, .. } = s;
+    let rb = rank_block(r);
+    let r_pad = r.div_ceil(rb) * rb;
+    let (mut gpart, mut gparts, mut ppart, mut pparts) = (None, 0, None, 0);
+    if want_g {
+        let bv = split::<T>(gpu, &ad.b, true, ad.v.as_ref(), (r, n), r_pad, n.div_ceil(TC_KT) * TC_KT)?;
+        let (part, parts) = shrink_tc(gpu, (m, n, r), dy, lddy, &bv)?;
+        (gpart, gparts) = (Some(part), parts);
+    }
+    if want_p {
+        let t = t.ok_or_else(|| Error::invalid(BWD_OP, "internal: P needs t"))?;
+        let tu = split::<T>(gpu, t, false, ad.u.as_ref(), (m, r), m.div_ceil(16) * 16, r_pad)?;
+        let (part, parts) = dy_p_tc(gpu, (m, n, r), dy, lddy, &tu)?;
+        (ppart, pparts) = (Some(part), parts);
+    }
+    Ok((gpart, gparts, ppart, pparts))
+}
+
+const BWD_OP: &str = "lowrank_backward";
+
 /// Engine form of the backward over caller views. See
 /// [`LowRankOps::lowrank_backward`].
 #[allow(clippy::too_many_arguments)]
@@ -512,148 +759,16 @@ pub fn backward<T: Element>(
     grads: GradViews<'_, T>,
 ) -> Result<()> {
     let lens = adapter.map(AdapterView::lens);
-    let glens = GradLens {
-        dx: grads.dx.as_ref().map(|v| v.len()),
-        dw: grads.dw.as_ref().map(|v| v.len()),
-        dbias: grads.dbias.as_ref().map(|v| v.len()),
-        da: grads.da.as_ref().map(|v| v.len()),
-        db: grads.db.as_ref().map(|v| v.len()),
-        du: grads.du.as_ref().map(|v| v.len()),
-        dv: grads.dv.as_ref().map(|v| v.len()),
-    };
-    s.check_backward(x.len(), w.len(), lens.as_ref(), t.map(|t| t.len()), dy.len(), &glens)?;
+    s.check_backward(x.len(), w.len(), lens.as_ref(), t.map(|t| t.len()), dy.len(), &grads.lens())?;
     let GradViews { dx, dw, dbias, da, db, du, dv } = grads;
     let LinearShape { m, k, n, r } = s;
     let d = T::DTYPE;
     let h = blas(gpu)?;
-
-    if let Some(mut dbias) = dbias {
-        // dbias += dyᵀ·1: a GEMV on cuBLAS, deterministic.
-        let mut ones = scratch::<T>(gpu, m)?;
-        let (f, name) = kernel::<T>(gpu, "lowrank_fill_one")?;
-        let cfg = grid(blocks_for(m as u64, THREADS), THREADS, 0);
-        unsafe { gpu.stream().launch_builder(&f).arg(&mut ones).arg(&m).launch(cfg) }.map_err(launch_err(&name))?;
-        let (gp, _g1) = rd(gpu, dy);
-        let (op, _g2) = rd(gpu, &ones);
-        let (cp, _g3) = wr(gpu, &mut dbias);
-        let dyt = Operand { ptr: gp, ld: n, trans: true, dtype: d };
-        gemm(&h, (n, 1, m), dyt, Operand { ptr: op, ld: 1, trans: false, dtype: d }, cp, 1, DType::F32, 1.0, 1.0)?;
-    }
-    if let Some(mut dw) = dw {
-        let (gp, _g1) = rd(gpu, dy);
-        let (xp, _g2) = rd(gpu, x);
-        let (cp, _g3) = wr(gpu, &mut dw);
-        let dyt = Operand { ptr: gp, ld: n, trans: true, dtype: d };
-        gemm(&h, (n, k, m), dyt, Operand { ptr: xp, ld: k, trans: false, dtype: d }, cp, k, DType::F32, 1.0, 1.0)?;
-    }
-
-    // dS (in T) when dx or dA needs it.
-    let mut ds: Option<CudaSlice<T>> = None;
-    if let Some(ad) = adapter {
-        let want_ds = dx.is_some() || da.is_some();
-        let want_g = want_ds || du.is_some();
-        let want_p = db.is_some() || dv.is_some();
-        if want_g || want_p {
-            // t: the forward's, or recomputed; only du, dB and dv read it.
-            let need_t = du.is_some() || want_p;
-            let recomputed;
-            let t_view = match t {
-                Some(t) => t.slice(..),
-                None if !need_t => ad.a.slice(0..0),
-                None => {
-                    let (part, splits) = shrink(gpu, s, x, &ad.a)?;
-                    let mut tt = scratch::<f32>(gpu, m * r)?;
-                    shrink_finish::<T>(gpu, s, &part, splits, ad, Some(&mut tt.as_view_mut()), None, r, false)?;
-                    recomputed = tt;
-                    recomputed.as_view()
-                }
-            };
-            let gx = n.div_ceil(BD_COLS_PER_BLOCK);
-            let gz = r.div_ceil(BD_RANKS);
-            let want = (gpu.info().sm_count as usize * BLOCKS_PER_SM).div_ceil(gx * gz).clamp(1, m.div_ceil(BD_ROWS));
-            let rows_per_block = m.div_ceil(want).div_ceil(BD_ROWS) * BD_ROWS;
-            let gy = m.div_ceil(rows_per_block);
-            let mut gpart = if want_g { Some(scratch::<f32>(gpu, gx * m * r)?) } else { None };
-            let mut ppart = if want_p { Some(scratch::<f32>(gpu, gy * r * n)?) } else { None };
-            {
-                // 16-bit dy: tensor cores; f32: CUDA cores. Same grid and partials.
-                let stem = if d == DType::F32 { "lowrank_backward_dy" } else { "lowrank_backward_dy_tc" };
-                let (f, name) = kernel::<T>(gpu, stem)?;
-                let cfg = LaunchConfig {
-                    grid_dim: (gx as u32, gy as u32, gz as u32),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let (m32, n32, r32, rpb) = (m as i32, n as i32, r as i32, rows_per_block as i32);
-                let mut b = gpu.stream().launch_builder(&f);
-                b.arg(dy);
-                b.arg_or_null(need_t.then_some(&t_view));
-                b.arg(&ad.b);
-                b.arg_or_null(ad.u.as_ref());
-                b.arg_or_null(ad.v.as_ref());
-                b.arg_or_null(gpart.as_mut());
-                b.arg_or_null(ppart.as_mut());
-                b.arg(&m32).arg(&n32).arg(&r32).arg(&rpb);
-                unsafe { b.launch(cfg) }.map_err(launch_err(&name))?;
-            }
-            let row_blocks = m.div_ceil(ROWS_PER_BLOCK);
-            let mut dupart = if du.is_some() { Some(scratch::<f32>(gpu, row_blocks * r)?) } else { None };
-            if let Some(gpart) = gpart.as_ref() {
-                if want_ds {
-                    ds = Some(scratch::<T>(gpu, m * r)?);
-                }
-                let (f, name) = kernel::<T>(gpu, "lowrank_backward_rows")?;
-                let cfg = grid(row_blocks as u32, THREADS, 0);
-                let (np, m32, r32, rpb) = (gx as i32, m as i32, r as i32, ROWS_PER_BLOCK as i32);
-                let mut b = gpu.stream().launch_builder(&f);
-                b.arg(gpart).arg(&np);
-                b.arg_or_null(need_t.then_some(&t_view));
-                b.arg_or_null(ad.u.as_ref());
-                b.arg(&ad.scale);
-                b.arg_or_null(ds.as_mut());
-                b.arg_or_null(dupart.as_mut());
-                b.arg(&m32).arg(&r32).arg(&rpb);
-                unsafe { b.launch(cfg) }.map_err(launch_err(&name))?;
-            }
-            if want_p || du.is_some() {
-                let f = gpu.function(kernels::LOWRANK, "lowrank_backward_cols")?;
-                let cfg = grid(blocks_for(n.max(r) as u64, THREADS), THREADS, 0);
-                let (np, nd, n32, r32) = (gy as i32, row_blocks as i32, n as i32, r as i32);
-                let (mut db, mut dv, mut du) = (db, dv, du);
-                let mut b = gpu.stream().launch_builder(&f);
-                b.arg_or_null(ppart.as_ref());
-                b.arg(&np).arg(&ad.b);
-                b.arg_or_null(ad.v.as_ref());
-                b.arg(&ad.scale);
-                b.arg_or_null(db.as_mut());
-                b.arg_or_null(dv.as_mut());
-                b.arg_or_null(dupart.as_ref());
-                b.arg(&nd);
-                b.arg_or_null(du.as_mut());
-                b.arg(&n32).arg(&r32);
-                unsafe { b.launch(cfg) }.map_err(launch_err("lowrank_backward_cols"))?;
-            }
-            if let (Some(mut da), Some(ds)) = (da, ds.as_ref()) {
-                // dA += dSᵀ·x
-                let (sp, _g1) = rd(gpu, ds);
-                let (xp, _g2) = rd(gpu, x);
-                let (cp, _g3) = wr(gpu, &mut da);
-                let dst = Operand { ptr: sp, ld: r, trans: true, dtype: d };
-                gemm(
-                    &h,
-                    (r, k, m),
-                    dst,
-                    Operand { ptr: xp, ld: k, trans: false, dtype: d },
-                    cp,
-                    k,
-                    DType::F32,
-                    1.0,
-                    1.0,
-                )?;
-            }
-        }
-    }
-
+    base_grads(gpu, s, (x, k), (dy, n), dw, dbias)?;
+    let ds = match adapter {
+        Some(ad) => adapter_grads(gpu, s, (x, k), (dy, n), ad, t, dx.is_some(), AdapterGrads { da, db, du, dv })?,
+        None => None,
+    };
     if let Some(mut dx) = dx {
         // As in the forward: the rank-r term dS·A (A rounded to T for the
         // tensor cores) is written into dx first, and the big GEMM dy·W
@@ -681,6 +796,142 @@ pub fn backward<T: Element>(
         gemm(&h, (m, k, n), dyo, Operand { ptr: wp, ld: k, trans: false, dtype: d }, cp, k, d, 1.0, beta)?;
     }
     Ok(())
+}
+
+/// `dbias += dyᵀ·1` and `dW += dyᵀ·x` on cuBLAS (deterministic), for `x`
+/// and `dy` with row strides `ldx`, `lddy`.
+fn base_grads<T: Element>(
+    gpu: &Gpu,
+    s: LinearShape,
+    (x, ldx): (&CudaView<'_, T>, usize),
+    (dy, lddy): (&CudaView<'_, T>, usize),
+    dw: Option<CudaViewMut<'_, f32>>,
+    dbias: Option<CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    let LinearShape { m, k, n, .. } = s;
+    let d = T::DTYPE;
+    let h = blas(gpu)?;
+    if let Some(mut dbias) = dbias {
+        let mut ones = scratch::<T>(gpu, m)?;
+        let (f, name) = kernel::<T>(gpu, "lowrank_fill_one")?;
+        let cfg = grid(blocks_for(m as u64, THREADS), THREADS, 0);
+        unsafe { gpu.stream().launch_builder(&f).arg(&mut ones).arg(&m).launch(cfg) }.map_err(launch_err(&name))?;
+        let (gp, _g1) = rd(gpu, dy);
+        let (op, _g2) = rd(gpu, &ones);
+        let (cp, _g3) = wr(gpu, &mut dbias);
+        let dyt = Operand { ptr: gp, ld: lddy, trans: true, dtype: d };
+        gemm(&h, (n, 1, m), dyt, Operand { ptr: op, ld: 1, trans: false, dtype: d }, cp, 1, DType::F32, 1.0, 1.0)?;
+    }
+    if let Some(mut dw) = dw {
+        let (gp, _g1) = rd(gpu, dy);
+        let (xp, _g2) = rd(gpu, x);
+        let (cp, _g3) = wr(gpu, &mut dw);
+        let dyt = Operand { ptr: gp, ld: lddy, trans: true, dtype: d };
+        gemm(&h, (n, k, m), dyt, Operand { ptr: xp, ld: ldx, trans: false, dtype: d }, cp, k, DType::F32, 1.0, 1.0)?;
+    }
+    Ok(())
+}
+
+/// The adapter's gradient outputs (accumulated; `None`: frozen).
+struct AdapterGrads<'a> {
+    da: Option<CudaViewMut<'a, f32>>,
+    db: Option<CudaViewMut<'a, f32>>,
+    du: Option<CudaViewMut<'a, f32>>,
+    dv: Option<CudaViewMut<'a, f32>>,
+}
+
+/// The adapter's part of the backward: the dy pass (gB, P), then dS (in T,
+/// M×r, returned when `want_ds` or dA needs it), du, dB, dv and
+/// `dA += dSᵀ·x`. `x` and `dy` have row strides `ldx`, `lddy` (a packed
+/// layout's, or their widths); `t` None: recomputed when needed.
+#[allow(clippy::too_many_arguments)]
+fn adapter_grads<T: Element>(
+    gpu: &Gpu,
+    s: LinearShape,
+    (x, ldx): (&CudaView<'_, T>, usize),
+    (dy, lddy): (&CudaView<'_, T>, usize),
+    ad: &AdapterView<'_>,
+    t: Option<&CudaView<'_, f32>>,
+    want_dx: bool,
+    grads: AdapterGrads<'_>,
+) -> Result<Option<CudaSlice<T>>> {
+    let AdapterGrads { da, db, du, dv } = grads;
+    let LinearShape { m, k, n, r } = s;
+    let d = T::DTYPE;
+    let want_ds = want_dx || da.is_some();
+    let want_g = want_ds || du.is_some();
+    let want_p = db.is_some() || dv.is_some();
+    if !want_g && !want_p {
+        return Ok(None);
+    }
+    // t: the forward's, or recomputed; only du, dB and dv read it.
+    let need_t = du.is_some() || want_p;
+    let recomputed;
+    let t_view = match t {
+        Some(t) => t.slice(..),
+        None if !need_t => ad.a.slice(0..0),
+        None => {
+            let (part, splits) = shrink(gpu, s, x, ldx, &ad.a)?;
+            let mut tt = scratch::<f32>(gpu, m * r)?;
+            shrink_finish::<T>(gpu, s, &part, splits, ad, Some(&mut tt.as_view_mut()), None, (r, r), false)?;
+            recomputed = tt;
+            recomputed.as_view()
+        }
+    };
+    let t_arg = need_t.then_some(&t_view);
+    let (gpart, gparts, ppart, pparts) = if d == DType::F32 {
+        dy_products_f32(gpu, s, (dy, lddy), t_arg, ad, want_g, want_p)?
+    } else {
+        dy_products_tc(gpu, s, (dy, lddy), t_arg, ad, want_g, want_p)?
+    };
+    let row_blocks = m.div_ceil(ROWS_PER_BLOCK);
+    let mut dupart = if du.is_some() { Some(scratch::<f32>(gpu, row_blocks * r)?) } else { None };
+    let mut ds: Option<CudaSlice<T>> = None;
+    if let Some(gpart) = gpart.as_ref() {
+        if want_ds {
+            ds = Some(scratch::<T>(gpu, m * r)?);
+        }
+        let (f, name) = kernel::<T>(gpu, "lowrank_backward_rows")?;
+        let cfg = grid(row_blocks as u32, THREADS, 0);
+        let (np, m32, r32, rpb) = (gparts as i32, m as i32, r as i32, ROWS_PER_BLOCK as i32);
+        let mut b = gpu.stream().launch_builder(&f);
+        b.arg(gpart).arg(&np);
+        b.arg_or_null(t_arg);
+        b.arg_or_null(ad.u.as_ref());
+        b.arg(&ad.scale);
+        b.arg_or_null(ds.as_mut());
+        b.arg_or_null(dupart.as_mut());
+        b.arg(&m32).arg(&r32).arg(&rpb);
+        unsafe { b.launch(cfg) }.map_err(launch_err(&name))?;
+    }
+    if want_p || du.is_some() {
+        let f = gpu.function(kernels::LOWRANK, "lowrank_backward_cols")?;
+        let cfg = grid(n.div_ceil(COLS_PER_BLOCK) as u32, THREADS, 0);
+        let (np, nd, n32, r32) = (pparts as i32, row_blocks as i32, n as i32, r as i32);
+        let (mut db, mut dv, mut du) = (db, dv, du);
+        let mut b = gpu.stream().launch_builder(&f);
+        b.arg_or_null(ppart.as_ref());
+        b.arg(&np).arg(&ad.b);
+        b.arg_or_null(ad.v.as_ref());
+        b.arg(&ad.scale);
+        b.arg_or_null(db.as_mut());
+        b.arg_or_null(dv.as_mut());
+        b.arg_or_null(dupart.as_ref());
+        b.arg(&nd);
+        b.arg_or_null(du.as_mut());
+        b.arg(&n32).arg(&r32);
+        unsafe { b.launch(cfg) }.map_err(launch_err("lowrank_backward_cols"))?;
+    }
+    if let (Some(mut da), Some(ds)) = (da, ds.as_ref()) {
+        // dA += dSᵀ·x
+        let h = blas(gpu)?;
+        let (sp, _g1) = rd(gpu, ds);
+        let (xp, _g2) = rd(gpu, x);
+        let (cp, _g3) = wr(gpu, &mut da);
+        let dst = Operand { ptr: sp, ld: r, trans: true, dtype: d };
+        gemm(&h, (r, k, m), dst, Operand { ptr: xp, ld: ldx, trans: false, dtype: d }, cp, k, DType::F32, 1.0, 1.0)?;
+    }
+    Ok(ds)
 }
 
 fn adapter_view<'a>(ad: &Adapter<'a, Gpu>) -> AdapterView<'a> {
@@ -743,4 +994,173 @@ impl LowRankOps for Gpu {
     ) -> Result<()> {
         add_in_place(self, shape, &x.as_view(), &adapter_view(&adapter), &mut y.as_view_mut())
     }
+}
+
+/// The packed layout on the GPU: the same kernels and one cuBLAS GEMM each
+/// way (see [`crate::lowrank::packed`]).
+impl PackedOps for Gpu {
+    fn pack_rows<T: Element>(
+        &self,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+        src: &CudaSlice<T>,
+        dst: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        const OP: &str = "pack_rows";
+        if ld < cols || ld > i32::MAX as usize || rows > i32::MAX as usize {
+            return Err(Error::invalid(OP, format!("ld = {ld}, cols = {cols}, rows = {rows}: need cols <= ld < 2^31")));
+        }
+        if src.len() != rows * cols {
+            return Err(Error::shape(OP, "src", format!("{rows}x{cols}"), format!("{} elements", src.len())));
+        }
+        if dst.len() != rows * ld {
+            return Err(Error::shape(OP, "dst", format!("{rows}x{ld}"), format!("{} elements", dst.len())));
+        }
+        pack_rows_into(self, &src.as_view(), &mut dst.as_view_mut(), (rows, cols, cols, ld))
+    }
+
+    fn pack_weight<T: Element>(
+        &self,
+        layout: &PackedLayout,
+        w: &CudaSlice<T>,
+        bias: Option<&CudaSlice<T>>,
+        adapter: Adapter<'_, Gpu>,
+        w_packed: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        let LinearShape { k, n, .. } = layout.shape;
+        if w.len() != n * k {
+            return Err(Error::shape(packed::PACK, "W", format!("{n}x{k}"), format!("{} elements", w.len())));
+        }
+        pack_weight_launch(self, layout, Some(w), bias, adapter, w_packed)
+    }
+
+    fn pack_adapter<T: Element>(
+        &self,
+        layout: &PackedLayout,
+        bias: Option<&CudaSlice<T>>,
+        adapter: Adapter<'_, Gpu>,
+        w_packed: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        pack_weight_launch(self, layout, None, bias, adapter, w_packed)
+    }
+
+    fn packed_forward<T: Element>(
+        &self,
+        layout: &PackedLayout,
+        x_packed: &mut CudaSlice<T>,
+        w_packed: &CudaSlice<T>,
+        adapter: Adapter<'_, Gpu>,
+        y: &mut CudaSlice<T>,
+        t: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()> {
+        let lens = AdapterLens::of(&adapter);
+        packed::check_forward(layout, x_packed.len(), w_packed.len(), &lens, y.len(), t.as_ref().map(|t| t.len()))?;
+        let s = layout.shape;
+        let (p, ld) = (layout.pad(), layout.x_ld());
+        let ad = adapter_view(&adapter);
+        let (part, splits) = shrink(self, s, &x_packed.as_view(), ld, &ad.a)?;
+        let mut t = t.map(|t| t.as_view_mut());
+        let mut spare = x_packed.slice_mut(s.k..);
+        shrink_finish(self, s, &part, splits, &ad, t.as_mut(), Some(&mut spare), (p, ld), layout.bias)?;
+        let h = blas(self)?;
+        let (xp, _g1) = rd(self, x_packed);
+        let (wp, _g2) = rd(self, w_packed);
+        let (yp, _g3) = wr(self, y);
+        let d = T::DTYPE;
+        let xo = Operand { ptr: xp, ld, trans: false, dtype: d };
+        let wo = Operand { ptr: wp, ld, trans: true, dtype: d };
+        gemm(&h, (s.m, s.n, ld), xo, wo, yp, s.n, d, 1.0, 0.0)
+    }
+
+    fn packed_backward<T: Element>(
+        &self,
+        layout: &PackedLayout,
+        x_packed: &CudaSlice<T>,
+        w_packed: &CudaSlice<T>,
+        adapter: Adapter<'_, Gpu>,
+        t: Option<&CudaSlice<f32>>,
+        dy_packed: &mut CudaSlice<T>,
+        grads: Grads<'_, Gpu, T>,
+    ) -> Result<()> {
+        let lens = AdapterLens::of(&adapter);
+        let glens = GradLens::of(&grads);
+        let (xl, wl, dyl) = (x_packed.len(), w_packed.len(), dy_packed.len());
+        packed::check_backward(layout, xl, wl, &lens, t.map(|t| t.len()), dyl, &glens)?;
+        let s = layout.shape;
+        let LinearShape { m, k, n, r } = s;
+        let (p, ld, dld) = (layout.pad(), layout.x_ld(), layout.dy_ld());
+        let ad = adapter_view(&adapter);
+        let Grads { dx, dw, dbias, da, db, du, dv } = grads;
+        let t = t.map(|t| t.as_view());
+        let ds = {
+            let (x, dy) = (x_packed.as_view(), dy_packed.as_view());
+            base_grads(self, s, (&x, ld), (&dy, dld), dw.map(|v| v.as_view_mut()), dbias.map(|v| v.as_view_mut()))?;
+            let ag = AdapterGrads {
+                da: da.map(|v| v.as_view_mut()),
+                db: db.map(|v| v.as_view_mut()),
+                du: du.map(|v| v.as_view_mut()),
+                dv: dv.map(|v| v.as_view_mut()),
+            };
+            adapter_grads(self, s, (&x, ld), (&dy, dld), &ad, t.as_ref(), dx.is_some(), ag)?
+        };
+        if let (Some(dx), Some(ds)) = (dx, ds) {
+            // dS into dy's spare columns (the padding zeroed), then
+            // dx = [dy | dS]·[W ; A] as ONE GEMM over N + p.
+            pack_rows_into(self, &ds.as_view(), &mut dy_packed.slice_mut(n..), (m, r, p, dld))?;
+            let h = blas(self)?;
+            let (gp, _g1) = rd(self, dy_packed);
+            let (wp, _g2) = rd(self, w_packed);
+            let (cp, _g3) = wr(self, dx);
+            let d = T::DTYPE;
+            let go = Operand { ptr: gp, ld: dld, trans: false, dtype: d };
+            let wo = Operand { ptr: wp, ld, trans: false, dtype: d };
+            gemm(&h, (m, k, dld), go, wo, cp, k, d, 1.0, 0.0)?;
+        }
+        Ok(())
+    }
+}
+
+/// `dst[row][c] = c < cols ? src[row][c] : 0` for `c < width`, rows of
+/// `dst` `ld` apart (`lowrank_pack_rows`).
+fn pack_rows_into<T: Element>(
+    gpu: &Gpu,
+    src: &CudaView<'_, T>,
+    dst: &mut CudaViewMut<'_, T>,
+    (rows, cols, width, ld): (usize, usize, usize, usize),
+) -> Result<()> {
+    let (f, name) = kernel::<T>(gpu, "lowrank_pack_rows")?;
+    let cfg = grid(gpu.persistent_grid(8, blocks_for((rows * width) as u64, THREADS) as u64), THREADS, 0);
+    let (r32, c32, w32, ld32) = (rows as i32, cols as i32, width as i32, ld as i32);
+    unsafe { gpu.stream().launch_builder(&f).arg(src).arg(dst).arg(&r32).arg(&c32).arg(&w32).arg(&ld32).launch(cfg) }
+        .map_err(launch_err(&name))?;
+    Ok(())
+}
+
+/// `lowrank_pack_weight`: the adapter's regions of `w_packed`, and `W`'s
+/// when given.
+fn pack_weight_launch<T: Element>(
+    gpu: &Gpu,
+    layout: &PackedLayout,
+    w: Option<&CudaSlice<T>>,
+    bias: Option<&CudaSlice<T>>,
+    adapter: Adapter<'_, Gpu>,
+    w_packed: &mut CudaSlice<T>,
+) -> Result<()> {
+    layout.check_adapter(packed::PACK, &AdapterLens::of(&adapter), bias.map(|b| b.len()))?;
+    layout.check_buf(packed::PACK, "w", w_packed.len(), layout.w_len())?;
+    let LinearShape { k, n, r, .. } = layout.shape;
+    let p = layout.pad();
+    let total = n * p + p * layout.x_ld() + w.map_or(0, |_| n * k);
+    let (f, name) = kernel::<T>(gpu, "lowrank_pack_weight")?;
+    let cfg = grid(gpu.persistent_grid(8, blocks_for(total as u64, THREADS) as u64), THREADS, 0);
+    let (n32, k32, r32, p32) = (n as i32, k as i32, r as i32, p as i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg_or_null(w);
+    b.arg_or_null(bias);
+    b.arg(adapter.a).arg(adapter.b);
+    b.arg_or_null(adapter.v);
+    b.arg(w_packed).arg(&n32).arg(&k32).arg(&r32).arg(&p32);
+    unsafe { b.launch(cfg) }.map_err(launch_err(&name))?;
+    Ok(())
 }
