@@ -2,9 +2,12 @@
 //!
 //! CPU (always run): the f64 twin (src/cpu/attention.rs) against the
 //! textbook softmax, its backward against central finite differences, and
-//! causality. GPU (`gpu_*`, skipped without a GPU): the kernels of
-//! kernels/attention.cu against that twin in f32, f16 and bf16 on awkward
-//! shapes, bit-identical reruns, and the argument checks.
+//! causality; the per-element error bounds below against a CPU model of the
+//! tensor-core kernels' roundings (accepted) and of an off-by-one causal
+//! mask (rejected). GPU (`gpu_*`, skipped without a GPU): the kernels of
+//! kernels/attention.cu (CUDA-core f32, tensor-core f16/bf16) against that
+//! twin on awkward shapes with those bounds, bit-identical reruns, and the
+//! argument checks.
 
 mod common;
 
@@ -12,7 +15,7 @@ use half::{bf16, f16};
 use lorafuse::cpu::attention::{attention_backward_f64, attention_forward_f64, attention_probs_f64};
 use lorafuse::cuda::attention::{attention_backward, attention_forward, MAX_HEAD_DIM};
 use lorafuse::cuda::Gpu;
-use lorafuse::testing::{check_close, compare};
+use lorafuse::testing::{check_bounded, check_close, compare, ErrorBound, Level, Magnitude};
 use lorafuse::train::ops::{AttnShape, SeqShape};
 use lorafuse::{Backend, Element, Error};
 
@@ -177,21 +180,184 @@ fn cpu_attention_is_causal() {
     }
 }
 
-// ---- CUDA kernels -----------------------------------------------------------
-
-/// Relative Frobenius tolerance of outputs stored as `T`: the inputs are
-/// rounded to `T` before the reference sees them, so what remains is f32
-/// arithmetic and the final rounding (twice the crate's per-dtype bound,
-/// for the chained products of the backward).
-fn tol<T: Element>() -> f64 {
-    2.0 * T::DTYPE.tolerance()
+/// The forward as the 16-bit kernels round it: P = exp(s − m) rounded to T
+/// before the P·V product, the row sum from unrounded P, the output
+/// rounded to T. `reach` moves the causal mask: keys j ≤ i + reach.
+fn forward_like_kernel<T: Element>(qkv: &[f64], s: AttnShape, reach: usize) -> Vec<T> {
+    let mut out = vec![T::from_f64(0.0); s.seq.tokens() * s.width()];
+    for b in 0..s.seq.batch {
+        for h in 0..s.heads {
+            for i in 0..s.seq.seq {
+                let keys = 0..(i + 1 + reach).min(s.seq.seq);
+                let sc: Vec<f64> = keys.clone().map(|j| score(qkv, s, b, h, i, j)).collect();
+                let m = sc.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let l: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                for e in 0..s.head_dim {
+                    let pv: f64 = keys
+                        .clone()
+                        .map(|j| T::from_f64((sc[j] - m).exp()).to_f64() * qkv[qkv_at(s, b, j, 2, h, e)])
+                        .sum();
+                    out[out_at(s, b, i, h, e)] = T::from_f64(pv / l);
+                }
+            }
+        }
+    }
+    out
 }
 
-/// `lse` is f32 whatever `T` is.
+/// The per-element bounds the GPU tests use are neither vacuous nor too
+/// tight: a CPU model of the tensor-core forward's roundings stays inside
+/// them in f16 and bf16, and the same model with the causal mask one key
+/// too far (an off-by-one on the diagonal) does not.
+fn bounds_accept_kernel_rounding_and_reject_a_shifted_mask<T: Element>() {
+    let s = shape(2, 70, 2, 40);
+    let qkv: Vec<f64> =
+        round::<T>(&random64(40, s.seq.tokens() * 3 * s.width(), 2.5)).iter().map(|v| v.to_f64()).collect();
+    let dout = random64(41, s.seq.tokens() * s.width(), 1.0);
+    let (out, lse) = attention_forward_f64(&qkv, s).unwrap();
+    let mag = magnitudes(&qkv, &dout, &out, &lse, s);
+    let ctx = format!("{} {}", T::DTYPE, describe(s));
+    let model = forward_like_kernel::<T>(&qkv, s, 0);
+    let ok = check_bounded(&ctx, &model, &out, &mag.out, bound::<T>()).unwrap();
+    assert!(ok.max_ratio > 0.02, "{ctx}: the bound is far looser than the rounding it covers: {ok}");
+    let shifted = forward_like_kernel::<T>(&qkv, s, 1);
+    let err = check_bounded(&ctx, &shifted, &out, &mag.out, bound::<T>()).unwrap_err();
+    assert!(err.contains("above their error bound"), "{err}");
+}
+
+#[test]
+fn cpu_bounds_accept_kernel_rounding_and_reject_a_shifted_mask() {
+    bounds_accept_kernel_rounding_and_reject_a_shifted_mask::<f16>();
+    bounds_accept_kernel_rounding_and_reject_a_shifted_mask::<bf16>();
+}
+
+// ---- CUDA kernels -----------------------------------------------------------
+
+/// `lse` is f32 whatever `T` is: a relative tolerance of a few f32
+/// roundings of the scores' magnitude.
 const LSE_TOL: f64 = 1e-5;
 
 fn check<T: Element>(ctx: &str, got: &[T], want: &[f64], tol: f64) {
     if let Err(e) = check_close(ctx, got, want, tol) {
+        panic!("{e}");
+    }
+}
+
+/// Per-element error magnitudes of the attention outputs (see
+/// `lorafuse::testing` for how a bound follows from them), from the oracle's
+/// intermediates of one call. The kernels' error sources, per output:
+///
+/// * `out_i = Σ_j P_ij v_j / 1`: the P·V reduction over the i+1 keys with
+///   P rounded to T on the way (16-bit kernels: P is the A operand of the
+///   tensor-core product); the scores s_ij = scale·q_i·k_j, an hd-term
+///   reduction whose error δ moves P_ij by P_ij·δ and out_i by
+///   P_ij·δ·(v_j − out_i), so it enters with weight P_ij·(|v_j| + |out_i|);
+///   the f32 row sum l_i, a relative error on all of out_i.
+/// * `dV_j = Σ_{i≥j} P_ij dO_i`: the same P roundings and score errors.
+/// * `dQ_i = scale·Σ_j dS_ij k_j`, `dK_j = scale·Σ_i dS_ij q_i` with
+///   `dS_ij = P_ij (dP_ij − Δ_i)` rounded to T: the reduction itself; the
+///   score errors through P_ij (weight P_ij·|dP_ij − Δ_i|); the hd-term
+///   reduction dP_ij = dO_i·v_j (weight P_ij); the hd-term Δ_i = dO_i·O_i.
+///
+/// The score's magnitude is taken as scale·Σ|q·k| + |lse_i| + 1: the last
+/// two cover the f32 shift by the running max or lse and exp2's own error
+/// (a few ulps), which perturb P_ij relatively by u₃₂ times those.
+struct AttnMagnitudes {
+    out: Vec<Magnitude>,
+    dqkv: Vec<Magnitude>,
+}
+
+fn magnitudes(qkv: &[f64], dout: &[f64], out: &[f64], lse: &[f64], s: AttnShape) -> AttnMagnitudes {
+    let (n, hd) = (s.seq.seq, s.head_dim);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut mag_out = vec![Magnitude::default(); out.len()];
+    let mut mag_dqkv = vec![Magnitude::default(); qkv.len()];
+    for b in 0..s.seq.batch {
+        for h in 0..s.heads {
+            let at = |part, t, e| qkv[qkv_at(s, b, t, part, h, e)];
+            let o = |t, e| out[out_at(s, b, t, h, e)];
+            let d_o = |t, e| dout[out_at(s, b, t, h, e)];
+            let l = |i: usize| lse[(b * s.heads + h) * n + i];
+            // Row i, column j ≤ i (zero above the diagonal).
+            let (mut p, mut c, mut dp_abs, mut ds, mut dsd) =
+                (vec![0.0; n * n], vec![0.0; n * n], vec![0.0; n * n], vec![0.0; n * n], vec![0.0; n * n]);
+            let mut delta_abs = vec![0.0; n];
+            for i in 0..n {
+                let delta: f64 = (0..hd).map(|e| d_o(i, e) * o(i, e)).sum();
+                delta_abs[i] = (0..hd).map(|e| (d_o(i, e) * o(i, e)).abs()).sum();
+                for j in 0..=i {
+                    let dot: f64 = (0..hd).map(|e| at(0, i, e) * at(1, j, e)).sum();
+                    let dot_abs: f64 = (0..hd).map(|e| (at(0, i, e) * at(1, j, e)).abs()).sum();
+                    let dp: f64 = (0..hd).map(|e| d_o(i, e) * at(2, j, e)).sum();
+                    let pij = (scale * dot - l(i)).exp();
+                    p[i * n + j] = pij;
+                    c[i * n + j] = scale * dot_abs + l(i).abs() + 1.0;
+                    dp_abs[i * n + j] = (0..hd).map(|e| (d_o(i, e) * at(2, j, e)).abs()).sum();
+                    ds[i * n + j] = (pij * (dp - delta)).abs();
+                    dsd[i * n + j] = (dp - delta).abs();
+                }
+            }
+            for i in 0..n {
+                for e in 0..hd {
+                    let keys = 0..=i;
+                    let pv: f64 = keys.clone().map(|j| p[i * n + j] * at(2, j, e).abs()).sum();
+                    let score = keys.clone().map(|j| p[i * n + j] * (at(2, j, e).abs() + o(i, e).abs()) * c[i * n + j]);
+                    mag_out[out_at(s, b, i, h, e)] = Magnitude::nested(&[
+                        Level::sum(i + 1, pv, true),
+                        Level::inner(hd, score, false),
+                        Level::sum(i + 1, o(i, e).abs(), false),
+                    ]);
+                    // dQ_i: sum over keys j ≤ i.
+                    let red: f64 = keys.clone().map(|j| scale * ds[i * n + j] * at(1, j, e).abs()).sum();
+                    let sc =
+                        keys.clone().map(|j| scale * p[i * n + j] * c[i * n + j] * dsd[i * n + j] * at(1, j, e).abs());
+                    let dpl = keys.clone().map(|j| scale * p[i * n + j] * dp_abs[i * n + j] * at(1, j, e).abs());
+                    let pk: f64 = keys.map(|j| scale * p[i * n + j] * at(1, j, e).abs()).sum();
+                    mag_dqkv[qkv_at(s, b, i, 0, h, e)] = Magnitude::nested(&[
+                        Level::sum(i + 1, red, true),
+                        Level::inner(hd, sc, false),
+                        Level::inner(hd, dpl, false),
+                        Level::sum(hd, delta_abs[i] * pk, false),
+                    ]);
+                }
+            }
+            for j in 0..n {
+                for e in 0..hd {
+                    let queries = j..n;
+                    // dK_j: sum over queries i ≥ j.
+                    let red: f64 = queries.clone().map(|i| scale * ds[i * n + j] * at(0, i, e).abs()).sum();
+                    let sc = queries
+                        .clone()
+                        .map(|i| scale * p[i * n + j] * c[i * n + j] * dsd[i * n + j] * at(0, i, e).abs());
+                    let dpl = queries.clone().map(|i| scale * p[i * n + j] * dp_abs[i * n + j] * at(0, i, e).abs());
+                    let dl = queries.clone().map(|i| scale * p[i * n + j] * delta_abs[i] * at(0, i, e).abs());
+                    mag_dqkv[qkv_at(s, b, j, 1, h, e)] = Magnitude::nested(&[
+                        Level::sum(n - j, red, true),
+                        Level::inner(hd, sc, false),
+                        Level::inner(hd, dpl, false),
+                        Level::inner(hd, dl, false),
+                    ]);
+                    // dV_j = Σ_{i≥j} P_ij dO_i.
+                    let pdo: f64 = queries.clone().map(|i| p[i * n + j] * d_o(i, e).abs()).sum();
+                    let sc = queries.map(|i| p[i * n + j] * c[i * n + j] * d_o(i, e).abs());
+                    mag_dqkv[qkv_at(s, b, j, 2, h, e)] =
+                        Magnitude::nested(&[Level::sum(n - j, pdo, true), Level::inner(hd, sc, false)]);
+                }
+            }
+        }
+    }
+    AttnMagnitudes { out: mag_out, dqkv: mag_dqkv }
+}
+
+/// The kernels' error model: f32 on CUDA cores; f16/bf16 on tensor cores,
+/// each term of a product rounded to 16 bits once on the way (P in P·V and
+/// Pᵀ·dO, dS in dS·K and dSᵀ·Q; the other operands are inputs, already T).
+fn bound<T: Element>() -> ErrorBound {
+    ErrorBound::gpu(T::DTYPE).intermediates(1)
+}
+
+fn check_bound<T: Element>(ctx: &str, got: &[T], want: &[f64], mag: &[Magnitude]) {
+    if let Err(e) = check_bounded(ctx, got, want, mag, bound::<T>()) {
         panic!("{e}");
     }
 }
@@ -219,7 +385,6 @@ fn check_shape<T: Element>(gpu: &Gpu, s: AttnShape, seed: u64) {
     let mut out_g = gpu.upload(&vec![T::from_f32(f32::NAN); n_out]).unwrap();
     let mut lse_g = gpu.upload(&vec![f32::NAN; s.lse_len()]).unwrap();
     attention_forward(gpu, &qkv_g, s, &mut out_g, &mut lse_g).unwrap();
-    check(&format!("attention_forward out {ctx}"), &gpu.download(&out_g).unwrap(), &out_ref, tol::<T>());
     check(&format!("attention_forward lse {ctx}"), &gpu.download(&lse_g).unwrap(), &lse_ref, LSE_TOL);
 
     // The backward gets the reference's out and lse, stored as the forward
@@ -230,22 +395,25 @@ fn check_shape<T: Element>(gpu: &Gpu, s: AttnShape, seed: u64) {
     let lse_f: Vec<f32> = lse_ref.iter().map(|&v| v as f32).collect();
     let lse_f64: Vec<f64> = lse_f.iter().map(|&v| v as f64).collect();
     let dqkv_ref = attention_backward_f64(&widen(&dout), &qkv64, &widen(&out_t), &lse_f64, s).unwrap();
+    let mag = magnitudes(&qkv64, &widen(&dout), &widen(&out_t), &lse_f64, s);
+    check_bound(&format!("attention_forward out {ctx}"), &gpu.download(&out_g).unwrap(), &out_ref, &mag.out);
     let (dout_g, out_tg, lse_fg) =
         (gpu.upload(&dout).unwrap(), gpu.upload(&out_t).unwrap(), gpu.upload(&lse_f).unwrap());
     let mut dqkv_g = gpu.upload(&vec![T::from_f32(f32::NAN); n_qkv]).unwrap();
     attention_backward(gpu, &dout_g, &qkv_g, &out_tg, &lse_fg, s, &mut dqkv_g).unwrap();
-    check(&format!("attention_backward dqkv {ctx}"), &gpu.download(&dqkv_g).unwrap(), &dqkv_ref, tol::<T>());
+    check_bound(&format!("attention_backward dqkv {ctx}"), &gpu.download(&dqkv_g).unwrap(), &dqkv_ref, &mag.dqkv);
 }
 
 /// seq around the tile sizes (32, 64) and their multiples, hd in every
-/// kernel bucket (32, 64, 128) with odd sizes that leave padding; heads and
-/// batch vary with the case number. `LORAFUSE_TEST_SMALL` keeps one partial
-/// and one straddled key tile and one hd per bucket (for the sanitizers).
+/// kernel bucket (32, 64, 128) with odd sizes that leave padding (and take
+/// the element-wise load path of the tensor-core kernels); heads and batch
+/// vary with the case number. `LORAFUSE_TEST_SMALL` keeps one partial and
+/// one straddled key tile and one hd per bucket (for the sanitizers).
 fn shapes() -> Vec<(AttnShape, u64)> {
     let (seqs, hds): (&[usize], &[usize]) = if common::small() {
         (&[7, 65], &[5, 64, 80])
     } else {
-        (&[1, 7, 64, 65, 130, 257], &[3, 5, 32, 33, 64, 80, 128])
+        (&[1, 7, 64, 65, 130, 257], &[3, 5, 32, 33, 64, 80, 100, 128])
     };
     let mut v = Vec::new();
     for &seq in seqs {
@@ -306,6 +474,8 @@ fn gpu_attention_is_bit_identical_across_runs() {
     bit_identical::<f32>(&gpu, shape(2, 257, 2, 64), 2000);
     bit_identical::<bf16>(&gpu, shape(2, 257, 2, 64), 2001);
     bit_identical::<f16>(&gpu, shape(1, 130, 3, 80), 2002);
+    bit_identical::<bf16>(&gpu, shape(1, 300, 2, 128), 2003);
+    bit_identical::<f16>(&gpu, shape(2, 100, 1, 33), 2004);
 }
 
 #[test]

@@ -2,11 +2,14 @@
 // textbook loops, written independently of src/cpu/attention.rs), for
 // checking the kernels' indexing on a machine without a GPU. Same shapes,
 // input rounding and NaN-poisoned outputs as the GPU tests in
-// tests/attention.rs. Build and run with scripts/kernel-emu/run.sh attention.
+// tests/attention.rs: f32 runs the CUDA-core kernels, f16 and bf16 the
+// tensor-core ones, whose mma/ldmatrix/cp.async primitives emu.h emulates
+// and this file first checks against plain matrix products and copies.
+// Build and run with scripts/kernel-emu/run.sh attention [dtype].
 #include "emu.h"
 
 // Every block's dynamic shared memory (blocks run one at a time).
-float attn_smem[1 << 16];
+alignas(128) float attn_smem[1 << 16];
 
 // attention.cu declares only `extern __shared__ float attn_smem[]`, which
 // must name the array above, not a static.
@@ -106,22 +109,39 @@ template <typename T> static double rel_err(const std::vector<T>& got, const std
     return w2 > 0 ? std::sqrt(d2 / w2) : std::sqrt(d2);
 }
 
+// Each kernel set with its rows per block (gridDim.y = seq / rows).
 template <typename T, int D> struct Kernels;
-#define EMU_KERNELS(SUF, T, D)                                       \
-    template <> struct Kernels<T, D> {                               \
-        static constexpr auto fwd = attention_forward_hd##D##_##SUF; \
-        static constexpr auto dq = attention_backward_dq_hd##D##_##SUF; \
-        static constexpr auto dkv = attention_backward_dkv_hd##D##_##SUF; \
-        static constexpr auto delta = attention_backward_delta_##SUF; \
+#define EMU_KERNELS(SUF, T, D)                                                                         \
+    template <> struct Kernels<T, D> {                                                                 \
+        static constexpr auto fwd = attention_forward_hd##D##_##SUF;                                   \
+        static constexpr auto dq = attention_backward_dq_hd##D##_##SUF;                                \
+        static constexpr auto dkv = attention_backward_dkv_hd##D##_##SUF;                              \
+        static constexpr auto delta = attention_backward_delta_##SUF;                                  \
+        static constexpr unsigned fwd_rows = 16 * AttnTiles<D>::FWD_R, dq_rows = 16 * AttnTiles<D>::DQ_R, \
+                                  dkv_rows = 16 * AttnTiles<D>::DKV_R;                                 \
     };
-#define EMU_ALL_D(SUF, T) EMU_KERNELS(SUF, T, 32) EMU_KERNELS(SUF, T, 64) EMU_KERNELS(SUF, T, 128)
-LORAFUSE_FOR_EACH_DTYPE(EMU_ALL_D)
+#define EMU_TC_KERNELS(SUF, T, D)                                                      \
+    template <> struct Kernels<T, D> {                                                 \
+        static constexpr auto fwd = attention_forward_tc_hd##D##_##SUF;                \
+        static constexpr auto dq = attention_backward_dq_tc_hd##D##_##SUF;             \
+        static constexpr auto dkv = attention_backward_dkv_tc_hd##D##_##SUF;           \
+        static constexpr auto delta = attention_backward_delta_##SUF;                  \
+        static constexpr unsigned fwd_rows = ATTN_TC_ROWS, dq_rows = ATTN_TC_ROWS, dkv_rows = ATTN_TC_ROWS; \
+    };
+EMU_KERNELS(f32, float, 32)
+EMU_KERNELS(f32, float, 64)
+EMU_KERNELS(f32, float, 128)
+EMU_TC_KERNELS(f16, __half, 64)
+EMU_TC_KERNELS(f16, __half, 128)
+EMU_TC_KERNELS(bf16, __nv_bfloat16, 64)
+EMU_TC_KERNELS(bf16, __nv_bfloat16, 128)
 
 static unsigned cdiv(unsigned a, unsigned b) { return (a + b - 1) / b; }
 
 template <typename T, int D>
 static bool run(Shape s, uint64_t seed, const char* dtype, double tol) {
-    using Tl = AttnTiles<D>;
+    using K = Kernels<T, D>;
+    constexpr unsigned threads = std::is_same_v<T, float> ? ATTN_THREADS : ATTN_TC_THREADS;
     std::mt19937_64 rng(seed);
     std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
     const size_t nqkv = s.tokens() * 3 * s.w(), nout = s.tokens() * s.w(), nlse = (size_t)s.batch * s.heads * s.seq;
@@ -141,8 +161,7 @@ static bool run(Shape s, uint64_t seed, const char* dtype, double tol) {
     ref_forward(qkv64, s, out_ref, lse_ref);
     std::vector<T> out(nout, from_f32<T>(NAN));
     std::vector<float> lse(nlse, NAN);
-    emu_launch(Dim3{bh, cdiv(s.seq, 16 * Tl::FWD_R), 1}, ATTN_THREADS,
-               [&] { Kernels<T, D>::fwd(qkv.data(), a, out.data(), lse.data()); });
+    emu_launch(Dim3{bh, cdiv(s.seq, K::fwd_rows), 1}, threads, [&] { K::fwd(qkv.data(), a, out.data(), lse.data()); });
 
     // The backward sees the reference's out (rounded to T) and lse (to f32),
     // and so does its reference: only the backward kernels' error is measured.
@@ -156,13 +175,11 @@ static bool run(Shape s, uint64_t seed, const char* dtype, double tol) {
     std::vector<T> dqkv(nqkv, from_f32<T>(NAN));
     const uint64_t rows = nlse;
     emu_launch(Dim3{(unsigned)cdiv(rows, 8), 1, 1}, 256,
-               [&] { Kernels<T, D>::delta(dout.data(), out_t.data(), a, delta.data()); });
-    emu_launch(Dim3{bh, cdiv(s.seq, 16 * Tl::DQ_R), 1}, ATTN_THREADS, [&] {
-        Kernels<T, D>::dq(dout.data(), qkv.data(), lse_f.data(), delta.data(), a, dqkv.data());
-    });
-    emu_launch(Dim3{bh, cdiv(s.seq, 16 * Tl::DKV_R), 1}, ATTN_THREADS, [&] {
-        Kernels<T, D>::dkv(dout.data(), qkv.data(), lse_f.data(), delta.data(), a, dqkv.data());
-    });
+               [&] { K::delta(dout.data(), out_t.data(), a, delta.data()); });
+    emu_launch(Dim3{bh, cdiv(s.seq, K::dq_rows), 1}, threads,
+               [&] { K::dq(dout.data(), qkv.data(), lse_f.data(), delta.data(), a, dqkv.data()); });
+    emu_launch(Dim3{bh, cdiv(s.seq, K::dkv_rows), 1}, threads,
+               [&] { K::dkv(dout.data(), qkv.data(), lse_f.data(), delta.data(), a, dqkv.data()); });
 
     size_t bad_o, bad_l, bad_d;
     const double eo = rel_err(out, out_ref, &bad_o), el = rel_err(lse, lse_ref, &bad_l);
@@ -176,28 +193,215 @@ static bool run(Shape s, uint64_t seed, const char* dtype, double tol) {
 }
 
 template <typename T> static bool run_any(Shape s, uint64_t seed, const char* dtype, double tol) {
-    if (s.hd <= 32) return run<T, 32>(s, seed, dtype, tol);
+    if constexpr (std::is_same_v<T, float>) {
+        if (s.hd <= 32) return run<T, 32>(s, seed, dtype, tol);
+    }
     if (s.hd <= 64) return run<T, 64>(s, seed, dtype, tol);
     return run<T, 128>(s, seed, dtype, tol);
 }
 
+// ---- the tensor-core primitives against plain products and copies ----------
+
+template <typename T> static T rnd_t(std::mt19937_64& rng) {
+    // Awkward values: both signs, magnitudes over several binades, exact in T.
+    std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
+    const float e = std::ldexp(1.0f, (int)(rng() % 7) - 3);
+    return from_f32<T>(uni(rng) * e);
+}
+
+// One mma_16816 with fragments built from the PTX ISA's layout tables,
+// against D = A·B + C in f64.
+template <typename T> static bool check_mma(const char* dtype) {
+    std::mt19937_64 rng(7);
+    T A[16][16], B[16][8];
+    float C[16][8], D[16][8];
+    for (auto& r : A)
+        for (auto& v : r) v = rnd_t<T>(rng);
+    for (auto& r : B)
+        for (auto& v : r) v = rnd_t<T>(rng);
+    for (auto& r : C)
+        for (auto& v : r) v = to_f32(rnd_t<T>(rng));
+    auto pk = [](T lo, T hi) { return pack2<T>(to_f32(lo), to_f32(hi)); };
+    emu_launch(Dim3{1, 1, 1}, 32, [&] {
+        const int l = threadIdx.x, g = l / 4, t = l % 4;
+        const uint32_t a[4] = {pk(A[g][2 * t], A[g][2 * t + 1]), pk(A[g + 8][2 * t], A[g + 8][2 * t + 1]),
+                               pk(A[g][2 * t + 8], A[g][2 * t + 9]), pk(A[g + 8][2 * t + 8], A[g + 8][2 * t + 9])};
+        float d[4] = {C[g][2 * t], C[g][2 * t + 1], C[g + 8][2 * t], C[g + 8][2 * t + 1]};
+        mma_16816<T>(d, a, pk(B[2 * t][g], B[2 * t + 1][g]), pk(B[2 * t + 8][g], B[2 * t + 9][g]));
+        D[g][2 * t] = d[0];
+        D[g][2 * t + 1] = d[1];
+        D[g + 8][2 * t] = d[2];
+        D[g + 8][2 * t + 1] = d[3];
+    });
+    double worst = 0;
+    for (int r = 0; r < 16; ++r)
+        for (int n = 0; n < 8; ++n) {
+            double want = C[r][n], mag = std::fabs(C[r][n]);
+            for (int k = 0; k < 16; ++k) {
+                want += (double)to_f32(A[r][k]) * to_f32(B[k][n]);
+                mag += std::fabs((double)to_f32(A[r][k]) * to_f32(B[k][n]));
+            }
+            worst = std::max(worst, std::fabs(D[r][n] - want) / mag);
+        }
+    // 17 f32 additions of exact products: ≤ 17·2⁻²⁴ of the magnitude sum.
+    const bool ok = worst <= 17 * std::ldexp(1.0, -24);
+    std::printf("primitive mma_16816<%s> vs f64 A·B+C: worst %.2e of the magnitude %s\n", dtype, worst,
+                ok ? "ok" : "FAIL");
+    return ok;
+}
+
+// The kernels' two product helpers, whose ldmatrix addressing and fragment
+// reuse are what the attention kernels rely on, against plain products:
+// tc_mma_abt (S = A·Bᵀ, 16×64 from two 16-bit shared tiles) and tc_mma_pb
+// (O = P·V, P an f32 accumulator tile rounded to T, V a 64×D shared tile).
+template <typename T, int D> static bool check_products(const char* dtype) {
+    constexpr int LD = D + 8, N = 64;
+    std::mt19937_64 rng(11 + D);
+    T* sm = reinterpret_cast<T*>(attn_smem);
+    T *As = sm, *Bs = sm + 16 * LD;  // 16×D and N×D (rows of B = columns of S)
+    T* Vs = Bs + N * LD;             // N×D
+    for (int i = 0; i < (16 + 2 * N) * LD; ++i) sm[i] = rnd_t<T>(rng);
+    float S[16][N], O[16][D];
+    emu_launch(Dim3{1, 1, 1}, 32, [&] {
+        const int l = threadIdx.x, g = l / 4, t = l % 4;
+        float s[N / 8][4] = {}, o[D / 8][4] = {};
+        tc_mma_abt<T, D, N / 8>(s, As, Bs, l);
+        tc_mma_pb<T, D, N / 8>(o, s, Vs, l);
+        for (int j = 0; j < N / 8; ++j)
+            for (int i = 0; i < 4; ++i) S[g + 8 * (i / 2)][8 * j + 2 * t + i % 2] = s[j][i];
+        for (int j = 0; j < D / 8; ++j)
+            for (int i = 0; i < 4; ++i) O[g + 8 * (i / 2)][8 * j + 2 * t + i % 2] = o[j][i];
+    });
+    double ws = 0, wo = 0;
+    for (int r = 0; r < 16; ++r) {
+        for (int n = 0; n < N; ++n) {
+            double want = 0, mag = 0;
+            for (int k = 0; k < D; ++k) {
+                const double pr = (double)to_f32(As[r * LD + k]) * to_f32(Bs[n * LD + k]);
+                want += pr;
+                mag += std::fabs(pr);
+            }
+            ws = std::max(ws, std::fabs(S[r][n] - want) / mag);
+        }
+        // O from S as the kernel rounds it (to T), so only the product is measured.
+        for (int d = 0; d < D; ++d) {
+            double want = 0, mag = 0;
+            for (int k = 0; k < N; ++k) {
+                const double pr = (double)to_f32(from_f32<T>(S[r][k])) * to_f32(Vs[k * LD + d]);
+                want += pr;
+                mag += std::fabs(pr);
+            }
+            wo = std::max(wo, std::fabs(O[r][d] - want) / mag);
+        }
+    }
+    const double bound_s = (D + 1) * std::ldexp(1.0, -24), bound_o = (N + 1) * std::ldexp(1.0, -24);
+    const bool ok = ws <= bound_s && wo <= bound_o;
+    std::printf("primitive ldmatrix+mma products <%s, D=%d> vs f64: Q·Kt %.2e (bound %.1e), P·V %.2e (bound %.1e) %s\n",
+                dtype, D, ws, bound_s, wo, bound_o, ok ? "ok" : "FAIL");
+    return ok;
+}
+
+// tc_load_tile's cp.async path: nothing lands before cp_async_wait, then the
+// tile equals the element-by-element path (rows past seq and dims past hd
+// zero) on an awkward window of a strided source.
+template <typename T> static bool check_copies(const char* dtype) {
+    constexpr int D = 64, LD = D + 8, ROWS = 64;
+    const int seq = 45, hd = 40, row0 = 8, stride = 3 * 56;  // 16-byte aligned rows: hd, stride multiples of 8
+    std::mt19937_64 rng(5);
+    std::vector<T> src((size_t)seq * stride);
+    for (auto& v : src) v = rnd_t<T>(rng);
+    T* sm = reinterpret_cast<T*>(attn_smem);
+    T *vec_tile = sm, *ref_tile = sm + ROWS * LD;
+    const T poison = from_f32<T>(NAN);
+    for (int i = 0; i < 2 * ROWS * LD; ++i) sm[i] = poison;
+    bool early = false;
+    emu_launch(Dim3{1, 1, 1}, ATTN_TC_THREADS, [&] {
+        tc_load_tile<ROWS, D>(vec_tile, src.data(), stride, row0, seq, hd, true);
+        cp_async_commit();
+        tc_load_tile<ROWS, D>(ref_tile, src.data(), stride, row0, seq, hd, false);
+        __syncthreads();
+        if (threadIdx.x == 0)
+            for (int i = 0; i < ROWS * LD; ++i)
+                if (!std::isnan(to_f32(vec_tile[i]))) early = true;
+        __syncthreads();
+        cp_async_wait<0>();
+        __syncthreads();
+    });
+    size_t bad = 0;
+    for (int r = 0; r < ROWS; ++r)
+        for (int d = 0; d < D; ++d) {
+            const int t = row0 + r;
+            const float want = t < seq && d < hd ? to_f32(src[(size_t)t * stride + d]) : 0.0f;
+            bad += to_f32(vec_tile[r * LD + d]) != want || to_f32(ref_tile[r * LD + d]) != want;
+        }
+    const bool ok = !early && bad == 0;
+    std::printf("primitive cp.async tile <%s>: landed before wait: %s, wrong elements %zu %s\n", dtype,
+                early ? "yes" : "no", bad, ok ? "ok" : "FAIL");
+    return ok;
+}
+
+template <typename T> static bool check_primitives(const char* dtype) {
+    bool ok = check_mma<T>(dtype);
+    ok &= check_products<T, 64>(dtype);
+    ok &= check_products<T, 128>(dtype);
+    ok &= check_copies<T>(dtype);
+    return ok;
+}
+
+// The tensor-core kernels' cases. Each mma, ldmatrix and shuffle is a
+// barrier over 32 OS threads here, so these are chosen for coverage per
+// case rather than swept: seq 1, under one tile, exactly one tile, across
+// 2-4 tiles with ragged tails (double buffering over ≥ 3 tiles, the
+// diagonal in the middle of a streamed tile where it is 32 wide); head dims
+// 5, 33, 100 (padded, element-wise loads), 64, 128 (native, cp.async);
+// batch·heads up to 3.
+static const Shape kTcShapes[] = {
+    {1, 1, 2, 64}, {2, 7, 1, 5}, {1, 64, 1, 64}, {1, 65, 2, 33}, {1, 65, 1, 100},
+    {2, 130, 1, 64}, {1, 130, 2, 128}, {1, 96, 1, 128}, {1, 200, 1, 5}, {3, 70, 1, 128},
+};
+
 int main(int argc, char** argv) {
+    std::setvbuf(stdout, nullptr, _IOLBF, 0);
     const std::string which = argc > 1 ? argv[1] : "all";
     std::printf("dynamic shared memory (bytes) fwd/dq/dkv: hd32 %u/%u/%u hd64 %u/%u/%u hd128 %u/%u/%u\n",
                 4 * fwd_smem_floats<32, 4, 64>(), 4 * dq_smem_floats<32, 4, 64>(), 4 * dkv_smem_floats<32, 4, 64>(),
                 4 * fwd_smem_floats<64, 4, 64>(), 4 * dq_smem_floats<64, 4, 32>(), 4 * dkv_smem_floats<64, 4, 32>(),
                 4 * fwd_smem_floats<128, 4, 32>(), 4 * dq_smem_floats<128, 2, 32>(),
                 4 * dkv_smem_floats<128, 2, 32>());
+    std::printf("tensor-core kernels (bytes) fwd/dq/dkv: hd64 %u/%u/%u hd128 %u/%u/%u\n", tc_fwd_smem<64>(),
+                tc_dq_smem<64>(), tc_dkv_smem<64>(), tc_fwd_smem<128>(), tc_dq_smem<128>(), tc_dkv_smem<128>());
+    emu_smem_lo = reinterpret_cast<const unsigned char*>(attn_smem);
+    emu_smem_hi = emu_smem_lo + sizeof attn_smem;
+    const bool f32 = which == "all" || which == "f32", f16 = which == "all" || which == "f16",
+               bf16 = which == "all" || which == "bf16";
     bool ok = true;
+    if (f32) {
+        int n = 0;
+        for (int seq : {1, 7, 64, 65, 130, 257})
+            for (int hd : {3, 5, 32, 33, 64, 80, 128}) {
+                const Shape s{1 + n % 2, seq, 1 + n % 3, hd};
+                ok &= run_any<float>(s, 1000 + n++, "f32", 2e-5);
+            }
+    }
+    if (f16) ok &= check_primitives<__half>("f16");
+    if (bf16) ok &= check_primitives<__nv_bfloat16>("bf16");
     int n = 0;
-    for (int seq : {1, 7, 64, 65, 130, 257})
-        for (int hd : {3, 5, 32, 33, 64, 80, 128}) {
-            const Shape s{1 + n % 2, seq, 1 + n % 3, hd};
-            const uint64_t seed = 1000 + n++;
-            if (which == "all" || which == "f32") ok &= run_any<float>(s, seed, "f32", 2e-5);
-            if (which == "all" || which == "f16") ok &= run_any<__half>(s, seed, "f16", 4e-3);
-            if (which == "all" || which == "bf16") ok &= run_any<__nv_bfloat16>(s, seed, "bf16", 2e-2);
-        }
+    for (const Shape& s : kTcShapes) {
+        const uint64_t seed = 2000 + n++;
+        if (f16) ok &= run_any<__half>(s, seed, "f16", 4e-3);
+        if (bf16) ok &= run_any<__nv_bfloat16>(s, seed, "bf16", 2e-2);
+    }
+    // The checks above must be able to fail: with two lanes' mma results
+    // swapped (a fragment-layout error) the same comparison has to reject
+    // the kernels' output.
+    if (bf16) {
+        std::printf("self-test: the next case runs with lanes 0 and 4 of every mma swapped and must FAIL\n");
+        emu_inject_mma_swap = true;
+        const bool caught = !run_any<__nv_bfloat16>(Shape{1, 65, 1, 64}, 3000, "bf16", 2e-2);
+        emu_inject_mma_swap = false;
+        std::printf("self-test: injected fragment-layout error %s\n", caught ? "caught" : "NOT CAUGHT");
+        ok &= caught;
+    }
     std::printf(ok ? "all ok\n" : "FAILURES\n");
     return ok ? 0 : 1;
 }

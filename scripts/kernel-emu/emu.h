@@ -26,6 +26,9 @@
 #include <type_traits>
 #include <vector>
 
+#include <cuda_bf16.h>  // the host stand-ins in stub/
+#include <cuda_fp16.h>
+
 using std::max;
 using std::min;
 
@@ -41,15 +44,30 @@ struct Dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
 
+// What the lanes of a warp deposit for a warp-collective operation: a
+// shuffle's value, an mma's registers, an ldmatrix's row address. Two sets,
+// used alternately, so one barrier per collective suffices: a lane can only
+// deposit into a set again after the next collective's barrier, which every
+// lane reaches after reading this one.
+struct EmuWarpSlots {
+    uint64_t value[32];
+    uint32_t regs[32][6];
+    const unsigned char* addr[32];
+};
 struct EmuWarp {
     std::barrier<> bar{32};
-    uint64_t slot[32];
+    EmuWarpSlots slots[2];
 };
 
 inline thread_local Dim3 threadIdx, blockIdx;
 inline Dim3 gridDim, blockDim;
 inline thread_local std::barrier<>* emu_block_bar;
+inline void emu_cp_async_check_idle();
 inline thread_local EmuWarp* emu_warp;
+inline thread_local unsigned emu_collectives;  // this lane's count: picks the slot set
+
+// Deposits nothing yet: returns the slot set of this lane's next collective.
+inline EmuWarpSlots& emu_next_slots() { return emu_warp->slots[emu_collectives++ % 2]; }
 
 inline void __syncthreads() { emu_block_bar->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp->bar.arrive_and_wait(); }
@@ -59,11 +77,11 @@ inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp->bar.arrive_and_wait()
 template <typename V> inline V __shfl_xor_sync(unsigned, V v, int o) {
     static_assert(std::is_trivially_copyable_v<V> && sizeof(V) <= 8);
     const unsigned lane = threadIdx.x % 32;
-    std::memcpy(&emu_warp->slot[lane], &v, sizeof v);
+    EmuWarpSlots& w = emu_next_slots();
+    std::memcpy(&w.value[lane], &v, sizeof v);
     emu_warp->bar.arrive_and_wait();
     V r;
-    std::memcpy(&r, &emu_warp->slot[lane ^ o], sizeof r);
-    emu_warp->bar.arrive_and_wait();
+    std::memcpy(&r, &w.value[lane ^ o], sizeof r);
     return r;
 }
 
@@ -94,12 +112,14 @@ inline void emu_launch(Dim3 grid, unsigned threads, const std::function<void()>&
     for (unsigned t = 0; t < threads; ++t) {
         pool.emplace_back([&, t] {
             threadIdx = Dim3{t, 0, 0};
+            emu_collectives = 0;
             emu_block_bar = &block_bar;
             emu_warp = warps[t / 32].get();
             for (unsigned by = 0; by < grid.y; ++by)
                 for (unsigned bx = 0; bx < grid.x; ++bx) {
                     blockIdx = Dim3{bx, by, 0};
                     kernel();
+                    emu_cp_async_check_idle();
                     // No thread starts the next block (and overwrites shared
                     // memory) while another is still in this one.
                     between_blocks.arrive_and_wait();
@@ -107,4 +127,136 @@ inline void emu_launch(Dim3 grid, unsigned threads, const std::function<void()>&
         });
     }
     for (auto& th : pool) th.join();
+}
+
+// ---- tensor-core and async-copy primitives ---------------------------------
+// The C++ side of common.cuh's mma_16816, ldmatrix_x4(_trans) and cp_async_*:
+// each warp-collective one deposits every lane's registers or address in the
+// warp's slots, meets at a barrier, and lets each lane compute its outputs
+// from the whole warp's data as the PTX ISA lays fragments out (the slot
+// sets alternate, see EmuWarpSlots). A kernel that gets a fragment layout wrong
+// therefore computes wrong numbers here, as it would on the GPU.
+#define LORAFUSE_KERNEL_EMU 1
+
+// Where shared memory lives, so ldmatrix and cp.async can reject addresses
+// outside it (set by a harness; unchecked while hi is null).
+inline const unsigned char* emu_smem_lo = nullptr;
+inline const unsigned char* emu_smem_hi = nullptr;
+
+// Set by a harness to check that its checks catch a wrong fragment layout.
+inline bool emu_inject_mma_swap = false;
+
+inline void emu_fail(const char* what, const void* p) {
+    std::fprintf(stderr, "%s (address %p) in block (%u,%u) thread %u\n", what, p, blockIdx.x, blockIdx.y,
+                 threadIdx.x);
+    std::abort();
+}
+
+inline void emu_check_shared(const void* p, size_t bytes, const char* op) {
+    const auto* c = static_cast<const unsigned char*>(p);
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu_fail(op, p);
+    if (emu_smem_hi && (c < emu_smem_lo || c + bytes > emu_smem_hi)) emu_fail(op, p);
+}
+
+inline float emu_to_f32(__half v) { return __half2float(v); }
+inline float emu_to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> inline float emu_b16(uint32_t reg, int half) {
+    const uint16_t bits = (uint16_t)(reg >> (16 * half));
+    T v;
+    std::memcpy(&v, &bits, 2);
+    return emu_to_f32(v);
+}
+
+// d += A·B (16×8×16), A, B of 16-bit T, f32 accumulate in k order.
+template <typename T> inline void emu_mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    const unsigned lane = threadIdx.x % 32;
+    EmuWarpSlots& w = emu_next_slots();
+    for (int i = 0; i < 4; ++i) w.regs[lane][i] = a[i];
+    w.regs[lane][4] = b0;
+    w.regs[lane][5] = b1;
+    emu_warp->bar.arrive_and_wait();
+    // Element (r, k) of A lives in lane 4(r%8) + (k%8)/2, register
+    // (r ≥ 8) + 2(k ≥ 8), half k%2; element (k, n) of B in lane 4n + (k%8)/2,
+    // register 4 + (k ≥ 8), half k%2.
+    auto A = [&](int r, int k) { return emu_b16<T>(w.regs[4 * (r % 8) + (k % 8) / 2][(r >= 8) + 2 * (k >= 8)], k % 2); };
+    auto B = [&](int k, int n) { return emu_b16<T>(w.regs[4 * n + (k % 8) / 2][4 + (k >= 8)], k % 2); };
+    int g = lane / 4, t = lane % 4;
+    // Fault injection for the harness's self-test: lanes 0 and 4 (rows 0
+    // and 1 of A and of C) trade places in the result.
+    if (emu_inject_mma_swap && (lane == 0 || lane == 4)) g ^= 1;
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        const int r = g + 8 * (i / 2), n = 2 * t + i % 2;
+        float acc = d[i];
+        for (int k = 0; k < 16; ++k) acc = std::fmaf(A(r, k), B(k, n), acc);
+        out[i] = acc;
+    }
+    for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+// ldmatrix.m8n8.x4(.trans).b16: lane l names row l%8 of matrix l/8.
+inline void emu_ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+    const unsigned lane = threadIdx.x % 32;
+    emu_check_shared(row, 16, "ldmatrix: row address not 16-byte aligned or outside shared memory");
+    EmuWarpSlots& w = emu_next_slots();
+    w.addr[lane] = static_cast<const unsigned char*>(row);
+    emu_warp->bar.arrive_and_wait();
+    auto elem = [&](int m, int rr, int c) {
+        uint16_t v;
+        std::memcpy(&v, w.addr[8 * m + rr] + 2 * c, 2);
+        return (uint32_t)v;
+    };
+    for (int m = 0; m < 4; ++m) {
+        if (!trans) {
+            // Row l/4, columns 2(l%4) and 2(l%4)+1.
+            r[m] = elem(m, lane / 4, 2 * (lane % 4)) | elem(m, lane / 4, 2 * (lane % 4) + 1) << 16;
+        } else {
+            // Column l/4, rows 2(l%4) and 2(l%4)+1.
+            r[m] = elem(m, 2 * (lane % 4), lane / 4) | elem(m, 2 * (lane % 4) + 1, lane / 4) << 16;
+        }
+    }
+}
+
+// cp.async: copies are queued per thread and land only when a
+// cp_async_wait lets their group complete, the latest moment the PTX
+// memory model allows. A kernel that reads a tile before waiting for it
+// (or without the __syncthreads after) reads stale data here.
+struct EmuCopy {
+    unsigned char* dst;
+    unsigned char bytes[16];
+};
+inline thread_local std::vector<EmuCopy> emu_cp_open;                 // issued, not committed
+inline thread_local std::vector<std::vector<EmuCopy>> emu_cp_groups;  // committed, oldest first
+
+inline void emu_cp_async_16(void* dst, const void* src, bool fill) {
+    emu_check_shared(dst, 16, "cp.async: destination not 16-byte aligned or outside shared memory");
+    EmuCopy c{static_cast<unsigned char*>(dst), {}};
+    if (fill) {
+        if (reinterpret_cast<uintptr_t>(src) % 16 != 0) emu_fail("cp.async: source not 16-byte aligned", src);
+        std::memcpy(c.bytes, src, 16);
+    }
+    emu_cp_open.push_back(c);
+}
+
+inline void emu_cp_async_commit() {
+    emu_cp_groups.push_back(std::move(emu_cp_open));
+    emu_cp_open.clear();
+}
+
+inline void emu_cp_async_wait(int n) {
+    while ((int)emu_cp_groups.size() > n) {
+        for (const EmuCopy& c : emu_cp_groups.front()) std::memcpy(c.dst, c.bytes, 16);
+        emu_cp_groups.erase(emu_cp_groups.begin());
+    }
+}
+
+// A block that ends with copies in flight would let them land in the next
+// block's shared memory: on the GPU a kernel bug, here a loud one.
+inline void emu_cp_async_check_idle() {
+    if (!emu_cp_open.empty() || !emu_cp_groups.empty()) {
+        std::fprintf(stderr, "cp.async copies still pending at the end of block (%u,%u) thread %u\n", blockIdx.x,
+                     blockIdx.y, threadIdx.x);
+        std::abort();
+    }
 }

@@ -1,6 +1,6 @@
 //! Launch wrappers for `kernels/attention.cu`: causal multi-head attention
 //! in the memory-saving ("flash") form, with f32, f16 or bf16 storage and
-//! f32 arithmetic. The f64 twin is [`crate::cpu::attention`]; layouts are
+//! f32 accumulation. The f64 twin is [`crate::cpu::attention`]; layouts are
 //! documented there (`qkv` rows `[q | k | v]`, `lse` `[batch][head][query]`).
 //!
 //! The forward keeps one log-sum-exp per query instead of the
@@ -8,13 +8,15 @@
 //! output element has one writer and every sum runs in a fixed order, so
 //! two runs on the same inputs give the same bits.
 //!
-//! Head dims are served by kernels built for 32, 64 or 128 (the smallest
-//! that holds `head_dim`), so any `head_dim` in `1..=`[`MAX_HEAD_DIM`] works.
+//! f16 and bf16 run FlashAttention-2-style tensor-core kernels (`mma.sync`
+//! m16n8k16, head dims padded to 64 or 128); f32 runs CUDA-core kernels
+//! (head dims padded to 32, 64 or 128). Any `head_dim` in
+//! `1..=`[`MAX_HEAD_DIM`] works.
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{blocks_for, kernels, Gpu};
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::error::check_len;
 use crate::train::ops::{check, AttnShape};
 use crate::{Error, Result};
@@ -22,8 +24,11 @@ use crate::{Error, Result};
 /// The largest `head_dim` the CUDA attention kernels support.
 pub const MAX_HEAD_DIM: usize = 128;
 
-/// Threads per block of the tiled kernels (`ATTN_THREADS`).
+/// Threads per block of the tiled kernels (`ATTN_THREADS`, `ATTN_TC_THREADS`).
 const THREADS: u32 = 128;
+/// Rows (queries, or keys for dK/dV) per block of the tensor-core kernels
+/// (`ATTN_TC_ROWS`).
+const TC_ROWS: u32 = 64;
 /// Threads per block of the delta kernel: one warp per query.
 const DELTA_THREADS: u32 = 256;
 /// The CUDA limit on `gridDim.y` (query or key tiles per head).
@@ -60,17 +65,29 @@ impl Tile {
     }
 }
 
-/// The kernels' head-dim bucket for `head_dim` (1..=128).
-fn bucket(head_dim: usize) -> u32 {
+/// The kernels' head-dim bucket for `head_dim` (1..=128): the CUDA-core
+/// (f32) kernels have 32, 64 and 128, the tensor-core ones 64 and 128.
+fn bucket(head_dim: usize, tensor_cores: bool) -> u32 {
     match head_dim {
-        0..=32 => 32,
-        33..=64 => 64,
+        0..=32 if !tensor_cores => 32,
+        0..=64 => 64,
         _ => 128,
     }
 }
 
-/// Tiles of (forward, dQ, dK/dV) for bucket `d`; mirrors `AttnTiles<D>` in
-/// kernels/attention.cu.
+/// Rows per block and dynamic shared memory (bytes) of the tensor-core
+/// (forward, dQ, dK/dV) kernels for bucket `d`; mirrors `AttnTcTiles` and
+/// `tc_*_smem` in kernels/attention.cu: 16-bit tiles of pitch d + 8, the
+/// streamed ones double-buffered, plus lse and delta of the dK/dV kernel's
+/// query tiles.
+fn tc_smem_bytes(d: u32) -> [u32; 3] {
+    let streamed = if d == 64 { 64 } else { 32 };
+    let tile = |rows: u32| rows * (d + 8) * 2;
+    [tile(TC_ROWS + 4 * 64), tile(2 * TC_ROWS + 4 * streamed), tile(2 * TC_ROWS + 4 * streamed) + 4 * streamed * 4]
+}
+
+/// Tiles of the CUDA-core (forward, dQ, dK/dV) kernels for bucket `d`;
+/// mirrors `AttnTiles<D>` in kernels/attention.cu.
 fn tiles(d: u32) -> [Tile; 3] {
     let t = |r, c| Tile { r, c };
     match d {
@@ -80,7 +97,7 @@ fn tiles(d: u32) -> [Tile; 3] {
     }
 }
 
-/// Dynamic shared memory in bytes of each tiled kernel; mirrors
+/// Dynamic shared memory in bytes of each CUDA-core kernel; mirrors
 /// `fwd_smem_floats`, `dq_smem_floats` and `dkv_smem_floats` (the kernels
 /// trap when launched with less).
 fn smem_bytes(d: u32) -> [u32; 3] {
@@ -99,9 +116,24 @@ struct Plan {
     d: u32,
     /// batch·heads: `gridDim.x` of the tiled kernels.
     heads_total: u32,
+    /// The f16/bf16 tensor-core kernels (else the f32 CUDA-core ones).
+    tensor_cores: bool,
 }
 
-fn plan(op: &'static str, shape: AttnShape) -> Result<Plan> {
+impl Plan {
+    /// Name, rows per block and dynamic shared memory of tiled kernel
+    /// `which` (0 forward, 1 dQ, 2 dK/dV) for storage type `suffix`.
+    fn kernel(&self, which: usize, suffix: &str) -> (String, u32, u32) {
+        let kind = ["forward", "backward_dq", "backward_dkv"][which];
+        if self.tensor_cores {
+            (format!("attention_{kind}_tc_hd{}_{suffix}", self.d), TC_ROWS, tc_smem_bytes(self.d)[which])
+        } else {
+            (format!("attention_{kind}_hd{}_{suffix}", self.d), tiles(self.d)[which].rows(), smem_bytes(self.d)[which])
+        }
+    }
+}
+
+fn plan<T: Element>(op: &'static str, shape: AttnShape) -> Result<Plan> {
     if shape.head_dim > MAX_HEAD_DIM {
         return Err(Error::invalid(
             format!("{op} head_dim"),
@@ -129,6 +161,7 @@ fn plan(op: &'static str, shape: AttnShape) -> Result<Plan> {
         return Err(too_big("batch·heads·seq", queries, MAX_GRID_X * (DELTA_THREADS / 32) as usize));
     }
     let scale = 1.0 / (shape.head_dim as f64).sqrt();
+    let tensor_cores = T::DTYPE != DType::F32;
     Ok(Plan {
         args: AttnArgs {
             batch: shape.seq.batch as u32,
@@ -138,8 +171,9 @@ fn plan(op: &'static str, shape: AttnShape) -> Result<Plan> {
             scale: scale as f32,
             scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
         },
-        d: bucket(shape.head_dim),
+        d: bucket(shape.head_dim, tensor_cores),
         heads_total: heads_total as u32,
+        tensor_cores,
     })
 }
 
@@ -147,10 +181,10 @@ fn launch_err(name: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error +
     move |e| Error::cuda(format!("launching {name}"), e)
 }
 
-/// A launch of `tiles` blocks per head (`gridDim.y`) over every head.
-fn tiled_grid(plan: &Plan, seq: usize, tile: Tile, smem: u32) -> LaunchConfig {
+/// A launch of one block per `rows` rows (`gridDim.y`) over every head.
+fn tiled_grid(plan: &Plan, seq: usize, rows: u32, smem: u32) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (plan.heads_total, seq.div_ceil(tile.rows() as usize) as u32, 1),
+        grid_dim: (plan.heads_total, seq.div_ceil(rows as usize) as u32, 1),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem,
     }
@@ -172,9 +206,8 @@ pub fn attention_forward<T: Element>(
 ) -> Result<()> {
     let op = "attention_forward";
     check::attention_lse(op, shape, qkv.len(), out.len(), lse.len())?;
-    let plan = plan(op, shape)?;
-    let (tile, smem) = (tiles(plan.d)[0], smem_bytes(plan.d)[0]);
-    let name = format!("attention_forward_hd{}_{}", plan.d, T::DTYPE.suffix());
+    let plan = plan::<T>(op, shape)?;
+    let (name, rows, smem) = plan.kernel(0, T::DTYPE.suffix());
     let f = gpu.function_with_shared(kernels::ATTENTION, &name, smem)?;
     // SAFETY: argument types match the kernel; every buffer length was
     // checked against the shape, and the grid covers each (head, query tile)
@@ -183,7 +216,7 @@ pub fn attention_forward<T: Element>(
         gpu.stream().launch_builder(&f).arg(qkv).arg(&plan.args).arg(out).arg(lse).launch(tiled_grid(
             &plan,
             shape.seq.seq,
-            tile,
+            rows,
             smem,
         ))
     }
@@ -217,7 +250,7 @@ pub fn attention_backward<T: Element>(
     check::attention_lse(op, shape, qkv.len(), dout.len(), lse.len())?;
     check_len(op, "out", out.len(), dout.len())?;
     check_len(op, "dqkv", dqkv.len(), qkv.len())?;
-    let plan = plan(op, shape)?;
+    let plan = plan::<T>(op, shape)?;
     let suffix = T::DTYPE.suffix();
 
     let mut delta = gpu
@@ -240,10 +273,8 @@ pub fn attention_backward<T: Element>(
     .map(drop)
     .map_err(launch_err(&name))?;
 
-    let [_, dq_tile, dkv_tile] = tiles(plan.d);
-    let [_, dq_smem, dkv_smem] = smem_bytes(plan.d);
-    for (kind, tile, smem) in [("dq", dq_tile, dq_smem), ("dkv", dkv_tile, dkv_smem)] {
-        let name = format!("attention_backward_{kind}_hd{}_{suffix}", plan.d);
+    for which in [1, 2] {
+        let (name, rows, smem) = plan.kernel(which, suffix);
         let f = gpu.function_with_shared(kernels::ATTENTION, &name, smem)?;
         // SAFETY: argument types match; lengths were checked against the
         // shape; the dq kernel writes only the q third of dqkv and the dkv
@@ -257,7 +288,7 @@ pub fn attention_backward<T: Element>(
                 .arg(&delta)
                 .arg(&plan.args)
                 .arg(&mut *dqkv)
-                .launch(tiled_grid(&plan, shape.seq.seq, tile, smem))
+                .launch(tiled_grid(&plan, shape.seq.seq, rows, smem))
         }
         .map(drop)
         .map_err(launch_err(&name))?;
@@ -278,11 +309,22 @@ mod tests {
         assert_eq!(smem_bytes(128), [74_624, 70_656, 75_520]);
     }
 
+    /// The tensor-core kernels' byte counts, as the emulator prints them from
+    /// `tc_fwd_smem`, `tc_dq_smem` and `tc_dkv_smem`.
+    #[test]
+    fn tensor_core_shared_memory_matches_the_kernels() {
+        assert_eq!(tc_smem_bytes(64), [46_080, 55_296, 56_320]);
+        assert_eq!(tc_smem_bytes(128), [87_040, 69_632, 70_144]);
+    }
+
     #[test]
     fn buckets_cover_every_supported_head_dim() {
-        for hd in 1..=MAX_HEAD_DIM {
-            let d = bucket(hd) as usize;
-            assert!(hd <= d && (d == 32 || hd > d / 2), "hd {hd} -> bucket {d}");
+        for tc in [false, true] {
+            let smallest = if tc { 64 } else { 32 };
+            for hd in 1..=MAX_HEAD_DIM {
+                let d = bucket(hd, tc) as usize;
+                assert!(hd <= d && (d == smallest || hd > d / 2), "hd {hd} tensor cores {tc} -> bucket {d}");
+            }
         }
     }
 }
