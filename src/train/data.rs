@@ -377,7 +377,7 @@ impl Dataset {
 }
 
 /// Evaluation results.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EvalMetrics {
     /// Mean loss over scored tokens.
     pub loss: f64,
