@@ -78,7 +78,7 @@ pub struct SummationArgs {
     /// Tokens per row [default: 32, or 256 with --model].
     #[arg(long)]
     seq: Option<usize>,
-    /// Learning rate of the adapter factors [default: 1e-2, or 2e-4 with --model].
+    /// Learning rate of the adapter factors [default: 2e-3, or 2e-4 with --model].
     #[arg(long)]
     lr: Option<f64>,
     /// Warmup iterations.
@@ -222,7 +222,7 @@ fn summation_on<B: TrainBackend + Clone>(backend: B, args: &SummationArgs) -> Re
     if let Some(t) = &args.targets {
         train.targets = t.split(',').map(|s| s.trim().to_string()).collect();
     }
-    train.optim.lr = args.lr.unwrap_or(if real { 2e-4 } else { 1e-2 });
+    train.optim.lr = args.lr.unwrap_or(if real { 2e-4 } else { 2e-3 });
     train.optim.lr_vector = 3.0 * train.optim.lr;
     train.optim.lr_theta = train.optim.lr;
     train.optim.warmup = args.warmup;
