@@ -282,20 +282,32 @@ pub fn tiny_base_config() -> Result<Gpt2Config> {
     Gpt2Config::new(256, 32, 64, 2, 4)
 }
 
-/// Pretrains the demo's tiny base (all parameters, the demo's settings) on
-/// the union of `domains`' training sets into `dir`, unless `dir` already
-/// holds one made with the same steps, seed and data. Checkpoints under
-/// `dir/../checkpoints/base` every `checkpoint_every` iterations.
+/// How the demo's tiny base is pretrained (all parameters, the demo's
+/// optimizer settings, batch 16 of 32 tokens).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TinyBase {
+    /// Iterations.
+    pub steps: u64,
+    /// Seed of the initial weights and the batch order.
+    pub seed: u64,
+    /// Compute dtype.
+    pub precision: Precision,
+    /// Checkpoint every this many iterations (0: never).
+    pub checkpoint_every: u64,
+}
+
+/// Pretrains the demo's tiny base on the union of `domains`' training
+/// sets into `dir`, unless `dir` already holds one made with the same
+/// steps, seed, precision and data. Checkpoints go under
+/// `dir/../checkpoints/base`.
 pub fn pretrain_tiny_base<B: TrainBackend + Clone>(
     backend: &B,
     domains: &[Domain],
-    steps: u64,
-    seed: u64,
-    precision: Precision,
-    checkpoint_every: u64,
+    how: &TinyBase,
     dir: &Path,
     progress: &mut dyn Progress,
 ) -> Result<()> {
+    let TinyBase { steps, seed, precision, checkpoint_every } = how.clone();
     let all: Vec<&Domain> = domains.iter().collect();
     let data = combined(&all)?;
     let key = serde_json::json!({ "steps": steps, "seed": seed, "precision": precision.to_string(),

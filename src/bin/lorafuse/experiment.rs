@@ -254,16 +254,13 @@ fn summation_on<B: TrainBackend + Clone>(backend: B, args: &SummationArgs) -> Re
                 "base model: the demo's tiny GPT-2 pretrained on the domains' training data ({} iterations)",
                 args.base_steps
             );
-            summation::pretrain_tiny_base(
-                &backend,
-                &domains,
-                args.base_steps,
-                args.seed,
+            let how = summation::TinyBase {
+                steps: args.base_steps,
+                seed: args.seed,
                 precision,
-                args.checkpoint_every,
-                &dir,
-                &mut bars,
-            )?;
+                checkpoint_every: args.checkpoint_every,
+            };
+            summation::pretrain_tiny_base(&backend, &domains, &how, &dir, &mut bars)?;
             dir
         }
     };
