@@ -13,6 +13,8 @@
 //!   (cosine) diagnostic and low-rank recompression.
 //! - [`train`]: a GPT-2-architecture trainer with hand-written backward
 //!   passes for full, LoRA, Tied-LoRA, VeRA and Uni-LoRA fine-tuning.
+//! - [`experiment`]: experiments built on all of the above (the adapter
+//!   summation study).
 //!
 //! Every operation exists three times under one name: `kernels/<family>.cu`,
 //! `src/cpu/<family>.rs` (the oracle) and `src/cuda/<family>.rs` (the launch
@@ -38,6 +40,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod experiment;
 pub mod lowrank;
 pub mod memory;
 pub mod op_timing;

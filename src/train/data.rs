@@ -179,14 +179,22 @@ pub const MAX_EXAMPLE_TOKENS: usize = 26;
 
 impl Dataset {
     /// The embedded default: `train` examples and `eval` held-out examples
-    /// (no prompt shared with training) per domain, drawn from `seed`.
+    /// (no prompt shared with training) per domain, drawn from `seed` and
+    /// the domain's name: a domain's examples are the same whichever other
+    /// domains are listed with it, and in whatever order.
     pub fn embedded(domains: &[&str], train: usize, eval: usize, seed: u64) -> Result<Dataset> {
         if domains.is_empty() {
             return Err(Error::invalid("data domains", format!("none given; known: {}", DOMAINS.join(", "))));
         }
         let (mut tr, mut ev) = (Vec::new(), Vec::new());
-        for (i, d) in domains.iter().enumerate() {
-            let mut rng = Rng::new(seed ^ (0x5EED_0000 + i as u64));
+        for d in domains {
+            // Keyed by the domain, not its position in the list, so that a
+            // domain's examples are the same in every mix that holds it (and
+            // a held-out set stays disjoint from every run's training set).
+            let key = DOMAINS.iter().position(|k| k == d).ok_or_else(|| {
+                Error::invalid(format!("data domain `{d}`"), format!("known domains: {}", DOMAINS.join(", ")))
+            })?;
+            let mut rng = Rng::new(seed ^ (0x5EED_0000 + key as u64));
             let mut seen = HashSet::new();
             for _ in 0..train {
                 let e = generate_example(d, &mut rng)?;
@@ -372,7 +380,7 @@ impl Dataset {
 }
 
 /// Evaluation results.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EvalMetrics {
     /// Mean loss over scored tokens.
     pub loss: f64,

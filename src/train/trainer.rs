@@ -33,8 +33,13 @@ pub struct TrainConfig {
     pub batch: usize,
     /// Tokens per row.
     pub seq: usize,
-    /// Seed of the data order and the adapter init.
+    /// Seed of the data order (and of the adapter init when `init_seed`
+    /// is unset).
     pub seed: u64,
+    /// Seed of the adapter initialisation and of Uni-LoRA's projection, so
+    /// that runs on different data can start from different (or, on
+    /// purpose, the same) adapters whatever their data seed; `None`: `seed`.
+    pub init_seed: Option<u64>,
     /// Example data: take loss on answers only.
     pub answer_only: bool,
     /// Take training batches in the stream's order
@@ -65,6 +70,7 @@ impl Default for TrainConfig {
             batch: 8,
             seq: 32,
             seed: 0,
+            init_seed: None,
             answer_only: false,
             sequential_batches: false,
             eval_every: 0,
@@ -82,7 +88,8 @@ impl TrainConfig {
     pub fn spec(&self) -> Result<AdapterSpec> {
         let method = Method::parse(&self.method)?;
         let targets = self.targets.iter().map(|t| Module::parse(t)).collect::<Result<Vec<_>>>()?;
-        Ok(AdapterSpec { method, rank: self.rank, alpha: self.alpha, targets, seed: self.seed })
+        let seed = self.init_seed.unwrap_or(self.seed);
+        Ok(AdapterSpec { method, rank: self.rank, alpha: self.alpha, targets, seed })
     }
 
     /// Every check that can fail before work starts, against the model

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod adapters;
 mod device;
+mod experiment;
 mod selfcheck;
 mod train;
 
@@ -40,6 +41,8 @@ enum Command {
     /// Best rank-r approximation of an adapter (e.g. a sum), with the energy
     /// it discards.
     Compress(adapters::CompressArgs),
+    /// Experiments over many adapters; `summation`: when do summed adapters interfere?
+    Experiment(experiment::ExperimentArgs),
 }
 
 fn main() {
@@ -54,6 +57,7 @@ fn main() {
         Command::Sum(args) => adapters::sum(&args),
         Command::Merge(args) => adapters::merge(&args),
         Command::Compress(args) => adapters::compress(&args),
+        Command::Experiment(args) => experiment::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
