@@ -60,6 +60,10 @@ type Linear<B, T> = (<B as crate::Backend>::Buf<T>, Option<F32<B>>);
 /// LayerNorm's output (compute dtype), mean and rstd.
 type Normed<B, T> = (<B as crate::Backend>::Buf<T>, F32<B>, F32<B>);
 
+/// A block's forward: its cache, its output (f32 residual stream) and the
+/// next LayerNorm of that output.
+type BlockOut<B, T> = (LayerCache<B, T>, F32<B>, Normed<B, T>);
+
 /// Everything the trainer needs from a backend.
 pub trait TrainBackend: TrainOps + LowRankOps + ProjectionOps {}
 impl<B: TrainOps + LowRankOps + ProjectionOps> TrainBackend for B {}
@@ -703,7 +707,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         (ln1, ln1_mean, ln1_rstd): Normed<B, T>,
         next: usize,
         attn: AttnShape,
-    ) -> Result<(LayerCache<B, T>, F32<B>, Normed<B, T>)> {
+    ) -> Result<BlockOut<B, T>> {
         let tokens = attn.seq.tokens();
         let (qkv, t0) = self.linear_forward(backend, adapters, l, Module::CAttn, &ln1, tokens)?;
         backend.op_mark("fwd attention");
