@@ -29,13 +29,17 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::Criterion;
+use cudarc::driver::CudaSlice;
+use half::bf16;
 use lorafuse::cpu::Cpu;
 use lorafuse::cuda::{bench, Gpu};
+use lorafuse::lowrank::{Grads, LinearShape, LowRankOps};
 use lorafuse::rng::Rng;
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::Dataset;
+use lorafuse::train::model::padded_vocab;
 use lorafuse::train::model::{Batch, Gpt2, Precision, TrainBackend};
-use lorafuse::train::ops::SeqShape;
+use lorafuse::train::ops::{SeqShape, TokenIds, TrainOps};
 use lorafuse::train::trainer::{TrainConfig, Trainer};
 use lorafuse::{Backend, Error, Result};
 
@@ -216,9 +220,109 @@ fn time_method<B: TrainBackend + Clone>(
     Ok((t.model, line))
 }
 
+/// The step's memory-bound ops and the LM head alone, at GPT-2 small's
+/// shape (`tokens` rows, width 768, vocab 50257 padded to 50304) in bf16:
+/// time, GB/s and the ratio to the floor (the bytes the op must move at the
+/// copy bandwidth measured here), and the PyTorch time of the same op from
+/// scripts/baselines/train.py where it ran. The LM head is timed at both
+/// widths: 50257 is what cuBLAS got before the vocabulary was padded.
+fn op_floors(gpu: &Gpu, tokens: usize) -> Result<()> {
+    let (d, vocab) = (768usize, 50257usize);
+    let padded = padded_vocab(vocab);
+    let copy_bw = bench::copy_bandwidth(gpu, 1 << 30)?;
+    println!("train ops, {tokens} tokens x width {d}, bf16; copy bandwidth {:.0} GB/s", copy_bw / 1e9);
+    let mut rng = Rng::new(17);
+    let mut rand_bf16 = |n: usize, scale: f32| -> Result<CudaSlice<bf16>> {
+        let host: Vec<bf16> = (0..n).map(|_| bf16::from_f32(scale * rng.uniform(-1.0, 1.0) as f32)).collect();
+        gpu.upload(&host)
+    };
+    let x = rand_bf16(tokens * d, 1.0)?;
+    let gamma = rand_bf16(d, 1.0)?;
+    let beta = rand_bf16(d, 1.0)?;
+    let resid: CudaSlice<f32> = gpu.upload(&vec![0.5f32; tokens * d])?;
+    let mut resid2: CudaSlice<f32> = gpu.zeros(tokens * d)?;
+    let mut out: CudaSlice<bf16> = gpu.zeros(tokens * d)?;
+    let (mut mean, mut rstd): (CudaSlice<f32>, CudaSlice<f32>) = (gpu.zeros(tokens)?, gpu.zeros(tokens)?);
+    let el = (tokens * d) as f64;
+    let row = |label: &str, key: &str, ms: f64, bytes: f64| {
+        println!("{}  {}", bench::report_row(label, ms, bytes, copy_bw), bench::vs_torch(key, ms));
+    };
+
+    let ms = bench::median_ms(gpu, 3, 20, |_| {
+        gpu.residual_layernorm_forward(&resid, &x, &gamma, &beta, 1e-5, &mut resid2, &mut out, &mut mean, &mut rstd)
+    })?;
+    row("residual + layernorm fwd (fused)", "train.residual_layernorm_fwd.bf16", ms, el * 12.0);
+    let ms = bench::median_ms(gpu, 3, 20, |_| {
+        gpu.layernorm_forward(&resid, &gamma, &beta, 1e-5, &mut out, &mut mean, &mut rstd)
+    })?;
+    row("layernorm fwd", "train.layernorm_fwd.bf16", ms, el * 6.0);
+    let (mut dg, mut db): (CudaSlice<f32>, CudaSlice<f32>) = (gpu.zeros(d)?, gpu.zeros(d)?);
+    let ms = bench::median_ms(gpu, 3, 20, |_| {
+        gpu.layernorm_backward(&x, &resid, &gamma, &mean, &rstd, &mut resid2, Some(&mut dg), Some(&mut db))
+    })?;
+    // dout (2) + x (4) + dx read and written (8) per element.
+    row("layernorm bwd (dx accumulated, dgamma, dbeta)", "train.layernorm_bwd.bf16", ms, el * 14.0);
+    let ms = bench::median_ms(gpu, 3, 20, |_| gpu.residual_add(&resid, &x, &mut resid2))?;
+    row("residual add (unfused)", "train.residual_add.bf16", ms, el * 10.0);
+    let ms = bench::median_ms(gpu, 3, 20, |_| gpu.cast_from_f32(&resid, &mut out))?;
+    row("cast f32 -> bf16", "train.cast.bf16", ms, el * 6.0);
+    drop((out, resid2));
+
+    let h = rand_bf16(tokens * 4 * d, 3.0)?;
+    let mut g: CudaSlice<bf16> = gpu.zeros(tokens * 4 * d)?;
+    let el4 = el * 4.0;
+    let ms = bench::median_ms(gpu, 3, 20, |_| gpu.gelu_forward(&h, &mut g))?;
+    row("gelu fwd (width 3072)", "train.gelu_fwd.bf16", ms, el4 * 4.0);
+    let dg_in = rand_bf16(tokens * 4 * d, 1.0)?;
+    let ms = bench::median_ms(gpu, 3, 20, |_| gpu.gelu_backward(&dg_in, &h, &mut g))?;
+    row("gelu bwd (width 3072)", "train.gelu_bwd.bf16", ms, el4 * 6.0);
+    drop((h, g, dg_in));
+
+    // The LM head: logits = x·Wᵀ, at the real and the padded width.
+    for n in [vocab, padded] {
+        let w = rand_bf16(n * d, 0.02)?;
+        let mut logits: CudaSlice<bf16> = gpu.zeros(tokens * n)?;
+        let shape = LinearShape { m: tokens, k: d, n, r: 0 };
+        let ms = bench::median_ms(gpu, 2, 10, |_| gpu.lowrank_forward(shape, &x, &w, None, None, &mut logits, None))?;
+        let tflops = 2.0 * (tokens * n * d) as f64 / (ms * 1e-3) / 1e12;
+        println!(
+            "{:<44} {:>10.1} us {:>8.1} TFLOP/s  {}",
+            format!("lm_head fwd GEMM, vocab {n}"),
+            ms * 1e3,
+            tflops,
+            bench::vs_torch(&format!("train.lm_head_fwd.{n}.bf16"), ms)
+        );
+        let (mut dx, mut dw): (CudaSlice<bf16>, CudaSlice<f32>) = (gpu.zeros(tokens * d)?, gpu.zeros(n * d)?);
+        let ms = bench::median_ms(gpu, 2, 10, |_| {
+            let grads = Grads::<Gpu, bf16> { dx: Some(&mut dx), dw: Some(&mut dw), ..Grads::none() };
+            gpu.lowrank_backward(shape, &x, &w, None, None, &logits, grads)
+        })?;
+        println!(
+            "{:<44} {:>10.1} us {:>8.1} TFLOP/s  {}",
+            format!("lm_head bwd GEMMs (dx, dW), vocab {n}"),
+            ms * 1e3,
+            4.0 * (tokens * n * d) as f64 / (ms * 1e-3) / 1e12,
+            bench::vs_torch(&format!("train.lm_head_bwd.{n}.bf16"), ms)
+        );
+    }
+
+    // Cross-entropy over the padded logits, gradient written in place: the
+    // floor is one read and one write of the bf16 logits.
+    let mut logits = rand_bf16(tokens * padded, 4.0)?;
+    let targets: Vec<u32> = (0..tokens).map(|_| rng.below(vocab as u64) as u32).collect();
+    let t_dev = gpu.upload(&targets)?;
+    let ids = TokenIds { device: &t_dev, host: &targets };
+    let ms = bench::median_ms(gpu, 3, 20, |_| {
+        gpu.cross_entropy_padded(&mut logits, ids, vocab, padded, Some(1.0 / tokens as f64)).map(drop)
+    })?;
+    row("cross-entropy fwd+bwd (padded 50304)", "train.cross_entropy.bf16", ms, (tokens * padded * 4) as f64);
+    Ok(())
+}
+
 fn gpu_bench(gpu: &Gpu) -> Result<()> {
     let batch = env_usize("LORAFUSE_BENCH_BATCH", 8);
     let seq = 1024;
+    op_floors(gpu, batch * seq)?;
     let cfg = Gpt2Config::new(50257, 1024, 768, 12, 12)?;
     let wanted: Option<Vec<String>> =
         std::env::var("LORAFUSE_BENCH_METHODS").ok().map(|v| v.split(',').map(|s| s.trim().to_string()).collect());

@@ -7,6 +7,14 @@
 // Every reduction runs in a fixed order: no float atomics, so a training
 // step gives the same bits on every run. scripts/kernel-emu runs these
 // kernels on the CPU (one OS thread per CUDA thread) against f64 references.
+//
+// Nearly all of these kernels are memory-bound: each states the bytes it
+// moves per element, and benches/train.rs times them against that floor at
+// the copy bandwidth. They move 16-byte packs (`Pack`) where the buffers
+// allow, keep a LayerNorm row in registers instead of re-reading it, fuse
+// the residual add into the LayerNorm after it, read the LM head's logits
+// once per pass in the cross-entropy (padded vocabulary: pad columns are
+// masked), and update or norm every trainable tensor in one launch.
 #include "common.cuh"
 
 #define TRAIN_THREADS 256
@@ -15,6 +23,18 @@
 #define GRID_STRIDE(i, n)                                                    \
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < (n); \
          i += (uint64_t)gridDim.x * blockDim.x)
+
+// N elements of T loaded or stored as one access (16 bytes when N·sizeof(T)
+// is 16): the memory-bound kernels move whole 16-byte sectors per
+// instruction, as the LSU and DRAM want them.
+template <typename T, int N>
+struct alignas(N * sizeof(T)) Pack {
+    T v[N];
+};
+
+__device__ __forceinline__ bool aligned_to(const void* p, uintptr_t bytes) {
+    return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
+}
 
 // ---- embedding -----------------------------------------------------------
 
@@ -69,25 +89,95 @@ extern "C" __global__ void embedding_backward_wpe_f32(const float* __restrict__ 
 // ---- LayerNorm -----------------------------------------------------------
 
 // One warp per row of the f32 residual stream: mean, then variance around
-// it (two passes over a row that sits in L1), then the normalised output in
-// T, which is what the next GEMM reads (no separate cast pass).
+// it, then the normalised output in T, which is what the next GEMM reads
+// (no separate cast pass). With `y` given it is the residual add fused in
+// front: the row is r = x + y, written to `resid` (the new residual stream)
+// and normalised, which saves the separate residual kernel's write and this
+// kernel's re-read of r (f32: 8 of the 20 bytes per element the two moved).
+// Bytes per element: 4 (x) + sizeof(T) (y) + 4 (resid) + sizeof(T) (out).
+//
+// Fast path (d a multiple of 4, d ≤ 32·4·LN_PACKS = 1024, 16-byte aligned
+// rows): each lane loads its 4-float packs once into registers (LN_PACKS
+// float4s: 32 registers at most), so x is read from memory once, not three
+// times. Other widths take the plain loop, which re-reads the row from L1.
+#define LN_PACKS 8
+
 template <typename T>
-__device__ void layernorm_forward_impl(const float* __restrict__ x, const T* __restrict__ gamma,
-                                       const T* __restrict__ beta, float eps, uint32_t rows, uint32_t d,
-                                       T* __restrict__ out, float* __restrict__ mean,
-                                       float* __restrict__ rstd) {
+__device__ __forceinline__ void ln_load4(const float* __restrict__ x, const T* __restrict__ y, uint32_t k,
+                                         float* __restrict__ resid, Pack<float, 4>& v) {
+    v = reinterpret_cast<const Pack<float, 4>*>(x)[k];
+    if (y) {
+        const Pack<T, 4> b = reinterpret_cast<const Pack<T, 4>*>(y)[k];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v.v[j] += to_f32(b.v[j]);
+        reinterpret_cast<Pack<float, 4>*>(resid)[k] = v;
+    }
+}
+
+template <typename T>
+__device__ void layernorm_forward_impl(const float* __restrict__ x, const T* __restrict__ y,
+                                       const T* __restrict__ gamma, const T* __restrict__ beta, float eps,
+                                       uint32_t rows, uint32_t d, float* __restrict__ resid, T* __restrict__ out,
+                                       float* __restrict__ mean, float* __restrict__ rstd) {
     const uint32_t row = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
-    const float* xr = x + (uint64_t)row * d;
-    float s = 0.0f;
-    for (uint32_t i = lane; i < d; i += 32) s += xr[i];
-    const float mu = warp_sum(s) / d;
-    float v = 0.0f;
-    for (uint32_t i = lane; i < d; i += 32) v += (xr[i] - mu) * (xr[i] - mu);
-    const float rs = 1.0f / sqrtf(warp_sum(v) / d + eps);
-    T* orow = out + (uint64_t)row * d;
-    for (uint32_t i = lane; i < d; i += 32)
-        orow[i] = from_f32<T>((xr[i] - mu) * rs * to_f32(gamma[i]) + to_f32(beta[i]));
+    const uint64_t base = (uint64_t)row * d;
+    const float* xr = x + base;
+    const T* yr = y ? y + base : nullptr;
+    float* rr = y ? resid + base : nullptr;
+    T* orow = out + base;
+    float mu, rs;
+    const bool fast = d % 4 == 0 && d <= 128 * LN_PACKS && aligned_to(x, 16) && aligned_to(out, 4 * sizeof(T)) &&
+                      aligned_to(gamma, 4 * sizeof(T)) && aligned_to(beta, 4 * sizeof(T)) &&
+                      (!y || (aligned_to(y, 4 * sizeof(T)) && aligned_to(resid, 16)));
+    if (fast) {
+        const uint32_t packs = d / 4;
+        Pack<float, 4> v[LN_PACKS];
+        float s = 0.0f;
+#pragma unroll
+        for (int p = 0; p < LN_PACKS; ++p) {
+            const uint32_t k = lane + 32 * p;
+            if (k < packs) {
+                ln_load4(xr, yr, k, rr, v[p]);
+                s += (v[p].v[0] + v[p].v[1]) + (v[p].v[2] + v[p].v[3]);
+            }
+        }
+        mu = warp_sum(s) / d;
+        float q = 0.0f;
+#pragma unroll
+        for (int p = 0; p < LN_PACKS; ++p)
+            if (lane + 32 * p < packs)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) q += (v[p].v[j] - mu) * (v[p].v[j] - mu);
+        rs = 1.0f / sqrtf(warp_sum(q) / d + eps);
+#pragma unroll
+        for (int p = 0; p < LN_PACKS; ++p) {
+            const uint32_t k = lane + 32 * p;
+            if (k < packs) {
+                const Pack<T, 4> g = reinterpret_cast<const Pack<T, 4>*>(gamma)[k];
+                const Pack<T, 4> b = reinterpret_cast<const Pack<T, 4>*>(beta)[k];
+                Pack<T, 4> o;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) o.v[j] = from_f32<T>((v[p].v[j] - mu) * rs * to_f32(g.v[j]) + to_f32(b.v[j]));
+                reinterpret_cast<Pack<T, 4>*>(orow)[k] = o;
+            }
+        }
+    } else {
+        // Each lane re-reads only the elements it wrote to `resid` itself.
+        const float* src = y ? rr : xr;
+        float s = 0.0f;
+        for (uint32_t i = lane; i < d; i += 32) {
+            float r = xr[i];
+            if (y) { r += to_f32(yr[i]); rr[i] = r; }
+            s += r;
+        }
+        mu = warp_sum(s) / d;
+        float q = 0.0f;
+        for (uint32_t i = lane; i < d; i += 32) q += (src[i] - mu) * (src[i] - mu);
+        rs = 1.0f / sqrtf(warp_sum(q) / d + eps);
+        for (uint32_t i = lane; i < d; i += 32)
+            orow[i] = from_f32<T>((src[i] - mu) * rs * to_f32(gamma[i]) + to_f32(beta[i]));
+    }
     if (lane == 0) { mean[row] = mu; rstd[row] = rs; }
 }
 
@@ -158,23 +248,52 @@ extern "C" __global__ void layernorm_backward_params_final_f32(
 
 #define GELU_C 0.7978845608028654f  // sqrt(2/pi)
 
+__device__ __forceinline__ float gelu_f32(float v) {
+    return 0.5f * v * (1.0f + tanhf(GELU_C * (v + 0.044715f * v * v * v)));
+}
+
+__device__ __forceinline__ float gelu_grad_f32(float v) {
+    const float t = tanhf(GELU_C * (v + 0.044715f * v * v * v));
+    const float du = GELU_C * (1.0f + 3.0f * 0.044715f * v * v);
+    return 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * du;
+}
+
+// GELU forward and backward move 2 (forward) or 3 (backward) streams of T
+// and nothing else, so they run on 16-byte packs (8 bf16 per load) when
+// every pointer is 16-byte aligned, the last n mod N elements one by one.
+// Bytes per element: 2·sizeof(T) forward, 3·sizeof(T) backward.
 template <typename T>
 __device__ void gelu_forward_impl(const T* __restrict__ x, uint64_t n, T* __restrict__ out) {
-    GRID_STRIDE(i, n) {
-        float v = to_f32(x[i]);
-        out[i] = from_f32<T>(0.5f * v * (1.0f + tanhf(GELU_C * (v + 0.044715f * v * v * v))));
+    constexpr int N = 16 / sizeof(T);
+    uint64_t done = 0;
+    if (aligned_to(x, 16) && aligned_to(out, 16)) {
+        done = n / N * N;
+        GRID_STRIDE(i, n / N) {
+            Pack<T, N> p = reinterpret_cast<const Pack<T, N>*>(x)[i];
+#pragma unroll
+            for (int j = 0; j < N; ++j) p.v[j] = from_f32<T>(gelu_f32(to_f32(p.v[j])));
+            reinterpret_cast<Pack<T, N>*>(out)[i] = p;
+        }
     }
+    GRID_STRIDE(i, n - done) out[done + i] = from_f32<T>(gelu_f32(to_f32(x[done + i])));
 }
 
 template <typename T>
 __device__ void gelu_backward_impl(const T* __restrict__ dout, const T* __restrict__ x, uint64_t n,
                                    T* __restrict__ dx) {
-    GRID_STRIDE(i, n) {
-        float v = to_f32(x[i]);
-        float t = tanhf(GELU_C * (v + 0.044715f * v * v * v));
-        float du = GELU_C * (1.0f + 3.0f * 0.044715f * v * v);
-        dx[i] = from_f32<T>(to_f32(dout[i]) * (0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * du));
+    constexpr int N = 16 / sizeof(T);
+    uint64_t done = 0;
+    if (aligned_to(dout, 16) && aligned_to(x, 16) && aligned_to(dx, 16)) {
+        done = n / N * N;
+        GRID_STRIDE(i, n / N) {
+            const Pack<T, N> g = reinterpret_cast<const Pack<T, N>*>(dout)[i];
+            Pack<T, N> p = reinterpret_cast<const Pack<T, N>*>(x)[i];
+#pragma unroll
+            for (int j = 0; j < N; ++j) p.v[j] = from_f32<T>(to_f32(g.v[j]) * gelu_grad_f32(to_f32(p.v[j])));
+            reinterpret_cast<Pack<T, N>*>(dx)[i] = p;
+        }
     }
+    GRID_STRIDE(i, n - done) dx[done + i] = from_f32<T>(to_f32(dout[done + i]) * gelu_grad_f32(to_f32(x[done + i])));
 }
 
 // out = x + y: the residual add, reading the GEMM's T output and writing
@@ -194,66 +313,123 @@ __device__ void cast_from_f32_impl(const float* __restrict__ x, uint64_t n, T* _
 
 // ---- softmax cross-entropy -----------------------------------------------
 
-// One block per row. Reads the logits three times (max, Σexp, loss/grad) and
-// overwrites them with the gradient in the last pass, so the probabilities
-// never take a buffer of their own. Ties in argmax go to the lowest index,
-// as on the CPU. Targets were range-checked on the host; a target that is
-// out of range on the device anyway gets a NaN loss, never a stray read.
-template <typename T>
-__device__ void cross_entropy_impl(T* __restrict__ logits, const uint32_t* __restrict__ targets, uint32_t vocab,
-                                   uint32_t write_grad, float grad_scale, float* __restrict__ losses,
-                                   uint32_t* __restrict__ correct) {
-    __shared__ float s_val[WARPS_PER_BLOCK];
-    __shared__ uint32_t s_idx[WARPS_PER_BLOCK];
-    __shared__ float s_target_logit;
-    const uint64_t row = blockIdx.x;
-    T* l = logits + row * vocab;
-    const uint32_t target = targets[row];
-    const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    if (target == 0xffffffffu || target >= vocab) {  // IGNORE (or a corrupt target)
-        if (write_grad)
-            for (uint32_t c = threadIdx.x; c < vocab; c += blockDim.x) l[c] = from_f32<T>(0.0f);
+// One block of CE_THREADS per row of `padded` logits, of which the first
+// `vocab` are real and the rest padding (the LM head's padded vocabulary).
+// Pass 1 reads the row once with 16-byte loads and keeps, per thread, an
+// online (max, Σexp, argmax) over its columns; the block merges them in a
+// fixed order. Pass 2 reads the row again and overwrites it with the
+// gradient scale·(softmax − onehot), zero on the pad columns. Bytes moved
+// per row: 2 reads + 1 write of padded·sizeof(T); the second read is meant
+// to hit L2 (CE_THREADS = 1024 keeps few rows in flight: 2 blocks per SM ×
+// 132 SMs × 100 KB bf16 rows ≈ 26 MB of H100's 50 MB), so DRAM sees one read
+// and one write, the floor. Ties in argmax go to the lowest index, as on the
+// CPU. Targets were range-checked on the host; a target that is out of
+// range on the device anyway gets a NaN loss, never a stray read.
+// Registers: 1024 threads allow 64 per thread; no shared memory beyond the
+// 32-entry merge arrays.
+#define CE_THREADS 1024
+#define CE_WARPS (CE_THREADS / 32)
+#define CE_LOG2E 1.4426950408889634f
+#define CE_NEG_MAX (-3.402823466e38f)  // −FLT_MAX
+
+
+// Adds logit v at column c to a running (max, Σexp(· − max), argmax). The
+// max starts at CE_NEG_MAX (−FLT_MAX), not −∞, so a −∞ logit adds exp2f(−∞) = 0 instead
+// of ∞ − ∞; a NaN logit fails `v > mx` and makes the sum NaN, as it should.
+__device__ __forceinline__ void ce_add(float v, uint32_t c, float& mx, float& sum, uint32_t& arg) {
+    if (v > mx) {
+        sum = sum * exp2f((mx - v) * CE_LOG2E) + 1.0f;
+        mx = v;
+        arg = c;
+    } else {
+        sum += exp2f((v - mx) * CE_LOG2E);
+    }
+}
+
+// Merges another thread's (max, sum, argmax) into this one's.
+__device__ __forceinline__ void ce_merge(float omx, float osum, uint32_t oarg, float& mx, float& sum,
+                                         uint32_t& arg) {
+    const float m = fmaxf(mx, omx);
+    sum = sum * exp2f((mx - m) * CE_LOG2E) + osum * exp2f((omx - m) * CE_LOG2E);
+    if (omx > mx || (omx == mx && oarg < arg)) arg = oarg;
+    mx = m;
+}
+
+template <typename T, int N>
+__device__ void cross_entropy_row(T* __restrict__ l, uint32_t target, uint32_t vocab, uint32_t padded,
+                                  uint32_t write_grad, float grad_scale, float* __restrict__ loss,
+                                  uint32_t* __restrict__ correct) {
+    __shared__ float s_max[CE_WARPS], s_sum[CE_WARPS];
+    __shared__ uint32_t s_arg[CE_WARPS];
+    Pack<T, N>* row = reinterpret_cast<Pack<T, N>*>(l);
+    const uint32_t packs = padded / N, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (target >= vocab) {  // IGNORE (or a corrupt target): no loss, no gradient
+        if (write_grad) {
+            Pack<T, N> zero;
+#pragma unroll
+            for (int j = 0; j < N; ++j) zero.v[j] = from_f32<T>(0.0f);
+            for (uint32_t k = threadIdx.x; k < packs; k += blockDim.x) row[k] = zero;
+        }
         if (threadIdx.x == 0) {
-            losses[row] = target == 0xffffffffu ? 0.0f : __int_as_float(0x7fc00000);
-            correct[row] = 0;
+            *loss = target == 0xffffffffu ? 0.0f : __int_as_float(0x7fc00000);
+            *correct = 0;
         }
         return;
     }
-    float mx = -INFINITY;
+    float mx = CE_NEG_MAX, sum = 0.0f;
     uint32_t arg = 0xffffffffu;
-    for (uint32_t c = threadIdx.x; c < vocab; c += blockDim.x) {
-        const float v = to_f32(l[c]);
-        if (v > mx) { mx = v; arg = c; }
+    for (uint32_t k = threadIdx.x; k < packs; k += blockDim.x) {
+        const Pack<T, N> p = row[k];
+#pragma unroll
+        for (int j = 0; j < N; ++j)
+            if (k * N + j < vocab) ce_add(to_f32(p.v[j]), k * N + j, mx, sum, arg);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
-        float om = __shfl_xor_sync(0xffffffffu, mx, o);
-        uint32_t oa = __shfl_xor_sync(0xffffffffu, arg, o);
-        if (om > mx || (om == mx && oa < arg)) { mx = om; arg = oa; }
+        const float omx = __shfl_xor_sync(0xffffffffu, mx, o), osum = __shfl_xor_sync(0xffffffffu, sum, o);
+        const uint32_t oarg = __shfl_xor_sync(0xffffffffu, arg, o);
+        ce_merge(omx, osum, oarg, mx, sum, arg);
     }
-    if (lane == 0) { s_val[warp] = mx; s_idx[warp] = arg; }
-    if (threadIdx.x == 0) s_target_logit = to_f32(l[target]);
+    if (lane == 0) { s_max[warp] = mx; s_sum[warp] = sum; s_arg[warp] = arg; }
     __syncthreads();
-    mx = s_val[0];
-    arg = s_idx[0];
-    for (int w = 1; w < WARPS_PER_BLOCK; ++w)
-        if (s_val[w] > mx || (s_val[w] == mx && s_idx[w] < arg)) { mx = s_val[w]; arg = s_idx[w]; }
-    __syncthreads();
-    float sum = 0.0f;
-    for (uint32_t c = threadIdx.x; c < vocab; c += blockDim.x) sum += expf(to_f32(l[c]) - mx);
-    sum = warp_sum(sum);
-    if (lane == 0) s_val[warp] = sum;
-    __syncthreads();
-    sum = 0.0f;
-    for (int w = 0; w < WARPS_PER_BLOCK; ++w) sum += s_val[w];
+    // Every thread merges the warps' results in the same order, so all
+    // agree on lse bit for bit.
+    mx = s_max[0], sum = s_sum[0], arg = s_arg[0];
+    for (uint32_t w = 1; w < blockDim.x / 32; ++w) ce_merge(s_max[w], s_sum[w], s_arg[w], mx, sum, arg);
     const float lse = mx + logf(sum);
     if (threadIdx.x == 0) {
-        losses[row] = lse - s_target_logit;
-        correct[row] = arg == target;
+        *loss = lse - to_f32(l[target]);
+        *correct = arg == target;
     }
-    if (write_grad)
-        for (uint32_t c = threadIdx.x; c < vocab; c += blockDim.x)
-            l[c] = from_f32<T>(grad_scale * (expf(to_f32(l[c]) - lse) - (c == target ? 1.0f : 0.0f)));
+    if (!write_grad) return;
+    // Thread 0 read l[target] above; no other thread writes that pack
+    // before the barrier.
+    __syncthreads();
+    for (uint32_t k = threadIdx.x; k < packs; k += blockDim.x) {
+        Pack<T, N> p = row[k];
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            const uint32_t c = k * N + j;
+            const float g = c < vocab ? exp2f((to_f32(p.v[j]) - lse) * CE_LOG2E) - (c == target ? 1.0f : 0.0f) : 0.0f;
+            p.v[j] = from_f32<T>(grad_scale * g);
+        }
+        row[k] = p;
+    }
+}
+
+// 16-byte accesses when every row starts 16-byte aligned (padded a multiple
+// of 16 / sizeof(T) and an aligned buffer), else one element at a time.
+template <typename T>
+__device__ void cross_entropy_impl(T* __restrict__ logits, const uint32_t* __restrict__ targets, uint32_t vocab,
+                                   uint32_t padded, uint32_t write_grad, float grad_scale,
+                                   float* __restrict__ losses, uint32_t* __restrict__ correct) {
+    constexpr int N = 16 / sizeof(T);
+    const uint64_t row = blockIdx.x;
+    T* l = logits + row * padded;
+    if (padded % N == 0 && (reinterpret_cast<uintptr_t>(logits) & 15) == 0)
+        cross_entropy_row<T, N>(l, targets[row], vocab, padded, write_grad, grad_scale, losses + row, correct + row);
+    else
+        cross_entropy_row<T, 1>(l, targets[row], vocab, padded, write_grad, grad_scale, losses + row, correct + row);
 }
 
 // ---- one exported kernel per op and dtype --------------------------------
@@ -269,7 +445,13 @@ __device__ void cross_entropy_impl(T* __restrict__ logits, const uint32_t* __res
                                                      const T* __restrict__ beta, float eps, uint32_t rows, \
                                                      uint32_t d, T* __restrict__ out,                      \
                                                      float* __restrict__ mean, float* __restrict__ rstd) { \
-        layernorm_forward_impl<T>(x, gamma, beta, eps, rows, d, out, mean, rstd);                          \
+        layernorm_forward_impl<T>(x, nullptr, gamma, beta, eps, rows, d, nullptr, out, mean, rstd);        \
+    }                                                                                                     \
+    extern "C" __global__ void residual_layernorm_forward_##S(                                             \
+        const float* __restrict__ x, const T* __restrict__ y, const T* __restrict__ gamma,                 \
+        const T* __restrict__ beta, float eps, uint32_t rows, uint32_t d, float* __restrict__ resid,        \
+        T* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd) {                         \
+        layernorm_forward_impl<T>(x, y, gamma, beta, eps, rows, d, resid, out, mean, rstd);                \
     }                                                                                                     \
     extern "C" __global__ void layernorm_backward_dx_##S(                                                  \
         const T* __restrict__ dout, const float* __restrict__ x, const T* __restrict__ gamma,              \
@@ -299,10 +481,11 @@ __device__ void cross_entropy_impl(T* __restrict__ logits, const uint32_t* __res
                                                  T* __restrict__ out) {                                    \
         cast_from_f32_impl<T>(x, n, out);                                                                  \
     }                                                                                                     \
-    extern "C" __global__ void cross_entropy_##S(T* __restrict__ logits, const uint32_t* __restrict__ targets, \
-                                                 uint32_t vocab, uint32_t write_grad, float grad_scale,    \
-                                                 float* __restrict__ losses, uint32_t* __restrict__ correct) { \
-        cross_entropy_impl<T>(logits, targets, vocab, write_grad, grad_scale, losses, correct);            \
+    extern "C" __global__ void __launch_bounds__(CE_THREADS)                                              \
+        cross_entropy_##S(T* __restrict__ logits, const uint32_t* __restrict__ targets, uint32_t vocab,       \
+                          uint32_t padded, uint32_t write_grad, float grad_scale, float* __restrict__ losses, \
+                          uint32_t* __restrict__ correct) {                                                  \
+        cross_entropy_impl<T>(logits, targets, vocab, padded, write_grad, grad_scale, losses, correct);      \
     }
 
 LORAFUSE_FOR_EACH_DTYPE(TRAIN_KERNELS)
@@ -316,30 +499,55 @@ struct AdamWArgs {
 
 // Decoupled weight decay, then the bias-corrected Adam step, in double like
 // the CPU twin (the kernel is memory-bound; the extra arithmetic is free).
+// Bytes per element: param, grad, m, v read (16), param, m, v written (12).
+__device__ __forceinline__ void adamw_element(float* __restrict__ param, const float* __restrict__ grad,
+                                              float* __restrict__ m, float* __restrict__ v, uint64_t i, double lr,
+                                              double weight_decay, const AdamWArgs& a) {
+    double g = (double)grad[i] * a.grad_scale;
+    double mi = a.beta1 * m[i] + (1.0 - a.beta1) * g;
+    double vi = a.beta2 * v[i] + (1.0 - a.beta2) * g * g;
+    double p = param[i];
+    p -= lr * weight_decay * p;
+    p -= lr * (mi / a.correction1) / (sqrt(vi / a.correction2) + a.eps);
+    m[i] = (float)mi;
+    v[i] = (float)vi;
+    param[i] = (float)p;
+}
+
 extern "C" __global__ void adamw_f32(float* __restrict__ param, const float* __restrict__ grad,
                                      float* __restrict__ m, float* __restrict__ v, uint64_t n,
                                      AdamWArgs a) {
-    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
-         i += (uint64_t)gridDim.x * blockDim.x) {
-        double g = (double)grad[i] * a.grad_scale;
-        double mi = a.beta1 * m[i] + (1.0 - a.beta1) * g;
-        double vi = a.beta2 * v[i] + (1.0 - a.beta2) * g * g;
-        double p = param[i];
-        p -= a.lr * a.weight_decay * p;
-        p -= a.lr * (mi / a.correction1) / (sqrt(vi / a.correction2) + a.eps);
-        m[i] = (float)mi;
-        v[i] = (float)vi;
-        param[i] = (float)p;
-    }
+    GRID_STRIDE(i, n) adamw_element(param, grad, m, v, i, a.lr, a.weight_decay, a);
 }
 
-// Σx² in double: per-block partials, then one block adds them in order.
-extern "C" __global__ void sum_squares_partial_f32(const float* __restrict__ x, uint64_t n,
-                                                   double* __restrict__ partial) {
+// One tensor of a multi-tensor launch (mirrored by `AdamWEntry` in
+// src/cuda/train.rs): its buffers, length and its group's rate and decay.
+struct AdamWEntry {
+    float* param;
+    const float* grad;
+    float* m;
+    float* v;
+    uint64_t n;
+    double lr, weight_decay;
+};
+
+// Every trainable tensor in one launch: blockIdx.y picks the tensor from a
+// device table, blockIdx.x strides over its elements (blocks past a short
+// tensor's end exit at once). Replaces one launch per tensor (~100 for
+// LoRA on GPT-2, each a few microseconds of launch gap for a few kilobytes
+// of work). `a.lr` and `a.weight_decay` are unused: each entry has its own.
+extern "C" __global__ void adamw_multi_f32(const AdamWEntry* __restrict__ table, AdamWArgs a) {
+    const AdamWEntry t = table[blockIdx.y];
+    GRID_STRIDE(i, t.n) adamw_element(t.param, t.grad, t.m, t.v, i, t.lr, t.weight_decay, a);
+}
+
+// Σx² in double of the elements block `block` of `blocks` strides over, into
+// *out (a fixed-order tree in shared memory).
+__device__ __forceinline__ void block_sum_squares(const float* __restrict__ x, uint64_t n, uint32_t block,
+                                                  uint32_t blocks, double* __restrict__ out) {
     __shared__ double s[TRAIN_THREADS];
     double acc = 0.0;
-    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n;
-         i += (uint64_t)gridDim.x * blockDim.x)
+    for (uint64_t i = block * (uint64_t)blockDim.x + threadIdx.x; i < n; i += (uint64_t)blocks * blockDim.x)
         acc += (double)x[i] * (double)x[i];
     s[threadIdx.x] = acc;
     __syncthreads();
@@ -347,19 +555,32 @@ extern "C" __global__ void sum_squares_partial_f32(const float* __restrict__ x, 
         if (threadIdx.x < o) s[threadIdx.x] += s[threadIdx.x + o];
         __syncthreads();
     }
-    if (threadIdx.x == 0) partial[blockIdx.x] = s[0];
+    if (threadIdx.x == 0) *out = s[0];
 }
 
+// Every tensor of the gradient norm in one launch: blockIdx.y picks the
+// tensor (`xs[y]`, `ns[y]` elements), and partial[y·gridDim.x + x] gets
+// block x's share; sum_squares_final_f32 with gridDim.x = tensors then adds
+// each tensor's partials in order. Deterministic, no atomics.
+extern "C" __global__ void sum_squares_multi_partial_f32(const float* const* __restrict__ xs,
+                                                         const uint64_t* __restrict__ ns,
+                                                         double* __restrict__ partial) {
+    block_sum_squares(xs[blockIdx.y], ns[blockIdx.y], blockIdx.x, gridDim.x,
+                      partial + (uint64_t)blockIdx.y * gridDim.x + blockIdx.x);
+}
+
+// out[b] = Σ partial[b·blocks .. (b+1)·blocks], one block b per tensor.
 extern "C" __global__ void sum_squares_final_f32(const double* __restrict__ partial,
                                                  uint32_t blocks, double* __restrict__ out) {
     __shared__ double s[TRAIN_THREADS];
+    const double* p = partial + (uint64_t)blockIdx.x * blocks;
     double acc = 0.0;
-    for (uint32_t i = threadIdx.x; i < blocks; i += blockDim.x) acc += partial[i];
+    for (uint32_t i = threadIdx.x; i < blocks; i += blockDim.x) acc += p[i];
     s[threadIdx.x] = acc;
     __syncthreads();
     for (uint32_t o = blockDim.x / 2; o > 0; o >>= 1) {
         if (threadIdx.x < o) s[threadIdx.x] += s[threadIdx.x + o];
         __syncthreads();
     }
-    if (threadIdx.x == 0) *out = s[0];
+    if (threadIdx.x == 0) out[blockIdx.x] = s[0];
 }

@@ -9,8 +9,9 @@ mod common;
 use half::{bf16, f16};
 use lorafuse::cpu::Cpu;
 use lorafuse::cuda::Gpu;
+use lorafuse::lowrank::{Grads, LinearShape, LowRankOps};
 use lorafuse::testing::{abs, check_bounded, check_close, ErrorBound, Magnitude};
-use lorafuse::train::ops::{AdamWStep, AttnShape, SeqShape, TokenIds, TrainOps, IGNORE};
+use lorafuse::train::ops::{AdamWStep, AdamWTensor, AttnShape, SeqShape, TokenIds, TrainOps, IGNORE};
 use lorafuse::{Backend, Element};
 
 fn nan<T: Element>(n: usize) -> Vec<T> {
@@ -119,7 +120,10 @@ fn gpu_embedding_matches_cpu() {
 }
 
 fn layernorm<T: Element>(gpu: &Gpu) {
-    for (n, &(rows, d)) in [(1, 1), (1, 31), (9, 33), (130, 768), (65, 257)].iter().enumerate() {
+    // d = 12, 768, 1024: the kernel's register path; 1028 (a multiple of 4
+    // over 1024) and the odd widths: its plain loop.
+    let shapes = [(1, 1), (1, 31), (9, 33), (130, 768), (65, 257), (3, 12), (17, 1024), (5, 1028)];
+    for (n, &(rows, d)) in shapes.iter().enumerate() {
         let seed = 200 + n as u64;
         let ctx = format!("rows={rows} d={d} seed={seed}");
         let x: Vec<f32> = common::random(seed, rows * d).iter().map(|v| 3.0 * v + 0.5).collect();
@@ -136,6 +140,27 @@ fn layernorm<T: Element>(gpu: &Gpu) {
         check(gpu, &format!("layernorm_forward out {ctx}"), &out_g, &out_c);
         check(gpu, &format!("layernorm_forward mean {ctx}"), &mean_g, &mean_c);
         check(gpu, &format!("layernorm_forward rstd {ctx}"), &rstd_g, &rstd_c);
+
+        // The residual add fused in front.
+        let x0: Vec<f32> = common::random(seed + 7, rows * d);
+        let y: Vec<T> = input(seed + 8, rows * d, 2.0);
+        let (mut r_c, mut fo_c, mut fm_c, mut fr_c) =
+            (vec![0f32; rows * d], vec![T::default(); rows * d], vec![0f32; rows], vec![0f32; rows]);
+        Cpu.residual_layernorm_forward(&x0, &y, &gamma, &beta, 1e-5, &mut r_c, &mut fo_c, &mut fm_c, &mut fr_c)
+            .unwrap();
+        let (x0_g, y_g) = (gpu.upload(&x0).unwrap(), gpu.upload(&y).unwrap());
+        let (mut r_g, mut fo_g, mut fm_g, mut fr_g) = (
+            gpu.upload(&nan::<f32>(rows * d)).unwrap(),
+            gpu.upload(&nan::<T>(rows * d)).unwrap(),
+            gpu.upload(&nan::<f32>(rows)).unwrap(),
+            gpu.upload(&nan::<f32>(rows)).unwrap(),
+        );
+        gpu.residual_layernorm_forward(&x0_g, &y_g, &g_g, &b_g, 1e-5, &mut r_g, &mut fo_g, &mut fm_g, &mut fr_g)
+            .unwrap();
+        check(gpu, &format!("residual_layernorm_forward resid {ctx}"), &r_g, &r_c);
+        check(gpu, &format!("residual_layernorm_forward out {ctx}"), &fo_g, &fo_c);
+        check(gpu, &format!("residual_layernorm_forward mean {ctx}"), &fm_g, &fm_c);
+        check(gpu, &format!("residual_layernorm_forward rstd {ctx}"), &fr_g, &fr_c);
 
         let dout: Vec<T> = input(seed + 3, rows * d, 1.0);
         let mut dx_c = common::random(seed + 4, rows * d);
@@ -274,7 +299,59 @@ fn optimizer(gpu: &Gpu) {
     }
 }
 
-/// The batched norm shares (one download per optimizer step).
+/// Multi-tensor AdamW (one launch for every tensor, each with its own rate
+/// and decay) against the CPU twin's one call per tensor.
+fn adamw_many(gpu: &Gpu) {
+    let sizes = [31usize, 1, 100_003, 4097, 3072];
+    let hp = AdamWStep {
+        lr: f64::NAN,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: f64::NAN,
+        step: 5,
+        grad_scale: 0.7,
+    };
+    let host = |k: usize, n: usize, what: u64| -> Vec<f32> {
+        let v = common::random(700 + 10 * k as u64 + what, n);
+        if what == 3 {
+            v.iter().map(|x| x.abs()).collect()
+        } else {
+            v
+        }
+    };
+    let (mut cpu_bufs, mut gpu_bufs) = (Vec::new(), Vec::new());
+    for (k, &n) in sizes.iter().enumerate() {
+        let b: [Vec<f32>; 4] = [host(k, n, 0), host(k, n, 1), host(k, n, 2), host(k, n, 3)];
+        gpu_bufs.push(b.iter().map(|x| gpu.upload(x).unwrap()).collect::<Vec<_>>());
+        cpu_bufs.push(b);
+    }
+    let rates = |k: usize| (1e-3 * (k + 1) as f64, 0.05 * k as f64);
+    let mut cpu_t: Vec<AdamWTensor<'_, Cpu>> = cpu_bufs
+        .iter_mut()
+        .enumerate()
+        .map(|(k, [p, g, m, v])| AdamWTensor { param: p, grad: &*g, m, v, lr: rates(k).0, weight_decay: rates(k).1 })
+        .collect();
+    Cpu.adamw_many(&mut cpu_t, &hp).unwrap();
+    drop(cpu_t);
+    let mut gpu_t: Vec<AdamWTensor<'_, Gpu>> = gpu_bufs
+        .iter_mut()
+        .enumerate()
+        .map(|(k, b)| {
+            let [p, g, m, v] = &mut b[..] else { unreachable!() };
+            AdamWTensor { param: p, grad: &*g, m, v, lr: rates(k).0, weight_decay: rates(k).1 }
+        })
+        .collect();
+    gpu.adamw_many(&mut gpu_t, &hp).unwrap();
+    drop(gpu_t);
+    for (k, (c, g)) in cpu_bufs.iter().zip(&gpu_bufs).enumerate() {
+        for (what, i) in [("param", 0), ("m", 2), ("v", 3)] {
+            check(gpu, &format!("adamw_many {what} tensor {k} n={}", sizes[k]), &g[i], &c[i]);
+        }
+    }
+}
+
+/// The batched norm shares (one launch, one download per optimizer step).
 fn sum_squares_each(gpu: &Gpu) {
     let xs: Vec<Vec<f32>> =
         [1usize, 257, 70_001].iter().enumerate().map(|(i, &n)| input(600 + i as u64, n, 2.0)).collect();
@@ -294,23 +371,30 @@ fn gpu_elementwise_ops_match_cpu() {
     elementwise::<bf16>(&gpu);
     elementwise::<f16>(&gpu);
     optimizer(&gpu);
+    adamw_many(&gpu);
     sum_squares_each(&gpu);
 }
 
+/// `padded > vocab` is the LM head's padded vocabulary: pad columns hold
+/// random logits too, which must stay out of the softmax and get a zero
+/// gradient; 50304 takes the kernel's 16-byte path, 50257 its scalar one.
 fn cross_entropy<T: Element>(gpu: &Gpu) {
-    for (k, &(rows, vocab)) in [(1usize, 1usize), (3, 7), (17, 257), (64, 50_257)].iter().enumerate() {
+    let shapes = [(1usize, 1usize, 1usize), (3, 7, 7), (3, 7, 64), (17, 257, 257), (17, 257, 320)];
+    let gpt2 = [(64, 50_257, 50_257), (64, 50_257, 50_304)];
+    for (k, &(rows, vocab, padded)) in shapes.iter().chain(&gpt2).enumerate() {
         let seed = 500 + k as u64;
-        let ctx = format!("rows={rows} vocab={vocab} seed={seed}");
-        let logits: Vec<T> = input(seed, rows * vocab, 5.0);
+        let ctx = format!("rows={rows} vocab={vocab} padded={padded} seed={seed}");
+        let logits: Vec<T> = input(seed, rows * padded, 5.0);
         let mut rng = lorafuse::rng::Rng::new(seed);
         let targets: Vec<u32> =
             (0..rows).map(|r| if r % 5 == 4 { IGNORE } else { rng.below(vocab as u64) as u32 }).collect();
         for grad in [None, Some(0.25)] {
             let mut l_c = logits.clone();
-            let out_c =
-                Cpu.cross_entropy(&mut l_c, TokenIds { device: &targets, host: &targets }, vocab, grad).unwrap();
+            let ids = TokenIds { device: &targets, host: &targets };
+            let out_c = Cpu.cross_entropy_padded(&mut l_c, ids, vocab, padded, grad).unwrap();
             let (mut l_g, t_g) = (gpu.upload(&logits).unwrap(), gpu.upload(&targets).unwrap());
-            let out_g = gpu.cross_entropy(&mut l_g, TokenIds { device: &t_g, host: &targets }, vocab, grad).unwrap();
+            let ids = TokenIds { device: &t_g, host: &targets };
+            let out_g = gpu.cross_entropy_padded(&mut l_g, ids, vocab, padded, grad).unwrap();
             // Losses are f32 whatever the logits' dtype.
             let losses = gpu.download(&out_g.losses).unwrap();
             let want: Vec<f64> = out_c.losses.iter().map(|&v| v as f64).collect();
@@ -327,4 +411,98 @@ fn gpu_cross_entropy_matches_cpu() {
     let Some(gpu) = common::gpu_or_skip("gpu_cross_entropy_matches_cpu") else { return };
     cross_entropy::<f32>(&gpu);
     cross_entropy::<bf16>(&gpu);
+}
+
+/// The LM head over a padded vocabulary (W with zero rows `vocab..padded`,
+/// logits `padded` wide, pad columns masked in the cross-entropy) against
+/// the same head over `vocab` columns: losses, argmax hits, `dx` and the
+/// real rows of `dW` must agree, and the pad rows of `dW` stay zero. On
+/// the CPU the padded sums only add exact zeros, so everything is equal
+/// bit for bit; on the GPU cuBLAS may pick a different kernel per width, so
+/// the comparison allows the dtype's rounding.
+fn lm_head_padding<B: TrainOps + LowRankOps>(b: &B, exact: bool) {
+    let (rows, d, vocab) = (19usize, 24usize, 50usize);
+    let padded = lorafuse::train::model::padded_vocab(vocab);
+    assert_eq!(padded, 64);
+    let x: Vec<f32> = common::random(900, rows * d);
+    let w: Vec<f32> = common::random(901, vocab * d);
+    let mut w_pad = w.clone();
+    w_pad.resize(padded * d, 0.0);
+    let mut rng = lorafuse::rng::Rng::new(902);
+    let targets: Vec<u32> =
+        (0..rows).map(|r| if r % 7 == 3 { IGNORE } else { rng.below(vocab as u64) as u32 }).collect();
+    let t_dev = b.upload(&targets).unwrap();
+    let ids = TokenIds { device: &t_dev, host: &targets };
+    let xd = b.upload(&x).unwrap();
+    // (losses, correct, dx, dW) of the head over `width` columns.
+    let run = |w: &[f32], width: usize| {
+        let shape = LinearShape { m: rows, k: d, n: width, r: 0 };
+        let wd = b.upload(w).unwrap();
+        let mut logits = b.zeros::<f32>(rows * width).unwrap();
+        b.lowrank_forward(shape, &xd, &wd, None, None, &mut logits, None).unwrap();
+        let ce = b.cross_entropy_padded(&mut logits, ids, vocab, width, Some(0.125)).unwrap();
+        let (mut dx, mut dw) = (b.zeros::<f32>(rows * d).unwrap(), b.zeros::<f32>(width * d).unwrap());
+        let grads = Grads::<B, f32> { dx: Some(&mut dx), dw: Some(&mut dw), ..Grads::none() };
+        b.lowrank_backward(shape, &xd, &wd, None, None, &logits, grads).unwrap();
+        (
+            b.download(&ce.losses).unwrap(),
+            b.download(&ce.correct).unwrap(),
+            b.download(&dx).unwrap(),
+            b.download(&dw).unwrap(),
+        )
+    };
+    let (loss, hit, dx, dw) = run(&w, vocab);
+    let (loss_p, hit_p, dx_p, dw_p) = run(&w_pad, padded);
+    assert_eq!(hit_p, hit, "argmax hits differ with the padded vocabulary");
+    assert!(dw_p[vocab * d..].iter().all(|&v| v == 0.0), "pad rows of dW are not zero");
+    let dw_p = &dw_p[..vocab * d];
+    if exact {
+        assert_eq!(loss_p, loss, "losses differ with the padded vocabulary");
+        assert_eq!(dx_p, dx, "dx differs with the padded vocabulary");
+        assert_eq!(dw_p, &dw[..], "dW differs with the padded vocabulary");
+    } else {
+        let wide = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+        let tol = f32::DTYPE.tolerance();
+        check_close("padded lm_head losses", &loss_p, &wide(&loss), tol).unwrap_or_else(|e| panic!("{e}"));
+        check_close("padded lm_head dx", &dx_p, &wide(&dx), tol).unwrap_or_else(|e| panic!("{e}"));
+        check_close("padded lm_head dW", dw_p, &wide(&dw), tol).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[test]
+fn cpu_lm_head_padding_matches_unpadded() {
+    lm_head_padding(&Cpu, true);
+}
+
+#[test]
+fn gpu_lm_head_padding_matches_unpadded() {
+    let Some(gpu) = common::gpu_or_skip("gpu_lm_head_padding_matches_unpadded") else { return };
+    lm_head_padding(&gpu, false);
+}
+
+/// The CPU twin's padded cross-entropy on rows whose pad columns hold
+/// logits larger than every real one: same losses, hits and real-column
+/// gradients as the unpadded call, bit for bit, and zero pad gradients.
+#[test]
+fn cpu_cross_entropy_masks_pad_columns() {
+    let (rows, vocab, padded) = (6usize, 13usize, 64usize);
+    let real = common::random(910, rows * vocab);
+    let mut wide = vec![7.0f32; rows * padded];
+    for r in 0..rows {
+        wide[r * padded..r * padded + vocab].copy_from_slice(&real[r * vocab..(r + 1) * vocab]);
+    }
+    let targets: Vec<u32> = vec![0, 12, IGNORE, 5, 3, 12];
+    let ids = TokenIds { device: &targets, host: &targets };
+    let (mut a, mut b) = (real.clone(), wide.clone());
+    let ce = Cpu.cross_entropy(&mut a, ids, vocab, Some(0.5)).unwrap();
+    let ce_p = Cpu.cross_entropy_padded(&mut b, ids, vocab, padded, Some(0.5)).unwrap();
+    assert_eq!((ce_p.losses, ce_p.correct), (ce.losses, ce.correct));
+    for r in 0..rows {
+        assert_eq!(&b[r * padded..r * padded + vocab], &a[r * vocab..(r + 1) * vocab], "row {r}");
+        assert!(b[r * padded + vocab..(r + 1) * padded].iter().all(|&v| v == 0.0), "row {r}: pad gradient");
+    }
+    // A target in the pad columns is out of range.
+    let bad = vec![0, 13, 0, 0, 0, 0];
+    assert!(Cpu.cross_entropy_padded(&mut b, TokenIds { device: &bad, host: &bad }, vocab, padded, None).is_err());
+    assert!(Cpu.cross_entropy_padded(&mut b, ids, padded + 1, padded, None).is_err(), "vocab > padded accepted");
 }

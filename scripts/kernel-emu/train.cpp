@@ -22,6 +22,7 @@
 // ---- launch geometry of src/cuda/train.rs --------------------------------
 
 constexpr unsigned THREADS = 256, WARPS = THREADS / 32;
+// CE_THREADS (1024, from train.cu): one cross-entropy row per block.
 constexpr uint32_t LN_ROWS_PER_CHUNK = 64;
 // The wrappers cap grid-stride grids at 65535 blocks (and the sum of squares
 // at 1024). A grid-stride loop is correct for any grid, so the emulator caps
@@ -42,6 +43,7 @@ template <typename T> struct K;
         static constexpr const char* name = #S;                                          \
         static constexpr auto embedding_forward = embedding_forward_##S;                 \
         static constexpr auto layernorm_forward = layernorm_forward_##S;                 \
+        static constexpr auto residual_layernorm_forward = residual_layernorm_forward_##S; \
         static constexpr auto layernorm_backward_dx = layernorm_backward_dx_##S;         \
         static constexpr auto layernorm_partial = layernorm_backward_params_partial_##S; \
         static constexpr auto gelu_forward = gelu_forward_##S;                           \
@@ -312,6 +314,41 @@ template <typename T> static void test_layernorm(uint32_t rows, uint32_t d, uint
     c.close("layernorm_forward_<T> mean", "mean", mean, mean_ref, F32_TOL);
     c.close("layernorm_forward_<T> rstd", "rstd", rstd, rstd_ref, F32_TOL);
 
+    // The residual add fused in front: r = x0 + y written to `resid`, then
+    // normalised. x0 = x − y (rounded to f32), so r is x up to one f32
+    // rounding and the reference above applies to r's exact values.
+    {
+        const auto y = rand_vec<T>(rng, n, -1, 1);
+        std::vector<float> x0(n);
+        for (size_t i = 0; i < n; ++i) x0[i] = x[i] - to_f32(y[i]);
+        auto resid = poisoned<float>(n);
+        auto fout = poisoned<T>(n);
+        auto fmean = poisoned<float>(rows), frstd = poisoned<float>(rows);
+        launch(cdiv(rows, WARPS), [&] {
+            K<T>::residual_layernorm_forward(x0.data(), y.data(), gamma.data(), beta.data(), eps, rows, d,
+                                             resid.data(), fout.data(), fmean.data(), frstd.data());
+        });
+        std::vector<double> r_ref(n), fout_ref(n), fmean_ref(rows), frstd_ref(rows);
+        for (size_t i = 0; i < n; ++i) r_ref[i] = (double)x0[i] + as64(y[i]);
+        for (uint32_t r = 0; r < rows; ++r) {
+            const double* rr = &r_ref[(size_t)r * d];
+            double mu = 0, var = 0;
+            for (uint32_t i = 0; i < d; ++i) mu += rr[i];
+            mu /= d;
+            for (uint32_t i = 0; i < d; ++i) var += (rr[i] - mu) * (rr[i] - mu);
+            var /= d;
+            const double rs = 1.0 / std::sqrt(var + (double)eps);
+            for (uint32_t i = 0; i < d; ++i)
+                fout_ref[(size_t)r * d + i] = (rr[i] - mu) * rs * as64(gamma[i]) + as64(beta[i]);
+            fmean_ref[r] = mu;
+            frstd_ref[r] = rs;
+        }
+        c.close("residual_layernorm_forward_<T> resid", "resid", resid, r_ref, F32_TOL);
+        c.close("residual_layernorm_forward_<T> out", "fused out", fout, fout_ref, tol_of<T>());
+        c.close("residual_layernorm_forward_<T> mean", "fused mean", fmean, fmean_ref, F32_TOL);
+        c.close("residual_layernorm_forward_<T> rstd", "fused rstd", frstd, frstd_ref, F32_TOL);
+    }
+
     // Backward, from the reference statistics rounded to f32 (what the
     // forward hands on), so only the backward kernels' error is measured.
     const auto dout = rand_vec<T>(rng, n, -1, 1);
@@ -405,6 +442,21 @@ template <typename T> static void test_elementwise(uint64_t n, uint64_t seed) {
     for (uint64_t i = 0; i < n; ++i) want[i] = as64(dout[i]) * gelu_grad64(as64(x[i]));
     c.close("gelu_backward_<T> dx", "gelu'", dx, want, tol_of<T>());
 
+    // Buffers that start off a 16-byte boundary take the element-wise path.
+    if (n > 1) {
+        const uint64_t m = n - 1;
+        auto out1 = poisoned<T>(n), dx1 = poisoned<T>(n);
+        launch(grid_stride(m), [&] { K<T>::gelu_forward(x.data() + 1, m, out1.data() + 1); });
+        launch(grid_stride(m), [&] { K<T>::gelu_backward(dout.data() + 1, x.data() + 1, m, dx1.data() + 1); });
+        std::vector<double> wf(n, NAN), wb(n, NAN);
+        for (uint64_t i = 1; i < n; ++i) {
+            wf[i] = gelu64(as64(x[i]));
+            wb[i] = as64(dout[i]) * gelu_grad64(as64(x[i]));
+        }
+        c.close("gelu_forward_<T> out (unaligned)", "gelu@1", out1, wf, tol_of<T>());
+        c.close("gelu_backward_<T> dx (unaligned)", "gelu'@1", dx1, wb, tol_of<T>());
+    }
+
     const auto xs = rand_vec<float>(rng, n, -2, 2);
     const auto y = rand_vec<T>(rng, n, -2, 2);
     auto sum = poisoned<float>(n);
@@ -423,7 +475,10 @@ template <typename T> static void test_elementwise(uint64_t n, uint64_t seed) {
 
 // ---- softmax cross-entropy --------------------------------------------------
 
-template <typename T> static void test_cross_entropy(uint32_t vocab, uint64_t seed) {
+// `padded` ≥ vocab columns per row: the LM head's padded vocabulary. Pad
+// columns hold 9.0, above every real logit, so a kernel that let them into
+// the max, the sum or the argmax fails; their gradient must be 0.
+template <typename T> static void test_cross_entropy(uint32_t vocab, uint32_t padded, uint64_t seed) {
     Rng rng(seed);
     constexpr uint32_t IGNORE = 0xffffffffu;
     std::vector<std::vector<float>> rows;
@@ -435,13 +490,15 @@ template <typename T> static void test_cross_entropy(uint32_t vocab, uint64_t se
     };
     for (int i = 0; i < 6; ++i) rows.push_back(random_row()), targets.push_back(rng.below(vocab));
     rows.push_back(random_row()), targets.push_back(IGNORE);
-    // Targets the host would have rejected: NaN loss, no stray read.
+    // Targets the host would have rejected (a pad column among them): NaN
+    // loss, no stray read.
     rows.push_back(random_row()), targets.push_back(vocab);
+    rows.push_back(random_row()), targets.push_back(padded);
     rows.push_back(random_row()), targets.push_back(IGNORE - 1);
     // Ties for the maximum (4.0, exact in every dtype; the rest below 3):
-    // across warps, inside one thread's columns (c and c + 256), between
-    // neighbouring lanes. The lowest index wins; a target on another tied
-    // column is not "correct".
+    // across warps and threads, inside one 16-byte pack (neighbouring
+    // columns), at the last real column. The lowest index wins; a target on
+    // another tied column is not "correct".
     const std::vector<std::set<uint32_t>> ties = {
         {vocab - 1, vocab / 2, vocab / 5}, {0, vocab - 1}, {vocab / 2, (vocab / 2) ^ 1u}};
     for (const auto& tie : ties) {
@@ -458,15 +515,22 @@ template <typename T> static void test_cross_entropy(uint32_t vocab, uint64_t se
     std::vector<float> flat(vocab, 1.5f);  // all equal: argmax 0
     rows.push_back(flat), targets.push_back(vocab - 1);
     rows.push_back(flat), targets.push_back(0);
+    // A −∞ logit has probability 0 and must not poison the sum.
+    if (vocab > 1) {
+        auto with_inf = random_row();
+        with_inf[vocab / 3] = -INFINITY;
+        rows.push_back(with_inf), targets.push_back(vocab - 1);
+    }
 
     const uint32_t nrows = (uint32_t)rows.size();
-    std::vector<T> logits0((size_t)nrows * vocab);
+    std::vector<T> logits0((size_t)nrows * padded, from_f32<T>(9.0f));
     for (uint32_t r = 0; r < nrows; ++r)
-        for (uint32_t ch = 0; ch < vocab; ++ch) logits0[(size_t)r * vocab + ch] = from_f32<T>(rows[r][ch]);
+        for (uint32_t ch = 0; ch < vocab; ++ch) logits0[(size_t)r * padded + ch] = from_f32<T>(rows[r][ch]);
     const float scale = 0.37f;
 
-    // Reference on the rounded logits: loss = lse − logit[target], argmax
-    // the lowest index of the maximum, grad = scale·(softmax − onehot).
+    // Reference on the rounded logits of the real columns: loss = lse −
+    // logit[target], argmax the lowest index of the maximum, grad =
+    // scale·(softmax − onehot), 0 on pad columns and ignored rows.
     std::vector<double> loss_ref(nrows), grad_ref(logits0.size(), 0.0);
     std::vector<uint32_t> correct_ref(nrows, 0);
     for (uint32_t r = 0; r < nrows; ++r) {
@@ -475,7 +539,7 @@ template <typename T> static void test_cross_entropy(uint32_t vocab, uint64_t se
             loss_ref[r] = t == IGNORE ? 0.0 : NAN;
             continue;
         }
-        const T* l = &logits0[(size_t)r * vocab];
+        const T* l = &logits0[(size_t)r * padded];
         double mx = -INFINITY;
         uint32_t arg = 0;
         for (uint32_t ch = 0; ch < vocab; ++ch)
@@ -486,15 +550,16 @@ template <typename T> static void test_cross_entropy(uint32_t vocab, uint64_t se
         loss_ref[r] = lse - as64(l[t]);
         correct_ref[r] = arg == t;
         for (uint32_t ch = 0; ch < vocab; ++ch)
-            grad_ref[(size_t)r * vocab + ch] = scale * (std::exp(as64(l[ch]) - lse) - (ch == t ? 1.0 : 0.0));
+            grad_ref[(size_t)r * padded + ch] = scale * (std::exp(as64(l[ch]) - lse) - (ch == t ? 1.0 : 0.0));
     }
     for (uint32_t write_grad : {1u, 0u}) {
-        Case c(K<T>::name, fmt("cross_entropy rows=%u vocab=%u write_grad=%u", nrows, vocab, write_grad));
+        Case c(K<T>::name, fmt("cross_entropy rows=%u vocab=%u padded=%u write_grad=%u", nrows, vocab, padded,
+                               write_grad));
         auto logits = logits0;
         auto losses = poisoned<float>(nrows);
         std::vector<uint32_t> correct(nrows, 0xdeadbeefu);
-        launch(nrows, [&] {
-            K<T>::cross_entropy(logits.data(), targets.data(), vocab, write_grad, scale, losses.data(),
+        emu_launch(Dim3{nrows, 1, 1}, CE_THREADS, [&] {
+            K<T>::cross_entropy(logits.data(), targets.data(), vocab, padded, write_grad, scale, losses.data(),
                                 correct.data());
         });
         c.close("cross_entropy_<T> loss", "loss", losses, loss_ref, F32_TOL);
@@ -534,17 +599,77 @@ static void test_adamw(uint64_t n, int step, uint64_t seed) {
     c.close("adamw_f32 v", "v", v, vw, F32_TOL);
 }
 
-static void test_sum_squares(uint64_t n, uint64_t seed) {
+// Several tensors (an empty one among them) in one launch: blockIdx.y picks
+// the tensor, each tensor's partials are added by its own final block.
+static void test_sum_squares(const std::vector<uint64_t>& ns, uint64_t seed) {
     Rng rng(seed);
-    const unsigned blocks = grid_stride(n);
-    Case c("f32", fmt("sum_squares n=%llu (grid %u x %u)", (unsigned long long)n, blocks, THREADS));
-    const auto x = rand_vec<float>(rng, n, -3, 3);
-    auto partial = poisoned<double>(blocks), out = poisoned<double>(1);
-    launch(blocks, [&] { sum_squares_partial_f32(x.data(), n, partial.data()); });
-    launch(1, [&] { sum_squares_final_f32(partial.data(), blocks, out.data()); });
-    long double want = 0;
-    for (float v : x) want += (long double)v * v;
-    c.close("sum_squares_{partial,final}_f32", "sum", out, {(double)want}, tol_of<double>());
+    uint64_t longest = 0;
+    for (uint64_t n : ns) longest = max(longest, n);
+    const unsigned blocks = grid_stride(longest), tensors = (unsigned)ns.size();
+    std::string shape;
+    for (uint64_t n : ns) shape += " " + std::to_string(n);
+    Case c("f32", fmt("sum_squares_multi n =%s (grid %u x %u x %u)", shape.c_str(), blocks, tensors, THREADS));
+    std::vector<std::vector<float>> xs;
+    std::vector<const float*> ptrs;
+    std::vector<double> want;
+    for (uint64_t n : ns) {
+        xs.push_back(rand_vec<float>(rng, n, -3, 3));
+        long double w = 0;
+        for (float v : xs.back()) w += (long double)v * v;
+        want.push_back((double)w);
+    }
+    for (const auto& x : xs) ptrs.push_back(x.data());
+    auto partial = poisoned<double>((size_t)blocks * tensors), out = poisoned<double>(tensors);
+    launch(Dim3{blocks, tensors, 1}, [&] { sum_squares_multi_partial_f32(ptrs.data(), ns.data(), partial.data()); });
+    launch(tensors, [&] { sum_squares_final_f32(partial.data(), blocks, out.data()); });
+    c.close("sum_squares_{multi_partial,final}_f32", "sums", out, want, tol_of<double>());
+}
+
+// adamw_multi_f32: tensors of different lengths (an empty one among them),
+// each with its own rate and decay, in one launch.
+static void test_adamw_multi(int step, uint64_t seed) {
+    Rng rng(seed);
+    const std::vector<uint64_t> ns = {31, 0, 4097, 1, 300};
+    const double b1 = 0.9, b2 = 0.999, eps = 1e-8, gs = 0.5;
+    const AdamWArgs a{NAN, b1, b2, eps, NAN, gs, 1.0 - std::pow(b1, step), 1.0 - std::pow(b2, step)};
+    uint64_t longest = 0;
+    for (uint64_t n : ns) longest = max(longest, n);
+    const unsigned tensors = (unsigned)ns.size(), blocks = grid_stride(longest);
+    Case c("f32", fmt("adamw_multi tensors=%u step=%d (grid %u x %u x %u)", tensors, step, blocks, tensors, THREADS));
+    struct Host {
+        std::vector<float> p, g, m, v, p0, m0, v0;
+        double lr, wd;
+    };
+    std::vector<Host> hs;
+    std::vector<AdamWEntry> table;
+    for (uint64_t n : ns) {
+        Host h;
+        h.p0 = rand_vec<float>(rng, n, -1, 1), h.g = rand_vec<float>(rng, n, -1, 1);
+        h.m0 = rand_vec<float>(rng, n, -0.1, 0.1), h.v0 = rand_vec<float>(rng, n, 0, 0.01);
+        h.p = h.p0, h.m = h.m0, h.v = h.v0;
+        h.lr = rng.uni(0.001, 0.1), h.wd = rng.uni(0, 0.2);
+        hs.push_back(std::move(h));
+    }
+    for (auto& h : hs) table.push_back({h.p.data(), h.g.data(), h.m.data(), h.v.data(), h.p.size(), h.lr, h.wd});
+    launch(Dim3{blocks, tensors, 1}, [&] { adamw_multi_f32(table.data(), a); });
+    std::vector<float> p, m, v;
+    std::vector<double> pw, mw, vw;
+    for (const auto& h : hs) {
+        for (size_t i = 0; i < h.p.size(); ++i) {
+            const double gi = h.g[i] * gs;
+            const double mi = b1 * h.m0[i] + (1 - b1) * gi, vi = b2 * h.v0[i] + (1 - b2) * gi * gi;
+            double pi = h.p0[i];
+            pi -= h.lr * h.wd * pi;
+            pi -= h.lr * (mi / a.correction1) / (std::sqrt(vi / a.correction2) + eps);
+            pw.push_back(pi), mw.push_back(mi), vw.push_back(vi);
+        }
+        p.insert(p.end(), h.p.begin(), h.p.end());
+        m.insert(m.end(), h.m.begin(), h.m.end());
+        v.insert(v.end(), h.v.begin(), h.v.end());
+    }
+    c.close("adamw_multi_f32 param", "param", p, pw, F32_TOL);
+    c.close("adamw_multi_f32 m", "m", m, mw, F32_TOL);
+    c.close("adamw_multi_f32 v", "v", v, vw, F32_TOL);
 }
 
 // The final pass alone over more partials than it has threads (the wrapper
@@ -566,9 +691,18 @@ template <typename T> static void run_dtype(uint64_t seed) {
     // rows 130: three row chunks of the parameter gradients, and a last
     // block with two of its eight warps in use.
     for (uint32_t rows : {1u, 7u, 130u})
-        for (uint32_t d : {1u, 31u, 33u, 257u, 768u}) test_layernorm<T>(rows, d, seed++);
+        // 12, 768, 1024: the register path (d % 4 == 0, d ≤ 1024); 1028:
+        // a multiple of 4 too wide for it; the rest: the plain loop.
+        for (uint32_t d : {1u, 12u, 31u, 33u, 257u, 768u, 1024u, 1028u}) test_layernorm<T>(rows, d, seed++);
     for (uint64_t n : {1ull, 31ull, 4097ull}) test_elementwise<T>(n, seed++);
-    for (uint32_t vocab : {1u, 7u, 257u, 1031u}) test_cross_entropy<T>(vocab, seed++);
+    // padded == vocab: 16-byte packs only where vocab allows them (f32:
+    // 1031 no, 1032 yes); padded > vocab: the LM head's padded rows, packed
+    // (multiples of 64) and not (1, 7 → 9). 9000 → 9024: several packs per
+    // thread.
+    for (auto [vocab, padded] : std::vector<std::pair<uint32_t, uint32_t>>{
+             {1, 1}, {7, 7}, {257, 257}, {1031, 1031}, {1032, 1032}, {1, 64}, {7, 9}, {257, 320}, {1031, 1088},
+             {9000, 9024}})
+        test_cross_entropy<T>(vocab, padded, seed++);
     for (const EmbShape& s : {EmbShape{1, 1, 1, 1, 1}, EmbShape{3, 11, 31, 1, 11}, EmbShape{2, 5, 33, 7, 8},
                               EmbShape{4, 9, 257, 257, 9}, EmbShape{2, 6, 768, 7, 13}})
         test_embedding_forward<T>(s, seed++);
@@ -582,7 +716,9 @@ static void run_f32_only(uint64_t seed) {
         test_embedding_backward(s, seed++);
     for (uint64_t n : {1ull, 31ull, 4097ull})
         for (int step : {1, 7}) test_adamw(n, step, seed++);
-    for (uint64_t n : {1ull, 31ull, 4097ull}) test_sum_squares(n, seed++);
+    for (uint64_t n : {1ull, 31ull, 4097ull}) test_sum_squares({n}, seed++);
+    test_sum_squares({31, 0, 4097, 1, 1000}, seed++);
+    for (int step : {1, 7}) test_adamw_multi(step, seed++);
     test_sum_squares_final(1000, seed++);
 }
 

@@ -182,6 +182,23 @@ impl TrainOps for Cpu {
         Ok(())
     }
 
+    fn residual_layernorm_forward<T: Element>(
+        &self,
+        x: &Vec<f32>,
+        y: &Vec<T>,
+        gamma: &Vec<T>,
+        beta: &Vec<T>,
+        eps: f64,
+        resid: &mut Vec<f32>,
+        out: &mut Vec<T>,
+        mean: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+    ) -> Result<()> {
+        check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()))?;
+        self.residual_add(x, y, resid)?;
+        self.layernorm_forward(resid, gamma, beta, eps, out, mean, rstd)
+    }
+
     fn layernorm_backward<T: Element>(
         &self,
         dout: &Vec<T>,
@@ -264,19 +281,24 @@ impl TrainOps for Cpu {
         Ok(())
     }
 
-    fn cross_entropy<T: Element>(
+    fn cross_entropy_padded<T: Element>(
         &self,
         logits: &mut Vec<T>,
         targets: TokenIds<'_, Cpu>,
         vocab: usize,
+        padded: usize,
         grad: Option<f64>,
     ) -> Result<CrossEntropyOut<Cpu>> {
-        check::cross_entropy(logits.len(), targets.host, vocab)?;
-        check::cross_entropy(logits.len(), targets.device, vocab)?;
+        check::cross_entropy(logits.len(), targets.host, vocab, padded)?;
+        check::cross_entropy(logits.len(), targets.device, vocab, padded)?;
         let results: Vec<(f32, u32)> = logits
-            .par_chunks_mut(vocab)
+            .par_chunks_mut(padded)
             .zip(targets.device.par_iter())
             .map(|(row, &target)| {
+                if grad.is_some() {
+                    row[vocab..].iter_mut().for_each(|v| *v = T::default());
+                }
+                let row = &mut row[..vocab];
                 if target == IGNORE {
                     if grad.is_some() {
                         row.iter_mut().for_each(|v| *v = T::default());
@@ -295,6 +317,7 @@ impl TrainOps for Cpu {
             correct: results.iter().map(|r| r.1).collect(),
         })
     }
+
     fn adamw(
         &self,
         param: &mut Vec<f32>,

@@ -9,12 +9,12 @@
 //! also uses the host copy to group rows by token, which makes its sums
 //! deterministic.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
 
 use super::{blocks_for, grid, kernels, ArgOrNull, Gpu};
 use crate::backend::Backend;
 use crate::error::check_len;
-use crate::train::ops::{check, AdamWStep, AttnShape, CrossEntropyOut, SeqShape, TokenIds, TrainOps};
+use crate::train::ops::{check, AdamWStep, AdamWTensor, AttnShape, CrossEntropyOut, SeqShape, TokenIds, TrainOps};
 use crate::Element;
 use crate::{Error, Result};
 
@@ -22,6 +22,8 @@ const THREADS: u32 = 256;
 const WARPS: u32 = THREADS / 32;
 /// Grid-stride kernels never need more blocks than this to fill the GPU.
 const MAX_BLOCKS: u32 = 65_535;
+/// Threads per cross-entropy row (`CE_THREADS` in kernels/train.cu).
+const CE_THREADS: u32 = 1024;
 /// Rows per partial sum in the LayerNorm parameter gradients.
 const LN_ROWS_PER_CHUNK: u32 = 64;
 
@@ -41,12 +43,59 @@ struct AdamWArgs {
 // SAFETY: plain numbers, laid out as the CUDA struct.
 unsafe impl DeviceRepr for AdamWArgs {}
 
+impl AdamWArgs {
+    /// The shared part of `hp` (its `lr` and `weight_decay` too, which the
+    /// multi-tensor kernel ignores).
+    fn new(hp: &AdamWStep) -> Self {
+        let step = hp.step.min(i32::MAX as u64) as i32;
+        AdamWArgs {
+            lr: hp.lr,
+            beta1: hp.beta1,
+            beta2: hp.beta2,
+            eps: hp.eps,
+            weight_decay: hp.weight_decay,
+            grad_scale: hp.grad_scale,
+            correction1: 1.0 - hp.beta1.powi(step),
+            correction2: 1.0 - hp.beta2.powi(step),
+        }
+    }
+}
+
+/// Mirrors `struct AdamWEntry` in kernels/train.cu: one tensor of
+/// `adamw_multi_f32`'s device table.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AdamWEntry {
+    param: u64,
+    grad: u64,
+    m: u64,
+    v: u64,
+    n: u64,
+    lr: f64,
+    weight_decay: f64,
+}
+// SAFETY: device addresses and numbers, laid out as the CUDA struct.
+unsafe impl DeviceRepr for AdamWEntry {}
+
+/// Most tensors one multi-tensor launch takes (`gridDim.y`'s limit).
+const MAX_TENSORS_PER_LAUNCH: usize = 65_535;
+/// Blocks per tensor in the multi-tensor launches: enough to stream a
+/// large tensor at full bandwidth, while a small one's extra blocks exit at
+/// once.
+const MULTI_BLOCKS: u32 = 512;
+
 fn launch_err(name: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> Error {
     move |e| Error::cuda(format!("launching {name}"), e)
 }
 
 fn grid_stride(n: u64) -> u32 {
     blocks_for(n, THREADS).min(MAX_BLOCKS)
+}
+
+/// Grid of a kernel that moves `n` elements of `T` in 16-byte packs (one
+/// pack per thread per stride).
+fn packed_grid<T: Element>(n: u64) -> u32 {
+    grid_stride(n.div_ceil((16 / std::mem::size_of::<T>()) as u64))
 }
 
 fn u32_arg(what: &str, v: usize) -> Result<u32> {
@@ -194,6 +243,46 @@ impl TrainOps for Gpu {
         .map_err(|e| Error::cuda(format!("launching {name}"), e))
     }
 
+    fn residual_layernorm_forward<T: Element>(
+        &self,
+        x: &CudaSlice<f32>,
+        y: &CudaSlice<T>,
+        gamma: &CudaSlice<T>,
+        beta: &CudaSlice<T>,
+        eps: f64,
+        resid: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<T>,
+        mean: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let (rows, d) =
+            check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()))?;
+        check::same_len("residual_layernorm_forward", x.len(), &[("y", y.len()), ("resid", resid.len())])?;
+        let name = typed::<T>("residual_layernorm_forward");
+        let f = self.function(kernels::TRAIN, &name)?;
+        let (eps, rows32, d32) = (eps as f32, u32_arg("rows", rows)?, u32_arg("width", d)?);
+        // SAFETY: argument types match; lengths checked above (x, y, resid
+        // and out hold rows·d, mean and rstd rows).
+        unsafe {
+            self.stream()
+                .launch_builder(&f)
+                .arg(x)
+                .arg(y)
+                .arg(gamma)
+                .arg(beta)
+                .arg(&eps)
+                .arg(&rows32)
+                .arg(&d32)
+                .arg(resid)
+                .arg(out)
+                .arg(mean)
+                .arg(rstd)
+                .launch(grid(rows32.div_ceil(WARPS), THREADS, 0))
+        }
+        .map(drop)
+        .map_err(|e| Error::cuda(format!("launching {name}"), e))
+    }
+
     fn layernorm_backward<T: Element>(
         &self,
         dout: &CudaSlice<T>,
@@ -302,9 +391,11 @@ impl TrainOps for Gpu {
         let (name, n) = (typed::<T>("gelu_forward"), x.len() as u64);
         let f = self.function(kernels::TRAIN, &name)?;
         // SAFETY: argument types match; both buffers hold n.
-        unsafe { self.stream().launch_builder(&f).arg(x).arg(&n).arg(out).launch(grid(grid_stride(n), THREADS, 0)) }
-            .map(drop)
-            .map_err(|e| Error::cuda(format!("launching {name}"), e))
+        unsafe {
+            self.stream().launch_builder(&f).arg(x).arg(&n).arg(out).launch(grid(packed_grid::<T>(n), THREADS, 0))
+        }
+        .map(drop)
+        .map_err(|e| Error::cuda(format!("launching {name}"), e))
     }
 
     fn gelu_backward<T: Element>(&self, dout: &CudaSlice<T>, x: &CudaSlice<T>, dx: &mut CudaSlice<T>) -> Result<()> {
@@ -313,7 +404,11 @@ impl TrainOps for Gpu {
         let f = self.function(kernels::TRAIN, &name)?;
         // SAFETY: argument types match; all buffers hold n.
         unsafe {
-            self.stream().launch_builder(&f).arg(dout).arg(x).arg(&n).arg(dx).launch(grid(grid_stride(n), THREADS, 0))
+            self.stream().launch_builder(&f).arg(dout).arg(x).arg(&n).arg(dx).launch(grid(
+                packed_grid::<T>(n),
+                THREADS,
+                0,
+            ))
         }
         .map(drop)
         .map_err(|e| Error::cuda(format!("launching {name}"), e))
@@ -341,25 +436,31 @@ impl TrainOps for Gpu {
             .map_err(|e| Error::cuda(format!("launching {name}"), e))
     }
 
-    fn cross_entropy<T: Element>(
+    fn cross_entropy_padded<T: Element>(
         &self,
         logits: &mut CudaSlice<T>,
         targets: TokenIds<'_, Gpu>,
         vocab: usize,
+        padded: usize,
         grad: Option<f64>,
     ) -> Result<CrossEntropyOut<Gpu>> {
         check_len("cross_entropy", "host targets", targets.host.len(), targets.device.len())?;
-        let rows = check::cross_entropy(logits.len(), targets.host, vocab)?;
+        let rows = check::cross_entropy(logits.len(), targets.host, vocab, padded)?;
         let mut losses: CudaSlice<f32> = self.zeros(rows)?;
         let mut correct: CudaSlice<u32> = self.zeros(rows)?;
         if rows == 0 {
             return Ok(CrossEntropyOut { losses, correct });
         }
-        let (vocab32, write_grad, scale) =
-            (u32_arg("vocab", vocab)?, grad.is_some() as u32, grad.unwrap_or(0.0) as f32);
+        let (vocab32, padded32, write_grad, scale) = (
+            u32_arg("vocab", vocab)?,
+            u32_arg("padded vocab", padded)?,
+            grad.is_some() as u32,
+            grad.unwrap_or(0.0) as f32,
+        );
         let name = typed::<T>("cross_entropy");
         let f = self.function(kernels::TRAIN, &name)?;
-        // SAFETY: argument types match; one block per row of `vocab` logits;
+        // SAFETY: argument types match; one block per row of `padded` logits
+        // (the kernel picks 16-byte accesses only when rows are aligned);
         // the kernel guards each target against vocab.
         unsafe {
             self.stream()
@@ -367,11 +468,12 @@ impl TrainOps for Gpu {
                 .arg(logits)
                 .arg(targets.device)
                 .arg(&vocab32)
+                .arg(&padded32)
                 .arg(&write_grad)
                 .arg(&scale)
                 .arg(&mut losses)
                 .arg(&mut correct)
-                .launch(grid(u32_arg("rows", rows)?, THREADS, 0))
+                .launch(grid(u32_arg("rows", rows)?, CE_THREADS, 0))
         }
         .map(drop)
         .map_err(|e| Error::cuda(format!("launching {name}"), e))?;
@@ -387,17 +489,7 @@ impl TrainOps for Gpu {
         hp: &AdamWStep,
     ) -> Result<()> {
         check::adamw((param.len(), grad.len(), m.len(), v.len()), hp)?;
-        let step = hp.step.min(i32::MAX as u64) as i32;
-        let args = AdamWArgs {
-            lr: hp.lr,
-            beta1: hp.beta1,
-            beta2: hp.beta2,
-            eps: hp.eps,
-            weight_decay: hp.weight_decay,
-            grad_scale: hp.grad_scale,
-            correction1: 1.0 - hp.beta1.powi(step),
-            correction2: 1.0 - hp.beta2.powi(step),
-        };
+        let args = AdamWArgs::new(hp);
         let n = param.len() as u64;
         let f = self.function(kernels::TRAIN, "adamw_f32")?;
         // SAFETY: argument types match; all four buffers hold n.
@@ -412,31 +504,91 @@ impl TrainOps for Gpu {
         .map_err(launch_err("adamw_f32"))
     }
 
-    fn sum_squares_each(&self, xs: &[&CudaSlice<f32>]) -> Result<Vec<f64>> {
-        let mut totals: CudaSlice<f64> = self.zeros(xs.len().max(1))?;
-        for (i, x) in xs.iter().enumerate() {
-            let n = x.len() as u64;
-            let blocks = grid_stride(n).min(1024);
-            let mut partial: CudaSlice<f64> = self.zeros(blocks as usize)?;
-            let f = self.function(kernels::TRAIN, "sum_squares_partial_f32")?;
-            // SAFETY: argument types match; `partial` holds one value per block.
-            unsafe {
-                self.stream().launch_builder(&f).arg(*x).arg(&n).arg(&mut partial).launch(grid(blocks, THREADS, 0))
+    fn adamw_many(&self, tensors: &mut [AdamWTensor<'_, Gpu>], hp: &AdamWStep) -> Result<()> {
+        for t in tensors.iter() {
+            check::adamw((t.param.len(), t.grad.len(), t.m.len(), t.v.len()), hp)?;
+        }
+        let args = AdamWArgs::new(hp);
+        let f = self.function(kernels::TRAIN, "adamw_multi_f32")?;
+        let stream = self.stream();
+        for chunk in tensors.chunks_mut(MAX_TENSORS_PER_LAUNCH) {
+            let longest = chunk.iter().map(|t| t.param.len() as u64).max().unwrap_or(0);
+            if longest == 0 {
+                continue;
             }
-            .map(drop)
-            .map_err(launch_err("sum_squares_partial_f32"))?;
+            // The guards order the kernel's accesses on this stream (cudarc
+            // records them when they drop, after the launch is queued).
+            let mut guards = Vec::with_capacity(4 * chunk.len());
+            let mut table = Vec::with_capacity(chunk.len());
+            for t in chunk.iter_mut() {
+                let n = t.param.len() as u64;
+                let (param, g1) = t.param.device_ptr_mut(stream);
+                let (grad, g2) = t.grad.device_ptr(stream);
+                let (m, g3) = t.m.device_ptr_mut(stream);
+                let (v, g4) = t.v.device_ptr_mut(stream);
+                guards.extend([g1, g2, g3, g4]);
+                table.push(AdamWEntry { param, grad, m, v, n, lr: t.lr, weight_decay: t.weight_decay });
+            }
+            let table = stream.clone_htod(&table).map_err(|e| Error::cuda("uploading the AdamW table", e))?;
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (grid_stride(longest).min(MULTI_BLOCKS), table.len() as u32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: argument types match; every entry holds live buffers of
+            // n elements each (lengths checked above), which the guards keep
+            // ordered on this stream; blockIdx.y < table.len().
+            unsafe { stream.launch_builder(&f).arg(&table).arg(&args).launch(cfg) }
+                .map(drop)
+                .map_err(launch_err("adamw_multi_f32"))?;
+            drop(guards);
+        }
+        Ok(())
+    }
+
+    fn sum_squares_each(&self, xs: &[&CudaSlice<f32>]) -> Result<Vec<f64>> {
+        let mut all = Vec::with_capacity(xs.len());
+        let stream = self.stream();
+        for chunk in xs.chunks(MAX_TENSORS_PER_LAUNCH) {
+            let longest = chunk.iter().map(|x| x.len() as u64).max().unwrap_or(0);
+            let blocks = grid_stride(longest).min(MULTI_BLOCKS);
+            let tensors = chunk.len() as u32;
+            let mut guards = Vec::with_capacity(chunk.len());
+            let (mut ptrs, mut lens) = (Vec::with_capacity(chunk.len()), Vec::with_capacity(chunk.len()));
+            for x in chunk {
+                let (p, g) = x.device_ptr(stream);
+                guards.push(g);
+                ptrs.push(p);
+                lens.push(x.len() as u64);
+            }
+            let ptrs = stream.clone_htod(&ptrs).map_err(|e| Error::cuda("uploading the norm table", e))?;
+            let lens = stream.clone_htod(&lens).map_err(|e| Error::cuda("uploading the norm table", e))?;
+            let mut partial: CudaSlice<f64> = self.zeros(blocks as usize * chunk.len())?;
+            let mut totals: CudaSlice<f64> = self.zeros(chunk.len())?;
+            let f = self.function(kernels::TRAIN, "sum_squares_multi_partial_f32")?;
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (blocks, tensors, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: argument types match; ptrs[y] addresses lens[y] live
+            // f32s (ordered by the guards); partial holds blocks·tensors.
+            unsafe { stream.launch_builder(&f).arg(&ptrs).arg(&lens).arg(&mut partial).launch(cfg) }
+                .map(drop)
+                .map_err(launch_err("sum_squares_multi_partial_f32"))?;
+            drop(guards);
             let f = self.function(kernels::TRAIN, "sum_squares_final_f32")?;
-            let mut slot = totals.slice_mut(i..i + 1);
-            // SAFETY: argument types match; one block adds `blocks` partials
-            // into the one-element view `slot`.
+            // SAFETY: argument types match; block y adds partials
+            // y·blocks..(y+1)·blocks into totals[y].
             unsafe {
-                self.stream().launch_builder(&f).arg(&partial).arg(&blocks).arg(&mut slot).launch(grid(1, THREADS, 0))
+                stream.launch_builder(&f).arg(&partial).arg(&blocks).arg(&mut totals).launch(grid(tensors, THREADS, 0))
             }
             .map(drop)
             .map_err(launch_err("sum_squares_final_f32"))?;
+            // One download for the whole chunk: the step's only host sync
+            // besides the loss.
+            all.extend(self.download(&totals)?);
         }
-        let mut all = self.download(&totals)?;
-        all.truncate(xs.len());
         Ok(all)
     }
 

@@ -29,8 +29,8 @@ impl<B: TrainBackend> Gpt2<B> {
     pub fn save(&self, backend: &B, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let mut file = TensorFile::default();
-        for (spec, buf) in Self::param_specs(&self.config).iter().zip(&self.params) {
-            let mut host = backend.download(buf)?;
+        for (i, spec) in Self::param_specs(&self.config).iter().enumerate() {
+            let mut host = self.download_param(backend, i)?;
             let mut shape = spec.shape.clone();
             if spec.transposed {
                 host = transpose(&host, shape[0], shape[1]);

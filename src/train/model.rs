@@ -23,8 +23,20 @@
 //! `ln_2` of it (T·D) with mean and rstd (2·T f32), the MLP pre-activation
 //! (4·T·D) and its GELU (4·T·D), and `x·Aᵀ` (T·r f32) for every adapted
 //! module. Plus, once per model, the final LayerNorm's input and output
-//! (2·T·D, 2·T) and the logits (T·V), which the fused cross-entropy
+//! (2·T·D, 2·T) and the logits (T·V'), which the fused cross-entropy
 //! overwrites with their gradient.
+//!
+//! # Padded vocabulary
+//! The token embedding (`params[0]`, and its gradient) is kept with
+//! V' = [`padded_vocab`]`(V)` rows, V rounded up to a multiple of
+//! [`VOCAB_PAD`] (GPT-2: 50257 → 50304); rows `V..V'` are zero. The LM head
+//! then multiplies over V' columns, whose 16-byte-aligned leading dimension
+//! lets cuBLAS pick its vectorised tensor-core kernels (50257 columns force
+//! the `align1` ones, several times slower). The cross-entropy masks the
+//! pad columns out of the softmax and writes them a zero gradient, so the
+//! pad rows get no gradient and AdamW leaves them at zero: losses and
+//! gradients are those of the unpadded model. Only memory is padded: files
+//! ([`Gpt2::save`], checkpoints) and [`Gpt2::download_param`] give V rows.
 
 use std::path::Path;
 
@@ -47,6 +59,10 @@ type Linear<B, T> = (<B as crate::Backend>::Buf<T>, Option<F32<B>>);
 
 /// LayerNorm's output (compute dtype), mean and rstd.
 type Normed<B, T> = (<B as crate::Backend>::Buf<T>, F32<B>, F32<B>);
+
+/// A block's forward: its cache, its output (f32 residual stream) and the
+/// next LayerNorm of that output.
+type BlockOut<B, T> = (LayerCache<B, T>, F32<B>, Normed<B, T>);
 
 /// Everything the trainer needs from a backend.
 pub trait TrainBackend: TrainOps + LowRankOps + ProjectionOps {}
@@ -144,6 +160,16 @@ impl Module {
     }
 }
 
+/// The token embedding's row count is padded to a multiple of this on the
+/// backend (see the module docs): 64 rows of bf16 keep every row of the
+/// logits 128-byte aligned.
+pub const VOCAB_PAD: usize = 64;
+
+/// `vocab` rounded up to a multiple of [`VOCAB_PAD`].
+pub fn padded_vocab(vocab: usize) -> usize {
+    vocab.div_ceil(VOCAB_PAD) * VOCAB_PAD
+}
+
 /// Parameters per block, in [`Gpt2::param_specs`] order.
 const PER_BLOCK: usize = 12;
 const BLOCK_NAMES: [&str; PER_BLOCK] = [
@@ -224,10 +250,13 @@ impl std::fmt::Display for Precision {
 pub struct Gpt2<B: TrainBackend> {
     /// Shape.
     pub config: Gpt2Config,
-    /// Every parameter (f32 master copy), in [`Gpt2::param_specs`] order.
+    /// Every parameter (f32 master copy), in [`Gpt2::param_specs`] order;
+    /// the token embedding `params[0]` has [`padded_vocab`] rows, the pad
+    /// rows zero (see the module docs).
     pub params: Vec<B::Buf<f32>>,
     /// Gradients of every parameter (full fine-tuning), or `None` (frozen
-    /// base: only activation gradients flow through it).
+    /// base: only activation gradients flow through it). Shaped as
+    /// `params`, padding included.
     pub grads: Option<Vec<B::Buf<f32>>>,
     precision: Precision,
     /// `params` rounded to bf16, made by [`Gpt2::set_precision`]; the
@@ -244,6 +273,15 @@ fn index_wpe() -> usize {
 }
 fn block_index(layer: usize, slot: usize) -> usize {
     2 + layer * PER_BLOCK + slot
+}
+
+/// `host` (shaped by `spec`) as the backend keeps it: the token embedding
+/// gains zero rows up to [`padded_vocab`], every other tensor is unchanged.
+pub(crate) fn pad_rows(config: &Gpt2Config, spec: &ParamSpec, mut host: Vec<f32>) -> Vec<f32> {
+    if spec.name == "wte.weight" {
+        host.resize(padded_vocab(config.vocab_size) * config.n_embd, 0.0);
+    }
+    host
 }
 
 impl<B: TrainBackend> Gpt2<B> {
@@ -291,7 +329,7 @@ impl<B: TrainBackend> Gpt2<B> {
                 let std = if spec.name.ends_with("c_proj.weight") { proj_std } else { 0.02 };
                 (0..spec.len()).map(|_| (rng.normal() * std) as f32).collect()
             };
-            params.push(backend.upload(&host)?);
+            params.push(backend.upload(&pad_rows(config, &spec, host))?);
         }
         Ok(Gpt2 { config: config.clone(), params, grads: None, precision: Precision::F32, work_bf16: None })
     }
@@ -340,17 +378,37 @@ impl<B: TrainBackend> Gpt2<B> {
                 host = transpose(&host, want[0], want[1]);
             }
             crate::error::check_finite(&spec.name, &host)?;
-            params.push(backend.upload(&host)?);
+            params.push(backend.upload(&pad_rows(&config, &spec, host))?);
         }
         Ok(Gpt2 { config, params, grads: None, precision: Precision::F32, work_bf16: None })
     }
 
-    /// Turns full fine-tuning on: allocates a gradient for every parameter.
+    /// Turns full fine-tuning on: allocates a gradient for every parameter
+    /// (shaped as `params`, padding included).
     pub fn enable_full_grads(&mut self, backend: &B) -> Result<()> {
-        let grads =
-            Self::param_specs(&self.config).iter().map(|s| backend.zeros(s.len())).collect::<Result<Vec<_>>>()?;
+        let grads = self.params.iter().map(|p| backend.zeros(B::len(p))).collect::<Result<Vec<_>>>()?;
         self.grads = Some(grads);
         Ok(())
+    }
+
+    /// Rows of the token embedding on the backend: the vocabulary rounded
+    /// up to a multiple of [`VOCAB_PAD`].
+    pub fn padded_vocab(&self) -> usize {
+        padded_vocab(self.config.vocab_size)
+    }
+
+    /// Parameter `index` (in [`Gpt2::param_specs`] order) on the host, as
+    /// its spec shapes it: the token embedding without its pad rows.
+    pub fn download_param(&self, backend: &B, index: usize) -> Result<Vec<f32>> {
+        let specs = Self::param_specs(&self.config);
+        let spec = specs.get(index).ok_or_else(|| Error::Index {
+            what: "model parameter".into(),
+            index: index as u64,
+            bound: specs.len() as u64,
+        })?;
+        let mut host = backend.download(&self.params[index])?;
+        host.truncate(spec.len());
+        Ok(host)
     }
 
     /// Elements of every parameter.
@@ -432,8 +490,11 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         backward: bool,
     ) -> Result<BatchOutput> {
         let c = self.config.clone();
-        let (d, vocab) = (c.n_embd, c.vocab_size);
+        let (d, vocab, padded) = (c.n_embd, c.vocab_size, padded_vocab(c.vocab_size));
         let shape = batch.shape;
+        // The embedding's buffer holds the pad rows too: check against the
+        // real vocabulary here.
+        super::ops::check::tokens("batch tokens", &batch.host_tokens, vocab)?;
         if shape.seq > c.n_positions {
             return Err(Error::invalid(
                 "sequence length",
@@ -455,22 +516,28 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
 
         let ad = adapters.as_deref();
         let mut caches = Vec::with_capacity(c.n_layer);
-        for l in 0..c.n_layer {
-            let (cache, out) = self.block_forward(backend, ad, l, x, attn)?;
-            caches.push(cache);
-            x = out;
-        }
         let lnf_i = self.params.len() - 2;
-        let (lnf, lnf_mean, lnf_rstd) = self.layernorm(backend, &x, lnf_i, tokens)?;
-        let head = LinearShape { m: tokens, k: d, n: vocab, r: 0 };
+        // The first block's ln_1 reads the embedding; every later LayerNorm
+        // (ln_2, the next block's ln_1, ln_f) is fused with the residual add
+        // in front of it.
+        let first = if c.n_layer > 0 { block_index(0, 0) } else { lnf_i };
+        let mut normed = self.layernorm(backend, &x, first, tokens)?;
+        for l in 0..c.n_layer {
+            let next = if l + 1 < c.n_layer { block_index(l + 1, 0) } else { lnf_i };
+            let (cache, out, next_normed) = self.block_forward(backend, ad, l, x, normed, next, attn)?;
+            caches.push(cache);
+            (x, normed) = (out, next_normed);
+        }
+        let (lnf, lnf_mean, lnf_rstd) = normed;
+        let head = LinearShape { m: tokens, k: d, n: padded, r: 0 };
         backend.op_mark("fwd lm_head");
-        let mut logits = backend.zeros::<T>(tokens * vocab)?;
+        let mut logits = backend.zeros::<T>(tokens * padded)?;
         backend.lowrank_forward(head, &lnf, &self.params[index_wte()], None, None, &mut logits, None)?;
 
         let count = batch.host_targets.iter().filter(|&&t| t != super::ops::IGNORE).count();
         let grad_scale = if backward && count > 0 { Some(1.0 / count as f64) } else { None };
         backend.op_mark("cross_entropy");
-        let ce = backend.cross_entropy(&mut logits, batch.targets(), vocab, grad_scale)?;
+        let ce = backend.cross_entropy_padded(&mut logits, batch.targets(), vocab, padded, grad_scale)?;
         backend.op_mark("loss download");
         let out = BatchOutput {
             losses: backend.download(&ce.losses)?,
@@ -590,12 +657,33 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         Ok((out, mean, rstd))
     }
 
-    /// `x + y` into a new f32 residual buffer.
-    fn residual(&self, backend: &B, x: &F32<B>, y: &B::Buf<T>) -> Result<F32<B>> {
-        backend.op_mark("fwd residual");
-        let mut out = backend.zeros::<f32>(B::len(x))?;
-        backend.residual_add(x, y, &mut out)?;
-        Ok(out)
+    /// `x + y` into a new f32 residual buffer, and the LayerNorm whose γ
+    /// sits at `params[index]` of it, in one fused op.
+    fn residual_layernorm(
+        &self,
+        backend: &B,
+        x: &F32<B>,
+        y: &B::Buf<T>,
+        index: usize,
+        tokens: usize,
+    ) -> Result<(F32<B>, Normed<B, T>)> {
+        let d = self.config.n_embd;
+        backend.op_mark("fwd residual+layernorm");
+        let mut resid = backend.zeros::<f32>(B::len(x))?;
+        let (mut out, mut mean, mut rstd) =
+            (backend.zeros::<T>(tokens * d)?, backend.zeros::<f32>(tokens)?, backend.zeros::<f32>(tokens)?);
+        backend.residual_layernorm_forward(
+            x,
+            y,
+            &self.params[index],
+            &self.params[index + 1],
+            self.config.layer_norm_epsilon,
+            &mut resid,
+            &mut out,
+            &mut mean,
+            &mut rstd,
+        )?;
+        Ok((resid, (out, mean, rstd)))
     }
 
     /// The residual gradient in `T`, for a GEMM's backward.
@@ -606,31 +694,36 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         Ok(out)
     }
 
+    /// Block `l` on its input `x` and `ln_1(x)`: returns its cache, its
+    /// output and the LayerNorm at `params[next]` (the next block's ln_1,
+    /// or ln_f) of that output.
+    #[allow(clippy::too_many_arguments)]
     fn block_forward(
         &self,
         backend: &B,
         adapters: Option<&AdapterSet<B>>,
         l: usize,
         x: F32<B>,
+        (ln1, ln1_mean, ln1_rstd): Normed<B, T>,
+        next: usize,
         attn: AttnShape,
-    ) -> Result<(LayerCache<B, T>, F32<B>)> {
+    ) -> Result<BlockOut<B, T>> {
         let tokens = attn.seq.tokens();
-        let (ln1, ln1_mean, ln1_rstd) = self.layernorm(backend, &x, block_index(l, 0), tokens)?;
         let (qkv, t0) = self.linear_forward(backend, adapters, l, Module::CAttn, &ln1, tokens)?;
         backend.op_mark("fwd attention");
         let mut att = backend.zeros::<T>(tokens * attn.width())?;
         let mut lse = backend.zeros::<f32>(attn.lse_len())?;
         backend.attention_forward(&qkv, attn, &mut att, &mut lse)?;
         let (proj, t1) = self.linear_forward(backend, adapters, l, Module::AttnProj, &att, tokens)?;
-        let mid = self.residual(backend, &x, &proj)?;
+        let (mid, (ln2, ln2_mean, ln2_rstd)) =
+            self.residual_layernorm(backend, &x, &proj, block_index(l, 6), tokens)?;
         drop(proj);
-        let (ln2, ln2_mean, ln2_rstd) = self.layernorm(backend, &mid, block_index(l, 6), tokens)?;
         let (fc, t2) = self.linear_forward(backend, adapters, l, Module::Fc, &ln2, tokens)?;
         backend.op_mark("fwd gelu");
         let mut gelu = backend.zeros::<T>(B::len(&fc))?;
         backend.gelu_forward(&fc, &mut gelu)?;
         let (proj, t3) = self.linear_forward(backend, adapters, l, Module::MlpProj, &gelu, tokens)?;
-        let out = self.residual(backend, &mid, &proj)?;
+        let (out, next_normed) = self.residual_layernorm(backend, &mid, &proj, next, tokens)?;
         let cache = LayerCache {
             x,
             ln1,
@@ -647,7 +740,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
             gelu,
             t: [t0, t1, t2, t3],
         };
-        Ok((cache, out))
+        Ok((cache, out, next_normed))
     }
 
     /// `dres` holds the gradient of the block's output and leaves holding

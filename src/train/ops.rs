@@ -80,6 +80,23 @@ pub struct AdamWStep {
     pub grad_scale: f64,
 }
 
+/// One tensor of a multi-tensor AdamW step ([`TrainOps::adamw_many`]):
+/// its buffers and its parameter group's learning rate and decay.
+pub struct AdamWTensor<'a, B: Backend> {
+    /// The f32 parameter, updated in place.
+    pub param: &'a mut B::Buf<f32>,
+    /// Its gradient.
+    pub grad: &'a B::Buf<f32>,
+    /// First moment, updated in place.
+    pub m: &'a mut B::Buf<f32>,
+    /// Second moment, updated in place.
+    pub v: &'a mut B::Buf<f32>,
+    /// Learning rate of this tensor at this step.
+    pub lr: f64,
+    /// Its decoupled weight decay.
+    pub weight_decay: f64,
+}
+
 /// Per-position results of [`TrainOps::cross_entropy`].
 pub struct CrossEntropyOut<B: Backend> {
     /// `−log softmax(logits)[target]` per row (0 where the target is ignored).
@@ -159,6 +176,26 @@ pub trait TrainOps: Backend + Sized {
         rstd: &mut Self::Buf<f32>,
     ) -> Result<()>;
 
+    /// The residual add fused into the LayerNorm that follows it: `resid =
+    /// x + y` (the new f32 residual stream, overwritten) and
+    /// [`TrainOps::layernorm_forward`] of `resid`, in one pass over the row
+    /// (the separate add would write `resid` and the LayerNorm read it
+    /// back). Same results as [`TrainOps::residual_add`] then
+    /// [`TrainOps::layernorm_forward`].
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_forward<T: Element>(
+        &self,
+        x: &Self::Buf<f32>,
+        y: &Self::Buf<T>,
+        gamma: &Self::Buf<T>,
+        beta: &Self::Buf<T>,
+        eps: f64,
+        resid: &mut Self::Buf<f32>,
+        out: &mut Self::Buf<T>,
+        mean: &mut Self::Buf<f32>,
+        rstd: &mut Self::Buf<f32>,
+    ) -> Result<()>;
+
     /// LayerNorm backward: **accumulates** into the f32 `dx` (the residual
     /// stream's gradient already sits there) and into `dgamma`, `dbeta`
     /// when given.
@@ -227,6 +264,22 @@ pub trait TrainOps: Backend + Sized {
         targets: TokenIds<'_, Self>,
         vocab: usize,
         grad: Option<f64>,
+    ) -> Result<CrossEntropyOut<Self>> {
+        self.cross_entropy_padded(logits, targets, vocab, vocab, grad)
+    }
+
+    /// [`TrainOps::cross_entropy`] over logits whose rows are `padded ≥
+    /// vocab` wide (the LM head of a padded vocabulary): columns
+    /// `vocab..padded` are padding, out of the softmax (probability 0,
+    /// never the argmax) and given a zero gradient, so the loss and the
+    /// gradient equal those of the `rows × vocab` logits.
+    fn cross_entropy_padded<T: Element>(
+        &self,
+        logits: &mut Self::Buf<T>,
+        targets: TokenIds<'_, Self>,
+        vocab: usize,
+        padded: usize,
+        grad: Option<f64>,
     ) -> Result<CrossEntropyOut<Self>>;
 
     /// One AdamW step on a parameter tensor, updating `m` and `v` in place.
@@ -238,6 +291,18 @@ pub trait TrainOps: Backend + Sized {
         v: &mut Self::Buf<f32>,
         hp: &AdamWStep,
     ) -> Result<()>;
+
+    /// [`TrainOps::adamw`] on every tensor of `tensors`, each with its own
+    /// `lr` and `weight_decay` (those of `hp` are ignored; its betas, ε,
+    /// step and gradient scale are shared). The same arithmetic as one
+    /// call per tensor; a backend may do it in one launch.
+    fn adamw_many(&self, tensors: &mut [AdamWTensor<'_, Self>], hp: &AdamWStep) -> Result<()> {
+        for t in tensors.iter_mut() {
+            let step = AdamWStep { lr: t.lr, weight_decay: t.weight_decay, ..*hp };
+            self.adamw(t.param, t.grad, t.m, t.v, &step)?;
+        }
+        Ok(())
+    }
 
     /// `Σ x²` in f64 of each tensor (NaN or ∞ where an element is
     /// non-finite): the shares of the global gradient norm, all read back
@@ -382,10 +447,17 @@ pub mod check {
         operands.iter().try_for_each(|&(name, len)| check_len(op, name, len, n))
     }
 
-    /// [`super::TrainOps::cross_entropy`]: returns the number of rows.
-    pub fn cross_entropy(logits: usize, targets: &[u32], vocab: usize) -> Result<usize> {
+    /// [`super::TrainOps::cross_entropy_padded`]: returns the number of
+    /// rows.
+    pub fn cross_entropy(logits: usize, targets: &[u32], vocab: usize, padded: usize) -> Result<usize> {
         let op = "cross_entropy";
-        let rows = rows_of(op, "logits", logits, vocab)?;
+        if vocab == 0 || padded < vocab {
+            return Err(Error::invalid(
+                op,
+                format!("vocab {vocab} with rows {padded} wide: need 1 ≤ vocab ≤ the padded row width"),
+            ));
+        }
+        let rows = rows_of(op, "logits", logits, padded)?;
         check_len(op, "targets", targets.len(), rows)?;
         if let Some(i) = targets.iter().position(|&t| t != IGNORE && t as usize >= vocab) {
             return Err(Error::Index {

@@ -8,7 +8,7 @@
 //! consecutive refusals and stops after too many).
 
 use super::adapters::Group;
-use super::ops::{AdamWStep, TrainOps};
+use super::ops::{AdamWStep, AdamWTensor, TrainOps};
 use crate::{Error, Result};
 
 /// Learning-rate shape over the run.
@@ -193,22 +193,18 @@ impl<B: TrainOps> AdamW<B> {
         let grad_scale = if clipped { c.clip_norm / grad_norm } else { 1.0 };
         let step = self.step + 1;
         let lr_factor = c.lr_factor(step, total);
-        for ((name, group, p, g), (mname, m, v)) in params.into_iter().zip(self.moments.iter_mut()) {
+        let mut tensors = Vec::with_capacity(params.len());
+        for ((name, group, param, grad), (mname, m, v)) in params.into_iter().zip(self.moments.iter_mut()) {
             if name != *mname {
                 return Err(Error::invalid("optimizer state", format!("tensor `{name}` where `{mname}` was expected")));
             }
-            let (lr, wd) = c.group(group);
-            let hp = AdamWStep {
-                lr: lr * lr_factor,
-                beta1: c.beta1,
-                beta2: c.beta2,
-                eps: c.eps,
-                weight_decay: wd,
-                step,
-                grad_scale,
-            };
-            backend.adamw(p, g, m, v, &hp)?;
+            let (lr, weight_decay) = c.group(group);
+            tensors.push(AdamWTensor { param, grad, m, v, lr: lr * lr_factor, weight_decay });
         }
+        // Every tensor in one call (one launch on the GPU); each takes its
+        // group's rate and decay from its entry.
+        let hp = AdamWStep { lr: 0.0, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: 0.0, step, grad_scale };
+        backend.adamw_many(&mut tensors, &hp)?;
         self.step = step;
         Ok(StepReport { grad_norm, lr_factor, clipped })
     }

@@ -10,7 +10,7 @@ use crate::{Error, Result};
 use super::adapters::{AdapterSet, AdapterSpec, Group, Method};
 use super::checkpoint::{read_checkpoint, write_checkpoint, CheckpointState, CheckpointTensors};
 use super::data::{Dataset, EvalMetrics, MetricsAccumulator};
-use super::model::{Batch, Gpt2, Module, Precision, TrainBackend};
+use super::model::{pad_rows, Batch, Gpt2, Module, Precision, TrainBackend};
 use super::optimizer::{AdamW, OptimConfig, ParamRef, StepReport};
 
 /// Everything about a run except file paths (the CLI adds those). Readable
@@ -218,8 +218,11 @@ impl<B: TrainBackend> Trainer<B> {
         Ok(t)
     }
 
-    /// Trainable parameters.
+    /// Trainable parameters (the token embedding's pad rows not counted).
     pub fn num_trainable(&mut self) -> usize {
+        if self.adapters.is_none() && self.model.grads.is_some() {
+            return self.model.num_params();
+        }
         trainable(&mut self.model, self.adapters.as_mut()).iter().map(|(_, _, p, _)| B::len(p)).sum()
     }
 
@@ -337,11 +340,22 @@ impl<B: TrainBackend> Trainer<B> {
             bad_steps: self.bad_steps,
             config,
         };
+        // Files keep the real vocabulary: the token embedding's moments lose
+        // their pad rows (always zero) as its weights do.
+        let specs = if self.adapters.is_none() { Gpt2::<B>::param_specs(&self.model.config) } else { Vec::new() };
+        let real_len = |name: &str| specs.iter().find(|s| s.name == name).map(|s| s.len());
         let moments = self
             .optimizer
             .moments
             .iter()
-            .map(|(n, m, v)| Ok((n.clone(), self.backend.download(m)?, self.backend.download(v)?)))
+            .map(|(n, m, v)| {
+                let (mut m, mut v) = (self.backend.download(m)?, self.backend.download(v)?);
+                if let Some(len) = real_len(n) {
+                    m.truncate(len);
+                    v.truncate(len);
+                }
+                Ok((n.clone(), m, v))
+            })
             .collect::<Result<Vec<_>>>()?;
         let weights_dir = if self.adapters.is_some() { "adapter" } else { "model" };
         write_checkpoint(root, &state, &CheckpointTensors { moments }, keep, |dir| {
@@ -361,14 +375,21 @@ impl<B: TrainBackend> Trainer<B> {
         if let Some(a) = t.adapters.as_mut() {
             a.load_values(&t.backend, &load_adapter(&dir.join("adapter"))?)?;
         }
+        let specs = if t.adapters.is_none() { Gpt2::<B>::param_specs(&t.model.config) } else { Vec::new() };
         for (name, m, v) in t.optimizer.moments.iter_mut() {
+            let spec = specs.iter().find(|s| s.name == *name);
             for (suffix, buf) in [("adam_m", m), ("adam_v", v)] {
                 let key = format!("{name}.{suffix}");
                 let host = moments
                     .get(&key)
                     .ok_or_else(|| Error::format(dir.join("optimizer.safetensors"), format!("`{key}` is missing")))?;
+                // The file has the real vocabulary; the backend the padded one.
+                let host = match spec {
+                    Some(spec) if host.len() == spec.len() => pad_rows(&t.model.config, spec, host.clone()),
+                    _ => host.clone(),
+                };
                 crate::error::check_len("resume", "optimizer moment", host.len(), B::len(buf))?;
-                *buf = t.backend.upload(host)?;
+                *buf = t.backend.upload(&host)?;
             }
         }
         t.optimizer.step = state.optimizer_step;
