@@ -39,6 +39,7 @@ pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod lowrank;
+pub mod multi_adapter;
 pub mod op_timing;
 pub mod peft;
 pub mod projection;
