@@ -611,6 +611,16 @@ impl<B: MultiAdapterOps, T: Element> AdapterPool<B, T> {
         Ok(())
     }
 
+    /// The rank of shared factors.
+    pub fn shared_rank(&self, id: SharedFactors) -> Result<usize> {
+        Ok(self.shared_entry(id)?.rank)
+    }
+
+    /// `d` (the length of `θ_d`) of a registered projection.
+    pub fn projection_cols(&self, id: ProjectionHandle) -> Result<usize> {
+        Ok(self.projection_entry(id)?.projection.cols() as usize)
+    }
+
     fn shared_entry(&self, id: SharedFactors) -> Result<&SharedEntry> {
         self.shared.get(id.0).and_then(Option::as_ref).ok_or_else(|| Error::Index {
             what: "adapter pool shared factors (never added or already released)".into(),
