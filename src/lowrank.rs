@@ -11,7 +11,7 @@
 //! A missing `u` or `v` means all ones (plain LoRA has neither). `s` is
 //! [`LowRankConfig::scale`]: `α/r`, or `α/√r` with rank-stabilised scaling.
 //!
-//! The backward (methods.md §2; `t = x·Aᵀ`, `g = dy ⊙ v`, `h = (g·B) ⊙ u`):
+//! The backward (`docs/methods.md` §2; `t = x·Aᵀ`, `g = dy ⊙ v`, `h = (g·B) ⊙ u`):
 //!
 //! ```text
 //! dx  = dy·W + s·h·A                         (overwritten)
@@ -246,7 +246,7 @@ impl LowRankConfig {
 
     /// Initial per-layer `u` (r) and `v` (N), or `None` when the method has
     /// none. VeRA: `u = 0.1`, `v = 0` (so `ΔW = 0` at step 0). Tied-LoRA:
-    /// ones (frozen vectors are ones per methods.md; trainable ones start at
+    /// ones (frozen vectors are ones per `docs/methods.md`; trainable ones start at
     /// ones too, which this crate chose because the paper's init could not
     /// be retrieved, see [`Trainable::label`]).
     pub fn init_vectors(&self, n: usize) -> (Option<Vec<f32>>, Option<Vec<f32>>) {

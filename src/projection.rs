@@ -234,7 +234,8 @@ impl Segment {
 }
 
 /// Where every row of `θ_D` lands: an ordered list of non-overlapping
-/// segments inside `[0, D)`, all of one dtype.
+/// segments inside `[0, D)`, with the storage type of the tensors they
+/// describe (metadata for files; buffers of any element type fit).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProjectionLayout {
     rows: u64,
@@ -316,7 +317,10 @@ impl ProjectionLayout {
     pub fn rows(&self) -> u64 {
         self.rows
     }
-    /// The dtype every segment buffer has.
+    /// The storage type of the adapter tensors the layout describes, as
+    /// recorded in adapter files. Gather and scatter do not require it: they
+    /// take segment buffers of any element type (f32 masters, bf16 weights,
+    /// an f32 oracle beside a bf16 kernel) over the same layout.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
@@ -326,6 +330,9 @@ impl ProjectionLayout {
     }
 
     /// Checks a call's projection, θ length and buffers against the layout.
+    /// The buffers' element type `T` is any: where rows land does not
+    /// depend on how they are stored (callers name it; it is not checked).
+    #[allow(clippy::extra_unused_type_parameters)]
     pub(crate) fn check_call<T: Element>(
         &self,
         op: &'static str,
@@ -334,9 +341,6 @@ impl ProjectionLayout {
     ) -> Result<()> {
         if proj.rows() != self.rows {
             return Err(Error::shape(op, "projection", format!("D = {}", self.rows), format!("D = {}", proj.rows())));
-        }
-        if T::DTYPE != self.dtype {
-            return Err(Error::DType { op, operand: "segments", expected: self.dtype, got: T::DTYPE });
         }
         if buffer_lens.len() != self.segments.len() {
             return Err(Error::shape(

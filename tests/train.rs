@@ -643,6 +643,94 @@ fn cli_trains_from_a_toml_file_resumes_and_evaluates() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+// ---- why full bf16 fine-tuning's key bias is not compared element-wise ----
+
+/// The step-0 gradient of every layer's `attn.c_attn.bias` ([q | k | v],
+/// 3·D) of `small_base(7)` on a fixed 4-row batch, in `precision`, with the
+/// batch rows in `order`: the mean loss, and so every gradient, is the same
+/// in exact arithmetic for any order; only the order of the sums over
+/// tokens changes.
+fn attn_bias_grads(precision: Precision, order: [usize; 4]) -> Vec<Vec<f32>> {
+    let mut model = small_base(7);
+    model.set_precision(&Cpu, precision).unwrap();
+    model.enable_full_grads(&Cpu).unwrap();
+    let seq = 32;
+    let mut rng = Rng::new(11);
+    let stream: Vec<u32> = (0..4 * seq + 1).map(|_| 32 + rng.below(64) as u32).collect();
+    let (mut tokens, mut targets) = (Vec::new(), Vec::new());
+    for &row in &order {
+        tokens.extend_from_slice(&stream[row * seq..(row + 1) * seq]);
+        targets.extend_from_slice(&stream[row * seq + 1..(row + 1) * seq + 1]);
+    }
+    let batch = Batch::upload(&Cpu, SeqShape { batch: 4, seq }, &tokens, &targets).unwrap();
+    model.run(&Cpu, None, &batch, true).unwrap();
+    let grads = model.grads.as_ref().unwrap();
+    Gpt2::<Cpu>::param_specs(&model.config)
+        .iter()
+        .zip(grads)
+        .filter(|(spec, _)| spec.name.ends_with("attn.c_attn.bias"))
+        .map(|(_, g)| g.clone())
+        .collect()
+}
+
+fn max_abs(v: &[f32]) -> f64 {
+    v.iter().fold(0f64, |m, &e| m.max(e.abs() as f64))
+}
+
+/// The H100 run's `full bf16: h.0.attn.c_attn.bias after 5 steps` mismatch
+/// (42 %, opposite signs) was in elements 33..63 (its five worst): the key
+/// bias. Adding a vector b to every key adds q·b to every score of a
+/// query's row, which the softmax ignores, so ∂L/∂b_k = 0 exactly: the
+/// computed gradient is Σ_t dK_t over tokens of values that cancel, pure
+/// rounding noise of the dK activations (stored in bf16 under bf16
+/// precision). AdamW's first step is lr·g/(|g| + eps): any |g| ≫ eps
+/// (1e-8) moves the parameter by a full lr in the direction of the noise.
+///
+/// Measured here (CPU, layer 0 of small_base(7)): key-bias gradient
+/// 1.2e-12 in f32 against 2.9e-2 for q and v (a zero up to f64 rounding);
+/// 1.4e-7 in bf16, 14·eps, so the first AdamW step moves it by 0.93·lr, as
+/// far as any real parameter. The CPU sums in f64, so reordering the batch
+/// rows (the only change of summation order a run allows) gives the same
+/// bits: the CPU's noise is set by where bf16 rounds each dK value. The GPU
+/// computes dK in f32 with the flash backward's order, so its dK values
+/// round differently and its noise is a different random vector: the two
+/// key biases walk full-size steps in unrelated directions (warmup lr sum
+/// over 5 steps 0.03; the run saw +0.011 against −0.020). This is not a
+/// gradient bug; the key bias never changes the model's output, so the
+/// trainer comparison skips it (and checks the losses, which it cannot
+/// move).
+#[test]
+fn key_bias_gradient_is_rounding_noise_that_adamw_turns_into_full_steps() {
+    let d = 32;
+    let f32_grads = attn_bias_grads(Precision::F32, [0, 1, 2, 3]);
+    let bf16_a = attn_bias_grads(Precision::Bf16, [0, 1, 2, 3]);
+    let bf16_b = attn_bias_grads(Precision::Bf16, [3, 2, 1, 0]);
+    let eps = lorafuse::train::optimizer::OptimConfig::default().eps;
+    // The first AdamW step (bias-corrected m/√v = g/|g|), in units of lr.
+    let step = |g: f32| g.abs() as f64 / (g.abs() as f64 + eps);
+    for (layer, g) in f32_grads.iter().enumerate() {
+        let (q, k, v) = (&g[..d], &g[d..2 * d], &g[2 * d..]);
+        let (qv, kk) = (max_abs(q).max(max_abs(v)), max_abs(k));
+        let kb = &bf16_a[layer][d..2 * d];
+        let k_bf16 = max_abs(kb);
+        let k_steps = kb.iter().filter(|&&e| step(e) > 0.5).count();
+        println!(
+            "layer {layer}: max|g| f32: q,v {qv:.3e}, k {kk:.3e}; bf16: k {k_bf16:.3e} = {:.1}·eps, \
+             first AdamW step of the largest {:.2}·lr, {k_steps} of {d} key-bias steps above 0.5·lr",
+            k_bf16 / eps,
+            step(k_bf16 as f32)
+        );
+        // f32 (sums in f64 on the CPU): zero up to rounding, at least 10⁸
+        // times below q's and v's.
+        assert!(kk < 1e-8 * qv, "layer {layer}: key-bias gradient {kk:e} is not ~0 next to {qv:e}");
+        // bf16: the same zero carries rounding noise several times eps, so
+        // AdamW moves the key bias by a large part of lr.
+        assert!(k_bf16 > 5.0 * eps, "layer {layer}: bf16 key-bias noise {k_bf16:e} is not ≫ eps");
+        // The CPU's bf16 noise does not depend on the order of the rows.
+        assert_eq!(bf16_a[layer], bf16_b[layer], "layer {layer}: CPU bf16 gradients depend on the row order");
+    }
+}
+
 // ---- the whole trainer on the GPU against the CPU trainer -------------------
 
 /// Every tensor of a saved adapter (or model), by name, as f32.
@@ -661,9 +749,11 @@ fn gpu_trainer_matches_cpu_trainer_for_every_adapter_kind() {
     let f32_runs = ["full", "lora", "tied:vBuA", "tied:BA", "vera", "unilora:1024"].map(|m| (m, Precision::F32));
     let bf16_runs = ["full", "lora", "tied:vBuA", "unilora:1024"].map(|m| (m, Precision::Bf16));
     for (method, precision) in f32_runs.into_iter().chain(bf16_runs) {
-        // bf16 on both sides: the two round the same values, but f64 (CPU)
-        // and f32 (GPU) sums land on different sides of a bf16 rounding
-        // boundary now and then, so the tolerances are bf16's.
+        // Five AdamW steps are not a reduction with a derivable bound (the
+        // update g/√v has no error bound where g is small), so these are
+        // end-to-end tolerances: f32 sums (GPU) against f64 (CPU); in bf16
+        // both round the same values but land on different sides of a bf16
+        // rounding boundary now and then, so the tolerances are bf16's.
         let (loss_tol, param_tol) = if precision == Precision::F32 { (1e-4, 1e-3) } else { (1e-2, 3e-2) };
         let cfg = TrainConfig { precision, ..overfit_config(method, 5) };
         let method = format!("{method} {precision}");
@@ -679,6 +769,17 @@ fn gpu_trainer_matches_cpu_trainer_for_every_adapter_kind() {
         cpu.save_result(&dc).unwrap();
         dev.save_result(&dg).unwrap();
         for ((name, c), (_, g)) in saved_tensors(&dc).iter().zip(saved_tensors(&dg)) {
+            let (mut c, mut g) = (c.clone(), g);
+            if name.ends_with("attn.c_attn.bias") {
+                // [q | k | v]: the key bias's gradient is exactly 0 (softmax
+                // ignores a shift of a query's scores), so each side's value
+                // is AdamW-normalised rounding noise and does not change the
+                // output (key_bias_gradient_is_rounding_noise_that_adamw_
+                // turns_into_full_steps). Compare q and v only.
+                let d = c.len() / 3;
+                c.drain(d..2 * d);
+                g.drain(d..2 * d);
+            }
             let want: Vec<f64> = c.iter().map(|&v| v as f64).collect();
             let ctx = format!("{method}: {name} after 5 steps");
             check_close(&ctx, &g, &want, param_tol).unwrap_or_else(|e| panic!("{e}"));

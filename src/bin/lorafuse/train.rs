@@ -1,8 +1,8 @@
 //! `lorafuse train`, `lorafuse eval` and `lorafuse demo`.
 //!
-//! The commands are written over any [`TrainBackend`]; today only the CPU
-//! backend implements the trainer's ops (`TrainOps`), so they run on the
-//! CPU. A CUDA `TrainOps` makes them run on the GPU unchanged.
+//! The commands are written over any [`TrainBackend`]: the CPU backend and
+//! the CUDA backend (`kernels/train.cu`, `kernels/attention.cu`) both
+//! implement the trainer's ops (`TrainOps`), and `--device` picks one.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
