@@ -111,14 +111,23 @@ __device__ __forceinline__ float theta_at(const ThetaSource& s, uint64_t i) {
     return s.theta[j] * s.colscale[j];
 }
 
+// Eight 16-bit values as one 16-byte word: a union, so the halves written
+// are the bytes stored (a cast pointer into a uint4 is an aliasing violation
+// the host compiler of the emulator does exploit).
+template <typename T> union HalfPack {
+    uint4 raw;
+    T h[8];
+    __device__ HalfPack() {}
+};
+
 // V consecutive elements as f32: one 16-byte load for 8 halves, two for 8
 // floats, or a scalar.
 template <typename T, int V> __device__ __forceinline__ void load_f32(const T* p, float (&out)[V]) {
     if constexpr (V == 8 && sizeof(T) == 2) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(p);
-        const T* h = reinterpret_cast<const T*>(&raw);
+        HalfPack<T> pack;
+        pack.raw = *reinterpret_cast<const uint4*>(p);
 #pragma unroll
-        for (int c = 0; c < 8; ++c) out[c] = to_f32(h[c]);
+        for (int c = 0; c < 8; ++c) out[c] = to_f32(pack.h[c]);
     } else if constexpr (V == 8) {
         const float4 lo = *reinterpret_cast<const float4*>(p);
         const float4 hi = *reinterpret_cast<const float4*>(p + 4);
@@ -132,11 +141,10 @@ template <typename T, int V> __device__ __forceinline__ void load_f32(const T* p
 
 template <typename T, int V> __device__ __forceinline__ void store_from_f32(T* p, const float (&v)[V]) {
     if constexpr (V == 8 && sizeof(T) == 2) {
-        uint4 raw;
-        T* h = reinterpret_cast<T*>(&raw);
+        HalfPack<T> pack;
 #pragma unroll
-        for (int c = 0; c < 8; ++c) h[c] = from_f32<T>(v[c]);
-        *reinterpret_cast<uint4*>(p) = raw;
+        for (int c = 0; c < 8; ++c) pack.h[c] = from_f32<T>(v[c]);
+        *reinterpret_cast<uint4*>(p) = pack.raw;
     } else if constexpr (V == 8) {
         *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
         *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);

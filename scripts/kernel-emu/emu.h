@@ -108,3 +108,17 @@ inline void emu_launch(Dim3 grid, unsigned threads, const std::function<void()>&
     }
     for (auto& th : pool) th.join();
 }
+
+// Vector types and bit casts used by kernels/multi_adapter.cu.
+struct uint4 {
+    unsigned x, y, z, w;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline float __uint_as_float(unsigned v) {
+    float f;
+    std::memcpy(&f, &v, sizeof f);
+    return f;
+}
