@@ -50,7 +50,10 @@ fn upload_bf16(gpu: &Gpu, rng: &mut Rng, n: usize) -> Result<CudaSlice<bf16>> {
 
 /// A pool of `SETS × per_set` LoRA adapters, and the same factors as f32
 /// device buffers for the single-adapter baseline.
-fn lora_pool(gpu: &Gpu, rng: &mut Rng, per_set: usize) -> Result<(AdapterPool<Gpu, bf16>, Vec<[CudaSlice<f32>; 2]>)> {
+/// Every adapter's `A`, `B` as f32 device buffers (the single-adapter API's form).
+type F32Factors = Vec<[CudaSlice<f32>; 2]>;
+
+fn lora_pool(gpu: &Gpu, rng: &mut Rng, per_set: usize) -> Result<(AdapterPool<Gpu, bf16>, F32Factors)> {
     let slots = SETS * per_set;
     let cfg = PoolConfig { k: K, n: N, layers: 1, slots, rank_rows: slots * R, floats: 1 };
     let mut pool = AdapterPool::new(gpu, cfg)?;

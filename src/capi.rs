@@ -260,6 +260,12 @@ fn linear_cpu<T: Element>(p: &LinearArgs) -> CallResult {
 
 /// `y = x·Wᵀ + bias + scale·(((x·Aᵀ) ⊙ u)·Bᵀ) ⊙ v` on the CPU, host
 /// pointers. See the header for shapes and dtypes.
+///
+/// # Safety
+/// Every pointer must be valid for the lengths `include/lorafuse.h` gives it
+/// (or NULL where it says optional), aligned to its element type, and not
+/// written by anything else during the call; `pool` must come from
+/// `lorafuse_pool_create_*` and not be destroyed.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn lorafuse_lora_linear_cpu(
@@ -461,6 +467,12 @@ fn linear_cuda<T: Element>(stream: CUstream, p: &LinearArgs) -> CallResult {
 
 /// The CUDA form of [`lorafuse_lora_linear_cpu`]: device pointers, work
 /// ordered on `stream` (NULL: the legacy default stream).
+///
+/// # Safety
+/// Every pointer must be valid for the lengths `include/lorafuse.h` gives it
+/// (or NULL where it says optional), aligned to its element type, and not
+/// written by anything else during the call; `pool` must come from
+/// `lorafuse_pool_create_*` and not be destroyed.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn lorafuse_lora_linear_cuda(
@@ -569,6 +581,12 @@ fn store_pool(out: *mut *mut LorafusePool, kind: PoolKind) -> CallResult {
 
 /// Creates an adapter pool in host memory (the CPU backend). `*out`
 /// receives the handle; free it with [`lorafuse_pool_destroy`].
+///
+/// # Safety
+/// Every pointer must be valid for the lengths `include/lorafuse.h` gives it
+/// (or NULL where it says optional), aligned to its element type, and not
+/// written by anything else during the call; `pool` must come from
+/// `lorafuse_pool_create_*` and not be destroyed.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn lorafuse_pool_create_cpu(
@@ -594,6 +612,12 @@ pub unsafe extern "C" fn lorafuse_pool_create_cpu(
 }
 
 /// Creates an adapter pool in the memory of CUDA device `device`.
+///
+/// # Safety
+/// Every pointer must be valid for the lengths `include/lorafuse.h` gives it
+/// (or NULL where it says optional), aligned to its element type, and not
+/// written by anything else during the call; `pool` must come from
+/// `lorafuse_pool_create_*` and not be destroyed.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn lorafuse_pool_create_cuda(
@@ -621,6 +645,12 @@ pub unsafe extern "C" fn lorafuse_pool_create_cuda(
 }
 
 /// Frees a pool and everything it holds. NULL is a no-op.
+///
+/// # Safety
+/// Every pointer must be valid for the lengths `include/lorafuse.h` gives it
+/// (or NULL where it says optional), aligned to its element type, and not
+/// written by anything else during the call; `pool` must come from
+/// `lorafuse_pool_create_*` and not be destroyed.
 #[no_mangle]
 pub unsafe extern "C" fn lorafuse_pool_destroy(pool: *mut LorafusePool) -> i32 {
     ffi(|| {
@@ -633,6 +663,12 @@ pub unsafe extern "C" fn lorafuse_pool_destroy(pool: *mut LorafusePool) -> i32 {
 }
 
 /// Fills `slot` with a LoRA adapter: per-layer factors, contiguous by layer.
+///
+/// # Safety
+/// Every pointer must be valid for the lengths `include/lorafuse.h` gives it
+/// (or NULL where it says optional), aligned to its element type, and not
+/// written by anything else during the call; `pool` must come from
+/// `lorafuse_pool_create_*` and not be destroyed.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn lorafuse_pool_fill_lora(
@@ -687,6 +723,12 @@ fn layer_vectors<'a>(
 }
 
 /// Fills `slot` with a Tied-LoRA adapter: one `A`, `B` for all layers.
+///
+/// # Safety
+/// Every pointer must be valid for the lengths `include/lorafuse.h` gives it
+/// (or NULL where it says optional), aligned to its element type, and not
+/// written by anything else during the call; `pool` must come from
+/// `lorafuse_pool_create_*` and not be destroyed.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn lorafuse_pool_fill_tied(
@@ -730,6 +772,12 @@ fn write_id(out: *mut i64, id: usize) -> CallResult {
 }
 
 /// Stores VeRA's frozen `A`, `B` drawn from `seed` once for many adapters.
+///
+/// # Safety
+/// Every pointer must be valid for the lengths `include/lorafuse.h` gives it
+/// (or NULL where it says optional), aligned to its element type, and not
+/// written by anything else during the call; `pool` must come from
+/// `lorafuse_pool_create_*` and not be destroyed.
 #[no_mangle]
 pub unsafe extern "C" fn lorafuse_pool_add_vera_factors(
     pool: *mut LorafusePool,
@@ -746,6 +794,12 @@ pub unsafe extern "C" fn lorafuse_pool_add_vera_factors(
 }
 
 /// Stores given `A`, `B` once for many adapters (Tied-LoRA, frozen factors).
+///
+/// # Safety
+/// Every pointer must be valid for the lengths `include/lorafuse.h` gives it
+/// (or NULL where it says optional), aligned to its element type, and not
+/// written by anything else during the call; `pool` must come from
+/// `lorafuse_pool_create_*` and not be destroyed.
 #[no_mangle]
 pub unsafe extern "C" fn lorafuse_pool_add_shared_factors(
     pool: *mut LorafusePool,
@@ -768,6 +822,12 @@ pub unsafe extern "C" fn lorafuse_pool_add_shared_factors(
 }
 
 /// Fills `slot` with an adapter over shared factors: only its vectors.
+///
+/// # Safety
+/// Every pointer must be valid for the lengths `include/lorafuse.h` gives it
+/// (or NULL where it says optional), aligned to its element type, and not
+/// written by anything else during the call; `pool` must come from
+/// `lorafuse_pool_create_*` and not be destroyed.
 #[no_mangle]
 pub unsafe extern "C" fn lorafuse_pool_fill_shared(
     pool: *mut LorafusePool,
@@ -794,6 +854,12 @@ pub unsafe extern "C" fn lorafuse_pool_fill_shared(
 }
 
 /// Registers a Uni-LoRA projection (D = `rows`, d = `cols`, `seed`).
+///
+/// # Safety
+/// Every pointer must be valid for the lengths `include/lorafuse.h` gives it
+/// (or NULL where it says optional), aligned to its element type, and not
+/// written by anything else during the call; `pool` must come from
+/// `lorafuse_pool_create_*` and not be destroyed.
 #[no_mangle]
 pub unsafe extern "C" fn lorafuse_pool_add_projection(
     pool: *mut LorafusePool,
@@ -823,6 +889,12 @@ pub unsafe extern "C" fn lorafuse_pool_add_projection(
 }
 
 /// Fills `slot` with a Uni-LoRA adapter served from `θ_d`.
+///
+/// # Safety
+/// Every pointer must be valid for the lengths `include/lorafuse.h` gives it
+/// (or NULL where it says optional), aligned to its element type, and not
+/// written by anything else during the call; `pool` must come from
+/// `lorafuse_pool_create_*` and not be destroyed.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn lorafuse_pool_fill_unilora(
@@ -855,6 +927,12 @@ pub unsafe extern "C" fn lorafuse_pool_fill_unilora(
 }
 
 /// Empties `slot`.
+///
+/// # Safety
+/// Every pointer must be valid for the lengths `include/lorafuse.h` gives it
+/// (or NULL where it says optional), aligned to its element type, and not
+/// written by anything else during the call; `pool` must come from
+/// `lorafuse_pool_create_*` and not be destroyed.
 #[no_mangle]
 pub unsafe extern "C" fn lorafuse_pool_evict(pool: *mut LorafusePool, slot: i64) -> i32 {
     ffi(|| {
@@ -934,6 +1012,12 @@ fn multi_add(
 }
 
 /// Decode form: `y[i] += LoRA term of adapter ids[i]` for `m` rows.
+///
+/// # Safety
+/// Every pointer must be valid for the lengths `include/lorafuse.h` gives it
+/// (or NULL where it says optional), aligned to its element type, and not
+/// written by anything else during the call; `pool` must come from
+/// `lorafuse_pool_create_*` and not be destroyed.
 #[no_mangle]
 pub unsafe extern "C" fn lorafuse_multi_adapter_add(
     pool: *mut LorafusePool,
@@ -953,6 +1037,12 @@ pub unsafe extern "C" fn lorafuse_multi_adapter_add(
 }
 
 /// Prefill form: segment `s` (rows `starts[s]..starts[s+1]`) uses `ids[s]`.
+///
+/// # Safety
+/// Every pointer must be valid for the lengths `include/lorafuse.h` gives it
+/// (or NULL where it says optional), aligned to its element type, and not
+/// written by anything else during the call; `pool` must come from
+/// `lorafuse_pool_create_*` and not be destroyed.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn lorafuse_multi_adapter_add_segments(

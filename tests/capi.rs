@@ -86,7 +86,7 @@ fn strip_comments(text: &str) -> String {
 /// Normalises C spelling: `const void* x` → ("x", "const void*").
 fn c_param(p: &str) -> (String, String) {
     let p = p.split_whitespace().collect::<Vec<_>>().join(" ").replace(" *", "*");
-    let cut = p.rfind(|c: char| c == ' ' || c == '*').unwrap();
+    let cut = p.rfind([' ', '*']).unwrap();
     (p[cut + 1..].to_string(), p[..=cut].trim().to_string())
 }
 

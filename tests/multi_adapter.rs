@@ -115,21 +115,21 @@ fn fixture<B: MultiAdapterOps, T: Element>(
         let r = match kind {
             Kind::Lora => {
                 let with_vectors = rng.below(2) == 1;
-                let per: Vec<(Vec<f32>, Vec<f32>, Option<Vec<f32>>, Option<Vec<f32>>)> = (0..layers)
+                let per: Vec<RefLayer> = (0..layers)
                     .map(|_| {
                         let a = rng.uniform_vec(rank * k, -1.0, 1.0);
                         let b = rng.uniform_vec(n * rank, -1.0, 1.0);
                         let (u, v) = vectors(&mut rng, with_vectors);
-                        (a, b, u, v)
+                        RefLayer { a, b, u, v }
                     })
                     .collect();
-                let lf: Vec<LayerFactors> =
-                    per.iter().map(|(a, b, u, v)| LayerFactors { a, b, u: u.as_deref(), v: v.as_deref() }).collect();
-                pool.fill(backend, slot, &ServedAdapter::PerLayer { rank, scale, layers: &lf })?;
-                let layers = per
-                    .into_iter()
-                    .map(|(a, b, u, v)| RefLayer { a: rounded::<T>(&a), b: rounded::<T>(&b), u, v })
+                let lf: Vec<LayerFactors> = per
+                    .iter()
+                    .map(|l| LayerFactors { a: &l.a, b: &l.b, u: l.u.as_deref(), v: l.v.as_deref() })
                     .collect();
+                pool.fill(backend, slot, &ServedAdapter::PerLayer { rank, scale, layers: &lf })?;
+                let layers =
+                    per.into_iter().map(|l| RefLayer { a: rounded::<T>(&l.a), b: rounded::<T>(&l.b), ..l }).collect();
                 RefAdapter { rank, scale, layers }
             }
             Kind::Tied => {
@@ -258,7 +258,8 @@ fn check<T: Element>(ctx: &str, got: &[T], want: &[f64], mag: &[f64], k: usize, 
         let g = got[i].to_f64();
         let bound = out_unit * want[i].abs() + terms * eps * mag[i];
         let err = (g - want[i]).abs();
-        if !(err <= bound) && worst.is_none_or(|w| err / bound > w.1 / w.3) {
+        let within = err <= bound; // false for NaN too
+        if !within && worst.is_none_or(|w| err / bound > w.1 / w.3) {
             worst = Some((i, err, g, bound));
         }
     }
