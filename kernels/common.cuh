@@ -180,4 +180,28 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 #elif defined(LORAFUSE_KERNEL_EMU)
     emu_cp_async_wait(N);
 #endif
+// ---- Uni-LoRA projection column -------------------------------------------
+// The column row i of P picks (src/projection.rs, Projection::column):
+// mode 0 hashes, mode 1 is a balanced partition j = π(i) mod d with π a
+// 4-round Feistel permutation of [0, 2^(2h)) cycle-walked into [0, rows).
+// Used by kernels that gather θ_D entries on the fly (multi_adapter.cu).
+__device__ __forceinline__ uint64_t feistel4(uint64_t x, uint64_t key, uint32_t h) {
+    const uint64_t mask = (1ull << h) - 1;
+    uint64_t l = x >> h, r = x & mask;
+#pragma unroll
+    for (uint32_t round = 0; round < 4; ++round) {
+        const uint64_t f = splitmix_at(key ^ (0xA5A5A5A5ull * (round + 1)), r) & mask;
+        const uint64_t nl = r;
+        r = l ^ f;
+        l = nl;
+    }
+    return (l << h) | r;
+}
+
+__device__ __forceinline__ uint32_t projection_column(uint64_t key, uint64_t rows, uint32_t cols, uint32_t mode,
+                                                      uint32_t half_bits, uint64_t i) {
+    if (mode == 0) return reduce_range(splitmix_at(key, i), cols);
+    uint64_t x = i;
+    do { x = feistel4(x, key, half_bits); } while (x >= rows);
+    return (uint32_t)(x % cols);
 }

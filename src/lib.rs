@@ -11,6 +11,9 @@
 //! - [`adapter`], [`peft`], [`adapter_sum`]: adapters in memory and in PEFT
 //!   files; exact sums, merge/unmerge into base weights, the interference
 //!   (cosine) diagnostic and low-rank recompression.
+//! - [`multi_adapter`]: many adapters in one batch for serving (segmented
+//!   prefill, batched decode, a device pool, Uni-LoRA served from `θ`), and
+//!   [`capi`], the C ABI of `include/lorafuse.h`.
 //! - [`train`]: a GPT-2-architecture trainer with hand-written backward
 //!   passes for full, LoRA, Tied-LoRA, VeRA and Uni-LoRA fine-tuning.
 //! - [`experiment`]: experiments built on all of the above (the adapter
@@ -36,6 +39,7 @@
 pub mod adapter;
 pub mod adapter_sum;
 pub mod backend;
+pub mod capi;
 pub mod cpu;
 pub mod cuda;
 pub mod dtype;
@@ -43,6 +47,7 @@ pub mod error;
 pub mod experiment;
 pub mod lowrank;
 pub mod memory;
+pub mod multi_adapter;
 pub mod op_timing;
 pub mod peft;
 pub mod projection;

@@ -259,4 +259,16 @@ inline void emu_cp_async_check_idle() {
                      blockIdx.y, threadIdx.x);
         std::abort();
     }
+// Vector types and bit casts used by kernels/multi_adapter.cu.
+struct uint4 {
+    unsigned x, y, z, w;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline float __uint_as_float(unsigned v) {
+    float f;
+    std::memcpy(&f, &v, sizeof f);
+    return f;
 }

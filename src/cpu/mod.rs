@@ -8,6 +8,7 @@ pub mod adapter_sum;
 pub mod attention;
 pub mod gemm;
 pub mod lowrank;
+pub mod multi_adapter;
 pub mod projection;
 pub mod train;
 

@@ -16,6 +16,7 @@ pub mod attention;
 pub mod bench;
 pub mod kernels;
 pub mod lowrank;
+pub mod multi_adapter;
 pub mod projection;
 pub mod train;
 
