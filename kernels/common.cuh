@@ -180,6 +180,8 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 #elif defined(LORAFUSE_KERNEL_EMU)
     emu_cp_async_wait(N);
 #endif
+}
+
 // ---- Uni-LoRA projection column -------------------------------------------
 // The column row i of P picks (src/projection.rs, Projection::column):
 // mode 0 hashes, mode 1 is a balanced partition j = π(i) mod d with π a

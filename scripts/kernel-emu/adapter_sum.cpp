@@ -11,12 +11,6 @@
 #include <string>
 
 #define __align__(n) __attribute__((aligned(n)))
-struct alignas(16) uint4 {
-    uint32_t x, y, z, w;
-};
-struct alignas(16) float4 {
-    float x, y, z, w;
-};
 
 #include "adapter_sum.cu"
 

@@ -259,8 +259,10 @@ inline void emu_cp_async_check_idle() {
                      blockIdx.y, threadIdx.x);
         std::abort();
     }
-// Vector types and bit casts used by kernels/multi_adapter.cu.
-struct uint4 {
+}
+
+// Vector types and bit casts the kernels use for 16-byte accesses.
+struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
 struct alignas(16) float4 {

@@ -26,13 +26,6 @@ alignas(16) unsigned char proj_smem[232448];
 #define __align__(n) __attribute__((aligned(n)))
 using std::isfinite;
 
-struct alignas(16) uint4 {
-    uint32_t x, y, z, w;
-};
-struct alignas(16) float4 {
-    float x, y, z, w;
-};
-inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 template <typename V> inline V __ldg(const V* p) { return *p; }
 template <typename V> inline V __ldcg(const V* p) { return std::atomic_ref<V>(*const_cast<V*>(p)).load(); }
 template <typename V> inline V atomicAdd(V* p, V v) { return std::atomic_ref<V>(*p).fetch_add(v); }
@@ -48,11 +41,6 @@ inline uint32_t __float_as_uint(float f) {
     uint32_t u;
     std::memcpy(&u, &f, 4);
     return u;
-}
-inline float __uint_as_float(uint32_t u) {
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
 }
 // The device saturates out-of-range conversions to INT64_MIN; so does this.
 inline long long __float2ll_rn(float x) {

@@ -37,7 +37,7 @@ use crate::adapter::Adapter;
 use crate::adapter_sum::{concat_sum, similarity};
 use crate::peft::{load_adapter, save_adapter, write_atomic};
 use crate::train::adapters::{AdapterSet, Method};
-use crate::train::checkpoint::{latest_checkpoint, spec_for};
+use crate::train::checkpoint::latest_checkpoint;
 use crate::train::config::Gpt2Config;
 use crate::train::data::{Dataset, EvalMetrics};
 use crate::train::model::{Gpt2, Precision, TrainBackend};
@@ -359,8 +359,9 @@ impl<B: TrainBackend> Scorer<B> {
         match adapter {
             None => evaluate(b, &mut self.model, None, data, rows, seq, limit),
             Some(a) => {
-                let mut set = AdapterSet::new(b, &self.model.config, &spec_for(a)?)?;
-                set.load_values(b, a)?;
+                // Folded to plain factors, so a sum's per-module scales
+                // (alpha_pattern, rsLoRA) count exactly as `eval` counts them.
+                let mut set = AdapterSet::for_eval(b, &self.model.config, a)?;
                 evaluate(b, &mut self.model, Some(&mut set), data, rows, seq, limit)
             }
         }

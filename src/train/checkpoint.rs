@@ -275,7 +275,8 @@ pub fn spec_for(adapter: &Adapter) -> Result<AdapterSpec> {
                 Ok(_) => {}
                 // PEFT's usual GPT-2 `c_proj` names both projections; the
                 // tensor names already said which ones this adapter has.
-                Err(_) if deltas_names.iter().any(|n| n.ends_with(&format!(".{t}"))) => {}
+                // `sum` writes full module paths, which name tensors too.
+                Err(_) if deltas_names.iter().any(|n| n == t || n.ends_with(&format!(".{t}"))) => {}
                 Err(e) => return Err(e),
             }
         }
