@@ -186,7 +186,9 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 // The column row i of P picks (src/projection.rs, Projection::column):
 // mode 0 hashes, mode 1 is a balanced partition j = π(i) mod d with π a
 // 4-round Feistel permutation of [0, 2^(2h)) cycle-walked into [0, rows).
-// Used by kernels that gather θ_D entries on the fly (multi_adapter.cu).
+// With cycle walking the 4-round Feistel bijection permutes [0, rows), so
+// every column gets ⌊D/d⌋ or ⌈D/d⌉ rows. Used by projection.cu and by the
+// kernels that gather θ_D entries on the fly (multi_adapter.cu).
 __device__ __forceinline__ uint64_t feistel4(uint64_t x, uint64_t key, uint32_t h) {
     const uint64_t mask = (1ull << h) - 1;
     uint64_t l = x >> h, r = x & mask;

@@ -82,28 +82,12 @@ struct ColumnMap {
     uint32_t pad;
 };
 
-// A 4-round Feistel network over 2·half_bits bits: a bijection, so with cycle
-// walking it permutes [0, rows). Balanced assignment is j = π(i) mod d, which
-// gives every column ⌊D/d⌋ or ⌈D/d⌉ rows.
-__device__ __forceinline__ uint64_t feistel(uint64_t x, uint64_t key, uint32_t h) {
-    const uint64_t mask = (1ull << h) - 1;
-    uint64_t l = x >> h, r = x & mask;
-#pragma unroll
-    for (uint32_t round = 0; round < 4; ++round) {
-        uint64_t f = splitmix_at(key ^ (0xA5A5A5A5ull * (round + 1)), r) & mask;
-        uint64_t nl = r;
-        r = l ^ f;
-        l = nl;
-    }
-    return (l << h) | r;
-}
-
+// Hash and balanced columns come from common.cuh's projection_column (the
+// one definition multi_adapter.cu's in-kernel θ gather shares); explicit
+// assignments read their index table.
 __device__ __forceinline__ uint32_t column_of(const ColumnMap& m, uint64_t i) {
-    if (m.mode == PROJ_HASH) return reduce_range(splitmix_at(m.key, i), m.cols);
     if (m.mode == PROJ_EXPLICIT) return m.index[i];
-    uint64_t x = i;
-    do { x = feistel(x, m.key, m.half_bits); } while (x >= m.rows);
-    return (uint32_t)(x % m.cols);
+    return projection_column(m.key, m.rows, m.cols, m.mode, m.half_bits, i);
 }
 
 // reduce_range(mix64(z), cols), forming only the top 32 bits of mix64: the
