@@ -9,9 +9,6 @@
 //! layout. Scratch space (rank-sized partials, the hi/lo halves of the f32
 //! factors, `t'`, `B'`, `dS`) is allocated per call from the stream's pool.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
-
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
@@ -139,24 +136,6 @@ fn scratch<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, len: usize) -> Result<CudaS
     unsafe { gpu.stream().alloc::<T>(len.max(1)) }.map_err(|e| Error::cuda(format!("allocating {len} elements"), e))
 }
 
-/// The cuBLAS handle of `gpu`'s stream, created once per stream (and kept
-/// for the life of the process, with the stream it holds). Binds the
-/// stream's context to this thread first: cuBLAS launches through the
-/// runtime API, which uses the calling thread's current context.
-fn blas(gpu: &Gpu) -> Result<Arc<CudaBlas>> {
-    gpu.context().bind_to_thread().map_err(|e| Error::cuda("binding the CUDA context", e))?;
-    static HANDLES: OnceLock<Mutex<HashMap<usize, Arc<CudaBlas>>>> = OnceLock::new();
-    // The handle keeps its stream alive, so the key is never reused.
-    let key = Arc::as_ptr(gpu.stream()) as usize;
-    let mut map = HANDLES.get_or_init(Default::default).lock().unwrap();
-    if let Some(h) = map.get(&key) {
-        return Ok(h.clone());
-    }
-    let h = Arc::new(CudaBlas::new(gpu.stream().clone()).map_err(|e| Error::cuda("creating a cuBLAS handle", e))?);
-    map.insert(key, h.clone());
-    Ok(h)
-}
-
 fn cuda_type(d: DType) -> cudaDataType_t {
     match d {
         DType::F32 => cudaDataType_t::CUDA_R_32F,
@@ -254,7 +233,7 @@ pub fn gemm_rowmajor<T: Element, C: Element>(
     if C::DTYPE != T::DTYPE && C::DTYPE != DType::F32 {
         return Err(Error::DType { op: OP, operand: "c", expected: DType::F32, got: C::DTYPE });
     }
-    let h = blas(gpu)?;
+    let h = gpu.blas()?;
     let (ap, _g1) = rd(gpu, a);
     let (bp, _g2) = rd(gpu, b);
     let (cp, _g3) = wr(gpu, c);
@@ -489,7 +468,7 @@ fn expand_gemm<T: Element>(
     y: &mut CudaViewMut<'_, T>,
     beta: f32,
 ) -> Result<()> {
-    let h = blas(gpu)?;
+    let h = gpu.blas()?;
     let (tp, _g1) = rd(gpu, tx);
     let (bp, _g2) = rd(gpu, bx);
     let (yp, _g3) = wr(gpu, y);
@@ -516,7 +495,7 @@ fn base_gemm<T: Element>(
     y: &mut CudaViewMut<'_, T>,
     beta: f32,
 ) -> Result<()> {
-    let h = blas(gpu)?;
+    let h = gpu.blas()?;
     let (xp, _g1) = rd(gpu, x);
     let (wp, _g2) = rd(gpu, w);
     let (yp, _g3) = wr(gpu, y);
@@ -763,7 +742,7 @@ pub fn backward<T: Element>(
     let GradViews { dx, dw, dbias, da, db, du, dv } = grads;
     let LinearShape { m, k, n, r } = s;
     let d = T::DTYPE;
-    let h = blas(gpu)?;
+    let h = gpu.blas()?;
     base_grads(gpu, s, (x, k), (dy, n), dw, dbias)?;
     let ds = match adapter {
         Some(ad) => adapter_grads(gpu, s, (x, k), (dy, n), ad, t, dx.is_some(), AdapterGrads { da, db, du, dv })?,
@@ -810,7 +789,7 @@ fn base_grads<T: Element>(
 ) -> Result<()> {
     let LinearShape { m, k, n, .. } = s;
     let d = T::DTYPE;
-    let h = blas(gpu)?;
+    let h = gpu.blas()?;
     if let Some(mut dbias) = dbias {
         let mut ones = scratch::<T>(gpu, m)?;
         let (f, name) = kernel::<T>(gpu, "lowrank_fill_one")?;
@@ -924,7 +903,7 @@ fn adapter_grads<T: Element>(
     }
     if let (Some(mut da), Some(ds)) = (da, ds.as_ref()) {
         // dA += dSᵀ·x
-        let h = blas(gpu)?;
+        let h = gpu.blas()?;
         let (sp, _g1) = rd(gpu, ds);
         let (xp, _g2) = rd(gpu, x);
         let (cp, _g3) = wr(gpu, &mut da);
@@ -1063,7 +1042,7 @@ impl PackedOps for Gpu {
         let mut t = t.map(|t| t.as_view_mut());
         let mut spare = x_packed.slice_mut(s.k..);
         shrink_finish(self, s, &part, splits, &ad, t.as_mut(), Some(&mut spare), (p, ld), layout.bias)?;
-        let h = blas(self)?;
+        let h = self.blas()?;
         let (xp, _g1) = rd(self, x_packed);
         let (wp, _g2) = rd(self, w_packed);
         let (yp, _g3) = wr(self, y);
@@ -1108,7 +1087,7 @@ impl PackedOps for Gpu {
             // dS into dy's spare columns (the padding zeroed), then
             // dx = [dy | dS]·[W ; A] as ONE GEMM over N + p.
             pack_rows_into(self, &ds.as_view(), &mut dy_packed.slice_mut(n..), (m, r, p, dld))?;
-            let h = blas(self)?;
+            let h = self.blas()?;
             let (gp, _g1) = rd(self, dy_packed);
             let (wp, _g2) = rd(self, w_packed);
             let (cp, _g3) = wr(self, dx);

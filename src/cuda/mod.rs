@@ -23,6 +23,7 @@ pub mod train;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg,
 };
@@ -69,10 +70,12 @@ impl std::fmt::Display for DeviceInfo {
     }
 }
 
-/// A CUDA device and stream, with the kernel modules loaded on it.
+/// A CUDA device and stream, with the kernel modules loaded on it and, from
+/// its first GEMM on, a cuBLAS handle bound to the stream.
 ///
-/// Cloning is cheap: clones share the stream and the module cache, so a
-/// trainer, its evaluator and an engine's own code can hold one each.
+/// Cloning is cheap: clones share the stream, the module cache and the
+/// cuBLAS handle, so a trainer, its evaluator and an engine's own code can
+/// hold one each; the handle is destroyed with the last clone.
 #[derive(Clone)]
 pub struct Gpu {
     stream: Arc<CudaStream>,
@@ -81,6 +84,31 @@ pub struct Gpu {
     functions: Arc<Mutex<HashMap<String, CudaFunction>>>,
     /// Per-op timing marks while [`Backend::op_timing_start`] is on.
     timeline: Arc<Mutex<Option<Timeline<TimedEvent>>>>,
+    /// Shared by the clones; created by [`Gpu::blas`].
+    blas: Arc<BlasSlot>,
+}
+
+/// The lazily created cuBLAS handle of one [`Gpu`] and its clones.
+struct BlasSlot {
+    context: Arc<CudaContext>,
+    handle: Mutex<Option<Arc<CudaBlas>>>,
+}
+
+impl Drop for BlasSlot {
+    fn drop(&mut self) {
+        let handle = self.handle.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some(handle) = handle {
+            // cublasDestroy releases device resources of the current
+            // context; the last clone may be dropped on any thread.
+            if self.context.bind_to_thread().is_ok() {
+                drop(handle);
+            } else {
+                // Without the context, destroying could fail (and cudarc
+                // panics on that); leaking one handle is the lesser harm.
+                std::mem::forget(handle);
+            }
+        }
+    }
 }
 
 /// A CUDA event recorded on the stream: a [`crate::op_timing::Marker`].
@@ -152,7 +180,8 @@ impl Gpu {
     /// it and over the caller's memory.
     pub fn from_stream(stream: Arc<CudaStream>) -> Result<Gpu> {
         let info = read_info(stream.context())?;
-        Ok(Gpu { stream, info, modules: Arc::default(), functions: Arc::default(), timeline: Arc::default() })
+        let blas = Arc::new(BlasSlot { context: stream.context().clone(), handle: Mutex::new(None) });
+        Ok(Gpu { stream, info, modules: Arc::default(), functions: Arc::default(), timeline: Arc::default(), blas })
     }
 
     /// The stream every op of this handle is queued on.
@@ -168,6 +197,23 @@ impl Gpu {
     /// What the device reports about itself.
     pub fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    /// The cuBLAS handle of this stream, created at the first call (a few
+    /// milliseconds, and a workspace allocation: call it once before
+    /// capturing a CUDA graph) and shared by every clone of this `Gpu`.
+    /// Binds the stream's context to this thread first: cuBLAS launches
+    /// through the runtime API, which uses the calling thread's context.
+    pub fn blas(&self) -> Result<Arc<CudaBlas>> {
+        self.context().bind_to_thread().map_err(|e| Error::cuda("binding the CUDA context", e))?;
+        let mut slot = self.blas.handle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(handle) = slot.as_ref() {
+            return Ok(handle.clone());
+        }
+        let handle =
+            Arc::new(CudaBlas::new(self.stream.clone()).map_err(|e| Error::cuda("creating a cuBLAS handle", e))?);
+        *slot = Some(handle.clone());
+        Ok(handle)
     }
 
     fn lock_timeline(&self) -> std::sync::MutexGuard<'_, Option<Timeline<TimedEvent>>> {
@@ -348,4 +394,29 @@ impl Backend for Gpu {
 /// Opens device 0, or says why not. Never panics.
 pub fn probe() -> Result<Gpu> {
     Gpu::new(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Clones share one cuBLAS handle, and it goes when the last clone goes
+    /// (a process-global cache would keep it, and its stream, forever).
+    #[test]
+    fn one_blas_handle_per_gpu_dropped_with_it() {
+        let gpu = match Gpu::new(0) {
+            Ok(gpu) => gpu,
+            Err(e) => return println!("skipped: one_blas_handle_per_gpu_dropped_with_it: {e}"),
+        };
+        let clone = gpu.clone();
+        let (a, b) = (gpu.blas().unwrap(), clone.blas().unwrap());
+        assert!(Arc::ptr_eq(&a, &b), "clones of one Gpu must share its handle");
+        let other = Gpu::new(0).unwrap();
+        assert!(!Arc::ptr_eq(&a, &other.blas().unwrap()), "another Gpu has its own handle");
+        let weak = Arc::downgrade(&a);
+        drop((a, b, gpu));
+        assert!(weak.upgrade().is_some(), "a live clone keeps the handle");
+        drop(clone);
+        assert!(weak.upgrade().is_none(), "the handle must be destroyed with the last clone");
+    }
 }
