@@ -10,7 +10,8 @@
 //!   its transpose (scatter), `P` computed from a seed, never stored.
 //! - [`adapter`], [`peft`], [`adapter_sum`]: adapters in memory and in PEFT
 //!   files; exact sums, merge/unmerge into base weights, the interference
-//!   (cosine) diagnostic and low-rank recompression.
+//!   (cosine) diagnostic and low-rank recompression; [`merge`] applies
+//!   them to a base checkpoint.
 //! - [`multi_adapter`]: many adapters in one batch for serving (segmented
 //!   prefill, batched decode, a device pool, Uni-LoRA served from `θ`), and
 //!   [`capi`], the C ABI of `include/lorafuse.h`.
@@ -42,11 +43,13 @@ pub mod backend;
 pub mod capi;
 pub mod cpu;
 pub mod cuda;
+pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod experiment;
 pub mod lowrank;
 pub mod memory;
+pub mod merge;
 pub mod multi_adapter;
 pub mod op_timing;
 pub mod peft;

@@ -407,7 +407,7 @@ fn cli_sum_similarity_merge_unmerge_and_compress() {
         let got = merged.tensors[&key].to_f32_vec(&key).unwrap();
         check_close(&format!("cli merge `{key}` bf16"), &got, &want, DType::BF16.tolerance()).unwrap();
     }
-    let args = ["merge", "--base", &p("merged.safetensors"), &p("sum"), "--unmerge", "--cpu"];
+    let args = ["merge", "--base", &p("merged.safetensors"), &p("sum"), "--unmerge", "--device", "cpu"];
     lorafuse(&[&args[..], &["--out", &p("unmerged.safetensors")]].concat());
     let unmerged = peft::read_safetensors(&dir.join("unmerged.safetensors")).unwrap();
     for name in NAMES {

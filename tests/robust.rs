@@ -127,7 +127,7 @@ fn eval_matches_merge(dir: &Path, base: &str, adapters: &[&str]) -> f64 {
     std::fs::copy(dir.join(base).join("config.json"), dir.join(&merged).join("config.json")).unwrap();
     let base_file = format!("{base}/model.safetensors");
     let out_file = format!("{merged}/model.safetensors");
-    let mut margs = vec!["merge", "--cpu", "--base", &base_file, "--out", &out_file];
+    let mut margs = vec!["merge", "--device", "cpu", "--base", &base_file, "--out", &out_file];
     margs.extend(adapters);
     ok(dir, &margs);
     let mut eargs = vec!["eval", "--device", "cpu", "--model", &merged];
@@ -286,7 +286,8 @@ fn eval_of_sums_with_rank_pattern_and_explicit_unilora_matches_merge() {
         dir,
         &[
             "merge",
-            "--cpu",
+            "--device",
+            "cpu",
             "--base",
             "base/model.safetensors",
             "--out",
@@ -376,7 +377,18 @@ fn merge_refuses_overflow_to_inf_or_nan() {
     write_peft(&dir.join("a"), config, &[("transformer.h.0.attn.c_attn", 2)], 2);
     let e = refused(
         dir,
-        &["merge", "--cpu", "--base", "base/model.safetensors", "--out", "o.safetensors", "--weights", "1e300", "a"],
+        &[
+            "merge",
+            "--device",
+            "cpu",
+            "--base",
+            "base/model.safetensors",
+            "--out",
+            "o.safetensors",
+            "--weights",
+            "1e300",
+            "a",
+        ],
         &[],
         "non-finite",
     );
@@ -390,11 +402,11 @@ fn merge_refuses_overflow_to_inf_or_nan() {
     peft::write_safetensors(&dir.join("half.safetensors"), &half).unwrap();
     refused(
         dir,
-        &["merge", "--cpu", "--base", "half.safetensors", "--out", "o.safetensors", "--weights", "1e8", "a"],
+        &["merge", "--device", "cpu", "--base", "half.safetensors", "--out", "o.safetensors", "--weights", "1e8", "a"],
         &[],
         "non-finite",
     );
-    ok(dir, &["merge", "--cpu", "--base", "half.safetensors", "--out", "o.safetensors", "a"]);
+    ok(dir, &["merge", "--device", "cpu", "--base", "half.safetensors", "--out", "o.safetensors", "a"]);
 }
 
 // ---- 4: pattern keys are PEFT's anchored regular expressions ------------------
@@ -554,13 +566,13 @@ fn sum_names_exactly_its_modules_and_never_overwrites_an_input() {
     let base = std::fs::read(dir.join("base/model.safetensors")).unwrap();
     refused(
         dir,
-        &["merge", "--cpu", "--base", "base/model.safetensors", "--out", "base/model.safetensors", "a"],
+        &["merge", "--device", "cpu", "--base", "base/model.safetensors", "--out", "base/model.safetensors", "a"],
         &[],
         "input",
     );
     refused(
         dir,
-        &["merge", "--cpu", "--base", "base/model.safetensors", "--out", "a/x.safetensors", "a"],
+        &["merge", "--device", "cpu", "--base", "base/model.safetensors", "--out", "a/x.safetensors", "a"],
         &[],
         "input",
     );
@@ -605,7 +617,7 @@ fn checkpoint_dirs_of_other_runs_plots_and_stale_files_lose_nothing() {
     std::fs::write(dir.join("ck2/.latest.tmp.1.1"), "x").unwrap();
     // The plot cannot be written (a directory is in the way): the adapter is
     // still saved and the run succeeds with a warning.
-    std::fs::create_dir_all(dir.join("o3/loss.png/blocker")).unwrap();
+    std::fs::create_dir_all(dir.join("o3/loss.svg/blocker")).unwrap();
     let mut third = TRAIN.to_vec();
     third.extend(["--steps", "2", "--checkpoint-dir", "ck2", "--checkpoint-every", "1", "--out", "o3"]);
     let text = ok(dir, &third);

@@ -4,7 +4,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::train::data::{Corpus, Dataset, Example};
+use crate::train::data::{Corpus, Dataset, Example, DOMAINS};
+use crate::train::spec::DataSpec;
 use crate::{Error, Result};
 
 /// One domain: a name for tables and file names, and its data.
@@ -34,6 +35,42 @@ impl Domain {
 /// on the other names listed).
 pub fn embedded(names: &[&str], train: usize, eval: usize, seed: u64) -> Result<Vec<Domain>> {
     names.iter().map(|n| Domain::new(n, Dataset::embedded(&[n], train, eval, seed)?)).collect()
+}
+
+/// The domains `specs` name, as `lorafuse experiment --data` takes them:
+/// `NAME=tokens:<file>` or `NAME=text:<file>` is one domain (a bare
+/// `tokens:`/`text:` spec is named after its file's stem), and
+/// `embedded[:add,sort,…]` is one domain per embedded domain listed (all
+/// when none is). No spec at all means `embedded`. Embedded domains get
+/// `train` training and `eval` held-out examples from `seed`; token files
+/// are checked against `vocab`.
+pub fn from_specs(specs: &[String], vocab: usize, train: usize, eval: usize, seed: u64) -> Result<Vec<Domain>> {
+    let specs = if specs.is_empty() { vec!["embedded".to_string()] } else { specs.to_vec() };
+    let mut out = Vec::new();
+    for spec in &specs {
+        let (name, source) = match spec.split_once('=') {
+            Some((n, s)) => (Some(n), s),
+            None => (None, spec.as_str()),
+        };
+        let bad = || {
+            Error::invalid(
+                format!("domain spec `{spec}`"),
+                "use NAME=tokens:<file>, NAME=text:<file> or embedded[:add,sort,…], once per domain",
+            )
+        };
+        match source.parse::<DataSpec>().map_err(|_| bad())? {
+            DataSpec::Embedded(_) if name.is_some() => return Err(bad()),
+            DataSpec::Embedded(names) if names.is_empty() => out.extend(embedded(&DOMAINS, train, eval, seed)?),
+            DataSpec::Embedded(names) => {
+                out.extend(embedded(&names.iter().map(String::as_str).collect::<Vec<_>>(), train, eval, seed)?)
+            }
+            file => {
+                let stem = || file.path().and_then(|p| p.file_stem()).and_then(|s| s.to_str()).unwrap_or("data");
+                out.push(Domain::new(name.unwrap_or_else(stem), file.load(vocab, eval, seed)?)?);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The training data of a combination: every member's training set (example
@@ -198,4 +235,28 @@ pub fn fingerprint(data: &Dataset) -> u64 {
         }
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_specs_name_one_domain_per_file_and_per_embedded_name() {
+        let names = |d: &[Domain]| d.iter().map(|d| d.name.clone()).collect::<Vec<_>>();
+        let all = from_specs(&[], 256, 20, 4, 0).unwrap();
+        assert_eq!(names(&all), DOMAINS);
+        let dir = std::env::temp_dir().join(format!("lorafuse-domains-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = dir.join("poems.txt");
+        std::fs::write(&text, "a few lines of verse, long enough for windows\n".repeat(20)).unwrap();
+        let specs =
+            [format!("text:{}", text.display()), format!("verse=text:{}", text.display()), "embedded:sort".into()];
+        let got = from_specs(&specs, 256, 20, 4, 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(names(&got.unwrap()), ["poems", "verse", "sort"]);
+        for bad in ["x=embedded", "csv:f", "bad name=text:f"] {
+            assert!(from_specs(&[bad.to_string()], 256, 20, 4, 0).is_err(), "{bad}");
+        }
+    }
 }

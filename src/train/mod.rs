@@ -7,7 +7,8 @@
 //! - [`model`]: GPT-2 forward and backward over any [`model::TrainBackend`].
 //! - [`adapters`]: LoRA, Tied-LoRA, VeRA and Uni-LoRA parameters.
 //! - [`optimizer`]: AdamW, clipping, schedules, parameter groups.
-//! - [`plot`]: loss curves as PNG.
+//! - [`plot`]: loss curves as SVG.
+//! - [`spec`]: model and data specs (`random:…`, `embedded:…`, `tokens:…`).
 //! - [`checkpoint`]: adapter/model files and resumable checkpoints.
 //! - [`trainer`]: the loop: steps, refusals, evaluation, checkpoints.
 
@@ -19,4 +20,5 @@ pub mod model;
 pub mod ops;
 pub mod optimizer;
 pub mod plot;
+pub mod spec;
 pub mod trainer;

@@ -1,267 +1,297 @@
-//! Loss curves as PNG, with no plotting dependency: a small RGB raster, a
-//! 3×5 digit font for the tick labels, and a PNG writer that stores the
-//! image in uncompressed deflate blocks (valid PNG, larger files; a few
-//! hundred KiB for a loss curve is not worth an image crate).
+//! Training curves as SVG, drawn with plotters (text is left to the
+//! viewer's fonts, so nothing here needs a font file or an image crate).
 //!
-//! Series are drawn in [`COLORS`] order over a shared axis: x is the
-//! iteration, y the loss (linear), with five labelled ticks per axis.
+//! Each run ([`Curve`]) gets one colour: its per-step training loss as a
+//! faint line, an exponential moving average over it when the raw loss is
+//! noisy ([`ema`], [`is_noisy`]), and its held-out loss at each evaluation
+//! as markers joined by a dashed line. The picture has a title, axis labels
+//! (step, loss), integer step ticks and a legend naming every run, so it
+//! reads without the console.
+//!
+//! ```
+//! use lorafuse::train::plot::{svg, Curve};
+//! # fn main() -> lorafuse::Result<()> {
+//! let mut run = Curve::new("lora");
+//! for step in 1..=200u64 {
+//!     run.train.push((step, 3.0 / (1.0 + step as f64 / 20.0) + 0.1 * ((step * 7919) % 13) as f64 / 13.0));
+//! }
+//! run.eval.extend([(100, 0.9), (200, 0.6)]);
+//! let text = svg("lora on `sort`", &[run])?;
+//! assert!(text.contains("lora on `sort`") && text.contains("held-out"));
+//! # Ok(()) }
+//! ```
 
 use std::path::Path;
 
+use plotters::prelude::*;
+
 use crate::{Error, Result};
 
-/// Series colours, in order (name, RGB).
-pub const COLORS: [(&str, [u8; 3]); 6] = [
-    ("blue", [31, 119, 180]),
-    ("orange", [255, 127, 14]),
-    ("green", [44, 160, 44]),
-    ("red", [214, 39, 40]),
-    ("purple", [148, 103, 189]),
-    ("brown", [140, 86, 75]),
+/// One run's curves.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Curve {
+    /// The run's name in the legend (`base`, `lora`, …).
+    pub label: String,
+    /// Training loss per step, `(step, loss)`; non-finite losses (refused
+    /// steps) are left out of the drawing.
+    pub train: Vec<(u64, f64)>,
+    /// Held-out loss at each evaluation, `(step, loss)`.
+    pub eval: Vec<(u64, f64)>,
+    /// What the held-out points measure, in the legend: `held-out loss`,
+    /// or `held-out loss on answers` when the training loss counts every
+    /// token but evaluation scores answers only.
+    pub eval_label: String,
+}
+
+impl Curve {
+    /// An empty curve named `label`.
+    pub fn new(label: impl Into<String>) -> Curve {
+        Curve { label: label.into(), eval_label: "held-out loss".into(), ..Curve::default() }
+    }
+}
+
+/// Run colours in order: matplotlib's `tab10`, as other training tools draw.
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
 ];
 
-const W: usize = 720;
-const H: usize = 405;
-const LEFT: usize = 56;
-const RIGHT: usize = 28;
-const TOP: usize = 16;
-const BOTTOM: usize = 32;
-
-/// 3×5 glyphs for `0-9 . - e`, one row per 3-bit number (MSB left).
-fn glyph(c: char) -> Option<[u8; 5]> {
-    Some(match c {
-        '0' => [7, 5, 5, 5, 7],
-        '1' => [2, 6, 2, 2, 7],
-        '2' => [7, 1, 7, 4, 7],
-        '3' => [7, 1, 7, 1, 7],
-        '4' => [5, 5, 7, 1, 1],
-        '5' => [7, 4, 7, 1, 7],
-        '6' => [7, 4, 7, 5, 7],
-        '7' => [7, 1, 1, 1, 1],
-        '8' => [7, 5, 7, 5, 7],
-        '9' => [7, 5, 7, 1, 7],
-        '.' => [0, 0, 0, 0, 2],
-        '-' => [0, 0, 7, 0, 0],
-        'e' => [0, 7, 7, 4, 7],
-        _ => return None,
-    })
+/// Exponential moving average over `values` with span `span` (weight
+/// `α = 2/(span+1)` on the newest value), bias-corrected as TensorBoard's
+/// smoothing is: early values are the weighted mean of what was seen so
+/// far, not pulled toward a zero start. Non-finite values are skipped
+/// (their slot repeats the running average; `NaN` before any finite value).
+pub fn ema(values: &[f64], span: f64) -> Vec<f64> {
+    let decay = 1.0 - 2.0 / (span.max(1.0) + 1.0);
+    let (mut acc, mut weight) = (0.0, 0.0);
+    values
+        .iter()
+        .map(|&v| {
+            if v.is_finite() {
+                acc = decay * acc + (1.0 - decay) * v;
+                weight = decay * weight + (1.0 - decay);
+            }
+            if weight > 0.0 {
+                acc / weight
+            } else {
+                f64::NAN
+            }
+        })
+        .collect()
 }
 
-/// An RGB image.
-pub struct Canvas {
-    pixels: Vec<u8>,
+/// The smoothing span for a run of `n` steps: a thirtieth of the run, at
+/// least 5 steps.
+pub fn span_for(n: usize) -> f64 {
+    (n as f64 / 30.0).max(5.0)
 }
 
-impl Default for Canvas {
-    fn default() -> Self {
-        Canvas { pixels: vec![255; W * H * 3] }
+/// Whether `raw` is noisy: its step-to-step noise exceeds 1% of its
+/// range. The noise is estimated from second differences
+/// (`x[i+1] − 2·x[i] + x[i−1]` has variance `6σ²` for white noise of
+/// variance `σ²`, while a smooth trend, however steep, contributes almost
+/// nothing), so a fast but clean decrease is not mistaken for noise. A
+/// smooth curve is drawn as it is; a noisy one faint, under its average.
+pub fn is_noisy(raw: &[f64]) -> bool {
+    let v: Vec<f64> = raw.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.len() < 3 {
+        return false;
     }
+    let d2 = v.windows(3).map(|w| (w[2] - 2.0 * w[1] + w[0]).powi(2)).sum::<f64>() / (v.len() - 2) as f64;
+    let sigma = (d2 / 6.0).sqrt();
+    let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &x| (l.min(x), h.max(x)));
+    sigma > 0.01 * (hi - lo)
 }
 
-impl Canvas {
-    fn set(&mut self, x: i64, y: i64, rgb: [u8; 3]) {
-        if (0..W as i64).contains(&x) && (0..H as i64).contains(&y) {
-            let i = (y as usize * W + x as usize) * 3;
-            self.pixels[i..i + 3].copy_from_slice(&rgb);
-        }
-    }
+fn plot_error<E: std::fmt::Display>(e: E) -> Error {
+    Error::invalid("loss plot", e.to_string())
+}
 
-    /// The colour at `(x, y)`.
-    pub fn get(&self, x: usize, y: usize) -> [u8; 3] {
-        let i = (y * W + x) * 3;
-        [self.pixels[i], self.pixels[i + 1], self.pixels[i + 2]]
+/// The curves as an SVG picture titled `title` (name the run: method,
+/// data, model).
+pub fn svg(title: &str, curves: &[Curve]) -> Result<String> {
+    let finite = |points: &[(u64, f64)]| points.iter().copied().filter(|p| p.1.is_finite()).collect::<Vec<_>>();
+    type Points = Vec<(u64, f64)>;
+    let runs: Vec<(&Curve, Points, Points)> = curves.iter().map(|c| (c, finite(&c.train), finite(&c.eval))).collect();
+    let all = || runs.iter().flat_map(|(_, t, e)| t.iter().chain(e));
+    if all().next().is_none() {
+        return Err(Error::invalid("loss plot", "no finite loss to draw"));
     }
+    let (x0, x1) = all().fold((u64::MAX, 0), |(l, h), p| (l.min(p.0), h.max(p.0)));
+    let (y0, y1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), p| (l.min(p.1), h.max(p.1)));
+    let pad = if y1 > y0 { 0.05 * (y1 - y0) } else { 0.5 };
+    let (y0, y1) = ((y0 - pad).max(if y0 >= 0.0 { 0.0 } else { f64::NEG_INFINITY }), y1 + pad);
+    let x1 = x1.max(x0 + 1);
 
-    /// A line (Bresenham), `width` pixels thick.
-    fn line(&mut self, (x0, y0): (i64, i64), (x1, y1): (i64, i64), rgb: [u8; 3], width: i64) {
-        let (dx, dy) = ((x1 - x0).abs(), -(y1 - y0).abs());
-        let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
-        let (mut x, mut y, mut err) = (x0, y0, dx + dy);
-        loop {
-            for o in 0..width {
-                self.set(x, y + o, rgb);
+    let mut text = String::new();
+    {
+        let root = SVGBackend::with_string(&mut text, (900, 560)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_error)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(18)
+            .x_label_area_size(48)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(plot_error)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("loss (cross-entropy, nats per token)")
+            .axis_desc_style(("sans-serif", 15))
+            .x_labels(10)
+            .y_labels(8)
+            .y_label_formatter(&|v| format!("{v:.2}"))
+            .light_line_style(BLACK.mix(0.06))
+            .draw()
+            .map_err(plot_error)?;
+        let mut any_faint = false;
+        for (i, (curve, train, eval)) in runs.iter().enumerate() {
+            let color = PALETTE[i % PALETTE.len()];
+            let raw: Vec<f64> = train.iter().map(|p| p.1).collect();
+            let span = span_for(raw.len());
+            let smooth = ema(&raw, span);
+            let noisy = is_noisy(&raw);
+            if !train.is_empty() {
+                let (line, label) = if noisy {
+                    any_faint = true;
+                    chart.draw_series(LineSeries::new(train.iter().copied(), color.mix(0.3))).map_err(plot_error)?;
+                    let line: Vec<(u64, f64)> = train.iter().zip(&smooth).map(|(p, &s)| (p.0, s)).collect();
+                    (line, format!("{}: training loss, moving average over {span:.0} steps", curve.label))
+                } else {
+                    (train.clone(), format!("{}: training loss", curve.label))
+                };
+                chart
+                    .draw_series(LineSeries::new(line, color.stroke_width(2)))
+                    .map_err(plot_error)?
+                    .label(label)
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
             }
-            if x == x1 && y == y1 {
-                break;
-            }
-            let e2 = 2 * err;
-            if e2 >= dy {
-                err += dy;
-                x += sx;
-            }
-            if e2 <= dx {
-                err += dx;
-                y += sy;
-            }
-        }
-    }
-
-    /// Text in the 3×5 font scaled by 2, top-left at `(x, y)`.
-    fn text(&mut self, x: i64, y: i64, s: &str, rgb: [u8; 3]) {
-        for (k, c) in s.chars().enumerate() {
-            let Some(g) = glyph(c) else { continue };
-            for (row, bits) in g.iter().enumerate() {
-                for col in 0..3 {
-                    if bits & (4 >> col) != 0 {
-                        for (ox, oy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
-                            self.set(x + k as i64 * 8 + col * 2 + ox, y + row as i64 * 2 + oy, rgb);
-                        }
-                    }
+            if !eval.is_empty() {
+                if eval.len() > 1 {
+                    chart
+                        .draw_series(DashedLineSeries::new(eval.iter().copied(), 5, 4, color.stroke_width(1)))
+                        .map_err(plot_error)?;
                 }
+                chart
+                    .draw_series(eval.iter().map(|&p| {
+                        EmptyElement::at(p)
+                            + Circle::new((0, 0), 5, color.filled())
+                            + Circle::new((0, 0), 5, BLACK.mix(0.7).stroke_width(1))
+                    }))
+                    .map_err(plot_error)?
+                    .label(format!("{}: {}", curve.label, curve.eval_label))
+                    .legend(move |(x, y)| {
+                        EmptyElement::at((x + 10, y))
+                            + Circle::new((0, 0), 5, color.filled())
+                            + Circle::new((0, 0), 5, BLACK.mix(0.7).stroke_width(1))
+                    });
             }
         }
-    }
-}
-
-fn tick_label(v: f64) -> String {
-    if v != 0.0 && (v.abs() >= 1e5 || v.abs() < 1e-2) {
-        format!("{v:.1e}")
-    } else if v.abs() >= 100.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.2}")
-    }
-}
-
-/// Draws the series (each a list of `(iteration, loss)`; non-finite points
-/// are skipped) on shared axes.
-pub fn draw(series: &[Vec<(f64, f64)>]) -> Canvas {
-    let mut c = Canvas::default();
-    let pts = || series.iter().flatten().filter(|(x, y)| x.is_finite() && y.is_finite());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in pts() {
-        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
-    }
-    if x0 > x1 {
-        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
-    }
-    y0 = y0.min(0.0);
-    if x1 - x0 < 1e-12 {
-        x1 = x0 + 1.0;
-    }
-    if y1 - y0 < 1e-12 {
-        y1 = y0 + 1.0;
-    }
-    let (pw, ph) = ((W - LEFT - RIGHT) as f64, (H - TOP - BOTTOM) as f64);
-    let px = |x: f64| (LEFT as f64 + (x - x0) / (x1 - x0) * pw).round() as i64;
-    let py = |y: f64| (TOP as f64 + (1.0 - (y - y0) / (y1 - y0)) * ph).round() as i64;
-    let (grey, black) = ([225, 225, 225], [0, 0, 0]);
-    for k in 0..=4 {
-        let f = k as f64 / 4.0;
-        let (gx, gy) = (px(x0 + f * (x1 - x0)), py(y0 + f * (y1 - y0)));
-        c.line((gx, TOP as i64), (gx, (H - BOTTOM) as i64), grey, 1);
-        c.line((LEFT as i64, gy), ((W - RIGHT) as i64, gy), grey, 1);
-        let xl = tick_label(x0 + f * (x1 - x0));
-        c.text(gx - 4 * xl.len() as i64, (H - BOTTOM + 8) as i64, &xl, black);
-        let yl = tick_label(y0 + f * (y1 - y0));
-        c.text(LEFT as i64 - 6 - 8 * yl.len() as i64, gy - 5, &yl, black);
-    }
-    c.line((LEFT as i64, TOP as i64), (LEFT as i64, (H - BOTTOM) as i64), black, 1);
-    c.line((LEFT as i64, (H - BOTTOM) as i64), ((W - RIGHT) as i64, (H - BOTTOM) as i64), black, 1);
-    for (s, points) in series.iter().enumerate() {
-        let rgb = COLORS[s % COLORS.len()].1;
-        let mut last: Option<(i64, i64)> = None;
-        for &(x, y) in points.iter().filter(|(x, y)| x.is_finite() && y.is_finite()) {
-            let p = (px(x), py(y));
-            if let Some(q) = last {
-                c.line(q, p, rgb, 2);
-            }
-            last = Some(p);
+        if any_faint {
+            // A legend entry for the faint lines, drawn off the plot area.
+            chart
+                .draw_series(std::iter::empty::<Circle<(u64, f64), i32>>())
+                .map_err(plot_error)?
+                .label("faint: training loss of each step")
+                .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.mix(0.3)));
         }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.4))
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(plot_error)?;
+        root.present().map_err(plot_error)?;
     }
-    c
+    Ok(text)
 }
 
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
-}
-
-fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    let start = out.len();
-    out.extend_from_slice(kind);
-    out.extend_from_slice(data);
-    let crc = crc32(&out[start..]);
-    out.extend_from_slice(&crc.to_be_bytes());
-}
-
-impl Canvas {
-    /// The image as PNG bytes (8-bit RGB, zlib stream of stored blocks).
-    pub fn png(&self) -> Vec<u8> {
-        let mut raw = Vec::with_capacity(H * (W * 3 + 1));
-        for row in self.pixels.chunks_exact(W * 3) {
-            raw.push(0); // filter: none
-            raw.extend_from_slice(row);
-        }
-        let mut z = vec![0x78, 0x01];
-        let blocks: Vec<&[u8]> = raw.chunks(65_535).collect();
-        for (i, block) in blocks.iter().enumerate() {
-            z.push((i + 1 == blocks.len()) as u8);
-            let len = block.len() as u16;
-            z.extend_from_slice(&len.to_le_bytes());
-            z.extend_from_slice(&(!len).to_le_bytes());
-            z.extend_from_slice(block);
-        }
-        let (mut a, mut b) = (1u32, 0u32);
-        for &v in &raw {
-            a = (a + v as u32) % 65_521;
-            b = (b + a) % 65_521;
-        }
-        z.extend_from_slice(&((b << 16) | a).to_be_bytes());
-        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-        let mut ihdr = Vec::new();
-        ihdr.extend_from_slice(&(W as u32).to_be_bytes());
-        ihdr.extend_from_slice(&(H as u32).to_be_bytes());
-        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-        chunk(&mut out, b"IHDR", &ihdr);
-        chunk(&mut out, b"IDAT", &z);
-        chunk(&mut out, b"IEND", &[]);
-        out
-    }
-}
-
-/// Draws `series` and writes the PNG atomically.
-pub fn write_loss_png(path: &Path, series: &[Vec<(f64, f64)>]) -> Result<()> {
-    if series.is_empty() {
-        return Err(Error::invalid("loss plot", "no series to draw"));
-    }
-    crate::peft::write_atomic(path, &draw(series).png())
+/// Writes [`svg`] to `path` atomically (a crash never leaves half a file).
+pub fn write_svg(path: &Path, title: &str, curves: &[Curve]) -> Result<()> {
+    crate::peft::write_atomic(path, svg(title, curves)?.as_bytes())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::Rng;
 
     #[test]
-    fn png_is_well_formed_and_curves_are_drawn_in_their_colours() {
-        let series = vec![vec![(0.0, 5.0), (50.0, 2.0), (100.0, 1.0)], vec![(0.0, 4.0), (100.0, 4.0)]];
-        let canvas = draw(&series);
-        let png = canvas.png();
-        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-        // Every chunk's CRC checks out, and the stored blocks hold the rows.
-        let mut pos = 8;
-        let mut kinds = Vec::new();
-        while pos < png.len() {
-            let len = u32::from_be_bytes(png[pos..pos + 4].try_into().unwrap()) as usize;
-            let body = &png[pos + 4..pos + 8 + len];
-            let crc = u32::from_be_bytes(png[pos + 8 + len..pos + 12 + len].try_into().unwrap());
-            assert_eq!(crc32(body), crc, "chunk {:?}", std::str::from_utf8(&body[..4]));
-            kinds.push(body[..4].to_vec());
-            pos += 12 + len;
+    fn ema_is_bias_corrected_and_skips_non_finite_values() {
+        // A constant is its own average from the first value on (an
+        // uncorrected EMA starting at 0 would read 1/3 of it at step one).
+        assert!(ema(&[3.0; 10], 5.0).iter().all(|&v| (v - 3.0).abs() < 1e-12));
+        // span 3 → α = 1/2: after 1 then 0, the corrected mean is
+        // (0.5·0.5·1 + 0.5·0) / (1 − 0.25) = 1/3.
+        let e = ema(&[1.0, 0.0], 3.0);
+        assert!((e[1] - 1.0 / 3.0).abs() < 1e-12, "{e:?}");
+        let e = ema(&[f64::NAN, 2.0, f64::INFINITY, 2.0], 4.0);
+        assert!(e[0].is_nan() && e[1..].iter().all(|&v| v == 2.0), "{e:?}");
+    }
+
+    #[test]
+    fn only_noisy_curves_count_as_noisy() {
+        // A steep but clean decrease is not noise; ±0.5 on top of it is.
+        let smooth: Vec<f64> = (0..400).map(|i| 4.0 * (-(i as f64) / 30.0).exp()).collect();
+        assert!(!is_noisy(&smooth));
+        let mut rng = Rng::new(1);
+        let noisy: Vec<f64> = smooth.iter().map(|v| v + rng.uniform_vec(1, -0.5, 0.5)[0] as f64).collect();
+        assert!(is_noisy(&noisy));
+    }
+
+    /// The text of every `<text>` element of an SVG.
+    fn texts(svg: &str) -> Vec<String> {
+        svg.split("<text")
+            .skip(1)
+            .filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn the_picture_has_a_title_axis_labels_a_legend_per_run_and_integer_steps() {
+        let mut rng = Rng::new(2);
+        let mut a = Curve::new("lora");
+        let mut b = Curve::new("tied:vBuA");
+        for step in 1..=103u64 {
+            let base = 3.0 * (-(step as f64) / 40.0).exp() + 0.5;
+            a.train.push((step, base + rng.uniform_vec(1, -0.3, 0.3)[0] as f64));
+            b.train.push((step, base + 0.2));
         }
-        assert_eq!(kinds, vec![b"IHDR".to_vec(), b"IDAT".to_vec(), b"IEND".to_vec()]);
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926, "CRC-32 check value");
-        // The flat second series (y = 4) crosses the middle in orange.
-        let y4 = (TOP as f64 + (1.0 - 4.0 / 5.0) * (H - TOP - BOTTOM) as f64).round() as usize;
-        assert_eq!(canvas.get(W / 2, y4), COLORS[1].1);
-        // The first series starts at the top-left corner of the plot, in blue.
-        assert_eq!(canvas.get(LEFT, TOP), COLORS[0].1);
+        b.train[10].1 = f64::NAN; // a refused step
+        a.eval = vec![(25, 2.1), (50, 1.3), (75, 1.0), (103, 0.9)];
+        let svg = svg("adapters on `sort`", &[a, b]).unwrap();
+        let t = texts(&svg);
+        for want in [
+            "adapters on `sort`",
+            "step",
+            "loss (cross-entropy, nats per token)",
+            "lora: training loss, moving average over 5 steps",
+            "lora: held-out loss",
+            "tied:vBuA: training loss",
+            "faint: training loss of each step",
+        ] {
+            assert!(t.iter().any(|s| s == want), "no text `{want}` in {t:?}");
+        }
+        assert!(!t.iter().any(|s| s == "tied:vBuA: held-out loss"), "a run without evaluations has no marker entry");
+        // Step ticks are whole numbers (y labels all carry two decimals).
+        let x_ticks: Vec<&String> = t.iter().filter(|s| s.parse::<u64>().is_ok()).collect();
+        assert!(x_ticks.len() >= 5, "{t:?}");
+    }
+
+    #[test]
+    fn nothing_to_draw_is_an_error_not_an_empty_picture() {
+        let mut c = Curve::new("x");
+        c.train.push((1, f64::NAN));
+        assert!(svg("t", &[c]).is_err());
+        assert!(svg("t", &[]).is_err());
     }
 }

@@ -1,17 +1,18 @@
 //! `lorafuse similarity`, `sum`, `merge` and `compress`: adapter summation
-//! from the command line. Merges run on the GPU when there is one (and the
-//! kernels were compiled), on the CPU otherwise; both give the same result
-//! within the dtype's tolerance.
+//! ([`lorafuse::adapter_sum`], [`lorafuse::merge`]) from the command line.
+//! `merge` runs on the backend `--device` picks; both give the same result
+//! within the dtype's tolerance. Similarity, sums and recompression are
+//! r×r-sized host work in f64 and need no device.
 
 use std::path::{Path, PathBuf};
 
+use crate::device::{on_backend, DeviceArg};
 use indicatif::{ProgressBar, ProgressStyle};
 use lorafuse::adapter::Adapter;
-use lorafuse::adapter_sum::{self, AdapterSumOps, Direction, MergeFactors, Similarity};
-use lorafuse::cpu::Cpu;
-use lorafuse::cuda::{self, Gpu};
-use lorafuse::peft::{self, Tensor, TensorData};
-use lorafuse::{Backend, DType, Element, Error, Result};
+use lorafuse::adapter_sum::{self, AdapterSumOps, Direction, Similarity};
+use lorafuse::merge::{refuse_overwriting_inputs, MergePlan};
+use lorafuse::peft::{self, TensorFile};
+use lorafuse::{DType, Error, Result};
 
 /// Options of `lorafuse similarity`.
 #[derive(clap::Args)]
@@ -59,9 +60,8 @@ pub struct MergeArgs {
     /// Subtract the adapters instead: the inverse of a merge.
     #[arg(long)]
     unmerge: bool,
-    /// Run on the CPU even when a GPU is available.
-    #[arg(long)]
-    cpu: bool,
+    #[command(flatten)]
+    device: DeviceArg,
 }
 
 /// Options of `lorafuse compress`.
@@ -81,30 +81,6 @@ pub struct CompressArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
-}
-
-/// Refuses an output path that is one of the inputs (or inside one), so
-/// that a command never destroys what it reads.
-fn refuse_overwriting_inputs(out: &Path, inputs: &[&Path]) -> Result<()> {
-    // Compare resolved paths; an output that does not exist yet cannot be
-    // an input, but its parent may be (an adapter directory).
-    let resolve = |p: &Path| std::fs::canonicalize(p).ok();
-    let out_abs = resolve(out).or_else(|| {
-        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        Some(resolve(parent)?.join(out.file_name()?))
-    });
-    let Some(out_abs) = out_abs else { return Ok(()) };
-    for input in inputs {
-        if let Some(inp) = resolve(input) {
-            if out_abs == inp || out_abs.starts_with(&inp) {
-                return Err(Error::invalid(
-                    format!("--out {}", out.display()),
-                    format!("is the input {}: writing there would destroy it; pick another --out", input.display()),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 fn load_all(paths: &[PathBuf]) -> Result<Vec<Adapter>> {
@@ -206,103 +182,24 @@ fn percent(fraction: f64) -> f64 {
     (100.0 * fraction).max(0.0)
 }
 
-/// The base tensor a module's delta goes into: `<module>.weight`, else the
-/// one tensor named `….<module>.weight`, else `<module>` with leading path
-/// components dropped (PEFT names GPT-2's modules `transformer.h.0…`, the
-/// original checkpoint `h.0…`).
-fn resolve_weight<'a>(module: &str, names: &'a [String]) -> Option<&'a String> {
-    let exact = format!("{module}.weight");
-    if let Some(n) = names.iter().find(|n| **n == exact) {
-        return Some(n);
-    }
-    let suffix = format!(".{exact}");
-    let mut longer = names.iter().filter(|n| n.ends_with(&suffix));
-    if let (Some(n), None) = (longer.next(), longer.next()) {
-        return Some(n);
-    }
-    let mut tail = module;
-    while let Some((_, rest)) = tail.split_once('.') {
-        tail = rest;
-        let want = format!("{tail}.weight");
-        if let Some(n) = names.iter().find(|n| **n == want) {
-            return Some(n);
-        }
-    }
-    None
-}
-
-fn merge_typed<B: AdapterSumOps, T: Element>(
-    backend: &B,
-    values: &mut Vec<T>,
-    f: &MergeFactors,
+/// Merges `plan` into `base` on `backend` under a progress bar (bytes of
+/// base weights rewritten); returns the backend in words.
+fn merge_on<B: AdapterSumOps>(
+    backend: B,
+    base: &mut TensorFile,
+    plan: &MergePlan,
     direction: Direction,
-) -> Result<()> {
-    let mut w = backend.upload(values)?;
-    adapter_sum::merge_module(backend, &mut w, f, direction)?;
-    *values = backend.download(&w)?;
-    Ok(())
-}
-
-fn merge_tensor<B: AdapterSumOps>(
-    backend: &B,
-    name: &str,
-    t: &mut Tensor,
-    f: &MergeFactors,
-    direction: Direction,
-) -> Result<()> {
-    let (rows, cols) = (f.shape.rows, f.shape.cols);
-    if t.shape != [rows, cols] {
-        return Err(Error::invalid(
-            format!("base tensor `{name}`"),
-            format!(
-                "has shape {:?} but adapter module `{}` needs [{rows}, {cols}] (check fan_in_fan_out and the base model)",
-                t.shape, f.name
-            ),
-        ));
-    }
-    match &mut t.data {
-        TensorData::F32(v) => merge_typed(backend, v, f, direction),
-        TensorData::F16(v) => merge_typed(backend, v, f, direction),
-        TensorData::BF16(v) => merge_typed(backend, v, f, direction),
-        _ => Err(Error::invalid(format!("base tensor `{name}`"), "is not F32, F16 or BF16")),
-    }
-}
-
-fn merge_all<B: AdapterSumOps>(
-    backend: &B,
-    base: &mut peft::TensorFile,
-    plan: &[(String, MergeFactors)],
-    direction: Direction,
-) -> Result<()> {
-    let bytes: u64 = plan.iter().map(|(n, _)| base.tensors[n].bytes().len() as u64).sum();
-    let bar = ProgressBar::new(bytes).with_style(
+) -> Result<String> {
+    let bar = ProgressBar::new(plan.bytes(base)).with_style(
         ProgressStyle::with_template("{msg:30!} [{bar:30}] {bytes}/{total_bytes} {elapsed}")
             .map_err(|e| Error::invalid("progress style", e.to_string()))?,
     );
-    for (name, f) in plan {
-        bar.set_message(f.name.clone());
-        let t = base.tensors.get_mut(name).ok_or_else(|| Error::invalid("merge", format!("`{name}` vanished")))?;
-        merge_tensor(backend, name, t, f, direction)?;
-        // An overflow (huge weights, or an f16 base past 65504) must not
-        // reach the output file as inf/NaN.
-        crate_check_finite(name, t)?;
-        bar.inc(t.bytes().len() as u64);
-    }
-    backend.synchronize()?;
+    plan.apply(&backend, base, direction, |entry, bytes| {
+        bar.set_message(entry.factors.name.clone());
+        bar.inc(bytes);
+    })?;
     bar.finish_and_clear();
-    Ok(())
-}
-
-fn crate_check_finite(name: &str, t: &Tensor) -> Result<()> {
-    let values = t.to_f32_vec(name)?;
-    lorafuse::error::check_finite(&format!("merged tensor `{name}` ({:?})", t.safetensors_dtype()), &values).map_err(
-        |e| {
-            Error::invalid(
-                "merge",
-                format!("{e}: the result overflows the base's dtype; check --weights and the adapters' scales"),
-            )
-        },
-    )
+    Ok(backend.describe())
 }
 
 /// Runs `work` under a spinner (large base files take seconds to read and
@@ -324,38 +221,18 @@ pub fn merge(args: &MergeArgs) -> Result<()> {
     let adapters = load_all(&args.adapters)?;
     let refs: Vec<&Adapter> = adapters.iter().collect();
     let factors = adapter_sum::merge_factors(&refs, &weights_or_ones(&args.weights, refs.len()))?;
+    let device = args.device.open()?;
     let mut base = with_spinner(&format!("reading {}", args.base.display()), || peft::read_safetensors(&args.base))?;
-    let names: Vec<String> = base.tensors.keys().cloned().collect();
-    let mut plan = Vec::new();
-    for (module, f) in factors {
-        let Some(name) = resolve_weight(&module, &names) else {
-            return Err(Error::invalid(
-                "merge",
-                format!("no tensor `{module}.weight` (or a suffix of it) in {}", args.base.display()),
-            ));
-        };
-        if let Some((_, other)) = plan.iter().find(|(n, _): &&(String, MergeFactors)| n == name) {
-            return Err(Error::invalid(
-                "merge",
-                format!("modules `{}` and `{module}` both resolve to base tensor `{name}`", other.name),
-            ));
-        }
-        plan.push((name.clone(), f));
-    }
+    let plan = MergePlan::new(factors, &base, &args.base.display().to_string())?;
     let direction = if args.unmerge { Direction::Unmerge } else { Direction::Merge };
-    let gpu = if args.cpu || !cuda::kernels::built() { None } else { Gpu::new(0).ok() };
-    let device = match &gpu {
-        Some(gpu) => {
-            merge_all(gpu, &mut base, &plan, direction)?;
-            gpu.describe()
-        }
-        None => {
-            merge_all(&Cpu, &mut base, &plan, direction)?;
-            Cpu.describe()
-        }
-    };
+    let device = on_backend!(device, merge_on(&mut base, &plan, direction))?;
     with_spinner(&format!("writing {}", args.out.display()), || peft::write_safetensors(&args.out, &base))?;
     let verb = if args.unmerge { "unmerged" } else { "merged" };
-    println!("{verb} {} modules of {} adapter(s) on {device}; wrote {}", plan.len(), refs.len(), args.out.display());
+    println!(
+        "{verb} {} modules of {} adapter(s) on {device}; wrote {}",
+        plan.entries.len(),
+        refs.len(),
+        args.out.display()
+    );
     Ok(())
 }

@@ -1,9 +1,9 @@
-//! `--device`: which backend a command runs on.
+//! `--device` and `--precision`: the flags that pick a backend and a
+//! compute dtype ([`lorafuse::device`] does the opening).
 
-use lorafuse::cpu::Cpu;
-use lorafuse::cuda::{kernels, Gpu};
+use lorafuse::device::Device;
 use lorafuse::train::model::Precision;
-use lorafuse::{Error, Result};
+use lorafuse::Result;
 
 /// The `--device` choices.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -15,6 +15,26 @@ pub enum DeviceChoice {
     Cpu,
     /// CUDA device 0; an error when there is none or no kernels.
     Cuda,
+}
+
+impl From<DeviceChoice> for lorafuse::device::DeviceChoice {
+    fn from(c: DeviceChoice) -> Self {
+        match c {
+            DeviceChoice::Auto => Self::Auto,
+            DeviceChoice::Cpu => Self::Cpu,
+            DeviceChoice::Cuda => Self::Cuda,
+        }
+    }
+}
+
+/// `--device`, for the commands that run kernels.
+#[derive(clap::Args, Clone, Copy, Debug, Default)]
+pub struct DeviceArg {
+    /// Where to run: `cuda` (fails without a GPU or compiled kernels),
+    /// `cpu`, or `auto`: the GPU when one answers and the kernels are
+    /// built, else the CPU (it says which it took).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
 }
 
 /// The `--precision` choices.
@@ -42,29 +62,17 @@ impl PrecisionChoice {
     }
 }
 
-/// The backend a command got.
-pub enum Picked {
-    /// The CPU backend.
-    Cpu(Cpu),
-    /// A CUDA device.
-    Cuda(Gpu),
-}
-
-/// Opens the backend `choice` names. `auto` never fails: without a usable
-/// GPU it says why on stderr and takes the CPU.
-pub fn pick(choice: DeviceChoice) -> Result<Picked> {
-    match choice {
-        DeviceChoice::Cpu => Ok(Picked::Cpu(Cpu)),
-        DeviceChoice::Cuda if !kernels::built() => Err(Error::KernelsNotBuilt),
-        DeviceChoice::Cuda => Ok(Picked::Cuda(Gpu::new(0)?)),
-        DeviceChoice::Auto if !kernels::built() => Ok(Picked::Cpu(Cpu)),
-        DeviceChoice::Auto => match Gpu::new(0) {
-            Ok(gpu) => Ok(Picked::Cuda(gpu)),
-            Err(e) => {
-                eprintln!("no GPU ({e}); running on the CPU");
-                Ok(Picked::Cpu(Cpu))
-            }
-        },
+impl DeviceArg {
+    /// Opens the backend this names and says on stderr which one `auto`
+    /// took (and why not the GPU), so a run's log always names its device.
+    pub fn open(self) -> Result<Device> {
+        let (device, fallback) = Device::open(self.device.into())?;
+        match (self.device, fallback) {
+            (_, Some(why)) => eprintln!("--device auto: the GPU is not usable ({why}); running on the CPU"),
+            (DeviceChoice::Auto, None) => eprintln!("--device auto: running on {}", device.describe()),
+            _ => {}
+        }
+        Ok(device)
     }
 }
 
@@ -73,8 +81,8 @@ pub fn pick(choice: DeviceChoice) -> Result<Picked> {
 macro_rules! on_backend {
     ($picked:expr, $f:ident ( $($arg:expr),* )) => {
         match $picked {
-            $crate::device::Picked::Cpu(b) => $f(b, $($arg),*),
-            $crate::device::Picked::Cuda(b) => $f(b, $($arg),*),
+            lorafuse::device::Device::Cpu(b) => $f(b, $($arg),*),
+            lorafuse::device::Device::Cuda(b) => $f(b, $($arg),*),
         }
     };
 }

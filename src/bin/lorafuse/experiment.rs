@@ -1,18 +1,18 @@
 //! `lorafuse experiment summation`: the adapter-summation study
 //! ([`lorafuse::experiment::summation`]) from the command line.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::device::{on_backend, pick, DeviceChoice, PrecisionChoice};
+use crate::device::{on_backend, DeviceArg, PrecisionChoice};
 use indicatif::{ProgressBar, ProgressStyle};
-use lorafuse::experiment::domains::{self, Domain};
+use lorafuse::experiment::domains;
 use lorafuse::experiment::summation::{self, AdapterRecord, Progress, SummationConfig};
 use lorafuse::train::config::Gpt2Config;
-use lorafuse::train::data::{Dataset, BYTE_VOCAB, DOMAINS};
+use lorafuse::train::data::BYTE_VOCAB;
 use lorafuse::train::model::TrainBackend;
 use lorafuse::train::trainer::TrainConfig;
-use lorafuse::{Error, Result};
+use lorafuse::Result;
 
 /// Options of `lorafuse experiment`.
 #[derive(clap::Args)]
@@ -35,10 +35,8 @@ enum Which {
 /// follow the paper (GPT-2 small, r = 4, α = 64).
 #[derive(clap::Args)]
 pub struct SummationArgs {
-    /// Where to run: `cuda`, `cpu`, or `auto` (the GPU when one answers and
-    /// the kernels are built).
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    device: DeviceChoice,
+    #[command(flatten)]
+    device: DeviceArg,
     /// Base model directory (config.json + model.safetensors, GPT-2
     /// naming). Default: pretrain the demo's tiny base on the domains'
     /// training data into <out>/base (reused on reruns).
@@ -117,45 +115,8 @@ pub struct SummationArgs {
 /// `lorafuse experiment …`.
 pub fn run(args: &ExperimentArgs) -> Result<()> {
     match &args.which {
-        Which::Summation(a) => on_backend!(pick(a.device)?, summation_on(a)),
+        Which::Summation(a) => on_backend!(a.device.open()?, summation_on(a)),
     }
-}
-
-/// The domains `--data` names (each spec may name several embedded ones).
-fn domains_from(specs: &[String], vocab: usize, train: usize, eval: usize, seed: u64) -> Result<Vec<Domain>> {
-    let specs = if specs.is_empty() { vec!["embedded".to_string()] } else { specs.to_vec() };
-    let mut out = Vec::new();
-    for spec in &specs {
-        if spec == "embedded" {
-            out.extend(domains::embedded(&DOMAINS, train, eval, seed)?);
-            continue;
-        }
-        if let Some(list) = spec.strip_prefix("embedded:") {
-            let names: Vec<&str> = list.split(',').map(str::trim).collect();
-            out.extend(domains::embedded(&names, train, eval, seed)?);
-            continue;
-        }
-        let (name, source) = match spec.split_once('=') {
-            Some((n, s)) => (n.to_string(), s),
-            None => {
-                let path = spec.split_once(':').map_or(spec.as_str(), |(_, p)| p);
-                let stem = Path::new(path).file_stem().and_then(|s| s.to_str()).unwrap_or("data").to_string();
-                (stem, spec.as_str())
-            }
-        };
-        let data = if let Some(p) = source.strip_prefix("text:") {
-            Dataset::text(Path::new(p))?
-        } else if let Some(p) = source.strip_prefix("tokens:") {
-            Dataset::llmc(Path::new(p), vocab)?
-        } else {
-            return Err(Error::invalid(
-                format!("--data `{spec}`"),
-                "use NAME=tokens:<file>, NAME=text:<file> or embedded[:add,sort,…], once per domain",
-            ));
-        };
-        out.push(Domain::new(&name, data)?);
-    }
-    Ok(out)
 }
 
 /// Progress bars on stderr: one per adapter, and a line when it is done.
@@ -204,7 +165,7 @@ fn summation_on<B: TrainBackend + Clone>(backend: B, args: &SummationArgs) -> Re
         Some(dir) => Gpt2Config::load(&dir.join("config.json"))?.vocab_size,
         None => BYTE_VOCAB,
     };
-    let domains = domains_from(&args.data, vocab, args.train_examples, args.eval_examples, args.seed)?;
+    let domains = domains::from_specs(&args.data, vocab, args.train_examples, args.eval_examples, args.seed)?;
     let precision = args.precision.resolve(&backend);
     let mut train = TrainConfig {
         method: args.method.clone(),

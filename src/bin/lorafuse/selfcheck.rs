@@ -7,6 +7,7 @@ use lorafuse::adapter_sum::{AdapterSumOps, MergeShape};
 use lorafuse::cpu::gemm::{matmul, Op};
 use lorafuse::cpu::Cpu;
 use lorafuse::cuda::{self, Gpu};
+use lorafuse::device::Device;
 use lorafuse::lowrank::{Adapter, Grads, LinearShape, LowRankConfig, LowRankOps};
 use lorafuse::projection::{Assignment, Projection, ProjectionLayout, ProjectionOps, ScatterMode};
 use lorafuse::rng::Rng;
@@ -16,6 +17,10 @@ use lorafuse::{Backend, DType, Error, Result};
 /// Options of `lorafuse selfcheck`.
 #[derive(clap::Args)]
 pub struct Args {
+    // `cpu`: the CPU checks alone; `cuda`: fail without a GPU; `auto`: the
+    // GPU checks too when a GPU answers and the kernels are built.
+    #[command(flatten)]
+    device: crate::device::DeviceArg,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 7)]
     seed: u64,
@@ -27,6 +32,8 @@ pub struct Args {
     cols: u32,
 }
 
+/// `lorafuse info`: the build and every device it can see (no `--device`:
+/// it reports on all of them).
 pub fn info() -> Result<()> {
     println!("lorafuse {}", env!("CARGO_PKG_VERSION"));
     let built = cuda::kernels::built();
@@ -53,6 +60,7 @@ fn sample_layout(rows: usize) -> Result<ProjectionLayout> {
     ProjectionLayout::packed(DType::F32, tensors)
 }
 
+/// `lorafuse selfcheck`.
 pub fn run(args: &Args) -> Result<()> {
     if args.rows < 6 {
         return Err(Error::invalid("--rows", "must be at least 6"));
@@ -61,7 +69,12 @@ pub fn run(args: &Args) -> Result<()> {
     let mut rng = Rng::new(args.seed);
     let theta: Vec<f32> = rng.uniform_vec(args.cols as usize, -0.02, 0.02);
     let mut ok = true;
-    let gpu = Gpu::new(0);
+    // Why the GPU rows are skipped, when they are.
+    let gpu: std::result::Result<Gpu, String> = match Device::open(args.device.device.into())? {
+        (Device::Cuda(gpu), _) => Ok(gpu),
+        (Device::Cpu(_), Some(why)) => Err(why.to_string()),
+        (Device::Cpu(_), None) => Err("--device cpu".into()),
+    };
     println!("{:<34} {:>12} {:>10}  result", "check", "error", "time");
     for assignment in [Assignment::Hash, Assignment::Balanced] {
         let p = Projection::new(layout.rows(), args.cols, args.seed, assignment)?;
@@ -103,7 +116,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
 }
 
-fn skipped(name: &str, why: &Error) {
+fn skipped(name: &str, why: &str) {
     println!("{name:<34} {:>12} {:>10}  skipped: {why}", "-", "-");
 }
 

@@ -14,25 +14,25 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::device::{on_backend, pick, DeviceChoice, PrecisionChoice};
+use crate::device::{on_backend, DeviceArg, PrecisionChoice};
 use indicatif::{ProgressBar, ProgressStyle};
 use lorafuse::adapter::{Adapter, AdapterWeights};
 use lorafuse::peft::load_adapter;
 use lorafuse::train::adapters::AdapterSet;
 use lorafuse::train::checkpoint::{latest_checkpoint, read_checkpoint, spec_for, step_dirs};
 use lorafuse::train::config::Gpt2Config;
-use lorafuse::train::data::{Dataset, EvalMetrics, DOMAINS};
+use lorafuse::train::data::{Corpus, Dataset, EvalMetrics, DOMAINS};
 use lorafuse::train::model::{Gpt2, TrainBackend};
+use lorafuse::train::plot::Curve;
+use lorafuse::train::spec::{DataSpec, ModelSpec};
 use lorafuse::train::trainer::{evaluate, TrainConfig, Trainer};
 use lorafuse::{Error, Result};
 
 /// Where the model and data come from, and where results go.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct Sources {
-    /// Where to run: `cuda` (fails without a GPU or kernels), `cpu`, or
-    /// `auto` (the GPU when one answers and the kernels are built).
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    device: DeviceChoice,
+    #[command(flatten)]
+    device: DeviceArg,
     /// Base model: a directory with config.json + model.safetensors (GPT-2
     /// naming), or `random:<layers>,<width>,<heads>[,<positions>[,<vocab>]]`.
     #[arg(long)]
@@ -151,10 +151,8 @@ pub struct EvalArgs {
 /// Options of `lorafuse demo`.
 #[derive(clap::Args, Debug)]
 pub struct DemoArgs {
-    /// Where to run: `cuda`, `cpu`, or `auto` (the GPU when one answers and
-    /// the kernels are built).
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    device: DeviceChoice,
+    #[command(flatten)]
+    device: DeviceArg,
     /// Pretraining iterations of the tiny base (full fine-tuning, all domains).
     #[arg(long, default_value_t = 3000)]
     base_steps: u64,
@@ -189,39 +187,11 @@ struct RunFile {
 }
 
 fn model_from<B: TrainBackend>(backend: &B, spec: &str, seed: u64) -> Result<Gpt2<B>> {
-    if let Some(dims) = spec.strip_prefix("random:") {
-        let v: Vec<usize> = dims
-            .split(',')
-            .map(|s| s.trim().parse().map_err(|_| Error::invalid("--model random:", format!("`{s}` is not a number"))))
-            .collect::<Result<_>>()?;
-        let (layers, width, heads) = match v[..] {
-            [l, w, h, ..] => (l, w, h),
-            _ => {
-                return Err(Error::invalid("--model random:", "give <layers>,<width>,<heads>[,<positions>[,<vocab>]]"))
-            }
-        };
-        let cfg = Gpt2Config::new(*v.get(4).unwrap_or(&256), *v.get(3).unwrap_or(&64), width, layers, heads)?;
-        Gpt2::random(backend, &cfg, seed)
-    } else {
-        Gpt2::load(backend, Path::new(spec))
-    }
+    spec.parse::<ModelSpec>()?.build(backend, seed)
 }
 
 fn data_from(spec: &str, vocab: usize, eval: usize, seed: u64) -> Result<Dataset> {
-    if spec == "embedded" {
-        return Dataset::embedded(&DOMAINS, 4000, eval.div_ceil(DOMAINS.len()), seed);
-    }
-    if let Some(list) = spec.strip_prefix("embedded:") {
-        let domains: Vec<&str> = list.split(',').map(str::trim).collect();
-        return Dataset::embedded(&domains, 4000, eval.div_ceil(domains.len()), seed);
-    }
-    if let Some(p) = spec.strip_prefix("text:") {
-        return Dataset::text(Path::new(p));
-    }
-    if let Some(p) = spec.strip_prefix("tokens:") {
-        return Dataset::llmc(Path::new(p), vocab);
-    }
-    Err(Error::invalid(format!("--data `{spec}`"), "use embedded[:domains], text:<file> or tokens:<file>"))
+    spec.parse::<DataSpec>()?.load(vocab, eval, seed)
 }
 
 fn metrics_line(out: &mut Option<std::fs::File>, value: serde_json::Value) -> Result<()> {
@@ -231,11 +201,8 @@ fn metrics_line(out: &mut Option<std::fs::File>, value: serde_json::Value) -> Re
     Ok(())
 }
 
-/// A loss curve: (iteration, moving-average loss) points.
-type Curve = Vec<(f64, f64)>;
-
 /// Runs the loop with a progress bar; returns (seconds, trained tokens,
-/// the loss curve as (iteration, loss)).
+/// the loss curve: every step's loss and each evaluation's held-out loss).
 fn run_loop<B: TrainBackend>(
     t: &mut Trainer<B>,
     label: &str,
@@ -243,7 +210,10 @@ fn run_loop<B: TrainBackend>(
     checkpoints: Option<(&Path, u64)>,
 ) -> Result<(f64, usize, Curve)> {
     let total = t.config.steps;
-    let mut curve = Vec::new();
+    let mut curve = Curve::new(label);
+    if matches!(t.data.eval, Corpus::Examples(_)) && !t.config.answer_only {
+        curve.eval_label = "held-out loss on answers".into();
+    }
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
@@ -262,8 +232,7 @@ fn run_loop<B: TrainBackend>(
         if o.loss.is_finite() {
             ema = Some(ema.map_or(o.loss, |e| 0.9 * e + 0.1 * o.loss));
         }
-        // The plotted curve is the moving average the progress bar shows.
-        curve.push((o.iteration as f64, ema.unwrap_or(f64::NAN)));
+        curve.train.push((o.iteration, o.loss));
         bar.set_position(o.iteration);
         bar.set_message(format!("loss {:.3} {:.0} tok/s", ema.unwrap_or(f64::NAN), tokens as f64 / secs.max(1e-9)));
         let mut line = serde_json::json!({
@@ -279,6 +248,7 @@ fn run_loop<B: TrainBackend>(
         }
         if t.config.eval_every > 0 && o.iteration % t.config.eval_every == 0 && o.iteration < total {
             let m = t.evaluate()?;
+            curve.eval.push((o.iteration, m.loss));
             line["eval"] = serde_json::to_value(&m).unwrap_or_default();
         }
         metrics_line(metrics, line)?;
@@ -330,7 +300,7 @@ fn init_from<B: TrainBackend>(t: &mut Trainer<B>, dir: &Path) -> Result<()> {
 
 /// `lorafuse train` on the backend `--device` picks.
 pub fn train(args: &TrainArgs) -> Result<()> {
-    on_backend!(pick(args.sources.device)?, train_on(args))
+    on_backend!(args.sources.device.open()?, train_on(args))
 }
 
 /// What a checkpoint directory records about the run besides its
@@ -567,8 +537,11 @@ fn train_on<B: TrainBackend + Clone>(backend: B, args: &TrainArgs) -> Result<()>
     // not cost the trained adapter.
     t.save_result(&out)?;
     let eval = t.evaluate()?;
-    let png = out.join("loss.png");
-    let plotted = !curve.is_empty() && plot_or_warn(&png, &[curve]);
+    let mut curve = curve;
+    curve.eval.push((t.iteration, eval.loss));
+    let plot = out.join("loss.svg");
+    let title = format!("{} fine-tuning of {model_spec} on {data_spec}", t.config.method);
+    let plotted = plot_or_warn(&plot, &title, &[curve]);
     let report = serde_json::json!({
         "method": t.config.method, "trainable_params": trainable, "eval": eval,
         "seconds": secs, "tokens_per_s": tokens as f64 / secs.max(1e-9), "saved": out.display().to_string(),
@@ -591,7 +564,7 @@ fn train_on<B: TrainBackend + Clone>(backend: B, args: &TrainArgs) -> Result<()>
         metrics_path.display()
     );
     if plotted {
-        println!("loss curve: {}", png.display());
+        println!("loss curves: {}", plot.display());
     }
     Ok(())
 }
@@ -625,7 +598,7 @@ fn print_metrics(name: &str, params: &str, m: &EvalMetrics, extra: &str) {
 
 /// `lorafuse eval` on the backend `--device` picks.
 pub fn eval(args: &EvalArgs) -> Result<()> {
-    on_backend!(pick(args.sources.device)?, eval_on(args))
+    on_backend!(args.sources.device.open()?, eval_on(args))
 }
 
 fn eval_on<B: TrainBackend + Clone>(backend: B, args: &EvalArgs) -> Result<()> {
@@ -663,8 +636,8 @@ fn eval_on<B: TrainBackend + Clone>(backend: B, args: &EvalArgs) -> Result<()> {
 
 /// Writes a loss plot; a failure (a full disk) is a warning, never the end
 /// of a run whose results are already saved.
-fn plot_or_warn(path: &Path, curves: &[Curve]) -> bool {
-    match lorafuse::train::plot::write_loss_png(path, curves) {
+fn plot_or_warn(path: &Path, title: &str, curves: &[Curve]) -> bool {
+    match lorafuse::train::plot::write_svg(path, title, curves) {
         Ok(()) => true,
         Err(e) => {
             eprintln!("warning: loss plot not written: {e}");
@@ -675,7 +648,7 @@ fn plot_or_warn(path: &Path, curves: &[Curve]) -> bool {
 
 /// `lorafuse demo` on the backend `--device` picks.
 pub fn demo(args: &DemoArgs) -> Result<()> {
-    on_backend!(pick(args.device)?, demo_on(args))
+    on_backend!(args.device.open()?, demo_on(args))
 }
 
 fn demo_on<B: TrainBackend + Clone>(backend: B, args: &DemoArgs) -> Result<()> {
@@ -704,6 +677,9 @@ fn demo_on<B: TrainBackend + Clone>(backend: B, args: &DemoArgs) -> Result<()> {
         precision: args.precision.resolve(&backend),
         ..TrainConfig::default()
     };
+    // Held-out loss ten times along the way, for the plot (evaluation
+    // draws no random numbers, so the training run is the same without).
+    pre.eval_every = (args.base_steps / 10).max(1);
     pre.optim.lr_base = 3e-3;
     pre.optim.warmup = 20;
     pre.optim.weight_decay = 0.0;
@@ -717,7 +693,9 @@ fn demo_on<B: TrainBackend + Clone>(backend: B, args: &DemoArgs) -> Result<()> {
     let mut curves = Vec::new();
     let base_dir = args.out.join("base");
     t.model.save(&t.backend, &base_dir)?;
-    plot_or_warn(&args.out.join("base-loss.png"), &[base_curve]);
+    let base_title =
+        format!("Pretraining the demo's {}-layer, width-{} GPT-2 on all embedded domains", cfg.n_layer, cfg.n_embd);
+    plot_or_warn(&args.out.join("base-loss.svg"), &base_title, &[base_curve]);
     let base_params = t.model.num_params();
     let mut rows = vec![("base (full)".to_string(), base_params, None, secs, toks as f64 / secs)];
     // The pretraining seed again: the domain's 4,000 training examples are
@@ -743,6 +721,7 @@ fn demo_on<B: TrainBackend + Clone>(backend: B, args: &DemoArgs) -> Result<()> {
             precision: args.precision.resolve(&backend),
             ..TrainConfig::default()
         };
+        c.eval_every = (args.adapter_steps / 8).max(1);
         c.optim.lr = 1e-2;
         c.optim.lr_vector = 3e-2;
         c.optim.lr_theta = 1e-2;
@@ -750,9 +729,10 @@ fn demo_on<B: TrainBackend + Clone>(backend: B, args: &DemoArgs) -> Result<()> {
         let model = Gpt2::load(&backend, &base_dir)?;
         let mut t = Trainer::new(backend.clone(), model, domain.clone(), c)?;
         let n = t.num_trainable();
-        let (secs, toks, curve) = run_loop(&mut t, method, &mut metrics, None)?;
-        curves.push(curve);
+        let (secs, toks, mut curve) = run_loop(&mut t, method, &mut metrics, None)?;
         let m = t.evaluate()?;
+        curve.eval.push((t.iteration, m.loss));
+        curves.push(curve);
         t.save_result(&args.out.join(method.replace(':', "-")))?;
         rows.push((method.to_string(), n, Some(m), secs, toks as f64 / secs));
     }
@@ -768,10 +748,9 @@ fn demo_on<B: TrainBackend + Clone>(backend: B, args: &DemoArgs) -> Result<()> {
             None => println!("{name:<18} {n:>10} {:>9} {:>8} {:>8} {:>8} {secs:>7.1}s {tps:>9.0}", "-", "-", "-", "-"),
         }
     }
-    plot_or_warn(&args.out.join("adapters-loss.png"), &curves);
-    let colours: Vec<String> =
-        methods.iter().zip(lorafuse::train::plot::COLORS).map(|((m, ..), (c, _))| format!("{m} {c}")).collect();
+    let title = format!("Adapters learning `{}` on the pretrained base (loss on answers)", args.domain);
+    plot_or_warn(&args.out.join("adapters-loss.svg"), &title, &curves);
     println!("\ntotal {:.1} s; base and adapters saved under {}", start.elapsed().as_secs_f64(), args.out.display());
-    println!("loss curves: base-loss.png, adapters-loss.png ({})", colours.join(", "));
+    println!("loss curves: base-loss.svg, adapters-loss.svg");
     Ok(())
 }
