@@ -559,4 +559,23 @@ impl Adapter {
             AdapterWeights::UniLora(w) => Ok(Cow::Owned(w.materialize()?)),
         }
     }
+
+    /// The adapter's own parameter count: Uni-LoRA's `d`; otherwise every
+    /// module's factors (once per tie group, since tied modules share them)
+    /// plus its `u` and `v` vectors.
+    pub fn num_params(&self) -> usize {
+        match &self.weights {
+            AdapterWeights::UniLora(w) => w.theta.len(),
+            AdapterWeights::Modules(mods) => {
+                let mut groups = std::collections::BTreeSet::new();
+                mods.iter()
+                    .map(|m| {
+                        let first_of_group = m.tie.as_ref().is_none_or(|g| groups.insert(g.clone()));
+                        let factors = if first_of_group { m.a.len() + m.b.len() } else { 0 };
+                        factors + m.u.as_ref().map_or(0, Vec::len) + m.v.as_ref().map_or(0, Vec::len)
+                    })
+                    .sum()
+            }
+        }
+    }
 }

@@ -10,6 +10,8 @@
 //! - [`plot`]: loss curves as SVG.
 //! - [`spec`]: model and data specs (`random:…`, `embedded:…`, `tokens:…`).
 //! - [`checkpoint`]: adapter/model files and resumable checkpoints.
+//! - [`run`]: a run's recorded sources and the checks of a resumed or
+//!   adapter-initialised run.
 //! - [`trainer`]: the loop: steps, refusals, evaluation, checkpoints.
 
 pub mod adapters;
@@ -20,5 +22,6 @@ pub mod model;
 pub mod ops;
 pub mod optimizer;
 pub mod plot;
+pub mod run;
 pub mod spec;
 pub mod trainer;

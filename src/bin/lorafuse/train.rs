@@ -8,7 +8,7 @@
 //! run's sources (`run.json`: model and data specs). `--resume` continues
 //! exactly that run: settings, seed, model and data come from the
 //! checkpoint; a flag that asks for something else is refused by name (only
-//! `--steps` may change).
+//! `--steps` may change; the checks are [`lorafuse::train::run`]'s).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,14 +16,14 @@ use std::time::Instant;
 
 use crate::device::{on_backend, DeviceArg, PrecisionChoice};
 use indicatif::{ProgressBar, ProgressStyle};
-use lorafuse::adapter::{Adapter, AdapterWeights};
 use lorafuse::peft::load_adapter;
 use lorafuse::train::adapters::AdapterSet;
-use lorafuse::train::checkpoint::{latest_checkpoint, read_checkpoint, spec_for, step_dirs};
+use lorafuse::train::checkpoint::{latest_checkpoint, read_checkpoint, step_dirs};
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::{Corpus, Dataset, EvalMetrics, DOMAINS};
 use lorafuse::train::model::{Gpt2, TrainBackend};
 use lorafuse::train::plot::Curve;
+use lorafuse::train::run::{self, RunSources};
 use lorafuse::train::spec::{DataSpec, ModelSpec};
 use lorafuse::train::trainer::{evaluate, TrainConfig, Trainer};
 use lorafuse::{Error, Result};
@@ -262,76 +262,15 @@ fn run_loop<B: TrainBackend>(
     Ok((start.elapsed().as_secs_f64(), tokens, curve))
 }
 
-/// Replaces the fresh adapters of `t` by the adapter in `dir`, after
-/// checking it describes the same adapter (a silent mismatch would train
-/// something else than asked).
+/// Replaces the fresh adapters of `t` by the adapter in `dir`.
 fn init_from<B: TrainBackend>(t: &mut Trainer<B>, dir: &Path) -> Result<()> {
     let adapter = load_adapter(dir)?;
-    let set = t.adapters.as_mut().ok_or_else(|| {
-        Error::invalid("--init-adapter", "full fine-tuning has no adapter to start from; pick an adapter --method")
-    })?;
-    let theirs = spec_for(&adapter)?;
-    let ours = &set.spec;
-    let what = format!("--init-adapter {}", dir.display());
-    if theirs.rank != ours.rank || theirs.alpha != ours.alpha {
-        return Err(Error::invalid(
-            what,
-            format!(
-                "has r = {}, alpha = {} but the run has r = {}, alpha = {}: pass --rank/--alpha to match",
-                theirs.rank, theirs.alpha, ours.rank, ours.alpha
-            ),
-        ));
-    }
-    let mut want = ours.targets.clone();
-    want.sort();
-    if theirs.targets != want {
-        let names = |m: &[lorafuse::train::model::Module]| m.iter().map(|m| m.name()).collect::<Vec<_>>().join(",");
-        return Err(Error::invalid(
-            what,
-            format!("adapts {} but the run adapts {}: pass --targets to match", names(&theirs.targets), names(&want)),
-        ));
-    }
-    if adapter.config.use_rslora || !adapter.config.alpha_pattern.is_empty() || !adapter.config.rank_pattern.is_empty()
-    {
-        return Err(Error::invalid(what, "rsLoRA, rank_pattern and alpha_pattern adapters cannot start a run"));
-    }
-    set.load_values(&t.backend, &adapter)
+    run::init_from_adapter(t, &adapter, &format!("--init-adapter {}", dir.display()))
 }
 
 /// `lorafuse train` on the backend `--device` picks.
 pub fn train(args: &TrainArgs) -> Result<()> {
     on_backend!(args.sources.device.open()?, train_on(args))
-}
-
-/// What a checkpoint directory records about the run besides its
-/// `TrainConfig` (`run.json`): where the model and the data came from.
-#[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
-struct RunSources {
-    model: String,
-    data: String,
-}
-
-const RUN_FILE: &str = "run.json";
-
-/// Compares a value given for this invocation with the checkpoint's and
-/// refuses a difference by name: a resumed run continues the checkpoint's
-/// run, it cannot silently become another one.
-fn same_as_checkpoint(what: &str, given: &serde_json::Value, saved: &serde_json::Value) -> Result<()> {
-    let equal = match (given.as_f64(), saved.as_f64()) {
-        // f32 fields (alpha) round-trip through JSON with f32 precision.
-        (Some(a), Some(b)) => a == b || (a - b).abs() <= 1e-6 * a.abs().max(b.abs()),
-        _ => given == saved,
-    };
-    if equal {
-        return Ok(());
-    }
-    Err(Error::invalid(
-        "--resume",
-        format!(
-            "`{what}` is {given} here but the checkpoint's run has {saved}: drop it (only --steps may change on \
-             resume), or start a new run in an empty --checkpoint-dir"
-        ),
-    ))
 }
 
 /// The settings given explicitly for this invocation (TOML `[train]` keys
@@ -375,8 +314,6 @@ fn explicit_settings(
     if let Some(p) = precision {
         out.push(("precision".into(), serde_json::to_value(p).unwrap_or_default()));
     }
-    // The run's length may change on resume.
-    out.retain(|(k, _)| k != "steps");
     Ok(out)
 }
 
@@ -432,26 +369,11 @@ fn train_on<B: TrainBackend + Clone>(backend: B, args: &TrainArgs) -> Result<()>
             let (state, _) = read_checkpoint(&ck)?;
             let saved: TrainConfig = serde_json::from_value(state.config.clone())
                 .map_err(|e| Error::format(ck.join("state.json"), e.to_string()))?;
-            let saved_json = serde_json::to_value(&saved).map_err(|e| Error::invalid("train config", e.to_string()))?;
             let precision = (args.precision != PrecisionChoice::Auto).then(|| args.precision.resolve(&backend));
-            for (path, given) in explicit_settings(args, file_train.as_ref(), precision)? {
-                let at = path.split('.').try_fold(&saved_json, |v, k| v.get(k));
-                if let Some(saved_value) = at {
-                    same_as_checkpoint(&path, &given, saved_value)?;
-                }
-            }
-            let run_path = dir.join(RUN_FILE);
-            let sources: Option<RunSources> = match std::fs::read_to_string(&run_path) {
-                Ok(text) => Some(serde_json::from_str(&text).map_err(|e| Error::format(&run_path, e.to_string()))?),
-                Err(_) => None,
-            };
+            run::check_resume_settings(&saved, &explicit_settings(args, file_train.as_ref(), precision)?)?;
+            let sources = RunSources::read(dir)?;
             if let Some(src) = &sources {
-                if let Some(m) = &given_model {
-                    same_as_checkpoint("model", &m.as_str().into(), &src.model.as_str().into())?;
-                }
-                if let Some(d) = &given_data {
-                    same_as_checkpoint("data", &d.as_str().into(), &src.data.as_str().into())?;
-                }
+                src.check_given(given_model.as_deref(), given_data.as_deref())?;
             }
             c = saved;
             Some((ck, sources))
@@ -506,9 +428,7 @@ fn train_on<B: TrainBackend + Clone>(backend: B, args: &TrainArgs) -> Result<()>
     if let (Some(dir), None) = (&ckpt_dir, &resume_from) {
         if ckpt_every > 0 {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-            let run = RunSources { model: model_spec.clone(), data: data_spec.clone() };
-            let text = serde_json::to_string_pretty(&run).map_err(|e| Error::invalid("run.json", e.to_string()))?;
-            lorafuse::peft::write_atomic(&dir.join(RUN_FILE), text.as_bytes())?;
+            RunSources { model: model_spec.clone(), data: data_spec.clone() }.write(dir)?;
         }
     }
     std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
@@ -569,23 +489,6 @@ fn train_on<B: TrainBackend + Clone>(backend: B, args: &TrainArgs) -> Result<()>
     Ok(())
 }
 
-/// The adapter's own parameter count (shared factors once; Uni-LoRA's d).
-fn adapter_params(a: &Adapter) -> usize {
-    match &a.weights {
-        AdapterWeights::UniLora(w) => w.theta.len(),
-        AdapterWeights::Modules(mods) => {
-            let mut groups = std::collections::BTreeSet::new();
-            mods.iter()
-                .map(|m| {
-                    let shared = m.tie.as_ref().is_none_or(|g| groups.insert(g.clone()));
-                    let factors = if shared { m.a.len() + m.b.len() } else { 0 };
-                    factors + m.u.as_ref().map_or(0, Vec::len) + m.v.as_ref().map_or(0, Vec::len)
-                })
-                .sum()
-        }
-    }
-}
-
 fn print_metrics(name: &str, params: &str, m: &EvalMetrics, extra: &str) {
     println!(
         "{name:<18} {params:>10} {:>9.4} {:>8.3} {:>7.1}% {:>7.1}% {extra}",
@@ -622,7 +525,7 @@ fn eval_on<B: TrainBackend + Clone>(backend: B, args: &EvalArgs) -> Result<()> {
         let adapter = load_adapter(dir)?;
         let set = AdapterSet::for_eval(&backend, &model.config, &adapter)
             .map_err(|e| Error::invalid(format!("--adapter {}", dir.display()), e.to_string()))?;
-        sets.push((dir, adapter_params(&adapter), set));
+        sets.push((dir, adapter.num_params(), set));
     }
     println!("{:<18} {:>10} {:>9} {:>8} {:>8} {:>8}", "adapter", "params", "loss", "ppl", "exact", "token");
     let base = evaluate(&backend, &mut model, None, &data, 16, args.seq, args.examples)?;
