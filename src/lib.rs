@@ -48,6 +48,7 @@ pub mod experiment;
 pub mod lowrank;
 pub mod memory;
 pub mod multi_adapter;
+pub mod nn;
 pub mod op_timing;
 pub mod peft;
 pub mod projection;

@@ -15,7 +15,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Op};
-use crate::train::ops::AttnShape;
+use crate::nn::AttnShape;
 use crate::Result;
 
 /// Gathers head `h` of part `part` (0 = q, 1 = k, 2 = v) of row block `b`

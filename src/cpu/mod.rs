@@ -9,8 +9,8 @@ pub mod attention;
 pub mod gemm;
 pub mod lowrank;
 pub mod multi_adapter;
+pub mod nn;
 pub mod projection;
-pub mod train;
 
 use std::time::Instant;
 

@@ -18,7 +18,7 @@ use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use super::{blocks_for, kernels, Gpu};
 use crate::dtype::{DType, Element};
 use crate::error::check_len;
-use crate::train::ops::{check, AttnShape};
+use crate::nn::{check, AttnShape};
 use crate::{Error, Result};
 
 /// The largest `head_dim` the CUDA attention kernels support.

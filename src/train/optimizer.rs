@@ -8,7 +8,7 @@
 //! consecutive refusals and stops after too many).
 
 use super::adapters::Group;
-use super::ops::{AdamWStep, AdamWTensor, TrainOps};
+use crate::nn::{AdamWStep, AdamWTensor, TrainOps};
 use crate::{Error, Result};
 
 /// Learning-rate shape over the run.

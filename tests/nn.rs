@@ -1,5 +1,5 @@
-//! The trainer's CUDA ops (kernels/train.cu) against their CPU twins
-//! (src/cpu/train.rs), op by op, in every compute dtype, on random inputs of
+//! The trainer's CUDA ops (kernels/nn.cu) against their CPU twins
+//! (src/cpu/nn.rs), op by op, in every compute dtype, on random inputs of
 //! awkward shapes: outputs NaN-poisoned before overwriting ops, accumulating
 //! ops started from random values. Inputs are rounded to the dtype first,
 //! so both sides see the same values. Skips without a GPU.
@@ -10,8 +10,8 @@ use half::{bf16, f16};
 use lorafuse::cpu::Cpu;
 use lorafuse::cuda::Gpu;
 use lorafuse::lowrank::{Grads, LinearShape, LowRankOps};
+use lorafuse::nn::{AdamWStep, AdamWTensor, AttnShape, SeqShape, TokenIds, TrainOps, IGNORE};
 use lorafuse::testing::{abs, check_bounded, check_close, ErrorBound, Magnitude};
-use lorafuse::train::ops::{AdamWStep, AdamWTensor, AttnShape, SeqShape, TokenIds, TrainOps, IGNORE};
 use lorafuse::{Backend, Element};
 
 fn nan<T: Element>(n: usize) -> Vec<T> {

@@ -1,4 +1,4 @@
-//! CPU twin of the trainer's non-GEMM ops ([`crate::train::ops::TrainOps`]).
+//! CPU twin of the trainer's non-GEMM ops ([`crate::nn::TrainOps`]).
 //!
 //! Each op is written once as a plain f64 function (`*_f64`, public so the
 //! finite-difference tests check the math in f64 directly), and the
@@ -12,7 +12,7 @@ pub use super::attention::{attention_backward_f64, attention_forward_f64};
 use super::Cpu;
 use crate::dtype::Element;
 use crate::error::check_len;
-use crate::train::ops::{check, AdamWStep, AttnShape, CrossEntropyOut, SeqShape, TokenIds, TrainOps, IGNORE};
+use crate::nn::{check, AdamWStep, AttnShape, CrossEntropyOut, SeqShape, TokenIds, TrainOps, IGNORE};
 use crate::Result;
 
 fn to64<T: Element>(x: &[T]) -> Vec<f64> {

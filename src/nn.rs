@@ -5,8 +5,8 @@
 //! Every linear layer (including the tied LM head) goes through
 //! [`crate::lowrank::LowRankOps`] instead; these are the remaining pieces a
 //! GPT-2 forward and backward need. The CPU implementation lives in
-//! `src/cpu/train.rs` (f64 arithmetic, f32 at the edges); a CUDA one adds
-//! `src/cuda/train.rs` and `kernels/train.cu` without touching the trainer.
+//! `src/cpu/nn.rs` (f64 arithmetic, f32 at the edges); a CUDA one adds
+//! `src/cuda/nn.rs` and `kernels/nn.cu` without touching the trainer.
 //!
 //! See [`TrainOps`] for which buffers are in the compute dtype and which
 //! stay f32. Backward functions say whether they overwrite or accumulate
