@@ -17,10 +17,11 @@
 use std::time::Instant;
 
 use half::bf16;
+use lorafuse::attention::AttnShape;
 use lorafuse::cpu::attention::{attention_backward_f64, attention_forward_f64};
 use lorafuse::cuda::attention::{attention_backward, attention_forward};
 use lorafuse::cuda::{bench, Gpu};
-use lorafuse::nn::{AttnShape, SeqShape};
+use lorafuse::nn::SeqShape;
 use lorafuse::rng::Rng;
 use lorafuse::{Backend, Element, Result};
 

@@ -34,7 +34,7 @@ use half::bf16;
 use lorafuse::cpu::Cpu;
 use lorafuse::cuda::{bench, Gpu};
 use lorafuse::lowrank::{Grads, LinearShape, LowRankOps};
-use lorafuse::nn::{SeqShape, TokenIds, TrainOps};
+use lorafuse::nn::{NnOps, SeqShape, TokenIds};
 use lorafuse::rng::Rng;
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::Dataset;

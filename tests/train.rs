@@ -7,7 +7,7 @@ mod common;
 use lorafuse::cpu::nn::*;
 use lorafuse::cpu::Cpu;
 use lorafuse::lowrank::Trainable;
-use lorafuse::nn::{SeqShape, TokenIds, TrainOps, IGNORE};
+use lorafuse::nn::{NnOps, SeqShape, TokenIds, IGNORE};
 use lorafuse::rng::Rng;
 use lorafuse::testing::check_close;
 use lorafuse::train::adapters::{AdapterSet, AdapterSpec, Method};

@@ -1,6 +1,6 @@
-//! Launch wrappers for `kernels/nn.cu`: the trainer's non-GEMM ops
-//! ([`TrainOps`]) on the GPU, in the compute dtype `T` with an f32 residual
-//! stream (attention calls into [`super::attention`]).
+//! Launch wrappers for `kernels/nn.cu`: the non-GEMM ops of a transformer
+//! ([`NnOps`]) on the GPU, in the compute dtype `T` with an f32 residual
+//! stream.
 //!
 //! Shapes are checked here exactly as the CPU twin checks them. Token and
 //! target ranges are checked on the host copy a [`TokenIds`] carries, so a
@@ -14,7 +14,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelA
 use super::{blocks_for, grid, kernels, ArgOrNull, Gpu};
 use crate::backend::Backend;
 use crate::error::check_len;
-use crate::nn::{check, AdamWStep, AdamWTensor, AttnShape, CrossEntropyOut, SeqShape, TokenIds, TrainOps};
+use crate::nn::{check, AdamWStep, AdamWTensor, CrossEntropyOut, NnOps, SeqShape, TokenIds};
 use crate::Element;
 use crate::{Error, Result};
 
@@ -107,7 +107,7 @@ fn typed<T: Element>(base: &str) -> String {
     format!("{base}_{}", T::DTYPE.suffix())
 }
 
-impl TrainOps for Gpu {
+impl NnOps for Gpu {
     fn embedding_forward<T: Element>(
         &self,
         tokens: TokenIds<'_, Gpu>,
@@ -362,28 +362,6 @@ impl TrainOps for Gpu {
         }
         .map(drop)
         .map_err(launch_err("layernorm_backward_params_final_f32"))
-    }
-
-    fn attention_forward<T: Element>(
-        &self,
-        qkv: &CudaSlice<T>,
-        shape: AttnShape,
-        out: &mut CudaSlice<T>,
-        lse: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        super::attention::attention_forward(self, qkv, shape, out, lse)
-    }
-
-    fn attention_backward<T: Element>(
-        &self,
-        dout: &CudaSlice<T>,
-        qkv: &CudaSlice<T>,
-        out: &CudaSlice<T>,
-        lse: &CudaSlice<f32>,
-        shape: AttnShape,
-        dqkv: &mut CudaSlice<T>,
-    ) -> Result<()> {
-        super::attention::attention_backward(self, dout, qkv, out, lse, shape, dqkv)
     }
 
     fn gelu_forward<T: Element>(&self, x: &CudaSlice<T>, out: &mut CudaSlice<T>) -> Result<()> {

@@ -5,7 +5,7 @@
 //! and a GELU (tanh) MLP; a final LayerNorm; the LM head tied to the token
 //! embedding; fused softmax cross-entropy. Every linear layer, the LM head
 //! included, is one [`LowRankOps`] call (with or without an adapter); the
-//! rest are [`TrainOps`].
+//! rest are [`NnOps`] and [`AttentionOps`].
 //!
 //! # Weights
 //! Stored in PyTorch `Linear` layout (`N×K`, out × in). Hugging Face GPT-2
@@ -44,8 +44,9 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::adapters::AdapterSet;
 use super::config::Gpt2Config;
+use crate::attention::{AttentionOps, AttnShape};
 use crate::lowrank::{Grads, LinearShape, LowRankOps};
-use crate::nn::{AttnShape, SeqShape, TokenIds, TrainOps};
+use crate::nn::{NnOps, SeqShape, TokenIds};
 use crate::projection::ProjectionOps;
 use crate::rng::Rng;
 use crate::{Element, Error, Result};
@@ -64,9 +65,10 @@ type Normed<B, T> = (<B as crate::Backend>::Buf<T>, F32<B>, F32<B>);
 /// next LayerNorm of that output.
 type BlockOut<B, T> = (LayerCache<B, T>, F32<B>, Normed<B, T>);
 
-/// Everything the trainer needs from a backend.
-pub trait TrainBackend: TrainOps + LowRankOps + ProjectionOps {}
-impl<B: TrainOps + LowRankOps + ProjectionOps> TrainBackend for B {}
+/// Everything the trainer needs from a backend: the kernel families it
+/// calls. Implemented for every backend that has them.
+pub trait TrainBackend: NnOps + AttentionOps + LowRankOps + ProjectionOps {}
+impl<B: NnOps + AttentionOps + LowRankOps + ProjectionOps> TrainBackend for B {}
 
 /// The four linear modules of a block that adapters can target, named as
 /// PEFT's `target_modules` names them for GPT-2.
@@ -211,7 +213,7 @@ impl ParamSpec {
 }
 
 /// The dtype the forward and backward compute in (see
-/// [`crate::nn::TrainOps`] for what stays f32 either way).
+/// [`crate::nn::NnOps`] for what stays f32 either way).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {

@@ -8,7 +8,7 @@
 //! consecutive refusals and stops after too many).
 
 use super::adapters::Group;
-use crate::nn::{AdamWStep, AdamWTensor, TrainOps};
+use crate::nn::{AdamWStep, AdamWTensor, NnOps};
 use crate::{Error, Result};
 
 /// Learning-rate shape over the run.
@@ -147,7 +147,7 @@ pub struct StepReport {
 
 /// AdamW state: the step count and first/second moments per tensor (in the
 /// order the trainable tensors are passed, which the trainer keeps fixed).
-pub struct AdamW<B: TrainOps> {
+pub struct AdamW<B: NnOps> {
     /// Settings.
     pub config: OptimConfig,
     /// Completed (accepted) steps.
@@ -156,7 +156,7 @@ pub struct AdamW<B: TrainOps> {
     pub moments: Vec<Moments<B>>,
 }
 
-impl<B: TrainOps> AdamW<B> {
+impl<B: NnOps> AdamW<B> {
     /// Fresh state (zero moments) for these tensors.
     pub fn new(backend: &B, config: OptimConfig, params: &[ParamRef<'_, B>]) -> Result<Self> {
         config.validate()?;
