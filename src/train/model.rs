@@ -4,8 +4,9 @@
 //! `x += attn(ln_1(x)); x += mlp(ln_2(x))` with causal multi-head attention
 //! and a GELU (tanh) MLP; a final LayerNorm; the LM head tied to the token
 //! embedding; fused softmax cross-entropy. Every linear layer, the LM head
-//! included, is one [`LowRankOps`] call (with or without an adapter); the
-//! rest are [`NnOps`] and [`AttentionOps`].
+//! included, is one [`crate::lowrank::LowRankOps`] call (with or without an
+//! adapter); the rest are [`crate::nn::NnOps`] and
+//! [`crate::attention::AttentionOps`].
 //!
 //! # Weights
 //! Stored in PyTorch `Linear` layout (`N×K`, out × in). Hugging Face GPT-2
