@@ -9,7 +9,7 @@
 //! use lorafuse::adapter::{Adapter, AdapterConfig, ModuleDelta};
 //! use lorafuse::adapter_sum::{merge_factors, Direction};
 //! use lorafuse::merge::MergePlan;
-//! use lorafuse::peft::{Tensor, TensorFile};
+//! use lorafuse::tensor_file::{Tensor, TensorFile};
 //! # fn main() -> lorafuse::Result<()> {
 //! // A base checkpoint with one 3×2 linear, named as GPT-2's are.
 //! let mut base = TensorFile::default();
@@ -30,7 +30,7 @@ use std::path::Path;
 
 use crate::adapter_sum::{merge_module, AdapterSumOps, Direction, MergeFactors};
 use crate::error::check_finite;
-use crate::peft::{Tensor, TensorData, TensorFile};
+use crate::tensor_file::{Tensor, TensorData, TensorFile};
 use crate::{Element, Error, Result};
 
 /// Refuses an output path that is one of the inputs (or inside one, such

@@ -217,7 +217,7 @@ pub fn svg(title: &str, curves: &[Curve]) -> Result<String> {
 
 /// Writes [`svg`] to `path` atomically (a crash never leaves half a file).
 pub fn write_svg(path: &Path, title: &str, curves: &[Curve]) -> Result<()> {
-    crate::peft::write_atomic(path, svg(title, curves)?.as_bytes())
+    crate::atomic_file::write_atomic(path, svg(title, curves)?.as_bytes())
 }
 
 #[cfg(test)]

@@ -57,7 +57,7 @@ impl RunSources {
     /// Records the sources in checkpoint directory `dir` (atomically).
     pub fn write(&self, dir: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(|e| Error::invalid(RUN_FILE, e.to_string()))?;
-        crate::peft::write_atomic(&dir.join(RUN_FILE), text.as_bytes())
+        crate::atomic_file::write_atomic(&dir.join(RUN_FILE), text.as_bytes())
     }
 }
 

@@ -11,7 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lorafuse::adapter::Adapter;
 use lorafuse::adapter_sum::{self, AdapterSumOps, Direction, Similarity};
 use lorafuse::merge::{refuse_overwriting_inputs, MergePlan};
-use lorafuse::peft::{self, TensorFile};
+use lorafuse::peft;
+use lorafuse::tensor_file::{self, TensorFile};
 use lorafuse::{DType, Error, Result};
 
 /// Options of `lorafuse similarity`.
@@ -222,11 +223,12 @@ pub fn merge(args: &MergeArgs) -> Result<()> {
     let refs: Vec<&Adapter> = adapters.iter().collect();
     let factors = adapter_sum::merge_factors(&refs, &weights_or_ones(&args.weights, refs.len()))?;
     let device = args.device.open()?;
-    let mut base = with_spinner(&format!("reading {}", args.base.display()), || peft::read_safetensors(&args.base))?;
+    let mut base =
+        with_spinner(&format!("reading {}", args.base.display()), || tensor_file::read_safetensors(&args.base))?;
     let plan = MergePlan::new(factors, &base, &args.base.display().to_string())?;
     let direction = if args.unmerge { Direction::Unmerge } else { Direction::Merge };
     let device = on_backend!(device, merge_on(&mut base, &plan, direction))?;
-    with_spinner(&format!("writing {}", args.out.display()), || peft::write_safetensors(&args.out, &base))?;
+    with_spinner(&format!("writing {}", args.out.display()), || tensor_file::write_safetensors(&args.out, &base))?;
     let verb = if args.unmerge { "unmerged" } else { "merged" };
     println!(
         "{verb} {} modules of {} adapter(s) on {device}; wrote {}",
