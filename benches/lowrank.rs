@@ -257,7 +257,19 @@ fn layer_rows(gpu: &Gpu) -> Result<()> {
 /// Calls per timed sample of the decode rows: one decode call is ~10 µs,
 /// the size of a launch's overhead, so each sample times a batch of calls
 /// queued back to back (as a decoding engine issues them) and divides.
+/// Keep in step with DECODE_BATCH in scripts/baselines/lowrank.py.
 const DECODE_BATCH: usize = 20;
+
+/// Milliseconds per call of `call`, timed in batches of DECODE_BATCH.
+fn per_call_ms(gpu: &Gpu, bf: &mut Buffers, mut call: impl FnMut(usize, &mut Buffers) -> Result<()>) -> Result<f64> {
+    let ms = bench::median_ms(gpu, 2, 15, |i| {
+        for j in 0..DECODE_BATCH {
+            call(i * DECODE_BATCH + j, bf)?;
+        }
+        Ok(())
+    })?;
+    Ok(ms / DECODE_BATCH as f64)
+}
 
 /// Decode, bf16, M ∈ {1, 16}, K = N = 4096, r ∈ {4, 16, 64}: the fused
 /// kernel (`lowrank_decode_fused`, W read once), the cuBLAS base GEMM alone
@@ -275,19 +287,9 @@ fn decode_rows(gpu: &Gpu, copy_bw: f64) -> Result<()> {
         let s = LinearShape { m, k: 4096, n: 4096, r };
         let mut bf = buffers(gpu, s, &mut rng)?;
         let scale = LowRankConfig::lora(r, 2.0 * r as f32).scale();
-        let batch = |mut call: Box<dyn FnMut(usize, &mut Buffers) -> Result<()> + '_>, bf: &mut Buffers| {
-            bench::median_ms(gpu, 2, 15, |i| {
-                for j in 0..DECODE_BATCH {
-                    call(i * DECODE_BATCH + j, bf)?;
-                }
-                Ok(())
-            })
-            .map(|ms| ms / DECODE_BATCH as f64)
-        };
-        let base = batch(
-            Box::new(|i, bf: &mut Buffers| gpu.lowrank_forward(s, &bf.x[i % 2], &bf.w, None, None, &mut bf.y, None)),
-            &mut bf,
-        )?;
+        let base = per_call_ms(gpu, &mut bf, |i, bf| {
+            gpu.lowrank_forward(s, &bf.x[i % 2], &bf.w, None, None, &mut bf.y, None)
+        })?;
         let path = |p: DecodePath| {
             move |i: usize, bf: &mut Buffers| {
                 let ad = AdapterView { a: bf.a.as_view(), b: bf.b.as_view(), u: None, v: None, scale };
@@ -295,9 +297,9 @@ fn decode_rows(gpu: &Gpu, copy_bw: f64) -> Result<()> {
                 forward_with(gpu, p, s, &x, &w, None, Some(&ad), &mut bf.y.as_view_mut(), Some(&mut bf.t.as_view_mut()))
             }
         };
-        let fused = batch(Box::new(path(DecodePath::Fused)), &mut bf)?;
-        let two = batch(Box::new(path(DecodePath::BaseThenAdd)), &mut bf)?;
-        let unfused = batch(Box::new(|i, bf: &mut Buffers| unfused_forward(gpu, s, bf, i, scale)), &mut bf)?;
+        let fused = per_call_ms(gpu, &mut bf, path(DecodePath::Fused))?;
+        let two = per_call_ms(gpu, &mut bf, path(DecodePath::BaseThenAdd))?;
+        let unfused = per_call_ms(gpu, &mut bf, |i, bf| unfused_forward(gpu, s, bf, i, scale))?;
         let bytes = (s.n * s.k * 2 + m * s.k * 2 + m * s.n * 2 + r * (s.k + s.n) * 4 + m * r * 4) as f64;
         println!(
             "  {:<58} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.3} {:>8.3} {:>7.0}  (goal x base <= 1.05)",
@@ -315,8 +317,8 @@ fn decode_rows(gpu: &Gpu, copy_bw: f64) -> Result<()> {
             "    {}",
             bench::report_row("cuBLAS base GEMM vs W-read floor", base, (s.n * s.k * 2) as f64, copy_bw)
         );
-        println!("    fused: {}", bench::vs_torch(&format!("lowrank fwd {}", key(s)), fused));
-        println!("    base:  {}", bench::vs_torch(&format!("lowrank base M={m} K={} N={}", s.k, s.n), base));
+        println!("    fused: {}", bench::vs_torch(&format!("lowrank decode fwd {}", key(s)), fused));
+        println!("    base:  {}", bench::vs_torch(&format!("lowrank decode base M={m} K={} N={}", s.k, s.n), base));
     }
     Ok(())
 }

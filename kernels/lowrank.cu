@@ -560,8 +560,8 @@ __device__ void decode_impl(const T* __restrict__ x, const float* __restrict__ A
 // low-rank term pays a launch, a read-modify-write of y and the barriers of
 // its own; here the rank-r term rides along in one cooperative launch:
 //
-//   phase 1  split-K shrink: unit (K-slice p, rank q) per warp of the grid,
-//            lanes stride K in 8-element chunks; part[p][m][q] (f32, fixed
+//   phase 1  split-K shrink: unit (K-slice p, rank q) per warp of the grid
+//            (warp 0 of every block first), lanes stride K in 8-element chunks; part[p][m][q] (f32, fixed
 //            order: lane-ordered sums then warp_sum). A is read once.
 //   phase 2  each block walks its 16-column tiles of y (tile = block,
 //            block + grid, …). A warp owns every 8th 32-wide K step of the
@@ -596,9 +596,10 @@ __device__ void decode_impl(const T* __restrict__ x, const float* __restrict__ A
 // ptxas (sm_90a): 105 registers for f16/bf16, 124 for f32; no spills.
 // Shared memory (dynamic): 8 KiB of warp partials + M·r·4 B of t'
 // (≤ 16 KiB at M = 16, r = 256). Grid: min(tiles, resident blocks) from the
-// occupancy query; 4096 columns are 256 tiles, ≈ 1 wave of 2 blocks per SM
-// on 132 SMs (the cooperative launch needs every block resident; the tile
-// loop covers larger N). The host picks the shrink slices so that the
+// occupancy query; 4096 columns are 256 tiles: 2 blocks (16 warps) on 124
+// of 132 SMs, one on the rest, all resident at once as the cooperative
+// launch requires (so "waves" are the tiles a block walks: one here, 2.6
+// at N = 11008). The host picks the shrink slices so that the
 // partials each block sums at the sync are ≤ 4096 floats.
 // Traffic (estimate): W once + x from L2 once per block (M·K·T per block:
 // at M = 16, K = N = 4096 that is 256 × 128 KiB = 32 MiB of L2 reads, as
@@ -658,8 +659,10 @@ __device__ void decode_fused_impl(const T* __restrict__ x, const T* __restrict__
     const bool vec = (K % 8 == 0) && ((reinterpret_cast<uintptr_t>(x) & 15) == 0) &&
                      ((reinterpret_cast<uintptr_t>(W) & 15) == 0);
 
-    // Phase 1: shrink partials, one (slice, rank) unit per warp of the grid.
-    for (int unit = blockIdx.x * DEC_WARPS + warp; unit < slices * r; unit += gridDim.x * DEC_WARPS) {
+    // Phase 1: shrink partials, one (slice, rank) unit per warp of the grid,
+    // dealt to warp 0 of every block first: a block's W stream waits on at
+    // most one of its warps while units < blocks.
+    for (int unit = warp * gridDim.x + blockIdx.x; unit < slices * r; unit += gridDim.x * DEC_WARPS) {
         const int p = unit / r, q = unit % r;
         const int k0 = p * k_slice, k1 = min(K, k0 + k_slice);
         float acc[DEC_MAX_M];

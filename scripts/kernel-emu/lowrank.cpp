@@ -392,6 +392,7 @@ template <typename T> static void run_all(uint64_t seed) {
         {3, 37, 129, 16, true, true, 0, 3},   {16, 1000, 40, 64, true, true, 0, 2},
         {16, 256, 17, 4, false, true, 1, 2},  {3, 2056, 33, 16, true, false, 0, 3},
         {1, 512, 16, 64, false, true, 0, 2},  {16, 64, 8, 1, true, false, 0, 1},
+        {1, 1, 1, 1, true, true, 0, 1},       {2, 5, 3, 2, false, false, 0, 1},
     };
     for (const S& c : cases) {
         const Layer<T> L(c.M, c.K, c.N, c.r, c.bias, c.uv, c.x_off, seed++);

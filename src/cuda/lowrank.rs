@@ -618,7 +618,9 @@ fn decode_fused<T: Element>(
     // occupancy query allows (asked once per kernel, shared memory size and
     // device), never more than the 16-column tiles.
     let sms = (gpu.info().sm_count as usize).max(1);
-    static OCCUPANCY: OnceLock<Mutex<HashMap<(String, usize, usize), usize>>> = OnceLock::new();
+    /// (kernel name, dynamic shared memory, device ordinal) → blocks per SM.
+    type OccupancyKey = (String, usize, usize);
+    static OCCUPANCY: OnceLock<Mutex<HashMap<OccupancyKey, usize>>> = OnceLock::new();
     let occ_key = (name.clone(), smem, gpu.info().ordinal);
     let cached = OCCUPANCY.get_or_init(Default::default).lock().unwrap().get(&occ_key).copied();
     let per_sm = match cached {
