@@ -593,7 +593,7 @@ __device__ void decode_impl(const T* __restrict__ x, const float* __restrict__ A
 // Deterministic: every sum has a fixed order; no atomics.
 // Block: 256 threads (8 warps), __launch_bounds__(256, 2): ≤ 128 registers
 // so two blocks share an SM (16 warps, 64 KiB of W loads in flight per SM).
-// ptxas (sm_90a): 105 registers for f16/bf16, 124 for f32; no spills.
+// ptxas (sm_90a): 104 registers for f16/bf16, 124 for f32; no spills.
 // Shared memory (dynamic): 8 KiB of warp partials + M·r·4 B of t'
 // (≤ 16 KiB at M = 16, r = 256). Grid: min(tiles, resident blocks) from the
 // occupancy query; 4096 columns are 256 tiles: 2 blocks (16 warps) on 124
