@@ -8,6 +8,10 @@
 //!   only: gB and P from dy, no GEMM) as bytes moved, GB/s and the ratio to
 //!   the measured device-to-device copy bandwidth (goal: floor ×1.25, i.e.
 //!   ≥ 80 % of copy bandwidth);
+//! - decode rows (M ∈ {1, 16}, K = N = 4096, r ∈ {4, 16, 64}): the fused
+//!   decode kernel against the cuBLAS base GEMM, the two-launch path it
+//!   replaces and the unfused sequence, with GB/s against the floor of
+//!   reading W once (goal: fused ≤ 1.05× base);
 //! - layer rows for every shape of `lowrank_shapes()` (GPT-2 small's
 //!   linears at batch 8 × 1024, the 4096-wide layers, decode M ∈ {1, 16}):
 //!   forward and forward + backward (dx, dA, dB), each / the base GEMM
@@ -33,7 +37,7 @@ use criterion::Criterion;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use lorafuse::cpu::Cpu;
-use lorafuse::cuda::lowrank::{gemm_rowmajor, project_down};
+use lorafuse::cuda::lowrank::{forward_with, gemm_rowmajor, project_down, AdapterView, DecodePath};
 use lorafuse::cuda::{bench, Gpu};
 use lorafuse::dtype::convert;
 use lorafuse::lowrank::packed::{PackedLayout, PackedOps};
@@ -210,8 +214,7 @@ fn layer_rows(gpu: &Gpu) -> Result<()> {
         let unfused = bench::median_ms(gpu, 3, runs, |i| unfused_forward(gpu, s, &mut bf, i, scale))?;
         print_row(&format!("fwd     {}", key(s)), fused, base, unfused, floor, &format!("lowrank fwd {}", key(s)));
         if m <= 16 {
-            println!("{:<40} {:>9.2} us extra over the base GEMM", "  decode", (fused - base) * 1e3);
-            continue;
+            continue; // decode: see decode_rows
         }
         let packed = packed_forward_ms(gpu, s, &mut bf, scale, runs)?;
         print_row(
@@ -247,6 +250,75 @@ fn layer_rows(gpu: &Gpu) -> Result<()> {
         print_row(&format!("fwd+bwd {}", key(s)), fused_train, base_train, unfused_train, floor, &tkey);
         let packed_train = packed_train_ms(gpu, s, &mut bf, scale, runs)?;
         print_row(&format!("fwd+bwd packed {}", key(s)), packed_train, base_train, unfused_train, floor, &tkey);
+    }
+    Ok(())
+}
+
+/// Calls per timed sample of the decode rows: one decode call is ~10 µs,
+/// the size of a launch's overhead, so each sample times a batch of calls
+/// queued back to back (as a decoding engine issues them) and divides.
+/// Keep in step with DECODE_BATCH in scripts/baselines/lowrank.py.
+const DECODE_BATCH: usize = 20;
+
+/// Milliseconds per call of `call`, timed in batches of DECODE_BATCH.
+fn per_call_ms(gpu: &Gpu, bf: &mut Buffers, mut call: impl FnMut(usize, &mut Buffers) -> Result<()>) -> Result<f64> {
+    let ms = bench::median_ms(gpu, 2, 15, |i| {
+        for j in 0..DECODE_BATCH {
+            call(i * DECODE_BATCH + j, bf)?;
+        }
+        Ok(())
+    })?;
+    Ok(ms / DECODE_BATCH as f64)
+}
+
+/// Decode, bf16, M ∈ {1, 16}, K = N = 4096, r ∈ {4, 16, 64}: the fused
+/// kernel (`lowrank_decode_fused`, W read once), the cuBLAS base GEMM alone
+/// (x·Wᵀ), the two-launch path it replaces (base GEMM + `lowrank_decode`
+/// add), the unfused cuBLAS sequence, and the fused kernel's bandwidth
+/// against the floor: W, x, y, A and B once at the measured copy
+/// bandwidth. Goal (issue 13): fused ≤ 1.05× the base GEMM.
+fn decode_rows(gpu: &Gpu, copy_bw: f64) -> Result<()> {
+    println!(
+        "decode, bf16, per call (batches of {DECODE_BATCH}): {:<26} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "", "fused us", "base us", "2-lnch", "unfsd us", "x base", "x 2-lnch", "GB/s"
+    );
+    let mut rng = Rng::new(23);
+    for &(m, r) in &[(1usize, 4usize), (1, 16), (1, 64), (16, 4), (16, 16), (16, 64)] {
+        let s = LinearShape { m, k: 4096, n: 4096, r };
+        let mut bf = buffers(gpu, s, &mut rng)?;
+        let scale = LowRankConfig::lora(r, 2.0 * r as f32).scale();
+        let base = per_call_ms(gpu, &mut bf, |i, bf| {
+            gpu.lowrank_forward(s, &bf.x[i % 2], &bf.w, None, None, &mut bf.y, None)
+        })?;
+        let path = |p: DecodePath| {
+            move |i: usize, bf: &mut Buffers| {
+                let ad = AdapterView { a: bf.a.as_view(), b: bf.b.as_view(), u: None, v: None, scale };
+                let (x, w) = (bf.x[i % 2].as_view(), bf.w.as_view());
+                forward_with(gpu, p, s, &x, &w, None, Some(&ad), &mut bf.y.as_view_mut(), Some(&mut bf.t.as_view_mut()))
+            }
+        };
+        let fused = per_call_ms(gpu, &mut bf, path(DecodePath::Fused))?;
+        let two = per_call_ms(gpu, &mut bf, path(DecodePath::BaseThenAdd))?;
+        let unfused = per_call_ms(gpu, &mut bf, |i, bf| unfused_forward(gpu, s, bf, i, scale))?;
+        let bytes = (s.n * s.k * 2 + m * s.k * 2 + m * s.n * 2 + r * (s.k + s.n) * 4 + m * r * 4) as f64;
+        println!(
+            "  {:<58} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.3} {:>8.3} {:>7.0}  (goal x base <= 1.05)",
+            format!("M={m} K={} N={} r={r}", s.k, s.n),
+            fused * 1e3,
+            base * 1e3,
+            two * 1e3,
+            unfused * 1e3,
+            fused / base,
+            fused / two,
+            bytes / (fused * 1e-3) / 1e9,
+        );
+        println!("    {}", bench::report_row("fused decode vs W-read floor", fused, bytes, copy_bw));
+        println!(
+            "    {}",
+            bench::report_row("cuBLAS base GEMM vs W-read floor", base, (s.n * s.k * 2) as f64, copy_bw)
+        );
+        println!("    fused: {}", bench::vs_torch(&format!("lowrank decode fwd {}", key(s)), fused));
+        println!("    base:  {}", bench::vs_torch(&format!("lowrank decode base M={m} K={} N={}", s.k, s.n), base));
     }
     Ok(())
 }
@@ -336,6 +408,7 @@ fn gpu_bench(gpu: &Gpu) -> Result<()> {
     let copy_bw = bench::copy_bandwidth(gpu, 1 << 30)?;
     println!("device-to-device copy bandwidth: {:.0} GB/s", copy_bw / 1e9);
     kernel_rows(gpu, copy_bw)?;
+    decode_rows(gpu, copy_bw)?;
     layer_rows(gpu)?;
     vera_rows(gpu)
 }

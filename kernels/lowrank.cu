@@ -28,9 +28,12 @@
 // (src/lowrank/packed.rs) removes all three: x and W carry t' and B' in
 // spare columns and one GEMM over K + r_pad does everything.
 //
-// Decode (M ≤ 32): lowrank_decode, one cooperative launch: split-K shrink,
-// grid sync, fixed-order reduction, grid sync, expand-and-add in place on y
-// (which the base GEMM has written).
+// Decode, M ≤ 16: lowrank_decode_fused, one cooperative launch that reads W
+// once and writes y once, the low-rank term and the bias riding along (design
+// at the kernel). In place of cuBLAS's GEMV plus a second launch.
+// Engine add (y already holds x·Wᵀ) and 16 < M ≤ 32: lowrank_decode, one
+// cooperative launch: split-K shrink, grid sync, fixed-order reduction, grid
+// sync, expand-and-add in place on y (which the base GEMM has written).
 //
 // Backward, 16-bit dy (f32 dy: lowrank_backward_dy_f32 does both products
 // in one CUDA-core pass):
@@ -59,6 +62,13 @@
 namespace cg = cooperative_groups;
 
 #define LR_THREADS 256
+
+// The block's dynamic shared memory (f32 view). The kernel emulator runs the
+// blocks of a cooperative launch at the same time and defines this to give
+// each block its own buffer.
+#ifndef LOWRANK_DYN_SMEM
+#define LOWRANK_DYN_SMEM(name) extern __shared__ __align__(16) float name[]
+#endif
 
 // ---- small elementwise helpers -------------------------------------------
 
@@ -289,10 +299,10 @@ __device__ void shrink_tc_impl(const T* __restrict__ x, int ldx, const T* __rest
 // registers (16-byte chunks) while the current one is multiplied
 // (dyᵀ fragments read column-major from the stage: the transpose is free).
 // grid = N/(4·16·CT) × stripes × r/RB; the host picks stripes for ≥ 2 waves
-// with the partials ≤ 1/4 of the bytes of dy. ptxas (sm_90a, bf16): 128 /
-// 96 / 72 registers for RB = 16 / 32 / 64 (the two hi/lo rank fragments
-// and 2·CT 16-byte chunks in flight): 4 / 5 / 7 blocks per SM; shared
-// memory 14 / 14 / 20 KiB. No spills.
+// with the partials ≤ 1/4 of the bytes of dy. ptxas (sm_90a, bf16): 96 /
+// 95 / 72 registers for RB = 16 / 32 / 64 (the two hi/lo rank fragments
+// and CT 16-byte chunks in flight per lane): 5 / 5 / 7 blocks per SM;
+// shared memory 14 / 14 / 20 KiB. No spills.
 template <typename T, int RB>
 __device__ void dy_p_impl(const T* __restrict__ dy, int lddy, const T* __restrict__ tu_hi,
                           const T* __restrict__ tu_lo, int ldt, float* __restrict__ ppart, int M, int N, int r,
@@ -301,7 +311,7 @@ __device__ void dy_p_impl(const T* __restrict__ dy, int lddy, const T* __restric
     constexpr int CT = 64 / RB;        // 16-column tiles per warp
     constexpr int WC = 16 * CT;        // columns per warp
     constexpr int LD = WC + 8;         // stage row stride (elements)
-    constexpr int CHUNKS = 2 * CT;     // 16-byte chunks per 16-row tile, per lane
+    constexpr int CHUNKS = CT;         // 16-byte chunks per lane: 16 rows × WC columns = 32·CT chunks
     __shared__ __align__(32) T dys[TC_WARPS][16][LD];
     __shared__ __align__(32) float stage[TC_WARPS][16][RB + 4];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -505,7 +515,7 @@ __device__ void decode_impl(const T* __restrict__ x, const float* __restrict__ A
                             const float* __restrict__ u, const float* __restrict__ v, const T* __restrict__ bias,
                             float scale, T* __restrict__ y, float* __restrict__ t_out, float* __restrict__ work,
                             int M, int K, int N, int r, int k_chunk) {
-    extern __shared__ float tu[];  // M·r
+    LOWRANK_DYN_SMEM(tu);  // M·r
     cg::grid_group grid = cg::this_grid();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     const int mr = M * r;
@@ -542,6 +552,256 @@ __device__ void decode_impl(const T* __restrict__ x, const float* __restrict__ A
         }
     }
 }
+
+// ---- fused decode: y = x·Wᵀ + bias + v⊙(s·((x·Aᵀ)⊙u)·Bᵀ), M ≤ 16 --------
+//
+// Decode is a GEMV: the time is the read of W (4096² bf16 = 32 MiB, ~11 µs
+// at the H100's ~3 TB/s). cuBLAS's GEMV plus a second launch for the
+// low-rank term pays a launch, a read-modify-write of y and the barriers of
+// its own; here the rank-r term rides along in one cooperative launch:
+//
+//   phase 1  split-K shrink: unit (K-slice p, rank q) per warp of the grid
+//            (warp 0 of every block first), lanes stride K in 8-element chunks; part[p][m][q] (f32, fixed
+//            order: lane-ordered sums then warp_sum). A is read once.
+//   phase 2  each block walks its 16-column tiles of y (tile = block,
+//            block + grid, …). A warp owns every 8th 32-wide K step of the
+//            tile; per step a lane loads one 16-byte chunk of W (8
+//            elements of one row) per 8-column half, and the x chunks of
+//            rows g and g + 8 (L1/L2-resident: x is ≤ 16 rows). DEC_UNROLL
+//            steps are loaded before any is used: 8 × 16 B of W in flight
+//            per lane, 32 KiB per block.
+//            16-bit T: mma.m16n8k16 with x as A (rows ≥ M are zeros: M = 1
+//            uses 1/16 of the tensor cores, which still leaves them far
+//            ahead of the memory). The lane's 16-byte chunk holds k
+//            8t..8t+7 of its row; the first mma takes k 8t+{0,1,2,3} as its
+//            logical k {2t, 2t+1, 2t+8, 2t+9} and the second 8t+{4..7}, for
+//            A and B alike, so both mmas together sum over all 32 k of the
+//            step (a permutation of the reduction index is free) and every
+//            fragment register comes straight from a 16-byte load.
+//            f32: CUDA cores, per lane 16 rows × 2 columns of partial dot
+//            products over its chunk, summed over the 4 lanes of a row by
+//            shuffles.
+//   sync     at the end of the block's FIRST tile: cg grid sync, then the
+//            block sums the shrink partials (fixed order over p) into
+//            t' = s·t⊙u in shared memory; block 0 saves t for the backward.
+//            Placed after a tile's W stream, so the barrier waits behind
+//            memory traffic instead of in front of it.
+//   epilogue per tile: warps' partials summed over warps in fixed order
+//            (shared memory), plus bias[n] + v[n]·Σ_q t'[m][q]·B[n][q], one
+//            thread per (m, n) of the 16 × 16 tile, y written once in T.
+//
+// Deterministic: every sum has a fixed order; no atomics.
+// Block: 256 threads (8 warps), __launch_bounds__(256, 2): ≤ 128 registers
+// so two blocks share an SM (16 warps, 64 KiB of W loads in flight per SM).
+// ptxas (sm_90a): 104 registers for f16/bf16, 124 for f32; no spills.
+// Shared memory (dynamic): 8 KiB of warp partials + M·r·4 B of t'
+// (≤ 16 KiB at M = 16, r = 256). Grid: min(tiles, resident blocks) from the
+// occupancy query; 4096 columns are 256 tiles: 2 blocks (16 warps) on 124
+// of 132 SMs, one on the rest, all resident at once as the cooperative
+// launch requires (so "waves" are the tiles a block walks: one here, 2.6
+// at N = 11008). The host picks the shrink slices so that the
+// partials each block sums at the sync are ≤ 4096 floats.
+// Traffic (estimate): W once + x from L2 once per block (M·K·T per block:
+// at M = 16, K = N = 4096 that is 256 × 128 KiB = 32 MiB of L2 reads, as
+// much as W from DRAM; L2 has ~2× DRAM's bandwidth) + A, B once.
+#define DEC_WARPS 8
+#define DEC_THREADS (DEC_WARPS * 32)
+#define DEC_COLS 16    // output columns per tile: two 8-column mma tiles
+#define DEC_KSTEP 32   // k per warp step: 4 lanes × 8 elements of one W row
+#define DEC_UNROLL 4   // steps whose loads are issued before the first is used
+#define DEC_MAX_M 16   // rows of one m16 tile
+#define DEC_SLICE 256  // shrink K-slices are a multiple of this (32 lanes × 8)
+
+// Eight consecutive elements of T: one 16-byte chunk for 16-bit T, two for
+// f32.
+template <typename T> struct Chunk8 {
+    uint4 q[sizeof(T) / 2];
+};
+
+// Elements k..k+7 of `row` (zeros past `k_end` or when `ok` is false): whole
+// 16-byte loads when `vec` (row starts 16-byte aligned) and the chunk is
+// inside, element loads at a ragged edge.
+template <typename T>
+__device__ __forceinline__ Chunk8<T> load_chunk8(const T* __restrict__ row, int k, int k_end, bool ok, bool vec) {
+    Chunk8<T> c;
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(T) / 2); ++i) c.q[i] = make_uint4(0u, 0u, 0u, 0u);
+    if (!ok) return c;
+    if (vec && k + 8 <= k_end) {
+#pragma unroll
+        for (int i = 0; i < (int)(sizeof(T) / 2); ++i) c.q[i] = reinterpret_cast<const uint4*>(row + k)[i];
+        return c;
+    }
+    T tmp[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) tmp[e] = (k + e < k_end) ? row[k + e] : from_f32<T>(0.f);
+    memcpy(&c, tmp, sizeof(c));
+    return c;
+}
+
+template <typename T> __device__ __forceinline__ float chunk_elem(const Chunk8<T>& c, int e) {
+    T v;
+    memcpy(&v, reinterpret_cast<const unsigned char*>(c.q) + e * sizeof(T), sizeof(T));
+    return to_f32(v);
+}
+
+template <typename T>
+__device__ void decode_fused_impl(const T* __restrict__ x, const T* __restrict__ W, const float* __restrict__ A,
+                                  const float* __restrict__ B, const float* __restrict__ u,
+                                  const float* __restrict__ v, const T* __restrict__ bias, float scale,
+                                  T* __restrict__ y, float* __restrict__ t_out, float* __restrict__ part, int M,
+                                  int K, int N, int r, int k_slice, int slices) {
+    LOWRANK_DYN_SMEM(smem);
+    float* red = smem;                                   // [DEC_WARPS][DEC_MAX_M][DEC_COLS]
+    float* tu = smem + DEC_WARPS * DEC_MAX_M * DEC_COLS; // [M][r]
+    cg::grid_group grid = cg::this_grid();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+    const bool vec = (K % 8 == 0) && ((reinterpret_cast<uintptr_t>(x) & 15) == 0) &&
+                     ((reinterpret_cast<uintptr_t>(W) & 15) == 0);
+
+    // Phase 1: shrink partials, one (slice, rank) unit per warp of the grid,
+    // dealt to warp 0 of every block first: a block's W stream waits on at
+    // most one of its warps while units < blocks.
+    for (int unit = warp * gridDim.x + blockIdx.x; unit < slices * r; unit += gridDim.x * DEC_WARPS) {
+        const int p = unit / r, q = unit % r;
+        const int k0 = p * k_slice, k1 = min(K, k0 + k_slice);
+        float acc[DEC_MAX_M];
+#pragma unroll
+        for (int m = 0; m < DEC_MAX_M; ++m) acc[m] = 0.f;
+        for (int k = k0 + 8 * lane; k < k1; k += 32 * 8) {
+            float a[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) a[e] = (k + e < k1) ? A[(size_t)q * K + k + e] : 0.f;
+#pragma unroll
+            for (int m = 0; m < DEC_MAX_M; ++m) {
+                if (m >= M) break;
+                const Chunk8<T> c = load_chunk8(x + (size_t)m * K, k, k1, true, vec);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[m] += chunk_elem(c, e) * a[e];
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < DEC_MAX_M; ++m) {
+            if (m >= M) break;
+            const float s = warp_sum(acc[m]);
+            if (lane == 0) part[((size_t)p * M + m) * r + q] = s;
+        }
+    }
+
+    const int tiles = (N + DEC_COLS - 1) / DEC_COLS;
+    const int ksteps = (K + DEC_KSTEP - 1) / DEC_KSTEP;
+    bool synced = false;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int n0 = tile * DEC_COLS;
+        // Phase 2: this warp's share of the 16 × 16 tile of x·Wᵀ.
+        const T* wrow[2] = {W + (size_t)(n0 + g) * K, W + (size_t)(n0 + 8 + g) * K};
+        const bool wok[2] = {n0 + g < N, n0 + 8 + g < N};
+        if constexpr (sizeof(T) == 2) {
+            const T* xrow[2] = {x + (size_t)g * K, x + (size_t)(g + 8) * K};
+            const bool xok[2] = {g < M, g + 8 < M};
+            float acc[2][4];
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+            for (int s0 = warp; s0 < ksteps; s0 += DEC_WARPS * DEC_UNROLL) {
+                Chunk8<T> wc[DEC_UNROLL][2], xc[DEC_UNROLL][2];
+#pragma unroll
+                for (int uu = 0; uu < DEC_UNROLL; ++uu) {
+                    const int s = s0 + uu * DEC_WARPS, k = s * DEC_KSTEP + 8 * t4;
+                    const bool in = s < ksteps;
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        wc[uu][h] = load_chunk8(wrow[h], k, K, in && wok[h], vec);
+                        xc[uu][h] = load_chunk8(xrow[h], k, K, in && xok[h], vec);
+                    }
+                }
+#pragma unroll
+                for (int uu = 0; uu < DEC_UNROLL; ++uu) {
+                    const uint4 x0 = xc[uu][0].q[0], x1 = xc[uu][1].q[0];
+                    const uint32_t a_lo[4] = {x0.x, x1.x, x0.y, x1.y};  // k 8t+0..3
+                    const uint32_t a_hi[4] = {x0.z, x1.z, x0.w, x1.w};  // k 8t+4..7
+#pragma unroll
+                    for (int j = 0; j < 2; ++j) {
+                        const uint4 w = wc[uu][j].q[0];
+                        mma_16816<T>(acc[j], a_lo, w.x, w.y);
+                        mma_16816<T>(acc[j], a_hi, w.z, w.w);
+                    }
+                }
+            }
+            // Accumulator: c0, c1 at row g, columns 2t, 2t+1; c2, c3 at row g + 8.
+#pragma unroll
+            for (int j = 0; j < 2; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                    red[(warp * DEC_MAX_M + g + 8 * (i / 2)) * DEC_COLS + 8 * j + 2 * t4 + i % 2] = acc[j][i];
+        } else {
+            float acc[DEC_MAX_M][2];
+#pragma unroll
+            for (int m = 0; m < DEC_MAX_M; ++m) acc[m][0] = acc[m][1] = 0.f;
+            for (int s = warp; s < ksteps; s += DEC_WARPS) {
+                const int k = s * DEC_KSTEP + 8 * t4;
+                const Chunk8<T> w0 = load_chunk8(wrow[0], k, K, wok[0], vec);
+                const Chunk8<T> w1 = load_chunk8(wrow[1], k, K, wok[1], vec);
+#pragma unroll
+                for (int m = 0; m < DEC_MAX_M; ++m) {
+                    if (m >= M) break;
+                    const Chunk8<T> c = load_chunk8(x + (size_t)m * K, k, K, true, vec);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) {
+                        acc[m][0] += chunk_elem(c, e) * chunk_elem(w0, e);
+                        acc[m][1] += chunk_elem(c, e) * chunk_elem(w1, e);
+                    }
+                }
+            }
+            // Lanes 4g..4g+3 hold the same columns over different k: sum them.
+#pragma unroll
+            for (int m = 0; m < DEC_MAX_M; ++m)
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    float s = acc[m][j];
+                    s += __shfl_xor_sync(0xffffffffu, s, 1);
+                    s += __shfl_xor_sync(0xffffffffu, s, 2);
+                    if (t4 == 0) red[(warp * DEC_MAX_M + m) * DEC_COLS + 8 * j + g] = s;
+                }
+        }
+        if (!synced) {
+            grid.sync();  // every shrink partial is written
+            for (int o = threadIdx.x; o < M * r; o += DEC_THREADS) {
+                float s = 0.f;
+                for (int p = 0; p < slices; ++p) s += part[(size_t)p * M * r + o];
+                if (t_out && blockIdx.x == 0) t_out[o] = s;
+                tu[o] = scale * s * (u ? u[o % r] : 1.f);
+            }
+            synced = true;
+        }
+        __syncthreads();
+        // Epilogue: thread (m, c) of the tile.
+        const int m = threadIdx.x / DEC_COLS, n = n0 + threadIdx.x % DEC_COLS;
+        if (m < M && n < N) {
+            float base = 0.f;
+#pragma unroll
+            for (int w = 0; w < DEC_WARPS; ++w) base += red[(w * DEC_MAX_M + m) * DEC_COLS + threadIdx.x % DEC_COLS];
+            float lr = 0.f;
+            const float* brow = B + (size_t)n * r;
+            for (int q = 0; q < r; ++q) lr += tu[m * r + q] * brow[q];
+            const float out = base + (bias ? to_f32(bias[n]) : 0.f) + (v ? v[n] : 1.f) * lr;
+            y[(size_t)m * N + n] = from_f32<T>(out);
+        }
+        __syncthreads();  // red is rewritten by the next tile
+    }
+    if (!synced) grid.sync();  // a block without a tile still meets the others
+}
+
+#define LOWRANK_DECODE_FUSED(SUFFIX, T)                                                                      \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS, 2) lowrank_decode_fused_##SUFFIX(            \
+        const T* __restrict__ x, const T* __restrict__ W, const float* __restrict__ A,                       \
+        const float* __restrict__ B, const float* __restrict__ u, const float* __restrict__ v,               \
+        const T* __restrict__ bias, float scale, T* __restrict__ y, float* __restrict__ t_out,               \
+        float* __restrict__ part, int M, int K, int N, int r, int k_slice, int slices) {                     \
+        decode_fused_impl<T>(x, W, A, B, u, v, bias, scale, y, t_out, part, M, K, N, r, k_slice, slices);   \
+    }
+LORAFUSE_FOR_EACH_DTYPE(LOWRANK_DECODE_FUSED)
 
 // ---- backward ------------------------------------------------------------
 

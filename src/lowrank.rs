@@ -34,10 +34,12 @@
 //!
 //! # Calling it
 //! [`LowRankOps`] is implemented by [`crate::cpu::Cpu`] (f64 oracle) and
-//! [`crate::cuda::Gpu`] (kernels/lowrank.cu plus cuBLAS; M ≤ 32 takes a
-//! single-launch decode kernel). Engines holding raw device memory call the
-//! free functions of [`crate::cuda::lowrank`] (`forward`, `add_in_place`,
-//! `backward`) on views, on their own stream. A layer's call:
+//! [`crate::cuda::Gpu`] (kernels/lowrank.cu plus cuBLAS; a forward with
+//! M ≤ 16 is one fused launch that reads W once with the low-rank term
+//! riding along, M ≤ 32 otherwise a single-launch add after the base GEMM).
+//! Engines holding raw device memory call the free functions of
+//! [`crate::cuda::lowrank`] (`forward`, `add_in_place`, `backward`) on
+//! views, on their own stream. A layer's call:
 //!
 //! ```
 //! use lorafuse::{cpu::Cpu, lowrank::*};

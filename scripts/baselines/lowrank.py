@@ -8,7 +8,10 @@ Keys (the bench prints `vs_torch(key, ms)` next to the same row):
     "lowrank fwd M=.. K=.. N=.. r=.."      forward
     "lowrank fwdbwd M=.. K=.. N=.. r=.."   forward + backward
     "lowrank base M=.. K=.. N=.."          x·Wᵀ alone (the floor both share)
-    "vera fwd|fwdbwd M=.. K=.. N=.. r=.."  the VeRA linear
+    "vera fwd|fwdbwd M=.. K=.. N=.. r=.."   the VeRA linear
+    "lowrank decode fwd M=.. K=.. N=.. r=.." decode forward, per call, timed
+                                           in batches of DECODE_BATCH calls
+    "lowrank decode base M=.. K=.. N=.."    x·Wᵀ alone, the same way
 """
 import torch
 
@@ -35,6 +38,11 @@ SHAPES = [
     (16, 4096, 4096, 64),
 ]
 VERA_SHAPES = [(8192, 768, 2304, 256)]
+# Decode rows: one call is ~10 µs, the size of a launch's overhead, so each
+# sample times DECODE_BATCH calls queued back to back and divides. Keep in
+# step with DECODE_BATCH and decode_rows() in benches/lowrank.rs.
+DECODE_BATCH = 20
+DECODE_SHAPES = [(m, 4096, 4096, r) for m in (1, 16) for r in (4, 16, 64)]
 
 
 def shape_key(m, k, n, r=None):
@@ -96,6 +104,34 @@ def vera_rows(dev, m, k, n, r):
     ]
 
 
+def decode_rows(dev, m, k, n, r):
+    x = torch.randn(m, k, device=dev, dtype=BF)
+    w = torch.randn(n, k, device=dev, dtype=BF) * 0.02
+    a = torch.randn(r, k, device=dev, dtype=BF) * 0.02
+    b = torch.randn(n, r, device=dev, dtype=BF) * 0.02
+    s = 2.0
+
+    def batched(fn):
+        def run():
+            for _ in range(DECODE_BATCH):
+                fn()
+
+        return time_us(run) / DECODE_BATCH
+
+    @torch.no_grad()
+    def fwd():
+        return x @ w.t() + ((x @ a.t()) @ b.t()) * s
+
+    @torch.no_grad()
+    def base():
+        return x @ w.t()
+
+    return [
+        {"key": f"lowrank decode fwd {shape_key(m, k, n, r)}", "us": batched(fwd), "m": m, "k": k, "n": n, "r": r},
+        {"key": f"lowrank decode base {shape_key(m, k, n)}", "us": batched(base), "m": m, "k": k, "n": n},
+    ]
+
+
 def run(dev):
     rows = []
     for shape in SHAPES:
@@ -103,4 +139,6 @@ def run(dev):
         torch.cuda.empty_cache()
     for shape in VERA_SHAPES:
         rows += vera_rows(dev, *shape)
+    for shape in DECODE_SHAPES:
+        rows += decode_rows(dev, *shape)
     return rows

@@ -53,6 +53,7 @@ struct EmuWarpSlots {
     uint64_t value[32];
     uint32_t regs[32][6];
     const unsigned char* addr[32];
+    uint32_t wmma[32][16];  // a WMMA fragment triple: 8 + 8 16-bit, 8 f32
 };
 struct EmuWarp {
     std::barrier<> bar{32};
@@ -97,7 +98,7 @@ inline void __trap() {
 }
 
 // Runs `kernel` over a grid×block launch (1-D blocks of a whole number of
-// warps, 2-D grids), blocks in order x fastest.
+// warps, 3-D grids), blocks in order x fastest, then y, then z.
 inline void emu_launch(Dim3 grid, unsigned threads, const std::function<void()>& kernel) {
     if (threads == 0 || threads % 32 != 0) {
         std::fprintf(stderr, "emu_launch: %u threads per block (want a multiple of 32)\n", threads);
@@ -115,15 +116,16 @@ inline void emu_launch(Dim3 grid, unsigned threads, const std::function<void()>&
             emu_collectives = 0;
             emu_block_bar = &block_bar;
             emu_warp = warps[t / 32].get();
-            for (unsigned by = 0; by < grid.y; ++by)
-                for (unsigned bx = 0; bx < grid.x; ++bx) {
-                    blockIdx = Dim3{bx, by, 0};
-                    kernel();
-                    emu_cp_async_check_idle();
-                    // No thread starts the next block (and overwrites shared
-                    // memory) while another is still in this one.
-                    between_blocks.arrive_and_wait();
-                }
+            for (unsigned bz = 0; bz < grid.z; ++bz)
+                for (unsigned by = 0; by < grid.y; ++by)
+                    for (unsigned bx = 0; bx < grid.x; ++bx) {
+                        blockIdx = Dim3{bx, by, bz};
+                        kernel();
+                        emu_cp_async_check_idle();
+                        // No thread starts the next block (and overwrites shared
+                        // memory) while another is still in this one.
+                        between_blocks.arrive_and_wait();
+                    }
         });
     }
     for (auto& th : pool) th.join();
@@ -274,3 +276,157 @@ inline float __uint_as_float(unsigned v) {
     std::memcpy(&f, &v, sizeof f);
     return f;
 }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
+// ---- cooperative launches ---------------------------------------------------
+// A cooperative launch (cudaLaunchCooperativeKernel) has every block
+// resident at once, so its blocks may wait for each other at a grid sync
+// (stub/cooperative_groups.h). Here every block of the grid runs at the same
+// time, each on its own OS threads, with its own block barrier, warps and
+// dynamic shared memory (`emu_dyn_smem`, `bytes` each, zero-initialised);
+// a static `__shared__` array would be one for all blocks, so kernels run
+// this way use dynamic shared memory only. 1-D grids.
+inline thread_local std::barrier<>* emu_grid_bar = nullptr;
+inline thread_local unsigned char* emu_dyn_smem = nullptr;
+
+inline void emu_grid_sync() {
+    if (!emu_grid_bar) {
+        std::fprintf(stderr, "grid sync outside a cooperative launch (block %u thread %u)\n", blockIdx.x,
+                     threadIdx.x);
+        std::abort();
+    }
+    emu_grid_bar->arrive_and_wait();
+}
+
+inline void emu_launch_cooperative(unsigned blocks, unsigned threads, size_t bytes,
+                                   const std::function<void()>& kernel) {
+    if (threads == 0 || threads % 32 != 0 || blocks == 0) {
+        std::fprintf(stderr, "emu_launch_cooperative: %u blocks of %u threads\n", blocks, threads);
+        std::abort();
+    }
+    gridDim = Dim3{blocks, 1, 1};
+    blockDim = Dim3{threads, 1, 1};
+    std::barrier<> grid_bar(blocks * threads);
+    std::vector<std::unique_ptr<std::barrier<>>> block_bars;
+    std::vector<std::unique_ptr<EmuWarp>> warps;
+    std::vector<std::vector<unsigned char>> smem(blocks, std::vector<unsigned char>(bytes + 16));
+    for (unsigned b = 0; b < blocks; ++b) {
+        block_bars.push_back(std::make_unique<std::barrier<>>(threads));
+        for (unsigned w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<EmuWarp>());
+    }
+    std::vector<std::thread> pool;
+    for (unsigned b = 0; b < blocks; ++b)
+        for (unsigned t = 0; t < threads; ++t)
+            pool.emplace_back([&, b, t] {
+                threadIdx = Dim3{t, 0, 0};
+                blockIdx = Dim3{b, 0, 0};
+                emu_collectives = 0;
+                emu_block_bar = block_bars[b].get();
+                emu_warp = warps[b * (threads / 32) + t / 32].get();
+                emu_grid_bar = &grid_bar;
+                auto* base = smem[b].data();
+                emu_dyn_smem = base + (16 - reinterpret_cast<uintptr_t>(base) % 16) % 16;
+                kernel();
+                emu_cp_async_check_idle();
+                emu_grid_bar = nullptr;
+            });
+    for (auto& th : pool) th.join();
+}
+
+// ---- WMMA (nvcuda::wmma, <mma.h>) ------------------------------------------
+// The element layout of a WMMA fragment is unspecified by the API: a kernel
+// may only fill, load, store and multiply fragments (and apply elementwise
+// maps to all elements alike). So any consistent layout emulates it. Here
+// lane l holds elements 8l..8l+7 of the 16×16 tile, row-major, in `x`; the
+// multiply is warp-collective (each lane deposits its three fragments,
+// then computes its 8 outputs from the whole warp's), with f32 fused
+// multiply-adds in k order. Loads and stores check what the device
+// requires: the same pointer and stride in every lane, a 256-bit aligned
+// pointer and a stride that is a multiple of 16 bytes. Only 16×16×16 with
+// 16-bit A and B and an f32 accumulator, the shape the kernels use.
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void> struct fragment {
+    static_assert(M == 16 && N == 16 && K == 16, "the emulator knows 16x16x16 WMMA only");
+    static constexpr int num_elements = 8;
+    T x[8];
+};
+
+inline void emu_wmma_check(const void* p, unsigned ldm, size_t elem, const char* op) {
+    const unsigned lane = threadIdx.x % 32;
+    EmuWarpSlots& w = emu_next_slots();
+    w.addr[lane] = static_cast<const unsigned char*>(p);
+    w.value[lane] = ldm;
+    emu_warp->bar.arrive_and_wait();
+    for (int l = 0; l < 32; ++l)
+        if (w.addr[l] != w.addr[0] || w.value[l] != w.value[0]) emu_fail("wmma: lanes disagree on pointer or stride", p);
+    if (reinterpret_cast<uintptr_t>(p) % 32 != 0) emu_fail(op, p);
+    if ((ldm * elem) % 16 != 0) emu_fail("wmma: stride not a multiple of 16 bytes", p);
+}
+
+// Element (row, col) of a tile stored at p with stride ldm.
+template <typename V> inline V emu_wmma_at(const V* p, unsigned ldm, int row, int col, bool row_major_) {
+    return row_major_ ? p[(size_t)row * ldm + col] : p[(size_t)col * ldm + row];
+}
+
+template <typename Use, typename T, typename Layout>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+    static_assert(!std::is_same_v<Use, accumulator>, "accumulator loads take a layout");
+    emu_wmma_check(p, ldm, sizeof(T), "wmma::load_matrix_sync: pointer not 32-byte aligned");
+    const int lane = threadIdx.x % 32;
+    for (int i = 0; i < 8; ++i) {
+        const int e = 8 * lane + i;
+        f.x[i] = emu_wmma_at(p, ldm, e / 16, e % 16, std::is_same_v<Layout, row_major>);
+    }
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+    emu_wmma_check(p, ldm, sizeof(float), "wmma::store_matrix_sync: pointer not 32-byte aligned");
+    const int lane = threadIdx.x % 32;
+    for (int i = 0; i < 8; ++i) {
+        const int e = 8 * lane + i, row = e / 16, col = e % 16;
+        (layout == mem_row_major ? p[(size_t)row * ldm + col] : p[(size_t)col * ldm + row]) = f.x[i];
+    }
+}
+
+template <typename Use, typename T, typename Layout>
+inline void fill_fragment(fragment<Use, 16, 16, 16, T, Layout>& f, T v) {
+    for (int i = 0; i < 8; ++i) f.x[i] = v;
+}
+
+template <typename T, typename LA, typename LB>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, LB>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+    static_assert(sizeof(T) == 2, "16-bit A and B only");
+    const unsigned lane = threadIdx.x % 32;
+    EmuWarpSlots& w = emu_next_slots();
+    std::memcpy(&w.wmma[lane][0], a.x, 16);
+    std::memcpy(&w.wmma[lane][4], b.x, 16);
+    std::memcpy(&w.wmma[lane][8], c.x, 32);
+    emu_warp->bar.arrive_and_wait();
+    auto elem = [&](int base, int e) {  // element e of the 16×16 tile at word `base` of every lane
+        T v;
+        std::memcpy(&v, reinterpret_cast<const unsigned char*>(&w.wmma[e / 8][base]) + 2 * (e % 8), 2);
+        return emu_to_f32(v);
+    };
+    float out[8];
+    for (int i = 0; i < 8; ++i) {
+        const int e = 8 * lane + i, row = e / 16, col = e % 16;
+        float acc;
+        std::memcpy(&acc, &w.wmma[e / 8][8 + e % 8], 4);
+        for (int k = 0; k < 16; ++k) acc = std::fmaf(elem(0, row * 16 + k), elem(4, k * 16 + col), acc);
+        out[i] = acc;
+    }
+    for (int i = 0; i < 8; ++i) d.x[i] = out[i];
+}
+}  // namespace wmma
+}  // namespace nvcuda

@@ -41,6 +41,18 @@ const COLS_PER_BLOCK: usize = 32;
 /// Largest M the single-launch decode kernel takes (its `t` sits in shared
 /// memory: M·r·4 ≤ 32 KiB at r = 256).
 pub const DECODE_MAX_M: usize = 32;
+/// Largest M the fused decode kernel (`lowrank_decode_fused`: one pass over
+/// W with the low-rank term riding along) takes: one m16 tensor-core tile.
+pub const DECODE_FUSED_MAX_M: usize = 16;
+/// Must match `DEC_THREADS`, `DEC_COLS`, `DEC_WARPS`, `DEC_MAX_M` and
+/// `DEC_SLICE` in kernels/lowrank.cu.
+const DEC_THREADS: u32 = 256;
+const DEC_COLS: usize = 16;
+const DEC_WARPS: usize = 8;
+const DEC_MAX_M: usize = 16;
+const DEC_SLICE: usize = 256;
+/// Shrink partials each fused-decode block sums at its grid sync, at most.
+const DEC_PARTIALS: usize = 4096;
 /// Blocks per SM the f32 multi-block kernels aim for.
 const BLOCKS_PER_SM: usize = 2;
 /// Resident 128-thread tensor-core blocks per SM the grids are sized for
@@ -550,6 +562,80 @@ fn decode<T: Element>(
     Ok(())
 }
 
+/// How [`forward_with`] computes a forward with an adapter at small M.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DecodePath {
+    /// M ≤ [`DECODE_FUSED_MAX_M`]: one fused launch reading W once
+    /// (`lowrank_decode_fused`); 16 < M ≤ [`DECODE_MAX_M`]: the base GEMM,
+    /// then the single-launch add. The default.
+    #[default]
+    Fused,
+    /// M ≤ [`DECODE_MAX_M`]: the cuBLAS base GEMM, then the single-launch
+    /// add (`lowrank_decode`): two launches. Kept for the bench's
+    /// comparison.
+    BaseThenAdd,
+}
+
+/// `y = x·Wᵀ + bias + s·(((x·Aᵀ)⊙u)·Bᵀ)⊙v` for M ≤ 16 in one cooperative
+/// launch (design in kernels/lowrank.cu), saving `t` when asked.
+#[allow(clippy::too_many_arguments)]
+fn decode_fused<T: Element>(
+    gpu: &Gpu,
+    s: LinearShape,
+    x: &CudaView<'_, T>,
+    w: &CudaView<'_, T>,
+    ad: &AdapterView<'_>,
+    bias: Option<&CudaView<'_, T>>,
+    y: &mut CudaViewMut<'_, T>,
+    t: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    let LinearShape { m, k, n, r } = s;
+    debug_assert!(m <= DEC_MAX_M);
+    let (f, name) = kernel::<T>(gpu, "lowrank_decode_fused")?;
+    let smem = (DEC_WARPS * DEC_MAX_M * DEC_COLS + m * r) * 4;
+    // Every block must be resident (cooperative launch): as many as the
+    // occupancy query allows (asked once per kernel, shared memory size and
+    // device), never more than the 16-column tiles.
+    let sms = (gpu.info().sm_count as usize).max(1);
+    /// (kernel name, dynamic shared memory, device ordinal) → blocks per SM.
+    type OccupancyKey = (String, usize, usize);
+    static OCCUPANCY: OnceLock<Mutex<HashMap<OccupancyKey, usize>>> = OnceLock::new();
+    let occ_key = (name.clone(), smem, gpu.info().ordinal);
+    let cached = OCCUPANCY.get_or_init(Default::default).lock().unwrap().get(&occ_key).copied();
+    let per_sm = match cached {
+        Some(p) => p,
+        None => {
+            let p = f
+                .occupancy_max_active_blocks_per_multiprocessor(DEC_THREADS, smem, None)
+                .map_err(|e| Error::cuda(format!("occupancy of {name}"), e))? as usize;
+            OCCUPANCY.get_or_init(Default::default).lock().unwrap().insert(occ_key, p);
+            p
+        }
+    };
+    let blocks = n.div_ceil(DEC_COLS).min(per_sm.max(1) * sms).max(1);
+    // Shrink K-slices (multiples of DEC_SLICE): as many as keep the
+    // partials a block sums at the sync within DEC_PARTIALS.
+    let max_slices = k.div_ceil(DEC_SLICE);
+    let slices = (DEC_PARTIALS / (m * r)).clamp(1, max_slices);
+    let k_slice = k.div_ceil(slices).div_ceil(DEC_SLICE) * DEC_SLICE;
+    let slices = k.div_ceil(k_slice);
+    let mut part = scratch::<f32>(gpu, slices * m * r)?;
+    let cfg = grid(blocks as u32, DEC_THREADS, smem as u32);
+    let (m32, k32, n32, r32, ks32, sl32) = (m as i32, k as i32, n as i32, r as i32, k_slice as i32, slices as i32);
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(x).arg(w).arg(&ad.a).arg(&ad.b);
+    b.arg_or_null(ad.u.as_ref());
+    b.arg_or_null(ad.v.as_ref());
+    b.arg_or_null(bias);
+    b.arg(&ad.scale).arg(y);
+    b.arg_or_null(t);
+    b.arg(&mut part).arg(&m32).arg(&k32).arg(&n32).arg(&r32).arg(&ks32).arg(&sl32);
+    // SAFETY: argument order and types match lowrank_decode_fused_T; the
+    // lengths were checked by `forward`; the grid fits the occupancy query.
+    unsafe { b.launch_cooperative(cfg) }.map_err(launch_err(&name))?;
+    Ok(())
+}
+
 /// The low-rank term through the prefill path: shrink, finish, prep, and
 /// the expand GEMM onto `y` with `beta` (0: y = term (+ bias); 1: y +=).
 #[allow(clippy::too_many_arguments)]
@@ -573,10 +659,28 @@ fn prefill_expand<T: Element>(
 
 /// Engine form of the forward over caller views: `y = x·Wᵀ (+ bias) (+ the
 /// low-rank term)`, `t = x·Aᵀ` saved when given. See
-/// [`LowRankOps::lowrank_forward`].
+/// [`LowRankOps::lowrank_forward`]. Decode shapes take the fused kernel
+/// ([`DecodePath::Fused`]).
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Element>(
     gpu: &Gpu,
+    s: LinearShape,
+    x: &CudaView<'_, T>,
+    w: &CudaView<'_, T>,
+    bias: Option<&CudaView<'_, T>>,
+    adapter: Option<&AdapterView<'_>>,
+    y: &mut CudaViewMut<'_, T>,
+    t: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    forward_with(gpu, DecodePath::Fused, s, x, w, bias, adapter, y, t)
+}
+
+/// [`forward`] with the decode path chosen by the caller (the bench times
+/// both; the results agree within the forward's error bound).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with<T: Element>(
+    gpu: &Gpu,
+    path: DecodePath,
     s: LinearShape,
     x: &CudaView<'_, T>,
     w: &CudaView<'_, T>,
@@ -597,6 +701,9 @@ pub fn forward<T: Element>(
                     .map_err(launch_err(&name))?;
             }
             base_gemm(gpu, s, x, w, y, if bias.is_some() { 1.0 } else { 0.0 })
+        }
+        Some(ad) if s.m <= DECODE_FUSED_MAX_M && path == DecodePath::Fused => {
+            decode_fused(gpu, s, x, w, ad, bias, y, t)
         }
         Some(ad) if s.m <= DECODE_MAX_M => {
             base_gemm(gpu, s, x, w, y, 0.0)?;
