@@ -9,6 +9,9 @@
 //! layout. Scratch space (rank-sized partials, the hi/lo halves of the f32
 //! factors, `t'`, `B'`, `dS`) is allocated per call from the stream's pool.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
