@@ -36,6 +36,7 @@
 //! # Ok(()) }
 //! ```
 
+mod abi;
 pub mod adapter;
 pub mod adapter_sum;
 pub mod backend;
