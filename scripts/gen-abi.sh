@@ -20,7 +20,7 @@ if [ -z "${LIBCLANG_PATH:-}" ]; then
     export LIBCLANG_PATH
 fi
 # The kernels play no part in the bindings: skip nvcc.
-LORAFUSE_SKIP_KERNELS=1 LORAFUSE_ABI_BLESS=$bless cargo build --quiet --lib --features regen-abi
+RUST_BACKTRACE=0 LORAFUSE_SKIP_KERNELS=1 LORAFUSE_ABI_BLESS=$bless cargo build --quiet --lib --features regen-abi
 if [ "$bless" = 0 ]; then
     echo "gen-abi: src/abi/bindings.rs matches kernels/abi.h"
 fi
