@@ -190,9 +190,9 @@ static const uint32_t ATTN_TC_HD128_FWD_SMEM_BYTES = ATTN_TC_FWD_SMEM(128);
 static const uint32_t ATTN_TC_HD128_DQ_SMEM_BYTES = ATTN_TC_DQ_SMEM(128);
 static const uint32_t ATTN_TC_HD128_DKV_SMEM_BYTES = ATTN_TC_DKV_SMEM(128);
 
-/* ---- trainer ops (kernels/train.cu, src/cuda/train.rs) ------------------ */
+/* ---- nn, the trainer's non-GEMM ops (kernels/nn.cu, src/cuda/nn.rs) ---- */
 
-/** Threads per block of every trainer kernel but cross-entropy (the block
+/** Threads per block of every nn kernel but cross-entropy (the block
  * reductions size their shared arrays by it). */
 #define TRAIN_THREADS 256
 /** Threads per cross-entropy row (one row per block). */
