@@ -13,6 +13,15 @@
 //!   can JIT it.
 //! - `LORAFUSE_SKIP_KERNELS=1`: do not compile kernels even if nvcc exists.
 //! - `LORAFUSE_NVCC_FLAGS`: extra flags appended to every nvcc call.
+//!
+//! The base nvcc flags live in `kernels/nvcc-flags.txt`, which
+//! `scripts/check-kernels.sh` reads too.
+//!
+//! With the `regen-abi` feature, bindgen regenerates the Rust side of
+//! `kernels/abi.h` and the build fails if it differs from the committed
+//! `src/abi/bindings.rs` (`LORAFUSE_ABI_BLESS=1` overwrites it instead;
+//! `scripts/gen-abi.sh` does that). Without the feature nothing here needs
+//! libclang.
 
 use std::env;
 use std::fmt::Write as _;
@@ -21,8 +30,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const DEFAULT_ARCHS: &str = "sm_80,sm_90a";
-const ENV_VARS: &[&str] =
-    &["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "LORAFUSE_CUDA_ARCHS", "LORAFUSE_SKIP_KERNELS", "LORAFUSE_NVCC_FLAGS"];
+const ENV_VARS: &[&str] = &[
+    "NVCC",
+    "CUDA_HOME",
+    "CUDA_PATH",
+    "PATH",
+    "LORAFUSE_CUDA_ARCHS",
+    "LORAFUSE_SKIP_KERNELS",
+    "LORAFUSE_NVCC_FLAGS",
+    "LORAFUSE_ABI_BLESS",
+    "LIBCLANG_PATH",
+];
 
 fn main() {
     for var in ENV_VARS {
@@ -35,6 +53,8 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     let kernel_dir = manifest.join("kernels");
     let sources = kernel_sources(&kernel_dir);
+    #[cfg(feature = "regen-abi")]
+    abi::check(&manifest, &out_dir);
 
     let skip = env::var("LORAFUSE_SKIP_KERNELS").is_ok_and(|v| v == "1");
     let nvcc = if skip { None } else { find_nvcc() };
@@ -64,7 +84,7 @@ fn kernel_sources(dir: &Path) -> Vec<PathBuf> {
         let path = entry.unwrap().path();
         match path.extension().and_then(|e| e.to_str()) {
             Some("cu") => sources.push(path.clone()),
-            Some("cuh") => {}
+            Some("cuh" | "h" | "txt") => {}
             _ => continue,
         }
         println!("cargo:rerun-if-changed={}", path.display());
@@ -120,6 +140,13 @@ fn gencode_flags() -> Vec<String> {
     flags
 }
 
+/// The flags of `kernels/nvcc-flags.txt`: one per line, `#` comments.
+fn base_flags(kernel_dir: &Path) -> Vec<String> {
+    let path = kernel_dir.join("nvcc-flags.txt");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    text.lines().map(|l| l.split('#').next().unwrap().trim()).filter(|l| !l.is_empty()).map(String::from).collect()
+}
+
 fn compile_all(nvcc: &Path, sources: &[PathBuf], kernel_dir: &Path, out_dir: &Path) -> Vec<(String, Option<PathBuf>)> {
     let gencode = gencode_flags();
     let extra: Vec<String> =
@@ -130,10 +157,11 @@ fn compile_all(nvcc: &Path, sources: &[PathBuf], kernel_dir: &Path, out_dir: &Pa
         .map(|src| {
             let (nvcc, src, gencode, extra) = (nvcc.to_path_buf(), src.clone(), gencode.clone(), extra.clone());
             let (kernel_dir, out) = (kernel_dir.to_path_buf(), out_dir.join(format!("{}.fatbin", stem(&src))));
+            let base = base_flags(&kernel_dir);
             std::thread::spawn(move || {
                 let output = Command::new(&nvcc)
                     .arg("-fatbin")
-                    .args(["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"])
+                    .args(&base)
                     .arg(format!("-I{}", kernel_dir.display()))
                     .args(&gencode)
                     .args(&extra)
@@ -185,4 +213,71 @@ fn generate(images: &[(String, Option<PathBuf>)], gencode: &str) -> String {
     )
     .unwrap();
     code
+}
+
+/// Regenerates the Rust side of `kernels/abi.h` and compares it with the
+/// committed copy, so a header change cannot land without its bindings.
+#[cfg(feature = "regen-abi")]
+mod abi {
+    use std::fs;
+    use std::path::Path;
+
+    const HEADER: &str = "// Generated from kernels/abi.h by bindgen (scripts/gen-abi.sh, or build.rs with the\n\
+                          // `regen-abi` feature). Do not edit: change kernels/abi.h and regenerate.";
+
+    /// Adds bytemuck's Pod and Zeroable to every struct: the launchers build
+    /// them zeroed and view them as bytes or words.
+    #[derive(Debug)]
+    struct PodStructs;
+
+    impl bindgen::callbacks::ParseCallbacks for PodStructs {
+        fn add_derives(&self, info: &bindgen::callbacks::DeriveInfo<'_>) -> Vec<String> {
+            match info.kind {
+                bindgen::callbacks::TypeKind::Struct => vec!["bytemuck::Pod".into(), "bytemuck::Zeroable".into()],
+                _ => vec![],
+            }
+        }
+    }
+
+    pub fn check(manifest: &Path, out_dir: &Path) {
+        let header = manifest.join("kernels").join("abi.h");
+        let committed = manifest.join("src").join("abi").join("bindings.rs");
+        println!("cargo:rerun-if-changed={}", header.display());
+        println!("cargo:rerun-if-changed={}", committed.display());
+        let bindings = bindgen::Builder::default()
+            .header(header.display().to_string())
+            .clang_args(["-x", "c", "-std=c11"])
+            .allowlist_file(".*abi\\.h")
+            .default_enum_style(bindgen::EnumVariation::Consts)
+            .prepend_enum_name(false)
+            .derive_default(false)
+            .derive_debug(true)
+            .parse_callbacks(Box::new(PodStructs))
+            .raw_line(HEADER)
+            .rustfmt_configuration_file(Some(manifest.join("rustfmt.toml")))
+            .generate()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "bindgen could not read kernels/abi.h: {e}. It loads libclang at run time: run \
+                     scripts/install-libclang.sh and set LIBCLANG_PATH to the folder it prints."
+                )
+            });
+        let fresh = out_dir.join("abi_bindings.rs");
+        bindings.write_to_file(&fresh).expect("writing the generated bindings");
+        let fresh_text = fs::read_to_string(&fresh).unwrap();
+        let old = fs::read_to_string(&committed).unwrap_or_default();
+        if fresh_text == old {
+            return;
+        }
+        if std::env::var("LORAFUSE_ABI_BLESS").is_ok_and(|v| v == "1") {
+            fs::write(&committed, fresh_text).expect("writing src/abi/bindings.rs");
+            println!("cargo:warning=lorafuse: regenerated src/abi/bindings.rs from kernels/abi.h");
+            return;
+        }
+        panic!(
+            "src/abi/bindings.rs is not what bindgen makes of kernels/abi.h (fresh copy: {}).\n\
+             Do not edit it by hand: change kernels/abi.h, run scripts/gen-abi.sh and commit both.",
+            fresh.display()
+        );
+    }
 }

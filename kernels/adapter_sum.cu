@@ -38,7 +38,7 @@
 // to the update.
 #include "common.cuh"
 
-#define MERGE_THREADS 256
+// MERGE_THREADS is in abi.h.
 
 // Tile geometry per storage type: a thread owns ROWS rows × N columns (32
 // f32 accumulators either way).

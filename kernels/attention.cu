@@ -44,7 +44,7 @@
 // with a row pitch of D+1 (or C + 8/R for score tiles): the 4 groups read 4
 // different rows and the 8 lanes 8 different rows or consecutive columns, and
 // these pitches put all of them in different banks.
-#define ATTN_THREADS 128
+// ATTN_THREADS is in abi.h.
 // Shared memory allows three blocks per SM on H100 (two on A100) at every
 // tile size below; asking ptxas for three caps registers at 168, which every
 // kernel meets without spilling, instead of its default guess (which spilled
@@ -53,39 +53,27 @@
 #define ATTN_LOG2E 1.4426950408889634f
 #define ATTN_LN2 0.6931471805599453f
 
-// Mirrors `struct AttnArgs` in src/cuda/attention.rs.
-struct AttnArgs {
-    uint32_t batch, seq, heads, hd;
-    float scale;       // 1/sqrt(hd)
-    float scale_log2;  // scale·log2(e): scores go straight into exp2
-};
-
-// Tile sizes per head-dim bucket: R rows per lane group (tile = 16·R rows),
-// C columns per streamed tile. Mirrored by `tiles()` in src/cuda/attention.rs.
-// Chosen so accumulators + score tiles stay well under 255 registers and the
-// shared tiles allow 2-3 blocks per SM on A100/H100.
+// AttnArgs, the tile sizes per head-dim bucket (ATTN_HD<D>_*: R rows per
+// lane group, so 16·R rows a block, and C columns per streamed tile) and the
+// shared-memory formulas are in abi.h; the host reads the launch sizes from
+// there too (src/cuda/attention.rs).
 template <int D> struct AttnTiles;
-template <> struct AttnTiles<32> {
-    enum { FWD_R = 4, FWD_C = 64, DQ_R = 4, DQ_C = 64, DKV_R = 4, DKV_C = 64 };
-};
-template <> struct AttnTiles<64> {
-    enum { FWD_R = 4, FWD_C = 64, DQ_R = 4, DQ_C = 32, DKV_R = 4, DKV_C = 32 };
-};
-template <> struct AttnTiles<128> {
-    enum { FWD_R = 4, FWD_C = 32, DQ_R = 2, DQ_C = 32, DKV_R = 2, DKV_C = 32 };
-};
+#define ATTN_TILES(D)                                                                                  \
+    template <> struct AttnTiles<D> {                                                                  \
+        enum {                                                                                         \
+            FWD_R = ATTN_HD##D##_FWD_R, FWD_C = ATTN_HD##D##_FWD_C, DQ_R = ATTN_HD##D##_DQ_R,          \
+            DQ_C = ATTN_HD##D##_DQ_C, DKV_R = ATTN_HD##D##_DKV_R, DKV_C = ATTN_HD##D##_DKV_C           \
+        };                                                                                             \
+    };
+ATTN_TILES(32)
+ATTN_TILES(64)
+ATTN_TILES(128)
 
-// Dynamic shared memory (in floats) each kernel carves up; the host mirrors
-// these formulas and the kernels trap if launched with less.
-template <int D, int R, int C> constexpr uint32_t fwd_smem_floats() {
-    return 16 * R * (D + 1) + C * (D + 1) + C * D + 16 * R * (C + 8 / R);
-}
-template <int D, int R, int C> constexpr uint32_t dq_smem_floats() {
-    return 2 * 16 * R * (D + 1) + 2 * C * (D + 1) + 16 * R * (C + 8 / R);
-}
-template <int D, int R, int C> constexpr uint32_t dkv_smem_floats() {
-    return 2 * 16 * R * (D + 1) + 2 * C * (D + 1) + 2 * C + 2 * 16 * R * (C + 8 / R);
-}
+// Dynamic shared memory (in floats) each kernel carves up; the kernels trap
+// if launched with less.
+template <int D, int R, int C> constexpr uint32_t fwd_smem_floats() { return ATTN_FWD_SMEM_FLOATS(D, R, C); }
+template <int D, int R, int C> constexpr uint32_t dq_smem_floats() { return ATTN_DQ_SMEM_FLOATS(D, R, C); }
+template <int D, int R, int C> constexpr uint32_t dkv_smem_floats() { return ATTN_DKV_SMEM_FLOATS(D, R, C); }
 
 __device__ __forceinline__ uint32_t dynamic_smem_bytes() {
 #ifdef __CUDA_ARCH__
@@ -578,8 +566,7 @@ __device__ __forceinline__ void attn_backward_dkv(const T* __restrict__ dout, co
 // Causality: a query tile stops at the diagonal key tile (forward, dQ); a
 // key tile starts at the diagonal query tile (dK/dV); only tiles that
 // straddle the diagonal or the sequence end evaluate the mask.
-#define ATTN_TC_THREADS 128
-#define ATTN_TC_ROWS 64
+// ATTN_TC_THREADS and ATTN_TC_ROWS are in abi.h.
 // Blocks per SM the forward and dQ kernels are compiled for (caps registers
 // at 65536 / (128 · blocks), rounded down to 8): 3 at D = 64 (≤ 168), 2 at
 // D = 128 (≤ 255). The dK/dV kernel holds two D-wide accumulators and is
@@ -587,15 +574,13 @@ __device__ __forceinline__ void attn_backward_dkv(const T* __restrict__ dout, co
 #define ATTN_TC_MIN_BLOCKS(D) ((D) == 64 ? 3 : 2)
 
 template <int D> struct AttnTcTiles {
-    enum { FWD_C = 64, DQ_C = D == 64 ? 64 : 32, DKV_C = D == 64 ? 64 : 32 };
+    enum { FWD_C = ATTN_TC_FWD_C(D), DQ_C = ATTN_TC_DQ_C(D), DKV_C = ATTN_TC_DKV_C(D) };
 };
 
-// Shared memory in bytes; the host mirrors these (src/cuda/attention.rs).
-template <int D> constexpr uint32_t tc_fwd_smem() { return (ATTN_TC_ROWS + 4 * AttnTcTiles<D>::FWD_C) * (D + 8) * 2; }
-template <int D> constexpr uint32_t tc_dq_smem() { return (2 * ATTN_TC_ROWS + 4 * AttnTcTiles<D>::DQ_C) * (D + 8) * 2; }
-template <int D> constexpr uint32_t tc_dkv_smem() {
-    return (2 * ATTN_TC_ROWS + 4 * AttnTcTiles<D>::DKV_C) * (D + 8) * 2 + 4 * AttnTcTiles<D>::DKV_C * 4;
-}
+// Shared memory in bytes (abi.h; the host launches with the same sizes).
+template <int D> constexpr uint32_t tc_fwd_smem() { return ATTN_TC_FWD_SMEM(D); }
+template <int D> constexpr uint32_t tc_dq_smem() { return ATTN_TC_DQ_SMEM(D); }
+template <int D> constexpr uint32_t tc_dkv_smem() { return ATTN_TC_DKV_SMEM(D); }
 
 // Loads rows row0..row0+ROWS of one head (hd elements per row, rows
 // `stride` apart) into a shared tile with pitch D + 8, zero-filling dims

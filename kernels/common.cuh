@@ -6,6 +6,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "abi.h"  // constants and argument structs shared with the Rust launchers
+
 // ---- element types -------------------------------------------------------
 // All arithmetic is f32; storage may be f16/bf16. Conversions round to
 // nearest even, like half::f16::from_f32 / half::bf16::from_f32 on the CPU.

@@ -61,7 +61,8 @@
 
 namespace cg = cooperative_groups;
 
-#define LR_THREADS 256
+// LR_THREADS, TC_WARPS, TC_KT, SH_ROWS/RANKS/KT, BD_ROWS/COLS/TILES/RANKS and
+// COLS_W, which the launchers size grids with, are in abi.h.
 
 // The block's dynamic shared memory (f32 view). The kernel emulator runs the
 // blocks of a cooperative launch at the same time and defines this to give
@@ -97,9 +98,6 @@ __device__ void fill_bias_impl(const T* __restrict__ bias, T* __restrict__ y, in
 
 // ---- shrink: t = x·Aᵀ ----------------------------------------------------
 
-#define SH_ROWS 64   // rows of x per block
-#define SH_RANKS 16  // ranks per block (grid.z walks the rest)
-#define SH_KT 32     // K per shared-memory tile
 #define SH_PAD 4     // keeps float4 alignment, spreads rows over banks
 
 // One block: 64 rows × 16 ranks over one K-split. Each thread owns 4 rows ×
@@ -177,9 +175,7 @@ __device__ void split_impl(const float* __restrict__ src, int trans, const float
     }
 }
 
-#define TC_WARPS 4             // warps per block; each works alone (no __syncthreads)
 #define TC_THREADS (TC_WARPS * 32)
-#define TC_KT 64               // reduction elements per step of a warp
 #define TC_LD (TC_KT + 8)      // x/dy stage row stride: 144 B, a multiple of 16 B
 
 // One 16-byte chunk (8 elements) of row `row_off` at column `col`: a
@@ -805,11 +801,6 @@ LORAFUSE_FOR_EACH_DTYPE(LOWRANK_DECODE_FUSED)
 
 // ---- backward ------------------------------------------------------------
 
-#define BD_ROWS 64   // rows per sub-tile
-#define BD_COLS 128  // columns per tile
-#define BD_TILES 4   // column tiles per block (512 columns)
-#define BD_RANKS 16  // ranks per block (grid.z walks the rest)
-
 // f32 dy only (16-bit dy takes lowrank_shrink_rRB + lowrank_dy_p_rRB).
 // One read of dy. Block (x: 512 columns, y: a stripe of rows, z: 16 ranks)
 // walks its stripe 64 rows at a time; per 64×128 tile of dy it adds
@@ -960,7 +951,6 @@ __device__ void backward_rows_impl(const float* __restrict__ gpart, int nparts, 
 // threads busy per 32 columns (one thread per column walked all r ranks
 // before); dv sums the 8 groups in a fixed order. Block 0 also finishes
 // du. Any of dB, dv, du may be null.
-#define COLS_W 32
 #define COLS_G (LR_THREADS / COLS_W)
 __device__ void backward_cols_impl(const float* __restrict__ ppart, int nparts, const float* __restrict__ B,
                                    const float* __restrict__ v, float scale, float* __restrict__ dB,

@@ -53,33 +53,11 @@
 // path of the same kernel.
 #include "common.cuh"
 
-#define MA_THREADS 256
-#define MA_TILE_ROWS 8
-#define MA_SHRINK_RANKS 8
-#define MA_EXPAND_COLS 2048
-#define MA_MAX_RANK 128
-#define MA_DESC_WORDS 24
+// MA_* sizes, the descriptor word offsets (MA_D_*), MA_KIND_* and
+// MA_OFF_NONE are in abi.h, shared with src/multi_adapter.rs.
 // Blocks per SM the register budget is set for (128 registers per thread):
 // without it ptxas aims for 4 and spills the shrink's 8 accumulators.
 #define MA_MIN_BLOCKS 2
-
-// Descriptor word offsets (src/multi_adapter.rs `desc`).
-#define D_KIND 0
-#define D_RANK 1
-#define D_SCALE 2
-#define D_U_OFF 3
-#define D_V_OFF 4
-#define D_BASE 5
-#define D_COLSCALE_OFF 6
-#define D_COLS 7
-#define D_KEY 8
-#define D_ROWS 10
-#define D_MODE 12
-#define D_HALF_BITS 13
-#define D_A_START 14
-#define D_B_START 16
-#define KIND_THETA 2u
-#define OFF_NONE 0xFFFFFFFFu
 
 __device__ __forceinline__ uint64_t desc_u64(const uint32_t* d, int w) {
     return (uint64_t)d[w] | ((uint64_t)d[w + 1] << 32);
@@ -95,13 +73,13 @@ struct ThetaSource {
 
 __device__ __forceinline__ ThetaSource theta_source(const uint32_t* d, const float* floats) {
     ThetaSource s;
-    s.theta = floats + d[D_BASE];
-    s.colscale = floats + d[D_COLSCALE_OFF];
-    s.key = desc_u64(d, D_KEY);
-    s.rows = desc_u64(d, D_ROWS);
-    s.cols = d[D_COLS];
-    s.mode = d[D_MODE];
-    s.half_bits = d[D_HALF_BITS];
+    s.theta = floats + d[MA_D_BASE];
+    s.colscale = floats + d[MA_D_COLSCALE_OFF];
+    s.key = desc_u64(d, MA_D_KEY);
+    s.rows = desc_u64(d, MA_D_ROWS);
+    s.cols = d[MA_D_COLS];
+    s.mode = d[MA_D_MODE];
+    s.half_bits = d[MA_D_HALF_BITS];
     return s;
 }
 
@@ -191,24 +169,24 @@ __device__ void shrink_impl(const T* __restrict__ x, const T* __restrict__ a_row
     const int row0 = (int)item.x, rows = (int)item.y;
     const uint32_t* d = descs + (size_t)item.z * MA_DESC_WORDS;
     const int q = (int)item.w + (int)(threadIdx.x / 32);
-    const int rank = (int)d[D_RANK];
+    const int rank = (int)d[MA_D_RANK];
     if (q >= rank) return;  // warp-uniform; no block barrier follows
     float acc[MA_TILE_ROWS];
 #pragma unroll
     for (int m = 0; m < MA_TILE_ROWS; ++m) acc[m] = 0.f;
     const bool vec = K % 8 == 0 && ((uintptr_t)x % 16) == 0 && ((uintptr_t)a_rows % 16) == 0;
-    if (d[D_KIND] == KIND_THETA) {
+    if (d[MA_D_KIND] == MA_KIND_THETA) {
         const ThetaSource th = theta_source(d, floats);
-        const uint64_t a_first = desc_u64(d, D_A_START) + (uint64_t)q * K;
+        const uint64_t a_first = desc_u64(d, MA_D_A_START) + (uint64_t)q * K;
         if (vec) shrink_rank<T, 8, true>(x, nullptr, th, a_first, row0, rows, K, acc);
         else shrink_rank<T, 1, true>(x, nullptr, th, a_first, row0, rows, K, acc);
     } else {
-        const T* arow = a_rows + (size_t)(d[D_BASE] + q) * K;
+        const T* arow = a_rows + (size_t)(d[MA_D_BASE] + q) * K;
         const ThetaSource none{};
         if (vec) shrink_rank<T, 8, false>(x, arow, none, 0, row0, rows, K, acc);
         else shrink_rank<T, 1, false>(x, arow, none, 0, row0, rows, K, acc);
     }
-    const float su = __uint_as_float(d[D_SCALE]) * (d[D_U_OFF] == OFF_NONE ? 1.f : floats[d[D_U_OFF] + q]);
+    const float su = __uint_as_float(d[MA_D_SCALE]) * (d[MA_D_U_OFF] == MA_OFF_NONE ? 1.f : floats[d[MA_D_U_OFF] + q]);
 #pragma unroll
     for (int m = 0; m < MA_TILE_ROWS; ++m) {
         const float s = warp_sum(acc[m]);
@@ -270,17 +248,17 @@ __device__ void expand_impl(const T* __restrict__ bt_rows, const float* __restri
     const uint4 item = items[blockIdx.x];
     const int row0 = (int)item.x, rows = (int)item.y, n0 = (int)item.w;
     const uint32_t* d = descs + (size_t)item.z * MA_DESC_WORDS;
-    const int rank = (int)d[D_RANK];
+    const int rank = (int)d[MA_D_RANK];
     for (int e = threadIdx.x; e < MA_TILE_ROWS * MA_MAX_RANK; e += MA_THREADS) {
         const int m = e / MA_MAX_RANK, q = e % MA_MAX_RANK;
         if (m < rows && q < rank) ts[m][q] = t[(size_t)(row0 + m) * ld_t + q];
     }
     __syncthreads();
-    const float* v = d[D_V_OFF] == OFF_NONE ? nullptr : floats + d[D_V_OFF];
-    const bool theta = d[D_KIND] == KIND_THETA;
+    const float* v = d[MA_D_V_OFF] == MA_OFF_NONE ? nullptr : floats + d[MA_D_V_OFF];
+    const bool theta = d[MA_D_KIND] == MA_KIND_THETA;
     const ThetaSource th = theta ? theta_source(d, floats) : ThetaSource{};
-    const uint64_t b_first = theta ? desc_u64(d, D_B_START) : 0;
-    const T* bt = theta ? nullptr : bt_rows + (size_t)d[D_BASE] * N;
+    const uint64_t b_first = theta ? desc_u64(d, MA_D_B_START) : 0;
+    const T* bt = theta ? nullptr : bt_rows + (size_t)d[MA_D_BASE] * N;
     const bool vec = N % 8 == 0 && ((uintptr_t)y % 16) == 0 && ((uintptr_t)bt_rows % 16) == 0;
     if (vec) {
         const int n = n0 + (int)threadIdx.x * 8;

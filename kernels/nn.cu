@@ -17,7 +17,7 @@
 // masked), and update or norm every trainable tensor in one launch.
 #include "common.cuh"
 
-#define TRAIN_THREADS 256
+// TRAIN_THREADS, CE_THREADS and the AdamW argument structs are in abi.h.
 #define WARPS_PER_BLOCK (TRAIN_THREADS / 32)
 
 #define GRID_STRIDE(i, n)                                                    \
@@ -327,7 +327,6 @@ __device__ void cast_from_f32_impl(const float* __restrict__ x, uint64_t n, T* _
 // range on the device anyway gets a NaN loss, never a stray read.
 // Registers: 1024 threads allow 64 per thread; no shared memory beyond the
 // 32-entry merge arrays.
-#define CE_THREADS 1024
 #define CE_WARPS (CE_THREADS / 32)
 #define CE_LOG2E 1.4426950408889634f
 #define CE_NEG_MAX (-3.402823466e38f)  // −FLT_MAX
@@ -492,11 +491,6 @@ LORAFUSE_FOR_EACH_DTYPE(TRAIN_KERNELS)
 
 // ---- optimiser and norms -------------------------------------------------
 
-struct AdamWArgs {
-    double lr, beta1, beta2, eps, weight_decay, grad_scale;
-    double correction1, correction2;  // 1 − β^step
-};
-
 // Decoupled weight decay, then the bias-corrected Adam step, in double like
 // the CPU twin (the kernel is memory-bound; the extra arithmetic is free).
 // Bytes per element: param, grad, m, v read (16), param, m, v written (12).
@@ -520,17 +514,6 @@ extern "C" __global__ void adamw_f32(float* __restrict__ param, const float* __r
     GRID_STRIDE(i, n) adamw_element(param, grad, m, v, i, a.lr, a.weight_decay, a);
 }
 
-// One tensor of a multi-tensor launch (mirrored by `AdamWEntry` in
-// src/cuda/nn.rs): its buffers, length and its group's rate and decay.
-struct AdamWEntry {
-    float* param;
-    const float* grad;
-    float* m;
-    float* v;
-    uint64_t n;
-    double lr, weight_decay;
-};
-
 // Every trainable tensor in one launch: blockIdx.y picks the tensor from a
 // device table, blockIdx.x strides over its elements (blocks past a short
 // tensor's end exit at once). Replaces one launch per tensor (~100 for
@@ -538,7 +521,9 @@ struct AdamWEntry {
 // of work). `a.lr` and `a.weight_decay` are unused: each entry has its own.
 extern "C" __global__ void adamw_multi_f32(const AdamWEntry* __restrict__ table, AdamWArgs a) {
     const AdamWEntry t = table[blockIdx.y];
-    GRID_STRIDE(i, t.n) adamw_element(t.param, t.grad, t.m, t.v, i, t.lr, t.weight_decay, a);
+    GRID_STRIDE(i, t.n)
+    adamw_element(reinterpret_cast<float*>(t.param), reinterpret_cast<const float*>(t.grad),
+                  reinterpret_cast<float*>(t.m), reinterpret_cast<float*>(t.v), i, t.lr, t.weight_decay, a);
 }
 
 // Σx² in double of the elements block `block` of `blocks` strides over, into

@@ -52,41 +52,15 @@
 // every call, so no memset precedes one.
 #include "common.cuh"
 
-#define PROJ_MAX_SEGMENTS 128
-#define PROJ_THREADS 1024
-#define PROJ_VEC 8
-#define PROJ_TILE (PROJ_THREADS * PROJ_VEC)  // rows per tile
-
-enum ProjMode : uint32_t { PROJ_HASH = 0, PROJ_BALANCED = 1, PROJ_EXPLICIT = 2 };
-
-// Where θ_D's rows land: one entry per destination buffer (a layer's A or B).
-// Passed by value in kernel parameter space (__grid_constant__, so indexing
-// it never copies it to local memory): no host-to-device copy per call.
-// Layout must match `SegmentTable` in src/cuda/projection.rs.
-struct SegmentTable {
-    uint64_t dst[PROJ_MAX_SEGMENTS];             // device pointer of the segment
-    uint64_t start[PROJ_MAX_SEGMENTS];           // first row of θ_D it holds
-    uint32_t len[PROJ_MAX_SEGMENTS];             // rows it holds
-    uint32_t tile_start[PROJ_MAX_SEGMENTS + 1];  // prefix sum of tiles per segment
-    uint32_t count;
-};
-
-// How j(i) is drawn; mirrors `ColumnMap` on the CPU.
-struct ColumnMap {
-    uint64_t key;           // derived from the seed
-    uint64_t rows;          // D
-    const uint32_t* index;  // PROJ_EXPLICIT only
-    uint32_t cols;          // d
-    uint32_t mode;          // ProjMode
-    uint32_t half_bits;     // PROJ_BALANCED: Feistel half width
-    uint32_t pad;
-};
+// PROJ_* sizes, ProjMode, SegmentTable (where θ_D's rows land, passed by
+// value as a __grid_constant__ parameter) and ColumnMap (how j(i) is drawn)
+// are in abi.h, shared with src/cuda/projection.rs.
 
 // Hash and balanced columns come from common.cuh's projection_column (the
 // one definition multi_adapter.cu's in-kernel θ gather shares); explicit
 // assignments read their index table.
 __device__ __forceinline__ uint32_t column_of(const ColumnMap& m, uint64_t i) {
-    if (m.mode == PROJ_EXPLICIT) return m.index[i];
+    if (m.mode == PROJ_EXPLICIT) return reinterpret_cast<const uint32_t*>(m.index)[i];
     return projection_column(m.key, m.rows, m.cols, m.mode, m.half_bits, i);
 }
 
@@ -250,7 +224,7 @@ __device__ void gather_mode(const SegmentTable& table, const ColumnMap& map, con
 template <typename T>
 __device__ void gather_impl(const SegmentTable& table, const ColumnMap& map, const float* __restrict__ theta,
                             const float* __restrict__ scale, uint32_t stage) {
-    T* staged = reinterpret_cast<T*>(proj_smem + 16);
+    T* staged = reinterpret_cast<T*>(proj_smem + PROJ_FLAG_BYTES);
     if (stage) {
         for (uint32_t j = threadIdx.x; j < map.cols; j += blockDim.x) staged[j] = from_f32<T>(theta[j] * scale[j]);
         __syncthreads();
@@ -262,24 +236,9 @@ __device__ void gather_impl(const SegmentTable& table, const ColumnMap& map, con
 
 // ---- scatter: g_d = Pᵀ·g_D, deterministic --------------------------------
 
-// Per-projection state after the d accumulators in the workspace
-// (u64[d + SCATTER_STATE_U64]); the host creates it as
-// {0, 0, SHIFT_NONE, SHIFT_NONE, 0, 0, 0, 0} (src/cuda/projection.rs).
-struct ScatterState {
-    uint32_t absmax_bits;  // max |g| of the running SPECULATE pass, as float bits
-    uint32_t ticket;       // blocks of the running pass that have finished
-    int32_t guess;         // S the next SPECULATE pass accumulates at
-    int32_t final_shift;   // S (or SHIFT_ZERO / SHIFT_NONFINITE) SETTLE converts with
-    uint32_t redo;         // 1: SETTLE must accumulate again at final_shift
-    uint32_t pad[3];
-};
-#define SCATTER_STATE_U64 4
-
-#define SHIFT_NONE INT32_MIN             // no previous S: pass 1 only measures
-#define SHIFT_ZERO (INT32_MIN + 1)       // max |g| = 0: every sum is 0
-#define SHIFT_NONFINITE (INT32_MIN + 2)  // a NaN or ±inf: every output is NaN
-
-enum ScatterPhase : uint32_t { SCATTER_SPECULATE = 0, SCATTER_SETTLE = 1 };
+// ScatterState (the per-projection state after the d accumulators in the
+// workspace, which the host initialises), the SHIFT_* sentinels and the
+// ScatterPhase of each launch are in abi.h.
 
 // S for a max |g| given as float bits: every |g|·2^S < 2^(61 - headroom), so
 // n_max ≤ 2^headroom terms sum below 2^61 in an int64. The exponent is
@@ -412,8 +371,8 @@ __device__ void scatter_impl(const SegmentTable& table, const ColumnMap& map, un
         return;
     }
     const bool measure = phase == SCATTER_SPECULATE;
-    uint32_t* lo = stage ? reinterpret_cast<uint32_t*>(proj_smem + 16) : nullptr;
-    int32_t* hi = stage ? reinterpret_cast<int32_t*>(proj_smem + 16) + cols : nullptr;
+    uint32_t* lo = stage ? reinterpret_cast<uint32_t*>(proj_smem + PROJ_FLAG_BYTES) : nullptr;
+    int32_t* hi = stage ? reinterpret_cast<int32_t*>(proj_smem + PROJ_FLAG_BYTES) + cols : nullptr;
     if (stage) {
         for (uint32_t j = threadIdx.x; j < 2 * cols; j += blockDim.x) lo[j] = 0;
         __syncthreads();

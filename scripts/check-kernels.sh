@@ -4,11 +4,17 @@
 # kernel, and fails if any kernel spills to local memory or has a stack frame
 # (a run-time-indexed register array, usually: slow, and never intended here).
 #
+# The nvcc flags are the build's: kernels/nvcc-flags.txt (which build.rs
+# reads too) and LORAFUSE_NVCC_FLAGS, with -cubin and one -gencode per
+# target instead of the fatbin.
+#
 # Usage: scripts/check-kernels.sh [NVCC]   (default: $NVCC, then nvcc on PATH)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nvcc="${1:-${NVCC:-nvcc}}"
 archs="${LORAFUSE_CUDA_ARCHS:-sm_80,sm_90a}"
+mapfile -t flags < <(sed -e 's/#.*//' -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' -e '/^$/d' kernels/nvcc-flags.txt)
+read -r -a extra <<< "${LORAFUSE_NVCC_FLAGS:-}"
 out=target/ptxas
 mkdir -p "$out"
 status=0
@@ -17,8 +23,7 @@ for src in kernels/*.cu; do
     for arch in ${archs//,/ }; do
         num=${arch#sm_}
         report="$out/$family.$arch.txt"
-        "$nvcc" -cubin -O3 -std=c++17 -lineinfo --expt-relaxed-constexpr -Ikernels \
-            "-gencode=arch=compute_$num,code=sm_$num" -Xptxas -v \
+        "$nvcc" -cubin "${flags[@]}" -Ikernels "-gencode=arch=compute_$num,code=sm_$num" "${extra[@]}" -Xptxas -v \
             -o "$out/$family.$arch.cubin" "$src" 2> "$report"
         # ptxas prints "Function properties for NAME", then the stack/spill
         # line, then "Used N registers, ... smem".

@@ -41,6 +41,7 @@
 //! # Ok(()) }
 //! ```
 
+mod abi;
 pub mod adapter;
 pub mod adapter_sum;
 pub mod atomic_file;

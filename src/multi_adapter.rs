@@ -69,6 +69,7 @@
 //! # Ok(()) }
 //! ```
 
+use crate::abi;
 use crate::backend::{Backend, Scalar};
 use crate::dtype::Element;
 use crate::lowrank::LowRankConfig;
@@ -77,45 +78,46 @@ use crate::rng::Rng;
 use crate::{Error, Result};
 
 /// The largest rank an adapter in a pool may have.
-pub const MAX_RANK: usize = 128;
+pub const MAX_RANK: usize = abi::MA_MAX_RANK as usize;
 
-/// Rows of one tile: the rows of one adapter a block serves together (must
-/// match `MA_TILE_ROWS` in kernels/multi_adapter.cu).
-pub const TILE_ROWS: usize = 8;
+/// Rows of one tile: the rows of one adapter a block serves together.
+pub const TILE_ROWS: usize = abi::MA_TILE_ROWS as usize;
 
-/// Ranks one shrink block computes, one warp each (`MA_SHRINK_RANKS`).
-pub const SHRINK_RANKS: usize = 8;
+/// Ranks one shrink block computes, one warp each.
+pub const SHRINK_RANKS: usize = abi::MA_SHRINK_RANKS as usize;
 
-/// Output columns one expand block covers, 8 per thread (`MA_EXPAND_COLS`).
-pub const EXPAND_COLS: usize = 2048;
+/// Output columns one expand block covers, 8 per thread.
+pub const EXPAND_COLS: usize = abi::MA_EXPAND_COLS as usize;
 
-/// `u32` words of one (slot, layer) descriptor (`MA_DESC_WORDS`).
-pub const DESC_WORDS: usize = 24;
+/// `u32` words of one (slot, layer) descriptor.
+pub const DESC_WORDS: usize = abi::MA_DESC_WORDS as usize;
 
-/// Descriptor word offsets (the same names as the `D_*` constants of
-/// kernels/multi_adapter.cu).
+/// Descriptor word offsets and values (`MA_D_*`, `MA_KIND_*` and
+/// `MA_OFF_NONE` in kernels/abi.h).
 pub(crate) mod desc {
-    pub const KIND: usize = 0;
-    pub const RANK: usize = 1;
-    pub const SCALE: usize = 2;
-    pub const U_OFF: usize = 3;
-    pub const V_OFF: usize = 4;
+    use crate::abi;
+
+    pub const KIND: usize = abi::MA_D_KIND as usize;
+    pub const RANK: usize = abi::MA_D_RANK as usize;
+    pub const SCALE: usize = abi::MA_D_SCALE as usize;
+    pub const U_OFF: usize = abi::MA_D_U_OFF as usize;
+    pub const V_OFF: usize = abi::MA_D_V_OFF as usize;
     /// Factors: first rank row in the factor arena. UniLora: `θ_d`'s offset
     /// in the float arena.
-    pub const BASE: usize = 5;
-    pub const COLSCALE_OFF: usize = 6;
-    pub const COLS: usize = 7;
-    pub const KEY: usize = 8;
-    pub const ROWS: usize = 10;
-    pub const MODE: usize = 12;
-    pub const HALF_BITS: usize = 13;
-    pub const A_START: usize = 14;
-    pub const B_START: usize = 16;
+    pub const BASE: usize = abi::MA_D_BASE as usize;
+    pub const COLSCALE_OFF: usize = abi::MA_D_COLSCALE_OFF as usize;
+    pub const COLS: usize = abi::MA_D_COLS as usize;
+    pub const KEY: usize = abi::MA_D_KEY as usize;
+    pub const ROWS: usize = abi::MA_D_ROWS as usize;
+    pub const MODE: usize = abi::MA_D_MODE as usize;
+    pub const HALF_BITS: usize = abi::MA_D_HALF_BITS as usize;
+    pub const A_START: usize = abi::MA_D_A_START as usize;
+    pub const B_START: usize = abi::MA_D_B_START as usize;
     /// `KIND` values (0: empty).
-    pub const FACTORS: u32 = 1;
-    pub const THETA: u32 = 2;
+    pub const FACTORS: u32 = abi::MA_KIND_FACTORS;
+    pub const THETA: u32 = abi::MA_KIND_THETA;
     /// `U_OFF` / `V_OFF` when the vector is absent (ones).
-    pub const NONE: u32 = u32::MAX;
+    pub const NONE: u32 = abi::MA_OFF_NONE;
 }
 
 /// Sizes of an [`AdapterPool`].
@@ -827,8 +829,8 @@ impl<B: MultiAdapterOps, T: Element> AdapterPool<B, T> {
                 state.projection = Some(projection.0);
                 let theta_off = self.store_floats(backend, state, theta)?;
                 let (mode, key, half_bits) = match proj.assignment() {
-                    Assignment::Hash => (0, proj.key(), 0),
-                    _ => (1, proj.key(), proj.half_bits()),
+                    Assignment::Hash => (abi::PROJ_HASH, proj.key(), 0),
+                    _ => (abi::PROJ_BALANCED, proj.key(), proj.half_bits()),
                 };
                 for (l, ul) in per.iter().enumerate() {
                     let w = &mut words[l * DESC_WORDS..(l + 1) * DESC_WORDS];

@@ -34,7 +34,7 @@ use crate::{Error, Result};
 /// Segments one kernel launch can address (the segment table travels in
 /// kernel parameter space). Layouts with more are split into several
 /// launches.
-pub const MAX_SEGMENTS_PER_LAUNCH: usize = 128;
+pub const MAX_SEGMENTS_PER_LAUNCH: usize = crate::abi::PROJ_MAX_SEGMENTS as usize;
 
 /// Rows one segment may hold (the kernels index within a segment in 32 bits
 /// and need headroom for a tile past the end).

@@ -81,13 +81,13 @@ template <typename T> static void run_case(uint64_t seed, int K, int N) {
         const float scale = uni(r, 0.25f, 2.0f);
         ref.scale = scale;
         uint32_t* w = &descs[s * MA_DESC_WORDS];
-        w[D_RANK] = rank;
-        std::memcpy(&w[D_SCALE], &scale, 4);
-        w[D_U_OFF] = w[D_V_OFF] = OFF_NONE;
+        w[MA_D_RANK] = rank;
+        std::memcpy(&w[MA_D_SCALE], &scale, 4);
+        w[MA_D_U_OFF] = w[MA_D_V_OFF] = MA_OFF_NONE;
         const int kind = s % 3;  // 0, 1: factors (1 with vectors), 2: θ
         if (kind < 2) {
-            w[D_KIND] = 1;
-            w[D_BASE] = (uint32_t)(a_rows.size() / K);
+            w[MA_D_KIND] = MA_KIND_FACTORS;
+            w[MA_D_BASE] = (uint32_t)(a_rows.size() / K);
             ref.a.resize((size_t)rank * K);
             ref.b.resize((size_t)N * rank);
             for (int q = 0; q < rank; ++q)
@@ -105,27 +105,27 @@ template <typename T> static void run_case(uint64_t seed, int K, int N) {
                 }
             bt_rows.insert(bt_rows.end(), bt.begin(), bt.end());
             if (kind == 1) {
-                w[D_U_OFF] = (uint32_t)floats.size();
+                w[MA_D_U_OFF] = (uint32_t)floats.size();
                 for (int q = 0; q < rank; ++q) floats.push_back(uni(r, -1.5f, 1.5f)), ref.u.push_back(floats.back());
-                w[D_V_OFF] = (uint32_t)floats.size();
+                w[MA_D_V_OFF] = (uint32_t)floats.size();
                 for (int n = 0; n < N; ++n) floats.push_back(uni(r, -1.5f, 1.5f)), ref.v.push_back(floats.back());
             }
         } else {
             const uint32_t mode = (s / 3) % 2, half_bits = 10;  // 2^20 ≥ rows_d
             const uint64_t key = r();
-            w[D_KIND] = 2;
-            w[D_BASE] = (uint32_t)floats.size();
+            w[MA_D_KIND] = MA_KIND_THETA;
+            w[MA_D_BASE] = (uint32_t)floats.size();
             std::vector<float> theta(d);
             for (auto& v : theta) v = uni(r, -1, 1), floats.push_back(v);
-            w[D_COLSCALE_OFF] = colscale_off;
-            w[D_COLS] = d;
-            w[D_KEY] = (uint32_t)key, w[D_KEY + 1] = (uint32_t)(key >> 32);
-            w[D_ROWS] = (uint32_t)rows_d, w[D_ROWS + 1] = 0;
-            w[D_MODE] = mode, w[D_HALF_BITS] = half_bits;
+            w[MA_D_COLSCALE_OFF] = colscale_off;
+            w[MA_D_COLS] = d;
+            w[MA_D_KEY] = (uint32_t)key, w[MA_D_KEY + 1] = (uint32_t)(key >> 32);
+            w[MA_D_ROWS] = (uint32_t)rows_d, w[MA_D_ROWS + 1] = 0;
+            w[MA_D_MODE] = mode, w[MA_D_HALF_BITS] = half_bits;
             const uint64_t a_start = r() % (rows_d - (uint64_t)rank * (K + N));
             const uint64_t b_start = a_start + (uint64_t)rank * K;
-            w[D_A_START] = (uint32_t)a_start, w[D_A_START + 1] = 0;
-            w[D_B_START] = (uint32_t)b_start, w[D_B_START + 1] = 0;
+            w[MA_D_A_START] = (uint32_t)a_start, w[MA_D_A_START + 1] = 0;
+            w[MA_D_B_START] = (uint32_t)b_start, w[MA_D_B_START + 1] = 0;
             auto at = [&](uint64_t i) {
                 const uint32_t j = projection_column(key, rows_d, d, mode, half_bits, i);
                 return (double)(theta[j] * floats[colscale_off + j]);

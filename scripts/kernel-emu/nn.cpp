@@ -31,6 +31,8 @@ constexpr uint32_t LN_ROWS_PER_CHUNK = 64;
 constexpr unsigned EMU_MAX_BLOCKS = 3;
 
 static unsigned cdiv(uint64_t a, uint64_t b) { return (unsigned)((a + b - 1) / b); }
+// A host buffer as the device address an AdamWEntry holds (abi.h).
+static uint64_t addr(const float* p) { return (uint64_t)(uintptr_t)p; }
 // blocks_for in src/cuda/mod.rs: at least one block.
 static unsigned blocks_for(uint64_t n) { return max(1u, cdiv(n, THREADS)); }
 static unsigned grid_stride(uint64_t n) { return min(blocks_for(n), EMU_MAX_BLOCKS); }
@@ -650,7 +652,7 @@ static void test_adamw_multi(int step, uint64_t seed) {
         h.lr = rng.uni(0.001, 0.1), h.wd = rng.uni(0, 0.2);
         hs.push_back(std::move(h));
     }
-    for (auto& h : hs) table.push_back({h.p.data(), h.g.data(), h.m.data(), h.v.data(), h.p.size(), h.lr, h.wd});
+    for (auto& h : hs) table.push_back({addr(h.p.data()), addr(h.g.data()), addr(h.m.data()), addr(h.v.data()), h.p.size(), h.lr, h.wd});
     launch(Dim3{blocks, tensors, 1}, [&] { adamw_multi_f32(table.data(), a); });
     std::vector<float> p, m, v;
     std::vector<double> pw, mw, vw;

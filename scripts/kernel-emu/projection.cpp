@@ -97,7 +97,7 @@ struct RefProjection {
     }
 
     ColumnMap map() const {
-        return ColumnMap{key, rows, mode == PROJ_EXPLICIT ? index.data() : nullptr, cols, mode, half_bits, 0};
+        return ColumnMap{key, rows, mode == PROJ_EXPLICIT ? (uint64_t)(uintptr_t)index.data() : 0, cols, mode, half_bits, 0};
     }
     uint32_t headroom() const {
         const uint32_t n = *std::max_element(counts.begin(), counts.end());

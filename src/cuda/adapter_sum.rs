@@ -22,8 +22,8 @@ use crate::{Error, Result};
 /// is small next to W (PEFT's bf16 merge computes B·A in bf16 outright).
 pub const TENSOR_CORE_MIN_RANK: usize = 64;
 
-/// Must match `MERGE_THREADS` and `MergeTile` in kernels/adapter_sum.cu.
-const THREADS: u32 = 256;
+/// Threads per block of the streaming kernel.
+const THREADS: u32 = crate::abi::MERGE_THREADS;
 
 /// A block's tile of W: (rows, cols). A thread owns 32 elements in rows of
 /// one 16-byte access each (8 halves or 4 floats), 16 × 16 threads a block.

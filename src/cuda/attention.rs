@@ -14,9 +14,10 @@
 //! (head dims padded to 32, 64 or 128). Any `head_dim` in
 //! `1..=`[`MAX_HEAD_DIM`] works.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::{blocks_for, kernels, Gpu};
+use crate::abi::{self, AttnArgs};
 use crate::attention::{check_lengths, AttentionOps, AttnShape};
 use crate::dtype::{DType, Element};
 use crate::error::check_len;
@@ -25,46 +26,14 @@ use crate::{Error, Result};
 /// The largest `head_dim` the CUDA attention kernels support.
 pub const MAX_HEAD_DIM: usize = 128;
 
-/// Threads per block of the tiled kernels (`ATTN_THREADS`, `ATTN_TC_THREADS`).
-const THREADS: u32 = 128;
-/// Rows (queries, or keys for dK/dV) per block of the tensor-core kernels
-/// (`ATTN_TC_ROWS`).
-const TC_ROWS: u32 = 64;
+/// Rows (queries, or keys for dK/dV) per block of the tensor-core kernels.
+const TC_ROWS: u32 = abi::ATTN_TC_ROWS;
 /// Threads per block of the delta kernel: one warp per query.
 const DELTA_THREADS: u32 = 256;
 /// The CUDA limit on `gridDim.y` (query or key tiles per head).
 const MAX_GRID_Y: usize = 65_535;
 /// The CUDA limit on `gridDim.x` (batch·heads, or delta blocks).
 const MAX_GRID_X: usize = i32::MAX as usize;
-
-/// Mirrors `struct AttnArgs` in kernels/attention.cu.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct AttnArgs {
-    batch: u32,
-    seq: u32,
-    heads: u32,
-    hd: u32,
-    scale: f32,
-    scale_log2: f32,
-}
-// SAFETY: plain numbers, laid out as the CUDA struct.
-unsafe impl DeviceRepr for AttnArgs {}
-
-/// One tiled kernel's tile: `r` rows per 8-lane group (16·r rows per block)
-/// and `c` columns per streamed tile.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Tile {
-    r: u32,
-    c: u32,
-}
-
-impl Tile {
-    /// Rows (queries, or keys for dK/dV) one block owns.
-    fn rows(self) -> u32 {
-        16 * self.r
-    }
-}
 
 /// The kernels' head-dim bucket for `head_dim` (1..=128): the CUDA-core
 /// (f32) kernels have 32, 64 and 128, the tensor-core ones 64 and 128.
@@ -76,39 +45,39 @@ fn bucket(head_dim: usize, tensor_cores: bool) -> u32 {
     }
 }
 
-/// Rows per block and dynamic shared memory (bytes) of the tensor-core
-/// (forward, dQ, dK/dV) kernels for bucket `d`; mirrors `AttnTcTiles` and
-/// `tc_*_smem` in kernels/attention.cu: 16-bit tiles of pitch d + 8, the
-/// streamed ones double-buffered, plus lse and delta of the dK/dV kernel's
-/// query tiles.
+/// Dynamic shared memory (bytes) of the tensor-core (forward, dQ, dK/dV)
+/// kernels for bucket `d`, from abi.h (16-bit tiles of pitch d + 8, the
+/// streamed ones double-buffered).
 fn tc_smem_bytes(d: u32) -> [u32; 3] {
-    let streamed = if d == 64 { 64 } else { 32 };
-    let tile = |rows: u32| rows * (d + 8) * 2;
-    [tile(TC_ROWS + 4 * 64), tile(2 * TC_ROWS + 4 * streamed), tile(2 * TC_ROWS + 4 * streamed) + 4 * streamed * 4]
-}
-
-/// Tiles of the CUDA-core (forward, dQ, dK/dV) kernels for bucket `d`;
-/// mirrors `AttnTiles<D>` in kernels/attention.cu.
-fn tiles(d: u32) -> [Tile; 3] {
-    let t = |r, c| Tile { r, c };
     match d {
-        32 => [t(4, 64), t(4, 64), t(4, 64)],
-        64 => [t(4, 64), t(4, 32), t(4, 32)],
-        _ => [t(4, 32), t(2, 32), t(2, 32)],
+        64 => [abi::ATTN_TC_HD64_FWD_SMEM_BYTES, abi::ATTN_TC_HD64_DQ_SMEM_BYTES, abi::ATTN_TC_HD64_DKV_SMEM_BYTES],
+        _ => [abi::ATTN_TC_HD128_FWD_SMEM_BYTES, abi::ATTN_TC_HD128_DQ_SMEM_BYTES, abi::ATTN_TC_HD128_DKV_SMEM_BYTES],
     }
 }
 
-/// Dynamic shared memory in bytes of each CUDA-core kernel; mirrors
-/// `fwd_smem_floats`, `dq_smem_floats` and `dkv_smem_floats` (the kernels
+/// Rows (queries, or keys for dK/dV) per block of the CUDA-core (forward,
+/// dQ, dK/dV) kernels for bucket `d`: 16 per row of a lane group (abi.h's
+/// `ATTN_HD<d>_*_R`).
+fn tile_rows(d: u32) -> [u32; 3] {
+    use abi::*;
+    let [f, q, k] = match d {
+        32 => [ATTN_HD32_FWD_R, ATTN_HD32_DQ_R, ATTN_HD32_DKV_R],
+        64 => [ATTN_HD64_FWD_R, ATTN_HD64_DQ_R, ATTN_HD64_DKV_R],
+        _ => [ATTN_HD128_FWD_R, ATTN_HD128_DQ_R, ATTN_HD128_DKV_R],
+    };
+    [16 * f, 16 * q, 16 * k]
+}
+
+/// Dynamic shared memory in bytes of each CUDA-core kernel for bucket `d`,
+/// from abi.h's per-bucket values of the formulas the kernels check (they
 /// trap when launched with less).
 fn smem_bytes(d: u32) -> [u32; 3] {
-    let [f, q, k] = tiles(d);
-    let rows = |t: Tile| 16 * t.r;
-    let score = |t: Tile| t.c + 8 / t.r;
-    let forward = rows(f) * (d + 1) + f.c * (d + 1) + f.c * d + rows(f) * score(f);
-    let dq = 2 * rows(q) * (d + 1) + 2 * q.c * (d + 1) + rows(q) * score(q);
-    let dkv = 2 * rows(k) * (d + 1) + 2 * k.c * (d + 1) + 2 * k.c + 2 * rows(k) * score(k);
-    [4 * forward, 4 * dq, 4 * dkv]
+    use abi::*;
+    match d {
+        32 => [ATTN_HD32_FWD_SMEM_BYTES, ATTN_HD32_DQ_SMEM_BYTES, ATTN_HD32_DKV_SMEM_BYTES],
+        64 => [ATTN_HD64_FWD_SMEM_BYTES, ATTN_HD64_DQ_SMEM_BYTES, ATTN_HD64_DKV_SMEM_BYTES],
+        _ => [ATTN_HD128_FWD_SMEM_BYTES, ATTN_HD128_DQ_SMEM_BYTES, ATTN_HD128_DKV_SMEM_BYTES],
+    }
 }
 
 /// What one call launches: the kernel arguments, the bucket and grid sizes.
@@ -129,7 +98,7 @@ impl Plan {
         if self.tensor_cores {
             (format!("attention_{kind}_tc_hd{}_{suffix}", self.d), TC_ROWS, tc_smem_bytes(self.d)[which])
         } else {
-            (format!("attention_{kind}_hd{}_{suffix}", self.d), tiles(self.d)[which].rows(), smem_bytes(self.d)[which])
+            (format!("attention_{kind}_hd{}_{suffix}", self.d), tile_rows(self.d)[which], smem_bytes(self.d)[which])
         }
     }
 }
@@ -186,7 +155,7 @@ fn launch_err(name: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error +
 fn tiled_grid(plan: &Plan, seq: usize, rows: u32, smem: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (plan.heads_total, seq.div_ceil(rows as usize) as u32, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (if plan.tensor_cores { abi::ATTN_TC_THREADS } else { abi::ATTN_THREADS }, 1, 1),
         shared_mem_bytes: smem,
     }
 }
@@ -326,7 +295,7 @@ mod tests {
     use super::*;
 
     /// The byte counts `scripts/kernel-emu` (attention) prints from the kernels'
-    /// own `*_smem_floats` formulas: the host must launch with exactly these.
+    /// own `*_smem_floats` templates: each bucket launches with its own.
     #[test]
     fn shared_memory_matches_the_kernels() {
         assert_eq!(smem_bytes(32), [41_984, 50_688, 68_096]);

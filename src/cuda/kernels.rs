@@ -17,3 +17,17 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 pub fn built() -> bool {
     ALL.iter().all(|f| f.image.is_some())
 }
+
+// The argument structs of kernels/abi.h travel by value in kernel parameter
+// space.
+// SAFETY: each is `#[repr(C)]` plain numbers (`Pod`), laid out as the C
+// struct the kernels declare (bindgen's layout checks, abi.h's asserts).
+unsafe impl cudarc::driver::DeviceRepr for crate::abi::SegmentTable {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for crate::abi::ColumnMap {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for crate::abi::AttnArgs {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for crate::abi::AdamWArgs {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for crate::abi::AdamWEntry {}

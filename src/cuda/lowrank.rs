@@ -19,28 +19,29 @@ use cudarc::driver::{
 };
 
 use super::{blocks_for, grid, kernels, ArgOrNull, Gpu};
+use crate::abi;
 use crate::dtype::{DType, Element};
 use crate::lowrank::packed::{self, PackedLayout, PackedOps};
 use crate::lowrank::{Adapter, AdapterLens, GradLens, Grads, LinearShape, LowRankOps};
 use crate::{Error, Result};
 
-/// Must match `LR_THREADS` in kernels/lowrank.cu.
-const THREADS: u32 = 256;
-/// Must match `TC_WARPS` and `TC_KT` in kernels/lowrank.cu: warps per
-/// block of the tensor-core kernels, and the reduction step of a warp.
-const TC_WARPS: usize = 4;
-const TC_KT: usize = 64;
-/// Tile sizes that must match the f32 kernels' `SH_*` and `BD_*` constants.
-const SH_ROWS: usize = 64;
-const SH_RANKS: usize = 16;
-const SH_KT: usize = 32;
-const BD_ROWS: usize = 64;
-const BD_COLS_PER_BLOCK: usize = 128 * 4;
-const BD_RANKS: usize = 16;
+/// Threads per block of the CUDA-core kernels.
+const THREADS: u32 = abi::LR_THREADS;
+/// Warps per block of the tensor-core kernels, and the reduction step of a
+/// warp.
+const TC_WARPS: usize = abi::TC_WARPS as usize;
+const TC_KT: usize = abi::TC_KT as usize;
+/// Tile sizes of the f32 shrink and dB kernels.
+const SH_ROWS: usize = abi::SH_ROWS as usize;
+const SH_RANKS: usize = abi::SH_RANKS as usize;
+const SH_KT: usize = abi::SH_KT as usize;
+const BD_ROWS: usize = abi::BD_ROWS as usize;
+const BD_COLS_PER_BLOCK: usize = (abi::BD_COLS * abi::BD_TILES) as usize;
+const BD_RANKS: usize = abi::BD_RANKS as usize;
 /// Rows per block of `lowrank_backward_rows`.
 const ROWS_PER_BLOCK: usize = 128;
-/// Columns per block of `lowrank_backward_cols` (`COLS_W`).
-const COLS_PER_BLOCK: usize = 32;
+/// Columns per block of `lowrank_backward_cols`.
+const COLS_PER_BLOCK: usize = abi::COLS_W as usize;
 /// Largest M the single-launch decode kernel takes (its `t` sits in shared
 /// memory: M·r·4 ≤ 32 KiB at r = 256).
 pub const DECODE_MAX_M: usize = 32;

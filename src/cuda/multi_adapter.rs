@@ -16,8 +16,8 @@ use crate::dtype::Element;
 use crate::multi_adapter::{plan, AdapterPool, MultiAdapterOps, RowAdapters};
 use crate::{Error, Result};
 
-/// Must match `MA_THREADS` in kernels/multi_adapter.cu.
-const THREADS: u32 = 256;
+/// Threads per block of the shrink and expand kernels.
+const THREADS: u32 = crate::abi::MA_THREADS;
 
 fn launch_err(name: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::cuda(format!("launching {name}"), e)

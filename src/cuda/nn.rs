@@ -9,39 +9,24 @@
 //! also uses the host copy to group rows by token, which makes its sums
 //! deterministic.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::{blocks_for, grid, kernels, ArgOrNull, Gpu};
+use crate::abi::{self, AdamWArgs, AdamWEntry};
 use crate::backend::Backend;
 use crate::error::check_len;
 use crate::nn::{check, AdamWStep, AdamWTensor, CrossEntropyOut, NnOps, SeqShape, TokenIds};
 use crate::Element;
 use crate::{Error, Result};
 
-const THREADS: u32 = 256;
+const THREADS: u32 = abi::TRAIN_THREADS;
 const WARPS: u32 = THREADS / 32;
 /// Grid-stride kernels never need more blocks than this to fill the GPU.
 const MAX_BLOCKS: u32 = 65_535;
-/// Threads per cross-entropy row (`CE_THREADS` in kernels/nn.cu).
-const CE_THREADS: u32 = 1024;
+/// Threads per cross-entropy row.
+const CE_THREADS: u32 = abi::CE_THREADS;
 /// Rows per partial sum in the LayerNorm parameter gradients.
 const LN_ROWS_PER_CHUNK: u32 = 64;
-
-/// Mirrors `struct AdamWArgs` in kernels/nn.cu.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct AdamWArgs {
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    grad_scale: f64,
-    correction1: f64,
-    correction2: f64,
-}
-// SAFETY: plain numbers, laid out as the CUDA struct.
-unsafe impl DeviceRepr for AdamWArgs {}
 
 impl AdamWArgs {
     /// The shared part of `hp` (its `lr` and `weight_decay` too, which the
@@ -60,22 +45,6 @@ impl AdamWArgs {
         }
     }
 }
-
-/// Mirrors `struct AdamWEntry` in kernels/nn.cu: one tensor of
-/// `adamw_multi_f32`'s device table.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct AdamWEntry {
-    param: u64,
-    grad: u64,
-    m: u64,
-    v: u64,
-    n: u64,
-    lr: f64,
-    weight_decay: f64,
-}
-// SAFETY: device addresses and numbers, laid out as the CUDA struct.
-unsafe impl DeviceRepr for AdamWEntry {}
 
 /// Most tensors one multi-tensor launch takes (`gridDim.y`'s limit).
 const MAX_TENSORS_PER_LAUNCH: usize = 65_535;

@@ -4,9 +4,11 @@
 //! the [`Gpu`]'s stream, for engines; the [`ProjectionOps`] impl calls them on
 //! owned buffers.
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
+use bytemuck::Zeroable;
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, PushKernelArg};
 
 use super::{blocks_for, grid, kernels, Gpu};
+use crate::abi::{self, ColumnMap, ScatterState, SegmentTable, SCATTER_STATE_U64, SHIFT_NONE};
 use crate::backend::Backend;
 use crate::dtype::Element;
 use crate::projection::{
@@ -15,49 +17,14 @@ use crate::projection::{
 };
 use crate::{Error, Result};
 
-/// Must match `PROJ_THREADS` and `PROJ_THREADS * PROJ_VEC` in
-/// kernels/projection.cu.
-const THREADS: u32 = 1024;
-const TILE: u64 = 1024 * 8;
+/// Threads per block of the gather and scatter kernels.
+const THREADS: u32 = abi::PROJ_THREADS;
+/// Rows per tile (`PROJ_THREADS · PROJ_VEC`).
+const TILE: u64 = abi::PROJ_TILE as u64;
 /// Threads per block of the once-per-projection counting kernels.
 const PREPARE_THREADS: u32 = 256;
-/// Shared-memory words every projection kernel reserves for block flags.
-const FLAG_BYTES: usize = 16;
-/// u64 words of `ScatterState` after the d sums in the scatter workspace.
-const SCATTER_STATE_U64: usize = 4;
-/// `SHIFT_NONE` in kernels/projection.cu: no fixed-point scale known yet.
-const SHIFT_NONE: u32 = i32::MIN as u32;
-/// `ScatterPhase` in kernels/projection.cu.
-const SPECULATE: u32 = 0;
-const SETTLE: u32 = 1;
-
-/// Mirrors `struct SegmentTable` in kernels/projection.cu.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SegmentTable {
-    dst: [u64; MAX_SEGMENTS_PER_LAUNCH],
-    start: [u64; MAX_SEGMENTS_PER_LAUNCH],
-    len: [u32; MAX_SEGMENTS_PER_LAUNCH],
-    tile_start: [u32; MAX_SEGMENTS_PER_LAUNCH + 1],
-    count: u32,
-}
-// SAFETY: plain integers, laid out as the CUDA struct.
-unsafe impl DeviceRepr for SegmentTable {}
-
-/// Mirrors `struct ColumnMap` in kernels/projection.cu.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct ColumnMap {
-    key: u64,
-    rows: u64,
-    index: u64,
-    cols: u32,
-    mode: u32,
-    half_bits: u32,
-    pad: u32,
-}
-// SAFETY: plain integers, laid out as the CUDA struct.
-unsafe impl DeviceRepr for ColumnMap {}
+/// Shared-memory bytes every projection kernel reserves for block flags.
+const FLAG_BYTES: usize = abi::PROJ_FLAG_BYTES as usize;
 
 /// The kernel's view of `P`. The index buffer's address (explicit
 /// assignment) comes with the guard that keeps cudarc's stream ordering.
@@ -67,9 +34,9 @@ fn column_map<'a>(
 ) -> (ColumnMap, Option<cudarc::driver::SyncOnDrop<'a>>) {
     let proj = &p.projection;
     let mode = match proj.assignment() {
-        Assignment::Hash => 0,
-        Assignment::Balanced => 1,
-        Assignment::Explicit => 2,
+        Assignment::Hash => abi::PROJ_HASH,
+        Assignment::Balanced => abi::PROJ_BALANCED,
+        Assignment::Explicit => abi::PROJ_EXPLICIT,
     };
     let (index, guard) = match &p.index {
         Some(ix) => {
@@ -101,13 +68,7 @@ fn tables(segments: &[(u64, u64, u64)], elem: usize) -> Vec<SegmentTable> {
     segments
         .chunks(MAX_SEGMENTS_PER_LAUNCH)
         .map(|chunk| {
-            let mut t = SegmentTable {
-                dst: [0; MAX_SEGMENTS_PER_LAUNCH],
-                start: [0; MAX_SEGMENTS_PER_LAUNCH],
-                len: [0; MAX_SEGMENTS_PER_LAUNCH],
-                tile_start: [0; MAX_SEGMENTS_PER_LAUNCH + 1],
-                count: chunk.len() as u32,
-            };
+            let mut t = SegmentTable { count: chunk.len() as u32, ..SegmentTable::zeroed() };
             let mut tiles = 0u64;
             for (k, &(start, addr, len)) in chunk.iter().enumerate() {
                 t.dst[k] = addr;
@@ -130,16 +91,22 @@ fn launch_err(name: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error +
     move |e| Error::cuda(format!("launching {name}"), e)
 }
 
+/// The scatter workspace as the kernels expect it before the first call: d
+/// zeroed sums, then the `ScatterState` with no fixed-point scale known yet.
+fn scatter_workspace(cols: usize) -> Vec<u64> {
+    let mut workspace = vec![0u64; cols + SCATTER_STATE_U64 as usize];
+    bytemuck::cast_slice_mut::<u64, ScatterState>(&mut workspace[cols..])[0] =
+        ScatterState { guess: SHIFT_NONE, final_shift: SHIFT_NONE, ..ScatterState::zeroed() };
+    workspace
+}
+
 /// Counts and scales on the device, once per projection.
 pub fn prepare(gpu: &Gpu, projection: &Projection) -> Result<PreparedProjection<Gpu>> {
     let cols = projection.cols() as usize;
     let index = projection.index().map(|ix| gpu.upload(ix)).transpose()?;
     let mut counts: CudaSlice<u32> = gpu.zeros(cols)?;
     let mut scale: CudaSlice<f32> = gpu.zeros(cols)?;
-    // d zeroed sums, then ScatterState {absmax 0, ticket 0, guess and
-    // final_shift SHIFT_NONE, redo 0}.
-    let mut workspace = vec![0u64; cols + SCATTER_STATE_U64];
-    workspace[cols + 1] = SHIFT_NONE as u64 | (SHIFT_NONE as u64) << 32;
+    let workspace = scatter_workspace(cols);
     let mut prepared = PreparedProjection {
         projection: projection.clone(),
         counts: gpu.zeros(0)?,
@@ -301,7 +268,7 @@ pub fn scatter<T: Element>(
     // Every launch of both phases uses one grid size, so the kernels' "last
     // block" ticket counts the same blocks.
     let blocks = tables.iter().map(|t| gpu.persistent_grid(1, total_tiles(t))).max().unwrap_or(1);
-    for phase in [SPECULATE, SETTLE] {
+    for phase in [abi::SCATTER_SPECULATE, abi::SCATTER_SETTLE] {
         for (k, table) in tables.iter().enumerate() {
             let last = (k + 1 == tables.len()) as u32;
             // SAFETY: argument types match; the workspace holds d + 4 words,
@@ -381,5 +348,15 @@ mod tests {
         let many: Vec<(u64, u64, u64)> = (0..300).map(|k| (k * 100, 4096 * k, 100)).collect();
         let t = tables(&many, 2);
         assert_eq!(t.iter().map(|t| t.count).collect::<Vec<_>>(), [128, 128, 44]);
+    }
+
+    /// The state words after the d sums, read as the kernels' little-endian
+    /// `ScatterState`: absmax and ticket 0, guess and final_shift
+    /// SHIFT_NONE, redo and padding 0.
+    #[test]
+    fn scatter_workspace_starts_with_no_scale() {
+        let w = scatter_workspace(3);
+        let none = SHIFT_NONE as u32 as u64;
+        assert_eq!(w, [0, 0, 0, 0, none | none << 32, 0, 0]);
     }
 }
