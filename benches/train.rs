@@ -34,12 +34,12 @@ use half::bf16;
 use lorafuse::cpu::Cpu;
 use lorafuse::cuda::{bench, Gpu};
 use lorafuse::lowrank::{Grads, LinearShape, LowRankOps};
+use lorafuse::nn::{NnOps, SeqShape, TokenIds};
 use lorafuse::rng::Rng;
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::Dataset;
 use lorafuse::train::model::padded_vocab;
 use lorafuse::train::model::{Batch, Gpt2, Precision, TrainBackend};
-use lorafuse::train::ops::{SeqShape, TokenIds, TrainOps};
 use lorafuse::train::trainer::{TrainConfig, Trainer};
 use lorafuse::{Backend, Error, Result};
 

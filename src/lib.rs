@@ -10,10 +10,14 @@
 //!   its transpose (scatter), `P` computed from a seed, never stored.
 //! - [`adapter`], [`peft`], [`adapter_sum`]: adapters in memory and in PEFT
 //!   files; exact sums, merge/unmerge into base weights, the interference
-//!   (cosine) diagnostic and low-rank recompression.
+//!   (cosine) diagnostic and low-rank recompression; [`tensor_file`], the
+//!   one hardened safetensors reader and writer every file goes through,
+//!   and [`atomic_file`], the crash-safe writes.
 //! - [`multi_adapter`]: many adapters in one batch for serving (segmented
 //!   prefill, batched decode, a device pool, Uni-LoRA served from `θ`), and
 //!   [`capi`], the C ABI of `include/lorafuse.h`.
+//! - [`nn`], [`attention`]: the transformer's other ops (embedding,
+//!   LayerNorm, GELU, cross-entropy, AdamW; flash-form causal attention).
 //! - [`train`]: a GPT-2-architecture trainer with hand-written backward
 //!   passes for full, LoRA, Tied-LoRA, VeRA and Uni-LoRA fine-tuning.
 //! - [`experiment`]: experiments built on all of the above (the adapter
@@ -44,6 +48,8 @@
 
 pub mod adapter;
 pub mod adapter_sum;
+pub mod atomic_file;
+pub mod attention;
 pub mod backend;
 pub mod capi;
 pub mod cpu;
@@ -55,10 +61,12 @@ pub mod experiment;
 pub mod lowrank;
 pub mod memory;
 pub mod multi_adapter;
+pub mod nn;
 pub mod op_timing;
 pub mod peft;
 pub mod projection;
 pub mod rng;
+pub mod tensor_file;
 pub mod testing;
 pub mod train;
 

@@ -9,11 +9,11 @@ mod common;
 
 use common::trainer::{losses, nonzero_lora, small_base};
 use lorafuse::cpu::Cpu;
+use lorafuse::nn::SeqShape;
 use lorafuse::rng::Rng;
 use lorafuse::train::adapters::{AdapterSet, AdapterSpec, Method};
 use lorafuse::train::data::Dataset;
 use lorafuse::train::model::{Batch, Gpt2, Module};
-use lorafuse::train::ops::SeqShape;
 use lorafuse::train::trainer::{TrainConfig, Trainer};
 
 #[test]

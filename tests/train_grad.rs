@@ -6,15 +6,15 @@
 mod common;
 
 use common::trainer::{max_abs, small_base, step0_grads};
-use lorafuse::cpu::train::*;
+use lorafuse::cpu::nn::*;
 use lorafuse::cpu::Cpu;
 use lorafuse::lowrank::Trainable;
+use lorafuse::nn::{NnOps, SeqShape, TokenIds, IGNORE};
 use lorafuse::rng::Rng;
 use lorafuse::testing::check_close;
 use lorafuse::train::adapters::{AdapterSet, AdapterSpec, Method};
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::model::{Batch, Gpt2, Module, Precision};
-use lorafuse::train::ops::{SeqShape, TokenIds, TrainOps, IGNORE};
 
 fn rand64(seed: u64, n: usize) -> Vec<f64> {
     let mut r = Rng::new(seed);

@@ -7,10 +7,10 @@ mod common;
 
 use common::trainer::{fixed_stream, losses, overfit_config, small_base};
 use lorafuse::cpu::Cpu;
+use lorafuse::nn::IGNORE;
 use lorafuse::train::adapters::AdapterSet;
 use lorafuse::train::data::{Corpus, Dataset};
 use lorafuse::train::model::Gpt2;
-use lorafuse::train::ops::IGNORE;
 use lorafuse::train::trainer::Trainer;
 
 #[test]

@@ -8,11 +8,11 @@ mod common;
 
 use common::trainer::{fixed_stream, losses, overfit_config, small_base};
 use lorafuse::cpu::Cpu;
+use lorafuse::nn::NnOps;
 use lorafuse::rng::Rng;
 use lorafuse::testing::check_close;
 use lorafuse::train::data::Dataset;
 use lorafuse::train::model::Precision;
-use lorafuse::train::ops::TrainOps;
 use lorafuse::train::trainer::{TrainConfig, Trainer};
 
 #[test]
@@ -188,7 +188,7 @@ fn sequential_runs_resume_in_the_same_batch_order() {
 
 #[test]
 fn adamw_matches_the_formula_and_schedules_have_their_shape() {
-    use lorafuse::train::ops::AdamWStep;
+    use lorafuse::nn::AdamWStep;
     use lorafuse::train::optimizer::{OptimConfig, Schedule};
     let (mut p, g) = (common::random(1, 9), common::random(2, 9));
     let (mut m, mut v) = (common::random(3, 9), common::random(4, 9).iter().map(|x| x.abs()).collect::<Vec<f32>>());

@@ -7,8 +7,7 @@
 //! parameter or moment changes, and the caller decides (the trainer counts
 //! consecutive refusals and stops after too many).
 
-use super::adapters::Group;
-use super::ops::{AdamWStep, AdamWTensor, TrainOps};
+use crate::nn::{AdamWStep, AdamWTensor, NnOps};
 use crate::{Error, Result};
 
 /// Learning-rate shape over the run.
@@ -126,13 +125,27 @@ impl OptimConfig {
     }
 }
 
+/// Parameter groups: each gets its own learning rate and weight decay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Group {
+    /// Base weights (full fine-tuning).
+    Base,
+    /// Adapter matrices `A`, `B`.
+    Matrix,
+    /// Tied-LoRA / VeRA vectors `u`, `v`.
+    Vector,
+    /// Uni-LoRA's `θ_d`.
+    Theta,
+}
+
 /// One trainable tensor as the optimizer sees it: name, group, value,
 /// gradient.
 pub type ParamRef<'a, B> =
     (String, Group, &'a mut <B as crate::Backend>::Buf<f32>, &'a <B as crate::Backend>::Buf<f32>);
 
 /// One tensor's AdamW moments: `(name, m, v)`.
-pub type Moments<B> = (String, super::model::F32<B>, super::model::F32<B>);
+pub type Moments<B> = (String, super::F32<B>, super::F32<B>);
 
 /// What a step did.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -147,7 +160,7 @@ pub struct StepReport {
 
 /// AdamW state: the step count and first/second moments per tensor (in the
 /// order the trainable tensors are passed, which the trainer keeps fixed).
-pub struct AdamW<B: TrainOps> {
+pub struct AdamW<B: NnOps> {
     /// Settings.
     pub config: OptimConfig,
     /// Completed (accepted) steps.
@@ -156,7 +169,7 @@ pub struct AdamW<B: TrainOps> {
     pub moments: Vec<Moments<B>>,
 }
 
-impl<B: TrainOps> AdamW<B> {
+impl<B: NnOps> AdamW<B> {
     /// Fresh state (zero moments) for these tensors.
     pub fn new(backend: &B, config: OptimConfig, params: &[ParamRef<'_, B>]) -> Result<Self> {
         config.validate()?;

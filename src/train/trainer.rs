@@ -7,11 +7,13 @@ use crate::peft::{load_adapter, save_adapter};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
-use super::adapters::{AdapterSet, AdapterSpec, Group, Method};
+use super::adapters::{AdapterSet, AdapterSpec, Method};
 use super::checkpoint::{read_checkpoint, write_checkpoint, CheckpointState, CheckpointTensors};
 use super::data::{Dataset, EvalMetrics, MetricsAccumulator};
-use super::model::{pad_rows, Batch, Gpt2, Module, Precision, TrainBackend};
-use super::optimizer::{AdamW, OptimConfig, ParamRef, StepReport};
+use super::model::{pad_rows, Batch, Gpt2, Precision};
+use super::module::Module;
+use super::optimizer::{AdamW, Group, OptimConfig, ParamRef, StepReport};
+use super::TrainBackend;
 
 /// Everything about a run except file paths (the CLI adds those). Readable
 /// from TOML or JSON; every field has a default.
@@ -252,7 +254,7 @@ impl<B: TrainBackend> Trainer<B> {
         };
         let batch = Batch::upload(
             &self.backend,
-            super::ops::SeqShape { batch: host.rows, seq: host.seq },
+            crate::nn::SeqShape { batch: host.rows, seq: host.seq },
             &host.tokens,
             &host.targets,
         )?;
@@ -415,7 +417,7 @@ pub fn evaluate<B: TrainBackend>(
     data.check_seq(seq)?;
     let mut acc = MetricsAccumulator::default();
     for hb in data.eval_batches(rows, seq, limit) {
-        let batch = Batch::upload(backend, super::ops::SeqShape { batch: hb.rows, seq }, &hb.tokens, &hb.targets)?;
+        let batch = Batch::upload(backend, crate::nn::SeqShape { batch: hb.rows, seq }, &hb.tokens, &hb.targets)?;
         let out = model.run(backend, adapters.as_deref_mut(), &batch, false)?;
         acc.add(seq, &out.losses, &out.correct, &out.targets);
     }

@@ -3,12 +3,12 @@
 //! settings, and step-0 gradients on any backend.
 
 use lorafuse::cpu::Cpu;
+use lorafuse::nn::SeqShape;
 use lorafuse::rng::Rng;
 use lorafuse::train::adapters::{AdapterSet, AdapterSpec, Method};
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::{Corpus, Dataset};
 use lorafuse::train::model::{Batch, Gpt2, Module, Precision, TrainBackend};
-use lorafuse::train::ops::SeqShape;
 use lorafuse::train::trainer::{TrainConfig, Trainer};
 
 /// A fixed 33-token stream: every training batch is the same window.

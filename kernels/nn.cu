@@ -1,9 +1,9 @@
-// The trainer's non-GEMM ops (crate::train::ops::TrainOps) in mixed
+// The trainer's non-GEMM ops (crate::nn::NnOps) in mixed
 // precision: T (f32, f16 or bf16) is the compute dtype of every activation
 // that feeds or leaves a GEMM; the residual stream, its gradient, LayerNorm
 // statistics, parameter gradients and optimizer state are f32, and all
-// arithmetic is f32. The CPU twin is src/cpu/train.rs; the wrappers are
-// src/cuda/train.rs; attention has its own family (kernels/attention.cu).
+// arithmetic is f32. The CPU twin is src/cpu/nn.rs; the wrappers are
+// src/cuda/nn.rs; attention has its own family (kernels/attention.cu).
 // Every reduction runs in a fixed order: no float atomics, so a training
 // step gives the same bits on every run. scripts/kernel-emu runs these
 // kernels on the CPU (one OS thread per CUDA thread) against f64 references.
@@ -521,7 +521,7 @@ extern "C" __global__ void adamw_f32(float* __restrict__ param, const float* __r
 }
 
 // One tensor of a multi-tensor launch (mirrored by `AdamWEntry` in
-// src/cuda/train.rs): its buffers, length and its group's rate and decay.
+// src/cuda/nn.rs): its buffers, length and its group's rate and decay.
 struct AdamWEntry {
     float* param;
     const float* grad;

@@ -1,5 +1,5 @@
-//! The trainer's CUDA ops (kernels/train.cu) against their CPU twins
-//! (src/cpu/train.rs), op by op, in every compute dtype, on random inputs of
+//! The nn family's CUDA ops (kernels/nn.cu) against their CPU twins
+//! (src/cpu/nn.rs), op by op, in every compute dtype, on random inputs of
 //! awkward shapes: outputs NaN-poisoned before overwriting ops, accumulating
 //! ops started from random values. Inputs are rounded to the dtype first,
 //! so both sides see the same values.
@@ -13,13 +13,14 @@
 mod common;
 
 use half::{bf16, f16};
+use lorafuse::attention::{AttentionOps, AttnShape};
 use lorafuse::cpu::Cpu;
 #[cfg(feature = "cuda")]
 use lorafuse::cuda::Gpu;
 use lorafuse::dtype::widen;
 use lorafuse::lowrank::{Grads, LinearShape, LowRankOps};
+use lorafuse::nn::{AdamWStep, AdamWTensor, NnOps, SeqShape, TokenIds, IGNORE};
 use lorafuse::testing::{abs, check_bounded, check_close, ErrorBound, Magnitude};
-use lorafuse::train::ops::{AdamWStep, AdamWTensor, AttnShape, SeqShape, TokenIds, TrainOps, IGNORE};
 use lorafuse::{Backend, Element};
 
 fn nan<T: Element>(n: usize) -> Vec<T> {
@@ -60,7 +61,7 @@ fn check<B: Backend, T: Element>(dev: &B, ctx: &str, got: &B::Buf<T>, want: &[T]
     }
 }
 
-fn embedding<B: TrainOps, T: Element>(dev: &B) {
+fn embedding<B: NnOps, T: Element>(dev: &B) {
     for (n, &(batch, seq, width, vocab, positions)) in
         [(1, 1, 1, 1, 1), (2, 7, 33, 50, 9), (3, 64, 96, 300, 64)].iter().enumerate()
     {
@@ -128,7 +129,7 @@ fn gpu_embedding_guards_bad_tokens() {
     assert!(out[0].is_finite() && out[2].is_nan(), "guarded embedding rows: {out:?}");
 }
 
-fn layernorm<B: TrainOps, T: Element>(dev: &B) {
+fn layernorm<B: NnOps, T: Element>(dev: &B) {
     // d = 12, 768, 1024: the kernel's register path; 1028 (a multiple of 4
     // over 1024) and the odd widths: its plain loop.
     let shapes = [(1, 1), (1, 31), (9, 33), (130, 768), (65, 257), (3, 12), (17, 1024), (5, 1028)];
@@ -202,9 +203,9 @@ fn layernorm<B: TrainOps, T: Element>(dev: &B) {
 
 test_device!(layernorm[f32, bf16, f16], gpu: gpu_layernorm_matches_cpu);
 
-/// The [`TrainOps`] attention entry points (the kernels themselves are
+/// The [`AttentionOps`] entry points (the kernels themselves are
 /// tested in depth by tests/attention.rs): wiring, `lse`, and `dqkv`.
-fn attention<B: TrainOps, T: Element>(dev: &B) {
+fn attention<B: AttentionOps, T: Element>(dev: &B) {
     for (n, &(batch, seq, heads, head_dim)) in [(1, 1, 1, 1), (2, 33, 3, 16), (1, 70, 2, 64)].iter().enumerate() {
         let seed = 300 + n as u64;
         let ctx = format!("batch={batch} seq={seq} heads={heads} head_dim={head_dim} seed={seed}");
@@ -233,7 +234,7 @@ fn attention<B: TrainOps, T: Element>(dev: &B) {
 
 test_device!(attention[f32, bf16], gpu: gpu_attention_matches_cpu);
 
-fn elementwise<B: TrainOps, T: Element>(dev: &B) {
+fn elementwise<B: NnOps, T: Element>(dev: &B) {
     for (k, &n) in [1usize, 31, 4097, 100_003].iter().enumerate() {
         let seed = 400 + k as u64;
         let ctx = format!("n={n} seed={seed}");
@@ -270,7 +271,7 @@ fn elementwise<B: TrainOps, T: Element>(dev: &B) {
     }
 }
 
-fn optimizer<B: TrainOps>(dev: &B) {
+fn optimizer<B: NnOps>(dev: &B) {
     for (k, &n) in [1usize, 31, 4097, 100_003].iter().enumerate() {
         let seed = 450 + k as u64;
         let x: Vec<f32> = input(seed, n, 4.0);
@@ -299,7 +300,7 @@ fn optimizer<B: TrainOps>(dev: &B) {
 
 /// Multi-tensor AdamW (one launch for every tensor, each with its own rate
 /// and decay) against the CPU twin's one call per tensor.
-fn adamw_many<B: TrainOps>(dev: &B) {
+fn adamw_many<B: NnOps>(dev: &B) {
     let sizes = [31usize, 1, 100_003, 4097, 3072];
     let hp = AdamWStep {
         lr: f64::NAN,
@@ -350,7 +351,7 @@ fn adamw_many<B: TrainOps>(dev: &B) {
 }
 
 /// The batched norm shares (one launch, one download per optimizer step).
-fn sum_squares_each<B: TrainOps>(dev: &B) {
+fn sum_squares_each<B: NnOps>(dev: &B) {
     let xs: Vec<Vec<f32>> =
         [1usize, 257, 70_001].iter().enumerate().map(|(i, &n)| input(600 + i as u64, n, 2.0)).collect();
     let on_dev: Vec<_> = xs.iter().map(|x| dev.upload(x).unwrap()).collect();
@@ -370,7 +371,7 @@ test_device!(sum_squares_each, gpu: gpu_sum_squares_each_matches_cpu);
 /// `padded > vocab` is the LM head's padded vocabulary: pad columns hold
 /// random logits too, which must stay out of the softmax and get a zero
 /// gradient; 50304 takes the kernel's 16-byte path, 50257 its scalar one.
-fn cross_entropy<B: TrainOps, T: Element>(dev: &B) {
+fn cross_entropy<B: NnOps, T: Element>(dev: &B) {
     let shapes = [(1usize, 1usize, 1usize), (3, 7, 7), (3, 7, 64), (17, 257, 257), (17, 257, 320)];
     let gpt2 = [(64, 50_257, 50_257), (64, 50_257, 50_304)];
     for (k, &(rows, vocab, padded)) in shapes.iter().chain(&gpt2).enumerate() {
@@ -407,7 +408,7 @@ test_device!(cross_entropy[f32, bf16], gpu: gpu_cross_entropy_matches_cpu);
 /// the CPU the padded sums only add exact zeros, so everything is equal
 /// bit for bit; on the GPU cuBLAS may pick a different kernel per width, so
 /// the comparison allows the dtype's rounding.
-fn lm_head_padding<B: TrainOps + LowRankOps + 'static>(b: &B) {
+fn lm_head_padding<B: NnOps + LowRankOps + 'static>(b: &B) {
     let exact = common::is_cpu::<B>();
     let (rows, d, vocab) = (19usize, 24usize, 50usize);
     let padded = lorafuse::train::model::padded_vocab(vocab);

@@ -1,27 +1,15 @@
-//! CPU twin of the trainer's non-GEMM ops ([`crate::train::ops::TrainOps`]).
+//! CPU twin of `kernels/nn.cu` ([`crate::nn::NnOps`]).
 //!
 //! Each op is written once as a plain f64 function (`*_f64`, public so the
 //! finite-difference tests check the math in f64 directly), and the
-//! [`TrainOps`] impl converts the f32 buffers at the edges. Matrix products
-//! inside attention go through [`super::gemm::matmul`]; attention itself
-//! lives in [`super::attention`] (its kernels have a family of their own).
+//! [`NnOps`] impl converts the f32 buffers at the edges.
 
 use rayon::prelude::*;
 
-pub use super::attention::{attention_backward_f64, attention_forward_f64};
-use super::Cpu;
-use crate::dtype::Element;
-use crate::error::check_len;
-use crate::train::ops::{check, AdamWStep, AttnShape, CrossEntropyOut, SeqShape, TokenIds, TrainOps, IGNORE};
+use super::{store, Cpu};
+use crate::dtype::{widen, Element};
+use crate::nn::{check, AdamWStep, CrossEntropyOut, NnOps, SeqShape, TokenIds, IGNORE};
 use crate::Result;
-
-fn to64<T: Element>(x: &[T]) -> Vec<f64> {
-    x.iter().map(|&v| v.to_f64()).collect()
-}
-
-fn store<T: Element>(dst: &mut [T], src: &[f64]) {
-    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = T::from_f64(s));
-}
 
 fn accumulate(dst: &mut [f32], src: &[f64]) {
     dst.iter_mut().zip(src).for_each(|(d, &s)| *d = (*d as f64 + s) as f32);
@@ -106,7 +94,7 @@ pub fn cross_entropy_row_f64(logits: &[f64], target: usize) -> (f64, bool, Vec<f
     (lse - logits[target], argmax == target, grad)
 }
 
-impl TrainOps for Cpu {
+impl NnOps for Cpu {
     fn embedding_forward<T: Element>(
         &self,
         tokens: TokenIds<'_, Cpu>,
@@ -143,7 +131,7 @@ impl TrainOps for Cpu {
         if let (Some(dwte), Some(vocab)) = (dwte, vocab) {
             check::tokens("embedding_backward", tokens.host, vocab)?;
             check::tokens("embedding_backward", tokens.device, vocab)?;
-            let mut acc = to64(dwte);
+            let mut acc = widen(dwte);
             for (i, &tok) in tokens.device.iter().enumerate() {
                 for c in 0..width {
                     acc[tok as usize * width + c] += dout[i * width + c] as f64;
@@ -152,7 +140,7 @@ impl TrainOps for Cpu {
             store(dwte, &acc);
         }
         if let Some(dwpe) = dwpe {
-            let mut acc = to64(dwpe);
+            let mut acc = widen(dwpe);
             for i in 0..shape.tokens() {
                 let t = i % shape.seq;
                 for c in 0..width {
@@ -175,7 +163,7 @@ impl TrainOps for Cpu {
         rstd: &mut Vec<f32>,
     ) -> Result<()> {
         check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()))?;
-        let (o, m, r) = layernorm_forward_f64(&to64(x), &to64(gamma), &to64(beta), eps);
+        let (o, m, r) = layernorm_forward_f64(&widen(x), &widen(gamma), &widen(beta), eps);
         store(out, &o);
         store(mean, &m);
         store(rstd, &r);
@@ -212,7 +200,7 @@ impl TrainOps for Cpu {
     ) -> Result<()> {
         let lens = (dout.len(), x.len(), gamma.len(), mean.len(), rstd.len(), dx.len());
         check::layernorm_backward(lens, dgamma.as_ref().map(|b| b.len()), dbeta.as_ref().map(|b| b.len()))?;
-        let (gx, gg, gb) = layernorm_backward_f64(&to64(dout), &to64(x), &to64(gamma), &to64(mean), &to64(rstd));
+        let (gx, gg, gb) = layernorm_backward_f64(&widen(dout), &widen(x), &widen(gamma), &widen(mean), &widen(rstd));
         accumulate(dx, &gx);
         if let Some(dg) = dgamma {
             accumulate(dg, &gg);
@@ -220,38 +208,6 @@ impl TrainOps for Cpu {
         if let Some(db) = dbeta {
             accumulate(db, &gb);
         }
-        Ok(())
-    }
-
-    fn attention_forward<T: Element>(
-        &self,
-        qkv: &Vec<T>,
-        shape: AttnShape,
-        out: &mut Vec<T>,
-        lse: &mut Vec<f32>,
-    ) -> Result<()> {
-        check::attention_lse("attention_forward", shape, qkv.len(), out.len(), lse.len())?;
-        let (o, l) = attention_forward_f64(&to64(qkv), shape)?;
-        store(out, &o);
-        store(lse, &l);
-        Ok(())
-    }
-
-    fn attention_backward<T: Element>(
-        &self,
-        dout: &Vec<T>,
-        qkv: &Vec<T>,
-        out: &Vec<T>,
-        lse: &Vec<f32>,
-        shape: AttnShape,
-        dqkv: &mut Vec<T>,
-    ) -> Result<()> {
-        let op = "attention_backward";
-        check::attention_lse(op, shape, qkv.len(), dout.len(), lse.len())?;
-        check_len(op, "out", out.len(), dout.len())?;
-        check_len(op, "dqkv", dqkv.len(), qkv.len())?;
-        let g = attention_backward_f64(&to64(dout), &to64(qkv), &to64(out), &to64(lse), shape)?;
-        store(dqkv, &g);
         Ok(())
     }
 
@@ -305,7 +261,7 @@ impl TrainOps for Cpu {
                     }
                     return (0.0, 0);
                 }
-                let (loss, hit, g) = cross_entropy_row_f64(&to64(row), target as usize);
+                let (loss, hit, g) = cross_entropy_row_f64(&widen(row), target as usize);
                 if let Some(scale) = grad {
                     row.iter_mut().zip(&g).for_each(|(v, &d)| *v = T::from_f64(d * scale));
                 }
