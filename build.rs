@@ -12,6 +12,7 @@
 //!   `sm_80,sm_90a`. PTX for the lowest one is embedded too, so newer GPUs
 //!   can JIT it.
 //! - `LORAFUSE_SKIP_KERNELS=1`: do not compile kernels even if nvcc exists.
+//! - Without the `cuda` feature no kernel is compiled (nothing would load it).
 //! - `LORAFUSE_NVCC_FLAGS`: extra flags appended to every nvcc call.
 //!
 //! The base nvcc flags live in `kernels/nvcc-flags.txt`, which
@@ -56,10 +57,13 @@ fn main() {
     #[cfg(feature = "regen-abi")]
     abi::check(&manifest, &out_dir);
 
+    // Without the `cuda` feature nothing loads the kernels: skip nvcc quietly.
+    let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
     let skip = env::var("LORAFUSE_SKIP_KERNELS").is_ok_and(|v| v == "1");
-    let nvcc = if skip { None } else { find_nvcc() };
+    let nvcc = if skip || !cuda { None } else { find_nvcc() };
     let images: Vec<(String, Option<PathBuf>)> = match &nvcc {
         Some(nvcc) => compile_all(nvcc, &sources, &kernel_dir, &out_dir),
+        None if !cuda => sources.iter().map(|s| (stem(s), None)).collect(),
         None => {
             let why =
                 if skip { "LORAFUSE_SKIP_KERNELS=1" } else { "nvcc not found (NVCC, CUDA_HOME, CUDA_PATH, PATH)" };

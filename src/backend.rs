@@ -7,32 +7,28 @@
 
 use crate::Result;
 
-/// Plain-old-data values a buffer can hold (floats and integer indices).
-pub trait Scalar:
-    Copy
-    + Send
-    + Sync
-    + Default
-    + std::fmt::Debug
-    + bytemuck::Pod
-    + cudarc::driver::DeviceRepr
-    + cudarc::driver::ValidAsZeroBits
-    + 'static
-{
-}
+/// What a device buffer asks of its elements: cudarc's `DeviceRepr` and
+/// `ValidAsZeroBits` with the `cuda` feature, nothing without it (so the
+/// element traits keep one definition in both builds). Implemented for
+/// every type that qualifies; there is nothing to implement by hand.
+#[cfg(feature = "cuda")]
+pub trait DeviceCopy: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
+#[cfg(feature = "cuda")]
+impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> DeviceCopy for T {}
 
-impl<T> Scalar for T where
-    T: Copy
-        + Send
-        + Sync
-        + Default
-        + std::fmt::Debug
-        + bytemuck::Pod
-        + cudarc::driver::DeviceRepr
-        + cudarc::driver::ValidAsZeroBits
-        + 'static
-{
-}
+/// What a device buffer asks of its elements: cudarc's `DeviceRepr` and
+/// `ValidAsZeroBits` with the `cuda` feature, nothing without it (so the
+/// element traits keep one definition in both builds). Implemented for
+/// every type that qualifies; there is nothing to implement by hand.
+#[cfg(not(feature = "cuda"))]
+pub trait DeviceCopy {}
+#[cfg(not(feature = "cuda"))]
+impl<T> DeviceCopy for T {}
+
+/// Plain-old-data values a buffer can hold (floats and integer indices).
+pub trait Scalar: Copy + Send + Sync + Default + std::fmt::Debug + bytemuck::Pod + DeviceCopy + 'static {}
+
+impl<T> Scalar for T where T: Copy + Send + Sync + Default + std::fmt::Debug + bytemuck::Pod + DeviceCopy + 'static {}
 
 /// A place to run kernels: the CPU oracle or a CUDA device.
 pub trait Backend: Send + Sync {

@@ -66,16 +66,7 @@ impl std::str::FromStr for DType {
 
 /// A storage element type. Implemented for `f32`, `half::f16` and `half::bf16`.
 pub trait Element:
-    Copy
-    + Send
-    + Sync
-    + Default
-    + PartialEq
-    + std::fmt::Debug
-    + bytemuck::Pod
-    + cudarc::driver::DeviceRepr
-    + cudarc::driver::ValidAsZeroBits
-    + 'static
+    Copy + Send + Sync + Default + PartialEq + std::fmt::Debug + bytemuck::Pod + crate::backend::DeviceCopy + 'static
 {
     /// The runtime tag of this type.
     const DTYPE: DType;
@@ -126,4 +117,10 @@ impl Element for bf16 {
 /// Converts a slice of one element type into another (rounding to nearest).
 pub fn convert<S: Element, D: Element>(src: &[S]) -> Vec<D> {
     src.iter().map(|&v| D::from_f32(v.to_f32())).collect()
+}
+
+/// Widens every element to f64 exactly: the working precision of the CPU
+/// oracle and of every test's expected values.
+pub fn widen<T: Element>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|e| e.to_f64()).collect()
 }

@@ -24,6 +24,12 @@
 //! - [`experiment`]: experiments built on all of the above (the adapter
 //!   summation study).
 //!
+//! Features (both default): `cuda`, the CUDA backend (`lorafuse::cuda`, the
+//! compiled kernels, the C ABI's `_cuda` entry points, and the re-exported
+//! `lorafuse::cudarc`); `cli`, the `lorafuse` binary (clap, indicatif, toml; implies
+//! `cuda`). With `default-features = false` the CPU backend, the adapter
+//! files, the trainer and the C ABI's CPU forms remain.
+//!
 //! Every operation exists three times under one name: `kernels/<family>.cu`,
 //! `src/cpu/<family>.rs` (the oracle) and `src/cuda/<family>.rs` (the launch
 //! wrappers), with `tests/<family>.rs` and `benches/<family>.rs` beside them.
@@ -49,6 +55,7 @@ pub mod attention;
 pub mod backend;
 pub mod capi;
 pub mod cpu;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
 pub mod dtype;
@@ -68,5 +75,11 @@ pub mod testing;
 pub mod train;
 
 pub use backend::{Backend, Scalar};
+/// The cudarc this crate is built against: its types (`CudaSlice`,
+/// `CudaStream`, `DriverError`) appear in [`cuda`]'s API, so engines name
+/// them through this re-export and cannot pick up a second, incompatible
+/// version.
+#[cfg(feature = "cuda")]
+pub use cudarc;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

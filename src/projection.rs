@@ -206,6 +206,7 @@ pub fn column_scale(count: u32) -> f32 {
 }
 
 /// `ceil(log2(n))`, at least 0: headroom bits the fixed-point scatter keeps.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn ceil_log2(n: u32) -> u32 {
     32 - n.max(1).saturating_sub(1).leading_zeros()
 }
@@ -397,6 +398,7 @@ pub struct PreparedProjection<B: Backend> {
     /// call found. Empty on the CPU. Behind a lock so that a scatter holds
     /// it for the whole call; two scatters with one prepared projection on
     /// different streams are ordered by the buffer's stream events.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) scatter_workspace: std::sync::Mutex<B::Buf<u64>>,
 }
 

@@ -3,6 +3,10 @@
 //! merge→unmerge, the Gram-product cosine, recompression, and the GPU kernel
 //! against the CPU (skipped without a GPU).
 
+// Without the `cuda` feature the GPU tests compile out, and the helpers
+// only they use would warn.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code, unused_imports))]
+
 mod common;
 
 use std::sync::Arc;
@@ -314,6 +318,7 @@ fn compression_is_the_best_rank_r_approximation() {
     assert!(adapter_sum::compress(&sum, 0).is_err());
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_merge_matches_cpu() {
     let Some(gpu) = common::gpu_or_skip("gpu_merge_matches_cpu") else { return };
@@ -328,6 +333,7 @@ fn gpu_merge_matches_cpu() {
     }
 }
 
+#[cfg(feature = "cuda")]
 fn gpu_case<T: Element>(gpu: &lorafuse::cuda::Gpu, s: MergeShape, seed: u64) {
     let w0: Vec<T> = common::random(seed, s.rows * s.cols).into_iter().map(T::from_f32).collect();
     let left = common::random(seed + 1, s.rank * s.rows);
@@ -352,6 +358,7 @@ fn gpu_case<T: Element>(gpu: &lorafuse::cuda::Gpu, s: MergeShape, seed: u64) {
     check_bounded(&ctx, &got, &want, &mag, bound).unwrap();
 }
 
+#[cfg(feature = "cli")]
 /// Runs the `lorafuse` binary and returns its stdout, failing on a non-zero exit.
 fn lorafuse(args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_lorafuse")).args(args).output().unwrap();
@@ -360,6 +367,7 @@ fn lorafuse(args: &[&str]) -> String {
     stdout.into_owned()
 }
 
+#[cfg(feature = "cli")]
 #[test]
 fn cli_sum_similarity_merge_unmerge_and_compress() {
     use lorafuse::peft::{self, Tensor, TensorFile};
@@ -453,6 +461,7 @@ fn adapters_with_weights_lorafuse_cannot_sum_are_refused_not_dropped() {
 
 // ---- the streaming merge kernel, element by element (skip without a GPU) ---
 
+#[cfg(feature = "cuda")]
 /// Per element of `W + alpha·leftᵀ·right`, the exact value and the error the
 /// kernel's arithmetic allows: the rank-r dot product in f32 (at most
 /// (r+1)·2^-24·Σ|terms|), one f32 fma (2^-24·|x|), then one rounding to T
@@ -488,6 +497,7 @@ fn merge_bounds<T: Element>(w: &[T], s: MergeShape, left: &[f32], right: &[f32],
     (want, bound)
 }
 
+#[cfg(feature = "cuda")]
 fn gpu_merge_case<T: Element>(gpu: &lorafuse::cuda::Gpu, s: MergeShape, alpha: f32, seed: u64) {
     let ctx = format!("gpu adapter_merge {s:?} {} alpha={alpha} seed={seed}", T::DTYPE);
     let w0: Vec<T> = common::random(seed, s.rows * s.cols).into_iter().map(T::from_f32).collect();
@@ -511,6 +521,7 @@ fn gpu_merge_case<T: Element>(gpu: &lorafuse::cuda::Gpu, s: MergeShape, alpha: f
     assert_eq!(bits(&got), bits(&run()), "{ctx}: two merges gave different bits");
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_merge_is_within_its_rounding_bound_on_every_tile_edge_and_rank_slice() {
     let Some(gpu) = common::gpu_or_skip("gpu_merge_is_within_its_rounding_bound_...") else { return };
@@ -538,6 +549,7 @@ fn gpu_merge_is_within_its_rounding_bound_on_every_tile_edge_and_rank_slice() {
     }
 }
 
+#[cfg(feature = "cuda")]
 /// An error above its bound, or NaN (which no bound admits).
 fn outside(err: f64, bound: f64) -> bool {
     err.is_nan() || err > bound

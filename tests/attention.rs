@@ -9,13 +9,20 @@
 //! twin on awkward shapes with those bounds, bit-identical reruns, and the
 //! argument checks.
 
+// Without the `cuda` feature the GPU tests compile out, and the helpers
+// only they use would warn.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code, unused_imports))]
+
 mod common;
 
 use half::{bf16, f16};
 use lorafuse::attention::AttnShape;
 use lorafuse::cpu::attention::{attention_backward_f64, attention_forward_f64, attention_probs_f64};
+#[cfg(feature = "cuda")]
 use lorafuse::cuda::attention::{attention_backward, attention_forward, MAX_HEAD_DIM};
+#[cfg(feature = "cuda")]
 use lorafuse::cuda::Gpu;
+use lorafuse::dtype::widen;
 use lorafuse::nn::SeqShape;
 use lorafuse::testing::{check_bounded, check_close, compare, ErrorBound, Level, Magnitude};
 use lorafuse::{Backend, Element, Error};
@@ -367,10 +374,7 @@ fn round<T: Element>(v: &[f64]) -> Vec<T> {
     v.iter().map(|&x| T::from_f64(x)).collect()
 }
 
-fn widen<T: Element>(v: &[T]) -> Vec<f64> {
-    v.iter().map(|x| x.to_f64()).collect()
-}
-
+#[cfg(feature = "cuda")]
 /// Forward and backward of one shape against the f64 twin. Outputs start as
 /// NaN so an element the kernels never write fails the comparison.
 fn check_shape<T: Element>(gpu: &Gpu, s: AttnShape, seed: u64) {
@@ -405,6 +409,7 @@ fn check_shape<T: Element>(gpu: &Gpu, s: AttnShape, seed: u64) {
     check_bound(&format!("attention_backward dqkv {ctx}"), &gpu.download(&dqkv_g).unwrap(), &dqkv_ref, &mag.dqkv);
 }
 
+#[cfg(feature = "cuda")]
 /// seq around the tile sizes (32, 64) and their multiples, hd in every
 /// kernel bucket (32, 64, 128) with odd sizes that leave padding (and take
 /// the element-wise load path of the tensor-core kernels); heads and batch
@@ -426,6 +431,7 @@ fn shapes() -> Vec<(AttnShape, u64)> {
     v
 }
 
+#[cfg(feature = "cuda")]
 fn gpu_matches<T: Element>(test: &str) {
     let Some(gpu) = common::gpu_or_skip(test) else { return };
     for (s, seed) in shapes() {
@@ -433,21 +439,25 @@ fn gpu_matches<T: Element>(test: &str) {
     }
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_attention_f32_matches_f64() {
     gpu_matches::<f32>("gpu_attention_f32_matches_f64");
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_attention_f16_matches_f64() {
     gpu_matches::<f16>("gpu_attention_f16_matches_f64");
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_attention_bf16_matches_f64() {
     gpu_matches::<bf16>("gpu_attention_bf16_matches_f64");
 }
 
+#[cfg(feature = "cuda")]
 /// Two forward and two backward runs on the same inputs, compared bit for bit.
 fn bit_identical<T: Element>(gpu: &Gpu, s: AttnShape, seed: u64) {
     let ctx = format!("{} {} seed={seed}", T::DTYPE, describe(s));
@@ -469,6 +479,7 @@ fn bit_identical<T: Element>(gpu: &Gpu, s: AttnShape, seed: u64) {
     assert!(first.2 == second.2, "attention_backward dqkv differs between runs {ctx}");
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_attention_is_bit_identical_across_runs() {
     let Some(gpu) = common::gpu_or_skip("gpu_attention_is_bit_identical_across_runs") else { return };
@@ -479,6 +490,7 @@ fn gpu_attention_is_bit_identical_across_runs() {
     bit_identical::<f16>(&gpu, shape(2, 100, 1, 33), 2004);
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_attention_rejects_bad_arguments() {
     let Some(gpu) = common::gpu_or_skip("gpu_attention_rejects_bad_arguments") else { return };

@@ -9,6 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::ffi::{c_void, CStr};
 
+#[cfg(feature = "cuda")]
 use common::gpu_or_skip;
 use half::bf16;
 use lorafuse::capi::*;
@@ -16,6 +17,7 @@ use lorafuse::cpu::Cpu;
 use lorafuse::lowrank::{Adapter, LinearShape, LowRankOps};
 use lorafuse::multi_adapter::*;
 use lorafuse::rng::Rng;
+#[cfg(feature = "cuda")]
 use lorafuse::Backend;
 
 const HEADER: &str = include_str!("../include/lorafuse.h");
@@ -419,6 +421,47 @@ fn pool_and_multi_adapter_cpu_equal_rust_api() {
     assert_eq!(unsafe { lorafuse_pool_destroy(pool) }, LORAFUSE_OK);
 }
 
+/// Where no GPU answers (or the build has no CUDA): a status code and a
+/// message, never a panic or a crash. Returns the last message.
+fn cuda_entry_points_fail_cleanly() -> String {
+    let mut pool: *mut LorafusePool = std::ptr::null_mut();
+    let st = unsafe { lorafuse_pool_create_cuda(0, LORAFUSE_BF16, 4, 4, 1, 1, 4, 4, &mut pool) };
+    assert!(st == LORAFUSE_ERR_NO_DEVICE || st == LORAFUSE_ERR_KERNELS_NOT_BUILT, "status {st}");
+    assert!(pool.is_null(), "a failed create must not hand out a pool");
+    let fake = 256usize as *const c_void;
+    let st = unsafe {
+        lorafuse_lora_linear_cuda(
+            std::ptr::null_mut(),
+            LORAFUSE_BF16,
+            1,
+            8,
+            8,
+            1,
+            fake,
+            fake,
+            std::ptr::null(),
+            fake.cast(),
+            fake.cast(),
+            std::ptr::null(),
+            std::ptr::null(),
+            1.0,
+            fake as *mut c_void,
+        )
+    };
+    assert!(st == LORAFUSE_ERR_NO_DEVICE || st == LORAFUSE_ERR_KERNELS_NOT_BUILT, "status {st}");
+    unsafe { CStr::from_ptr(lorafuse_last_error()) }.to_string_lossy().into_owned()
+}
+
+/// A build without the `cuda` feature keeps the CUDA symbols (one header
+/// for both builds); they refuse, and say how to get them.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_entry_points_name_the_missing_feature_in_a_build_without_cuda() {
+    let msg = cuda_entry_points_fail_cleanly();
+    assert!(msg.contains("`cuda` feature") && msg.contains("_cpu"), "{msg}");
+}
+
+#[cfg(feature = "cuda")]
 #[test]
 fn cuda_entry_points_fail_cleanly_or_match_rust_api() {
     let (m, k, n, r) = (3usize, 64usize, 40usize, 4usize);
@@ -427,31 +470,7 @@ fn cuda_entry_points_fail_cleanly_or_match_rust_api() {
     let w = bf(&rng.uniform_vec(n * k, -1.0, 1.0));
     let (a, b) = (rng.uniform_vec(r * k, -1.0, 1.0), rng.uniform_vec(n * r, -1.0, 1.0));
     let Some(gpu) = gpu_or_skip("cuda_entry_points_match_rust_api") else {
-        // No GPU: a status code and a message, never a panic or a crash.
-        let mut pool: *mut LorafusePool = std::ptr::null_mut();
-        let st = unsafe { lorafuse_pool_create_cuda(0, LORAFUSE_BF16, 4, 4, 1, 1, 4, 4, &mut pool) };
-        assert!(st == LORAFUSE_ERR_NO_DEVICE || st == LORAFUSE_ERR_KERNELS_NOT_BUILT, "status {st}");
-        let fake = 256usize as *const c_void;
-        let st = unsafe {
-            lorafuse_lora_linear_cuda(
-                std::ptr::null_mut(),
-                LORAFUSE_BF16,
-                1,
-                8,
-                8,
-                1,
-                fake,
-                fake,
-                std::ptr::null(),
-                fake.cast(),
-                fake.cast(),
-                std::ptr::null(),
-                std::ptr::null(),
-                1.0,
-                fake as *mut c_void,
-            )
-        };
-        assert!(st == LORAFUSE_ERR_NO_DEVICE || st == LORAFUSE_ERR_KERNELS_NOT_BUILT, "status {st}");
+        cuda_entry_points_fail_cleanly();
         return;
     };
     use cudarc::driver::DevicePtr;

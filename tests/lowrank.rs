@@ -3,11 +3,15 @@
 //! trainable/frozen combination, typed errors; then the GPU against the CPU
 //! (skipped without a GPU).
 
+// Without the `cuda` feature the GPU tests compile out, and the helpers
+// only they use would warn.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code, unused_imports))]
+
 mod common;
 
 use half::{bf16, f16};
 use lorafuse::cpu::Cpu;
-use lorafuse::dtype::{convert, Element};
+use lorafuse::dtype::{convert, widen as f64s, Element};
 use lorafuse::lowrank::*;
 use lorafuse::rng::Rng;
 use lorafuse::testing::{abs, check_bounded, check_close, ErrorBound, Level, Magnitude};
@@ -50,10 +54,6 @@ impl Case {
     fn adapter(&self) -> Adapter<'_, Cpu> {
         Adapter { a: &self.a, b: &self.b, u: self.u.as_ref(), v: self.v.as_ref(), scale: self.scale }
     }
-}
-
-fn f64s(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&e| e as f64).collect()
 }
 
 /// Independent forward: explicit loops, f64, no shared code with the oracle.
@@ -531,11 +531,13 @@ fn bounds_hold_for_an_emulation_of_the_kernels_arithmetic() {
 
 // ---- GPU against the CPU oracle ------------------------------------------
 
+#[cfg(feature = "cuda")]
 use lorafuse::cuda::Gpu;
 use lorafuse::Backend;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
+#[cfg(feature = "cuda")]
 /// One randomised GPU-vs-CPU comparison: forward (with `t` saved and a
 /// NaN-poisoned `y`), the in-place add, and the backward with the gradients
 /// of `train` (+ dx, dW, dbias when asked) accumulated onto random values.
@@ -810,12 +812,14 @@ fn magnitudes<T: Element>(
     Magnitudes { y, t: t_mag, add, dx, grads: vec![dw, dbias, da, db, du, dv] }
 }
 
+#[cfg(feature = "cuda")]
 fn shape_strategy() -> impl Strategy<Value = LinearShape> {
     let m = prop_oneof![1usize..=4, 5usize..=32, 33usize..=300];
     let r = prop_oneof![Just(1usize), 2usize..=17, 18usize..=128];
     (m, 1usize..=300, 1usize..=300, r).prop_map(|(m, k, n, r)| LinearShape { m, k, n, r })
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_lowrank_matches_cpu_on_random_shapes_dtypes_and_combinations() {
     let Some(gpu) = common::gpu_or_skip("gpu_lowrank_matches_cpu_on_random_shapes_dtypes_and_combinations") else {
@@ -847,6 +851,7 @@ fn gpu_lowrank_matches_cpu_on_random_shapes_dtypes_and_combinations() {
         .unwrap();
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_edge_shapes_every_dtype() {
     let Some(gpu) = common::gpu_or_skip("gpu_edge_shapes_every_dtype") else { return };
@@ -871,6 +876,7 @@ fn gpu_edge_shapes_every_dtype() {
     }
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_results_are_deterministic() {
     let Some(gpu) = common::gpu_or_skip("gpu_results_are_deterministic") else { return };
@@ -1191,6 +1197,7 @@ fn packed_layout_errors_are_typed_and_name_the_operand() {
     assert!(Cpu.pack_rows(2, 3, 2, &vec![0f32; 6], &mut dst).is_err());
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_packed_matches_cpu_packed_every_dtype() {
     let Some(gpu) = common::gpu_or_skip("gpu_packed_matches_cpu_packed_every_dtype") else { return };
@@ -1227,6 +1234,7 @@ fn gemm_abs<T: Element>(
     out
 }
 
+#[cfg(feature = "cuda")]
 /// The GPU's packed path against the CPU twin, element by element against
 /// derived bounds (src/testing.rs): y and dx are ONE GEMM each (over K + p,
 /// N + p) whose 16-bit operands t' and dS may round differently on the two

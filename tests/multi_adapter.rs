@@ -19,17 +19,17 @@
 //! on a dot product of length K (shrink), then r (expand), plus the scale,
 //! `u`, `v` products and the add onto `y₀`.
 
+#[macro_use]
 mod common;
 
-use common::{cases, gpu_or_skip};
+use common::cases;
 use half::{bf16, f16};
 use lorafuse::cpu::Cpu;
-use lorafuse::cuda::Gpu;
 use lorafuse::lowrank::{Adapter, LinearShape, LowRankConfig, LowRankOps};
 use lorafuse::multi_adapter::*;
 use lorafuse::projection::{Assignment, Projection, ProjectionLayout, ProjectionOps, Segment};
 use lorafuse::rng::Rng;
-use lorafuse::{Backend, DType, Element, Error};
+use lorafuse::{DType, Element, Error};
 
 /// What the reference needs of one layer: the factors as the pool holds
 /// them (rounded to `T` for stored factors, exact f32 for Uni-LoRA).
@@ -309,15 +309,27 @@ fn slot_specs(rng: &mut Rng, kinds: &[Kind], slots: usize) -> Vec<Option<(Kind, 
         .collect()
 }
 
-fn twin_case<T: Element>(seed: u64, kinds: &[Kind], (k, n): (usize, usize)) {
+/// Three random batches of the adapters `kinds` (mixed ranks, an empty slot)
+/// through `dev`'s multi-adapter op against the f64 reference, within the
+/// bound of its accumulator (f64 on the CPU, f32 on a device), untouched
+/// rows left alone. The segmented (prefill) and per-row (decode) forms give
+/// the same bits, and a row's bits do not depend on its neighbours (a
+/// reversed batch gives the same rows).
+fn matches_reference<B: MultiAdapterOps + 'static, T: Element>(
+    dev: &B,
+    seed: u64,
+    kinds: &[Kind],
+    (k, n): (usize, usize),
+) {
+    let unit = if common::is_cpu::<B>() { 2f64.powi(-53) } else { 2f64.powi(-24) };
     let mut rng = Rng::new(seed);
     let layers = 1 + rng.below(3) as usize;
     let specs = slot_specs(&mut rng, kinds, 7);
-    let fx = fixture::<Cpu, T>(&Cpu, seed, (k, n, layers), &specs).unwrap();
+    let fx = fixture::<B, T>(dev, seed, (k, n, layers), &specs).unwrap();
     let filled: Vec<usize> = (0..specs.len()).filter(|&s| specs[s].is_some()).collect();
     let r_max = fx.refs.iter().flatten().map(|r| r.rank).max().unwrap_or(1);
     for round in 0..3 {
-        let segments = 1 + rng.below(9) as usize;
+        let segments = 1 + rng.below(12) as usize;
         let (starts, seg_ids) = random_batch(&mut rng, &filled, segments);
         let rows = RowAdapters::Segments { starts: &starts, ids: &seg_ids };
         let per_row = rows.per_row();
@@ -325,33 +337,50 @@ fn twin_case<T: Element>(seed: u64, kinds: &[Kind], (k, n): (usize, usize)) {
         let layer = rng.below(layers as u64) as usize;
         let x = random_t::<T>(&mut rng, m * k);
         let y0 = random_t::<T>(&mut rng, m * n);
-        let ctx = format!("seed {seed} round {round} {} K={k} N={n} layer {layer} ids {per_row:?}", T::DTYPE);
+        let ctx = format!(
+            "{} seed {seed} round {round} {} K={k} N={n} layer {layer} ids {per_row:?}",
+            dev.describe(),
+            T::DTYPE
+        );
         let (want, mag) = reference(&fx.refs, layer, &per_row, (k, n), &x, &y0);
-        // Segmented (prefill) and per-row (decode) forms of the same batch.
-        let mut y_seg = y0.clone();
-        Cpu.multi_adapter_add(&fx.pool, layer, rows, &x, &mut y_seg).unwrap();
-        check(&format!("{ctx} segments"), &y_seg, &want, &mag, k, r_max, 2f64.powi(-53));
-        check_untouched(&ctx, &per_row, n, &y_seg, &y0);
-        let mut y_rows = y0.clone();
-        Cpu.multi_adapter_add(&fx.pool, layer, RowAdapters::Rows(&per_row), &x, &mut y_rows).unwrap();
-        check(&format!("{ctx} rows"), &y_rows, &want, &mag, k, r_max, 2f64.powi(-53));
+        let xd = dev.upload(&x).unwrap();
+        let mut yd = dev.upload(&y0).unwrap();
+        dev.multi_adapter_add(&fx.pool, layer, rows, &xd, &mut yd).unwrap();
+        let got = dev.download(&yd).unwrap();
+        check(&format!("{ctx} segments"), &got, &want, &mag, k, r_max, unit);
+        check_untouched(&ctx, &per_row, n, &got, &y0);
+        let mut yd2 = dev.upload(&y0).unwrap();
+        dev.multi_adapter_add(&fx.pool, layer, RowAdapters::Rows(&per_row), &xd, &mut yd2).unwrap();
+        assert!(dev.download(&yd2).unwrap() == got, "{ctx}: rows form differs from segments form");
+        let rev: Vec<i32> = per_row.iter().rev().copied().collect();
+        let xr: Vec<T> = (0..m).rev().flat_map(|i| x[i * k..(i + 1) * k].to_vec()).collect();
+        let yr: Vec<T> = (0..m).rev().flat_map(|i| y0[i * n..(i + 1) * n].to_vec()).collect();
+        let mut ydr = dev.upload(&yr).unwrap();
+        dev.multi_adapter_add(&fx.pool, layer, RowAdapters::Rows(&rev), &dev.upload(&xr).unwrap(), &mut ydr).unwrap();
+        let back = dev.download(&ydr).unwrap();
+        for i in 0..m {
+            assert!(
+                back[(m - 1 - i) * n..(m - i) * n] == got[i * n..(i + 1) * n],
+                "{ctx}: row {i} depends on the batch"
+            );
+        }
     }
 }
 
 #[test]
 fn twin_matches_naive_reference_all_kinds_mixed_ranks() {
     for case in 0..cases(4) as u64 {
-        twin_case::<f32>(100 + case, &KINDS, (37, 45));
-        twin_case::<f16>(200 + case, &KINDS, (40, 24));
-        twin_case::<bf16>(300 + case, &KINDS, (19, 64));
+        matches_reference::<_, f32>(&Cpu, 100 + case, &KINDS, (37, 45));
+        matches_reference::<_, f16>(&Cpu, 200 + case, &KINDS, (40, 24));
+        matches_reference::<_, bf16>(&Cpu, 300 + case, &KINDS, (19, 64));
     }
 }
 
 #[test]
 fn twin_matches_reference_per_kind() {
     for (i, &kind) in KINDS.iter().enumerate() {
-        twin_case::<bf16>(400 + i as u64, &[kind], (33, 17));
-        twin_case::<f32>(500 + i as u64, &[kind], (24, 2056));
+        matches_reference::<_, bf16>(&Cpu, 400 + i as u64, &[kind], (33, 17));
+        matches_reference::<_, f32>(&Cpu, 500 + i as u64, &[kind], (24, 2056));
     }
 }
 
@@ -553,59 +582,16 @@ fn bad_input_gets_typed_errors() {
 
 // ---- GPU: the kernels against the same reference ------------------------------
 
-fn gpu_case<T: Element>(gpu: &Gpu, seed: u64, kinds: &[Kind], (k, n): (usize, usize)) {
-    let mut rng = Rng::new(seed);
-    let layers = 1 + rng.below(3) as usize;
-    let specs = slot_specs(&mut rng, kinds, 7);
-    let fx = fixture::<Gpu, T>(gpu, seed, (k, n, layers), &specs).unwrap();
-    let filled: Vec<usize> = (0..specs.len()).filter(|&s| specs[s].is_some()).collect();
-    let r_max = fx.refs.iter().flatten().map(|r| r.rank).max().unwrap_or(1);
-    for round in 0..3 {
-        let segments = 1 + rng.below(12) as usize;
-        let (starts, seg_ids) = random_batch(&mut rng, &filled, segments);
-        let rows = RowAdapters::Segments { starts: &starts, ids: &seg_ids };
-        let per_row = rows.per_row();
-        let m = per_row.len();
-        let layer = rng.below(layers as u64) as usize;
-        let x = random_t::<T>(&mut rng, m * k);
-        let y0 = random_t::<T>(&mut rng, m * n);
-        let ctx = format!("gpu seed {seed} round {round} {} K={k} N={n} layer {layer} ids {per_row:?}", T::DTYPE);
-        let (want, mag) = reference(&fx.refs, layer, &per_row, (k, n), &x, &y0);
-        let xd = gpu.upload(&x).unwrap();
-        let mut yd = gpu.upload(&y0).unwrap();
-        gpu.multi_adapter_add(&fx.pool, layer, rows, &xd, &mut yd).unwrap();
-        let got = gpu.download(&yd).unwrap();
-        check(&ctx, &got, &want, &mag, k, r_max, 2f64.powi(-24));
-        check_untouched(&ctx, &per_row, n, &got, &y0);
-        // Deterministic, and a row's bits do not depend on its neighbours:
-        // the per-row form and a reversed batch give the same rows.
-        let mut yd2 = gpu.upload(&y0).unwrap();
-        gpu.multi_adapter_add(&fx.pool, layer, RowAdapters::Rows(&per_row), &xd, &mut yd2).unwrap();
-        assert!(gpu.download(&yd2).unwrap() == got, "{ctx}: rows form differs from segments form");
-        let rev: Vec<i32> = per_row.iter().rev().copied().collect();
-        let xr: Vec<T> = (0..m).rev().flat_map(|i| x[i * k..(i + 1) * k].to_vec()).collect();
-        let yr: Vec<T> = (0..m).rev().flat_map(|i| y0[i * n..(i + 1) * n].to_vec()).collect();
-        let mut ydr = gpu.upload(&yr).unwrap();
-        gpu.multi_adapter_add(&fx.pool, layer, RowAdapters::Rows(&rev), &gpu.upload(&xr).unwrap(), &mut ydr).unwrap();
-        let back = gpu.download(&ydr).unwrap();
-        for i in 0..m {
-            assert!(
-                back[(m - 1 - i) * n..(m - i) * n] == got[i * n..(i + 1) * n],
-                "{ctx}: row {i} depends on the batch"
-            );
-        }
+/// Every kind on the shapes of the device kernels' paths: multiples of 8
+/// take the 16-byte paths; the others the scalar ones.
+fn matches_reference_on_kernel_paths<B: MultiAdapterOps + 'static>(dev: &B) {
+    for case in 0..cases(4) as u64 {
+        matches_reference::<_, bf16>(dev, 600 + case, &KINDS, (4096, 512));
+        matches_reference::<_, f16>(dev, 700 + case, &KINDS, (256, 2056));
+        matches_reference::<_, f32>(dev, 800 + case, &KINDS, (72, 4104));
+        matches_reference::<_, bf16>(dev, 900 + case, &KINDS, (37, 45));
+        matches_reference::<_, f32>(dev, 950 + case, &KINDS, (1, 3));
     }
 }
 
-#[test]
-fn gpu_matches_reference_all_kinds() {
-    let Some(gpu) = gpu_or_skip("gpu_matches_reference_all_kinds") else { return };
-    for case in 0..cases(4) as u64 {
-        // Multiples of 8 take the 16-byte paths; the others the scalar ones.
-        gpu_case::<bf16>(&gpu, 600 + case, &KINDS, (4096, 512));
-        gpu_case::<f16>(&gpu, 700 + case, &KINDS, (256, 2056));
-        gpu_case::<f32>(&gpu, 800 + case, &KINDS, (72, 4104));
-        gpu_case::<bf16>(&gpu, 900 + case, &KINDS, (37, 45));
-        gpu_case::<f32>(&gpu, 950 + case, &KINDS, (1, 3));
-    }
-}
+test_device!(matches_reference_on_kernel_paths, gpu: gpu_matches_reference_all_kinds);

@@ -2,14 +2,22 @@
 //! (src/cpu/nn.rs), op by op, in every compute dtype, on random inputs of
 //! awkward shapes: outputs NaN-poisoned before overwriting ops, accumulating
 //! ops started from random values. Inputs are rounded to the dtype first,
-//! so both sides see the same values. Skips without a GPU.
+//! so both sides see the same values.
+//!
+//! Each case is written once over the backend (`dev`) and the dtype, and
+//! instantiated per device by `test_device!` (tests/common): on the GPU
+//! (skipped without one; not compiled without the `cuda` feature), and on
+//! the CPU where the case has an oracle other than the CPU twin itself.
 
+#[macro_use]
 mod common;
 
 use half::{bf16, f16};
 use lorafuse::attention::{AttentionOps, AttnShape};
 use lorafuse::cpu::Cpu;
+#[cfg(feature = "cuda")]
 use lorafuse::cuda::Gpu;
+use lorafuse::dtype::widen;
 use lorafuse::lowrank::{Grads, LinearShape, LowRankOps};
 use lorafuse::nn::{AdamWStep, AdamWTensor, NnOps, SeqShape, TokenIds, IGNORE};
 use lorafuse::testing::{abs, check_bounded, check_close, ErrorBound, Magnitude};
@@ -28,9 +36,9 @@ fn input<T: Element>(seed: u64, n: usize, scale: f32) -> Vec<T> {
 /// parameter gradients of LayerNorm): each element within its derived bound
 /// (src/testing.rs) from `sum_abs` = Σ|terms| over a reduction of `n` f32
 /// additions on CUDA cores.
-fn check_sum<T: Element>(gpu: &Gpu, ctx: &str, got: &<Gpu as Backend>::Buf<T>, want: &[T], n: usize, sum_abs: &[f32]) {
-    let got = gpu.download(got).unwrap();
-    let want: Vec<f64> = want.iter().map(|v| v.to_f64()).collect();
+fn check_sum<B: Backend, T: Element>(dev: &B, ctx: &str, got: &B::Buf<T>, want: &[T], n: usize, sum_abs: &[f32]) {
+    let got = dev.download(got).unwrap();
+    let want = widen(want);
     let mag = Magnitude::sums(n, &sum_abs.iter().map(|&v| v as f64).collect::<Vec<_>>());
     let ctx = format!("{ctx} dtype={}", T::DTYPE);
     if let Err(e) = check_bounded(&ctx, &got, &want, &mag, ErrorBound::cuda_cores(T::DTYPE)) {
@@ -44,16 +52,16 @@ fn check_sum<T: Element>(gpu: &Gpu, ctx: &str, got: &<Gpu as Backend>::Buf<T>, w
 /// they differ by at most the last bits of `T`. These are not sums of
 /// products, so Σ|terms| has no meaning for them; attention has its own
 /// f64-twin tests (tests/attention.rs).
-fn check<T: Element>(gpu: &Gpu, ctx: &str, got: &<Gpu as Backend>::Buf<T>, want: &[T]) {
-    let got = gpu.download(got).unwrap();
-    let want: Vec<f64> = want.iter().map(|v| v.to_f64()).collect();
+fn check<B: Backend, T: Element>(dev: &B, ctx: &str, got: &B::Buf<T>, want: &[T]) {
+    let got = dev.download(got).unwrap();
+    let want = widen(want);
     let ctx = format!("{ctx} dtype={}", T::DTYPE);
     if let Err(e) = check_close(&ctx, &got, &want, T::DTYPE.tolerance()) {
         panic!("{e}");
     }
 }
 
-fn embedding<T: Element>(gpu: &Gpu) {
+fn embedding<B: NnOps, T: Element>(dev: &B) {
     for (n, &(batch, seq, width, vocab, positions)) in
         [(1, 1, 1, 1, 1), (2, 7, 33, 50, 9), (3, 64, 96, 300, 64)].iter().enumerate()
     {
@@ -68,10 +76,10 @@ fn embedding<T: Element>(gpu: &Gpu) {
         let mut out_c = vec![0f32; batch * seq * width];
         let ids_c = TokenIds::<Cpu> { device: &tokens, host: &tokens };
         Cpu.embedding_forward(ids_c, &wte, &wpe, shape, width, &mut out_c).unwrap();
-        let (t_g, wte_g, wpe_g) = (gpu.upload(&tokens).unwrap(), gpu.upload(&wte).unwrap(), gpu.upload(&wpe).unwrap());
-        let ids_g = TokenIds::<Gpu> { device: &t_g, host: &tokens };
-        let mut out_g = gpu.upload(&nan::<f32>(out_c.len())).unwrap();
-        gpu.embedding_forward(ids_g, &wte_g, &wpe_g, shape, width, &mut out_g).unwrap();
+        let (t_g, wte_g, wpe_g) = (dev.upload(&tokens).unwrap(), dev.upload(&wte).unwrap(), dev.upload(&wpe).unwrap());
+        let ids_g = TokenIds::<B> { device: &t_g, host: &tokens };
+        let mut out_g = dev.upload(&nan::<f32>(out_c.len())).unwrap();
+        dev.embedding_forward(ids_g, &wte_g, &wpe_g, shape, width, &mut out_g).unwrap();
         // out = wte[token] + wpe[position]: the same op on |tables| is Σ|terms|.
         let (awte, awpe): (Vec<T>, Vec<T>) = (
             wte.iter().map(|v| T::from_f64(v.to_f64().abs())).collect(),
@@ -79,28 +87,29 @@ fn embedding<T: Element>(gpu: &Gpu) {
         );
         let mut mag = vec![0f32; out_c.len()];
         Cpu.embedding_forward(ids_c, &awte, &awpe, shape, width, &mut mag).unwrap();
-        check_sum(gpu, &format!("embedding_forward {ctx} weights={}", T::DTYPE), &out_g, &out_c, 2, &mag);
+        check_sum(dev, &format!("embedding_forward {ctx} weights={}", T::DTYPE), &out_g, &out_c, 2, &mag);
 
         let dout = common::random(seed + 2, out_c.len());
         let (mut dwte_c, mut dwpe_c) = (common::random(seed + 3, wte.len()), common::random(seed + 4, wpe.len()));
-        let (mut dwte_g, mut dwpe_g) = (gpu.upload(&dwte_c).unwrap(), gpu.upload(&dwpe_c).unwrap());
+        let (mut dwte_g, mut dwpe_g) = (dev.upload(&dwte_c).unwrap(), dev.upload(&dwpe_c).unwrap());
         // dwte[v] += Σ over the tokens equal to v, dwpe[p] += Σ over rows:
         // the same op on |dout| from |start| is Σ|terms|.
         let (mut mte, mut mpe) = (abs(&dwte_c), abs(&dwpe_c));
         Cpu.embedding_backward(ids_c, &abs(&dout), shape, width, Some(&mut mte), Some(&mut mpe)).unwrap();
         Cpu.embedding_backward(ids_c, &dout, shape, width, Some(&mut dwte_c), Some(&mut dwpe_c)).unwrap();
-        let dout_g = gpu.upload(&dout).unwrap();
-        gpu.embedding_backward(ids_g, &dout_g, shape, width, Some(&mut dwte_g), Some(&mut dwpe_g)).unwrap();
-        check_sum(gpu, &format!("embedding_backward dwte {ctx}"), &dwte_g, &dwte_c, batch * seq + 1, &mte);
-        check_sum(gpu, &format!("embedding_backward dwpe {ctx}"), &dwpe_g, &dwpe_c, batch + 1, &mpe);
+        let dout_g = dev.upload(&dout).unwrap();
+        dev.embedding_backward(ids_g, &dout_g, shape, width, Some(&mut dwte_g), Some(&mut dwpe_g)).unwrap();
+        check_sum(dev, &format!("embedding_backward dwte {ctx}"), &dwte_g, &dwte_c, batch * seq + 1, &mte);
+        check_sum(dev, &format!("embedding_backward dwpe {ctx}"), &dwpe_g, &dwpe_c, batch + 1, &mpe);
     }
 }
 
+test_device!(embedding[f32, bf16], gpu: gpu_embedding_matches_cpu);
+
+#[cfg(feature = "cuda")]
 #[test]
-fn gpu_embedding_matches_cpu() {
-    let Some(gpu) = common::gpu_or_skip("gpu_embedding_matches_cpu") else { return };
-    embedding::<f32>(&gpu);
-    embedding::<bf16>(&gpu);
+fn gpu_embedding_guards_bad_tokens() {
+    let Some(gpu) = common::gpu_or_skip("gpu_embedding_guards_bad_tokens") else { return };
     // A token outside the vocabulary is a typed error, not a wild read.
     let shape = SeqShape { batch: 1, seq: 2 };
     let host = [0u32, 9];
@@ -120,7 +129,7 @@ fn gpu_embedding_matches_cpu() {
     assert!(out[0].is_finite() && out[2].is_nan(), "guarded embedding rows: {out:?}");
 }
 
-fn layernorm<T: Element>(gpu: &Gpu) {
+fn layernorm<B: NnOps, T: Element>(dev: &B) {
     // d = 12, 768, 1024: the kernel's register path; 1028 (a multiple of 4
     // over 1024) and the odd widths: its plain loop.
     let shapes = [(1, 1), (1, 31), (9, 33), (130, 768), (65, 257), (3, 12), (17, 1024), (5, 1028)];
@@ -131,16 +140,16 @@ fn layernorm<T: Element>(gpu: &Gpu) {
         let (gamma, beta): (Vec<T>, Vec<T>) = (input(seed + 1, d, 1.0), input(seed + 2, d, 1.0));
         let (mut out_c, mut mean_c, mut rstd_c) = (vec![T::default(); rows * d], vec![0f32; rows], vec![0f32; rows]);
         Cpu.layernorm_forward(&x, &gamma, &beta, 1e-5, &mut out_c, &mut mean_c, &mut rstd_c).unwrap();
-        let (x_g, g_g, b_g) = (gpu.upload(&x).unwrap(), gpu.upload(&gamma).unwrap(), gpu.upload(&beta).unwrap());
+        let (x_g, g_g, b_g) = (dev.upload(&x).unwrap(), dev.upload(&gamma).unwrap(), dev.upload(&beta).unwrap());
         let (mut out_g, mut mean_g, mut rstd_g) = (
-            gpu.upload(&nan::<T>(rows * d)).unwrap(),
-            gpu.upload(&nan::<f32>(rows)).unwrap(),
-            gpu.upload(&nan::<f32>(rows)).unwrap(),
+            dev.upload(&nan::<T>(rows * d)).unwrap(),
+            dev.upload(&nan::<f32>(rows)).unwrap(),
+            dev.upload(&nan::<f32>(rows)).unwrap(),
         );
-        gpu.layernorm_forward(&x_g, &g_g, &b_g, 1e-5, &mut out_g, &mut mean_g, &mut rstd_g).unwrap();
-        check(gpu, &format!("layernorm_forward out {ctx}"), &out_g, &out_c);
-        check(gpu, &format!("layernorm_forward mean {ctx}"), &mean_g, &mean_c);
-        check(gpu, &format!("layernorm_forward rstd {ctx}"), &rstd_g, &rstd_c);
+        dev.layernorm_forward(&x_g, &g_g, &b_g, 1e-5, &mut out_g, &mut mean_g, &mut rstd_g).unwrap();
+        check(dev, &format!("layernorm_forward out {ctx}"), &out_g, &out_c);
+        check(dev, &format!("layernorm_forward mean {ctx}"), &mean_g, &mean_c);
+        check(dev, &format!("layernorm_forward rstd {ctx}"), &rstd_g, &rstd_c);
 
         // The residual add fused in front.
         let x0: Vec<f32> = common::random(seed + 7, rows * d);
@@ -149,33 +158,33 @@ fn layernorm<T: Element>(gpu: &Gpu) {
             (vec![0f32; rows * d], vec![T::default(); rows * d], vec![0f32; rows], vec![0f32; rows]);
         Cpu.residual_layernorm_forward(&x0, &y, &gamma, &beta, 1e-5, &mut r_c, &mut fo_c, &mut fm_c, &mut fr_c)
             .unwrap();
-        let (x0_g, y_g) = (gpu.upload(&x0).unwrap(), gpu.upload(&y).unwrap());
+        let (x0_g, y_g) = (dev.upload(&x0).unwrap(), dev.upload(&y).unwrap());
         let (mut r_g, mut fo_g, mut fm_g, mut fr_g) = (
-            gpu.upload(&nan::<f32>(rows * d)).unwrap(),
-            gpu.upload(&nan::<T>(rows * d)).unwrap(),
-            gpu.upload(&nan::<f32>(rows)).unwrap(),
-            gpu.upload(&nan::<f32>(rows)).unwrap(),
+            dev.upload(&nan::<f32>(rows * d)).unwrap(),
+            dev.upload(&nan::<T>(rows * d)).unwrap(),
+            dev.upload(&nan::<f32>(rows)).unwrap(),
+            dev.upload(&nan::<f32>(rows)).unwrap(),
         );
-        gpu.residual_layernorm_forward(&x0_g, &y_g, &g_g, &b_g, 1e-5, &mut r_g, &mut fo_g, &mut fm_g, &mut fr_g)
+        dev.residual_layernorm_forward(&x0_g, &y_g, &g_g, &b_g, 1e-5, &mut r_g, &mut fo_g, &mut fm_g, &mut fr_g)
             .unwrap();
-        check(gpu, &format!("residual_layernorm_forward resid {ctx}"), &r_g, &r_c);
-        check(gpu, &format!("residual_layernorm_forward out {ctx}"), &fo_g, &fo_c);
-        check(gpu, &format!("residual_layernorm_forward mean {ctx}"), &fm_g, &fm_c);
-        check(gpu, &format!("residual_layernorm_forward rstd {ctx}"), &fr_g, &fr_c);
+        check(dev, &format!("residual_layernorm_forward resid {ctx}"), &r_g, &r_c);
+        check(dev, &format!("residual_layernorm_forward out {ctx}"), &fo_g, &fo_c);
+        check(dev, &format!("residual_layernorm_forward mean {ctx}"), &fm_g, &fm_c);
+        check(dev, &format!("residual_layernorm_forward rstd {ctx}"), &fr_g, &fr_c);
 
         let dout: Vec<T> = input(seed + 3, rows * d, 1.0);
         let mut dx_c = common::random(seed + 4, rows * d);
         let (mut dg_c, mut db_c) = (common::random(seed + 5, d), common::random(seed + 6, d));
         let starts_g_b = (dg_c.clone(), db_c.clone());
         let (mut dx_g, mut dg_g, mut db_g) =
-            (gpu.upload(&dx_c).unwrap(), gpu.upload(&dg_c).unwrap(), gpu.upload(&db_c).unwrap());
+            (dev.upload(&dx_c).unwrap(), dev.upload(&dg_c).unwrap(), dev.upload(&db_c).unwrap());
         Cpu.layernorm_backward(&dout, &x, &gamma, &mean_c, &rstd_c, &mut dx_c, Some(&mut dg_c), Some(&mut db_c))
             .unwrap();
-        let dout_g = gpu.upload(&dout).unwrap();
-        let (mean_g2, rstd_g2) = (gpu.upload(&mean_c).unwrap(), gpu.upload(&rstd_c).unwrap());
-        gpu.layernorm_backward(&dout_g, &x_g, &g_g, &mean_g2, &rstd_g2, &mut dx_g, Some(&mut dg_g), Some(&mut db_g))
+        let dout_g = dev.upload(&dout).unwrap();
+        let (mean_g2, rstd_g2) = (dev.upload(&mean_c).unwrap(), dev.upload(&rstd_c).unwrap());
+        dev.layernorm_backward(&dout_g, &x_g, &g_g, &mean_g2, &rstd_g2, &mut dx_g, Some(&mut dg_g), Some(&mut db_g))
             .unwrap();
-        check(gpu, &format!("layernorm_backward dx {ctx} dtype={}", T::DTYPE), &dx_g, &dx_c);
+        check(dev, &format!("layernorm_backward dx {ctx} dtype={}", T::DTYPE), &dx_g, &dx_c);
         // dbeta = start + Σ_rows dout; dgamma = start + Σ_rows dout·x̂ with
         // x̂ = (x − mean)·rstd, whose error scales with (|x| + |mean|)·rstd
         // (the mean is itself a sum over d): n = rows + d + 4.
@@ -187,22 +196,16 @@ fn layernorm<T: Element>(gpu: &Gpu) {
                     .map(|r| dout[r * d + c].to_f32().abs() * rstd_c[r] * (x[r * d + c].abs() + mean_c[r].abs()))
                     .sum::<f32>();
         }
-        check_sum(gpu, &format!("layernorm_backward dgamma {ctx}"), &dg_g, &dg_c, rows + d + 4, &mg);
-        check_sum(gpu, &format!("layernorm_backward dbeta {ctx}"), &db_g, &db_c, rows + 1, &mb);
+        check_sum(dev, &format!("layernorm_backward dgamma {ctx}"), &dg_g, &dg_c, rows + d + 4, &mg);
+        check_sum(dev, &format!("layernorm_backward dbeta {ctx}"), &db_g, &db_c, rows + 1, &mb);
     }
 }
 
-#[test]
-fn gpu_layernorm_matches_cpu() {
-    let Some(gpu) = common::gpu_or_skip("gpu_layernorm_matches_cpu") else { return };
-    layernorm::<f32>(&gpu);
-    layernorm::<bf16>(&gpu);
-    layernorm::<f16>(&gpu);
-}
+test_device!(layernorm[f32, bf16, f16], gpu: gpu_layernorm_matches_cpu);
 
 /// The [`AttentionOps`] entry points (the kernels themselves are
 /// tested in depth by tests/attention.rs): wiring, `lse`, and `dqkv`.
-fn attention<T: Element>(gpu: &Gpu) {
+fn attention<B: AttentionOps, T: Element>(dev: &B) {
     for (n, &(batch, seq, heads, head_dim)) in [(1, 1, 1, 1), (2, 33, 3, 16), (1, 70, 2, 64)].iter().enumerate() {
         let seed = 300 + n as u64;
         let ctx = format!("batch={batch} seq={seq} heads={heads} head_dim={head_dim} seed={seed}");
@@ -211,75 +214,70 @@ fn attention<T: Element>(gpu: &Gpu) {
         let (mut out_c, mut lse_c) =
             (vec![T::default(); shape.seq.tokens() * shape.width()], vec![0f32; shape.lse_len()]);
         Cpu.attention_forward(&qkv, shape, &mut out_c, &mut lse_c).unwrap();
-        let qkv_g = gpu.upload(&qkv).unwrap();
+        let qkv_g = dev.upload(&qkv).unwrap();
         let (mut out_g, mut lse_g) =
-            (gpu.upload(&nan::<T>(out_c.len())).unwrap(), gpu.upload(&nan::<f32>(lse_c.len())).unwrap());
-        gpu.attention_forward(&qkv_g, shape, &mut out_g, &mut lse_g).unwrap();
-        check(gpu, &format!("attention_forward out {ctx}"), &out_g, &out_c);
-        check(gpu, &format!("attention_forward lse {ctx} dtype={}", T::DTYPE), &lse_g, &lse_c);
+            (dev.upload(&nan::<T>(out_c.len())).unwrap(), dev.upload(&nan::<f32>(lse_c.len())).unwrap());
+        dev.attention_forward(&qkv_g, shape, &mut out_g, &mut lse_g).unwrap();
+        check(dev, &format!("attention_forward out {ctx}"), &out_g, &out_c);
+        check(dev, &format!("attention_forward lse {ctx} dtype={}", T::DTYPE), &lse_g, &lse_c);
 
         let dout: Vec<T> = input(seed + 1, out_c.len(), 1.0);
         let mut dqkv_c = vec![T::default(); qkv.len()];
         Cpu.attention_backward(&dout, &qkv, &out_c, &lse_c, shape, &mut dqkv_c).unwrap();
         let (dout_g, out_cg, lse_cg) =
-            (gpu.upload(&dout).unwrap(), gpu.upload(&out_c).unwrap(), gpu.upload(&lse_c).unwrap());
-        let mut dqkv_g = gpu.upload(&nan::<T>(qkv.len())).unwrap();
-        gpu.attention_backward(&dout_g, &qkv_g, &out_cg, &lse_cg, shape, &mut dqkv_g).unwrap();
-        check(gpu, &format!("attention_backward dqkv {ctx}"), &dqkv_g, &dqkv_c);
+            (dev.upload(&dout).unwrap(), dev.upload(&out_c).unwrap(), dev.upload(&lse_c).unwrap());
+        let mut dqkv_g = dev.upload(&nan::<T>(qkv.len())).unwrap();
+        dev.attention_backward(&dout_g, &qkv_g, &out_cg, &lse_cg, shape, &mut dqkv_g).unwrap();
+        check(dev, &format!("attention_backward dqkv {ctx}"), &dqkv_g, &dqkv_c);
     }
 }
 
-#[test]
-fn gpu_attention_matches_cpu() {
-    let Some(gpu) = common::gpu_or_skip("gpu_attention_matches_cpu") else { return };
-    attention::<f32>(&gpu);
-    attention::<bf16>(&gpu);
-}
+test_device!(attention[f32, bf16], gpu: gpu_attention_matches_cpu);
 
-fn elementwise<T: Element>(gpu: &Gpu) {
+fn elementwise<B: NnOps, T: Element>(dev: &B) {
     for (k, &n) in [1usize, 31, 4097, 100_003].iter().enumerate() {
         let seed = 400 + k as u64;
         let ctx = format!("n={n} seed={seed}");
         let x: Vec<T> = input(seed, n, 4.0);
-        let x_g = gpu.upload(&x).unwrap();
+        let x_g = dev.upload(&x).unwrap();
         let mut out_c = vec![T::default(); n];
         Cpu.gelu_forward(&x, &mut out_c).unwrap();
-        let mut out_g = gpu.upload(&nan::<T>(n)).unwrap();
-        gpu.gelu_forward(&x_g, &mut out_g).unwrap();
-        check(gpu, &format!("gelu_forward {ctx}"), &out_g, &out_c);
+        let mut out_g = dev.upload(&nan::<T>(n)).unwrap();
+        dev.gelu_forward(&x_g, &mut out_g).unwrap();
+        check(dev, &format!("gelu_forward {ctx}"), &out_g, &out_c);
 
         let dout: Vec<T> = input(seed + 1, n, 1.0);
-        let dout_g = gpu.upload(&dout).unwrap();
+        let dout_g = dev.upload(&dout).unwrap();
         Cpu.gelu_backward(&dout, &x, &mut out_c).unwrap();
-        let mut dx_g = gpu.upload(&nan::<T>(n)).unwrap();
-        gpu.gelu_backward(&dout_g, &x_g, &mut dx_g).unwrap();
-        check(gpu, &format!("gelu_backward {ctx}"), &dx_g, &out_c);
+        let mut dx_g = dev.upload(&nan::<T>(n)).unwrap();
+        dev.gelu_backward(&dout_g, &x_g, &mut dx_g).unwrap();
+        check(dev, &format!("gelu_backward {ctx}"), &dx_g, &out_c);
 
         let res = common::random(seed + 2, n);
-        let res_g = gpu.upload(&res).unwrap();
+        let res_g = dev.upload(&res).unwrap();
         let mut sum_c = vec![0f32; n];
         Cpu.residual_add(&res, &x, &mut sum_c).unwrap();
-        let mut sum_g = gpu.upload(&nan::<f32>(n)).unwrap();
-        gpu.residual_add(&res_g, &x_g, &mut sum_g).unwrap();
+        let mut sum_g = dev.upload(&nan::<f32>(n)).unwrap();
+        dev.residual_add(&res_g, &x_g, &mut sum_g).unwrap();
         let mag: Vec<f32> = res.iter().zip(&x).map(|(r, v)| r.abs() + v.to_f32().abs()).collect();
-        check_sum(gpu, &format!("residual_add {ctx} y={}", T::DTYPE), &sum_g, &sum_c, 2, &mag);
+        check_sum(dev, &format!("residual_add {ctx} y={}", T::DTYPE), &sum_g, &sum_c, 2, &mag);
 
         let mut cast_c = vec![T::default(); n];
         Cpu.cast_from_f32(&res, &mut cast_c).unwrap();
-        let mut cast_g = gpu.upload(&nan::<T>(n)).unwrap();
-        gpu.cast_from_f32(&res_g, &mut cast_g).unwrap();
+        let mut cast_g = dev.upload(&nan::<T>(n)).unwrap();
+        dev.cast_from_f32(&res_g, &mut cast_g).unwrap();
         // Round to nearest even on both sides: bit-identical.
-        assert_eq!(gpu.download(&cast_g).unwrap(), cast_c, "cast_from_f32 {ctx} dtype={}", T::DTYPE);
+        assert_eq!(dev.download(&cast_g).unwrap(), cast_c, "cast_from_f32 {ctx} dtype={}", T::DTYPE);
     }
 }
 
-fn optimizer(gpu: &Gpu) {
+fn optimizer<B: NnOps>(dev: &B) {
     for (k, &n) in [1usize, 31, 4097, 100_003].iter().enumerate() {
         let seed = 450 + k as u64;
         let x: Vec<f32> = input(seed, n, 4.0);
-        let x_g = gpu.upload(&x).unwrap();
+        let x_g = dev.upload(&x).unwrap();
         let want = Cpu.sum_squares(&x).unwrap();
-        let got = gpu.sum_squares(&x_g).unwrap();
+        let got = dev.sum_squares(&x_g).unwrap();
         assert!((got - want).abs() <= 1e-12 * want.max(1.0), "sum_squares n={n} seed={seed}: {got} vs {want}");
 
         let (mut p_c, g, mut m_c, mut v_c) = (
@@ -289,20 +287,20 @@ fn optimizer(gpu: &Gpu) {
             common::random(seed + 6, n).iter().map(|v| v.abs()).collect::<Vec<_>>(),
         );
         let (mut p_g, g_g, mut m_g, mut v_g) =
-            (gpu.upload(&p_c).unwrap(), gpu.upload(&g).unwrap(), gpu.upload(&m_c).unwrap(), gpu.upload(&v_c).unwrap());
+            (dev.upload(&p_c).unwrap(), dev.upload(&g).unwrap(), dev.upload(&m_c).unwrap(), dev.upload(&v_c).unwrap());
         let hp =
             AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 3, grad_scale: 0.5 };
         Cpu.adamw(&mut p_c, &g, &mut m_c, &mut v_c, &hp).unwrap();
-        gpu.adamw(&mut p_g, &g_g, &mut m_g, &mut v_g, &hp).unwrap();
-        check(gpu, &format!("adamw param n={n} seed={seed}"), &p_g, &p_c);
-        check(gpu, &format!("adamw m n={n} seed={seed}"), &m_g, &m_c);
-        check(gpu, &format!("adamw v n={n} seed={seed}"), &v_g, &v_c);
+        dev.adamw(&mut p_g, &g_g, &mut m_g, &mut v_g, &hp).unwrap();
+        check(dev, &format!("adamw param n={n} seed={seed}"), &p_g, &p_c);
+        check(dev, &format!("adamw m n={n} seed={seed}"), &m_g, &m_c);
+        check(dev, &format!("adamw v n={n} seed={seed}"), &v_g, &v_c);
     }
 }
 
 /// Multi-tensor AdamW (one launch for every tensor, each with its own rate
 /// and decay) against the CPU twin's one call per tensor.
-fn adamw_many(gpu: &Gpu) {
+fn adamw_many<B: NnOps>(dev: &B) {
     let sizes = [31usize, 1, 100_003, 4097, 3072];
     let hp = AdamWStep {
         lr: f64::NAN,
@@ -321,10 +319,10 @@ fn adamw_many(gpu: &Gpu) {
             v
         }
     };
-    let (mut cpu_bufs, mut gpu_bufs) = (Vec::new(), Vec::new());
+    let (mut cpu_bufs, mut dev_bufs) = (Vec::new(), Vec::new());
     for (k, &n) in sizes.iter().enumerate() {
         let b: [Vec<f32>; 4] = [host(k, n, 0), host(k, n, 1), host(k, n, 2), host(k, n, 3)];
-        gpu_bufs.push(b.iter().map(|x| gpu.upload(x).unwrap()).collect::<Vec<_>>());
+        dev_bufs.push(b.iter().map(|x| dev.upload(x).unwrap()).collect::<Vec<_>>());
         cpu_bufs.push(b);
     }
     let rates = |k: usize| (1e-3 * (k + 1) as f64, 0.05 * k as f64);
@@ -335,7 +333,7 @@ fn adamw_many(gpu: &Gpu) {
         .collect();
     Cpu.adamw_many(&mut cpu_t, &hp).unwrap();
     drop(cpu_t);
-    let mut gpu_t: Vec<AdamWTensor<'_, Gpu>> = gpu_bufs
+    let mut dev_t: Vec<AdamWTensor<'_, B>> = dev_bufs
         .iter_mut()
         .enumerate()
         .map(|(k, b)| {
@@ -343,43 +341,37 @@ fn adamw_many(gpu: &Gpu) {
             AdamWTensor { param: p, grad: &*g, m, v, lr: rates(k).0, weight_decay: rates(k).1 }
         })
         .collect();
-    gpu.adamw_many(&mut gpu_t, &hp).unwrap();
-    drop(gpu_t);
-    for (k, (c, g)) in cpu_bufs.iter().zip(&gpu_bufs).enumerate() {
+    dev.adamw_many(&mut dev_t, &hp).unwrap();
+    drop(dev_t);
+    for (k, (c, g)) in cpu_bufs.iter().zip(&dev_bufs).enumerate() {
         for (what, i) in [("param", 0), ("m", 2), ("v", 3)] {
-            check(gpu, &format!("adamw_many {what} tensor {k} n={}", sizes[k]), &g[i], &c[i]);
+            check(dev, &format!("adamw_many {what} tensor {k} n={}", sizes[k]), &g[i], &c[i]);
         }
     }
 }
 
 /// The batched norm shares (one launch, one download per optimizer step).
-fn sum_squares_each(gpu: &Gpu) {
+fn sum_squares_each<B: NnOps>(dev: &B) {
     let xs: Vec<Vec<f32>> =
         [1usize, 257, 70_001].iter().enumerate().map(|(i, &n)| input(600 + i as u64, n, 2.0)).collect();
-    let on_gpu: Vec<_> = xs.iter().map(|x| gpu.upload(x).unwrap()).collect();
+    let on_dev: Vec<_> = xs.iter().map(|x| dev.upload(x).unwrap()).collect();
     let want = Cpu.sum_squares_each(&xs.iter().collect::<Vec<_>>()).unwrap();
-    let got = gpu.sum_squares_each(&on_gpu.iter().collect::<Vec<_>>()).unwrap();
+    let got = dev.sum_squares_each(&on_dev.iter().collect::<Vec<_>>()).unwrap();
     assert_eq!(got.len(), 3);
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert!((g - w).abs() <= 1e-12 * w.max(1.0), "sum_squares_each tensor {i} seed={}: {g} vs {w}", 600 + i);
     }
 }
 
-#[test]
-fn gpu_elementwise_ops_match_cpu() {
-    let Some(gpu) = common::gpu_or_skip("gpu_elementwise_ops_match_cpu") else { return };
-    elementwise::<f32>(&gpu);
-    elementwise::<bf16>(&gpu);
-    elementwise::<f16>(&gpu);
-    optimizer(&gpu);
-    adamw_many(&gpu);
-    sum_squares_each(&gpu);
-}
+test_device!(elementwise[f32, bf16, f16], gpu: gpu_elementwise_ops_match_cpu);
+test_device!(optimizer, gpu: gpu_optimizer_matches_cpu);
+test_device!(adamw_many, gpu: gpu_adamw_many_matches_cpu);
+test_device!(sum_squares_each, gpu: gpu_sum_squares_each_matches_cpu);
 
 /// `padded > vocab` is the LM head's padded vocabulary: pad columns hold
 /// random logits too, which must stay out of the softmax and get a zero
 /// gradient; 50304 takes the kernel's 16-byte path, 50257 its scalar one.
-fn cross_entropy<T: Element>(gpu: &Gpu) {
+fn cross_entropy<B: NnOps, T: Element>(dev: &B) {
     let shapes = [(1usize, 1usize, 1usize), (3, 7, 7), (3, 7, 64), (17, 257, 257), (17, 257, 320)];
     let gpt2 = [(64, 50_257, 50_257), (64, 50_257, 50_304)];
     for (k, &(rows, vocab, padded)) in shapes.iter().chain(&gpt2).enumerate() {
@@ -393,26 +385,21 @@ fn cross_entropy<T: Element>(gpu: &Gpu) {
             let mut l_c = logits.clone();
             let ids = TokenIds { device: &targets, host: &targets };
             let out_c = Cpu.cross_entropy_padded(&mut l_c, ids, vocab, padded, grad).unwrap();
-            let (mut l_g, t_g) = (gpu.upload(&logits).unwrap(), gpu.upload(&targets).unwrap());
+            let (mut l_g, t_g) = (dev.upload(&logits).unwrap(), dev.upload(&targets).unwrap());
             let ids = TokenIds { device: &t_g, host: &targets };
-            let out_g = gpu.cross_entropy_padded(&mut l_g, ids, vocab, padded, grad).unwrap();
+            let out_g = dev.cross_entropy_padded(&mut l_g, ids, vocab, padded, grad).unwrap();
             // Losses are f32 whatever the logits' dtype.
-            let losses = gpu.download(&out_g.losses).unwrap();
+            let losses = dev.download(&out_g.losses).unwrap();
             let want: Vec<f64> = out_c.losses.iter().map(|&v| v as f64).collect();
             let lctx = format!("cross_entropy losses {ctx} grad={grad:?} dtype={}", T::DTYPE);
             check_close(&lctx, &losses, &want, 1e-5).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(gpu.download(&out_g.correct).unwrap(), out_c.correct, "cross_entropy correct {ctx}");
-            check(gpu, &format!("cross_entropy logits/grad {ctx} grad={grad:?}"), &l_g, &l_c);
+            assert_eq!(dev.download(&out_g.correct).unwrap(), out_c.correct, "cross_entropy correct {ctx}");
+            check(dev, &format!("cross_entropy logits/grad {ctx} grad={grad:?}"), &l_g, &l_c);
         }
     }
 }
 
-#[test]
-fn gpu_cross_entropy_matches_cpu() {
-    let Some(gpu) = common::gpu_or_skip("gpu_cross_entropy_matches_cpu") else { return };
-    cross_entropy::<f32>(&gpu);
-    cross_entropy::<bf16>(&gpu);
-}
+test_device!(cross_entropy[f32, bf16], gpu: gpu_cross_entropy_matches_cpu);
 
 /// The LM head over a padded vocabulary (W with zero rows `vocab..padded`,
 /// logits `padded` wide, pad columns masked in the cross-entropy) against
@@ -421,7 +408,8 @@ fn gpu_cross_entropy_matches_cpu() {
 /// the CPU the padded sums only add exact zeros, so everything is equal
 /// bit for bit; on the GPU cuBLAS may pick a different kernel per width, so
 /// the comparison allows the dtype's rounding.
-fn lm_head_padding<B: NnOps + LowRankOps>(b: &B, exact: bool) {
+fn lm_head_padding<B: NnOps + LowRankOps + 'static>(b: &B) {
+    let exact = common::is_cpu::<B>();
     let (rows, d, vocab) = (19usize, 24usize, 50usize);
     let padded = lorafuse::train::model::padded_vocab(vocab);
     assert_eq!(padded, 64);
@@ -462,24 +450,14 @@ fn lm_head_padding<B: NnOps + LowRankOps>(b: &B, exact: bool) {
         assert_eq!(dx_p, dx, "dx differs with the padded vocabulary");
         assert_eq!(dw_p, &dw[..], "dW differs with the padded vocabulary");
     } else {
-        let wide = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
         let tol = f32::DTYPE.tolerance();
-        check_close("padded lm_head losses", &loss_p, &wide(&loss), tol).unwrap_or_else(|e| panic!("{e}"));
-        check_close("padded lm_head dx", &dx_p, &wide(&dx), tol).unwrap_or_else(|e| panic!("{e}"));
-        check_close("padded lm_head dW", dw_p, &wide(&dw), tol).unwrap_or_else(|e| panic!("{e}"));
+        check_close("padded lm_head losses", &loss_p, &widen(&loss), tol).unwrap_or_else(|e| panic!("{e}"));
+        check_close("padded lm_head dx", &dx_p, &widen(&dx), tol).unwrap_or_else(|e| panic!("{e}"));
+        check_close("padded lm_head dW", dw_p, &widen(&dw), tol).unwrap_or_else(|e| panic!("{e}"));
     }
 }
 
-#[test]
-fn cpu_lm_head_padding_matches_unpadded() {
-    lm_head_padding(&Cpu, true);
-}
-
-#[test]
-fn gpu_lm_head_padding_matches_unpadded() {
-    let Some(gpu) = common::gpu_or_skip("gpu_lm_head_padding_matches_unpadded") else { return };
-    lm_head_padding(&gpu, false);
-}
+test_device!(lm_head_padding, cpu_lm_head_padding_matches_unpadded, gpu_lm_head_padding_matches_unpadded);
 
 /// The CPU twin's padded cross-entropy on rows whose pad columns hold
 /// logits larger than every real one: same losses, hits and real-column

@@ -1,10 +1,15 @@
 //! Uni-LoRA shared projection: properties of the CPU oracle, validation of
 //! every input, and GPU against CPU (bit-identical columns and gathers).
 
+// Without the `cuda` feature the GPU tests compile out, and the helpers
+// only they use would warn.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code, unused_imports))]
+
 mod common;
 
 use half::{bf16, f16};
 use lorafuse::cpu::Cpu;
+#[cfg(feature = "cuda")]
 use lorafuse::cuda::Gpu;
 use lorafuse::projection::*;
 use lorafuse::rng::Rng;
@@ -215,6 +220,7 @@ fn a_non_finite_gradient_poisons_the_whole_scatter() {
 
 // ---- GPU against the CPU oracle (skip without a GPU) ----------------------
 
+#[cfg(feature = "cuda")]
 fn gpu_gather<T: Element>(gpu: &Gpu, p: &Projection, theta: &[f32], layout: &ProjectionLayout) -> Vec<Vec<T>> {
     let prep = gpu.projection_prepare(p).unwrap();
     let theta = gpu.upload(theta).unwrap();
@@ -225,6 +231,7 @@ fn gpu_gather<T: Element>(gpu: &Gpu, p: &Projection, theta: &[f32], layout: &Pro
     segs.iter().map(|s| gpu.download(s).unwrap()).collect()
 }
 
+#[cfg(feature = "cuda")]
 fn gpu_scatter<T: Element>(
     gpu: &Gpu,
     p: &Projection,
@@ -239,6 +246,7 @@ fn gpu_scatter<T: Element>(
     gpu.download(&out).unwrap()
 }
 
+#[cfg(feature = "cuda")]
 fn check_gpu_dtype<T: Element>(gpu: &Gpu, rows: u64, cols: u32, parts: usize, seed: u64, assign: Assignment) {
     let ctx = format!("D={rows} d={cols} parts={parts} seed={seed} {assign:?} dtype={}", T::DTYPE);
     let layout = layout(rows, parts, T::DTYPE, seed);
@@ -286,6 +294,7 @@ fn check_gpu_dtype<T: Element>(gpu: &Gpu, rows: u64, cols: u32, parts: usize, se
     check_bounded(&format!("{ctx}: atomic scatter vs cpu"), &atomic, &want, &mag, bound).unwrap();
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_projection_matches_cpu_in_every_dtype_and_shape() {
     let Some(gpu) = common::gpu_or_skip("gpu_projection_matches_cpu_in_every_dtype_and_shape") else { return };
@@ -303,6 +312,7 @@ fn gpu_projection_matches_cpu_in_every_dtype_and_shape() {
     }
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_explicit_index_and_non_finite_gradients() {
     let Some(gpu) = common::gpu_or_skip("gpu_explicit_index_and_non_finite_gradients") else { return };
@@ -345,6 +355,7 @@ fn gapped_layout(rows: u64, parts: usize, dtype: DType, seed: u64) -> Projection
     ProjectionLayout::new(rows, dtype, segments).unwrap()
 }
 
+#[cfg(feature = "cuda")]
 /// Gathers into views that start `offsets[k]` elements into larger buffers,
 /// so most segments are not 16-byte aligned and every lead length occurs.
 fn gpu_gather_offset<T: Element>(
@@ -383,6 +394,7 @@ fn gpu_gather_offset<T: Element>(
         .collect()
 }
 
+#[cfg(feature = "cuda")]
 fn gather_case<T: Element>(gpu: &Gpu, rows: u64, cols: u32, parts: usize, assign: Assignment, seed: u64) {
     let ctx = format!("D={rows} d={cols} parts={parts} {assign:?} seed={seed} {}", T::DTYPE);
     let layout = gapped_layout(rows, parts, T::DTYPE, seed);
@@ -396,6 +408,7 @@ fn gather_case<T: Element>(gpu: &Gpu, rows: u64, cols: u32, parts: usize, assign
     }
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_gather_is_bit_identical_for_offsets_gaps_many_segments_and_both_staging_paths() {
     let Some(gpu) = common::gpu_or_skip("gpu_gather_is_bit_identical_...") else { return };
@@ -448,6 +461,7 @@ fn scatter_bounds(
         .collect()
 }
 
+#[cfg(feature = "cuda")]
 fn scatter_case<T: Element>(gpu: &Gpu, rows: u64, cols: u32, parts: usize, assign: Assignment, seed: u64) {
     let ctx = format!("D={rows} d={cols} parts={parts} {assign:?} seed={seed} {}", T::DTYPE);
     let layout = gapped_layout(rows, parts, T::DTYPE, seed);
@@ -519,6 +533,7 @@ fn scatter_case<T: Element>(gpu: &Gpu, rows: u64, cols: u32, parts: usize, assig
     }
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_scatter_is_deterministic_history_free_and_within_its_fixed_point_bound() {
     let Some(gpu) = common::gpu_or_skip("gpu_scatter_is_deterministic_...") else { return };
@@ -536,6 +551,7 @@ fn gpu_scatter_is_deterministic_history_free_and_within_its_fixed_point_bound() 
     }
 }
 
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_scatter_recovers_after_a_non_finite_gradient() {
     let Some(gpu) = common::gpu_or_skip("gpu_scatter_recovers_after_a_non_finite_gradient") else { return };

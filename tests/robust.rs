@@ -4,6 +4,11 @@
 //!
 //! `LORAFUSE_TEST_BIN=<path>` runs the CLI checks against another build of
 //! the binary (e.g. an older one, to see a regression test fail there).
+//! Those checks need the binary, so the `cli` feature.
+
+// Without the `cli` feature the CLI checks compile out, and the helpers
+// only they use would warn.
+#![cfg_attr(not(feature = "cli"), allow(dead_code, unused_imports))]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,10 +38,12 @@ fn scratch(test: &str) -> Scratch {
     Scratch(dir)
 }
 
+#[cfg(feature = "cli")]
 fn bin() -> String {
     std::env::var("LORAFUSE_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_lorafuse").to_string())
 }
 
+#[cfg(feature = "cli")]
 /// Runs the CLI in `dir`; returns (exit code, stdout + stderr).
 fn cli(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let out = Command::new(bin()).args(args).envs(env.iter().copied()).current_dir(dir).output().unwrap();
@@ -44,12 +51,14 @@ fn cli(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+#[cfg(feature = "cli")]
 fn ok(dir: &Path, args: &[&str]) -> String {
     let (code, text) = cli(dir, args, &[]);
     assert_eq!(code, 0, "lorafuse {args:?} failed:\n{text}");
     text
 }
 
+#[cfg(feature = "cli")]
 /// A typed error: exit status 1 (a panic exits 101, an abort by signal).
 fn refused(dir: &Path, args: &[&str], env: &[(&str, &str)], needle: &str) -> String {
     let (code, text) = cli(dir, args, env);
@@ -102,6 +111,7 @@ fn write_peft(dir: &Path, config: &str, modules: &[(&str, usize)], seed: u64) {
     peft::write_safetensors(&dir.join(peft::WEIGHTS_FILE), &TensorFile { tensors, metadata: BTreeMap::new() }).unwrap();
 }
 
+#[cfg(feature = "cli")]
 /// The loss column of `lorafuse eval`'s row named `row`.
 fn eval_loss(text: &str, row: &str) -> f64 {
     text.lines()
@@ -112,6 +122,7 @@ fn eval_loss(text: &str, row: &str) -> f64 {
 
 const EVAL: [&str; 6] = ["--data", "embedded:add", "--examples", "16", "--seq", "32"];
 
+#[cfg(feature = "cli")]
 /// Evaluates `adapter` on `base`, then the base with the adapter merged in
 /// by `lorafuse merge` (which agrees with PEFT): the two losses must agree.
 /// Returns the loss.
@@ -173,6 +184,7 @@ fn tensors(dir: &Path) -> BTreeMap<String, Vec<f32>> {
     file.tensors.iter().map(|(k, t)| (k.clone(), t.to_f32_vec(k).unwrap())).collect()
 }
 
+#[cfg(feature = "cli")]
 #[test]
 fn resume_takes_the_checkpoints_run_and_refuses_a_different_one() {
     let s = scratch("resume");
@@ -220,6 +232,7 @@ fn resume_takes_the_checkpoints_run_and_refuses_a_different_one() {
 
 // ---- 2, 14: eval computes what merge (and PEFT) computes -------------------
 
+#[cfg(feature = "cli")]
 #[test]
 fn eval_honours_rslora_alpha_pattern_and_peft_targets_and_refuses_missing_modules() {
     let s = scratch("eval");
@@ -242,6 +255,7 @@ fn eval_honours_rslora_alpha_pattern_and_peft_targets_and_refuses_missing_module
     assert!(e.contains("transformer.h.1"), "{e}");
 }
 
+#[cfg(feature = "cli")]
 #[test]
 fn eval_of_sums_with_rank_pattern_and_explicit_unilora_matches_merge() {
     use lorafuse::adapter::AdapterWeights;
@@ -325,6 +339,7 @@ fn eval_of_sums_with_rank_pattern_and_explicit_unilora_matches_merge() {
     eval_matches_merge(dir, "base", &["uni"]);
 }
 
+#[cfg(feature = "cli")]
 #[test]
 fn init_adapter_accepts_peft_gpt2_targets() {
     let s = scratch("init-cproj");
@@ -367,6 +382,7 @@ fn init_adapter_accepts_peft_gpt2_targets() {
 
 // ---- 3: merge refuses non-finite results ------------------------------------
 
+#[cfg(feature = "cli")]
 #[test]
 fn merge_refuses_overflow_to_inf_or_nan() {
     let s = scratch("merge-inf");
@@ -456,6 +472,7 @@ fn patterns_match_as_peft_does() {
 
 // ---- 5, 7: unmodelled parts and mismatched ranks are refused ----------------
 
+#[cfg(feature = "cli")]
 #[test]
 fn unmodelled_peft_parts_and_rank_mismatches_are_refused_by_name() {
     let s = scratch("unmodelled");
@@ -529,6 +546,7 @@ fn adapter_directories_are_written_in_one_step() {
 
 // ---- 6, 11, 15: sum writes a config of exactly its modules; no overwrites ----
 
+#[cfg(feature = "cli")]
 #[test]
 fn sum_names_exactly_its_modules_and_never_overwrites_an_input() {
     let s = scratch("sum-config");
@@ -579,6 +597,7 @@ fn sum_names_exactly_its_modules_and_never_overwrites_an_input() {
     assert_eq!(base, std::fs::read(dir.join("base/model.safetensors")).unwrap());
 }
 
+#[cfg(feature = "cli")]
 #[test]
 fn trained_adapters_carry_task_type_and_keep_lorafuse_metadata_out_of_the_config() {
     let s = scratch("task-type");
@@ -600,6 +619,7 @@ fn trained_adapters_carry_task_type_and_keep_lorafuse_metadata_out_of_the_config
 
 // ---- 8, 10, 16: checkpoints and outputs are never lost ------------------------
 
+#[cfg(feature = "cli")]
 #[test]
 fn checkpoint_dirs_of_other_runs_plots_and_stale_files_lose_nothing() {
     let s = scratch("ckpt-dirs");
@@ -640,6 +660,7 @@ fn checkpoint_dirs_of_other_runs_plots_and_stale_files_lose_nothing() {
     refused(dir, &["train", "--device", "cpu", "--checkpoint-dir", "empty", "--resume"], &[], "no complete checkpoint");
 }
 
+#[cfg(feature = "cli")]
 #[test]
 fn corrupt_optimizer_moments_are_refused() {
     use lorafuse::train::checkpoint::read_checkpoint;
@@ -667,6 +688,7 @@ fn corrupt_optimizer_moments_are_refused() {
 
 // ---- 12, 13: typed errors instead of panics and huge allocations -------------
 
+#[cfg(feature = "cli")]
 #[test]
 fn zero_and_absurd_sizes_are_typed_errors_before_allocating() {
     let s = scratch("sizes");
@@ -724,6 +746,7 @@ fn zero_and_absurd_sizes_are_typed_errors_before_allocating() {
     refused(dir, &["compress", "uni", "--rank", "1", "--out", "c"], &budget, "memory budget");
 }
 
+#[cfg(feature = "cli")]
 #[test]
 fn non_finite_tensors_name_their_file_and_compress_prints_no_negative_zero() {
     let s = scratch("nonfinite");
@@ -749,6 +772,7 @@ fn non_finite_tensors_name_their_file_and_compress_prints_no_negative_zero() {
 
 // ---- a run killed at every rename of its checkpoints resumes exactly -------
 
+#[cfg(feature = "cli")]
 #[test]
 fn a_run_killed_at_every_checkpoint_rename_resumes_bit_identically() {
     let s = scratch("kill");

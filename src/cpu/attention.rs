@@ -15,9 +15,9 @@
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Op};
-use super::{store, to64, Cpu};
+use super::{store, Cpu};
 use crate::attention::{check_lengths, AttentionOps, AttnShape};
-use crate::dtype::Element;
+use crate::dtype::{widen, Element};
 use crate::error::check_len;
 use crate::Result;
 
@@ -30,7 +30,7 @@ impl AttentionOps for Cpu {
         lse: &mut Vec<f32>,
     ) -> Result<()> {
         check_lengths("attention_forward", shape, qkv.len(), out.len(), lse.len())?;
-        let (o, l) = attention_forward_f64(&to64(qkv), shape)?;
+        let (o, l) = attention_forward_f64(&widen(qkv), shape)?;
         store(out, &o);
         store(lse, &l);
         Ok(())
@@ -49,7 +49,7 @@ impl AttentionOps for Cpu {
         check_lengths(op, shape, qkv.len(), dout.len(), lse.len())?;
         check_len(op, "out", out.len(), dout.len())?;
         check_len(op, "dqkv", dqkv.len(), qkv.len())?;
-        let g = attention_backward_f64(&to64(dout), &to64(qkv), &to64(out), &to64(lse), shape)?;
+        let g = attention_backward_f64(&widen(dout), &widen(qkv), &widen(out), &widen(lse), shape)?;
         store(dqkv, &g);
         Ok(())
     }

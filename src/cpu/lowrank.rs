@@ -6,18 +6,10 @@
 
 use super::gemm::{matmul, Op};
 use super::Cpu;
-use crate::dtype::Element;
+use crate::dtype::{widen, Element};
 use crate::lowrank::packed::{self, PackedLayout, PackedOps};
 use crate::lowrank::{Adapter, AdapterLens, GradLens, Grads, LinearShape, LowRankOps};
 use crate::{Error, Result};
-
-fn widen<T: Element>(v: &[T]) -> Vec<f64> {
-    v.iter().map(|e| e.to_f64()).collect()
-}
-
-fn widen_f32(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&e| e as f64).collect()
-}
 
 /// An adapter widened to f64 once per call.
 struct Wide {
@@ -31,10 +23,10 @@ struct Wide {
 impl Wide {
     fn of(ad: &Adapter<'_, Cpu>) -> Self {
         Wide {
-            a: widen_f32(ad.a),
-            b: widen_f32(ad.b),
-            u: ad.u.map(|u| widen_f32(u)),
-            v: ad.v.map(|v| widen_f32(v)),
+            a: widen(ad.a),
+            b: widen(ad.b),
+            u: ad.u.map(|u| widen(u)),
+            v: ad.v.map(|v| widen(v)),
             s: ad.scale as f64,
         }
     }
@@ -114,7 +106,7 @@ fn lowrank_grad_a(
 ) -> Result<()> {
     let LinearShape { m, k, r, .. } = shape;
     if let (Some(da), Some(x)) = (da, x) {
-        let mut acc = widen_f32(da);
+        let mut acc = widen(da);
         matmul((r, m, k), &prod.ds, Op::T, x, Op::N, &mut acc, 1.0, 1.0)?;
         da.iter_mut().zip(&acc).for_each(|(d, a)| *d = *a as f32);
     }
@@ -201,7 +193,7 @@ impl LowRankOps for Cpu {
             accumulate(dbias, col.into_iter());
         }
         if let (Some(dw), Some(xf)) = (dw, xf.as_ref()) {
-            let mut acc = widen_f32(dw);
+            let mut acc = widen(dw);
             matmul((n, m, k), &dyf, Op::T, xf, Op::N, &mut acc, 1.0, 1.0)?;
             dw.iter_mut().zip(&acc).for_each(|(d, a)| *d = *a as f32);
         }
@@ -218,7 +210,7 @@ impl LowRankOps for Cpu {
             if want_ds || want_p {
                 let tt = match t {
                     _ if !need_t => Vec::new(),
-                    Some(t) => widen_f32(t),
+                    Some(t) => widen(t),
                     None => lowrank_shrink(shape, xf.as_deref().unwrap_or(&[]), &wide.a)?,
                 };
                 let prod = lowrank_backward_dy(shape, &dyf, &tt, &wide, want_p)?;

@@ -69,11 +69,6 @@ thread_local! {
     static TIMELINE: std::cell::RefCell<Option<Timeline<Instant>>> = const { std::cell::RefCell::new(None) };
 }
 
-/// `x` widened to f64, where the twins compute.
-pub(crate) fn to64<T: Element>(x: &[T]) -> Vec<f64> {
-    x.iter().map(|&v| v.to_f64()).collect()
-}
-
 /// `src` rounded into `dst`'s dtype (the twins' results, stored like a
 /// kernel's).
 pub(crate) fn store<T: Element>(dst: &mut [T], src: &[f64]) {

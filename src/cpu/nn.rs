@@ -6,8 +6,8 @@
 
 use rayon::prelude::*;
 
-use super::{store, to64, Cpu};
-use crate::dtype::Element;
+use super::{store, Cpu};
+use crate::dtype::{widen, Element};
 use crate::nn::{check, AdamWStep, CrossEntropyOut, NnOps, SeqShape, TokenIds, IGNORE};
 use crate::Result;
 
@@ -131,7 +131,7 @@ impl NnOps for Cpu {
         if let (Some(dwte), Some(vocab)) = (dwte, vocab) {
             check::tokens("embedding_backward", tokens.host, vocab)?;
             check::tokens("embedding_backward", tokens.device, vocab)?;
-            let mut acc = to64(dwte);
+            let mut acc = widen(dwte);
             for (i, &tok) in tokens.device.iter().enumerate() {
                 for c in 0..width {
                     acc[tok as usize * width + c] += dout[i * width + c] as f64;
@@ -140,7 +140,7 @@ impl NnOps for Cpu {
             store(dwte, &acc);
         }
         if let Some(dwpe) = dwpe {
-            let mut acc = to64(dwpe);
+            let mut acc = widen(dwpe);
             for i in 0..shape.tokens() {
                 let t = i % shape.seq;
                 for c in 0..width {
@@ -163,7 +163,7 @@ impl NnOps for Cpu {
         rstd: &mut Vec<f32>,
     ) -> Result<()> {
         check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()))?;
-        let (o, m, r) = layernorm_forward_f64(&to64(x), &to64(gamma), &to64(beta), eps);
+        let (o, m, r) = layernorm_forward_f64(&widen(x), &widen(gamma), &widen(beta), eps);
         store(out, &o);
         store(mean, &m);
         store(rstd, &r);
@@ -200,7 +200,7 @@ impl NnOps for Cpu {
     ) -> Result<()> {
         let lens = (dout.len(), x.len(), gamma.len(), mean.len(), rstd.len(), dx.len());
         check::layernorm_backward(lens, dgamma.as_ref().map(|b| b.len()), dbeta.as_ref().map(|b| b.len()))?;
-        let (gx, gg, gb) = layernorm_backward_f64(&to64(dout), &to64(x), &to64(gamma), &to64(mean), &to64(rstd));
+        let (gx, gg, gb) = layernorm_backward_f64(&widen(dout), &widen(x), &widen(gamma), &widen(mean), &widen(rstd));
         accumulate(dx, &gx);
         if let Some(dg) = dgamma {
             accumulate(dg, &gg);
@@ -261,7 +261,7 @@ impl NnOps for Cpu {
                     }
                     return (0.0, 0);
                 }
-                let (loss, hit, g) = cross_entropy_row_f64(&to64(row), target as usize);
+                let (loss, hit, g) = cross_entropy_row_f64(&widen(row), target as usize);
                 if let Some(scale) = grad {
                     row.iter_mut().zip(&g).for_each(|(v, &d)| *v = T::from_f64(d * scale));
                 }
