@@ -81,7 +81,13 @@ pub struct Gpu {
     functions: Arc<Mutex<HashMap<String, CudaFunction>>>,
     /// Per-op timing marks while [`Backend::op_timing_start`] is on.
     timeline: Arc<Mutex<Option<Timeline<TimedEvent>>>>,
+    /// Device copies of launch tables (pointer lists), keyed by their
+    /// contents: [`Gpu::device_table`].
+    tables: Arc<Mutex<TableCache>>,
 }
+
+/// Device copies of launch tables by their contents ([`Gpu::device_table`]).
+type TableCache = HashMap<Vec<u64>, Arc<CudaSlice<u64>>>;
 
 /// A CUDA event recorded on the stream: a [`crate::op_timing::Marker`].
 struct TimedEvent(cudarc::driver::CudaEvent);
@@ -152,7 +158,14 @@ impl Gpu {
     /// it and over the caller's memory.
     pub fn from_stream(stream: Arc<CudaStream>) -> Result<Gpu> {
         let info = read_info(stream.context())?;
-        Ok(Gpu { stream, info, modules: Arc::default(), functions: Arc::default(), timeline: Arc::default() })
+        Ok(Gpu {
+            stream,
+            info,
+            modules: Arc::default(),
+            functions: Arc::default(),
+            timeline: Arc::default(),
+            tables: Arc::default(),
+        })
     }
 
     /// The stream every op of this handle is queued on.
@@ -262,6 +275,27 @@ impl Gpu {
     /// Sets every byte of `buf` to zero, on the stream.
     pub fn memset_zero<T: Scalar>(&self, buf: &mut CudaSlice<T>) -> Result<()> {
         self.stream.memset_zeros(buf).map_err(|e| Error::cuda("memset", e))
+    }
+
+    /// A device copy of `words` (a multi-tensor launch's table of buffer
+    /// addresses and lengths), uploaded the first time these exact words
+    /// are asked for and reused after: the tables of a training step stay
+    /// the same from step to step, so a step neither allocates nor copies
+    /// them (which a captured CUDA graph requires). Keyed by contents, a
+    /// reused table is always the one a fresh upload would give.
+    pub(crate) fn device_table(&self, words: Vec<u64>) -> Result<Arc<CudaSlice<u64>>> {
+        /// More distinct tables than a run uses; past it the cache starts over.
+        const MAX_TABLES: usize = 64;
+        let mut tables = self.tables.lock().unwrap();
+        if let Some(t) = tables.get(&words) {
+            return Ok(t.clone());
+        }
+        if tables.len() >= MAX_TABLES {
+            tables.clear();
+        }
+        let t = Arc::new(self.stream.clone_htod(&words).map_err(|e| Error::cuda("uploading a launch table", e))?);
+        tables.insert(words, t.clone());
+        Ok(t)
     }
 }
 
