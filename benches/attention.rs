@@ -17,11 +17,12 @@
 use std::time::Instant;
 
 use half::bf16;
+use lorafuse::attention::AttnShape;
 use lorafuse::cpu::attention::{attention_backward_f64, attention_forward_f64};
 use lorafuse::cuda::attention::{attention_backward, attention_forward};
 use lorafuse::cuda::{bench, Gpu};
+use lorafuse::nn::SeqShape;
 use lorafuse::rng::Rng;
-use lorafuse::train::ops::{AttnShape, SeqShape};
 use lorafuse::{Backend, Element, Result};
 
 /// (batch, heads, seq, head_dim); the same list as scripts/baselines/attention.py.

@@ -34,12 +34,13 @@ use half::bf16;
 use lorafuse::cpu::Cpu;
 use lorafuse::cuda::{bench, Gpu};
 use lorafuse::lowrank::{Grads, LinearShape, LowRankOps};
+use lorafuse::nn::{optim_state, AdamWStep, AdamWTensor, NnOps, SeqShape, TokenIds};
 use lorafuse::rng::Rng;
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::Dataset;
 use lorafuse::train::model::padded_vocab;
 use lorafuse::train::model::{Batch, Gpt2, Precision, TrainBackend};
-use lorafuse::train::ops::{optim_state, AdamWStep, AdamWTensor, SeqShape, TokenIds, TrainOps};
+
 use lorafuse::train::optimizer::OptimConfig;
 use lorafuse::train::trainer::{TrainConfig, Trainer};
 use lorafuse::{Backend, Error, Result};
@@ -323,8 +324,8 @@ fn op_floors(gpu: &Gpu, tokens: usize) -> Result<()> {
 
 /// The optimizer step over GPT-2 small's LoRA r = 4 tensors (A and B of
 /// four modules in 12 layers: 96 tensors, 1.18 M values): the norm, the
-/// decision and AdamW on the device ([`TrainOps::optimizer_prepare`] +
-/// [`TrainOps::adamw_many_device`], what the trainer queues) against the
+/// decision and AdamW on the device ([`NnOps::optimizer_prepare`] +
+/// [`NnOps::adamw_many_device`], what the trainer queues) against the
 /// host-decided path it replaced (norms read back, then `adamw_many`), both
 /// timed here. Floor: the gradient read by the norm (4 bytes) plus AdamW's
 /// 28 bytes per value.

@@ -14,6 +14,8 @@
 //! - [`multi_adapter`]: many adapters in one batch for serving (segmented
 //!   prefill, batched decode, a device pool, Uni-LoRA served from `θ`), and
 //!   [`capi`], the C ABI of `include/lorafuse.h`.
+//! - [`nn`], [`attention`]: the transformer's other ops (embedding,
+//!   LayerNorm, GELU, cross-entropy, AdamW; flash-form causal attention).
 //! - [`train`]: a GPT-2-architecture trainer with hand-written backward
 //!   passes for full, LoRA, Tied-LoRA, VeRA and Uni-LoRA fine-tuning.
 //! - [`experiment`]: experiments built on all of the above (the adapter
@@ -38,6 +40,7 @@
 
 pub mod adapter;
 pub mod adapter_sum;
+pub mod attention;
 pub mod backend;
 pub mod capi;
 pub mod cpu;
@@ -48,6 +51,7 @@ pub mod experiment;
 pub mod lowrank;
 pub mod memory;
 pub mod multi_adapter;
+pub mod nn;
 pub mod op_timing;
 pub mod peft;
 pub mod projection;

@@ -12,11 +12,12 @@
 mod common;
 
 use half::{bf16, f16};
+use lorafuse::attention::AttnShape;
 use lorafuse::cpu::attention::{attention_backward_f64, attention_forward_f64, attention_probs_f64};
 use lorafuse::cuda::attention::{attention_backward, attention_forward, MAX_HEAD_DIM};
 use lorafuse::cuda::Gpu;
+use lorafuse::nn::SeqShape;
 use lorafuse::testing::{check_bounded, check_close, compare, ErrorBound, Level, Magnitude};
-use lorafuse::train::ops::{AttnShape, SeqShape};
 use lorafuse::{Backend, Element, Error};
 
 fn shape(batch: usize, seq: usize, heads: usize, head_dim: usize) -> AttnShape {

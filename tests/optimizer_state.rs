@@ -1,10 +1,10 @@
-//! The optimizer step decided on the backend ([`TrainOps::optimizer_prepare`]
-//! then [`TrainOps::adamw_many_device`]): the clip factor, the schedule's
+//! The optimizer step decided on the backend ([`NnOps::optimizer_prepare`]
+//! then [`NnOps::adamw_many_device`]): the clip factor, the schedule's
 //! rate, the step count and the refusal of a non-finite step come from the
 //! backend's state, never from a host round trip.
 //!
 //! On the CPU: the state path gives what the host-decided path
-//! ([`TrainOps::adamw_many`] with the norm read back) gives; a non-finite
+//! ([`NnOps::adamw_many`] with the norm read back) gives; a non-finite
 //! gradient or guard refuses the step and changes nothing; the step count
 //! carries over and restarts from a resumed value. On a GPU: each step's
 //! state and tensors against the CPU twin. Skips the GPU part without one.
@@ -12,9 +12,9 @@
 mod common;
 
 use lorafuse::cpu::Cpu;
+use lorafuse::nn::{optim_state, AdamWStep, AdamWTensor, NnOps};
 use lorafuse::testing::{check_bounded, ErrorBound, Magnitude};
 use lorafuse::train::adapters::Group;
-use lorafuse::train::ops::{optim_state, AdamWStep, AdamWTensor, TrainOps};
 use lorafuse::train::optimizer::{AdamW, OptimConfig, ParamRef, Schedule};
 use lorafuse::{Backend, Error};
 

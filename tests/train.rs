@@ -4,15 +4,15 @@
 
 mod common;
 
-use lorafuse::cpu::train::*;
+use lorafuse::cpu::nn::*;
 use lorafuse::cpu::Cpu;
 use lorafuse::lowrank::Trainable;
+use lorafuse::nn::{NnOps, SeqShape, TokenIds, IGNORE};
 use lorafuse::rng::Rng;
 use lorafuse::testing::check_close;
 use lorafuse::train::adapters::{AdapterSet, AdapterSpec, Method};
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::model::{Batch, Gpt2, Module, Precision, TrainBackend};
-use lorafuse::train::ops::{SeqShape, TokenIds, TrainOps, IGNORE};
 
 fn rand64(seed: u64, n: usize) -> Vec<f64> {
     let mut r = Rng::new(seed);
@@ -582,7 +582,7 @@ fn embedded_data_is_deterministic_held_out_and_scored_on_answers() {
 
 #[test]
 fn adamw_matches_the_formula_and_schedules_have_their_shape() {
-    use lorafuse::train::ops::AdamWStep;
+    use lorafuse::nn::AdamWStep;
     use lorafuse::train::optimizer::{OptimConfig, Schedule};
     let (mut p, g) = (common::random(1, 9), common::random(2, 9));
     let (mut m, mut v) = (common::random(3, 9), common::random(4, 9).iter().map(|x| x.abs()).collect::<Vec<f32>>());

@@ -1,5 +1,5 @@
-//! CPU twin of `kernels/attention.cu`: causal multi-head attention in the
-//! memory-saving ("flash") form, in f64.
+//! CPU twin of `kernels/attention.cu` ([`crate::attention::AttentionOps`]):
+//! causal multi-head attention in the memory-saving ("flash") form, in f64.
 //!
 //! The forward keeps, per (row, head, query), only the log-sum-exp of the
 //! scaled scores (`lse`), not the `seq × seq` probabilities: at GPT-2 small's
@@ -15,8 +15,45 @@
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Op};
-use crate::train::ops::AttnShape;
+use super::{store, to64, Cpu};
+use crate::attention::{check_lengths, AttentionOps, AttnShape};
+use crate::dtype::Element;
+use crate::error::check_len;
 use crate::Result;
+
+impl AttentionOps for Cpu {
+    fn attention_forward<T: Element>(
+        &self,
+        qkv: &Vec<T>,
+        shape: AttnShape,
+        out: &mut Vec<T>,
+        lse: &mut Vec<f32>,
+    ) -> Result<()> {
+        check_lengths("attention_forward", shape, qkv.len(), out.len(), lse.len())?;
+        let (o, l) = attention_forward_f64(&to64(qkv), shape)?;
+        store(out, &o);
+        store(lse, &l);
+        Ok(())
+    }
+
+    fn attention_backward<T: Element>(
+        &self,
+        dout: &Vec<T>,
+        qkv: &Vec<T>,
+        out: &Vec<T>,
+        lse: &Vec<f32>,
+        shape: AttnShape,
+        dqkv: &mut Vec<T>,
+    ) -> Result<()> {
+        let op = "attention_backward";
+        check_lengths(op, shape, qkv.len(), dout.len(), lse.len())?;
+        check_len(op, "out", out.len(), dout.len())?;
+        check_len(op, "dqkv", dqkv.len(), qkv.len())?;
+        let g = attention_backward_f64(&to64(dout), &to64(qkv), &to64(out), &to64(lse), shape)?;
+        store(dqkv, &g);
+        Ok(())
+    }
+}
 
 /// Gathers head `h` of part `part` (0 = q, 1 = k, 2 = v) of row block `b`
 /// into a contiguous seq × hd matrix.

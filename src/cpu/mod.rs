@@ -9,12 +9,13 @@ pub mod attention;
 pub mod gemm;
 pub mod lowrank;
 pub mod multi_adapter;
+pub mod nn;
 pub mod projection;
-pub mod train;
 
 use std::time::Instant;
 
 use crate::backend::{Backend, Scalar};
+use crate::dtype::Element;
 use crate::op_timing::{Breakdown, Timeline};
 use crate::Result;
 
@@ -66,4 +67,15 @@ thread_local! {
     /// thread issues (ops fan out to rayon inside and return before the
     /// next mark), and runs on other threads do not mix in.
     static TIMELINE: std::cell::RefCell<Option<Timeline<Instant>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// `x` widened to f64, where the twins compute.
+pub(crate) fn to64<T: Element>(x: &[T]) -> Vec<f64> {
+    x.iter().map(|&v| v.to_f64()).collect()
+}
+
+/// `src` rounded into `dst`'s dtype (the twins' results, stored like a
+/// kernel's).
+pub(crate) fn store<T: Element>(dst: &mut [T], src: &[f64]) {
+    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = T::from_f64(s));
 }

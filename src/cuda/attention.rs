@@ -1,7 +1,8 @@
 //! Launch wrappers for `kernels/attention.cu`: causal multi-head attention
 //! in the memory-saving ("flash") form, with f32, f16 or bf16 storage and
-//! f32 accumulation. The f64 twin is [`crate::cpu::attention`]; layouts are
-//! documented there (`qkv` rows `[q | k | v]`, `lse` `[batch][head][query]`).
+//! f32 accumulation ([`AttentionOps`] for [`Gpu`]). The f64 twin is
+//! [`crate::cpu::attention`]; the layouts and the math are in
+//! [`crate::attention`].
 //!
 //! The forward keeps one log-sum-exp per query instead of the
 //! batch·heads·seq·seq probabilities; the backward recomputes them. Every
@@ -16,9 +17,9 @@
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{blocks_for, kernels, Gpu};
+use crate::attention::{check_lengths, AttentionOps, AttnShape};
 use crate::dtype::{DType, Element};
 use crate::error::check_len;
-use crate::train::ops::{check, AttnShape};
 use crate::{Error, Result};
 
 /// The largest `head_dim` the CUDA attention kernels support.
@@ -194,7 +195,7 @@ fn tiled_grid(plan: &Plan, seq: usize, rows: u32, smem: u32) -> LaunchConfig {
 /// per-query log-sum-exp of the scaled scores `lse` (batch·heads·seq,
 /// natural log) from `qkv` (tokens × 3W). Overwrites both.
 ///
-/// Errors: lengths that do not match `shape` ([`check::attention_lse`]),
+/// Errors: lengths that do not match `shape` ([`check_lengths`]),
 /// `head_dim` above [`MAX_HEAD_DIM`], shapes past the kernels' 32-bit grid
 /// limits, or a build without kernels.
 pub fn attention_forward<T: Element>(
@@ -205,7 +206,7 @@ pub fn attention_forward<T: Element>(
     lse: &mut CudaSlice<f32>,
 ) -> Result<()> {
     let op = "attention_forward";
-    check::attention_lse(op, shape, qkv.len(), out.len(), lse.len())?;
+    check_lengths(op, shape, qkv.len(), out.len(), lse.len())?;
     let plan = plan::<T>(op, shape)?;
     let (name, rows, smem) = plan.kernel(0, T::DTYPE.suffix());
     let f = gpu.function_with_shared(kernels::ATTENTION, &name, smem)?;
@@ -247,7 +248,7 @@ pub fn attention_backward<T: Element>(
     dqkv: &mut CudaSlice<T>,
 ) -> Result<()> {
     let op = "attention_backward";
-    check::attention_lse(op, shape, qkv.len(), dout.len(), lse.len())?;
+    check_lengths(op, shape, qkv.len(), dout.len(), lse.len())?;
     check_len(op, "out", out.len(), dout.len())?;
     check_len(op, "dqkv", dqkv.len(), qkv.len())?;
     let plan = plan::<T>(op, shape)?;
@@ -294,6 +295,30 @@ pub fn attention_backward<T: Element>(
         .map_err(launch_err(&name))?;
     }
     Ok(())
+}
+
+impl AttentionOps for Gpu {
+    fn attention_forward<T: Element>(
+        &self,
+        qkv: &CudaSlice<T>,
+        shape: AttnShape,
+        out: &mut CudaSlice<T>,
+        lse: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        attention_forward(self, qkv, shape, out, lse)
+    }
+
+    fn attention_backward<T: Element>(
+        &self,
+        dout: &CudaSlice<T>,
+        qkv: &CudaSlice<T>,
+        out: &CudaSlice<T>,
+        lse: &CudaSlice<f32>,
+        shape: AttnShape,
+        dqkv: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        attention_backward(self, dout, qkv, out, lse, shape, dqkv)
+    }
 }
 
 #[cfg(test)]

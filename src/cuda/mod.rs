@@ -17,8 +17,8 @@ pub mod bench;
 pub mod kernels;
 pub mod lowrank;
 pub mod multi_adapter;
+pub mod nn;
 pub mod projection;
-pub mod train;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

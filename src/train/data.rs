@@ -22,7 +22,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 
-use super::ops::IGNORE;
+use crate::nn::IGNORE;
 use crate::rng::Rng;
 use crate::{Error, Result};
 

@@ -1,7 +1,10 @@
 //! A small autograd-free trainer: GPT-2-architecture models fine-tuned with
 //! LoRA, Tied-LoRA/VeRA, Uni-LoRA or fully, every backward written by hand.
 //!
-//! - [`ops`]: the non-GEMM ops ([`ops::TrainOps`]) the model needs.
+//! The non-GEMM ops the model needs are the [`crate::nn`] and
+//! [`crate::attention`] kernel families; every linear layer is
+//! [`crate::lowrank`].
+//!
 //! - [`config`]: the model's shape (Hugging Face `config.json`).
 //! - [`data`]: token files, byte text, the embedded domains; eval metrics.
 //! - [`model`]: GPT-2 forward and backward over any [`model::TrainBackend`].
@@ -16,7 +19,6 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod model;
-pub mod ops;
 pub mod optimizer;
 pub mod plot;
 pub mod trainer;

@@ -5,7 +5,7 @@
 //! and a GELU (tanh) MLP; a final LayerNorm; the LM head tied to the token
 //! embedding; fused softmax cross-entropy. Every linear layer, the LM head
 //! included, is one [`LowRankOps`] call (with or without an adapter); the
-//! rest are [`TrainOps`].
+//! rest are [`NnOps`] and [`AttentionOps`].
 //!
 //! # Weights
 //! Stored in PyTorch `Linear` layout (`N×K`, out × in). Hugging Face GPT-2
@@ -44,8 +44,9 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::adapters::AdapterSet;
 use super::config::Gpt2Config;
-use super::ops::{AttnShape, SeqShape, TokenIds, TrainOps};
+use crate::attention::{AttentionOps, AttnShape};
 use crate::lowrank::{Grads, LinearShape, LowRankOps};
+use crate::nn::{NnOps, SeqShape, TokenIds};
 use crate::projection::ProjectionOps;
 use crate::rng::Rng;
 use crate::{Element, Error, Result};
@@ -64,9 +65,10 @@ type Normed<B, T> = (<B as crate::Backend>::Buf<T>, F32<B>, F32<B>);
 /// next LayerNorm of that output.
 type BlockOut<B, T> = (LayerCache<B, T>, F32<B>, Normed<B, T>);
 
-/// Everything the trainer needs from a backend.
-pub trait TrainBackend: TrainOps + LowRankOps + ProjectionOps {}
-impl<B: TrainOps + LowRankOps + ProjectionOps> TrainBackend for B {}
+/// Everything the trainer needs from a backend: the kernel families it
+/// calls. Implemented for every backend that has them.
+pub trait TrainBackend: NnOps + AttentionOps + LowRankOps + ProjectionOps {}
+impl<B: NnOps + AttentionOps + LowRankOps + ProjectionOps> TrainBackend for B {}
 
 /// The four linear modules of a block that adapters can target, named as
 /// PEFT's `target_modules` names them for GPT-2.
@@ -211,7 +213,7 @@ impl ParamSpec {
 }
 
 /// The dtype the forward and backward compute in (see
-/// [`super::ops::TrainOps`] for what stays f32 either way).
+/// [`crate::nn::NnOps`] for what stays f32 either way).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -494,7 +496,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         let shape = batch.shape;
         // The embedding's buffer holds the pad rows too: check against the
         // real vocabulary here.
-        super::ops::check::tokens("batch tokens", &batch.host_tokens, vocab)?;
+        crate::nn::check::tokens("batch tokens", &batch.host_tokens, vocab)?;
         if shape.seq > c.n_positions {
             return Err(Error::invalid(
                 "sequence length",
@@ -534,7 +536,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         let mut logits = backend.zeros::<T>(tokens * padded)?;
         backend.lowrank_forward(head, &lnf, &self.params[index_wte()], None, None, &mut logits, None)?;
 
-        let count = batch.host_targets.iter().filter(|&&t| t != super::ops::IGNORE).count();
+        let count = batch.host_targets.iter().filter(|&&t| t != crate::nn::IGNORE).count();
         let grad_scale = if backward && count > 0 { Some(1.0 / count as f64) } else { None };
         backend.op_mark("cross_entropy");
         let ce = backend.cross_entropy_padded(&mut logits, batch.targets(), vocab, padded, grad_scale)?;
@@ -856,7 +858,7 @@ impl<B: TrainBackend> Batch<B> {
         TokenIds { device: &self.device_tokens, host: &self.host_tokens }
     }
 
-    /// Targets ([`super::ops::IGNORE`] where no loss is taken), on the
+    /// Targets ([`crate::nn::IGNORE`] where no loss is taken), on the
     /// backend and on the host.
     pub fn targets(&self) -> TokenIds<'_, B> {
         TokenIds { device: &self.device_targets, host: &self.host_targets }
@@ -877,7 +879,7 @@ pub struct BatchOutput {
 impl BatchOutput {
     /// Positions that carry a loss.
     pub fn count(&self) -> usize {
-        self.targets.iter().filter(|&&t| t != super::ops::IGNORE).count()
+        self.targets.iter().filter(|&&t| t != crate::nn::IGNORE).count()
     }
     /// Mean loss over those positions (in f64).
     pub fn mean_loss(&self) -> f64 {

@@ -8,13 +8,13 @@
 //! consecutive refusals and stops after too many).
 //!
 //! The norm, the clip factor, the schedule's rate, the step count and the
-//! refusal are decided on the backend ([`TrainOps::optimizer_prepare`]),
-//! and the update reads them from there ([`TrainOps::adamw_many_device`]):
+//! refusal are decided on the backend ([`NnOps::optimizer_prepare`]),
+//! and the update reads them from there ([`NnOps::adamw_many_device`]):
 //! queuing a step ([`AdamW::queue`]) waits for nothing, and the host reads
 //! the outcome when it asks for the report ([`AdamW::report`]).
 
 use super::adapters::Group;
-use super::ops::{optim_state, AdamWTensor, Decay, OptimConsts, TrainOps};
+use crate::nn::{optim_state, AdamWTensor, Decay, NnOps, OptimConsts};
 use crate::{Error, Result};
 
 /// Learning-rate shape over the run.
@@ -163,7 +163,7 @@ pub struct StepReport {
 /// AdamW state: the step count and first/second moments per tensor (in the
 /// order the trainable tensors are passed, which the trainer keeps fixed),
 /// and the backend-resident step state ([`optim_state`]).
-pub struct AdamW<B: TrainOps> {
+pub struct AdamW<B: NnOps> {
     /// Settings.
     pub config: OptimConfig,
     /// Completed (accepted) steps, as of the last [`AdamW::report`]. Set it
@@ -183,7 +183,7 @@ pub struct AdamW<B: TrainOps> {
     guards: Vec<String>,
 }
 
-impl<B: TrainOps> AdamW<B> {
+impl<B: NnOps> AdamW<B> {
     /// Fresh state (zero moments) for these tensors.
     pub fn new(backend: &B, config: OptimConfig, params: &[ParamRef<'_, B>]) -> Result<Self> {
         config.validate()?;

@@ -251,7 +251,7 @@ impl<B: TrainBackend> Trainer<B> {
         };
         let batch = Batch::upload(
             &self.backend,
-            super::ops::SeqShape { batch: host.rows, seq: host.seq },
+            crate::nn::SeqShape { batch: host.rows, seq: host.seq },
             &host.tokens,
             &host.targets,
         )?;
@@ -421,7 +421,7 @@ pub fn evaluate<B: TrainBackend>(
     data.check_seq(seq)?;
     let mut acc = MetricsAccumulator::default();
     for hb in data.eval_batches(rows, seq, limit) {
-        let batch = Batch::upload(backend, super::ops::SeqShape { batch: hb.rows, seq }, &hb.tokens, &hb.targets)?;
+        let batch = Batch::upload(backend, crate::nn::SeqShape { batch: hb.rows, seq }, &hb.tokens, &hb.targets)?;
         let out = model.run(backend, adapters.as_deref_mut(), &batch, false)?;
         acc.add(seq, &out.losses, &out.correct, &out.targets);
     }

@@ -1,8 +1,9 @@
 //! `lorafuse train`, `lorafuse eval` and `lorafuse demo`.
 //!
 //! The commands are written over any [`TrainBackend`]: the CPU backend and
-//! the CUDA backend (`kernels/train.cu`, `kernels/attention.cu`) both
-//! implement the trainer's ops (`TrainOps`), and `--device` picks one.
+//! the CUDA backend (`kernels/nn.cu`, `kernels/attention.cu`) both
+//! implement the kernel families it calls (`NnOps`, `AttentionOps`,
+//! `LowRankOps`, `ProjectionOps`), and `--device` picks one.
 //!
 //! A checkpoint directory holds, besides the `step-<n>` checkpoints, the
 //! run's sources (`run.json`: model and data specs). `--resume` continues

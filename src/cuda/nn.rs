@@ -1,6 +1,6 @@
-//! Launch wrappers for `kernels/train.cu`: the trainer's non-GEMM ops
-//! ([`TrainOps`]) on the GPU, in the compute dtype `T` with an f32 residual
-//! stream (attention calls into [`super::attention`]).
+//! Launch wrappers for `kernels/nn.cu`: the non-GEMM ops of a transformer
+//! ([`NnOps`]) on the GPU, in the compute dtype `T` with an f32 residual
+//! stream.
 //!
 //! Shapes are checked here exactly as the CPU twin checks them. Token and
 //! target ranges are checked on the host copy a [`TokenIds`] carries, so a
@@ -14,9 +14,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelA
 use super::{blocks_for, grid, kernels, ArgOrNull, Gpu};
 use crate::backend::Backend;
 use crate::error::check_len;
-use crate::train::ops::{
-    check, optim_state, AdamWStep, AdamWTensor, AttnShape, CrossEntropyOut, OptimConsts, SeqShape, TokenIds, TrainOps,
-};
+use crate::nn::{check, optim_state, AdamWStep, AdamWTensor, CrossEntropyOut, NnOps, OptimConsts, SeqShape, TokenIds};
 use crate::Element;
 use crate::{Error, Result};
 
@@ -24,12 +22,12 @@ const THREADS: u32 = 256;
 const WARPS: u32 = THREADS / 32;
 /// Grid-stride kernels never need more blocks than this to fill the GPU.
 const MAX_BLOCKS: u32 = 65_535;
-/// Threads per cross-entropy row (`CE_THREADS` in kernels/train.cu).
+/// Threads per cross-entropy row (`CE_THREADS` in kernels/nn.cu).
 const CE_THREADS: u32 = 1024;
 /// Rows per partial sum in the LayerNorm parameter gradients.
 const LN_ROWS_PER_CHUNK: u32 = 64;
 
-/// Mirrors `struct AdamWArgs` in kernels/train.cu.
+/// Mirrors `struct AdamWArgs` in kernels/nn.cu.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct AdamWArgs {
@@ -63,7 +61,7 @@ impl AdamWArgs {
     }
 }
 
-/// Mirrors `struct AdamWEntry` in kernels/train.cu: one tensor of
+/// Mirrors `struct AdamWEntry` in kernels/nn.cu: one tensor of
 /// `adamw_multi_f32`'s device table.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -87,7 +85,7 @@ impl AdamWEntry {
     }
 }
 
-/// Mirrors `struct OptimConsts` in kernels/train.cu.
+/// Mirrors `struct OptimConsts` in kernels/nn.cu.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct OptimConstsArgs {
@@ -150,7 +148,7 @@ fn typed<T: Element>(base: &str) -> String {
     format!("{base}_{}", T::DTYPE.suffix())
 }
 
-impl TrainOps for Gpu {
+impl NnOps for Gpu {
     fn embedding_forward<T: Element>(
         &self,
         tokens: TokenIds<'_, Gpu>,
@@ -165,7 +163,7 @@ impl TrainOps for Gpu {
         check_len("embedding_forward", "host tokens", tokens.host.len(), tokens.device.len())?;
         check::tokens("embedding_forward", tokens.host, vocab)?;
         let name = typed::<T>("embedding_forward");
-        let f = self.function(kernels::TRAIN, &name)?;
+        let f = self.function(kernels::NN, &name)?;
         let (vocab32, seq, width32, total) =
             (u32_arg("vocab", vocab)?, u32_arg("seq", shape.seq)?, u32_arg("width", width)?, out.len() as u64);
         // SAFETY: argument types match; every buffer length was checked
@@ -218,7 +216,7 @@ impl TrainOps for Gpu {
             starts.push(order.len() as u32);
             if !uniq.is_empty() {
                 let (order, uniq_d, starts) = (self.upload(&order)?, self.upload(&uniq)?, self.upload(&starts)?);
-                let f = self.function(kernels::TRAIN, "embedding_backward_wte_f32")?;
+                let f = self.function(kernels::NN, "embedding_backward_wte_f32")?;
                 // SAFETY: argument types match; every token index is < vocab.
                 unsafe {
                     self.stream()
@@ -236,7 +234,7 @@ impl TrainOps for Gpu {
             }
         }
         if let Some(dwpe) = dwpe {
-            let f = self.function(kernels::TRAIN, "embedding_backward_wpe_f32")?;
+            let f = self.function(kernels::NN, "embedding_backward_wpe_f32")?;
             let (batch, seq) = (u32_arg("batch", shape.batch)?, u32_arg("seq", shape.seq)?);
             // SAFETY: argument types match; dwpe holds at least seq rows.
             unsafe {
@@ -265,7 +263,7 @@ impl TrainOps for Gpu {
         let (rows, d) =
             check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()))?;
         let name = typed::<T>("layernorm_forward");
-        let f = self.function(kernels::TRAIN, &name)?;
+        let f = self.function(kernels::NN, &name)?;
         let (eps, rows32, d32) = (eps as f32, u32_arg("rows", rows)?, u32_arg("width", d)?);
         // SAFETY: argument types match; lengths checked above.
         unsafe {
@@ -302,7 +300,7 @@ impl TrainOps for Gpu {
             check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()))?;
         check::same_len("residual_layernorm_forward", x.len(), &[("y", y.len()), ("resid", resid.len())])?;
         let name = typed::<T>("residual_layernorm_forward");
-        let f = self.function(kernels::TRAIN, &name)?;
+        let f = self.function(kernels::NN, &name)?;
         let (eps, rows32, d32) = (eps as f32, u32_arg("rows", rows)?, u32_arg("width", d)?);
         // SAFETY: argument types match; lengths checked above (x, y, resid
         // and out hold rows·d, mean and rstd rows).
@@ -342,7 +340,7 @@ impl TrainOps for Gpu {
             check::layernorm_backward(lens, dgamma.as_ref().map(|b| b.len()), dbeta.as_ref().map(|b| b.len()))?;
         let (rows32, d32) = (u32_arg("rows", rows)?, u32_arg("width", d)?);
         let name = typed::<T>("layernorm_backward_dx");
-        let f = self.function(kernels::TRAIN, &name)?;
+        let f = self.function(kernels::NN, &name)?;
         // SAFETY: argument types match; lengths checked above.
         unsafe {
             self.stream()
@@ -366,7 +364,7 @@ impl TrainOps for Gpu {
         let mut partial_g: CudaSlice<f32> = self.zeros(chunks as usize * d)?;
         let mut partial_b: CudaSlice<f32> = self.zeros(chunks as usize * d)?;
         let name = typed::<T>("layernorm_backward_params_partial");
-        let f = self.function(kernels::TRAIN, &name)?;
+        let f = self.function(kernels::NN, &name)?;
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (d32.div_ceil(THREADS), chunks, 1),
             block_dim: (THREADS, 1, 1),
@@ -389,7 +387,7 @@ impl TrainOps for Gpu {
         }
         .map(drop)
         .map_err(|e| Error::cuda(format!("launching {name}"), e))?;
-        let f = self.function(kernels::TRAIN, "layernorm_backward_params_final_f32")?;
+        let f = self.function(kernels::NN, "layernorm_backward_params_final_f32")?;
         // SAFETY: argument types match; a null address means "skip" in the
         // kernel, a present one holds d floats (checked above).
         unsafe {
@@ -407,32 +405,10 @@ impl TrainOps for Gpu {
         .map_err(launch_err("layernorm_backward_params_final_f32"))
     }
 
-    fn attention_forward<T: Element>(
-        &self,
-        qkv: &CudaSlice<T>,
-        shape: AttnShape,
-        out: &mut CudaSlice<T>,
-        lse: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        super::attention::attention_forward(self, qkv, shape, out, lse)
-    }
-
-    fn attention_backward<T: Element>(
-        &self,
-        dout: &CudaSlice<T>,
-        qkv: &CudaSlice<T>,
-        out: &CudaSlice<T>,
-        lse: &CudaSlice<f32>,
-        shape: AttnShape,
-        dqkv: &mut CudaSlice<T>,
-    ) -> Result<()> {
-        super::attention::attention_backward(self, dout, qkv, out, lse, shape, dqkv)
-    }
-
     fn gelu_forward<T: Element>(&self, x: &CudaSlice<T>, out: &mut CudaSlice<T>) -> Result<()> {
         check::same_len("gelu_forward", x.len(), &[("out", out.len())])?;
         let (name, n) = (typed::<T>("gelu_forward"), x.len() as u64);
-        let f = self.function(kernels::TRAIN, &name)?;
+        let f = self.function(kernels::NN, &name)?;
         // SAFETY: argument types match; both buffers hold n.
         unsafe {
             self.stream().launch_builder(&f).arg(x).arg(&n).arg(out).launch(grid(packed_grid::<T>(n), THREADS, 0))
@@ -444,7 +420,7 @@ impl TrainOps for Gpu {
     fn gelu_backward<T: Element>(&self, dout: &CudaSlice<T>, x: &CudaSlice<T>, dx: &mut CudaSlice<T>) -> Result<()> {
         check::same_len("gelu_backward", x.len(), &[("dout", dout.len()), ("dx", dx.len())])?;
         let (name, n) = (typed::<T>("gelu_backward"), x.len() as u64);
-        let f = self.function(kernels::TRAIN, &name)?;
+        let f = self.function(kernels::NN, &name)?;
         // SAFETY: argument types match; all buffers hold n.
         unsafe {
             self.stream().launch_builder(&f).arg(dout).arg(x).arg(&n).arg(dx).launch(grid(
@@ -460,7 +436,7 @@ impl TrainOps for Gpu {
     fn residual_add<T: Element>(&self, x: &CudaSlice<f32>, y: &CudaSlice<T>, out: &mut CudaSlice<f32>) -> Result<()> {
         check::same_len("residual_add", x.len(), &[("y", y.len()), ("out", out.len())])?;
         let (name, n) = (typed::<T>("residual_add"), x.len() as u64);
-        let f = self.function(kernels::TRAIN, &name)?;
+        let f = self.function(kernels::NN, &name)?;
         // SAFETY: argument types match; all buffers hold n.
         unsafe {
             self.stream().launch_builder(&f).arg(x).arg(y).arg(&n).arg(out).launch(grid(
@@ -476,7 +452,7 @@ impl TrainOps for Gpu {
     fn cast_from_f32<T: Element>(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<T>) -> Result<()> {
         check::same_len("cast_from_f32", x.len(), &[("out", out.len())])?;
         let (name, n) = (typed::<T>("cast_from_f32"), x.len() as u64);
-        let f = self.function(kernels::TRAIN, &name)?;
+        let f = self.function(kernels::NN, &name)?;
         // SAFETY: argument types match; both buffers hold n.
         // (Packs of 4 per thread per stride.)
         unsafe {
@@ -512,7 +488,7 @@ impl TrainOps for Gpu {
             grad.unwrap_or(0.0) as f32,
         );
         let name = typed::<T>("cross_entropy");
-        let f = self.function(kernels::TRAIN, &name)?;
+        let f = self.function(kernels::NN, &name)?;
         // SAFETY: argument types match; one block per row of `padded` logits
         // (the kernel picks 16-byte accesses only when rows are aligned);
         // the kernel guards each target against vocab.
@@ -545,7 +521,7 @@ impl TrainOps for Gpu {
         check::adamw((param.len(), grad.len(), m.len(), v.len()), hp)?;
         let args = AdamWArgs::new(hp);
         let n = param.len() as u64;
-        let f = self.function(kernels::TRAIN, "adamw_f32")?;
+        let f = self.function(kernels::NN, "adamw_f32")?;
         // SAFETY: argument types match; all four buffers hold n.
         unsafe {
             self.stream().launch_builder(&f).arg(param).arg(grad).arg(m).arg(v).arg(&n).arg(&args).launch(grid(
@@ -563,7 +539,7 @@ impl TrainOps for Gpu {
             check::adamw((t.param.len(), t.grad.len(), t.m.len(), t.v.len()), hp)?;
         }
         let args = AdamWArgs::new(hp);
-        let f = self.function(kernels::TRAIN, "adamw_multi_f32")?;
+        let f = self.function(kernels::NN, "adamw_multi_f32")?;
         let stream = self.stream();
         for chunk in tensors.chunks_mut(MAX_TENSORS_PER_LAUNCH) {
             let longest = chunk.iter().map(|t| t.param.len() as u64).max().unwrap_or(0);
@@ -620,7 +596,7 @@ impl TrainOps for Gpu {
             let lens = stream.clone_htod(&lens).map_err(|e| Error::cuda("uploading the norm table", e))?;
             let mut partial: CudaSlice<f64> = self.zeros(blocks as usize * chunk.len())?;
             let mut totals: CudaSlice<f64> = self.zeros(chunk.len())?;
-            let f = self.function(kernels::TRAIN, "sum_squares_multi_partial_f32")?;
+            let f = self.function(kernels::NN, "sum_squares_multi_partial_f32")?;
             let cfg = cudarc::driver::LaunchConfig {
                 grid_dim: (blocks, tensors, 1),
                 block_dim: (THREADS, 1, 1),
@@ -632,7 +608,7 @@ impl TrainOps for Gpu {
                 .map(drop)
                 .map_err(launch_err("sum_squares_multi_partial_f32"))?;
             drop(guards);
-            let f = self.function(kernels::TRAIN, "sum_squares_final_f32")?;
+            let f = self.function(kernels::NN, "sum_squares_final_f32")?;
             // SAFETY: argument types match; block y adds partials
             // y·blocks..(y+1)·blocks into totals[y].
             unsafe {
@@ -687,7 +663,7 @@ impl TrainOps for Gpu {
         let sums = base + (8 * optim_state::HEADER) as u64;
         let c = OptimConstsArgs::new(consts);
         if tensors > 0 {
-            let f = self.function(kernels::TRAIN, "sum_squares_multi_partial_f32")?;
+            let f = self.function(kernels::NN, "sum_squares_multi_partial_f32")?;
             let cfg = cudarc::driver::LaunchConfig {
                 grid_dim: (blocks, tensors, 1),
                 block_dim: (THREADS, 1, 1),
@@ -699,7 +675,7 @@ impl TrainOps for Gpu {
             unsafe { stream.launch_builder(&f).arg(&ptrs).arg(&lens).arg(&partial).launch(cfg) }
                 .map(drop)
                 .map_err(launch_err("sum_squares_multi_partial_f32"))?;
-            let f = self.function(kernels::TRAIN, "sum_squares_final_f32")?;
+            let f = self.function(kernels::NN, "sum_squares_final_f32")?;
             // SAFETY: block y adds partials y·blocks..(y+1)·blocks into
             // sums[y], which lies inside `state`.
             unsafe {
@@ -708,7 +684,7 @@ impl TrainOps for Gpu {
             .map(drop)
             .map_err(launch_err("sum_squares_final_f32"))?;
         }
-        let f = self.function(kernels::TRAIN, "optimizer_decide_f32")?;
+        let f = self.function(kernels::NN, "optimizer_decide_f32")?;
         let norm_tensors = norm_tensors as u32;
         // SAFETY: argument types match; one block reads sums[..tensors] and
         // writes the header, both inside `state`.
@@ -752,7 +728,7 @@ impl TrainOps for Gpu {
             words.extend(AdamWEntry { param, grad, m, v, n, lr: t.lr, weight_decay: t.weight_decay }.words());
         }
         let table = self.device_table(words)?;
-        let f = self.function(kernels::TRAIN, "adamw_multi_state_f32")?;
+        let f = self.function(kernels::NN, "adamw_multi_state_f32")?;
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (grid_stride(longest).min(MULTI_BLOCKS), entries, 1),
             block_dim: (THREADS, 1, 1),

@@ -1,30 +1,17 @@
-//! CPU twin of the trainer's non-GEMM ops ([`crate::train::ops::TrainOps`]).
+//! CPU twin of `kernels/nn.cu` ([`crate::nn::NnOps`]).
 //!
 //! Each op is written once as a plain f64 function (`*_f64`, public so the
 //! finite-difference tests check the math in f64 directly), and the
-//! [`TrainOps`] impl converts the f32 buffers at the edges. Matrix products
-//! inside attention go through [`super::gemm::matmul`]; attention itself
-//! lives in [`super::attention`] (its kernels have a family of their own).
+//! [`NnOps`] impl converts the f32 buffers at the edges.
 
 use rayon::prelude::*;
 
-pub use super::attention::{attention_backward_f64, attention_forward_f64};
-use super::Cpu;
+use super::{store, to64, Cpu};
 use crate::dtype::Element;
-use crate::error::check_len;
-use crate::train::ops::{
-    check, optim_state, AdamWStep, AdamWTensor, AttnShape, CrossEntropyOut, OptimConsts, SeqShape, TokenIds, TrainOps,
-    IGNORE,
+use crate::nn::{
+    check, optim_state, AdamWStep, AdamWTensor, CrossEntropyOut, NnOps, OptimConsts, SeqShape, TokenIds, IGNORE,
 };
 use crate::Result;
-
-fn to64<T: Element>(x: &[T]) -> Vec<f64> {
-    x.iter().map(|&v| v.to_f64()).collect()
-}
-
-fn store<T: Element>(dst: &mut [T], src: &[f64]) {
-    dst.iter_mut().zip(src).for_each(|(d, &s)| *d = T::from_f64(s));
-}
 
 fn accumulate(dst: &mut [f32], src: &[f64]) {
     dst.iter_mut().zip(src).for_each(|(d, &s)| *d = (*d as f64 + s) as f32);
@@ -109,7 +96,7 @@ pub fn cross_entropy_row_f64(logits: &[f64], target: usize) -> (f64, bool, Vec<f
     (lse - logits[target], argmax == target, grad)
 }
 
-impl TrainOps for Cpu {
+impl NnOps for Cpu {
     fn embedding_forward<T: Element>(
         &self,
         tokens: TokenIds<'_, Cpu>,
@@ -223,38 +210,6 @@ impl TrainOps for Cpu {
         if let Some(db) = dbeta {
             accumulate(db, &gb);
         }
-        Ok(())
-    }
-
-    fn attention_forward<T: Element>(
-        &self,
-        qkv: &Vec<T>,
-        shape: AttnShape,
-        out: &mut Vec<T>,
-        lse: &mut Vec<f32>,
-    ) -> Result<()> {
-        check::attention_lse("attention_forward", shape, qkv.len(), out.len(), lse.len())?;
-        let (o, l) = attention_forward_f64(&to64(qkv), shape)?;
-        store(out, &o);
-        store(lse, &l);
-        Ok(())
-    }
-
-    fn attention_backward<T: Element>(
-        &self,
-        dout: &Vec<T>,
-        qkv: &Vec<T>,
-        out: &Vec<T>,
-        lse: &Vec<f32>,
-        shape: AttnShape,
-        dqkv: &mut Vec<T>,
-    ) -> Result<()> {
-        let op = "attention_backward";
-        check::attention_lse(op, shape, qkv.len(), dout.len(), lse.len())?;
-        check_len(op, "out", out.len(), dout.len())?;
-        check_len(op, "dqkv", dqkv.len(), qkv.len())?;
-        let g = attention_backward_f64(&to64(dout), &to64(qkv), &to64(out), &to64(lse), shape)?;
-        store(dqkv, &g);
         Ok(())
     }
 

@@ -1,15 +1,15 @@
-// Emulated run of kernels/train.cu against f64 references written here from
-// the formulas of src/cpu/train.rs, for checking the kernels' indexing,
+// Emulated run of kernels/nn.cu against f64 references written here from
+// the formulas of src/cpu/nn.rs, for checking the kernels' indexing,
 // reductions and edge cases on a machine without a GPU. Launch geometry is
-// that of the wrappers in src/cuda/train.rs (256 threads, one warp per
+// that of the wrappers in src/cuda/nn.rs (256 threads, one warp per
 // LayerNorm row, one block per cross-entropy row or distinct token, ...).
 // Inputs are rounded to their storage dtype first and the references read the
 // rounded values; outputs are NaN-poisoned before overwriting kernels, and
 // accumulating kernels start from random values.
-// Build and run with scripts/kernel-emu/run.sh train [dtype].
+// Build and run with scripts/kernel-emu/run.sh nn [dtype].
 #include "emu.h"
 
-#include "train.cu"
+#include "nn.cu"
 
 #include <algorithm>
 #include <cstdarg>
@@ -19,10 +19,10 @@
 #include <set>
 #include <string>
 
-// ---- launch geometry of src/cuda/train.rs --------------------------------
+// ---- launch geometry of src/cuda/nn.rs --------------------------------
 
 constexpr unsigned THREADS = 256, WARPS = THREADS / 32;
-// CE_THREADS (1024, from train.cu): one cross-entropy row per block.
+// CE_THREADS (1024, from nn.cu): one cross-entropy row per block.
 constexpr uint32_t LN_ROWS_PER_CHUNK = 64;
 // The wrappers cap grid-stride grids at 65535 blocks (and the sum of squares
 // at 1024). A grid-stride loop is correct for any grid, so the emulator caps
@@ -185,7 +185,7 @@ static std::string fmt(const char* f, ...) {
     return buf;
 }
 
-// ---- f64 references (the formulas of src/cpu/train.rs) --------------------
+// ---- f64 references (the formulas of src/cpu/nn.rs) --------------------
 
 constexpr double GELU_C64 = 0.7978845608028654;  // sqrt(2/π)
 static double gelu64(double x) { return 0.5 * x * (1.0 + std::tanh(GELU_C64 * (x + 0.044715 * x * x * x))); }
@@ -245,7 +245,7 @@ static void test_embedding_backward(const EmbShape& s, uint64_t seed) {
     const auto dwte0 = rand_vec<float>(rng, (size_t)s.vocab * s.width, -1, 1);
     const auto dwpe0 = rand_vec<float>(rng, (size_t)s.positions * s.width, -1, 1);
 
-    // src/cuda/train.rs, embedding_backward.
+    // src/cuda/nn.rs, embedding_backward.
     std::vector<uint32_t> order(rows), uniq, starts;
     std::iota(order.begin(), order.end(), 0u);
     std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return tokens[a] < tokens[b]; });
@@ -687,7 +687,7 @@ static void test_sum_squares_final(unsigned blocks, uint64_t seed) {
 
 // ---- the optimizer step decided on the device ------------------------------
 
-// OptimConsts::lr_factor and ::decide (src/train/ops.rs), written out again.
+// OptimConsts::lr_factor and ::decide (src/nn.rs), written out again.
 static double ref_lr_factor(const OptimConsts& c, uint64_t step) {
     if (c.warmup > 0 && step <= c.warmup) return (double)step / (double)c.warmup;
     const double span = (double)std::max<uint64_t>(c.total > c.warmup ? c.total - c.warmup : 0, 1);
@@ -765,7 +765,7 @@ static void test_optimizer_decide(const char* what, std::vector<double> sums, ui
             sums0);
 }
 
-// The whole device-side step as src/cuda/train.rs queues it: the norm
+// The whole device-side step as src/cuda/nn.rs queues it: the norm
 // partials into the scratch, each tensor's sum into the state, the decision,
 // then adamw_multi_state_f32. Tensors of different lengths (an empty one),
 // a guard after them; `poison` puts a NaN into a gradient (refused: nothing

@@ -1,23 +1,46 @@
-//! The trainer's non-GEMM operations, on any backend: embedding, LayerNorm,
-//! causal attention, GELU (tanh), residual add, fused softmax cross-entropy,
-//! AdamW and the global gradient norm.
+//! The pointwise and row-wise ops of a transformer that are not matrix
+//! products: token and position embedding, LayerNorm (alone and fused with
+//! the residual add before it), GELU, residual add, the f32 → compute-dtype
+//! cast, fused softmax cross-entropy, AdamW and the sums of squares of the
+//! global gradient norm.
 //!
 //! Every linear layer (including the tied LM head) goes through
-//! [`crate::lowrank::LowRankOps`] instead; these are the remaining pieces a
-//! GPT-2 forward and backward need. The CPU implementation lives in
-//! `src/cpu/train.rs` (f64 arithmetic, f32 at the edges); a CUDA one adds
-//! `src/cuda/train.rs` and `kernels/train.cu` without touching the trainer.
+//! [`crate::lowrank::LowRankOps`] and attention through
+//! [`crate::attention::AttentionOps`]; these are the remaining pieces a
+//! GPT-2 forward and backward need. The CPU twin is [`crate::cpu::nn`]
+//! (f64 arithmetic, f32 at the edges); the CUDA one is
+//! [`crate::cuda::nn`] over `kernels/nn.cu`.
 //!
-//! See [`TrainOps`] for which buffers are in the compute dtype and which
+//! # Math
+//! Per row `x` of width `d` (LayerNorm), per element (GELU), per row of
+//! `V` logits `z` with target `y` (cross-entropy):
+//!
+//! ```text
+//! LayerNorm   μ = mean(x)   rstd = 1/√(var(x) + ε)   x̂ = (x − μ)·rstd
+//!             out = x̂·γ + β
+//!   backward  ĝ = dout·γ
+//!             dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂))
+//!             dγ += Σ_rows dout·x̂      dβ += Σ_rows dout
+//! GELU        gelu(x) = ½x·(1 + tanh(√(2/π)·(x + 0.044715x³)))
+//!   backward  dx = dout·gelu'(x)
+//! Cross-ent.  lse = log Σ_v exp(z_v)   loss = lse − z_y
+//!   backward  dz = scale·(softmax(z) − onehot(y))
+//! AdamW       g ← g·grad_scale
+//!             m ← β₁m + (1 − β₁)g      v ← β₂v + (1 − β₂)g²
+//!             p ← p − lr·wd·p − lr·(m/(1 − β₁ᵗ)) / (√(v/(1 − β₂ᵗ)) + ε)
+//! ```
+//!
+//! See [`NnOps`] for which buffers are in the compute dtype and which
 //! stay f32. Backward functions say whether they overwrite or accumulate
-//! their outputs; parameter gradients always accumulate (so tied weights, such as the token embedding
-//! used by both the input and the LM head, sum their contributions).
+//! their outputs; parameter gradients always accumulate (so tied weights,
+//! such as the token embedding used by both the input and the LM head, sum
+//! their contributions).
 
 use crate::backend::Backend;
 use crate::dtype::Element;
 use crate::Result;
 
-/// Targets equal to this are ignored by [`TrainOps::cross_entropy`] (padding
+/// Targets equal to this are ignored by [`NnOps::cross_entropy`] (padding
 /// and prompt positions that carry no loss).
 pub const IGNORE: u32 = u32::MAX;
 
@@ -34,29 +57,6 @@ impl SeqShape {
     /// Tokens in the batch.
     pub fn tokens(&self) -> usize {
         self.batch * self.seq
-    }
-}
-
-/// Shape of a causal multi-head attention call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AttnShape {
-    /// Rows and tokens per row.
-    pub seq: SeqShape,
-    /// Heads.
-    pub heads: usize,
-    /// Channels per head (`n_embd / heads`).
-    pub head_dim: usize,
-}
-
-impl AttnShape {
-    /// `n_embd`.
-    pub fn width(&self) -> usize {
-        self.heads * self.head_dim
-    }
-    /// Elements of the per-query log-sum-exp the attention forward keeps
-    /// for its backward: batch·heads·seq.
-    pub fn lse_len(&self) -> usize {
-        self.seq.batch * self.heads * self.seq.seq
     }
 }
 
@@ -80,7 +80,7 @@ pub struct AdamWStep {
     pub grad_scale: f64,
 }
 
-/// One tensor of a multi-tensor AdamW step ([`TrainOps::adamw_many`]):
+/// One tensor of a multi-tensor AdamW step ([`NnOps::adamw_many`]):
 /// its buffers and its parameter group's learning rate and decay.
 pub struct AdamWTensor<'a, B: Backend> {
     /// The f32 parameter, updated in place.
@@ -97,8 +97,8 @@ pub struct AdamWTensor<'a, B: Backend> {
     pub weight_decay: f64,
 }
 
-/// Layout of the optimizer state that [`TrainOps::optimizer_prepare`]
-/// writes and [`TrainOps::adamw_many_device`] reads: f64s kept on the
+/// Layout of the optimizer state that [`NnOps::optimizer_prepare`]
+/// writes and [`NnOps::adamw_many_device`] reads: f64s kept on the
 /// backend, so the clip factor, the schedule's rate and the decision to
 /// refuse a step never travel through the host between the gradient norm
 /// and the update (no stall of the stream, and the same launches serve
@@ -165,7 +165,7 @@ pub enum Decay {
 }
 
 /// The constants of a run's optimizer steps that
-/// [`TrainOps::optimizer_prepare`] and [`TrainOps::adamw_many_device`] take:
+/// [`NnOps::optimizer_prepare`] and [`NnOps::adamw_many_device`] take:
 /// the same on every step, so the per-step values (step count, rate,
 /// clip factor) come from the backend's state alone.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -230,7 +230,7 @@ impl OptimConsts {
     }
 }
 
-/// Per-position results of [`TrainOps::cross_entropy`].
+/// Per-position results of [`NnOps::cross_entropy`].
 pub struct CrossEntropyOut<B: Backend> {
     /// `−log softmax(logits)[target]` per row (0 where the target is ignored).
     pub losses: B::Buf<f32>,
@@ -258,7 +258,7 @@ impl<B: Backend> Clone for TokenIds<'_, B> {
 }
 impl<B: Backend> Copy for TokenIds<'_, B> {}
 
-/// The trainer's non-GEMM kernels, in mixed precision. All shapes are
+/// The non-GEMM ops of a transformer, in mixed precision. All shapes are
 /// checked; a mismatch is an [`crate::Error::Shape`] naming the operand.
 ///
 /// # Precision
@@ -268,7 +268,7 @@ impl<B: Backend> Copy for TokenIds<'_, B> {}
 /// autocast, where the residual adds see an f32 operand), as do LayerNorm
 /// statistics, the attention's log-sum-exp, losses, parameter gradients
 /// and optimizer state. Every op computes in f32 (CUDA) or f64 (CPU).
-pub trait TrainOps: Backend + Sized {
+pub trait NnOps: Backend + Sized {
     /// `out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]` into the f32 residual
     /// stream (`out` overwritten). A token `>= vocab` or `seq > positions`
     /// is an error.
@@ -311,10 +311,10 @@ pub trait TrainOps: Backend + Sized {
 
     /// The residual add fused into the LayerNorm that follows it: `resid =
     /// x + y` (the new f32 residual stream, overwritten) and
-    /// [`TrainOps::layernorm_forward`] of `resid`, in one pass over the row
+    /// [`NnOps::layernorm_forward`] of `resid`, in one pass over the row
     /// (the separate add would write `resid` and the LayerNorm read it
-    /// back). Same results as [`TrainOps::residual_add`] then
-    /// [`TrainOps::layernorm_forward`].
+    /// back). Same results as [`NnOps::residual_add`] then
+    /// [`NnOps::layernorm_forward`].
     #[allow(clippy::too_many_arguments)]
     fn residual_layernorm_forward<T: Element>(
         &self,
@@ -343,33 +343,6 @@ pub trait TrainOps: Backend + Sized {
         dx: &mut Self::Buf<f32>,
         dgamma: Option<&mut Self::Buf<f32>>,
         dbeta: Option<&mut Self::Buf<f32>>,
-    ) -> Result<()>;
-
-    /// Causal multi-head attention on `qkv` (tokens × 3·width, laid out
-    /// `[q | k | v]`, head `h` in columns `h·hd..(h+1)·hd` of each third,
-    /// as GPT-2's `c_attn` produces it). Writes `out` (tokens × width) and
-    /// the per-query log-sum-exp of the scaled scores (`lse_len()` f32s),
-    /// all the backward needs: the `seq × seq` probabilities are never
-    /// stored. Scores are scaled by `1/sqrt(head_dim)`.
-    fn attention_forward<T: Element>(
-        &self,
-        qkv: &Self::Buf<T>,
-        shape: AttnShape,
-        out: &mut Self::Buf<T>,
-        lse: &mut Self::Buf<f32>,
-    ) -> Result<()>;
-
-    /// Attention backward, recomputing the probabilities from `qkv` and
-    /// `lse`: `dqkv` overwritten. `out` is the forward's output.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_backward<T: Element>(
-        &self,
-        dout: &Self::Buf<T>,
-        qkv: &Self::Buf<T>,
-        out: &Self::Buf<T>,
-        lse: &Self::Buf<f32>,
-        shape: AttnShape,
-        dqkv: &mut Self::Buf<T>,
     ) -> Result<()>;
 
     /// GELU, tanh approximation (GPT-2's `gelu_new`). `out` overwritten.
@@ -401,7 +374,7 @@ pub trait TrainOps: Backend + Sized {
         self.cross_entropy_padded(logits, targets, vocab, vocab, grad)
     }
 
-    /// [`TrainOps::cross_entropy`] over logits whose rows are `padded ≥
+    /// [`NnOps::cross_entropy`] over logits whose rows are `padded ≥
     /// vocab` wide (the LM head of a padded vocabulary): columns
     /// `vocab..padded` are padding, out of the softmax (probability 0,
     /// never the argmax) and given a zero gradient, so the loss and the
@@ -425,7 +398,7 @@ pub trait TrainOps: Backend + Sized {
         hp: &AdamWStep,
     ) -> Result<()>;
 
-    /// [`TrainOps::adamw`] on every tensor of `tensors`, each with its own
+    /// [`NnOps::adamw`] on every tensor of `tensors`, each with its own
     /// `lr` and `weight_decay` (those of `hp` are ignored; its betas, ε,
     /// step and gradient scale are shared). The same arithmetic as one
     /// call per tensor; a backend may do it in one launch.
@@ -443,7 +416,7 @@ pub trait TrainOps: Backend + Sized {
     /// tensor).
     fn sum_squares_each(&self, xs: &[&Self::Buf<f32>]) -> Result<Vec<f64>>;
 
-    /// `Σ x²` of one tensor ([`TrainOps::sum_squares_each`]).
+    /// `Σ x²` of one tensor ([`NnOps::sum_squares_each`]).
     fn sum_squares(&self, x: &Self::Buf<f32>) -> Result<f64> {
         Ok(self.sum_squares_each(&[x])?[0])
     }
@@ -468,8 +441,8 @@ pub trait TrainOps: Backend + Sized {
         scratch: &mut Self::Buf<f64>,
     ) -> Result<()>;
 
-    /// [`TrainOps::adamw_many`] with the per-step values read from the
-    /// `state` that [`TrainOps::optimizer_prepare`] wrote: nothing changes
+    /// [`NnOps::adamw_many`] with the per-step values read from the
+    /// `state` that [`NnOps::optimizer_prepare`] wrote: nothing changes
     /// when it refused the step; otherwise each tensor's rate is its `lr`
     /// (the group's peak) times the schedule's factor, gradients are
     /// scaled by the clip factor, and the bias corrections use the state's
@@ -482,11 +455,11 @@ pub trait TrainOps: Backend + Sized {
     ) -> Result<()>;
 }
 
-/// Argument checks shared by every [`TrainOps`] implementation, so the CPU
+/// Argument checks shared by every [`NnOps`] implementation, so the CPU
 /// twin and the CUDA wrappers accept and reject exactly the same calls.
 /// Each takes buffer lengths and returns the sizes the op needs.
 pub mod check {
-    use super::{AdamWStep, AttnShape, SeqShape, IGNORE};
+    use super::{AdamWStep, SeqShape, IGNORE};
     use crate::error::check_len;
     use crate::{Error, Result};
 
@@ -515,7 +488,7 @@ pub mod check {
         }
     }
 
-    /// [`super::TrainOps::embedding_forward`]: returns the vocabulary size.
+    /// [`super::NnOps::embedding_forward`]: returns the vocabulary size.
     pub fn embedding_forward(
         (tokens, wte, wpe, out): (usize, usize, usize, usize),
         shape: SeqShape,
@@ -535,7 +508,7 @@ pub mod check {
         Ok(vocab)
     }
 
-    /// [`super::TrainOps::embedding_backward`]: returns the vocabulary size
+    /// [`super::NnOps::embedding_backward`]: returns the vocabulary size
     /// when `dwte` is given.
     pub fn embedding_backward(
         (tokens, dout, dwte, dwpe): (usize, usize, Option<usize>, Option<usize>),
@@ -559,7 +532,7 @@ pub mod check {
         dwte.map(|len| rows_of(op, "dwte", len, width)).transpose()
     }
 
-    /// [`super::TrainOps::layernorm_forward`]: returns `(rows, width)`.
+    /// [`super::NnOps::layernorm_forward`]: returns `(rows, width)`.
     pub fn layernorm_forward(
         (x, gamma, beta, out, mean, rstd): (usize, usize, usize, usize, usize, usize),
     ) -> Result<(usize, usize)> {
@@ -572,7 +545,7 @@ pub mod check {
         Ok((rows, gamma))
     }
 
-    /// [`super::TrainOps::layernorm_backward`]: returns `(rows, width)`.
+    /// [`super::NnOps::layernorm_backward`]: returns `(rows, width)`.
     #[allow(clippy::type_complexity)]
     pub fn layernorm_backward(
         (dout, x, gamma, mean, rstd, dx): (usize, usize, usize, usize, usize, usize),
@@ -594,23 +567,12 @@ pub mod check {
         Ok((rows, gamma))
     }
 
-    /// The flash-form attention (`kernels/attention.cu`): `qkv`, the
-    /// per-token output (or its gradient) and the per-query `lse`.
-    pub fn attention_lse(op: &'static str, shape: AttnShape, qkv: usize, out: usize, lse: usize) -> Result<()> {
-        if shape.head_dim == 0 || shape.heads == 0 || shape.seq.tokens() == 0 {
-            return Err(Error::invalid(op, format!("empty attention shape {shape:?}")));
-        }
-        check_len(op, "qkv", qkv, shape.seq.tokens() * 3 * shape.width())?;
-        check_len(op, if op.ends_with("forward") { "out" } else { "dout" }, out, shape.seq.tokens() * shape.width())?;
-        check_len(op, "lse", lse, shape.lse_len())
-    }
-
     /// Elementwise ops: every named operand has `n` elements.
     pub fn same_len(op: &'static str, n: usize, operands: &[(&'static str, usize)]) -> Result<()> {
         operands.iter().try_for_each(|&(name, len)| check_len(op, name, len, n))
     }
 
-    /// [`super::TrainOps::cross_entropy_padded`]: returns the number of
+    /// [`super::NnOps::cross_entropy_padded`]: returns the number of
     /// rows.
     pub fn cross_entropy(logits: usize, targets: &[u32], vocab: usize, padded: usize) -> Result<usize> {
         let op = "cross_entropy";
@@ -632,7 +594,7 @@ pub mod check {
         Ok(rows)
     }
 
-    /// [`super::TrainOps::optimizer_prepare`]: `state` and `scratch` fit
+    /// [`super::NnOps::optimizer_prepare`]: `state` and `scratch` fit
     /// `tensors` tensors, of which `norm_tensors` make the norm.
     pub fn optim_state(
         op: &'static str,
@@ -647,7 +609,7 @@ pub mod check {
         check_len(op, "scratch", scratch, super::optim_state::scratch_len(tensors))
     }
 
-    /// [`super::TrainOps::adamw_many_device`]: `state` was prepared over
+    /// [`super::NnOps::adamw_many_device`]: `state` was prepared over
     /// at least these tensors, each of whose four buffers have one length.
     pub fn adamw_many_device(state: usize, tensors: &[(usize, usize, usize, usize)]) -> Result<()> {
         let op = "adamw_many_device";
@@ -658,7 +620,7 @@ pub mod check {
         tensors.iter().try_for_each(|&(param, grad, m, v)| same_len(op, param, &[("grad", grad), ("m", m), ("v", v)]))
     }
 
-    /// [`super::TrainOps::adamw`].
+    /// [`super::NnOps::adamw`].
     pub fn adamw((param, grad, m, v): (usize, usize, usize, usize), hp: &AdamWStep) -> Result<()> {
         same_len("adamw", param, &[("grad", grad), ("m", m), ("v", v)])?;
         if hp.step == 0 {

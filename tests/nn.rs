@@ -1,5 +1,5 @@
-//! The trainer's CUDA ops (kernels/train.cu) against their CPU twins
-//! (src/cpu/train.rs), op by op, in every compute dtype, on random inputs of
+//! The nn family's CUDA ops (kernels/nn.cu) against their CPU twins
+//! (src/cpu/nn.rs), op by op, in every compute dtype, on random inputs of
 //! awkward shapes: outputs NaN-poisoned before overwriting ops, accumulating
 //! ops started from random values. Inputs are rounded to the dtype first,
 //! so both sides see the same values. Skips without a GPU.
@@ -7,11 +7,12 @@
 mod common;
 
 use half::{bf16, f16};
+use lorafuse::attention::{AttentionOps, AttnShape};
 use lorafuse::cpu::Cpu;
 use lorafuse::cuda::Gpu;
 use lorafuse::lowrank::{Grads, LinearShape, LowRankOps};
+use lorafuse::nn::{AdamWStep, AdamWTensor, NnOps, SeqShape, TokenIds, IGNORE};
 use lorafuse::testing::{abs, check_bounded, check_close, ErrorBound, Magnitude};
-use lorafuse::train::ops::{AdamWStep, AdamWTensor, AttnShape, SeqShape, TokenIds, TrainOps, IGNORE};
 use lorafuse::{Backend, Element};
 
 fn nan<T: Element>(n: usize) -> Vec<T> {
@@ -199,7 +200,7 @@ fn gpu_layernorm_matches_cpu() {
     layernorm::<f16>(&gpu);
 }
 
-/// The [`TrainOps`] attention entry points (the kernels themselves are
+/// The [`AttentionOps`] entry points (the kernels themselves are
 /// tested in depth by tests/attention.rs): wiring, `lse`, and `dqkv`.
 fn attention<T: Element>(gpu: &Gpu) {
     for (n, &(batch, seq, heads, head_dim)) in [(1, 1, 1, 1), (2, 33, 3, 16), (1, 70, 2, 64)].iter().enumerate() {
@@ -420,7 +421,7 @@ fn gpu_cross_entropy_matches_cpu() {
 /// the CPU the padded sums only add exact zeros, so everything is equal
 /// bit for bit; on the GPU cuBLAS may pick a different kernel per width, so
 /// the comparison allows the dtype's rounding.
-fn lm_head_padding<B: TrainOps + LowRankOps>(b: &B, exact: bool) {
+fn lm_head_padding<B: NnOps + LowRankOps>(b: &B, exact: bool) {
     let (rows, d, vocab) = (19usize, 24usize, 50usize);
     let padded = lorafuse::train::model::padded_vocab(vocab);
     assert_eq!(padded, 64);

@@ -1,9 +1,9 @@
-// The trainer's non-GEMM ops (crate::train::ops::TrainOps) in mixed
+// The trainer's non-GEMM ops (crate::nn::NnOps) in mixed
 // precision: T (f32, f16 or bf16) is the compute dtype of every activation
 // that feeds or leaves a GEMM; the residual stream, its gradient, LayerNorm
 // statistics, parameter gradients and optimizer state are f32, and all
-// arithmetic is f32. The CPU twin is src/cpu/train.rs; the wrappers are
-// src/cuda/train.rs; attention has its own family (kernels/attention.cu).
+// arithmetic is f32. The CPU twin is src/cpu/nn.rs; the wrappers are
+// src/cuda/nn.rs; attention has its own family (kernels/attention.cu).
 // Every reduction runs in a fixed order: no float atomics, so a training
 // step gives the same bits on every run. scripts/kernel-emu runs these
 // kernels on the CPU (one OS thread per CUDA thread) against f64 references.
@@ -603,7 +603,7 @@ extern "C" __global__ void adamw_f32(float* __restrict__ param, const float* __r
 }
 
 // One tensor of a multi-tensor launch (mirrored by `AdamWEntry` in
-// src/cuda/train.rs): its buffers, length and its group's rate and decay.
+// src/cuda/nn.rs): its buffers, length and its group's rate and decay.
 struct AdamWEntry {
     float* param;
     const float* grad;
@@ -671,7 +671,7 @@ extern "C" __global__ void sum_squares_final_f32(const double* __restrict__ part
 //
 // The gradient norm, the clip factor, the schedule's rate, the step count and
 // the decision to refuse a non-finite step all live in one f64 state buffer
-// on the device (`optim_state` in src/train/ops.rs): sum_squares_* write each
+// on the device (`optim_state` in src/nn.rs): sum_squares_* write each
 // tensor's Σx² into it, optimizer_decide_f32 turns those into the header, and
 // adamw_multi_state_f32 reads the header. The host launches the same three
 // kernels with the same arguments every step (a CUDA graph can replay them)
@@ -688,7 +688,7 @@ extern "C" __global__ void sum_squares_final_f32(const double* __restrict__ part
 #define OPTIM_HEADER 8
 
 // A run's optimizer constants (mirrored by `OptimConstsArgs` in
-// src/cuda/train.rs). decay: 0 cosine, 1 linear, 2 constant.
+// src/cuda/nn.rs). decay: 0 cosine, 1 linear, 2 constant.
 struct OptimConsts {
     double clip_norm, beta1, beta2, eps, min_lr_ratio;
     uint64_t warmup, total;
@@ -709,7 +709,7 @@ __device__ __forceinline__ double optim_cos_pi(double x) {
 #endif
 }
 
-// `OptimConsts::lr_factor` in src/train/ops.rs, in the same double
+// `OptimConsts::lr_factor` in src/nn.rs, in the same double
 // arithmetic.
 __device__ __forceinline__ double optim_lr_factor(const OptimConsts& c, uint64_t step) {
     if (c.warmup > 0 && step <= c.warmup) return (double)step / (double)c.warmup;
