@@ -473,7 +473,7 @@ pub struct Adapter {
     /// state; a loaded file never has model weights here, see
     /// [`crate::peft::load_adapter`]): written back verbatim, ignored by
     /// every sum and merge.
-    pub extra_tensors: BTreeMap<String, crate::peft::Tensor>,
+    pub extra_tensors: BTreeMap<String, crate::tensor_file::Tensor>,
 }
 
 impl Adapter {

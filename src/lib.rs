@@ -10,7 +10,9 @@
 //!   its transpose (scatter), `P` computed from a seed, never stored.
 //! - [`adapter`], [`peft`], [`adapter_sum`]: adapters in memory and in PEFT
 //!   files; exact sums, merge/unmerge into base weights, the interference
-//!   (cosine) diagnostic and low-rank recompression.
+//!   (cosine) diagnostic and low-rank recompression; [`tensor_file`], the
+//!   one hardened safetensors reader and writer every file goes through,
+//!   and [`atomic_file`], the crash-safe writes.
 //! - [`multi_adapter`]: many adapters in one batch for serving (segmented
 //!   prefill, batched decode, a device pool, Uni-LoRA served from `θ`), and
 //!   [`capi`], the C ABI of `include/lorafuse.h`.
@@ -40,6 +42,7 @@
 
 pub mod adapter;
 pub mod adapter_sum;
+pub mod atomic_file;
 pub mod attention;
 pub mod backend;
 pub mod capi;
@@ -56,6 +59,7 @@ pub mod op_timing;
 pub mod peft;
 pub mod projection;
 pub mod rng;
+pub mod tensor_file;
 pub mod testing;
 pub mod train;
 

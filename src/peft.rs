@@ -1,6 +1,7 @@
 //! Hugging Face PEFT adapter files: `adapter_model.safetensors` +
-//! `adapter_config.json`, read and written, plus the safetensors helpers the
-//! trainer and the CLI share.
+//! `adapter_config.json`, read and written. The safetensors container
+//! itself is [`crate::tensor_file`]; its types and functions are
+//! re-exported here because every adapter file is one.
 //!
 //! # Plain LoRA (PEFT-compatible)
 //!
@@ -40,28 +41,31 @@
 //! # Untrusted input
 //!
 //! Every file is hostile until checked: the config is capped at
-//! [`MAX_CONFIG_BYTES`]; the safetensors header length is checked against
-//! the file's size before the rest is read, and the crate validates every
-//! offset and shape against the data before any tensor is converted; shapes,
-//! dtypes and finiteness are checked per tensor. Everything wrong is an
-//! [`Error::Format`] (or `Invalid`/`Shape`/`NonFinite`) naming the file and
-//! the tensor. Writes go to a temporary file in the same directory, then a
-//! rename, so a crash never leaves a half-written file under the real name;
-//! an adapter directory is written as one rename of a fresh directory where
-//! it can be ([`write_dir_atomic`]).
+//! [`MAX_CONFIG_BYTES`]; the weights go through the one hardened
+//! safetensors reader ([`crate::tensor_file`]: header length checked against
+//! the file's size, every offset and shape validated before any tensor is
+//! converted); shapes, dtypes and finiteness are checked per tensor.
+//! Everything wrong is an [`Error::Format`] (or `Invalid`/`Shape`/`NonFinite`)
+//! naming the file and the tensor. Writes are atomic
+//! ([`crate::atomic_file`]): an adapter directory is written as one rename
+//! of a fresh directory where it can be.
 //! Little-endian hosts only (as safetensors itself).
 
-use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
 use std::sync::Arc;
-
-use half::{bf16, f16};
-use safetensors::{Dtype, SafeTensors};
 
 use crate::adapter::{Adapter, AdapterConfig, AdapterKind, AdapterWeights, ModuleDelta, TargetModules, UniLoraWeights};
 use crate::projection::{Assignment, Projection, ProjectionLayout};
-use crate::{DType, Element, Error, Result};
+use crate::tensor_file::take_f32;
+use crate::{DType, Error, Result};
+
+pub use crate::atomic_file::{write_atomic, write_dir_atomic, FAULT_RENAME_ENV};
+pub use crate::tensor_file::{
+    parse_safetensors, read_safetensors, safetensors_bytes, write_safetensors, Tensor, TensorData, TensorFile,
+    MAX_HEADER_BYTES,
+};
 
 /// The weights file inside an adapter directory.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -69,9 +73,6 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 pub const CONFIG_FILE: &str = "adapter_config.json";
 /// Largest `adapter_config.json` accepted (16 MiB).
 pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
-/// Largest safetensors header accepted (the safetensors crate's own limit).
-pub const MAX_HEADER_BYTES: u64 = 100_000_000;
-
 const MODEL_PREFIX: &str = "base_model.model.";
 /// Config fields lorafuse adds for itself; for plain LoRA they are stored
 /// in the weights file's `__metadata__` (PEFT ignores it).
@@ -79,253 +80,6 @@ const METADATA_PREFIX: &str = "lorafuse_";
 const TIED_PREFIX: &str = "base_model.lorafuse_tied.";
 const THETA_KEY: &str = "base_model.unilora_theta_d";
 const INDEX_KEY: &str = "base_model.unilora_indices";
-
-/// The elements of one tensor, typed.
-#[derive(Clone, Debug, PartialEq)]
-pub enum TensorData {
-    /// 32-bit floats.
-    F32(Vec<f32>),
-    /// IEEE half floats.
-    F16(Vec<f16>),
-    /// bfloat16.
-    BF16(Vec<bf16>),
-    /// 32-bit unsigned integers (index arrays).
-    U32(Vec<u32>),
-    /// Any other safetensors dtype, kept as raw little-endian bytes.
-    Raw(Dtype, Vec<u8>),
-}
-
-/// A named tensor's shape and elements.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Tensor {
-    /// Row-major shape.
-    pub shape: Vec<usize>,
-    /// The elements.
-    pub data: TensorData,
-}
-
-impl Tensor {
-    /// An f32 tensor; checks the element count against the shape.
-    pub fn f32(shape: Vec<usize>, values: Vec<f32>) -> Result<Self> {
-        Tensor::new(shape, TensorData::F32(values))
-    }
-
-    /// A tensor of `values` rounded to `dtype`.
-    pub fn from_f32(shape: Vec<usize>, values: &[f32], dtype: DType) -> Result<Self> {
-        let data = match dtype {
-            DType::F32 => TensorData::F32(values.to_vec()),
-            DType::F16 => TensorData::F16(crate::dtype::convert(values)),
-            DType::BF16 => TensorData::BF16(crate::dtype::convert(values)),
-        };
-        Tensor::new(shape, data)
-    }
-
-    /// Checks that the shape's element count equals the data's.
-    pub fn new(shape: Vec<usize>, data: TensorData) -> Result<Self> {
-        let t = Tensor { shape, data };
-        let want = t.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        let got = t.len();
-        if want != Some(got) && !matches!(t.data, TensorData::Raw(..)) {
-            return Err(Error::shape("tensor", "data", format!("{:?}", t.shape), format!("{got} elements")));
-        }
-        Ok(t)
-    }
-
-    /// Number of elements (bytes for raw data).
-    pub fn len(&self) -> usize {
-        match &self.data {
-            TensorData::F32(v) => v.len(),
-            TensorData::F16(v) => v.len(),
-            TensorData::BF16(v) => v.len(),
-            TensorData::U32(v) => v.len(),
-            TensorData::Raw(_, v) => v.len(),
-        }
-    }
-
-    /// True when the tensor has no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The float dtype, or `None` for integer/raw data.
-    pub fn dtype(&self) -> Option<DType> {
-        match &self.data {
-            TensorData::F32(_) => Some(DType::F32),
-            TensorData::F16(_) => Some(DType::F16),
-            TensorData::BF16(_) => Some(DType::BF16),
-            _ => None,
-        }
-    }
-
-    /// The safetensors dtype.
-    pub fn safetensors_dtype(&self) -> Dtype {
-        match &self.data {
-            TensorData::F32(_) => Dtype::F32,
-            TensorData::F16(_) => Dtype::F16,
-            TensorData::BF16(_) => Dtype::BF16,
-            TensorData::U32(_) => Dtype::U32,
-            TensorData::Raw(d, _) => *d,
-        }
-    }
-
-    /// The little-endian bytes as stored.
-    pub fn bytes(&self) -> &[u8] {
-        match &self.data {
-            TensorData::F32(v) => bytemuck::cast_slice(v),
-            TensorData::F16(v) => bytemuck::cast_slice(v),
-            TensorData::BF16(v) => bytemuck::cast_slice(v),
-            TensorData::U32(v) => bytemuck::cast_slice(v),
-            TensorData::Raw(_, v) => v,
-        }
-    }
-
-    /// The elements widened to f32; an error naming `what` for non-float data.
-    pub fn to_f32_vec(&self, what: &str) -> Result<Vec<f32>> {
-        match &self.data {
-            TensorData::F32(v) => Ok(v.clone()),
-            TensorData::F16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
-            TensorData::BF16(v) => Ok(v.iter().map(|x| Element::to_f32(*x)).collect()),
-            _ => Err(Error::invalid(
-                what.to_string(),
-                format!("is {:?}; expected F32, F16 or BF16", self.safetensors_dtype()),
-            )),
-        }
-    }
-}
-
-/// A safetensors file's tensors (by name) and its `__metadata__` strings.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct TensorFile {
-    /// The tensors, in name order.
-    pub tensors: BTreeMap<String, Tensor>,
-    /// The header's free-form metadata.
-    pub metadata: BTreeMap<String, String>,
-}
-
-/// Copies little-endian bytes into a typed vector. Copying (not casting)
-/// makes the unaligned offsets safetensors allows harmless; the length was
-/// validated against the dtype by the safetensors crate.
-fn collect<T: bytemuck::Pod + Default>(bytes: &[u8]) -> Vec<T> {
-    let mut out = vec![T::default(); bytes.len() / std::mem::size_of::<T>()];
-    let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
-    dst.copy_from_slice(&bytes[..dst.len()]);
-    out
-}
-
-fn decode(dtype: Dtype, bytes: &[u8]) -> TensorData {
-    match dtype {
-        Dtype::F32 => TensorData::F32(collect(bytes)),
-        Dtype::F16 => TensorData::F16(collect(bytes)),
-        Dtype::BF16 => TensorData::BF16(collect(bytes)),
-        Dtype::U32 => TensorData::U32(collect(bytes)),
-        other => TensorData::Raw(other, bytes.to_vec()),
-    }
-}
-
-/// Parses a safetensors image already in memory. `path` only names the
-/// source in errors.
-pub fn parse_safetensors(path: &Path, bytes: &[u8]) -> Result<TensorFile> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::format(path, format!("safetensors: {e}")))?;
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| Error::format(path, format!("safetensors: {e}")))?;
-    let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
-    let mut tensors = BTreeMap::new();
-    for (name, view) in st.iter() {
-        let t = Tensor { shape: view.shape().to_vec(), data: decode(view.dtype(), view.data()) };
-        tensors.insert(name.to_string(), t);
-    }
-    Ok(TensorFile { tensors, metadata })
-}
-
-/// Reads and validates a safetensors file. The header length is checked
-/// against the file size before anything else is read, so a hostile length
-/// cannot trigger a large allocation; the whole file is then read once.
-pub fn read_safetensors(path: &Path) -> Result<TensorFile> {
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    let mut head = [0u8; 8];
-    if size < 8 {
-        return Err(Error::format(path, format!("{size} bytes: too short for a safetensors header (truncated?)")));
-    }
-    file.read_exact(&mut head).map_err(|e| Error::io(path, e))?;
-    let n = u64::from_le_bytes(head);
-    if n > MAX_HEADER_BYTES || n > size - 8 {
-        return Err(Error::format(
-            path,
-            format!("header claims {n} bytes but the file has {} after the length (truncated or corrupt)", size - 8),
-        ));
-    }
-    let len = usize::try_from(size).map_err(|_| Error::format(path, "file too large for this platform"))?;
-    let mut bytes = Vec::new();
-    bytes.try_reserve_exact(len).map_err(|_| Error::format(path, format!("cannot allocate {len} bytes")))?;
-    bytes.extend_from_slice(&head);
-    file.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
-    parse_safetensors(path, &bytes)
-}
-
-/// Writes `file` as safetensors, atomically (temporary file, then rename).
-pub fn write_safetensors(path: &Path, file: &TensorFile) -> Result<()> {
-    write_atomic(path, &safetensors_bytes(file)?)
-}
-
-/// `file` serialised as a safetensors image.
-pub fn safetensors_bytes(file: &TensorFile) -> Result<Vec<u8>> {
-    let views = file
-        .tensors
-        .iter()
-        .map(|(name, t)| {
-            safetensors::tensor::TensorView::new(t.safetensors_dtype(), t.shape.clone(), t.bytes())
-                .map(|v| (name.clone(), v))
-                .map_err(|e| Error::invalid(format!("tensor `{name}`"), format!("cannot be written: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let meta: Option<HashMap<String, String>> =
-        (!file.metadata.is_empty()).then(|| file.metadata.clone().into_iter().collect());
-    safetensors::serialize(views, meta).map_err(|e| Error::invalid("safetensors", e.to_string()))
-}
-
-/// The environment variable of the crash test: when set to `N`, the process
-/// aborts (as a kill would stop it) just before its `N`-th file or
-/// directory rename, counted from 1 over every atomic write of this
-/// crate. For tests only: it lets a test stop a training run at every
-/// commit point of a checkpoint and check that the run resumes exactly.
-pub const FAULT_RENAME_ENV: &str = "LORAFUSE_TEST_ABORT_AT_RENAME";
-
-/// `std::fs::rename`, with the [`FAULT_RENAME_ENV`] hook.
-pub(crate) fn rename(from: &Path, to: &Path) -> std::io::Result<()> {
-    static RENAMES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = RENAMES.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-    if std::env::var(FAULT_RENAME_ENV).ok().and_then(|v| v.parse::<u64>().ok()) == Some(n) {
-        eprintln!("{FAULT_RENAME_ENV}: aborting before rename {n} ({} -> {})", from.display(), to.display());
-        std::process::abort();
-    }
-    std::fs::rename(from, to)
-}
-
-/// Writes `bytes` to `path` through a temporary sibling file that is synced
-/// and renamed over `path`: readers see the old file or the new one, never a
-/// torn one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::invalid("output path", format!("{} has no file name", path.display())))?;
-    // Unique per process and call, so concurrent saves never share a temp.
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp.{}.{call}", std::process::id()));
-    let tmp: PathBuf = path.with_file_name(tmp_name);
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        rename(&tmp, path).map_err(|e| Error::io(path, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
 
 // ---- adapter_config.json ---------------------------------------------------
 
@@ -449,24 +203,6 @@ fn read_config(path: &Path) -> Result<ConfigJson> {
 }
 
 // ---- loading ---------------------------------------------------------------
-
-/// Takes tensor `key` out of `tensors` as f32 with shape `shape`.
-fn take_f32(
-    path: &Path,
-    tensors: &mut BTreeMap<String, Tensor>,
-    key: &str,
-    shape: Option<&[usize]>,
-) -> Result<(Vec<usize>, Vec<f32>)> {
-    let t = tensors.remove(key).ok_or_else(|| Error::format(path, format!("tensor `{key}` is missing")))?;
-    if let Some(s) = shape {
-        if t.shape != s {
-            return Err(Error::format(path, format!("tensor `{key}` has shape {:?}, expected {s:?}", t.shape)));
-        }
-    }
-    let v = t.to_f32_vec(key).map_err(|e| Error::format(path, e.to_string()))?;
-    crate::error::check_finite(&format!("{}: tensor `{key}`", path.display()), &v)?;
-    Ok((t.shape, v))
-}
 
 fn matrix_shape(path: &Path, key: &str, shape: &[usize]) -> Result<(usize, usize)> {
     match *shape {
@@ -812,65 +548,6 @@ pub fn save_adapter_as(dir: &Path, adapter: &Adapter, dtype: DType) -> Result<()
     let weights = safetensors_bytes(&TensorFile { tensors, metadata })?;
     let text = serde_json::to_string_pretty(&serde_json::Value::Object(json)).map_err(json_err)?;
     write_dir_atomic(dir, &[(WEIGHTS_FILE, &weights), (CONFIG_FILE, text.as_bytes())])
-}
-
-/// Writes `files` into `dir` as one rename of a fresh sibling directory
-/// when `dir` is new or holds nothing but those files; else file by file,
-/// each atomically, in the order given.
-pub fn write_dir_atomic(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
-    let only_ours = match std::fs::read_dir(dir) {
-        Ok(entries) => entries.filter_map(|e| e.ok()).all(|e| {
-            let name = e.file_name();
-            files.iter().any(|(f, _)| name == *f)
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-        Err(e) => return Err(Error::io(dir, e)),
-    };
-    let name = dir.file_name().filter(|n| *n != "." && *n != "..");
-    let (true, Some(name)) = (only_ours, name) else {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        for (f, bytes) in files {
-            write_atomic(&dir.join(f), bytes)?;
-        }
-        return Ok(());
-    };
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    }
-    let sibling = |what: &str| {
-        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut n = std::ffi::OsString::from(".");
-        n.push(name);
-        n.push(format!(".{what}.{}.{call}", std::process::id()));
-        dir.with_file_name(n)
-    };
-    let tmp = sibling("tmp");
-    let result = (|| {
-        std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        for (f, bytes) in files {
-            let path = tmp.join(f);
-            let mut file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-            file.write_all(bytes).map_err(|e| Error::io(&path, e))?;
-            file.sync_all().map_err(|e| Error::io(&path, e))?;
-        }
-        if dir.exists() {
-            // A directory cannot be renamed over a non-empty one: move the
-            // old one aside first (a crash between the two renames leaves
-            // it under the hidden `.old` name, complete).
-            let old = sibling("old");
-            rename(dir, &old).map_err(|e| Error::io(dir, e))?;
-            rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-            let _ = std::fs::remove_dir_all(&old);
-        } else {
-            rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
 }
 
 fn same(a: f64, b: f64) -> bool {

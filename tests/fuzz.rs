@@ -143,6 +143,20 @@ proptest! {
     }
 
     #[test]
+    fn model_file_parser_survives_mutations(e in edits()) {
+        small_budget();
+        let (root, _) = checkpoint();
+        let dir = scratch("model");
+        copy_dir(&root.join("base"), &dir);
+        let path = dir.join("model.safetensors");
+        let mut bytes = std::fs::read(&path).unwrap();
+        mutate(&mut bytes, &e);
+        std::fs::write(&path, &bytes).unwrap();
+        let _ = Gpt2::load(&Cpu, &dir);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn adapter_config_parser_survives_mutations(
         sets in proptest::collection::vec((any::<usize>(), hostile_json()), 0..4),
         e in edits(),
@@ -277,4 +291,21 @@ fn json_mutations_with_an_odd_edit_count_stay_valid_json() {
     let clean = mutate_json(config, &["r"], &[(0, serde_json::json!(0))], &[(0, 0, 0)]);
     let v: serde_json::Value = serde_json::from_slice(&clean).unwrap();
     assert_eq!(v["r"], 0);
+}
+
+#[test]
+fn model_files_go_through_the_hardened_reader() {
+    // A header length past the end of the file is refused before anything
+    // else is read (the check of tensor_file::read_safetensors), for model
+    // files as for adapter files.
+    let (root, _) = checkpoint();
+    let dir = scratch("model-header");
+    copy_dir(&root.join("base"), &dir);
+    let path = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = Gpt2::load(&Cpu, &dir).err().expect("a lying header length was accepted").to_string();
+    assert!(err.contains("header claims"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -14,8 +14,7 @@ mod common;
 use lorafuse::cpu::Cpu;
 use lorafuse::nn::{optim_state, AdamWStep, AdamWTensor, NnOps};
 use lorafuse::testing::{check_bounded, ErrorBound, Magnitude};
-use lorafuse::train::adapters::Group;
-use lorafuse::train::optimizer::{AdamW, OptimConfig, ParamRef, Schedule};
+use lorafuse::train::optimizer::{AdamW, Group, OptimConfig, ParamRef, Schedule};
 use lorafuse::{Backend, Error};
 
 /// Tensor lengths: odd, one element, one past a block multiple.

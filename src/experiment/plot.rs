@@ -105,5 +105,5 @@ pub fn svg(report: &Report) -> Result<String> {
 
 /// Writes [`svg`] to `path` atomically.
 pub fn write_svg(path: &Path, report: &Report) -> Result<()> {
-    crate::peft::write_atomic(path, svg(report)?.as_bytes())
+    crate::atomic_file::write_atomic(path, svg(report)?.as_bytes())
 }

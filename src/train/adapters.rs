@@ -26,7 +26,9 @@ use crate::rng::Rng;
 use crate::{DType, Element, Error, Result};
 
 use super::config::Gpt2Config;
-use super::model::{Module, TrainBackend};
+use super::module::Module;
+use super::optimizer::{Group, ParamRef};
+use super::TrainBackend;
 
 /// Which adapter family trains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -229,20 +231,6 @@ pub struct UniState<B: TrainBackend> {
     pub prepared: PreparedProjection<B>,
     /// Where every `A` and `B` lies in `θ_D` (segment `i` is `mats[i]`).
     pub layout: ProjectionLayout,
-}
-
-/// Parameter groups: each gets its own learning rate and weight decay.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Group {
-    /// Base weights (full fine-tuning).
-    Base,
-    /// Adapter matrices `A`, `B`.
-    Matrix,
-    /// Tied-LoRA / VeRA vectors `u`, `v`.
-    Vector,
-    /// Uni-LoRA's `θ_d`.
-    Theta,
 }
 
 /// The adapters of one model, their gradients, and how they map onto slots.
@@ -488,7 +476,7 @@ impl<B: TrainBackend> AdapterSet<B> {
 
     /// Every trainable tensor with its group, value and gradient: `θ_d` for
     /// Uni-LoRA, else the trainable `A`/`B` and all `u`/`v`.
-    pub fn trainable(&mut self) -> Vec<super::optimizer::ParamRef<'_, B>> {
+    pub fn trainable(&mut self) -> Vec<ParamRef<'_, B>> {
         if let Some(u) = &mut self.uni {
             return vec![("base_model.unilora_theta_d".to_string(), Group::Theta, &mut u.theta, &u.grad)];
         }

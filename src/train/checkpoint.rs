@@ -15,12 +15,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::adapter::{Adapter, AdapterConfig, AdapterKind, AdapterWeights, ModuleDelta, TargetModules, UniLoraWeights};
-use crate::peft::{read_safetensors, rename, write_atomic, write_safetensors, Tensor, TensorFile};
+use crate::atomic_file::{rename, write_atomic};
+use crate::tensor_file::{read_safetensors, write_safetensors, Tensor, TensorFile};
 use crate::{Error, Result};
 
 use super::adapters::{module_path, AdapterSet, AdapterSpec, Method};
 use super::config::Gpt2Config;
-use super::model::{transpose, Gpt2, Module, TrainBackend};
+use super::model::{transpose, Gpt2};
+use super::module::Module;
+use super::TrainBackend;
 
 impl<B: TrainBackend> Gpt2<B> {
     /// Writes `config.json` and `model.safetensors` (Hugging Face layout,

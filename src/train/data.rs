@@ -127,7 +127,7 @@ pub fn write_llmc_tokens(path: &Path, tokens: &[u32]) -> Result<()> {
             bytes.extend_from_slice(&t.to_le_bytes());
         }
     }
-    crate::peft::write_atomic(path, &bytes)
+    crate::atomic_file::write_atomic(path, &bytes)
 }
 
 fn bytes(s: &str) -> Vec<u32> {

@@ -4,8 +4,9 @@
 //! `x += attn(ln_1(x)); x += mlp(ln_2(x))` with causal multi-head attention
 //! and a GELU (tanh) MLP; a final LayerNorm; the LM head tied to the token
 //! embedding; fused softmax cross-entropy. Every linear layer, the LM head
-//! included, is one [`LowRankOps`] call (with or without an adapter); the
-//! rest are [`NnOps`] and [`AttentionOps`].
+//! included, is one [`crate::lowrank::LowRankOps`] call (with or without an
+//! adapter); the rest are [`crate::nn::NnOps`] and
+//! [`crate::attention::AttentionOps`].
 //!
 //! # Weights
 //! Stored in PyTorch `Linear` layout (`N×K`, out × in). Hugging Face GPT-2
@@ -40,20 +41,21 @@
 
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors};
-
 use super::adapters::AdapterSet;
 use super::config::Gpt2Config;
-use crate::attention::{AttentionOps, AttnShape};
-use crate::lowrank::{Grads, LinearShape, LowRankOps};
-use crate::nn::{NnOps, SeqShape, TokenIds};
-use crate::projection::ProjectionOps;
+use super::F32;
+use crate::attention::AttnShape;
+use crate::lowrank::{Grads, LinearShape};
+use crate::nn::{SeqShape, TokenIds};
 use crate::rng::Rng;
+use crate::tensor_file::{read_safetensors, take_f32};
 use crate::{Element, Error, Result};
 use half::bf16;
 
-/// An f32 buffer of backend `B`.
-pub type F32<B> = <B as crate::Backend>::Buf<f32>;
+/// Re-exported: the adapters' target modules and the backend bound are
+/// defined below this module so that [`super::adapters`] need not import it.
+pub use super::module::Module;
+pub use super::TrainBackend;
 
 /// A linear layer's output (compute dtype) and its saved `x·Aᵀ` when adapted.
 type Linear<B, T> = (<B as crate::Backend>::Buf<T>, Option<F32<B>>);
@@ -65,100 +67,14 @@ type Normed<B, T> = (<B as crate::Backend>::Buf<T>, F32<B>, F32<B>);
 /// next LayerNorm of that output.
 type BlockOut<B, T> = (LayerCache<B, T>, F32<B>, Normed<B, T>);
 
-/// Everything the trainer needs from a backend: the kernel families it
-/// calls. Implemented for every backend that has them.
-pub trait TrainBackend: NnOps + AttentionOps + LowRankOps + ProjectionOps {}
-impl<B: NnOps + AttentionOps + LowRankOps + ProjectionOps> TrainBackend for B {}
-
-/// The four linear modules of a block that adapters can target, named as
-/// PEFT's `target_modules` names them for GPT-2.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-pub enum Module {
-    /// `attn.c_attn`: D → 3D (q, k, v).
-    #[serde(rename = "attn.c_attn")]
-    CAttn,
-    /// `attn.c_proj`: D → D.
-    #[serde(rename = "attn.c_proj")]
-    AttnProj,
-    /// `mlp.c_fc`: D → 4D.
-    #[serde(rename = "mlp.c_fc")]
-    Fc,
-    /// `mlp.c_proj`: 4D → D.
-    #[serde(rename = "mlp.c_proj")]
-    MlpProj,
-}
-
-impl Module {
-    /// All four, in block order (the order adapters are laid out in).
-    pub const ALL: [Module; 4] = [Module::CAttn, Module::AttnProj, Module::Fc, Module::MlpProj];
-
-    /// The dotted name inside a block, e.g. `attn.c_attn`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Module::CAttn => "attn.c_attn",
-            Module::AttnProj => "attn.c_proj",
-            Module::Fc => "mlp.c_fc",
-            Module::MlpProj => "mlp.c_proj",
-        }
-    }
-
-    /// Parses a target name: the full dotted name, or `c_attn` / `c_fc`
-    /// (unambiguous). Bare `c_proj` is rejected (two modules carry it).
-    pub fn parse(s: &str) -> Result<Module> {
-        let s = s.trim();
-        match s {
-            "attn.c_attn" | "c_attn" => Ok(Module::CAttn),
-            "attn.c_proj" => Ok(Module::AttnProj),
-            "mlp.c_fc" | "c_fc" => Ok(Module::Fc),
-            "mlp.c_proj" => Ok(Module::MlpProj),
-            "c_proj" => {
-                Err(Error::invalid("target module `c_proj`", "ambiguous in GPT-2: write attn.c_proj or mlp.c_proj"))
-            }
-            other => Err(Error::invalid(
-                format!("target module `{other}`"),
-                "known modules are attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj",
-            )),
-        }
-    }
-
-    /// `(K, N)`: input and output features for width `d`.
-    pub fn dims(self, d: usize) -> (usize, usize) {
-        match self {
-            Module::CAttn => (d, 3 * d),
-            Module::AttnProj => (d, d),
-            Module::Fc => (d, 4 * d),
-            Module::MlpProj => (4 * d, d),
-        }
-    }
-
-    /// Label of its forward in the per-op breakdown ([`crate::op_timing`]).
-    pub fn forward_label(self) -> &'static str {
-        match self {
-            Module::CAttn => "fwd attn.c_attn",
-            Module::AttnProj => "fwd attn.c_proj",
-            Module::Fc => "fwd mlp.c_fc",
-            Module::MlpProj => "fwd mlp.c_proj",
-        }
-    }
-
-    /// Label of its backward in the per-op breakdown.
-    pub fn backward_label(self) -> &'static str {
-        match self {
-            Module::CAttn => "bwd attn.c_attn",
-            Module::AttnProj => "bwd attn.c_proj",
-            Module::Fc => "bwd mlp.c_fc",
-            Module::MlpProj => "bwd mlp.c_proj",
-        }
-    }
-
-    /// Index of its weight inside a block's parameters (bias follows).
-    fn slot(self) -> usize {
-        match self {
-            Module::CAttn => 2,
-            Module::AttnProj => 4,
-            Module::Fc => 8,
-            Module::MlpProj => 10,
-        }
+/// Index of `module`'s weight inside a block's parameters (its bias
+/// follows), in [`BLOCK_NAMES`] order.
+fn weight_slot(module: Module) -> usize {
+    match module {
+        Module::CAttn => 2,
+        Module::AttnProj => 4,
+        Module::Fc => 8,
+        Module::MlpProj => 10,
     }
 }
 
@@ -297,9 +213,9 @@ impl<B: TrainBackend> Gpt2<B> {
         ];
         for l in 0..c.n_layer {
             for (slot, name) in BLOCK_NAMES.iter().enumerate() {
-                let module = Module::ALL.iter().find(|m| m.slot() == slot || m.slot() + 1 == slot);
+                let module = Module::ALL.iter().find(|&&m| weight_slot(m) == slot || weight_slot(m) + 1 == slot);
                 let (shape, transposed) = match module {
-                    Some(m) if m.slot() == slot => {
+                    Some(m) if weight_slot(*m) == slot => {
                         let (k, n) = m.dims(d);
                         (vec![n, k], true)
                     }
@@ -348,38 +264,28 @@ impl<B: TrainBackend> Gpt2<B> {
             (path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf())
         };
         let config = Gpt2Config::load(&dir.join("config.json"))?;
-        let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::format(&file, e.to_string()))?;
+        let mut tensors = read_safetensors(&file)?.tensors;
         let mut params = Vec::new();
         for spec in Self::param_specs(&config) {
-            let view = st
-                .tensor(&spec.name)
-                .or_else(|_| st.tensor(&format!("transformer.{}", spec.name)))
-                .map_err(|_| Error::format(&file, format!("tensor `{}` is missing", spec.name)))?;
+            // Hugging Face's GPT2LMHeadModel files prefix every name.
+            let prefixed = format!("transformer.{}", spec.name);
+            let key = if !tensors.contains_key(&spec.name) && tensors.contains_key(&prefixed) {
+                prefixed
+            } else {
+                spec.name.clone()
+            };
             let want: Vec<usize> =
                 if spec.transposed { vec![spec.shape[1], spec.shape[0]] } else { spec.shape.clone() };
-            if view.shape() != want.as_slice() {
+            if let Some(t) = tensors.get(&key).filter(|t| t.shape != want) {
                 return Err(Error::format(
                     &file,
-                    format!("tensor `{}` has shape {:?}, config.json implies {:?}", spec.name, view.shape(), want),
+                    format!("tensor `{key}` has shape {:?}, config.json implies {want:?}", t.shape),
                 ));
             }
-            let data = view.data();
-            let mut host: Vec<f32> = match view.dtype() {
-                Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-                Dtype::F16 => data.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                Dtype::BF16 => data.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-                other => {
-                    return Err(Error::format(
-                        &file,
-                        format!("tensor `{}` is {other:?}; f32, f16 or bf16 expected", spec.name),
-                    ))
-                }
-            };
+            let (_, mut host) = take_f32(&file, &mut tensors, &key, None)?;
             if spec.transposed {
                 host = transpose(&host, want[0], want[1]);
             }
-            crate::error::check_finite(&spec.name, &host)?;
             params.push(backend.upload(&pad_rows(&config, &spec, host))?);
         }
         Ok(Gpt2 { config, params, grads: None, precision: Precision::F32, work_bf16: None })
@@ -584,7 +490,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         tokens: usize,
     ) -> Result<Linear<B, T>> {
         let (k, n) = module.dims(self.config.n_embd);
-        let wi = block_index(layer, module.slot());
+        let wi = block_index(layer, weight_slot(module));
         let adapter = adapters.and_then(|a| a.adapter(layer, module));
         let r = adapter.as_ref().map_or(0, |(_, r)| *r);
         let shape = LinearShape { m: tokens, k, n, r };
@@ -618,7 +524,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         tokens: usize,
     ) -> Result<B::Buf<T>> {
         let (k, n) = module.dims(self.config.n_embd);
-        let wi = block_index(layer, module.slot());
+        let wi = block_index(layer, weight_slot(module));
         backend.op_mark(module.backward_label());
         let mut dx = backend.zeros::<T>(tokens * k)?;
         let (dw, dbias) = match self.grads.as_deref_mut() {

@@ -13,7 +13,6 @@
 //! queuing a step ([`AdamW::queue`]) waits for nothing, and the host reads
 //! the outcome when it asks for the report ([`AdamW::report`]).
 
-use super::adapters::Group;
 use crate::nn::{optim_state, AdamWTensor, Decay, NnOps, OptimConsts};
 use crate::{Error, Result};
 
@@ -141,13 +140,27 @@ impl OptimConfig {
     }
 }
 
+/// Parameter groups: each gets its own learning rate and weight decay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Group {
+    /// Base weights (full fine-tuning).
+    Base,
+    /// Adapter matrices `A`, `B`.
+    Matrix,
+    /// Tied-LoRA / VeRA vectors `u`, `v`.
+    Vector,
+    /// Uni-LoRA's `θ_d`.
+    Theta,
+}
+
 /// One trainable tensor as the optimizer sees it: name, group, value,
 /// gradient.
 pub type ParamRef<'a, B> =
     (String, Group, &'a mut <B as crate::Backend>::Buf<f32>, &'a <B as crate::Backend>::Buf<f32>);
 
 /// One tensor's AdamW moments: `(name, m, v)`.
-pub type Moments<B> = (String, super::model::F32<B>, super::model::F32<B>);
+pub type Moments<B> = (String, super::F32<B>, super::F32<B>);
 
 /// What a step did.
 #[derive(Clone, Copy, Debug, PartialEq)]

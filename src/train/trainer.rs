@@ -7,11 +7,13 @@ use crate::peft::{load_adapter, save_adapter};
 use crate::rng::Rng;
 use crate::{Error, Result};
 
-use super::adapters::{AdapterSet, AdapterSpec, Group, Method};
+use super::adapters::{AdapterSet, AdapterSpec, Method};
 use super::checkpoint::{read_checkpoint, write_checkpoint, CheckpointState, CheckpointTensors};
 use super::data::{Dataset, EvalMetrics, MetricsAccumulator};
-use super::model::{pad_rows, Batch, Gpt2, Module, Precision, TrainBackend};
-use super::optimizer::{AdamW, OptimConfig, ParamRef, StepReport};
+use super::model::{pad_rows, Batch, Gpt2, Precision};
+use super::module::Module;
+use super::optimizer::{AdamW, Group, OptimConfig, ParamRef, StepReport};
+use super::TrainBackend;
 
 /// Everything about a run except file paths (the CLI adds those). Readable
 /// from TOML or JSON; every field has a default.
