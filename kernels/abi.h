@@ -212,6 +212,26 @@ typedef struct AdamWEntry {
     double lr, weight_decay;
 } AdamWEntry;
 
+/** The device optimizer state (an f64 array): header word offsets, then
+ * Σx² of each tensor from OPTIM_HEADER on. */
+#define OPTIM_NORM 0
+#define OPTIM_SCALE 1
+#define OPTIM_ACCEPTED 2
+#define OPTIM_STEP 3
+#define OPTIM_LR_FACTOR 4
+#define OPTIM_CORRECTION1 5
+#define OPTIM_CORRECTION2 6
+#define OPTIM_FIRST_BAD 7
+#define OPTIM_HEADER 8
+
+/** A run's optimizer constants, as `optimizer_decide_f32` and
+ * `adamw_multi_state_f32` read them. decay: 0 cosine, 1 linear, 2 constant. */
+typedef struct OptimArgs {
+    double clip_norm, beta1, beta2, eps, min_lr_ratio;
+    uint64_t warmup, total;
+    uint32_t decay, pad;
+} OptimArgs;
+
 /* ---- adapter_sum (kernels/adapter_sum.cu, src/cuda/adapter_sum.rs) ------ */
 
 #define MERGE_THREADS 256
@@ -237,6 +257,14 @@ typedef struct AdamWEntry {
 #define BD_RANKS 16
 /** Columns per block of lowrank_backward_cols. */
 #define COLS_W 32
+/** Fused decode (lowrank_decode_fused): warps per block, output columns
+ * per tile (two 8-column mma tiles), rows of its one m16 tile (the largest
+ * M it takes), and the multiple of K its shrink slices are cut at (32 lanes
+ * × 8 elements). */
+#define DEC_WARPS 8
+#define DEC_COLS 16
+#define DEC_MAX_M 16
+#define DEC_SLICE 256
 
 /* ---- layout checks in the C++ compilers (nvcc, the emulator) ------------ */
 #ifdef __cplusplus
@@ -250,6 +278,7 @@ static_assert(offsetof(ScatterState, guess) == 8 && offsetof(ScatterState, redo)
 static_assert(sizeof(AttnArgs) == 24 && offsetof(AttnArgs, scale) == 16, "AttnArgs");
 static_assert(sizeof(AdamWArgs) == 64, "AdamWArgs");
 static_assert(sizeof(AdamWEntry) == 56 && offsetof(AdamWEntry, lr) == 40, "AdamWEntry");
+static_assert(sizeof(OptimArgs) == 64 && offsetof(OptimArgs, decay) == 56, "OptimArgs");
 static_assert(MA_D_B_START + 2 <= MA_DESC_WORDS, "descriptor words");
 #endif
 

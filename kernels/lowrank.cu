@@ -600,13 +600,10 @@ __device__ void decode_impl(const T* __restrict__ x, const float* __restrict__ A
 // Traffic (estimate): W once + x from L2 once per block (M·K·T per block:
 // at M = 16, K = N = 4096 that is 256 × 128 KiB = 32 MiB of L2 reads, as
 // much as W from DRAM; L2 has ~2× DRAM's bandwidth) + A, B once.
-#define DEC_WARPS 8
+// DEC_WARPS, DEC_COLS, DEC_MAX_M and DEC_SLICE come from abi.h.
 #define DEC_THREADS (DEC_WARPS * 32)
-#define DEC_COLS 16    // output columns per tile: two 8-column mma tiles
 #define DEC_KSTEP 32   // k per warp step: 4 lanes × 8 elements of one W row
 #define DEC_UNROLL 4   // steps whose loads are issued before the first is used
-#define DEC_MAX_M 16   // rows of one m16 tile
-#define DEC_SLICE 256  // shrink K-slices are a multiple of this (32 lanes × 8)
 
 // Eight consecutive elements of T: one 16-byte chunk for 16-bit T, two for
 // f32.

@@ -183,7 +183,19 @@ __device__ void layernorm_forward_impl(const float* __restrict__ x, const T* __r
 
 // dx += rstd·(dx̂ − mean(dx̂) − x̂·mean(dx̂·x̂)) with dx̂ = dout·γ, one warp per
 // row. dx is the f32 residual gradient, accumulated in place so the
-// residual branch's gradient needs no extra add pass.
+// residual branch's gradient needs no extra add pass. Bytes per element:
+// sizeof(T) (dout) + 4 (x) + 8 (dx read and written); γ stays in L1.
+//
+// Fast path (the forward's conditions: d a multiple of 4, d ≤ 1024, 16-byte
+// aligned rows): each lane loads its packs of dout (as T, 2 registers per
+// bf16 pack) and x (4 registers per pack) once with 16-byte loads and keeps
+// them for the second pass: LN_PACKS·(4 + 4·sizeof(T)/4) registers at most
+// (48 for bf16, 64 for f32), and dx moves as float4. ptxas: 71–89 registers,
+// 2 blocks (16 warps) per SM; each warp has up to 24 bytes × 8 packs × 32
+// lanes = 6 KB of loads in flight, ~100 KB per SM, several times what
+// Little's law asks at H100's bandwidth and latency (≈ 15 KB per SM,
+// estimate), so the occupancy costs no bandwidth. (A cap of 3 blocks per SM
+// spills.) The plain loop reads dout and x twice (the second time from L1).
 template <typename T>
 __device__ void layernorm_backward_dx_impl(const T* __restrict__ dout, const float* __restrict__ x,
                                            const T* __restrict__ gamma, const float* __restrict__ mean,
@@ -193,6 +205,50 @@ __device__ void layernorm_backward_dx_impl(const T* __restrict__ dout, const flo
     if (row >= rows) return;
     const uint64_t base = (uint64_t)row * d;
     const float mu = mean[row], rs = rstd[row];
+    const bool fast = d % 4 == 0 && d <= 128 * LN_PACKS && aligned_to(x, 16) && aligned_to(dx, 16) &&
+                      aligned_to(dout, 4 * sizeof(T)) && aligned_to(gamma, 4 * sizeof(T));
+    if (fast) {
+        const uint32_t packs = d / 4;
+        const Pack<float, 4>* xr = reinterpret_cast<const Pack<float, 4>*>(x + base);
+        const Pack<T, 4>* gr = reinterpret_cast<const Pack<T, 4>*>(dout + base);
+        const Pack<T, 4>* gam = reinterpret_cast<const Pack<T, 4>*>(gamma);
+        Pack<float, 4> xv[LN_PACKS];
+        Pack<T, 4> gv[LN_PACKS];
+        float m1 = 0.0f, m2 = 0.0f;
+#pragma unroll
+        for (int p = 0; p < LN_PACKS; ++p) {
+            const uint32_t k = lane + 32 * p;
+            if (k < packs) {
+                xv[p] = xr[k];
+                gv[p] = gr[k];
+                const Pack<T, 4> g = gam[k];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const float dxhat = to_f32(gv[p].v[j]) * to_f32(g.v[j]);
+                    m1 += dxhat;
+                    m2 += dxhat * (xv[p].v[j] - mu) * rs;
+                }
+            }
+        }
+        m1 = warp_sum(m1) / d;
+        m2 = warp_sum(m2) / d;
+        Pack<float, 4>* dr = reinterpret_cast<Pack<float, 4>*>(dx + base);
+#pragma unroll
+        for (int p = 0; p < LN_PACKS; ++p) {
+            const uint32_t k = lane + 32 * p;
+            if (k < packs) {
+                const Pack<T, 4> g = gam[k];
+                Pack<float, 4> o = dr[k];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const float xhat = (xv[p].v[j] - mu) * rs;
+                    o.v[j] += rs * (to_f32(gv[p].v[j]) * to_f32(g.v[j]) - m1 - xhat * m2);
+                }
+                dr[k] = o;
+            }
+        }
+        return;
+    }
     float m1 = 0.0f, m2 = 0.0f;
     for (uint32_t i = lane; i < d; i += 32) {
         float dxhat = to_f32(dout[base + i]) * to_f32(gamma[i]);
@@ -298,17 +354,43 @@ __device__ void gelu_backward_impl(const T* __restrict__ dout, const T* __restri
 
 // out = x + y: the residual add, reading the GEMM's T output and writing
 // the f32 stream (x stays: the LayerNorm backward needs it).
+// Bytes per element: 8 + sizeof(T). Packs of 4: the f32 streams move 16
+// bytes per access, y 4·sizeof(T) (8 for bf16), when all three are aligned
+// to that; the last n mod 4 elements one by one.
 template <typename T>
 __device__ void residual_add_impl(const float* __restrict__ x, const T* __restrict__ y, uint64_t n,
                                   float* __restrict__ out) {
-    GRID_STRIDE(i, n) out[i] = x[i] + to_f32(y[i]);
+    uint64_t done = 0;
+    if (aligned_to(x, 16) && aligned_to(out, 16) && aligned_to(y, 4 * sizeof(T))) {
+        done = n / 4 * 4;
+        GRID_STRIDE(i, n / 4) {
+            Pack<float, 4> a = reinterpret_cast<const Pack<float, 4>*>(x)[i];
+            const Pack<T, 4> b = reinterpret_cast<const Pack<T, 4>*>(y)[i];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) a.v[j] += to_f32(b.v[j]);
+            reinterpret_cast<Pack<float, 4>*>(out)[i] = a;
+        }
+    }
+    GRID_STRIDE(i, n - done) out[done + i] = x[done + i] + to_f32(y[done + i]);
 }
 
 // out = (T) x: the residual gradient entering a GEMM backward, and the bf16
-// working copy of the f32 master weights.
+// working copy of the f32 master weights. Bytes per element: 4 + sizeof(T),
+// in packs of 4 as residual_add moves them.
 template <typename T>
 __device__ void cast_from_f32_impl(const float* __restrict__ x, uint64_t n, T* __restrict__ out) {
-    GRID_STRIDE(i, n) out[i] = from_f32<T>(x[i]);
+    uint64_t done = 0;
+    if (aligned_to(x, 16) && aligned_to(out, 4 * sizeof(T))) {
+        done = n / 4 * 4;
+        GRID_STRIDE(i, n / 4) {
+            const Pack<float, 4> a = reinterpret_cast<const Pack<float, 4>*>(x)[i];
+            Pack<T, 4> o;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) o.v[j] = from_f32<T>(a.v[j]);
+            reinterpret_cast<Pack<T, 4>*>(out)[i] = o;
+        }
+    }
+    GRID_STRIDE(i, n - done) out[done + i] = from_f32<T>(x[done + i]);
 }
 
 // ---- softmax cross-entropy -----------------------------------------------
@@ -568,4 +650,103 @@ extern "C" __global__ void sum_squares_final_f32(const double* __restrict__ part
         __syncthreads();
     }
     if (threadIdx.x == 0) out[blockIdx.x] = s[0];
+}
+
+// ---- the optimizer step without a host round trip -------------------------
+//
+// The gradient norm, the clip factor, the schedule's rate, the step count and
+// the decision to refuse a non-finite step all live in one f64 state buffer
+// on the device (`optim_state` in src/nn.rs): sum_squares_* write each
+// tensor's Σx² into it, optimizer_decide_f32 turns those into the header, and
+// adamw_multi_state_f32 reads the header. The host launches the same three
+// kernels with the same arguments every step (a CUDA graph can replay them)
+// and reads the header only when it wants the step's report.
+
+// OPTIM_* state offsets and OptimArgs (the run's constants) come from abi.h.
+
+// Finite: NaN fails the comparison, ±∞ exceed the largest double.
+__device__ __forceinline__ bool optim_finite(double x) { return fabs(x) <= 1.7976931348623157e308; }
+
+// cos(π·x): cospi needs no Payne–Hanek argument reduction, whose local
+// array would give the kernel a stack frame (cos does). The emulator has no
+// cospi and uses the host's cos.
+__device__ __forceinline__ double optim_cos_pi(double x) {
+#ifdef __CUDACC__
+    return cospi(x);
+#else
+    return std::cos(3.14159265358979323846 * x);
+#endif
+}
+
+// `OptimConsts::lr_factor` in src/nn.rs, in the same double
+// arithmetic.
+__device__ __forceinline__ double optim_lr_factor(const OptimArgs& c, uint64_t step) {
+    if (c.warmup > 0 && step <= c.warmup) return (double)step / (double)c.warmup;
+    const uint64_t span_steps = c.total > c.warmup ? c.total - c.warmup : 0;
+    const double span = (double)(span_steps > 0 ? span_steps : 1);
+    const uint64_t past = step > c.warmup ? step - c.warmup : 0;
+    const double progress = fmin((double)past / span, 1.0);
+    const double m = c.min_lr_ratio;
+    if (c.decay == 2) return 1.0;
+    if (c.decay == 1) return m + (1.0 - m) * (1.0 - progress);
+    return m + (1.0 - m) * 0.5 * (1.0 + optim_cos_pi(progress));
+}
+
+// One block of TRAIN_THREADS: the norm from sums[0..norm_tensors) (a
+// fixed-order tree), every sum (norm tensors and guards) checked for a
+// non-finite value, then the header as `OptimConsts::decide` writes it. The
+// step count it reads is the one it wrote on the last step.
+extern "C" __global__ void optimizer_decide_f32(double* __restrict__ state, uint32_t tensors,
+                                                uint32_t norm_tensors, OptimArgs c) {
+    __shared__ double s[TRAIN_THREADS];
+    const double* sums = state + OPTIM_HEADER;
+    double acc = 0.0;
+    for (uint32_t i = threadIdx.x; i < norm_tensors; i += blockDim.x) acc += sums[i];
+    s[threadIdx.x] = acc;
+    __syncthreads();
+    for (uint32_t o = blockDim.x / 2; o > 0; o >>= 1) {
+        if (threadIdx.x < o) s[threadIdx.x] += s[threadIdx.x + o];
+        __syncthreads();
+    }
+    if (threadIdx.x != 0) return;
+    double first_bad = -1.0;
+    for (uint32_t i = 0; i < tensors; ++i)
+        if (!optim_finite(sums[i])) {
+            first_bad = (double)i;
+            break;
+        }
+    const double norm = sqrt(s[0]);
+    const bool accepted = first_bad < 0.0 && optim_finite(norm);
+    const double step = state[OPTIM_STEP] + (accepted ? 1.0 : 0.0);
+    const double t = fmax(step, 1.0);
+    state[OPTIM_NORM] = norm;
+    state[OPTIM_SCALE] = c.clip_norm > 0.0 && norm > c.clip_norm ? c.clip_norm / norm : 1.0;
+    state[OPTIM_ACCEPTED] = accepted ? 1.0 : 0.0;
+    state[OPTIM_STEP] = step;
+    state[OPTIM_LR_FACTOR] = optim_lr_factor(c, (uint64_t)t);
+    state[OPTIM_CORRECTION1] = 1.0 - pow(c.beta1, t);
+    state[OPTIM_CORRECTION2] = 1.0 - pow(c.beta2, t);
+    state[OPTIM_FIRST_BAD] = first_bad;
+}
+
+// adamw_multi_f32 with the step's values from the state header: a refused
+// step returns at once (no parameter or moment changes), an accepted one
+// scales each entry's peak rate by the schedule and every gradient by the
+// clip factor. Same bytes per element as adamw_multi_f32; the header is one
+// 64-byte line every thread reads from L1.
+extern "C" __global__ void adamw_multi_state_f32(const AdamWEntry* __restrict__ table,
+                                                 const double* __restrict__ state, OptimArgs c) {
+    if (state[OPTIM_ACCEPTED] == 0.0) return;
+    AdamWArgs a;
+    a.lr = 0.0;
+    a.weight_decay = 0.0;
+    a.beta1 = c.beta1;
+    a.beta2 = c.beta2;
+    a.eps = c.eps;
+    a.grad_scale = state[OPTIM_SCALE];
+    a.correction1 = state[OPTIM_CORRECTION1];
+    a.correction2 = state[OPTIM_CORRECTION2];
+    const double factor = state[OPTIM_LR_FACTOR];
+    const AdamWEntry t = table[blockIdx.y];
+    GRID_STRIDE(i, t.n) adamw_element(t.param, t.grad, t.m, t.v, i, t.lr * factor, t.weight_decay, a);
 }

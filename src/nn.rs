@@ -97,6 +97,139 @@ pub struct AdamWTensor<'a, B: Backend> {
     pub weight_decay: f64,
 }
 
+/// Layout of the optimizer state that [`NnOps::optimizer_prepare`]
+/// writes and [`NnOps::adamw_many_device`] reads: f64s kept on the
+/// backend, so the clip factor, the schedule's rate and the decision to
+/// refuse a step never travel through the host between the gradient norm
+/// and the update (no stall of the stream, and the same launches serve
+/// every step, as a captured CUDA graph needs). The host reads the header
+/// when it wants the step's report.
+pub mod optim_state {
+    /// Global gradient norm of the last prepared step (∞ or NaN when a
+    /// tensor was not finite).
+    pub const NORM: usize = crate::abi::OPTIM_NORM as usize;
+    /// Clip factor the update multiplies every gradient by (1 when the
+    /// norm is within `clip_norm`).
+    pub const SCALE: usize = crate::abi::OPTIM_SCALE as usize;
+    /// 1 when the step is taken, 0 when it is refused (a non-finite norm
+    /// or guard): a refused step changes no parameter and no moment.
+    pub const ACCEPTED: usize = crate::abi::OPTIM_ACCEPTED as usize;
+    /// Accepted steps so far, this one included (the bias correction's
+    /// `t` and the schedule's position).
+    pub const STEP: usize = crate::abi::OPTIM_STEP as usize;
+    /// The schedule's factor at `STEP`.
+    pub const LR_FACTOR: usize = crate::abi::OPTIM_LR_FACTOR as usize;
+    /// `1 − β₁^STEP`.
+    pub const CORRECTION1: usize = crate::abi::OPTIM_CORRECTION1 as usize;
+    /// `1 − β₂^STEP`.
+    pub const CORRECTION2: usize = crate::abi::OPTIM_CORRECTION2 as usize;
+    /// Index of the first non-finite tensor (norm tensors, then guards), or
+    /// −1.
+    pub const FIRST_BAD: usize = crate::abi::OPTIM_FIRST_BAD as usize;
+    /// Header length; `Σx²` of each tensor follows it.
+    pub const HEADER: usize = crate::abi::OPTIM_HEADER as usize;
+    /// Blocks per tensor of the GPU's norm pass, whose partial sums go to
+    /// a scratch buffer the caller keeps, so a step allocates nothing.
+    pub const NORM_BLOCKS: usize = 512;
+
+    /// f64s of the state of a step over `tensors` tensors (norm tensors
+    /// and guards together).
+    pub fn len(tensors: usize) -> usize {
+        HEADER + tensors
+    }
+
+    /// f64s of the scratch buffer of a step over `tensors` tensors.
+    pub fn scratch_len(tensors: usize) -> usize {
+        tensors * NORM_BLOCKS
+    }
+
+    /// A fresh state that has taken `step` steps.
+    pub fn initial(tensors: usize, step: u64) -> Vec<f64> {
+        let mut s = vec![0.0; len(tensors)];
+        s[STEP] = step as f64;
+        s[FIRST_BAD] = -1.0;
+        s
+    }
+}
+
+/// Shape of the learning rate after warmup ([`OptimConsts::decay`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Decay {
+    /// Cosine from the peak to `min_lr_ratio`.
+    Cosine = 0,
+    /// Linear from the peak to `min_lr_ratio`.
+    Linear = 1,
+    /// The peak throughout.
+    Constant = 2,
+}
+
+/// The constants of a run's optimizer steps that
+/// [`NnOps::optimizer_prepare`] and [`NnOps::adamw_many_device`] take:
+/// the same on every step, so the per-step values (step count, rate,
+/// clip factor) come from the backend's state alone.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OptimConsts {
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub clip_norm: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Added to `sqrt(v̂)`.
+    pub eps: f64,
+    /// Linear warmup steps (from 0).
+    pub warmup: u64,
+    /// Steps of the whole run (the decay ends there).
+    pub total: u64,
+    /// Final rate as a fraction of the peak.
+    pub min_lr_ratio: f64,
+    /// Shape after warmup.
+    pub decay: Decay,
+}
+
+impl OptimConsts {
+    /// The multiplier of every peak rate at 1-based `step` (mirrored by
+    /// `lr_factor` in the kernels).
+    pub fn lr_factor(&self, step: u64) -> f64 {
+        if self.warmup > 0 && step <= self.warmup {
+            return step as f64 / self.warmup as f64;
+        }
+        let span = self.total.saturating_sub(self.warmup).max(1) as f64;
+        let progress = ((step.saturating_sub(self.warmup)) as f64 / span).min(1.0);
+        let m = self.min_lr_ratio;
+        match self.decay {
+            Decay::Constant => 1.0,
+            Decay::Linear => m + (1.0 - m) * (1.0 - progress),
+            Decay::Cosine => m + (1.0 - m) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        }
+    }
+
+    /// The header of [`optim_state`] after a step over tensors whose
+    /// `Σx²` are `sums` (the first `norm_tensors` make the norm, the rest
+    /// are guards), from the accepted steps so far: the arithmetic every
+    /// backend follows (the CPU twin calls it; the kernel mirrors it).
+    pub fn decide(&self, sums: &[f64], norm_tensors: usize, steps_before: f64) -> [f64; optim_state::HEADER] {
+        use optim_state::*;
+        let norm_sq: f64 = sums[..norm_tensors].iter().sum();
+        let first_bad = sums.iter().position(|s| !s.is_finite());
+        let norm = norm_sq.sqrt();
+        let accepted = first_bad.is_none() && norm.is_finite();
+        let step = steps_before + accepted as u64 as f64;
+        let t = step.max(1.0);
+        let mut h = [0.0; HEADER];
+        h[NORM] = norm;
+        h[SCALE] = if self.clip_norm > 0.0 && norm > self.clip_norm { self.clip_norm / norm } else { 1.0 };
+        h[ACCEPTED] = accepted as u64 as f64;
+        h[STEP] = step;
+        h[LR_FACTOR] = self.lr_factor(t as u64);
+        h[CORRECTION1] = 1.0 - self.beta1.powf(t);
+        h[CORRECTION2] = 1.0 - self.beta2.powf(t);
+        h[FIRST_BAD] = first_bad.map_or(-1.0, |i| i as f64);
+        h
+    }
+}
+
 /// Per-position results of [`NnOps::cross_entropy`].
 pub struct CrossEntropyOut<B: Backend> {
     /// `−log softmax(logits)[target]` per row (0 where the target is ignored).
@@ -290,6 +423,36 @@ pub trait NnOps: Backend + Sized {
 
     /// Sets every element to zero.
     fn fill_zero(&self, x: &mut Self::Buf<f32>) -> Result<()>;
+
+    /// The optimizer step's decision where the gradients live: `Σx²` of
+    /// every tensor of `xs` into `state` (see [`optim_state`]), then the
+    /// header by [`OptimConsts::decide`] from the first `norm_tensors`
+    /// (the gradients: their norm and clip factor) with the rest as
+    /// guards (a loss, say: not finite refuses the step too). Reads the
+    /// step count from `state` and writes the next one, so nothing passes
+    /// through the host; `state` holds [`optim_state::len`]`(xs.len())`
+    /// and `scratch` (partial sums) [`optim_state::scratch_len`] of it.
+    fn optimizer_prepare(
+        &self,
+        xs: &[&Self::Buf<f32>],
+        norm_tensors: usize,
+        consts: &OptimConsts,
+        state: &mut Self::Buf<f64>,
+        scratch: &mut Self::Buf<f64>,
+    ) -> Result<()>;
+
+    /// [`NnOps::adamw_many`] with the per-step values read from the
+    /// `state` that [`NnOps::optimizer_prepare`] wrote: nothing changes
+    /// when it refused the step; otherwise each tensor's rate is its `lr`
+    /// (the group's peak) times the schedule's factor, gradients are
+    /// scaled by the clip factor, and the bias corrections use the state's
+    /// step.
+    fn adamw_many_device(
+        &self,
+        tensors: &mut [AdamWTensor<'_, Self>],
+        consts: &OptimConsts,
+        state: &Self::Buf<f64>,
+    ) -> Result<()>;
 }
 
 /// Argument checks shared by every [`NnOps`] implementation, so the CPU
@@ -429,6 +592,32 @@ pub mod check {
             });
         }
         Ok(rows)
+    }
+
+    /// [`super::NnOps::optimizer_prepare`]: `state` and `scratch` fit
+    /// `tensors` tensors, of which `norm_tensors` make the norm.
+    pub fn optim_state(
+        op: &'static str,
+        (state, scratch): (usize, usize),
+        tensors: usize,
+        norm_tensors: usize,
+    ) -> Result<()> {
+        if norm_tensors > tensors {
+            return Err(Error::invalid(op, format!("{norm_tensors} norm tensors among only {tensors}")));
+        }
+        check_len(op, "state", state, super::optim_state::len(tensors))?;
+        check_len(op, "scratch", scratch, super::optim_state::scratch_len(tensors))
+    }
+
+    /// [`super::NnOps::adamw_many_device`]: `state` was prepared over
+    /// at least these tensors, each of whose four buffers have one length.
+    pub fn adamw_many_device(state: usize, tensors: &[(usize, usize, usize, usize)]) -> Result<()> {
+        let op = "adamw_many_device";
+        let need = super::optim_state::len(tensors.len());
+        if state < need {
+            return Err(Error::shape(op, "state", format!("at least {need} f64s"), format!("{state} f64s")));
+        }
+        tensors.iter().try_for_each(|&(param, grad, m, v)| same_len(op, param, &[("grad", grad), ("m", m), ("v", v)]))
     }
 
     /// [`super::NnOps::adamw`].

@@ -687,6 +687,179 @@ static void test_sum_squares_final(unsigned blocks, uint64_t seed) {
     c.close("sum_squares_final_f32 (many partials)", "sum", out, {(double)want}, tol_of<double>());
 }
 
+// ---- the optimizer step decided on the device ------------------------------
+
+// OptimConsts::lr_factor and ::decide (src/nn.rs), written out again.
+static double ref_lr_factor(const OptimArgs& c, uint64_t step) {
+    if (c.warmup > 0 && step <= c.warmup) return (double)step / (double)c.warmup;
+    const double span = (double)std::max<uint64_t>(c.total > c.warmup ? c.total - c.warmup : 0, 1);
+    const double progress = std::min((double)(step > c.warmup ? step - c.warmup : 0) / span, 1.0);
+    const double m = c.min_lr_ratio;
+    switch (c.decay) {
+        case 2: return 1.0;
+        case 1: return m + (1 - m) * (1 - progress);
+        default: return m + (1 - m) * 0.5 * (1 + std::cos(M_PI * progress));
+    }
+}
+
+static std::vector<double> ref_decide(const OptimArgs& c, const std::vector<double>& sums, uint32_t norm_tensors,
+                                      double steps_before) {
+    long double norm_sq = 0;
+    for (uint32_t i = 0; i < norm_tensors; ++i) norm_sq += sums[i];
+    double first_bad = -1;
+    for (size_t i = 0; i < sums.size(); ++i)
+        if (!std::isfinite(sums[i])) {
+            first_bad = (double)i;
+            break;
+        }
+    const double norm = std::sqrt((double)norm_sq);
+    const bool accepted = first_bad < 0 && std::isfinite(norm);
+    const double step = steps_before + accepted, t = std::max(step, 1.0);
+    std::vector<double> h(OPTIM_HEADER);
+    h[OPTIM_NORM] = norm;
+    h[OPTIM_SCALE] = c.clip_norm > 0 && norm > c.clip_norm ? c.clip_norm / norm : 1.0;
+    h[OPTIM_ACCEPTED] = accepted;
+    h[OPTIM_STEP] = step;
+    h[OPTIM_LR_FACTOR] = ref_lr_factor(c, (uint64_t)t);
+    h[OPTIM_CORRECTION1] = 1 - std::pow(c.beta1, t);
+    h[OPTIM_CORRECTION2] = 1 - std::pow(c.beta2, t);
+    h[OPTIM_FIRST_BAD] = first_bad;
+    return h;
+}
+
+// Values that may be ±∞ or NaN (a norm, a sum): a non-finite `want` must
+// be matched exactly (the same infinity, or NaN for NaN), which Case::close
+// would count as misplaced; such pairs become 0 = 0 and the rest compare
+// as usual. A non-finite `got` where `want` is finite stays and fails.
+static void close_or_same(Case& c, const std::string& kernel, const char* out, std::vector<double> got,
+                          std::vector<double> want, double tol) {
+    for (size_t i = 0; i < want.size() && i < got.size(); ++i)
+        if (!std::isfinite(want[i]) && (got[i] == want[i] || (std::isnan(got[i]) && std::isnan(want[i]))))
+            got[i] = want[i] = 0.0;
+    c.close(kernel, out, got, want, tol);
+}
+
+// The header's exact fields (decision, count, culprit) bit for bit, the
+// others to double precision.
+static void check_header(Case& c, const std::vector<double>& state, const std::vector<double>& want) {
+    std::vector<double> exact_got, exact_want, got, wanted;
+    for (int i : {OPTIM_ACCEPTED, OPTIM_STEP, OPTIM_FIRST_BAD}) exact_got.push_back(state[i]), exact_want.push_back(want[i]);
+    for (int i : {OPTIM_NORM, OPTIM_SCALE, OPTIM_LR_FACTOR, OPTIM_CORRECTION1, OPTIM_CORRECTION2})
+        got.push_back(state[i]), wanted.push_back(want[i]);
+    c.exact("optimizer_decide_f32 decision", "decision", exact_got, exact_want);
+    close_or_same(c, "optimizer_decide_f32 values", "values", got, wanted, tol_of<double>());
+}
+
+// optimizer_decide_f32 alone on given sums: schedules, clipping on and
+// off, a NaN gradient, an infinite guard, more tensors than threads.
+static void test_optimizer_decide(const char* what, std::vector<double> sums, uint32_t norm_tensors,
+                                  double steps_before, OptimArgs k) {
+    Case c("f32", fmt("optimizer_decide %s tensors=%zu norm=%u step=%g", what, sums.size(), norm_tensors,
+                      steps_before));
+    std::vector<double> state(OPTIM_HEADER, NAN);
+    state[OPTIM_STEP] = steps_before;
+    state.insert(state.end(), sums.begin(), sums.end());
+    const auto want = ref_decide(k, sums, norm_tensors, steps_before);
+    const auto sums0 = sums;
+    launch(1, [&] { optimizer_decide_f32(state.data(), (uint32_t)sums.size(), norm_tensors, k); });
+    check_header(c, state, want);
+    c.exact("optimizer_decide_f32 sums kept", "sums kept", std::vector<double>(state.begin() + OPTIM_HEADER, state.end()),
+            sums0);
+}
+
+// The whole device-side step as src/cuda/nn.rs queues it: the norm
+// partials into the scratch, each tensor's sum into the state, the decision,
+// then adamw_multi_state_f32. Tensors of different lengths (an empty one),
+// a guard after them; `poison` puts a NaN into a gradient (refused: nothing
+// may change) or an ∞ into the guard.
+static void test_optimizer_step(int poison, double steps_before, double grad_scale, uint64_t seed) {
+    Rng rng(seed);
+    const std::vector<uint64_t> ns = {31, 0, 4097, 1, 300, 5};  // the last one is the guard
+    const uint32_t tensors = (uint32_t)ns.size(), norm_tensors = tensors - 1;
+    const OptimArgs k{1.0, 0.9, 0.95, 1e-8, 0.1, 3, 40, 0, 0};
+    uint64_t longest = 0;
+    for (uint64_t n : ns) longest = max(longest, n);
+    const unsigned blocks = grid_stride(longest);
+    Case c("f32", fmt("optimizer step poison=%d step=%g grad*%g (grid %u x %u x %u)", poison, steps_before,
+                      grad_scale, blocks, tensors, THREADS));
+    struct Host {
+        std::vector<float> p, g, m, v;
+        double lr, wd;
+    };
+    std::vector<Host> hs;
+    for (uint64_t n : ns) {
+        Host h;
+        h.p = rand_vec<float>(rng, n, -1, 1), h.g = rand_vec<float>(rng, n, -grad_scale, grad_scale);
+        h.m = rand_vec<float>(rng, n, -0.1, 0.1), h.v = rand_vec<float>(rng, n, 0, 0.01);
+        h.lr = rng.uni(0.001, 0.1), h.wd = rng.uni(0, 0.2);
+        hs.push_back(std::move(h));
+    }
+    if (poison == 1) hs[2].g[4000] = NAN;
+    if (poison == 2) hs.back().g[3] = INFINITY;
+    std::vector<const float*> ptrs;
+    std::vector<double> sums;
+    for (const auto& h : hs) {
+        ptrs.push_back(h.g.data());
+        long double s = 0;
+        for (float x : h.g) s += (long double)x * x;
+        sums.push_back((double)s);
+    }
+    const auto header = ref_decide(k, sums, norm_tensors, steps_before);
+    std::vector<double> state(OPTIM_HEADER + tensors, NAN);
+    state[OPTIM_STEP] = steps_before;
+    auto scratch = poisoned<double>((size_t)blocks * tensors);
+    launch(Dim3{blocks, tensors, 1}, [&] { sum_squares_multi_partial_f32(ptrs.data(), ns.data(), scratch.data()); });
+    launch(tensors, [&] { sum_squares_final_f32(scratch.data(), blocks, state.data() + OPTIM_HEADER); });
+    launch(1, [&] { optimizer_decide_f32(state.data(), tensors, norm_tensors, k); });
+    check_header(c, state, header);
+    close_or_same(c, "optimizer step sums", "sums", std::vector<double>(state.begin() + OPTIM_HEADER, state.end()),
+                  sums, tol_of<double>());
+
+    std::vector<AdamWEntry> table;
+    std::vector<Host> before(hs.begin(), hs.end() - 1);
+    for (uint32_t t = 0; t < norm_tensors; ++t) {
+        auto& h = hs[t];
+        table.push_back({h.p.data(), h.g.data(), h.m.data(), h.v.data(), h.p.size(), h.lr, h.wd});
+    }
+    launch(Dim3{blocks, norm_tensors, 1}, [&] { adamw_multi_state_f32(table.data(), state.data(), k); });
+    std::vector<float> p, m, v;
+    std::vector<double> pw, mw, vw;
+    for (uint32_t t = 0; t < norm_tensors; ++t) {
+        const auto &h = hs[t], &h0 = before[t];
+        for (size_t i = 0; i < h.p.size(); ++i) {
+            if (header[OPTIM_ACCEPTED] == 0) {
+                pw.push_back(h0.p[i]), mw.push_back(h0.m[i]), vw.push_back(h0.v[i]);
+                continue;
+            }
+            const double gi = h0.g[i] * header[OPTIM_SCALE], lr = h0.lr * header[OPTIM_LR_FACTOR];
+            const double mi = k.beta1 * h0.m[i] + (1 - k.beta1) * gi, vi = k.beta2 * h0.v[i] + (1 - k.beta2) * gi * gi;
+            double pi = h0.p[i];
+            pi -= lr * h0.wd * pi;
+            pi -= lr * (mi / header[OPTIM_CORRECTION1]) / (std::sqrt(vi / header[OPTIM_CORRECTION2]) + k.eps);
+            pw.push_back(pi), mw.push_back(mi), vw.push_back(vi);
+        }
+        p.insert(p.end(), h.p.begin(), h.p.end());
+        m.insert(m.end(), h.m.begin(), h.m.end());
+        v.insert(v.end(), h.v.begin(), h.v.end());
+    }
+    if (header[OPTIM_ACCEPTED] == 0) {
+        // Refused: every byte as it was.
+        std::vector<float> p0, m0, v0;
+        for (const auto& h0 : before) {
+            p0.insert(p0.end(), h0.p.begin(), h0.p.end());
+            m0.insert(m0.end(), h0.m.begin(), h0.m.end());
+            v0.insert(v0.end(), h0.v.begin(), h0.v.end());
+        }
+        c.exact("adamw_multi_state_f32 refused", "param", p, p0);
+        c.exact("adamw_multi_state_f32 refused", "m", m, m0);
+        c.exact("adamw_multi_state_f32 refused", "v", v, v0);
+    } else {
+        c.close("adamw_multi_state_f32 param", "param", p, pw, F32_TOL);
+        c.close("adamw_multi_state_f32 m", "m", m, mw, F32_TOL);
+        c.close("adamw_multi_state_f32 v", "v", v, vw, F32_TOL);
+    }
+}
+
 // ---- driver -------------------------------------------------------------------
 
 template <typename T> static void run_dtype(uint64_t seed) {
@@ -722,6 +895,29 @@ static void run_f32_only(uint64_t seed) {
     test_sum_squares({31, 0, 4097, 1, 1000}, seed++);
     for (int step : {1, 7}) test_adamw_multi(step, seed++);
     test_sum_squares_final(1000, seed++);
+    // clip_norm, β1, β2, ε, min_lr_ratio, warmup, total, decay.
+    const OptimArgs cosine{1.0, 0.9, 0.999, 1e-8, 0.1, 10, 100, 0, 0};
+    OptimArgs linear = cosine, constant = cosine, no_clip = cosine, no_warmup = cosine;
+    linear.decay = 1, constant.decay = 2, no_clip.clip_norm = 0, no_warmup.warmup = 0;
+    test_optimizer_decide("clipped warmup", {4.0, 9.0, 0.0, 1.0}, 3, 0, cosine);
+    test_optimizer_decide("within clip, cosine", {0.01, 0.2, 0.0}, 3, 54, cosine);
+    test_optimizer_decide("linear, past total", {0.5, 0.25}, 2, 150, linear);
+    test_optimizer_decide("constant", {3.0, 1.0}, 2, 30, constant);
+    test_optimizer_decide("no clip, no warmup", {400.0, 1.0}, 2, 0, no_warmup);
+    test_optimizer_decide("clip 0", {400.0, 1.0}, 2, 5, no_clip);
+    test_optimizer_decide("NaN gradient", {1.0, NAN, 2.0, INFINITY}, 3, 7, cosine);
+    test_optimizer_decide("infinite guard", {1.0, 2.0, INFINITY}, 2, 7, cosine);
+    test_optimizer_decide("norm overflow", {1e308, 1e308}, 2, 7, cosine);
+    {
+        Rng rng(seed++);
+        std::vector<double> many(600);
+        for (auto& x : many) x = rng.uni(0, 3);
+        test_optimizer_decide("600 tensors", many, 597, 11, linear);
+    }
+    for (double steps : {0.0, 8.0})
+        for (double gs : {0.01, 3.0}) test_optimizer_step(0, steps, gs, seed++);
+    test_optimizer_step(1, 8.0, 1.0, seed++);
+    test_optimizer_step(2, 8.0, 1.0, seed++);
 }
 
 int main(int argc, char** argv) {

@@ -42,6 +42,15 @@ pub const ATTN_HD128_DKV_R: u32 = 2;
 pub const ATTN_HD128_DKV_C: u32 = 32;
 pub const TRAIN_THREADS: u32 = 256;
 pub const CE_THREADS: u32 = 1024;
+pub const OPTIM_NORM: u32 = 0;
+pub const OPTIM_SCALE: u32 = 1;
+pub const OPTIM_ACCEPTED: u32 = 2;
+pub const OPTIM_STEP: u32 = 3;
+pub const OPTIM_LR_FACTOR: u32 = 4;
+pub const OPTIM_CORRECTION1: u32 = 5;
+pub const OPTIM_CORRECTION2: u32 = 6;
+pub const OPTIM_FIRST_BAD: u32 = 7;
+pub const OPTIM_HEADER: u32 = 8;
 pub const MERGE_THREADS: u32 = 256;
 pub const LR_THREADS: u32 = 256;
 pub const TC_WARPS: u32 = 4;
@@ -54,6 +63,10 @@ pub const BD_COLS: u32 = 128;
 pub const BD_TILES: u32 = 4;
 pub const BD_RANKS: u32 = 16;
 pub const COLS_W: u32 = 32;
+pub const DEC_WARPS: u32 = 8;
+pub const DEC_COLS: u32 = 16;
+pub const DEC_MAX_M: u32 = 16;
+pub const DEC_SLICE: u32 = 256;
 pub const PROJ_HASH: ProjMode = 0;
 pub const PROJ_BALANCED: ProjMode = 1;
 pub const PROJ_EXPLICIT: ProjMode = 2;
@@ -265,4 +278,32 @@ const _: () = {
     ["Offset of field: AdamWEntry::n"][::std::mem::offset_of!(AdamWEntry, n) - 32usize];
     ["Offset of field: AdamWEntry::lr"][::std::mem::offset_of!(AdamWEntry, lr) - 40usize];
     ["Offset of field: AdamWEntry::weight_decay"][::std::mem::offset_of!(AdamWEntry, weight_decay) - 48usize];
+};
+#[doc = " A run's optimizer constants, as `optimizer_decide_f32` and\n `adamw_multi_state_f32` read them. decay: 0 cosine, 1 linear, 2 constant."]
+#[repr(C)]
+#[derive(Debug, Copy, Clone, bytemuck :: Pod, bytemuck :: Zeroable)]
+pub struct OptimArgs {
+    pub clip_norm: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub min_lr_ratio: f64,
+    pub warmup: u64,
+    pub total: u64,
+    pub decay: u32,
+    pub pad: u32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of OptimArgs"][::std::mem::size_of::<OptimArgs>() - 64usize];
+    ["Alignment of OptimArgs"][::std::mem::align_of::<OptimArgs>() - 8usize];
+    ["Offset of field: OptimArgs::clip_norm"][::std::mem::offset_of!(OptimArgs, clip_norm) - 0usize];
+    ["Offset of field: OptimArgs::beta1"][::std::mem::offset_of!(OptimArgs, beta1) - 8usize];
+    ["Offset of field: OptimArgs::beta2"][::std::mem::offset_of!(OptimArgs, beta2) - 16usize];
+    ["Offset of field: OptimArgs::eps"][::std::mem::offset_of!(OptimArgs, eps) - 24usize];
+    ["Offset of field: OptimArgs::min_lr_ratio"][::std::mem::offset_of!(OptimArgs, min_lr_ratio) - 32usize];
+    ["Offset of field: OptimArgs::warmup"][::std::mem::offset_of!(OptimArgs, warmup) - 40usize];
+    ["Offset of field: OptimArgs::total"][::std::mem::offset_of!(OptimArgs, total) - 48usize];
+    ["Offset of field: OptimArgs::decay"][::std::mem::offset_of!(OptimArgs, decay) - 56usize];
+    ["Offset of field: OptimArgs::pad"][::std::mem::offset_of!(OptimArgs, pad) - 60usize];
 };

@@ -8,7 +8,9 @@ use rayon::prelude::*;
 
 use super::{store, Cpu};
 use crate::dtype::{widen, Element};
-use crate::nn::{check, AdamWStep, CrossEntropyOut, NnOps, SeqShape, TokenIds, IGNORE};
+use crate::nn::{
+    check, optim_state, AdamWStep, AdamWTensor, CrossEntropyOut, NnOps, OptimConsts, SeqShape, TokenIds, IGNORE,
+};
 use crate::Result;
 
 fn accumulate(dst: &mut [f32], src: &[f64]) {
@@ -285,17 +287,8 @@ impl NnOps for Cpu {
         check::adamw((param.len(), grad.len(), m.len(), v.len()), hp)?;
         let c1 = 1.0 - hp.beta1.powi(hp.step.min(i32::MAX as u64) as i32);
         let c2 = 1.0 - hp.beta2.powi(hp.step.min(i32::MAX as u64) as i32);
-        for i in 0..param.len() {
-            let g = grad[i] as f64 * hp.grad_scale;
-            let mi = hp.beta1 * m[i] as f64 + (1.0 - hp.beta1) * g;
-            let vi = hp.beta2 * v[i] as f64 + (1.0 - hp.beta2) * g * g;
-            let mut p = param[i] as f64;
-            p -= hp.lr * hp.weight_decay * p;
-            p -= hp.lr * (mi / c1) / ((vi / c2).sqrt() + hp.eps);
-            m[i] = mi as f32;
-            v[i] = vi as f32;
-            param[i] = p as f32;
-        }
+        let (b1, b2) = (hp.beta1, hp.beta2);
+        adamw_slice(param, grad, m, v, hp.lr, hp.weight_decay, b1, b2, hp.eps, hp.grad_scale, c1, c2);
         Ok(())
     }
 
@@ -306,5 +299,86 @@ impl NnOps for Cpu {
     fn fill_zero(&self, x: &mut Vec<f32>) -> Result<()> {
         x.iter_mut().for_each(|v| *v = 0.0);
         Ok(())
+    }
+
+    fn optimizer_prepare(
+        &self,
+        xs: &[&Vec<f32>],
+        norm_tensors: usize,
+        consts: &OptimConsts,
+        state: &mut Vec<f64>,
+        scratch: &mut Vec<f64>,
+    ) -> Result<()> {
+        // The GPU's partial sums; one pass in order needs none.
+        check::optim_state("optimizer_prepare", (state.len(), scratch.len()), xs.len(), norm_tensors)?;
+        let sums = self.sum_squares_each(xs)?;
+        let header = consts.decide(&sums, norm_tensors, state[optim_state::STEP]);
+        state[..optim_state::HEADER].copy_from_slice(&header);
+        state[optim_state::HEADER..][..sums.len()].copy_from_slice(&sums);
+        Ok(())
+    }
+
+    fn adamw_many_device(
+        &self,
+        tensors: &mut [AdamWTensor<'_, Cpu>],
+        consts: &OptimConsts,
+        state: &Vec<f64>,
+    ) -> Result<()> {
+        let lens: Vec<_> = tensors.iter().map(|t| (t.param.len(), t.grad.len(), t.m.len(), t.v.len())).collect();
+        check::adamw_many_device(state.len(), &lens)?;
+        if state[optim_state::ACCEPTED] == 0.0 {
+            return Ok(());
+        }
+        let (c1, c2) = (state[optim_state::CORRECTION1], state[optim_state::CORRECTION2]);
+        let (scale, factor) = (state[optim_state::SCALE], state[optim_state::LR_FACTOR]);
+        for t in tensors.iter_mut() {
+            let lr = t.lr * factor;
+            adamw_slice(
+                t.param,
+                t.grad,
+                t.m,
+                t.v,
+                lr,
+                t.weight_decay,
+                consts.beta1,
+                consts.beta2,
+                consts.eps,
+                scale,
+                c1,
+                c2,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One tensor's AdamW update in f64 (`adamw_element` in the kernels):
+/// decoupled decay, then the bias-corrected step with corrections `c1`,
+/// `c2`, on gradients scaled by `grad_scale`.
+#[allow(clippy::too_many_arguments)]
+fn adamw_slice(
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    lr: f64,
+    weight_decay: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    grad_scale: f64,
+    c1: f64,
+    c2: f64,
+) {
+    for i in 0..param.len() {
+        let g = grad[i] as f64 * grad_scale;
+        let mi = beta1 * m[i] as f64 + (1.0 - beta1) * g;
+        let vi = beta2 * v[i] as f64 + (1.0 - beta2) * g * g;
+        let mut p = param[i] as f64;
+        p -= lr * weight_decay * p;
+        p -= lr * (mi / c1) / ((vi / c2).sqrt() + eps);
+        m[i] = mi as f32;
+        v[i] = vi as f32;
+        param[i] = p as f32;
     }
 }

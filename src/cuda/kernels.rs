@@ -31,3 +31,5 @@ unsafe impl cudarc::driver::DeviceRepr for crate::abi::AttnArgs {}
 unsafe impl cudarc::driver::DeviceRepr for crate::abi::AdamWArgs {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for crate::abi::AdamWEntry {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for crate::abi::OptimArgs {}

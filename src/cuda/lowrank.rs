@@ -47,14 +47,13 @@ const COLS_PER_BLOCK: usize = abi::COLS_W as usize;
 pub const DECODE_MAX_M: usize = 32;
 /// Largest M the fused decode kernel (`lowrank_decode_fused`: one pass over
 /// W with the low-rank term riding along) takes: one m16 tensor-core tile.
-pub const DECODE_FUSED_MAX_M: usize = 16;
-/// Must match `DEC_THREADS`, `DEC_COLS`, `DEC_WARPS`, `DEC_MAX_M` and
-/// `DEC_SLICE` in kernels/lowrank.cu.
-const DEC_THREADS: u32 = 256;
-const DEC_COLS: usize = 16;
-const DEC_WARPS: usize = 8;
-const DEC_MAX_M: usize = 16;
-const DEC_SLICE: usize = 256;
+pub const DECODE_FUSED_MAX_M: usize = abi::DEC_MAX_M as usize;
+/// Fused decode geometry (kernels/abi.h).
+const DEC_WARPS: usize = abi::DEC_WARPS as usize;
+const DEC_THREADS: u32 = abi::DEC_WARPS * 32;
+const DEC_COLS: usize = abi::DEC_COLS as usize;
+const DEC_MAX_M: usize = abi::DEC_MAX_M as usize;
+const DEC_SLICE: usize = abi::DEC_SLICE as usize;
 /// Shrink partials each fused-decode block sums at its grid sync, at most.
 const DEC_PARTIALS: usize = 4096;
 /// Blocks per SM the f32 multi-block kernels aim for.

@@ -86,6 +86,9 @@ pub struct Gpu {
     timeline: Arc<Mutex<Option<Timeline<TimedEvent>>>>,
     /// Shared by the clones; created by [`Gpu::blas`].
     blas: Arc<BlasSlot>,
+    /// Device copies of launch tables (pointer lists), keyed by their
+    /// contents: [`Gpu::device_table`].
+    tables: Arc<Mutex<TableCache>>,
 }
 
 /// The lazily created cuBLAS handle of one [`Gpu`] and its clones.
@@ -110,6 +113,9 @@ impl Drop for BlasSlot {
         }
     }
 }
+
+/// Device copies of launch tables by their contents ([`Gpu::device_table`]).
+type TableCache = HashMap<Vec<u64>, Arc<CudaSlice<u64>>>;
 
 /// A CUDA event recorded on the stream: a [`crate::op_timing::Marker`].
 struct TimedEvent(cudarc::driver::CudaEvent);
@@ -181,7 +187,15 @@ impl Gpu {
     pub fn from_stream(stream: Arc<CudaStream>) -> Result<Gpu> {
         let info = read_info(stream.context())?;
         let blas = Arc::new(BlasSlot { context: stream.context().clone(), handle: Mutex::new(None) });
-        Ok(Gpu { stream, info, modules: Arc::default(), functions: Arc::default(), timeline: Arc::default(), blas })
+        Ok(Gpu {
+            stream,
+            info,
+            modules: Arc::default(),
+            functions: Arc::default(),
+            timeline: Arc::default(),
+            blas,
+            tables: Arc::default(),
+        })
     }
 
     /// The stream every op of this handle is queued on.
@@ -308,6 +322,27 @@ impl Gpu {
     /// Sets every byte of `buf` to zero, on the stream.
     pub fn memset_zero<T: Scalar>(&self, buf: &mut CudaSlice<T>) -> Result<()> {
         self.stream.memset_zeros(buf).map_err(|e| Error::cuda("memset", e))
+    }
+
+    /// A device copy of `words` (a multi-tensor launch's table of buffer
+    /// addresses and lengths), uploaded the first time these exact words
+    /// are asked for and reused after: the tables of a training step stay
+    /// the same from step to step, so a step neither allocates nor copies
+    /// them (which a captured CUDA graph requires). Keyed by contents, a
+    /// reused table is always the one a fresh upload would give.
+    pub(crate) fn device_table(&self, words: Vec<u64>) -> Result<Arc<CudaSlice<u64>>> {
+        /// More distinct tables than a run uses; past it the cache starts over.
+        const MAX_TABLES: usize = 64;
+        let mut tables = self.tables.lock().unwrap();
+        if let Some(t) = tables.get(&words) {
+            return Ok(t.clone());
+        }
+        if tables.len() >= MAX_TABLES {
+            tables.clear();
+        }
+        let t = Arc::new(self.stream.clone_htod(&words).map_err(|e| Error::cuda("uploading a launch table", e))?);
+        tables.insert(words, t.clone());
+        Ok(t)
     }
 }
 

@@ -15,7 +15,7 @@ use super::{blocks_for, grid, kernels, ArgOrNull, Gpu};
 use crate::abi::{self, AdamWArgs, AdamWEntry};
 use crate::backend::Backend;
 use crate::error::check_len;
-use crate::nn::{check, AdamWStep, AdamWTensor, CrossEntropyOut, NnOps, SeqShape, TokenIds};
+use crate::nn::{check, optim_state, AdamWStep, AdamWTensor, CrossEntropyOut, NnOps, OptimConsts, SeqShape, TokenIds};
 use crate::Element;
 use crate::{Error, Result};
 
@@ -44,6 +44,27 @@ impl AdamWArgs {
             correction2: 1.0 - hp.beta2.powi(step),
         }
     }
+}
+
+/// The run's optimizer constants as the kernels read them.
+fn optim_args(c: &OptimConsts) -> abi::OptimArgs {
+    abi::OptimArgs {
+        clip_norm: c.clip_norm,
+        beta1: c.beta1,
+        beta2: c.beta2,
+        eps: c.eps,
+        min_lr_ratio: c.min_lr_ratio,
+        warmup: c.warmup,
+        total: c.total,
+        decay: c.decay as u32,
+        pad: 0,
+    }
+}
+
+/// An AdamW table entry as the 64-bit words of its C layout, for
+/// [`Gpu::device_table`].
+fn entry_words(e: &AdamWEntry) -> [u64; 7] {
+    bytemuck::cast(*e)
 }
 
 /// Most tensors one multi-tensor launch takes (`gridDim.y`'s limit).
@@ -367,7 +388,11 @@ impl NnOps for Gpu {
         let f = self.function(kernels::NN, &name)?;
         // SAFETY: argument types match; all buffers hold n.
         unsafe {
-            self.stream().launch_builder(&f).arg(x).arg(y).arg(&n).arg(out).launch(grid(grid_stride(n), THREADS, 0))
+            self.stream().launch_builder(&f).arg(x).arg(y).arg(&n).arg(out).launch(grid(
+                grid_stride(n.div_ceil(4)),
+                THREADS,
+                0,
+            ))
         }
         .map(drop)
         .map_err(|e| Error::cuda(format!("launching {name}"), e))
@@ -378,9 +403,16 @@ impl NnOps for Gpu {
         let (name, n) = (typed::<T>("cast_from_f32"), x.len() as u64);
         let f = self.function(kernels::NN, &name)?;
         // SAFETY: argument types match; both buffers hold n.
-        unsafe { self.stream().launch_builder(&f).arg(x).arg(&n).arg(out).launch(grid(grid_stride(n), THREADS, 0)) }
-            .map(drop)
-            .map_err(|e| Error::cuda(format!("launching {name}"), e))
+        // (Packs of 4 per thread per stride.)
+        unsafe {
+            self.stream().launch_builder(&f).arg(x).arg(&n).arg(out).launch(grid(
+                grid_stride(n.div_ceil(4)),
+                THREADS,
+                0,
+            ))
+        }
+        .map(drop)
+        .map_err(|e| Error::cuda(format!("launching {name}"), e))
     }
 
     fn cross_entropy_padded<T: Element>(
@@ -476,16 +508,17 @@ impl NnOps for Gpu {
                 guards.extend([g1, g2, g3, g4]);
                 table.push(AdamWEntry { param, grad, m, v, n, lr: t.lr, weight_decay: t.weight_decay });
             }
-            let table = stream.clone_htod(&table).map_err(|e| Error::cuda("uploading the AdamW table", e))?;
+            let entries = table.len() as u32;
+            let table = self.device_table(table.iter().flat_map(entry_words).collect())?;
             let cfg = cudarc::driver::LaunchConfig {
-                grid_dim: (grid_stride(longest).min(MULTI_BLOCKS), table.len() as u32, 1),
+                grid_dim: (grid_stride(longest).min(MULTI_BLOCKS), entries, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: argument types match; every entry holds live buffers of
             // n elements each (lengths checked above), which the guards keep
             // ordered on this stream; blockIdx.y < table.len().
-            unsafe { stream.launch_builder(&f).arg(&table).arg(&args).launch(cfg) }
+            unsafe { stream.launch_builder(&f).arg(&*table).arg(&args).launch(cfg) }
                 .map(drop)
                 .map_err(launch_err("adamw_multi_f32"))?;
             drop(guards);
@@ -541,5 +574,123 @@ impl NnOps for Gpu {
 
     fn fill_zero(&self, x: &mut CudaSlice<f32>) -> Result<()> {
         self.memset_zero(x)
+    }
+
+    fn optimizer_prepare(
+        &self,
+        xs: &[&CudaSlice<f32>],
+        norm_tensors: usize,
+        consts: &OptimConsts,
+        state: &mut CudaSlice<f64>,
+        scratch: &mut CudaSlice<f64>,
+    ) -> Result<()> {
+        check::optim_state("optimizer_prepare", (state.len(), scratch.len()), xs.len(), norm_tensors)?;
+        let tensors = u32_arg("optimizer tensors", xs.len())?;
+        if xs.len() > MAX_TENSORS_PER_LAUNCH {
+            return Err(Error::invalid(
+                "optimizer_prepare",
+                format!("{} tensors: at most {MAX_TENSORS_PER_LAUNCH} in one state", xs.len()),
+            ));
+        }
+        let stream = self.stream();
+        let longest = xs.iter().map(|x| x.len() as u64).max().unwrap_or(0);
+        // At most NORM_BLOCKS partials per tensor, the scratch `state` holds.
+        let blocks = grid_stride(longest).clamp(1, optim_state::NORM_BLOCKS as u32);
+        let mut guards = Vec::with_capacity(xs.len());
+        let mut words = Vec::with_capacity(2 * xs.len());
+        for x in xs {
+            let (p, g) = x.device_ptr(stream);
+            guards.push(g);
+            words.push(p);
+        }
+        words.extend(xs.iter().map(|x| x.len() as u64));
+        let table = self.device_table(words)?;
+        let (base, state_guard) = state.device_ptr_mut(stream);
+        let (partial, scratch_guard) = scratch.device_ptr_mut(stream);
+        let (ptrs, table_guard) = table.device_ptr(stream);
+        let lens = ptrs + 8 * xs.len() as u64;
+        let sums = base + (8 * optim_state::HEADER) as u64;
+        let c = optim_args(consts);
+        if tensors > 0 {
+            let f = self.function(kernels::NN, "sum_squares_multi_partial_f32")?;
+            let cfg = cudarc::driver::LaunchConfig {
+                grid_dim: (blocks, tensors, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: `ptrs` addresses `lens[y]` live f32s each (ordered by
+            // the guards); `scratch` has room for blocks·tensors f64s (its
+            // length was checked: NORM_BLOCKS ≥ blocks per tensor).
+            unsafe { stream.launch_builder(&f).arg(&ptrs).arg(&lens).arg(&partial).launch(cfg) }
+                .map(drop)
+                .map_err(launch_err("sum_squares_multi_partial_f32"))?;
+            let f = self.function(kernels::NN, "sum_squares_final_f32")?;
+            // SAFETY: block y adds partials y·blocks..(y+1)·blocks into
+            // sums[y], which lies inside `state`.
+            unsafe {
+                stream.launch_builder(&f).arg(&partial).arg(&blocks).arg(&sums).launch(grid(tensors, THREADS, 0))
+            }
+            .map(drop)
+            .map_err(launch_err("sum_squares_final_f32"))?;
+        }
+        let f = self.function(kernels::NN, "optimizer_decide_f32")?;
+        let norm_tensors = norm_tensors as u32;
+        // SAFETY: argument types match; one block reads sums[..tensors] and
+        // writes the header, both inside `state`.
+        unsafe {
+            stream.launch_builder(&f).arg(&base).arg(&tensors).arg(&norm_tensors).arg(&c).launch(grid(1, THREADS, 0))
+        }
+        .map(drop)
+        .map_err(launch_err("optimizer_decide_f32"))?;
+        drop((guards, state_guard, scratch_guard, table_guard));
+        Ok(())
+    }
+
+    fn adamw_many_device(
+        &self,
+        tensors: &mut [AdamWTensor<'_, Gpu>],
+        consts: &OptimConsts,
+        state: &CudaSlice<f64>,
+    ) -> Result<()> {
+        let lens: Vec<_> = tensors.iter().map(|t| (t.param.len(), t.grad.len(), t.m.len(), t.v.len())).collect();
+        check::adamw_many_device(state.len(), &lens)?;
+        let longest = lens.iter().map(|l| l.0 as u64).max().unwrap_or(0);
+        if longest == 0 {
+            return Ok(());
+        }
+        if tensors.len() > MAX_TENSORS_PER_LAUNCH {
+            return Err(Error::invalid(
+                "adamw_many_device",
+                format!("{} tensors: at most {MAX_TENSORS_PER_LAUNCH} in one state", tensors.len()),
+            ));
+        }
+        let (stream, entries) = (self.stream(), tensors.len() as u32);
+        let mut guards = Vec::with_capacity(4 * tensors.len());
+        let mut words = Vec::with_capacity(7 * tensors.len());
+        for t in tensors.iter_mut() {
+            let n = t.param.len() as u64;
+            let (param, g1) = t.param.device_ptr_mut(stream);
+            let (grad, g2) = t.grad.device_ptr(stream);
+            let (m, g3) = t.m.device_ptr_mut(stream);
+            let (v, g4) = t.v.device_ptr_mut(stream);
+            guards.extend([g1, g2, g3, g4]);
+            words.extend(entry_words(&AdamWEntry { param, grad, m, v, n, lr: t.lr, weight_decay: t.weight_decay }));
+        }
+        let table = self.device_table(words)?;
+        let f = self.function(kernels::NN, "adamw_multi_state_f32")?;
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (grid_stride(longest).min(MULTI_BLOCKS), entries, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let c = optim_args(consts);
+        // SAFETY: argument types match; every entry holds live buffers of n
+        // elements (checked above), ordered on this stream by the guards;
+        // `state` holds at least the header.
+        unsafe { stream.launch_builder(&f).arg(&*table).arg(state).arg(&c).launch(cfg) }
+            .map(drop)
+            .map_err(launch_err("adamw_multi_state_f32"))?;
+        drop(guards);
+        Ok(())
     }
 }

@@ -6,8 +6,14 @@
 //! tensor. A non-finite norm (NaN or ∞ anywhere) **refuses** the step: no
 //! parameter or moment changes, and the caller decides (the trainer counts
 //! consecutive refusals and stops after too many).
+//!
+//! The norm, the clip factor, the schedule's rate, the step count and the
+//! refusal are decided on the backend ([`NnOps::optimizer_prepare`]),
+//! and the update reads them from there ([`NnOps::adamw_many_device`]):
+//! queuing a step ([`AdamW::queue`]) waits for nothing, and the host reads
+//! the outcome when it asks for the report ([`AdamW::report`]).
 
-use crate::nn::{AdamWStep, AdamWTensor, NnOps};
+use crate::nn::{optim_state, AdamWTensor, Decay, NnOps, OptimConsts};
 use crate::{Error, Result};
 
 /// Learning-rate shape over the run.
@@ -101,16 +107,25 @@ impl OptimConfig {
 
     /// The multiplier of every peak rate at 1-based `step` of `total`.
     pub fn lr_factor(&self, step: u64, total: u64) -> f64 {
-        if self.warmup > 0 && step <= self.warmup {
-            return step as f64 / self.warmup as f64;
-        }
-        let span = total.saturating_sub(self.warmup).max(1) as f64;
-        let progress = ((step.saturating_sub(self.warmup)) as f64 / span).min(1.0);
-        let m = self.min_lr_ratio;
-        match self.schedule {
-            Schedule::Constant => 1.0,
-            Schedule::Linear => m + (1.0 - m) * (1.0 - progress),
-            Schedule::Cosine => m + (1.0 - m) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        self.consts(total).lr_factor(step)
+    }
+
+    /// The per-run constants the backend's optimizer step takes, for a run
+    /// of `total` steps.
+    pub fn consts(&self, total: u64) -> OptimConsts {
+        OptimConsts {
+            clip_norm: self.clip_norm,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            warmup: self.warmup,
+            total,
+            min_lr_ratio: self.min_lr_ratio,
+            decay: match self.schedule {
+                Schedule::Cosine => Decay::Cosine,
+                Schedule::Linear => Decay::Linear,
+                Schedule::Constant => Decay::Constant,
+            },
         }
     }
 
@@ -159,14 +174,26 @@ pub struct StepReport {
 }
 
 /// AdamW state: the step count and first/second moments per tensor (in the
-/// order the trainable tensors are passed, which the trainer keeps fixed).
+/// order the trainable tensors are passed, which the trainer keeps fixed),
+/// and the backend-resident step state ([`optim_state`]).
 pub struct AdamW<B: NnOps> {
     /// Settings.
     pub config: OptimConfig,
-    /// Completed (accepted) steps.
+    /// Completed (accepted) steps, as of the last [`AdamW::report`]. Set it
+    /// to resume a run; the next [`AdamW::queue`] passes it to the backend.
     pub step: u64,
     /// `(name, m, v)` per trainable tensor.
     pub moments: Vec<Moments<B>>,
+    /// The step state on the backend, over the trainable tensors and the
+    /// guards of the last queued step.
+    state: B::Buf<f64>,
+    /// The backend's scratch for the norm ([`optim_state::scratch_len`]).
+    scratch: B::Buf<f64>,
+    /// The step count the backend's state holds (when it differs from
+    /// `step`, the next queue uploads `step`).
+    backend_step: u64,
+    /// Names of the last queued step's guards.
+    guards: Vec<String>,
 }
 
 impl<B: NnOps> AdamW<B> {
@@ -177,10 +204,14 @@ impl<B: NnOps> AdamW<B> {
             .iter()
             .map(|(name, _, p, _)| Ok((name.clone(), backend.zeros(B::len(p))?, backend.zeros(B::len(p))?)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(AdamW { config, step: 0, moments })
+        let state = backend.upload(&optim_state::initial(params.len(), 0))?;
+        let scratch = backend.zeros(optim_state::scratch_len(params.len()))?;
+        Ok(AdamW { config, step: 0, moments, state, scratch, backend_step: 0, guards: Vec::new() })
     }
 
     /// The global gradient norm; `Err(NonFinite)` when it is not finite.
+    /// (Reads the norm back; a training step uses [`AdamW::queue`], which
+    /// does not.)
     pub fn grad_norm(backend: &B, params: &[ParamRef<'_, B>]) -> Result<f64> {
         let grads: Vec<&B::Buf<f32>> = params.iter().map(|(_, _, _, g)| &**g).collect();
         let shares = backend.sum_squares_each(&grads)?;
@@ -194,31 +225,79 @@ impl<B: NnOps> AdamW<B> {
         Ok(sum.sqrt())
     }
 
-    /// One step at schedule position `step + 1` of `total`. Refuses (no
-    /// change at all) when a gradient is non-finite.
+    /// One step at schedule position `step + 1` of `total`, and its report.
+    /// Refuses (no change at all) when a gradient is non-finite.
     pub fn step(&mut self, backend: &B, params: Vec<ParamRef<'_, B>>, total: u64) -> Result<StepReport> {
+        self.queue(backend, params, &[], total)?;
+        self.report(backend)
+    }
+
+    /// Queues one step of a run of `total` steps without waiting for the
+    /// backend: the gradient norm and the decision (refuse when a gradient
+    /// or a `guard`, say the loss, is not finite; clip; the schedule's
+    /// rate) are made on the backend, and the update reads them there.
+    /// [`AdamW::report`] then says what the step did.
+    pub fn queue(
+        &mut self,
+        backend: &B,
+        params: Vec<ParamRef<'_, B>>,
+        guards: &[(&str, &B::Buf<f32>)],
+        total: u64,
+    ) -> Result<()> {
         if params.len() != self.moments.len() {
             return Err(Error::shape("adamw", "params", format!("{} tensors", self.moments.len()), params.len()));
         }
-        let grad_norm = Self::grad_norm(backend, &params)?;
-        let c = &self.config;
-        let clipped = c.clip_norm > 0.0 && grad_norm > c.clip_norm;
-        let grad_scale = if clipped { c.clip_norm / grad_norm } else { 1.0 };
-        let step = self.step + 1;
-        let lr_factor = c.lr_factor(step, total);
+        let tensors = params.len() + guards.len();
+        if self.step != self.backend_step || B::len(&self.state) != optim_state::len(tensors) {
+            // Resumed (or first use with these guards): the state starts
+            // from the host's step count. Not part of a steady-state step.
+            self.state = backend.upload(&optim_state::initial(tensors, self.step))?;
+            self.scratch = backend.zeros(optim_state::scratch_len(tensors))?;
+            self.backend_step = self.step;
+        }
+        let consts = self.config.consts(total);
+        let mut xs: Vec<&B::Buf<f32>> = params.iter().map(|(_, _, _, g)| &**g).collect();
+        xs.extend(guards.iter().map(|(_, g)| *g));
+        backend.optimizer_prepare(&xs, params.len(), &consts, &mut self.state, &mut self.scratch)?;
         let mut tensors = Vec::with_capacity(params.len());
         for ((name, group, param, grad), (mname, m, v)) in params.into_iter().zip(self.moments.iter_mut()) {
             if name != *mname {
                 return Err(Error::invalid("optimizer state", format!("tensor `{name}` where `{mname}` was expected")));
             }
-            let (lr, weight_decay) = c.group(group);
-            tensors.push(AdamWTensor { param, grad, m, v, lr: lr * lr_factor, weight_decay });
+            // The group's peak rate: the backend multiplies in the
+            // schedule's factor at the step it counts.
+            let (lr, weight_decay) = self.config.group(group);
+            tensors.push(AdamWTensor { param, grad, m, v, lr, weight_decay });
         }
-        // Every tensor in one call (one launch on the GPU); each takes its
-        // group's rate and decay from its entry.
-        let hp = AdamWStep { lr: 0.0, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: 0.0, step, grad_scale };
-        backend.adamw_many(&mut tensors, &hp)?;
-        self.step = step;
-        Ok(StepReport { grad_norm, lr_factor, clipped })
+        // Every tensor in one call (one launch on the GPU).
+        backend.adamw_many_device(&mut tensors, &consts, &self.state)?;
+        self.guards = guards.iter().map(|(name, _)| name.to_string()).collect();
+        self.backend_step = u64::MAX;
+        Ok(())
+    }
+
+    /// What the last queued step did (reads the backend's state: the one
+    /// wait of a step). `Err(NonFinite)` naming the first non-finite tensor
+    /// when it was refused; `step` then stays where it was.
+    pub fn report(&mut self, backend: &B) -> Result<StepReport> {
+        use optim_state::*;
+        let state = backend.download(&self.state)?;
+        self.step = state[STEP] as u64;
+        self.backend_step = self.step;
+        let bad = state[FIRST_BAD];
+        if bad >= 0.0 {
+            let i = bad as usize;
+            let what = match self.moments.get(i) {
+                Some((name, _, _)) => format!("gradient of `{name}`"),
+                None => self.guards.get(i - self.moments.len()).cloned().unwrap_or_else(|| format!("tensor {i}")),
+            };
+            return Err(Error::NonFinite { what, index: 0, value: state[HEADER + i] });
+        }
+        if state[ACCEPTED] == 0.0 {
+            return Err(Error::NonFinite { what: "gradient norm".into(), index: 0, value: state[NORM] });
+        }
+        let grad_norm = state[NORM];
+        let clipped = self.config.clip_norm > 0.0 && grad_norm > self.config.clip_norm;
+        Ok(StepReport { grad_norm, lr_factor: state[LR_FACTOR], clipped })
     }
 }

@@ -204,8 +204,10 @@ impl<B: TrainBackend> Trainer<B> {
         } else {
             Some(AdapterSet::new(&backend, &model.config, &spec)?)
         };
-        let mut t = Trainer {
-            optimizer: AdamW { config: config.optim.clone(), step: 0, moments: Vec::new() },
+        let mut adapters = adapters;
+        let optimizer = AdamW::new(&backend, config.optim.clone(), &trainable(&mut model, adapters.as_mut()))?;
+        Ok(Trainer {
+            optimizer,
             rng: Rng::new(config.seed ^ 0xDA7A),
             backend,
             model,
@@ -214,10 +216,7 @@ impl<B: TrainBackend> Trainer<B> {
             config,
             iteration: 0,
             bad_steps: 0,
-        };
-        let params = trainable(&mut t.model, t.adapters.as_mut());
-        t.optimizer = AdamW::new(&t.backend, t.config.optim.clone(), &params)?;
-        Ok(t)
+        })
     }
 
     /// Trainable parameters (the token embedding's pad rows not counted).
@@ -272,8 +271,23 @@ impl<B: TrainBackend> Trainer<B> {
         let result = if !loss.is_finite() {
             Err(format!("loss is {loss}"))
         } else {
+            // The update, the adapter gather and the working copy are
+            // queued back to back: the clip factor and the refusal are
+            // decided on the backend, and a refused step leaves the
+            // parameters as they were, so the gather and the copy
+            // recompute the same values. The report is the one wait.
             let params = trainable(&mut self.model, self.adapters.as_mut());
-            match self.optimizer.step(&self.backend, params, total) {
+            self.optimizer.queue(&self.backend, params, &[], total)?;
+            self.backend.op_mark("adapter gather");
+            if let Some(a) = self.adapters.as_mut() {
+                a.gather(&self.backend)?;
+            }
+            if self.model.grads.is_some() {
+                // Full fine-tuning changes the f32 master weights.
+                self.model.refresh_working_copy(&self.backend)?;
+            }
+            self.backend.op_mark("optimizer report");
+            match self.optimizer.report(&self.backend) {
                 Ok(r) => Ok(r),
                 Err(Error::NonFinite { what, value, .. }) => Err(format!("{what} has a non-finite norm ({value})")),
                 Err(e) => return Err(e),
@@ -283,14 +297,6 @@ impl<B: TrainBackend> Trainer<B> {
         match result {
             Ok(report) => {
                 self.bad_steps = 0;
-                self.backend.op_mark("adapter gather");
-                if let Some(a) = self.adapters.as_mut() {
-                    a.gather(&self.backend)?;
-                }
-                if self.model.grads.is_some() {
-                    // Full fine-tuning changed the f32 master weights.
-                    self.model.refresh_working_copy(&self.backend)?;
-                }
                 Ok(StepOutcome { report: Some(report), ..outcome })
             }
             Err(why) => {
