@@ -748,5 +748,7 @@ extern "C" __global__ void adamw_multi_state_f32(const AdamWEntry* __restrict__ 
     a.correction2 = state[OPTIM_CORRECTION2];
     const double factor = state[OPTIM_LR_FACTOR];
     const AdamWEntry t = table[blockIdx.y];
-    GRID_STRIDE(i, t.n) adamw_element(t.param, t.grad, t.m, t.v, i, t.lr * factor, t.weight_decay, a);
+    GRID_STRIDE(i, t.n)
+    adamw_element(reinterpret_cast<float*>(t.param), reinterpret_cast<const float*>(t.grad),
+                  reinterpret_cast<float*>(t.m), reinterpret_cast<float*>(t.v), i, t.lr * factor, t.weight_decay, a);
 }
