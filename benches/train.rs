@@ -39,7 +39,8 @@ use lorafuse::rng::Rng;
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::Dataset;
 use lorafuse::train::model::padded_vocab;
-use lorafuse::train::model::{Batch, Gpt2, Precision, TrainBackend};
+use lorafuse::train::model::{Batch, Gpt2, Precision};
+use lorafuse::train::TrainBackend;
 
 use lorafuse::train::optimizer::OptimConfig;
 use lorafuse::train::trainer::{TrainConfig, Trainer};

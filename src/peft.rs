@@ -57,15 +57,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::adapter::{Adapter, AdapterConfig, AdapterKind, AdapterWeights, ModuleDelta, TargetModules, UniLoraWeights};
+use crate::atomic_file::write_dir_atomic;
 use crate::projection::{Assignment, Projection, ProjectionLayout};
-use crate::tensor_file::take_f32;
+use crate::tensor_file::{read_safetensors, safetensors_bytes, take_f32, Tensor, TensorData, TensorFile};
 use crate::{DType, Error, Result};
-
-pub use crate::atomic_file::{write_atomic, write_dir_atomic, FAULT_RENAME_ENV};
-pub use crate::tensor_file::{
-    parse_safetensors, read_safetensors, safetensors_bytes, write_safetensors, Tensor, TensorData, TensorFile,
-    MAX_HEADER_BYTES,
-};
 
 /// The weights file inside an adapter directory.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";

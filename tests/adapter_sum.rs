@@ -370,7 +370,8 @@ fn lorafuse(args: &[&str]) -> String {
 #[cfg(feature = "cli")]
 #[test]
 fn cli_sum_similarity_merge_unmerge_and_compress() {
-    use lorafuse::peft::{self, Tensor, TensorFile};
+    use lorafuse::peft;
+    use lorafuse::tensor_file::{self, Tensor, TensorFile};
     let dir = std::env::temp_dir().join(format!("lorafuse-cli-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
@@ -386,7 +387,7 @@ fn cli_sum_similarity_merge_unmerge_and_compress() {
         base.tensors.insert(format!("model.{name}.weight"), Tensor::from_f32(vec![29, 37], &w, DType::BF16).unwrap());
     }
     base.tensors.insert("model.wte.weight".into(), Tensor::f32(vec![3, 2], common::random(7, 6)).unwrap());
-    peft::write_safetensors(&dir.join("base.safetensors"), &base).unwrap();
+    tensor_file::write_safetensors(&dir.join("base.safetensors"), &base).unwrap();
 
     let json = lorafuse(&["similarity", &p("a0"), &p("a1"), &p("a2"), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -405,7 +406,7 @@ fn cli_sum_similarity_merge_unmerge_and_compress() {
 
     let args = ["merge", "--base", &p("base.safetensors"), &p("a0"), &p("a1"), &p("a2"), "--weights", "1,-0.5,2"];
     lorafuse(&[&args[..], &["--out", &p("merged.safetensors")]].concat());
-    let merged = peft::read_safetensors(&dir.join("merged.safetensors")).unwrap();
+    let merged = tensor_file::read_safetensors(&dir.join("merged.safetensors")).unwrap();
     assert_eq!(merged.tensors["model.wte.weight"], base.tensors["model.wte.weight"]);
     for name in NAMES {
         let key = format!("model.{name}.weight");
@@ -417,7 +418,7 @@ fn cli_sum_similarity_merge_unmerge_and_compress() {
     }
     let args = ["merge", "--base", &p("merged.safetensors"), &p("sum"), "--unmerge", "--device", "cpu"];
     lorafuse(&[&args[..], &["--out", &p("unmerged.safetensors")]].concat());
-    let unmerged = peft::read_safetensors(&dir.join("unmerged.safetensors")).unwrap();
+    let unmerged = tensor_file::read_safetensors(&dir.join("unmerged.safetensors")).unwrap();
     for name in NAMES {
         let key = format!("model.{name}.weight");
         let want: Vec<f64> = base.tensors[&key].to_f32_vec(&key).unwrap().iter().map(|&x| x as f64).collect();
@@ -447,7 +448,7 @@ fn a_zero_delta_has_norm_zero_and_cosine_zero() {
 #[test]
 fn adapters_with_weights_lorafuse_cannot_sum_are_refused_not_dropped() {
     let mut a = lora_adapter(vec![lora("m", 1, (2, 5, 7), 1.0)]);
-    let t = lorafuse::peft::Tensor::f32(vec![2, 11], common::random(3, 22)).unwrap();
+    let t = lorafuse::tensor_file::Tensor::f32(vec![2, 11], common::random(3, 22)).unwrap();
     a.extra_tensors.insert("base_model.model.wte.lora_embedding_A".into(), t);
     for e in [
         adapter_sum::concat_sum(&[&a], &[1.0]).unwrap_err(),

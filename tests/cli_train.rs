@@ -13,7 +13,8 @@ use lorafuse::nn::SeqShape;
 use lorafuse::rng::Rng;
 use lorafuse::train::adapters::{AdapterSet, AdapterSpec, Method};
 use lorafuse::train::data::Dataset;
-use lorafuse::train::model::{Batch, Gpt2, Module};
+use lorafuse::train::model::{Batch, Gpt2};
+use lorafuse::train::module::Module;
 use lorafuse::train::trainer::{TrainConfig, Trainer};
 
 #[test]

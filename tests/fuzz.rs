@@ -11,7 +11,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use lorafuse::cpu::Cpu;
-use lorafuse::peft::{self, Tensor, TensorData, TensorFile};
+use lorafuse::peft;
+use lorafuse::tensor_file::{self, Tensor, TensorData, TensorFile};
 use lorafuse::train::checkpoint::read_checkpoint;
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::{read_llmc_tokens, write_llmc_tokens, Dataset};
@@ -119,7 +120,7 @@ fn safetensors_image() -> Vec<u8> {
     f.tensors.insert("b".into(), Tensor::from_f32(vec![5], &common::random(2, 5), lorafuse::DType::F16).unwrap());
     f.tensors.insert("i".into(), Tensor::new(vec![2], TensorData::U32(vec![1, 7])).unwrap());
     f.metadata.insert("format".into(), "pt".into());
-    peft::safetensors_bytes(&f).unwrap()
+    tensor_file::safetensors_bytes(&f).unwrap()
 }
 
 proptest! {
@@ -131,14 +132,14 @@ proptest! {
         let dir = scratch("st");
         let mut bytes = safetensors_image();
         mutate(&mut bytes, &e);
-        if let Ok(file) = peft::parse_safetensors(Path::new("mutated"), &bytes) {
+        if let Ok(file) = tensor_file::parse_safetensors(Path::new("mutated"), &bytes) {
             for (name, t) in &file.tensors {
                 let _ = t.to_f32_vec(name);
             }
         }
         let path = dir.join("m.safetensors");
         std::fs::write(&path, &bytes).unwrap();
-        let _ = peft::read_safetensors(&path);
+        let _ = tensor_file::read_safetensors(&path);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -177,7 +178,7 @@ proptest! {
             f.tensors.insert(format!("{m}.lora_B.weight"), Tensor::f32(vec![12, r], common::random(9, 12 * r)).unwrap());
         }
         f.tensors.insert("base_model.unilora_theta_d".into(), Tensor::f32(vec![4], vec![0.5; 4]).unwrap());
-        peft::write_safetensors(&dir.join(peft::WEIGHTS_FILE), &f).unwrap();
+        tensor_file::write_safetensors(&dir.join(peft::WEIGHTS_FILE), &f).unwrap();
         if let Ok(a) = peft::load_adapter(&dir) {
             // Whatever loads is consistent and usable.
             prop_assert!(a.validate().is_ok());

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use lorafuse::adapter::{Adapter, AdapterConfig, AdapterKind, AdapterWeights, ModuleDelta, UniLoraWeights};
-use lorafuse::peft::{self, Tensor, TensorData, TensorFile};
+use lorafuse::peft;
 use lorafuse::projection::{Assignment, Projection, ProjectionLayout};
 use lorafuse::rng::Rng;
+use lorafuse::tensor_file::{self, Tensor, TensorData, TensorFile};
 use lorafuse::{DType, Error};
 
 /// A fresh, empty temporary directory, unique per test; removed when
@@ -161,7 +162,7 @@ fn tied_lora_and_vera_round_trip_share_factors() {
         let dir = scratch(&format!("{kind:?}"));
         let adapter = tied_adapter(kind);
         peft::save_adapter(&dir, &adapter).unwrap();
-        let file = peft::read_safetensors(&dir.join(peft::WEIGHTS_FILE)).unwrap();
+        let file = tensor_file::read_safetensors(&dir.join(peft::WEIGHTS_FILE)).unwrap();
         // One shared A and B, 3 u, 2 v.
         assert_eq!(file.tensors.len(), 2 + 3 + 2, "{:?}", file.tensors.keys().collect::<Vec<_>>());
         let back = peft::load_adapter(&dir).unwrap();
@@ -224,7 +225,7 @@ fn write_adapter(dir: &Path, config: &str, tensors: Vec<(&str, Tensor)>) {
         tensors: tensors.into_iter().map(|(k, t)| (k.to_string(), t)).collect(),
         metadata: BTreeMap::new(),
     };
-    peft::write_safetensors(&dir.join(peft::WEIGHTS_FILE), &file).unwrap();
+    tensor_file::write_safetensors(&dir.join(peft::WEIGHTS_FILE), &file).unwrap();
 }
 
 const PEFT_CONFIG: &str = r#"{

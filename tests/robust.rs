@@ -16,8 +16,9 @@ use std::process::Command;
 
 use lorafuse::adapter::{AdapterConfig, AdapterKind};
 use lorafuse::cpu::Cpu;
-use lorafuse::peft::{self, Tensor, TensorFile};
+use lorafuse::peft;
 use lorafuse::rng::Rng;
+use lorafuse::tensor_file::{self, Tensor, TensorFile};
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::model::Gpt2;
 use lorafuse::DType;
@@ -108,7 +109,8 @@ fn write_peft(dir: &Path, config: &str, modules: &[(&str, usize)], seed: u64) {
         tensors.insert(format!("base_model.model.{name}.lora_A.weight"), Tensor::f32(vec![r, k], a).unwrap());
         tensors.insert(format!("base_model.model.{name}.lora_B.weight"), Tensor::f32(vec![n, r], b).unwrap());
     }
-    peft::write_safetensors(&dir.join(peft::WEIGHTS_FILE), &TensorFile { tensors, metadata: BTreeMap::new() }).unwrap();
+    tensor_file::write_safetensors(&dir.join(peft::WEIGHTS_FILE), &TensorFile { tensors, metadata: BTreeMap::new() })
+        .unwrap();
 }
 
 #[cfg(feature = "cli")]
@@ -180,7 +182,7 @@ const TRAIN: [&str; 16] = [
 ];
 
 fn tensors(dir: &Path) -> BTreeMap<String, Vec<f32>> {
-    let file = peft::read_safetensors(&dir.join(peft::WEIGHTS_FILE)).unwrap();
+    let file = tensor_file::read_safetensors(&dir.join(peft::WEIGHTS_FILE)).unwrap();
     file.tensors.iter().map(|(k, t)| (k.clone(), t.to_f32_vec(k).unwrap())).collect()
 }
 
@@ -261,7 +263,7 @@ fn eval_of_sums_with_rank_pattern_and_explicit_unilora_matches_merge() {
     use lorafuse::adapter::AdapterWeights;
     use lorafuse::projection::Projection;
     use lorafuse::train::adapters::{AdapterSet, AdapterSpec, Method};
-    use lorafuse::train::model::Module;
+    use lorafuse::train::module::Module;
     let s = scratch("eval-sum");
     let dir = &s.0;
     save_base(&dir.join("base"), 2, 2);
@@ -411,11 +413,11 @@ fn merge_refuses_overflow_to_inf_or_nan() {
     assert!(e.contains("h.0.attn.c_attn.weight"), "names the tensor: {e}");
     assert!(!dir.join("o.safetensors").exists(), "nothing written");
     // An f16 base overflows at 65504.
-    let base = peft::read_safetensors(&dir.join("base/model.safetensors")).unwrap();
+    let base = tensor_file::read_safetensors(&dir.join("base/model.safetensors")).unwrap();
     let w = base.tensors["h.0.attn.c_attn.weight"].to_f32_vec("w").unwrap();
     let mut half = TensorFile::default();
     half.tensors.insert("h.0.attn.c_attn.weight".into(), Tensor::from_f32(vec![16, 48], &w, DType::F16).unwrap());
-    peft::write_safetensors(&dir.join("half.safetensors"), &half).unwrap();
+    tensor_file::write_safetensors(&dir.join("half.safetensors"), &half).unwrap();
     refused(
         dir,
         &["merge", "--device", "cpu", "--base", "half.safetensors", "--out", "o.safetensors", "--weights", "1e8", "a"],
@@ -491,9 +493,9 @@ fn unmodelled_peft_parts_and_rank_mismatches_are_refused_by_name() {
     }
     // The tensors alone (a config that does not say) are refused too.
     write_peft(&dir.join("a"), &format!("{{{base}}}"), &m, 1);
-    let mut file = peft::read_safetensors(&dir.join("a").join(peft::WEIGHTS_FILE)).unwrap();
+    let mut file = tensor_file::read_safetensors(&dir.join("a").join(peft::WEIGHTS_FILE)).unwrap();
     file.tensors.insert("base_model.model.lm_head.weight".into(), Tensor::f32(vec![2], vec![1.0, 2.0]).unwrap());
-    peft::write_safetensors(&dir.join("a").join(peft::WEIGHTS_FILE), &file).unwrap();
+    tensor_file::write_safetensors(&dir.join("a").join(peft::WEIGHTS_FILE), &file).unwrap();
     let e = peft::load_adapter(&dir.join("a")).unwrap_err().to_string();
     assert!(e.contains("lm_head"), "{e}");
     // `null` and `[]` mean "none" as in PEFT.
@@ -671,7 +673,7 @@ fn corrupt_optimizer_moments_are_refused() {
     ok(dir, &args);
     let ck = dir.join("ck/step-00000001");
     let path = ck.join("optimizer.safetensors");
-    let good = peft::read_safetensors(&path).unwrap();
+    let good = tensor_file::read_safetensors(&path).unwrap();
     read_checkpoint(&ck).unwrap();
     for (suffix, value, needle) in [(".adam_m", f32::NAN, "non-finite"), (".adam_v", -1.0, "negative")] {
         let mut bad = good.clone();
@@ -680,7 +682,7 @@ fn corrupt_optimizer_moments_are_refused() {
         let mut v = t.to_f32_vec(&name).unwrap();
         v[0] = value;
         *t = Tensor::f32(t.shape.clone(), v).unwrap();
-        peft::write_safetensors(&path, &bad).unwrap();
+        tensor_file::write_safetensors(&path, &bad).unwrap();
         let e = read_checkpoint(&ck).expect_err("corrupt moments accepted").to_string();
         assert!(e.contains(needle) && e.contains("optimizer.safetensors"), "{e}");
     }
@@ -741,7 +743,7 @@ fn zero_and_absurd_sizes_are_typed_errors_before_allocating() {
     std::fs::write(dir.join("uni").join(peft::CONFIG_FILE), config).unwrap();
     let mut file = TensorFile::default();
     file.tensors.insert("base_model.unilora_theta_d".into(), Tensor::f32(vec![4], vec![0.1; 4]).unwrap());
-    peft::write_safetensors(&dir.join("uni").join(peft::WEIGHTS_FILE), &file).unwrap();
+    tensor_file::write_safetensors(&dir.join("uni").join(peft::WEIGHTS_FILE), &file).unwrap();
     refused(dir, &["similarity", "uni", "uni"], &budget, "memory budget");
     refused(dir, &["compress", "uni", "--rank", "1", "--out", "c"], &budget, "memory budget");
 }
@@ -760,12 +762,12 @@ fn non_finite_tensors_name_their_file_and_compress_prints_no_negative_zero() {
     let text = ok(dir, &["compress", "a", "--rank", "2", "--out", "c"]);
     assert!(!text.contains("-0.0000%"), "{text}");
     let path = dir.join("a").join(peft::WEIGHTS_FILE);
-    let mut file = peft::read_safetensors(&path).unwrap();
+    let mut file = tensor_file::read_safetensors(&path).unwrap();
     let t = file.tensors.get_mut("base_model.model.transformer.h.0.attn.c_attn.lora_A.weight").unwrap();
     let mut v = t.to_f32_vec("a").unwrap();
     v[3] = f32::INFINITY;
     *t = Tensor::f32(t.shape.clone(), v).unwrap();
-    peft::write_safetensors(&path, &file).unwrap();
+    tensor_file::write_safetensors(&path, &file).unwrap();
     let e = peft::load_adapter(&dir.join("a")).unwrap_err().to_string();
     assert!(e.contains(peft::WEIGHTS_FILE) && e.contains("lora_A"), "{e}");
 }
@@ -787,7 +789,7 @@ fn a_run_killed_at_every_checkpoint_rename_resumes_bit_identically() {
         let _ = std::fs::remove_dir_all(dir.join("ck"));
         let _ = std::fs::remove_dir_all(dir.join("out"));
         let n_text = n.to_string();
-        let (code, text) = cli(dir, &run, &[(peft::FAULT_RENAME_ENV, &n_text)]);
+        let (code, text) = cli(dir, &run, &[(lorafuse::atomic_file::FAULT_RENAME_ENV, &n_text)]);
         if code == 0 {
             // Past the last rename: the run completed untouched.
             assert!(n > 10, "only {} renames seen: the hook is not on the checkpoint path", n - 1);

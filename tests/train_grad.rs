@@ -14,7 +14,8 @@ use lorafuse::rng::Rng;
 use lorafuse::testing::check_close;
 use lorafuse::train::adapters::{AdapterSet, AdapterSpec, Method};
 use lorafuse::train::config::Gpt2Config;
-use lorafuse::train::model::{Batch, Gpt2, Module, Precision};
+use lorafuse::train::model::{Batch, Gpt2, Precision};
+use lorafuse::train::module::Module;
 
 fn rand64(seed: u64, n: usize) -> Vec<f64> {
     let mut r = Rng::new(seed);

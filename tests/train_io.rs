@@ -22,7 +22,7 @@ fn model_and_adapter_files_round_trip_and_hostile_token_files_are_rejected() {
     model.save(&Cpu, &dir.join("model")).unwrap();
     let loaded = Gpt2::<Cpu>::load(&Cpu, &dir.join("model")).unwrap();
     assert!(loaded.params == model.params && loaded.config == model.config, "model round trip changed weights");
-    let st = lorafuse::peft::read_safetensors(&dir.join("model/model.safetensors")).unwrap();
+    let st = lorafuse::tensor_file::read_safetensors(&dir.join("model/model.safetensors")).unwrap();
     assert_eq!(st.tensors["h.0.attn.c_attn.weight"].shape, vec![32, 96], "Conv1D weights are stored (in, out)");
     // Adapter: train briefly, save in PEFT format, reload into a fresh set:
     // the evaluation is identical.
@@ -43,8 +43,8 @@ fn model_and_adapter_files_round_trip_and_hostile_token_files_are_rejected() {
     // Hostile model files: a missing tensor, a shape that contradicts
     // config.json, a NaN weight and a truncated file are errors.
     let mdir = dir.join("model");
-    let good = lorafuse::peft::read_safetensors(&mdir.join("model.safetensors")).unwrap();
-    type Breaker = fn(&mut lorafuse::peft::TensorFile);
+    let good = lorafuse::tensor_file::read_safetensors(&mdir.join("model.safetensors")).unwrap();
+    type Breaker = fn(&mut lorafuse::tensor_file::TensorFile);
     let cases: [(&str, Breaker); 3] = [
         ("is missing", |f| {
             f.tensors.remove("h.1.mlp.c_fc.bias");
@@ -55,7 +55,7 @@ fn model_and_adapter_files_round_trip_and_hostile_token_files_are_rejected() {
         }),
         ("non-finite", |f| {
             let t = f.tensors.get_mut("wpe.weight").unwrap();
-            if let lorafuse::peft::TensorData::F32(v) = &mut t.data {
+            if let lorafuse::tensor_file::TensorData::F32(v) = &mut t.data {
                 v[3] = f32::NAN;
             }
         }),
@@ -63,12 +63,12 @@ fn model_and_adapter_files_round_trip_and_hostile_token_files_are_rejected() {
     for (want, break_it) in cases {
         let mut f = good.clone();
         break_it(&mut f);
-        lorafuse::peft::write_safetensors(&mdir.join("model.safetensors"), &f).unwrap();
+        lorafuse::tensor_file::write_safetensors(&mdir.join("model.safetensors"), &f).unwrap();
         let err = Gpt2::<Cpu>::load(&Cpu, &mdir).err().expect("hostile model accepted").to_string();
         assert!(err.contains(want), "expected `{want}`: {err}");
     }
     let bytes = std::fs::read(dir.join("model/config.json")).unwrap();
-    lorafuse::peft::write_safetensors(&mdir.join("model.safetensors"), &good).unwrap();
+    lorafuse::tensor_file::write_safetensors(&mdir.join("model.safetensors"), &good).unwrap();
     let full = std::fs::read(mdir.join("model.safetensors")).unwrap();
     std::fs::write(mdir.join("model.safetensors"), &full[..full.len() / 2]).unwrap();
     assert!(Gpt2::<Cpu>::load(&Cpu, &mdir).is_err(), "truncated model accepted");

@@ -13,8 +13,9 @@ use common::trainer::{fixed_stream, max_abs, overfit_config, saved_tensors, smal
 use lorafuse::cpu::Cpu;
 use lorafuse::dtype::widen;
 use lorafuse::testing::check_close;
-use lorafuse::train::model::{Gpt2, Precision, TrainBackend};
+use lorafuse::train::model::{Gpt2, Precision};
 use lorafuse::train::trainer::{TrainConfig, Trainer};
+use lorafuse::train::TrainBackend;
 
 /// A scratch directory (removed when dropped) holding `small_base(7)`
 /// saved as a model directory, so both sides load the same bits.

@@ -819,7 +819,7 @@ static void test_optimizer_step(int poison, double steps_before, double grad_sca
     std::vector<Host> before(hs.begin(), hs.end() - 1);
     for (uint32_t t = 0; t < norm_tensors; ++t) {
         auto& h = hs[t];
-        table.push_back({h.p.data(), h.g.data(), h.m.data(), h.v.data(), h.p.size(), h.lr, h.wd});
+        table.push_back({addr(h.p.data()), addr(h.g.data()), addr(h.m.data()), addr(h.v.data()), h.p.size(), h.lr, h.wd});
     }
     launch(Dim3{blocks, norm_tensors, 1}, [&] { adamw_multi_state_f32(table.data(), state.data(), k); });
     std::vector<float> p, m, v;

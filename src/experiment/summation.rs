@@ -41,8 +41,9 @@ use crate::train::adapters::{AdapterSet, Method};
 use crate::train::checkpoint::latest_checkpoint;
 use crate::train::config::Gpt2Config;
 use crate::train::data::{Dataset, EvalMetrics};
-use crate::train::model::{Gpt2, Precision, TrainBackend};
+use crate::train::model::{Gpt2, Precision};
 use crate::train::trainer::{evaluate, TrainConfig, Trainer};
+use crate::train::TrainBackend;
 use crate::{Error, Result};
 
 /// The experiment's settings (written to `out/experiment.json`).

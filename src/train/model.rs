@@ -43,7 +43,8 @@ use std::path::Path;
 
 use super::adapters::AdapterSet;
 use super::config::Gpt2Config;
-use super::F32;
+use super::module::Module;
+use super::{TrainBackend, F32};
 use crate::attention::AttnShape;
 use crate::lowrank::{Grads, LinearShape};
 use crate::nn::{SeqShape, TokenIds};
@@ -51,11 +52,6 @@ use crate::rng::Rng;
 use crate::tensor_file::{read_safetensors, take_f32};
 use crate::{Element, Error, Result};
 use half::bf16;
-
-/// Re-exported: the adapters' target modules and the backend bound are
-/// defined below this module so that [`super::adapters`] need not import it.
-pub use super::module::Module;
-pub use super::TrainBackend;
 
 /// A linear layer's output (compute dtype) and its saved `x·Aᵀ` when adapted.
 type Linear<B, T> = (<B as crate::Backend>::Buf<T>, Option<F32<B>>);

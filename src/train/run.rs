@@ -13,8 +13,9 @@ use std::path::Path;
 
 use super::adapters::AdapterSpec;
 use super::checkpoint::spec_for;
-use super::model::{Module, TrainBackend};
+use super::module::Module;
 use super::trainer::{TrainConfig, Trainer};
+use super::TrainBackend;
 use crate::adapter::Adapter;
 use crate::{Error, Result};
 

@@ -26,7 +26,8 @@ use std::str::FromStr;
 
 use super::config::Gpt2Config;
 use super::data::{Dataset, DOMAINS};
-use super::model::{Gpt2, TrainBackend};
+use super::model::Gpt2;
+use super::TrainBackend;
 use crate::{Error, Result};
 
 /// Training examples drawn per embedded domain.

@@ -8,8 +8,10 @@ use lorafuse::rng::Rng;
 use lorafuse::train::adapters::{AdapterSet, AdapterSpec, Method};
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::{Corpus, Dataset};
-use lorafuse::train::model::{Batch, Gpt2, Module, Precision, TrainBackend};
+use lorafuse::train::model::{Batch, Gpt2, Precision};
+use lorafuse::train::module::Module;
 use lorafuse::train::trainer::{TrainConfig, Trainer};
+use lorafuse::train::TrainBackend;
 
 /// A fixed 33-token stream: every training batch is the same window.
 pub fn fixed_stream(seed: u64) -> Dataset {
@@ -100,6 +102,6 @@ pub fn nonzero_lora(seed: u64) -> AdapterSet<Cpu> {
 /// Every tensor of a saved adapter (or model), by name, as f32.
 pub fn saved_tensors(dir: &std::path::Path) -> Vec<(String, Vec<f32>)> {
     let file = ["adapter_model.safetensors", "model.safetensors"].iter().map(|f| dir.join(f)).find(|p| p.exists());
-    let file = lorafuse::peft::read_safetensors(&file.expect("nothing saved")).unwrap();
+    let file = lorafuse::tensor_file::read_safetensors(&file.expect("nothing saved")).unwrap();
     file.tensors.iter().map(|(name, t)| (name.clone(), t.to_f32_vec(name).unwrap())).collect()
 }

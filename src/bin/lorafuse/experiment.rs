@@ -10,8 +10,8 @@ use lorafuse::experiment::domains;
 use lorafuse::experiment::summation::{self, AdapterRecord, Progress, SummationConfig};
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::BYTE_VOCAB;
-use lorafuse::train::model::TrainBackend;
 use lorafuse::train::trainer::TrainConfig;
+use lorafuse::train::TrainBackend;
 use lorafuse::Result;
 
 /// Options of `lorafuse experiment`.

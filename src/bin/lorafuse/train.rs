@@ -22,11 +22,12 @@ use lorafuse::train::adapters::AdapterSet;
 use lorafuse::train::checkpoint::{latest_checkpoint, read_checkpoint, step_dirs};
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::{Corpus, Dataset, EvalMetrics, DOMAINS};
-use lorafuse::train::model::{Gpt2, TrainBackend};
+use lorafuse::train::model::Gpt2;
 use lorafuse::train::plot::Curve;
 use lorafuse::train::run::{self, RunSources};
 use lorafuse::train::spec::{DataSpec, ModelSpec};
 use lorafuse::train::trainer::{evaluate, TrainConfig, Trainer};
+use lorafuse::train::TrainBackend;
 use lorafuse::{Error, Result};
 
 /// Where the model and data come from, and where results go.
