@@ -15,6 +15,7 @@
 //! ```
 
 use crate::cpu::Cpu;
+#[cfg(feature = "cuda")]
 use crate::cuda::{kernels, Gpu};
 use crate::{Backend, Error, Result};
 
@@ -59,6 +60,7 @@ pub enum Device {
     /// The CPU backend.
     Cpu(Cpu),
     /// A CUDA device.
+    #[cfg(feature = "cuda")]
     Cuda(Gpu),
 }
 
@@ -68,6 +70,18 @@ impl Device {
     /// (for the caller to report). `Cuda` without a GPU or without compiled
     /// kernels is an error.
     pub fn open(choice: DeviceChoice) -> Result<(Device, Option<Error>)> {
+        #[cfg(not(feature = "cuda"))]
+        {
+            let missing = || {
+                Error::invalid("device `cuda`", "this build of lorafuse has no CUDA backend: enable its `cuda` feature")
+            };
+            match choice {
+                DeviceChoice::Cpu => Ok((Device::Cpu(Cpu), None)),
+                DeviceChoice::Cuda => Err(missing()),
+                DeviceChoice::Auto => Ok((Device::Cpu(Cpu), Some(missing()))),
+            }
+        }
+        #[cfg(feature = "cuda")]
         match choice {
             DeviceChoice::Cpu => Ok((Device::Cpu(Cpu), None)),
             DeviceChoice::Cuda if !kernels::built() => Err(Error::KernelsNotBuilt),
@@ -84,11 +98,13 @@ impl Device {
     pub fn describe(&self) -> String {
         match self {
             Device::Cpu(cpu) => cpu.describe(),
+            #[cfg(feature = "cuda")]
             Device::Cuda(gpu) => gpu.describe(),
         }
     }
 
     /// The GPU, when this is one.
+    #[cfg(feature = "cuda")]
     pub fn gpu(&self) -> Option<&Gpu> {
         match self {
             Device::Cuda(gpu) => Some(gpu),
@@ -113,6 +129,7 @@ mod tests {
         // with Cuda's reason (the two differ only in failing).
         let (auto, why) = Device::open(DeviceChoice::Auto).unwrap();
         match Device::open(DeviceChoice::Cuda) {
+            #[cfg(feature = "cuda")]
             Ok((Device::Cuda(_), None)) => assert!(matches!(auto, Device::Cuda(_)) && why.is_none()),
             Ok(other) => panic!("cuda opened {other:?}"),
             Err(e) => {

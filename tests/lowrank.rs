@@ -1344,129 +1344,133 @@ fn gpu_packed_case<T: Element>(gpu: &Gpu, s: LinearShape, seed: u64) {
 
 // ---- the fused decode kernel (M ≤ 16) --------------------------------------
 
-use lorafuse::cuda::lowrank::{forward_with, AdapterView, DecodePath, DECODE_FUSED_MAX_M};
+#[cfg(feature = "cuda")]
+mod fused_decode {
+    use super::*;
+    use lorafuse::cuda::lowrank::{forward_with, AdapterView, DecodePath, DECODE_FUSED_MAX_M};
 
-/// Error-bound magnitudes of the fused decode's y and t: y = x·Wᵀ (K) +
-/// bias + s·v⊙((t⊙u)·Bᵀ) (r, inner K), t = x·Aᵀ (K). The kernel keeps every
-/// intermediate in f32 and rounds y once, so no level is marked rounded.
-fn decode_magnitudes<T: Element>(
-    c: &Case,
-    x: &[T],
-    w: &[T],
-    bias: Option<&Vec<T>>,
-) -> (Vec<Magnitude>, Vec<Magnitude>) {
-    let LinearShape { m, k, n, r } = c.s;
-    let wide = |v: &[T]| v.iter().map(|e| e.to_f64()).collect::<Vec<f64>>();
-    let (x, w) = (wide(x), wide(w));
-    let bias = bias.map(|b| wide(b));
-    let (a, b) = (f64s(&c.a), f64s(&c.b));
-    let u: Vec<f64> = c.u.as_deref().map_or(vec![1.0; r], f64s);
-    let v: Vec<f64> = c.v.as_deref().map_or(vec![1.0; n], f64s);
-    let sc = (c.scale as f64).abs();
-    let (mut t, mut mt) = (vec![0.0; m * r], vec![0.0; m * r]);
-    for i in 0..m {
-        for q in 0..r {
-            for l in 0..k {
-                t[i * r + q] += x[i * k + l] * a[q * k + l];
-                mt[i * r + q] += (x[i * k + l] * a[q * k + l]).abs();
+    /// Error-bound magnitudes of the fused decode's y and t: y = x·Wᵀ (K) +
+    /// bias + s·v⊙((t⊙u)·Bᵀ) (r, inner K), t = x·Aᵀ (K). The kernel keeps every
+    /// intermediate in f32 and rounds y once, so no level is marked rounded.
+    fn decode_magnitudes<T: Element>(
+        c: &Case,
+        x: &[T],
+        w: &[T],
+        bias: Option<&Vec<T>>,
+    ) -> (Vec<Magnitude>, Vec<Magnitude>) {
+        let LinearShape { m, k, n, r } = c.s;
+        let wide = |v: &[T]| v.iter().map(|e| e.to_f64()).collect::<Vec<f64>>();
+        let (x, w) = (wide(x), wide(w));
+        let bias = bias.map(|b| wide(b));
+        let (a, b) = (f64s(&c.a), f64s(&c.b));
+        let u: Vec<f64> = c.u.as_deref().map_or(vec![1.0; r], f64s);
+        let v: Vec<f64> = c.v.as_deref().map_or(vec![1.0; n], f64s);
+        let sc = (c.scale as f64).abs();
+        let (mut t, mut mt) = (vec![0.0; m * r], vec![0.0; m * r]);
+        for i in 0..m {
+            for q in 0..r {
+                for l in 0..k {
+                    t[i * r + q] += x[i * k + l] * a[q * k + l];
+                    mt[i * r + q] += (x[i * k + l] * a[q * k + l]).abs();
+                }
             }
         }
-    }
-    let mut y = Vec::with_capacity(m * n);
-    for i in 0..m {
-        for j in 0..n {
-            let base: f64 = (0..k).map(|l| (x[i * k + l] * w[j * k + l]).abs()).sum();
-            let bj = bias.as_ref().map_or(0.0, |bb| bb[j].abs());
-            let expand = (0..r).map(|q| (sc * v[j] * t[i * r + q] * u[q] * b[j * r + q]).abs()).sum();
-            let shrink =
-                Level::inner(k, (0..r).map(|q| (sc * v[j] * u[q] * b[j * r + q]).abs() * mt[i * r + q]), false);
-            y.push(Magnitude::nested(&[
-                Level::sum(k, base, false),
-                Level::sum(1, bj, false),
-                Level::sum(r, expand, false),
-                shrink,
-            ]));
+        let mut y = Vec::with_capacity(m * n);
+        for i in 0..m {
+            for j in 0..n {
+                let base: f64 = (0..k).map(|l| (x[i * k + l] * w[j * k + l]).abs()).sum();
+                let bj = bias.as_ref().map_or(0.0, |bb| bb[j].abs());
+                let expand = (0..r).map(|q| (sc * v[j] * t[i * r + q] * u[q] * b[j * r + q]).abs()).sum();
+                let shrink =
+                    Level::inner(k, (0..r).map(|q| (sc * v[j] * u[q] * b[j * r + q]).abs() * mt[i * r + q]), false);
+                y.push(Magnitude::nested(&[
+                    Level::sum(k, base, false),
+                    Level::sum(1, bj, false),
+                    Level::sum(r, expand, false),
+                    shrink,
+                ]));
+            }
         }
+        (y, Magnitude::sums(k, &mt))
     }
-    (y, Magnitude::sums(k, &mt))
-}
 
-/// The fused decode against the CPU oracle for one case and dtype: y
-/// (NaN-poisoned first) and the saved t within their derived bounds (one
-/// rounding of y, f32 everywhere else), and the same bits on a second run.
-fn fused_decode_matches_cpu<T: Element>(gpu: &Gpu, c: &Case) -> Result<(), String> {
-    let s = c.s;
-    let LinearShape { m, n, r, .. } = s;
-    let ctx =
-        |what: &str| format!("fused decode {what} {s} {} bias={} uv={}", T::DTYPE, c.bias.is_some(), c.u.is_some());
-    let x: Vec<T> = convert(&c.x);
-    let w: Vec<T> = convert(&c.w);
-    let bias: Option<Vec<T>> = c.bias.as_ref().map(|b| convert(b));
-    let (gx, gw) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap());
-    let gbias = bias.as_ref().map(|b| gpu.upload(b).unwrap());
-    let (ga, gb) = (gpu.upload(&c.a).unwrap(), gpu.upload(&c.b).unwrap());
-    let gu = c.u.as_ref().map(|u| gpu.upload(u).unwrap());
-    let gv = c.v.as_ref().map(|v| gpu.upload(v).unwrap());
-    let ad = AdapterView {
-        a: ga.as_view(),
-        b: gb.as_view(),
-        u: gu.as_ref().map(|u| u.as_view()),
-        v: gv.as_ref().map(|v| v.as_view()),
-        scale: c.scale,
-    };
-    let run = || -> Result<(Vec<T>, Vec<f32>), String> {
-        let mut gy = gpu.upload(&vec![T::from_f32(f32::NAN); m * n]).unwrap();
-        let mut gt = gpu.upload(&vec![f32::NAN; m * r]).unwrap();
-        let gbv = gbias.as_ref().map(|b| b.as_view());
-        forward_with(
-            gpu,
-            DecodePath::Fused,
-            s,
-            &gx.as_view(),
-            &gw.as_view(),
-            gbv.as_ref(),
-            Some(&ad),
-            &mut gy.as_view_mut(),
-            Some(&mut gt.as_view_mut()),
-        )
-        .map_err(|e| ctx(&e.to_string()))?;
-        Ok((gpu.download(&gy).unwrap(), gpu.download(&gt).unwrap()))
-    };
-    let (y, t) = run()?;
-    let (mut cy, mut ct) = (vec![T::from_f32(f32::NAN); m * n], vec![f32::NAN; m * r]);
-    Cpu.lowrank_forward(s, &x, &w, bias.as_ref(), Some(c.adapter()), &mut cy, Some(&mut ct)).unwrap();
-    let (mag_y, mag_t) = decode_magnitudes(c, &x, &w, bias.as_ref());
-    let bound = ErrorBound::gpu(T::DTYPE).intermediates(0);
-    let want_y: Vec<f64> = cy.iter().map(|v| v.to_f64()).collect();
-    check_bounded(&ctx("y"), &y, &want_y, &mag_y, bound)?;
-    check_bounded(&ctx("t"), &t, &f64s(&ct), &mag_t, bound)?;
-    let (y2, t2) = run()?;
-    let bits = |v: &[T]| v.iter().map(|e| e.to_f64().to_bits()).collect::<Vec<_>>();
-    if bits(&y) != bits(&y2) || t.iter().zip(&t2).any(|(a, b)| a.to_bits() != b.to_bits()) {
-        return Err(ctx("two identical runs gave different bits"));
+    /// The fused decode against the CPU oracle for one case and dtype: y
+    /// (NaN-poisoned first) and the saved t within their derived bounds (one
+    /// rounding of y, f32 everywhere else), and the same bits on a second run.
+    fn fused_decode_matches_cpu<T: Element>(gpu: &Gpu, c: &Case) -> Result<(), String> {
+        let s = c.s;
+        let LinearShape { m, n, r, .. } = s;
+        let ctx =
+            |what: &str| format!("fused decode {what} {s} {} bias={} uv={}", T::DTYPE, c.bias.is_some(), c.u.is_some());
+        let x: Vec<T> = convert(&c.x);
+        let w: Vec<T> = convert(&c.w);
+        let bias: Option<Vec<T>> = c.bias.as_ref().map(|b| convert(b));
+        let (gx, gw) = (gpu.upload(&x).unwrap(), gpu.upload(&w).unwrap());
+        let gbias = bias.as_ref().map(|b| gpu.upload(b).unwrap());
+        let (ga, gb) = (gpu.upload(&c.a).unwrap(), gpu.upload(&c.b).unwrap());
+        let gu = c.u.as_ref().map(|u| gpu.upload(u).unwrap());
+        let gv = c.v.as_ref().map(|v| gpu.upload(v).unwrap());
+        let ad = AdapterView {
+            a: ga.as_view(),
+            b: gb.as_view(),
+            u: gu.as_ref().map(|u| u.as_view()),
+            v: gv.as_ref().map(|v| v.as_view()),
+            scale: c.scale,
+        };
+        let run = || -> Result<(Vec<T>, Vec<f32>), String> {
+            let mut gy = gpu.upload(&vec![T::from_f32(f32::NAN); m * n]).unwrap();
+            let mut gt = gpu.upload(&vec![f32::NAN; m * r]).unwrap();
+            let gbv = gbias.as_ref().map(|b| b.as_view());
+            forward_with(
+                gpu,
+                DecodePath::Fused,
+                s,
+                &gx.as_view(),
+                &gw.as_view(),
+                gbv.as_ref(),
+                Some(&ad),
+                &mut gy.as_view_mut(),
+                Some(&mut gt.as_view_mut()),
+            )
+            .map_err(|e| ctx(&e.to_string()))?;
+            Ok((gpu.download(&gy).unwrap(), gpu.download(&gt).unwrap()))
+        };
+        let (y, t) = run()?;
+        let (mut cy, mut ct) = (vec![T::from_f32(f32::NAN); m * n], vec![f32::NAN; m * r]);
+        Cpu.lowrank_forward(s, &x, &w, bias.as_ref(), Some(c.adapter()), &mut cy, Some(&mut ct)).unwrap();
+        let (mag_y, mag_t) = decode_magnitudes(c, &x, &w, bias.as_ref());
+        let bound = ErrorBound::gpu(T::DTYPE).intermediates(0);
+        let want_y: Vec<f64> = cy.iter().map(|v| v.to_f64()).collect();
+        check_bounded(&ctx("y"), &y, &want_y, &mag_y, bound)?;
+        check_bounded(&ctx("t"), &t, &f64s(&ct), &mag_t, bound)?;
+        let (y2, t2) = run()?;
+        let bits = |v: &[T]| v.iter().map(|e| e.to_f64().to_bits()).collect::<Vec<_>>();
+        if bits(&y) != bits(&y2) || t.iter().zip(&t2).any(|(a, b)| a.to_bits() != b.to_bits()) {
+            return Err(ctx("two identical runs gave different bits"));
+        }
+        Ok(())
     }
-    Ok(())
-}
 
-#[test]
-fn gpu_fused_decode_matches_cpu_on_awkward_shapes() {
-    let Some(gpu) = common::gpu_or_skip("gpu_fused_decode_matches_cpu_on_awkward_shapes") else { return };
-    // M across the m16 tile; K with ragged 8-element chunks and several
-    // shrink slices, N with partial 16-column tiles, and the 4096-wide
-    // decode; every rank bucket; LoRA with a bias, VeRA / Tied (u, v)
-    // without.
-    let kn = [(37, 129), (300, 40), (1000, 17), (4096, 4099)];
-    let ranks = [1, 4, 16, 64];
-    let mut seed = 900;
-    for m in [1, 3, DECODE_FUSED_MAX_M] {
-        for (i, &(k, n)) in kn.iter().enumerate() {
-            for (bias, vectors) in [(true, false), (false, true)] {
-                let r = ranks[(i + m + vectors as usize) % ranks.len()];
-                let c = Case::new(seed, LinearShape { m, k, n, r }, bias, vectors);
-                seed += 1;
-                fused_decode_matches_cpu::<f32>(&gpu, &c).unwrap();
-                fused_decode_matches_cpu::<f16>(&gpu, &c).unwrap();
-                fused_decode_matches_cpu::<bf16>(&gpu, &c).unwrap();
+    #[test]
+    fn gpu_fused_decode_matches_cpu_on_awkward_shapes() {
+        let Some(gpu) = common::gpu_or_skip("gpu_fused_decode_matches_cpu_on_awkward_shapes") else { return };
+        // M across the m16 tile; K with ragged 8-element chunks and several
+        // shrink slices, N with partial 16-column tiles, and the 4096-wide
+        // decode; every rank bucket; LoRA with a bias, VeRA / Tied (u, v)
+        // without.
+        let kn = [(37, 129), (300, 40), (1000, 17), (4096, 4099)];
+        let ranks = [1, 4, 16, 64];
+        let mut seed = 900;
+        for m in [1, 3, DECODE_FUSED_MAX_M] {
+            for (i, &(k, n)) in kn.iter().enumerate() {
+                for (bias, vectors) in [(true, false), (false, true)] {
+                    let r = ranks[(i + m + vectors as usize) % ranks.len()];
+                    let c = Case::new(seed, LinearShape { m, k, n, r }, bias, vectors);
+                    seed += 1;
+                    fused_decode_matches_cpu::<f32>(&gpu, &c).unwrap();
+                    fused_decode_matches_cpu::<f16>(&gpu, &c).unwrap();
+                    fused_decode_matches_cpu::<bf16>(&gpu, &c).unwrap();
+                }
             }
         }
     }

@@ -190,6 +190,7 @@ fn state_buffers_of_the_wrong_size_are_shape_errors() {
 /// GPU buffers are reset to the CPU's values after each comparison, so every
 /// comparison is of one step from identical inputs. Step 3 has a NaN
 /// gradient (refused on both), step 5 an infinite guard.
+#[cfg(feature = "cuda")]
 #[test]
 fn gpu_state_path_matches_cpu() {
     let Some(gpu) = common::gpu_or_skip("gpu_state_path_matches_cpu") else { return };
