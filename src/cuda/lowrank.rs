@@ -9,9 +9,6 @@
 //! layout. Scratch space (rank-sized partials, the hi/lo halves of the f32
 //! factors, `t'`, `B'`, `dS`) is allocated per call from the stream's pool.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
-
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
@@ -597,24 +594,9 @@ fn decode_fused<T: Element>(
     let (f, name) = kernel::<T>(gpu, "lowrank_decode_fused")?;
     let smem = (DEC_WARPS * DEC_MAX_M * DEC_COLS + m * r) * 4;
     // Every block must be resident (cooperative launch): as many as the
-    // occupancy query allows (asked once per kernel, shared memory size and
-    // device), never more than the 16-column tiles.
+    // occupancy query allows, never more than the 16-column tiles.
     let sms = (gpu.info().sm_count as usize).max(1);
-    /// (kernel name, dynamic shared memory, device ordinal) → blocks per SM.
-    type OccupancyKey = (String, usize, usize);
-    static OCCUPANCY: OnceLock<Mutex<HashMap<OccupancyKey, usize>>> = OnceLock::new();
-    let occ_key = (name.clone(), smem, gpu.info().ordinal);
-    let cached = OCCUPANCY.get_or_init(Default::default).lock().unwrap().get(&occ_key).copied();
-    let per_sm = match cached {
-        Some(p) => p,
-        None => {
-            let p = f
-                .occupancy_max_active_blocks_per_multiprocessor(DEC_THREADS, smem, None)
-                .map_err(|e| Error::cuda(format!("occupancy of {name}"), e))? as usize;
-            OCCUPANCY.get_or_init(Default::default).lock().unwrap().insert(occ_key, p);
-            p
-        }
-    };
+    let per_sm = gpu.blocks_per_sm(&f, &name, DEC_THREADS, smem)?;
     let blocks = n.div_ceil(DEC_COLS).min(per_sm.max(1) * sms).max(1);
     // Shrink K-slices (multiples of DEC_SLICE): as many as keep the
     // partials a block sums at the sync within DEC_PARTIALS.

@@ -89,6 +89,9 @@ pub struct Gpu {
     /// Device copies of launch tables (pointer lists), keyed by their
     /// contents: [`Gpu::device_table`].
     tables: Arc<Mutex<TableCache>>,
+    /// Resident blocks per SM by (kernel, threads, dynamic shared memory):
+    /// [`Gpu::blocks_per_sm`].
+    occupancy: Arc<Mutex<OccupancyCache>>,
 }
 
 /// The lazily created cuBLAS handle of one [`Gpu`] and its clones.
@@ -113,6 +116,10 @@ impl Drop for BlasSlot {
         }
     }
 }
+
+/// Resident blocks per SM by (kernel name, threads, dynamic shared memory)
+/// ([`Gpu::blocks_per_sm`]).
+type OccupancyCache = HashMap<(String, u32, usize), usize>;
 
 /// Device copies of launch tables by their contents ([`Gpu::device_table`]).
 type TableCache = HashMap<Vec<u64>, Arc<CudaSlice<u64>>>;
@@ -195,6 +202,7 @@ impl Gpu {
             timeline: Arc::default(),
             blas,
             tables: Arc::default(),
+            occupancy: Arc::default(),
         })
     }
 
@@ -343,6 +351,23 @@ impl Gpu {
         let t = Arc::new(self.stream.clone_htod(&words).map_err(|e| Error::cuda("uploading a launch table", e))?);
         tables.insert(words, t.clone());
         Ok(t)
+    }
+
+    /// How many blocks of `f` (named `name`) with `threads` threads and
+    /// `smem` bytes of dynamic shared memory fit on one SM at once, asked
+    /// of the driver once per (kernel, threads, smem) and kept with this
+    /// device: a cooperative launch sizes its grid by it, since every block
+    /// must be resident.
+    pub(crate) fn blocks_per_sm(&self, f: &CudaFunction, name: &str, threads: u32, smem: usize) -> Result<usize> {
+        let key = (name.to_string(), threads, smem);
+        if let Some(&p) = self.occupancy.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(p);
+        }
+        let p = f
+            .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
+            .map_err(|e| Error::cuda(format!("occupancy of {name}"), e))? as usize;
+        self.occupancy.lock().unwrap_or_else(|p| p.into_inner()).insert(key, p);
+        Ok(p)
     }
 }
 
