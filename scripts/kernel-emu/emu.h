@@ -430,3 +430,21 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
 }
 }  // namespace wmma
 }  // namespace nvcuda
+
+// ---- per-dtype facts the harnesses' error bounds and reports use ---------
+
+// The kernels' dtype suffix of T.
+template <typename T> static const char* dname();
+template <> const char* dname<float>() { return "f32"; }
+template <> const char* dname<__half>() { return "f16"; }
+template <> const char* dname<__nv_bfloat16>() { return "bf16"; }
+// Unit roundoff of T (half an ulp, relative) and the absolute half-ulp of
+// its subnormals.
+template <typename T> static double unit();
+template <> double unit<float>() { return 0x1p-24; }
+template <> double unit<__half>() { return 0x1p-11; }
+template <> double unit<__nv_bfloat16>() { return 0x1p-8; }
+template <typename T> static double sub_ulp();
+template <> double sub_ulp<float>() { return 0x1p-150; }
+template <> double sub_ulp<__half>() { return 0x1p-25; }
+template <> double sub_ulp<__nv_bfloat16>() { return 0x1p-134; }

@@ -218,11 +218,6 @@ static bool workspace_clean(const std::vector<unsigned long long>& ws, uint32_t 
     return st->absmax_bits == 0 && st->ticket == 0 && st->redo == 0;
 }
 
-template <typename T> static const char* dname();
-template <> const char* dname<float>() { return "f32"; }
-template <> const char* dname<__half>() { return "f16"; }
-template <> const char* dname<__nv_bfloat16>() { return "bf16"; }
-
 struct Case {
     const char* name;
     uint64_t rows;
