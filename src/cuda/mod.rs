@@ -363,8 +363,11 @@ impl Gpu {
         if let Some(t) = tables.get(&words) {
             return Ok(t.clone());
         }
-        // A captured graph reads the tables it recorded: never evict then.
-        if tables.len() >= MAX_TABLES && self.graphs_alive.load(Ordering::Acquire) == 0 {
+        // A captured graph reads the tables it recorded, and a capture may
+        // not free memory allocated before it: never evict then.
+        let graph_reads_tables =
+            self.graphs_alive.load(Ordering::Acquire) > 0 || self.capturing.load(Ordering::Acquire);
+        if tables.len() >= MAX_TABLES && !graph_reads_tables {
             tables.clear();
         }
         let t = Arc::new(self.stream.clone_htod(&words).map_err(|e| Error::cuda("uploading a launch table", e))?);
