@@ -64,7 +64,11 @@ pub struct TrainConfig {
     /// Replay the training step as one captured graph ([`Trainer::step`]):
     /// same kernels in the same order, so the same numbers, without a
     /// launch gap per kernel. CUDA only: the CPU backend has no queue to
-    /// record and ignores it. Off by default.
+    /// record and ignores it. Off by default. A replay reads every buffer
+    /// where the capture found it: change weights between steps in place
+    /// ([`crate::Backend::upload_into`]), not by replacing a buffer.
+    /// Full fine-tuning stays eager (its embedding gradient groups the
+    /// token ids on the host).
     pub graph: bool,
 }
 
@@ -194,6 +198,9 @@ pub struct Trainer<B: TrainBackend> {
 /// buffers, the optimizer's state), so that the captured step allocates
 /// nothing that outlives it.
 pub const GRAPH_WARMUP_STEPS: u32 = 1;
+
+/// Guards the optimizer's decision reads besides the gradients: the loss.
+const STEP_GUARDS: usize = 1;
 
 /// Where graph replay stands.
 enum GraphState {
@@ -450,6 +457,13 @@ impl<B: TrainBackend> Trainer<B> {
                         .into(),
                 );
                 return StepMode::Eager;
+            }
+        }
+        if let GraphState::Ready { .. } = self.graph {
+            if !self.optimizer.state_is_current(STEP_GUARDS) {
+                // The step count was set by hand: the state is uploaded
+                // anew (another buffer), which the graph does not read.
+                self.graph = GraphState::Warmup(GRAPH_WARMUP_STEPS);
             }
         }
         let profiling = self.backend.op_timing_on();
