@@ -38,6 +38,11 @@ fn varied_stream(seed: u64) -> Dataset {
     Dataset { name: "varied".into(), vocab: 256, train: Corpus::Stream(tokens.clone()), eval: Corpus::Stream(tokens) }
 }
 
+/// Held by each test: a capture must not overlap another test's context
+/// creation on this device (a new context wrapper synchronises the whole
+/// context, the capturing stream included).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The small base saved once and loaded onto each GPU handle.
 struct Base(PathBuf);
 
@@ -119,6 +124,7 @@ fn run(
 
 #[test]
 fn replayed_steps_are_bit_identical_to_eager_steps() {
+    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let Some(eager_gpu) = gpu_or_skip("replayed_steps_are_bit_identical_to_eager_steps") else { return };
     // Its own handle (and context wrapper): capture turns off the context's
     // event tracking, which the eager run must not depend on.
@@ -172,6 +178,7 @@ fn replayed_steps_are_bit_identical_to_eager_steps() {
 
 #[test]
 fn full_fine_tuning_says_why_it_does_not_replay_and_matches_eager() {
+    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let Some(eager_gpu) = gpu_or_skip("full_fine_tuning_says_why_it_does_not_replay_and_matches_eager") else {
         return;
     };
