@@ -79,11 +79,12 @@ pub fn blas_workspace_bytes(major: i32) -> usize {
 
 /// A captured step on one `Gpu`'s stream.
 struct CapturedStep {
-    graph: CudaGraph,
+    /// Always `Some` until dropped (taken first in `drop`).
+    graph: Option<CudaGraph>,
     /// The `Gpu`'s count of live graphs ([`Gpu::device_table`] does not
     /// evict while it is above zero).
     alive: Arc<AtomicUsize>,
-    ordinal: usize,
+    device: sys::CUdevice,
 }
 
 // SAFETY: a CUDA graph may be used from any thread as long as calls on it
@@ -94,21 +95,23 @@ unsafe impl Send for CapturedStep {}
 
 impl StepGraph for CapturedStep {
     fn replay(&self) -> Result<()> {
-        self.graph.launch().map_err(|e| Error::cuda("replaying the captured step", e))
+        let graph = self.graph.as_ref().ok_or_else(|| Error::invalid("graph replay", "the graph was destroyed"))?;
+        graph.launch().map_err(|e| Error::cuda("replaying the captured step", e))
     }
 }
 
 impl Drop for CapturedStep {
     fn drop(&mut self) {
-        self.alive.fetch_sub(1, Ordering::AcqRel);
+        // Destroyed first (an in-flight launch completes; the driver frees
+        // the executable after it), then its memory can go.
+        drop(self.graph.take());
         // The graph's allocations were freed inside it; hand the memory the
-        // driver cached for graphs back once no graph needs it.
-        if self.alive.load(Ordering::Acquire) == 0 {
-            if let Ok(ordinal) = i32::try_from(self.ordinal) {
-                // SAFETY: trims a cache of device `ordinal`; a failure leaves
-                // the cache as it was.
-                unsafe { sys::cuDeviceGraphMemTrim(ordinal) };
-            }
+        // driver cached for graphs back once no graph of this Gpu needs it
+        // (the trim keeps what other graphs on the device still use).
+        if self.alive.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // SAFETY: trims a cache of a valid device; a failure leaves the
+            // cache as it was.
+            unsafe { sys::cuDeviceGraphMemTrim(self.device) };
         }
     }
 }
@@ -152,7 +155,11 @@ impl Gpu {
             .ok_or_else(|| Error::invalid("graph capture", "the captured step recorded no work"))?;
         graph.upload().map_err(|e| Error::cuda("uploading the captured step", e))?;
         self.graphs_alive.fetch_add(1, Ordering::AcqRel);
-        Ok(Box::new(CapturedStep { graph, alive: self.graphs_alive.clone(), ordinal: self.info.ordinal }))
+        Ok(Box::new(CapturedStep {
+            graph: Some(graph),
+            alive: self.graphs_alive.clone(),
+            device: self.context().cu_device(),
+        }))
     }
 
     /// Gives a freshly created cuBLAS `handle` its fixed workspace
@@ -177,5 +184,66 @@ impl Gpu {
         }
         *self.blas.workspace.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(workspace);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu_or_skip(test: &str) -> Option<Gpu> {
+        match Gpu::new(0) {
+            Ok(gpu) => Some(gpu),
+            Err(e) => {
+                println!("skipped: {test}: {e}");
+                None
+            }
+        }
+    }
+
+    /// A captured copy through a buffer allocated and freed inside the
+    /// capture: nothing runs at capture, each replay re-reads the input's
+    /// fixed buffer, and the graph relaunches (its allocation was freed
+    /// inside it). Marks record nothing while capturing.
+    #[test]
+    fn a_captured_step_rereads_its_fixed_inputs_at_every_replay() {
+        let Some(gpu) = gpu_or_skip("a_captured_step_rereads_its_fixed_inputs_at_every_replay") else { return };
+        let mut input = gpu.upload(&[1.0f32, 2.0, 3.0, 4.0]).unwrap();
+        let mut out = gpu.zeros::<f32>(4).unwrap();
+        gpu.op_timing_start().unwrap();
+        gpu.capture_begin().unwrap();
+        assert!(gpu.is_capturing());
+        let mut tmp = gpu.zeros::<f32>(4).unwrap();
+        gpu.op_mark("inside the capture");
+        gpu.copy_into(&input, &mut tmp).unwrap();
+        gpu.copy_into(&tmp, &mut out).unwrap();
+        drop(tmp);
+        let graph = gpu.capture_end().unwrap();
+        assert!(!gpu.is_capturing());
+        let marks = gpu.op_timing_finish().unwrap();
+        assert!(marks.ops.iter().all(|o| o.0 != "inside the capture"), "a mark was recorded in a capture: {marks:?}");
+        assert_eq!(gpu.download(&out).unwrap(), [0.0; 4], "the capture ran its work");
+        graph.replay().unwrap();
+        assert_eq!(gpu.download(&out).unwrap(), [1.0, 2.0, 3.0, 4.0]);
+        gpu.upload_into(&[5.0, 6.0, 7.0, 8.0], &mut input).unwrap();
+        graph.replay().unwrap();
+        graph.replay().unwrap();
+        assert_eq!(gpu.download(&out).unwrap(), [5.0, 6.0, 7.0, 8.0], "the replay did not re-read its input");
+    }
+
+    /// A read back inside a capture fails the capture, and the stream works
+    /// eagerly afterwards.
+    #[test]
+    fn a_capture_that_reads_back_fails_and_leaves_the_stream_usable() {
+        let Some(gpu) = gpu_or_skip("a_capture_that_reads_back_fails_and_leaves_the_stream_usable") else { return };
+        let input = gpu.upload(&[1.0f32, 2.0]).unwrap();
+        gpu.capture_begin().unwrap();
+        let read = gpu.download(&input);
+        let ended = gpu.capture_end();
+        assert!(read.is_err() || ended.is_err(), "a synchronising read back was captured");
+        assert!(ended.is_err(), "an invalidated capture gave a graph");
+        assert!(!gpu.is_capturing());
+        let _ = gpu.synchronize();
+        assert_eq!(gpu.download(&input).unwrap(), [1.0, 2.0]);
     }
 }
