@@ -21,7 +21,7 @@
 //!   returned by an allocation node" is `CUDA_ERROR_INVALID_VALUE`), so a
 //!   captured step must not drop a buffer allocated before capture: the
 //!   batch lives in fixed buffers, and the launch-table cache
-//!   ([`Gpu::device_table`]) does not evict while a graph exists (a graph
+//!   (`Gpu::device_table`) does not evict while a graph exists (a graph
 //!   also keeps reading the tables it recorded).
 //! - **No reads back, no host copies.** A synchronisation or a copy to the
 //!   host inside the capture invalidates it; host-to-device copies from
@@ -81,7 +81,7 @@ pub fn blas_workspace_bytes(major: i32) -> usize {
 struct CapturedStep {
     /// Always `Some` until dropped (taken first in `drop`).
     graph: Option<CudaGraph>,
-    /// The `Gpu`'s count of live graphs ([`Gpu::device_table`] does not
+    /// The `Gpu`'s count of live graphs (`Gpu::device_table` does not
     /// evict while it is above zero).
     alive: Arc<AtomicUsize>,
     device: sys::CUdevice,
