@@ -89,6 +89,21 @@ fn poke(t: &mut Trainer<Gpu>, index: usize, value: f32) -> f32 {
     old
 }
 
+/// Runs `steps` steps of `cfg` on `data`, returning the trainer and what
+/// each step said.
+fn plain_run(
+    gpu: &Gpu,
+    base: &Base,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    steps: u64,
+) -> (Trainer<Gpu>, Vec<StepOutcome>) {
+    let model = Gpt2::load(gpu, &base.0).unwrap();
+    let mut t = Trainer::new(gpu.clone(), model, data.clone(), cfg.clone()).unwrap();
+    let out = (0..steps).map(|_| t.step().unwrap()).collect();
+    (t, out)
+}
+
 /// One run of `steps` steps: at step `poison` the base's parameter 2 (a
 /// LayerNorm weight of block 0) is NaN, so the loss and every gradient are
 /// NaN and the step must be refused; at step `profile` op timing is on.
@@ -193,4 +208,31 @@ fn full_fine_tuning_says_why_it_does_not_replay_and_matches_eager() {
     for (i, (a, b)) in eager.iter().zip(&graph).enumerate() {
         assert_eq!(bits(a), bits(b), "full: step {i} differs");
     }
+}
+
+#[test]
+fn answer_only_batches_replay_only_when_their_scored_count_matches_the_capture() {
+    let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let name = "answer_only_batches_replay_only_when_their_scored_count_matches_the_capture";
+    let Some(eager_gpu) = gpu_or_skip(name) else { return };
+    let graph_gpu = Gpu::new(0).unwrap();
+    let base = Base::new("train-graph-answers");
+    // Loss on answers only: the scored count (and so the loss gradient's
+    // scale 1/count, which a graph records) changes from batch to batch.
+    let data = Dataset::embedded(&["sort", "reverse"], 64, 8, 3).unwrap();
+    let cfg = TrainConfig { answer_only: true, ..overfit_config("lora", 12) };
+    let (_, eager) = plain_run(&eager_gpu, &base, &data, &cfg, 12);
+    let (g, graph) = plain_run(&graph_gpu, &base, &data, &TrainConfig { graph: true, ..cfg }, 12);
+    let counts: Vec<usize> = eager.iter().map(|o| o.tokens).collect();
+    assert!(counts.windows(2).any(|w| w[0] != w[1]), "every batch scores the same count: {counts:?}");
+    for (i, (a, b)) in eager.iter().zip(&graph).enumerate() {
+        assert_eq!(bits(a), bits(b), "answer-only: step {i} differs (scored {})", a.tokens);
+    }
+    let s = g.graph_status();
+    assert_eq!(s.off, None, "{s:?}");
+    // Every step after the capture replays exactly when it scores what the
+    // captured step scored.
+    let captured = counts[GRAPH_WARMUP_STEPS as usize];
+    let want = counts[GRAPH_WARMUP_STEPS as usize + 1..].iter().filter(|&&c| c == captured).count() as u64;
+    assert_eq!((s.captures, s.replays), (1, want), "scored counts {counts:?}: {s:?}");
 }
