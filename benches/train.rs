@@ -23,6 +23,16 @@
 //! `LORAFUSE_BENCH_PRECISION` (`bf16`, `f32` or both, comma-separated;
 //! default bf16, as PEFT runs under bf16 autocast) the compute dtypes.
 //!
+//! Graph replay (`TrainConfig::graph`): for LoRA (or the methods in
+//! `LORAFUSE_BENCH_GRAPH`, comma-separated; `none` for no graph rows) a
+//! second line with `"graph": true` follows the eager one: the same
+//! measurement with every step after the warm-up replayed as one captured
+//! CUDA graph (`step_ms` and `tokens_per_s` time the replays as a whole),
+//! `op_ms` from an eager profiling step (per-op marks cannot be recorded
+//! inside a graph), `vs_eager` (eager step ms / graph step ms), the graph's
+//! counters, and `graph_mem_peak_gib`, the memory the driver reserved for
+//! the graph's own allocations (outside the stream-ordered pool).
+//!
 //! CPU: criterion timing of one training step of a tiny model.
 
 use std::hint::black_box;
@@ -103,6 +113,37 @@ mod pool {
         }
     }
 
+    /// Resets the high-water mark of the memory CUDA graphs allocate
+    /// (outside the pool).
+    pub fn reset_graph_peak(gpu: &Gpu) {
+        if gpu.context().bind_to_thread().is_ok() {
+            let mut zero: u64 = 0;
+            // SAFETY: USED_MEM_HIGH takes a cuuint64_t; the pointer is to a local.
+            unsafe {
+                sys::cuDeviceSetGraphMemAttribute(
+                    gpu.context().cu_device(),
+                    sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH,
+                    &mut zero as *mut u64 as *mut std::ffi::c_void,
+                )
+            };
+        }
+    }
+
+    /// Bytes: the high-water mark of graph allocations since the last reset.
+    pub fn graph_peak(gpu: &Gpu) -> Option<u64> {
+        gpu.context().bind_to_thread().ok()?;
+        let mut v: u64 = 0;
+        // SAFETY: as above.
+        let rc = unsafe {
+            sys::cuDeviceGetGraphMemAttribute(
+                gpu.context().cu_device(),
+                sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH,
+                &mut v as *mut u64 as *mut std::ffi::c_void,
+            )
+        };
+        (rc == sys::CUresult::CUDA_SUCCESS).then_some(v)
+    }
+
     /// Bytes: the pool's used-memory high-water mark since the last reset.
     pub fn peak(gpu: &Gpu) -> Option<u64> {
         let p = current(gpu)?;
@@ -131,7 +172,9 @@ type Probe<'a> = &'a mut dyn FnMut() -> Result<serde_json::Value>;
 
 /// Times `method` on `model` (see the module docs) and gives the model back
 /// for the next method, with the result as one JSON object. `after_warmup`
-/// and `after_timed` add backend-specific fields (memory).
+/// and `after_timed` add backend-specific fields (memory). With `graph`,
+/// steps after the warm-up replay a captured graph (where the backend has
+/// graphs).
 #[allow(clippy::too_many_arguments)]
 fn time_method<B: TrainBackend + Clone>(
     backend: &B,
@@ -139,6 +182,7 @@ fn time_method<B: TrainBackend + Clone>(
     data: &Dataset,
     (method, rank, alpha): (&str, usize, f32),
     precision: Precision,
+    graph: bool,
     (batch, seq): (usize, usize),
     (warmup, steps): (usize, usize),
     after_warmup: Probe<'_>,
@@ -154,6 +198,7 @@ fn time_method<B: TrainBackend + Clone>(
         seq,
         eval_examples: 1,
         precision,
+        graph,
         ..TrainConfig::default()
     };
     let mut t = Trainer::new(backend.clone(), model, data.clone(), config)?;
@@ -169,7 +214,11 @@ fn time_method<B: TrainBackend + Clone>(
     }
     let timed = after_timed()?;
 
-    // Per-op time of one more step, from marks on the device's clock.
+    let graph_status = t.graph_status().clone();
+
+    // Per-op time of one more step, from marks on the device's clock (an
+    // eager step under graph replay too: the trainer does not replay while
+    // timing is on).
     backend.op_timing_start()?;
     t.step()?;
     let ops = backend.op_timing_finish()?;
@@ -214,7 +263,19 @@ fn time_method<B: TrainBackend + Clone>(
         "forward_ms": f, "backward_ms": fb - f, "optimizer_ms": median(opt),
         "precision": precision.to_string(),
         "op_ms": ops.to_json(), "op_total_ms": ops.total_ms(),
+        "graph": graph,
     });
+    if graph {
+        if let Some(l) = line.as_object_mut() {
+            l.insert(
+                "graph_counts".into(),
+                serde_json::json!({
+                    "captures": graph_status.captures, "replays": graph_status.replays,
+                    "eager": graph_status.eager, "off": graph_status.off,
+                }),
+            );
+        }
+    }
     for extra in [warm, timed] {
         if let (Some(l), serde_json::Value::Object(e)) = (line.as_object_mut(), extra) {
             l.extend(e);
@@ -410,27 +471,48 @@ fn gpu_bench(gpu: &Gpu) -> Result<()> {
             continue;
         }
         let (warmup, steps) = (env_usize("LORAFUSE_BENCH_WARMUP", 3), env_usize("LORAFUSE_BENCH_STEPS", 10));
-        let mut after_warmup = || -> Result<serde_json::Value> {
-            let used = used_bytes(gpu)?;
-            pool::reset_peak(gpu);
-            Ok(serde_json::json!({ "mem_used_after_warmup_gib": used as f64 / GIB }))
-        };
-        let mut after_timed = || -> Result<serde_json::Value> {
-            Ok(serde_json::json!({ "pool_peak_gib": pool::peak(gpu).map(|p| p as f64 / GIB) }))
-        };
-        let (back, line) = time_method(
-            gpu,
-            model,
-            &data,
-            m,
-            precision,
-            (batch, seq),
-            (warmup, steps),
-            &mut after_warmup,
-            &mut after_timed,
-        )?;
-        println!("{line}");
-        model = back;
+        let graph_methods = std::env::var("LORAFUSE_BENCH_GRAPH").unwrap_or_else(|_| "lora".into());
+        let with_graph = graph_methods.split(',').any(|g| g.trim() == m.0);
+        let mut eager_ms = None;
+        for graph in [false, true] {
+            if graph && !with_graph {
+                continue;
+            }
+            let mut after_warmup = || -> Result<serde_json::Value> {
+                let used = used_bytes(gpu)?;
+                pool::reset_peak(gpu);
+                Ok(serde_json::json!({ "mem_used_after_warmup_gib": used as f64 / GIB }))
+            };
+            let mut after_timed = || -> Result<serde_json::Value> {
+                Ok(serde_json::json!({
+                    "pool_peak_gib": pool::peak(gpu).map(|p| p as f64 / GIB),
+                    "graph_mem_peak_gib": pool::graph_peak(gpu).map(|p| p as f64 / GIB),
+                }))
+            };
+            pool::reset_graph_peak(gpu);
+            let (back, mut line) = time_method(
+                gpu,
+                model,
+                &data,
+                m,
+                precision,
+                graph,
+                (batch, seq),
+                (warmup, steps),
+                &mut after_warmup,
+                &mut after_timed,
+            )?;
+            let ms = line["step_ms"].as_f64();
+            match (graph, eager_ms, ms, line.as_object_mut()) {
+                (false, _, _, _) => eager_ms = ms,
+                (true, Some(e), Some(g), Some(l)) => {
+                    l.insert("vs_eager".into(), serde_json::json!(e / g));
+                }
+                _ => {}
+            }
+            println!("{line}");
+            model = back;
+        }
     }
     Ok(())
 }
@@ -445,9 +527,19 @@ fn cpu_bench(c: &mut Criterion) {
     let mut none = || -> Result<serde_json::Value> { Ok(serde_json::json!({})) };
     let mut none2 = || -> Result<serde_json::Value> { Ok(serde_json::json!({})) };
     let model = Gpt2::random(&Cpu, &cfg, 0).unwrap();
-    let (_, line) =
-        time_method(&Cpu, model, &data, ("lora", 4, 8.0), Precision::F32, (4, 32), (1, 3), &mut none, &mut none2)
-            .unwrap();
+    let (_, line) = time_method(
+        &Cpu,
+        model,
+        &data,
+        ("lora", 4, 8.0),
+        Precision::F32,
+        false,
+        (4, 32),
+        (1, 3),
+        &mut none,
+        &mut none2,
+    )
+    .unwrap();
     println!("{line}");
     let mut group = c.benchmark_group("train step, 2 layers, width 64, batch 4 x seq 32 (cpu)");
     group.sample_size(20);

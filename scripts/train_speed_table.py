@@ -34,6 +34,12 @@ def family(method):
     return method.split(":")[0]
 
 
+def label(r):
+    # A graph-replay row (benches/train.rs, "graph": true) times the same
+    # method with the step replayed as one CUDA graph.
+    return r["method"] + ("+graph" if r.get("graph") else "")
+
+
 def fmt(x, spec):
     """`x` formatted, or a dash of the same width when it is missing."""
     if isinstance(x, (int, float)):
@@ -64,7 +70,7 @@ def main(argv):
         ratio = lambda b: tps / b["tokens_per_s"] if tps and b.get("tokens_per_s") else None
         peak = r.get("pool_peak_gib") or r.get("mem_used_after_warmup_gib")
         split = "/".join(fmt(r.get(k), ".1f") for k in ("forward_ms", "backward_ms", "optimizer_ms"))
-        print(f"{r['method']:<16} {r.get('precision', '-'):>4} {fmt(tps, '14.0f')} {fmt(eager.get('tokens_per_s'), '11.0f')} "
+        print(f"{label(r):<16} {r.get('precision', '-'):>4} {fmt(tps, '14.0f')} {fmt(eager.get('tokens_per_s'), '11.0f')} "
               f"{fmt(ratio(eager), '8.2f')} {fmt(comp.get('tokens_per_s'), '11.0f')} {fmt(ratio(comp), '9.2f')} "
               f"{fmt(peak, '11.2f')} {fmt(eager.get('peak_mem_gib'), '9.2f')}  {split}")
     # Where the time goes: the per-op breakdown of one step (CUDA events
@@ -74,7 +80,7 @@ def main(argv):
         if not isinstance(ops, dict) or not ops:
             continue
         total = sum(v for v in ops.values() if isinstance(v, (int, float))) or 1.0
-        print(f"\nper-op time, {r['method']} {r.get('precision', '')}: {total:.1f} ms in one step")
+        print(f"\nper-op time, {label(r)} {r.get('precision', '')}: {total:.1f} ms in one step")
         for name, ms in sorted(ops.items(), key=lambda kv: -kv[1]):
             print(f"  {name:<24} {ms:9.2f} ms  {100.0 * ms / total:5.1f}%")
     shapes = {(r.get("batch"), r.get("seq")) for r in ours}

@@ -49,6 +49,15 @@ pub trait Backend: Send + Sync {
     /// Copies a buffer back to the host (waits for pending work).
     fn download<T: Scalar>(&self, buf: &Self::Buf<T>) -> Result<Vec<T>>;
 
+    /// Copies host data into an existing buffer of the same length, keeping
+    /// its address (a captured [`StepGraph`] reads its inputs from fixed
+    /// addresses). A length mismatch is an [`crate::Error::Shape`].
+    fn upload_into<T: Scalar>(&self, host: &[T], buf: &mut Self::Buf<T>) -> Result<()>;
+
+    /// Copies `src` into `dst` (same length) on the backend, queued like a
+    /// kernel (no wait).
+    fn copy_into<T: Scalar>(&self, src: &Self::Buf<T>, dst: &mut Self::Buf<T>) -> Result<()>;
+
     /// Number of elements in a buffer.
     fn len<T: Scalar>(buf: &Self::Buf<T>) -> usize;
 
@@ -76,4 +85,41 @@ pub trait Backend: Send + Sync {
     fn op_timing_finish(&self) -> Result<crate::op_timing::Breakdown> {
         Ok(Default::default())
     }
+
+    /// True between [`Backend::op_timing_start`] and
+    /// [`Backend::op_timing_finish`]: a caller that replays captured work
+    /// runs it op by op instead, so that the marks mean something.
+    fn op_timing_on(&self) -> bool {
+        false
+    }
+
+    /// True when the backend can record queued work once and replay it
+    /// ([`Backend::capture_begin`]). The CPU cannot: there is no queue, so
+    /// there is nothing to save.
+    fn supports_graphs(&self) -> bool {
+        false
+    }
+
+    /// Starts recording instead of running: every op queued from this
+    /// thread until [`Backend::capture_end`] becomes part of one graph and
+    /// does not run now. Nothing may read results back in between. Always
+    /// pair with `capture_end`, also when the recorded work failed.
+    fn capture_begin(&self) -> Result<()> {
+        Err(crate::Error::invalid(format!("graph capture on {}", self.describe()), "this backend has no graphs"))
+    }
+
+    /// Stops recording and returns the graph (it has not run yet: replay it
+    /// once to do the recorded work).
+    fn capture_end(&self) -> Result<Box<dyn StepGraph>> {
+        Err(crate::Error::invalid(format!("graph capture on {}", self.describe()), "this backend has no graphs"))
+    }
+}
+
+/// Work recorded once by [`Backend::capture_begin`] / [`Backend::capture_end`]
+/// and replayed as a whole: the same kernels with the same arguments over
+/// the same buffers, so inputs change only through writes into those buffers
+/// ([`Backend::upload_into`]).
+pub trait StepGraph: Send {
+    /// Queues the recorded work once more (no wait).
+    fn replay(&self) -> Result<()>;
 }

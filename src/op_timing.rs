@@ -6,6 +6,13 @@
 //! consecutive marks on the device's own clock (CUDA events recorded on the
 //! stream, so no synchronisation is added while timing; `Instant` on the
 //! CPU), and summed per label. Marks are free when timing is off.
+//!
+//! Work replayed from a captured CUDA graph (the trainer's
+//! `TrainConfig::graph`) has no marks: an event recorded inside a capture
+//! cannot be timed outside it, so the CUDA backend records none while
+//! capturing ([`crate::Backend::op_timing_on`] tells the trainer to run a
+//! timed step eagerly instead). Per-op times then come from that eager
+//! profiling step, and a replayed step is timed as a whole.
 
 use std::time::Instant;
 

@@ -215,3 +215,31 @@ fn adamw_matches_the_formula_and_schedules_have_their_shape() {
     let lin = OptimConfig { schedule: Schedule::Linear, ..c.clone() };
     assert!((lin.lr_factor(55, 100) - 0.55).abs() < 1e-12 && (lin.lr_factor(100, 100) - 0.1).abs() < 1e-12);
 }
+
+#[test]
+fn the_cpu_ignores_graph_replay_and_steps_the_same() {
+    // The CPU has no queue to record: `graph` changes nothing, bit for bit,
+    // and no capture, replay or refusal to replay is reported.
+    let cfg = overfit_config("lora", 4);
+    let mut plain = Trainer::new(Cpu, small_base(1), fixed_stream(2), cfg.clone()).unwrap();
+    let mut graph = Trainer::new(Cpu, small_base(1), fixed_stream(2), TrainConfig { graph: true, ..cfg }).unwrap();
+    let (a, b) = (losses(&mut plain, 4), losses(&mut graph, 4));
+    assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    assert_eq!(graph.graph_status(), &lorafuse::train::trainer::GraphStatus::default());
+}
+
+#[test]
+fn a_fixed_batch_is_rewritten_in_place_and_checks_its_lengths() {
+    use lorafuse::nn::SeqShape;
+    use lorafuse::train::model::Batch;
+    let shape = SeqShape { batch: 2, seq: 3 };
+    let mut b = Batch::zeros(&Cpu, shape).unwrap();
+    assert_eq!(b.scored(), 6);
+    b.write(&Cpu, &[1, 2, 3, 4, 5, 6], &[2, 3, lorafuse::nn::IGNORE, 5, 6, 7]).unwrap();
+    let (tokens, targets) = (b.tokens(), b.targets());
+    assert_eq!((tokens.device.as_slice(), tokens.host), (&[1, 2, 3, 4, 5, 6][..], &[1, 2, 3, 4, 5, 6][..]));
+    assert_eq!(targets.device, &vec![2, 3, lorafuse::nn::IGNORE, 5, 6, 7]);
+    assert_eq!(b.scored(), 5);
+    let err = b.write(&Cpu, &[1, 2, 3], &[1, 2, 3]).unwrap_err().to_string();
+    assert!(err.contains("tokens"), "{err}");
+}

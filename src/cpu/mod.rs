@@ -38,6 +38,16 @@ impl Backend for Cpu {
     fn download<T: Scalar>(&self, buf: &Vec<T>) -> Result<Vec<T>> {
         Ok(buf.clone())
     }
+    fn upload_into<T: Scalar>(&self, host: &[T], buf: &mut Vec<T>) -> Result<()> {
+        crate::error::check_len("upload_into", "host data", host.len(), buf.len())?;
+        buf.copy_from_slice(host);
+        Ok(())
+    }
+    fn copy_into<T: Scalar>(&self, src: &Vec<T>, dst: &mut Vec<T>) -> Result<()> {
+        crate::error::check_len("copy_into", "source", src.len(), dst.len())?;
+        dst.copy_from_slice(src);
+        Ok(())
+    }
     fn len<T: Scalar>(buf: &Vec<T>) -> usize {
         buf.len()
     }

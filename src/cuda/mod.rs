@@ -14,6 +14,7 @@
 pub mod adapter_sum;
 pub mod attention;
 pub mod bench;
+pub mod graph;
 pub mod kernels;
 pub mod lowrank;
 pub mod multi_adapter;
@@ -21,6 +22,7 @@ pub mod nn;
 pub mod projection;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
@@ -92,12 +94,20 @@ pub struct Gpu {
     /// Resident blocks per SM by (kernel, threads, dynamic shared memory):
     /// [`Gpu::blocks_per_sm`].
     occupancy: Arc<Mutex<OccupancyCache>>,
+    /// True while the stream records a graph ([`graph`]): marks are off.
+    capturing: Arc<AtomicBool>,
+    /// Captured graphs alive on this stream ([`graph`]): while above zero
+    /// the launch-table cache keeps every table (the graphs read them).
+    graphs_alive: Arc<AtomicUsize>,
 }
 
 /// The lazily created cuBLAS handle of one [`Gpu`] and its clones.
 struct BlasSlot {
     context: Arc<CudaContext>,
     handle: Mutex<Option<Arc<CudaBlas>>>,
+    /// The fixed workspace [`graph`] gives the handle before capturing;
+    /// dropped after the handle (fields drop after `Drop::drop`).
+    workspace: Mutex<Option<CudaSlice<u8>>>,
 }
 
 impl Drop for BlasSlot {
@@ -193,7 +203,11 @@ impl Gpu {
     /// it and over the caller's memory.
     pub fn from_stream(stream: Arc<CudaStream>) -> Result<Gpu> {
         let info = read_info(stream.context())?;
-        let blas = Arc::new(BlasSlot { context: stream.context().clone(), handle: Mutex::new(None) });
+        let blas = Arc::new(BlasSlot {
+            context: stream.context().clone(),
+            handle: Mutex::new(None),
+            workspace: Mutex::new(None),
+        });
         Ok(Gpu {
             stream,
             info,
@@ -203,6 +217,8 @@ impl Gpu {
             blas,
             tables: Arc::default(),
             occupancy: Arc::default(),
+            capturing: Arc::default(),
+            graphs_alive: Arc::default(),
         })
     }
 
@@ -222,8 +238,9 @@ impl Gpu {
     }
 
     /// The cuBLAS handle of this stream, created at the first call (a few
-    /// milliseconds, and a workspace allocation: call it once before
-    /// capturing a CUDA graph) and shared by every clone of this `Gpu`.
+    /// milliseconds, and its fixed workspace, [`graph::blas_workspace_bytes`]:
+    /// call it once before capturing a CUDA graph) and shared by every clone
+    /// of this `Gpu`.
     /// Binds the stream's context to this thread first: cuBLAS launches
     /// through the runtime API, which uses the calling thread's context.
     pub fn blas(&self) -> Result<Arc<CudaBlas>> {
@@ -234,6 +251,7 @@ impl Gpu {
         }
         let handle =
             Arc::new(CudaBlas::new(self.stream.clone()).map_err(|e| Error::cuda("creating a cuBLAS handle", e))?);
+        self.attach_blas_workspace(&handle)?;
         *slot = Some(handle.clone());
         Ok(handle)
     }
@@ -345,7 +363,11 @@ impl Gpu {
         if let Some(t) = tables.get(&words) {
             return Ok(t.clone());
         }
-        if tables.len() >= MAX_TABLES {
+        // A captured graph reads the tables it recorded, and a capture may
+        // not free memory allocated before it: never evict then.
+        let graph_reads_tables =
+            self.graphs_alive.load(Ordering::Acquire) > 0 || self.capturing.load(Ordering::Acquire);
+        if tables.len() >= MAX_TABLES && !graph_reads_tables {
             tables.clear();
         }
         let t = Arc::new(self.stream.clone_htod(&words).map_err(|e| Error::cuda("uploading a launch table", e))?);
@@ -421,6 +443,10 @@ impl Backend for Gpu {
         Ok(())
     }
     fn op_mark(&self, label: &'static str) {
+        // An event recorded inside a capture cannot be timed outside it.
+        if self.capturing.load(Ordering::Acquire) {
+            return;
+        }
         if let Some(t) = self.lock_timeline().as_mut() {
             let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
             if let Ok(event) = self.stream.record_event(flags) {
@@ -434,6 +460,19 @@ impl Backend for Gpu {
         self.synchronize()?;
         timeline.map(|t| t.breakdown()).unwrap_or_else(|| Ok(Breakdown::default()))
     }
+    fn op_timing_on(&self) -> bool {
+        self.lock_timeline().is_some()
+    }
+    fn supports_graphs(&self) -> bool {
+        // Graph memory nodes need the stream-ordered allocator.
+        self.context().has_async_alloc()
+    }
+    fn capture_begin(&self) -> Result<()> {
+        self.begin_step_capture()
+    }
+    fn capture_end(&self) -> Result<Box<dyn crate::backend::StepGraph>> {
+        self.end_step_capture()
+    }
     fn zeros<T: Scalar>(&self, len: usize) -> Result<CudaSlice<T>> {
         self.stream.alloc_zeros(len).map_err(|e| Error::cuda(format!("allocating {len} elements"), e))
     }
@@ -442,6 +481,14 @@ impl Backend for Gpu {
     }
     fn download<T: Scalar>(&self, buf: &CudaSlice<T>) -> Result<Vec<T>> {
         self.stream.clone_dtoh(buf).map_err(|e| Error::cuda("device-to-host copy", e))
+    }
+    fn upload_into<T: Scalar>(&self, host: &[T], buf: &mut CudaSlice<T>) -> Result<()> {
+        crate::error::check_len("upload_into", "host data", host.len(), buf.len())?;
+        self.stream.memcpy_htod(host, buf).map_err(|e| Error::cuda("host-to-device copy", e))
+    }
+    fn copy_into<T: Scalar>(&self, src: &CudaSlice<T>, dst: &mut CudaSlice<T>) -> Result<()> {
+        crate::error::check_len("copy_into", "source", src.len(), dst.len())?;
+        self.copy(src, dst)
     }
     fn len<T: Scalar>(buf: &CudaSlice<T>) -> usize {
         buf.len()

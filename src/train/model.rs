@@ -47,7 +47,7 @@ use super::module::Module;
 use super::{TrainBackend, F32};
 use crate::attention::AttnShape;
 use crate::lowrank::{Grads, LinearShape};
-use crate::nn::{SeqShape, TokenIds};
+use crate::nn::{CrossEntropyOut, SeqShape, TokenIds};
 use crate::rng::Rng;
 use crate::tensor_file::{read_safetensors, take_f32};
 use crate::{Element, Error, Result};
@@ -364,6 +364,26 @@ impl<B: TrainBackend> Gpt2<B> {
         batch: &Batch<B>,
         backward: bool,
     ) -> Result<BatchOutput> {
+        let ce = self.run_queued(backend, adapters, batch, backward)?;
+        backend.op_mark("loss download");
+        Ok(BatchOutput {
+            losses: backend.download(&ce.losses)?,
+            correct: backend.download(&ce.correct)?,
+            targets: batch.host_targets.clone(),
+        })
+    }
+
+    /// [`Gpt2::run`] without reading anything back: the per-position losses
+    /// and argmax hits stay on the backend, so a training step queues its
+    /// forward, backward and optimizer without one wait (and can be
+    /// captured as a graph).
+    pub fn run_queued(
+        &mut self,
+        backend: &B,
+        adapters: Option<&mut AdapterSet<B>>,
+        batch: &Batch<B>,
+        backward: bool,
+    ) -> Result<CrossEntropyOut<B>> {
         let grads = self.grads.as_deref_mut();
         match (self.precision, self.work_bf16.as_deref()) {
             (Precision::F32, _) => {
@@ -392,7 +412,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         mut adapters: Option<&mut AdapterSet<B>>,
         batch: &Batch<B>,
         backward: bool,
-    ) -> Result<BatchOutput> {
+    ) -> Result<CrossEntropyOut<B>> {
         let c = self.config.clone();
         let (d, vocab, padded) = (c.n_embd, c.vocab_size, padded_vocab(c.vocab_size));
         let shape = batch.shape;
@@ -442,14 +462,8 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         let grad_scale = if backward && count > 0 { Some(1.0 / count as f64) } else { None };
         backend.op_mark("cross_entropy");
         let ce = backend.cross_entropy_padded(&mut logits, batch.targets(), vocab, padded, grad_scale)?;
-        backend.op_mark("loss download");
-        let out = BatchOutput {
-            losses: backend.download(&ce.losses)?,
-            correct: backend.download(&ce.correct)?,
-            targets: batch.host_targets.clone(),
-        };
         if grad_scale.is_none() {
-            return Ok(out);
+            return Ok(ce);
         }
 
         // Backward. `logits` now holds dloss/dlogits.
@@ -473,7 +487,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
             backend.embedding_backward(batch.tokens(), &dx, shape, d, Some(&mut lo[0]), Some(&mut hi[0]))?;
         }
         backend.op_mark("after backward");
-        Ok(out)
+        Ok(ce)
     }
 
     fn linear_forward(
@@ -753,6 +767,37 @@ impl<B: TrainBackend> Batch<B> {
             host_tokens: tokens.to_vec(),
             host_targets: targets.to_vec(),
         })
+    }
+
+    /// A batch of `shape` whose ids are all 0, to be filled by
+    /// [`Batch::write`]: a trainer keeps one and rewrites it every step, so
+    /// the ids live at fixed addresses (a replayed graph reads them there).
+    pub fn zeros(backend: &B, shape: SeqShape) -> Result<Self> {
+        let n = shape.tokens();
+        Ok(Batch {
+            shape,
+            device_tokens: backend.zeros(n)?,
+            device_targets: backend.zeros(n)?,
+            host_tokens: vec![0; n],
+            host_targets: vec![0; n],
+        })
+    }
+
+    /// Overwrites this batch's ids in place (same shape; the device buffers
+    /// keep their addresses), host copies included.
+    pub fn write(&mut self, backend: &B, tokens: &[u32], targets: &[u32]) -> Result<()> {
+        crate::error::check_len("batch", "tokens", tokens.len(), self.shape.tokens())?;
+        crate::error::check_len("batch", "targets", targets.len(), self.shape.tokens())?;
+        backend.upload_into(tokens, &mut self.device_tokens)?;
+        backend.upload_into(targets, &mut self.device_targets)?;
+        self.host_tokens.copy_from_slice(tokens);
+        self.host_targets.copy_from_slice(targets);
+        Ok(())
+    }
+
+    /// Positions whose target carries a loss (not [`crate::nn::IGNORE`]).
+    pub fn scored(&self) -> usize {
+        self.host_targets.iter().filter(|&&t| t != crate::nn::IGNORE).count()
     }
 
     /// Input tokens, on the backend and on the host.

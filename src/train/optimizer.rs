@@ -276,6 +276,15 @@ impl<B: NnOps> AdamW<B> {
         Ok(())
     }
 
+    /// True when the backend's state already holds [`AdamW::step`] for
+    /// these tensors and `guards` guards, so the next [`AdamW::queue`]
+    /// uploads nothing. A replayed step (which does not run `queue`'s host
+    /// code) is only valid then: after `step` is set by hand, a step must
+    /// run eagerly first.
+    pub fn state_is_current(&self, guards: usize) -> bool {
+        self.step == self.backend_step && B::len(&self.state) == optim_state::len(self.moments.len() + guards)
+    }
+
     /// What the last queued step did (reads the backend's state: the one
     /// wait of a step). `Err(NonFinite)` naming the first non-finite tensor
     /// when it was refused; `step` then stays where it was.

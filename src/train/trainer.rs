@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use crate::backend::StepGraph;
+use crate::nn::SeqShape;
 use crate::peft::{load_adapter, save_adapter};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -13,7 +15,7 @@ use super::data::{Dataset, EvalMetrics, MetricsAccumulator};
 use super::model::{pad_rows, Batch, Gpt2, Precision};
 use super::module::Module;
 use super::optimizer::{AdamW, Group, OptimConfig, ParamRef, StepReport};
-use super::TrainBackend;
+use super::{TrainBackend, F32};
 
 /// Everything about a run except file paths (the CLI adds those). Readable
 /// from TOML or JSON; every field has a default.
@@ -59,6 +61,15 @@ pub struct TrainConfig {
     /// Compute dtype of forward and backward ([`Precision::Bf16`] is mixed
     /// precision with f32 master weights; the CLI picks bf16 on a GPU).
     pub precision: Precision,
+    /// Replay the training step as one captured graph ([`Trainer::step`]):
+    /// same kernels in the same order, so the same numbers, without a
+    /// launch gap per kernel. CUDA only: the CPU backend has no queue to
+    /// record and ignores it. Off by default. A replay reads every buffer
+    /// where the capture found it: change weights between steps in place
+    /// ([`crate::Backend::upload_into`]), not by replacing a buffer.
+    /// Full fine-tuning stays eager (its embedding gradient groups the
+    /// token ids on the host).
+    pub graph: bool,
 }
 
 impl Default for TrainConfig {
@@ -80,6 +91,7 @@ impl Default for TrainConfig {
             max_bad_steps: 5,
             optim: OptimConfig::default(),
             precision: Precision::F32,
+            graph: false,
         }
     }
 }
@@ -170,6 +182,58 @@ pub struct Trainer<B: TrainBackend> {
     pub iteration: u64,
     /// Consecutive refused steps.
     pub bad_steps: u32,
+    /// The batch's ids at fixed addresses, rewritten every step.
+    batch: Option<Batch<B>>,
+    /// The last step's per-position losses at a fixed address (the
+    /// optimizer's guard, read back with its report).
+    losses: Option<F32<B>>,
+    /// Where graph replay stands ([`TrainConfig::graph`]).
+    graph: GraphState,
+    /// Graph replay's counters and, once it turned itself off, why.
+    graph_status: GraphStatus,
+}
+
+/// Eager steps before a step is captured: the first step grows every cache
+/// a step uses (cuBLAS heuristics and workspace, launch tables, scratch
+/// buffers, the optimizer's state), so that the captured step allocates
+/// nothing that outlives it.
+pub const GRAPH_WARMUP_STEPS: u32 = 1;
+
+/// Guards the optimizer's decision reads besides the gradients: the loss.
+const STEP_GUARDS: usize = 1;
+
+/// Where graph replay stands.
+enum GraphState {
+    /// Off, or turned off ([`GraphStatus::off`] says why).
+    Off,
+    /// This many eager steps to go before the next step is captured.
+    Warmup(u32),
+    /// A captured step over the trainer's fixed buffers, valid for batches
+    /// with `scored` positions carrying a loss (the loss gradient's scale
+    /// `1 / scored` is recorded in it).
+    Ready { graph: Box<dyn StepGraph>, scored: usize },
+}
+
+/// What graph replay did so far ([`Trainer::graph_status`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GraphStatus {
+    /// Steps captured (the first, and one after each evaluation).
+    pub captures: u64,
+    /// Steps run by replaying a captured graph.
+    pub replays: u64,
+    /// Steps run eagerly while replay was on: warm-up, profiling steps
+    /// (op timing on), batches whose scored count differs from the
+    /// captured one.
+    pub eager: u64,
+    /// Why replay turned itself off (said once on stderr), if it did.
+    pub off: Option<String>,
+}
+
+/// How one step runs.
+enum StepMode {
+    Eager,
+    Capture,
+    Replay,
 }
 
 fn trainable<'a, B: TrainBackend>(
@@ -213,10 +277,19 @@ impl<B: TrainBackend> Trainer<B> {
             model,
             adapters,
             data,
-            config,
             iteration: 0,
             bad_steps: 0,
+            batch: None,
+            losses: None,
+            graph: if config.graph { GraphState::Warmup(GRAPH_WARMUP_STEPS) } else { GraphState::Off },
+            graph_status: GraphStatus::default(),
+            config,
         })
+    }
+
+    /// What graph replay did so far ([`TrainConfig::graph`]).
+    pub fn graph_status(&self) -> &GraphStatus {
+        &self.graph_status
     }
 
     /// Trainable parameters (the token embedding's pad rows not counted).
@@ -242,6 +315,17 @@ impl<B: TrainBackend> Trainer<B> {
     /// One iteration. A non-finite loss or gradient refuses the step (no
     /// parameter changes) and is reported; `max_bad_steps` consecutive
     /// refusals stop the run with an error.
+    ///
+    /// The step's device work (zero gradients, forward, backward, the
+    /// adapters' scatter, the optimizer's decision and update, the gather)
+    /// is queued without a wait; the optimizer's report and the losses are
+    /// the one read back, at the end. With [`TrainConfig::graph`] on a
+    /// backend that has graphs, the batch is written into fixed buffers,
+    /// the step after [`GRAPH_WARMUP_STEPS`] eager ones is captured, and
+    /// later steps replay it; a step runs eagerly instead while op timing
+    /// is on (so the per-op marks mean something) or when its batch scores
+    /// a different number of positions than the captured one. When capture
+    /// or replay fails, the trainer says why once and continues eagerly.
     pub fn step(&mut self) -> Result<StepOutcome> {
         self.backend.op_mark("batch sample + upload");
         let host = if self.config.sequential_batches {
@@ -251,49 +335,50 @@ impl<B: TrainBackend> Trainer<B> {
         } else {
             self.data.sample(&mut self.rng, self.config.batch, self.config.seq, self.config.answer_only)
         };
-        let batch = Batch::upload(
-            &self.backend,
-            crate::nn::SeqShape { batch: host.rows, seq: host.seq },
-            &host.tokens,
-            &host.targets,
-        )?;
-        self.backend.op_mark("zero grads");
-        self.zero_grads()?;
-        let out = self.model.run(&self.backend, self.adapters.as_mut(), &batch, true)?;
-        self.backend.op_mark("adapter scatter");
-        if let Some(a) = self.adapters.as_mut() {
-            a.scatter(&self.backend)?;
+        // Checked here as well as in the forward: a replayed step does not
+        // run the forward's host code.
+        crate::nn::check::tokens("batch tokens", &host.tokens, self.model.config.vocab_size)?;
+        let shape = SeqShape { batch: host.rows, seq: host.seq };
+        if self.batch.as_ref().map(|b| (b.shape.batch, b.shape.seq)) != Some((shape.batch, shape.seq)) {
+            // New buffers (and maybe new scratch sizes): a graph recorded
+            // over the old ones is stale; warm up again, then capture.
+            if let GraphState::Ready { .. } = self.graph {
+                self.graph = GraphState::Warmup(GRAPH_WARMUP_STEPS);
+            }
+            self.batch = Some(Batch::zeros(&self.backend, shape)?);
+            self.losses = Some(self.backend.zeros(shape.tokens())?);
         }
-        self.backend.op_mark("optimizer");
+        let batch =
+            self.batch.as_mut().ok_or_else(|| Error::invalid("training step", "the batch buffers are missing"))?;
+        batch.write(&self.backend, &host.tokens, &host.targets)?;
+        let scored = batch.scored();
+
+        match self.step_mode(scored) {
+            StepMode::Eager => self.queue_step()?,
+            StepMode::Capture => self.capture_step(scored)?,
+            StepMode::Replay => self.replay_step()?,
+        }
+
         self.iteration += 1;
-        let loss = out.mean_loss();
-        let total = self.config.steps;
+        self.backend.op_mark("optimizer report");
+        let report = self.optimizer.report(&self.backend);
+        let losses = match self.losses.as_ref() {
+            Some(l) => self.backend.download(l)?,
+            None => return Err(Error::invalid("training step", "the loss buffer is missing")),
+        };
+        let loss = if scored == 0 { 0.0 } else { losses.iter().map(|&v| v as f64).sum::<f64>() / scored as f64 };
         let result = if !loss.is_finite() {
+            // The device refused the step on its guard; say it in the
+            // loss's words.
             Err(format!("loss is {loss}"))
         } else {
-            // The update, the adapter gather and the working copy are
-            // queued back to back: the clip factor and the refusal are
-            // decided on the backend, and a refused step leaves the
-            // parameters as they were, so the gather and the copy
-            // recompute the same values. The report is the one wait.
-            let params = trainable(&mut self.model, self.adapters.as_mut());
-            self.optimizer.queue(&self.backend, params, &[], total)?;
-            self.backend.op_mark("adapter gather");
-            if let Some(a) = self.adapters.as_mut() {
-                a.gather(&self.backend)?;
-            }
-            if self.model.grads.is_some() {
-                // Full fine-tuning changes the f32 master weights.
-                self.model.refresh_working_copy(&self.backend)?;
-            }
-            self.backend.op_mark("optimizer report");
-            match self.optimizer.report(&self.backend) {
+            match report {
                 Ok(r) => Ok(r),
                 Err(Error::NonFinite { what, value, .. }) => Err(format!("{what} has a non-finite norm ({value})")),
                 Err(e) => return Err(e),
             }
         };
-        let outcome = StepOutcome { iteration: self.iteration, loss, tokens: out.count(), report: None, refused: None };
+        let outcome = StepOutcome { iteration: self.iteration, loss, tokens: scored, report: None, refused: None };
         match result {
             Ok(report) => {
                 self.bad_steps = 0;
@@ -316,8 +401,151 @@ impl<B: TrainBackend> Trainer<B> {
         }
     }
 
+    /// Queues one step's device work over the fixed batch, without a wait:
+    /// zero gradients, forward and backward, the adapters' scatter, the
+    /// losses into their fixed buffer, the optimizer (which refuses on the
+    /// device when a gradient or the loss is not finite), the adapters'
+    /// gather and, for full fine-tuning, the working copy.
+    fn queue_step(&mut self) -> Result<()> {
+        self.backend.op_mark("zero grads");
+        self.zero_grads()?;
+        let Trainer { backend, model, adapters, optimizer, batch, losses, config, .. } = self;
+        let (batch, losses) = match (batch.as_ref(), losses.as_mut()) {
+            (Some(b), Some(l)) => (b, l),
+            _ => return Err(Error::invalid("training step", "the batch buffers are missing")),
+        };
+        let ce = model.run_queued(backend, adapters.as_mut(), batch, true)?;
+        backend.op_mark("adapter scatter");
+        if let Some(a) = adapters.as_mut() {
+            a.scatter(backend)?;
+        }
+        backend.op_mark("optimizer");
+        // Out of the forward's own buffer (freed within the step) into the
+        // trainer's, which outlives it.
+        backend.copy_into(&ce.losses, losses)?;
+        drop(ce);
+        // The update, the adapter gather and the working copy are queued
+        // back to back: the clip factor and the refusal are decided on the
+        // backend, and a refused step leaves the parameters as they were,
+        // so the gather and the copy recompute the same values.
+        let params = trainable(model, adapters.as_mut());
+        optimizer.queue(backend, params, &[("loss", &*losses)], config.steps)?;
+        backend.op_mark("adapter gather");
+        if let Some(a) = adapters.as_mut() {
+            a.gather(backend)?;
+        }
+        if model.grads.is_some() {
+            // Full fine-tuning changes the f32 master weights.
+            model.refresh_working_copy(backend)?;
+        }
+        Ok(())
+    }
+
+    /// How this step runs, and the warm-up count down.
+    fn step_mode(&mut self, scored: usize) -> StepMode {
+        if !self.backend.supports_graphs() {
+            return StepMode::Eager;
+        }
+        if let GraphState::Warmup(_) | GraphState::Ready { .. } = self.graph {
+            if self.model.grads.is_some() {
+                // The embedding's weight gradient groups the token ids on
+                // the host (cuda::nn's embedding_backward) and uploads the
+                // groups per call: not capturable.
+                self.graph_off(
+                    "full fine-tuning's embedding backward groups the token ids on the host, \
+                     which a replayed graph would not redo"
+                        .into(),
+                );
+                return StepMode::Eager;
+            }
+        }
+        if let GraphState::Ready { .. } = self.graph {
+            if !self.optimizer.state_is_current(STEP_GUARDS) {
+                // The step count was set by hand: the state is uploaded
+                // anew (another buffer), which the graph does not read.
+                self.graph = GraphState::Warmup(GRAPH_WARMUP_STEPS);
+            }
+        }
+        let profiling = self.backend.op_timing_on();
+        let mode = match &mut self.graph {
+            GraphState::Off => return StepMode::Eager,
+            GraphState::Warmup(0) if !profiling => StepMode::Capture,
+            GraphState::Warmup(left) => {
+                *left = left.saturating_sub(1);
+                StepMode::Eager
+            }
+            GraphState::Ready { scored: captured, .. } if *captured == scored && !profiling => StepMode::Replay,
+            GraphState::Ready { .. } => StepMode::Eager,
+        };
+        if let StepMode::Eager = mode {
+            self.graph_status.eager += 1;
+        }
+        mode
+    }
+
+    /// Records this step's work as a graph and runs it by replaying it
+    /// once; on failure says why once and runs the step eagerly.
+    fn capture_step(&mut self, scored: usize) -> Result<()> {
+        self.backend.capture_begin()?;
+        let queued = self.queue_step();
+        let ended = self.backend.capture_end();
+        let graph = match (queued, ended) {
+            (Ok(()), Ok(graph)) => graph,
+            (Err(e), _) | (Ok(()), Err(e)) => {
+                // Nothing ran: a failed capture records, it does not execute.
+                // A stale error a drop recorded during capture surfaces
+                // here rather than in the eager step.
+                let _ = self.backend.synchronize();
+                self.graph_off(format!("capturing the step failed: {e}"));
+                self.graph_status.eager += 1;
+                return self.queue_step();
+            }
+        };
+        self.graph_status.captures += 1;
+        graph.replay()?;
+        self.graph = GraphState::Ready { graph, scored };
+        Ok(())
+    }
+
+    /// Replays the captured step; if the launch fails, says why once and
+    /// runs the step eagerly.
+    fn replay_step(&mut self) -> Result<()> {
+        let replayed = match &self.graph {
+            GraphState::Ready { graph, .. } => graph.replay(),
+            _ => Err(Error::invalid("graph replay", "no captured step")),
+        };
+        match replayed {
+            Ok(()) => {
+                self.graph_status.replays += 1;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.backend.synchronize();
+                self.graph_off(format!("replaying the captured step failed: {e}"));
+                self.graph_status.eager += 1;
+                self.queue_step()
+            }
+        }
+    }
+
+    /// Turns graph replay off for the rest of the run and says why, once.
+    fn graph_off(&mut self, why: String) {
+        self.graph = GraphState::Off;
+        if self.graph_status.off.is_none() {
+            eprintln!("lorafuse: graph replay is off, steps run eagerly: {why}");
+            self.graph_status.off = Some(why);
+        }
+    }
+
     /// Loss, perplexity and accuracy on the held-out set.
+    ///
+    /// Its batches have other shapes than the training step's and may grow
+    /// buffers a captured step reads, so a captured step is dropped and the
+    /// next step captures anew (after one eager step).
     pub fn evaluate(&mut self) -> Result<EvalMetrics> {
+        if let GraphState::Ready { .. } = self.graph {
+            self.graph = GraphState::Warmup(GRAPH_WARMUP_STEPS);
+        }
         evaluate(
             &self.backend,
             &mut self.model,

@@ -104,6 +104,10 @@ pub struct TrainArgs {
     /// framework can feed the same batches (text:/tokens: data only).
     #[arg(long)]
     sequential_batches: bool,
+    /// Replay each training step as one captured CUDA graph after an eager
+    /// warm-up step (the CPU ignores it). Same numbers, fewer launch gaps.
+    #[arg(long)]
+    graph: bool,
     /// Start from this adapter (PEFT format, e.g. written by PEFT's
     /// save_pretrained) instead of the usual init; its kind, rank, α and
     /// target modules must be the run's.
@@ -345,6 +349,7 @@ fn train_on<B: TrainBackend + Clone>(backend: B, args: &TrainArgs) -> Result<()>
     }
     c.answer_only |= args.answer_only;
     c.sequential_batches |= args.sequential_batches;
+    c.graph |= args.graph;
     let given_model = args.sources.model.clone().or(file.model);
     let given_data = args.sources.data.clone().or(file.data);
     let out = args.out.clone().or(file.out).unwrap_or_else(|| PathBuf::from("lorafuse-out"));
