@@ -9,7 +9,8 @@
 //!
 //! Engines that own their context and stream wrap them with
 //! [`Gpu::from_stream`]; every op then runs on that stream over caller-owned
-//! memory.
+//! memory, plus the `Gpu`'s own scratch workspace ([`workspace`]), which
+//! grows to the largest call and is reused after.
 
 pub mod adapter_sum;
 pub mod attention;
@@ -19,6 +20,7 @@ pub mod lowrank;
 pub mod multi_adapter;
 pub mod nn;
 pub mod projection;
+pub mod workspace;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,6 +34,7 @@ use crate::backend::{Backend, Scalar};
 use crate::op_timing::{Breakdown, Timeline};
 use crate::{Error, Result};
 pub use kernels::KernelFamily;
+pub use workspace::WorkspaceStats;
 
 /// What the device reports about itself.
 #[derive(Clone, Debug)]
@@ -92,6 +95,8 @@ pub struct Gpu {
     /// Resident blocks per SM by (kernel, threads, dynamic shared memory):
     /// [`Gpu::blocks_per_sm`].
     occupancy: Arc<Mutex<OccupancyCache>>,
+    /// Per-call device scratch, reused in stream order: [`Gpu::scratch`].
+    workspace: Arc<workspace::Workspace>,
 }
 
 /// The lazily created cuBLAS handle of one [`Gpu`] and its clones.
@@ -203,6 +208,7 @@ impl Gpu {
             blas,
             tables: Arc::default(),
             occupancy: Arc::default(),
+            workspace: Arc::default(),
         })
     }
 

@@ -6,7 +6,8 @@
 //! stream (wrap an engine's stream with [`Gpu::from_stream`]); the
 //! [`MultiAdapterOps`] impl calls it on owned buffers. Each call uploads its
 //! work-item list (16 bytes per block, built on the host from the ids) and
-//! takes an `M × r_max` f32 scratch for `t'` from the stream's pool.
+//! carves an `M × r_max` f32 scratch for `t'` from the [`Gpu`]'s workspace
+//! ([`super::workspace`]).
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 
@@ -47,10 +48,11 @@ pub fn add_in_place<T: Element>(
     let items: Vec<u32> = plan.shrink.iter().chain(&plan.expand).flatten().copied().collect();
     let items = gpu.upload(&items)?;
     let m = rows.rows();
-    // SAFETY: every t'[row][q] the expand reads (q below the row's rank) is
-    // written by the shrink item covering (row's tile, q) before it.
-    let mut t: CudaSlice<f32> = unsafe { gpu.stream().alloc(m * plan.ld_t) }
-        .map_err(|e| Error::cuda(format!("allocating {} f32 of t'", m * plan.ld_t), e))?;
+    // Every t'[row][q] the expand reads (q below the row's rank) is written
+    // by the shrink item covering (row's tile, q) before it; the rest of
+    // the region is never read.
+    let ws = gpu.scratch()?;
+    let mut t = ws.take::<f32>(m * plan.ld_t)?;
     let (k32, n32, ld32) = (cfg.k as i32, cfg.n as i32, plan.ld_t as i32);
     {
         let (f, name) = kernel::<T>(gpu, "multi_adapter_shrink")?;
