@@ -27,11 +27,14 @@ pub const TENSOR_CORE_MIN_RANK: usize = 64;
 /// Threads per block of the streaming kernel.
 const THREADS: u32 = crate::abi::MERGE_THREADS;
 
-/// A block's tile of W: (rows, cols). A thread owns 32 elements in rows of
-/// one 16-byte access each (8 halves or 4 floats), 16 × 16 threads a block.
+/// A block's tile of W, (rows, cols), for elements of `elem` bytes: the
+/// kernel's geometry, defined once in kernels/abi.h (`MERGE_TILE_M/N`).
 fn tile(elem: usize) -> (u64, u64) {
-    let n = (16 / elem) as u64;
-    (16 * (32 / n), 16 * n)
+    let (m, n) = match elem {
+        4 => (crate::abi::MERGE_F32_TILE_M, crate::abi::MERGE_F32_TILE_N),
+        _ => (crate::abi::MERGE_HALF_TILE_M, crate::abi::MERGE_HALF_TILE_N),
+    };
+    (m as u64, n as u64)
 }
 
 /// `w += alpha·leftᵀ·right` on caller-owned views (W rows×cols, left
