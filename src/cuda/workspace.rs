@@ -302,6 +302,37 @@ impl<T> Region<'_, T> {
     pub(crate) fn ptr(&self) -> u64 {
         self.ptr
     }
+
+    /// The first `mid` elements and the rest, as two regions borrowed from
+    /// this one (so neither can be used with it at the same time).
+    pub(crate) fn split_at_mut(&mut self, mid: usize) -> (Region<'_, T>, Region<'_, T>) {
+        let mid = mid.min(self.len);
+        let rest = self.ptr + (mid * std::mem::size_of::<T>()) as u64;
+        (
+            Region { ptr: self.ptr, len: mid, _borrow: PhantomData },
+            Region { ptr: rest, len: self.len - mid, _borrow: PhantomData },
+        )
+    }
+
+    /// Copies `host` (exactly this region's length) into the region on
+    /// `gpu`'s stream. The driver stages a pageable `host` before
+    /// returning, so it may be dropped right after.
+    pub(crate) fn copy_from_host(&mut self, gpu: &Gpu, host: &[T]) -> Result<()> {
+        if host.len() != self.len {
+            return Err(Error::invalid(
+                "scratch upload",
+                format!("{} host elements for a region of {}", host.len(), self.len),
+            ));
+        }
+        if host.is_empty() {
+            return Ok(());
+        }
+        gpu.context().bind_to_thread().map_err(|e| Error::cuda("binding the CUDA context", e))?;
+        // SAFETY: the region holds `host.len()` elements of T and is owned
+        // by this borrow; queued on the stream every user of it is queued on.
+        unsafe { cudarc::driver::result::memcpy_htod_async(self.ptr, host, gpu.stream().cu_stream()) }
+            .map_err(|e| Error::cuda("host-to-device copy into scratch", e))
+    }
 }
 
 // A region is a plain device pointer to the kernel. No cudarc event is
