@@ -34,7 +34,10 @@
 //! captured while it was current still holds its address. While the stream
 //! is capturing a graph the buffer is never replaced (an allocation made
 //! during capture would belong to the graph): warm the workspace with one
-//! uncaptured run, or [`Gpu::reserve_workspace`], before capturing.
+//! uncaptured run, or [`Gpu::reserve_workspace`], before capturing. A
+//! replayed graph uses the buffer that was current at capture; if other
+//! threads issue calls on the same `Gpu`, launch the graph while holding
+//! [`Gpu::scratch`] so its kernels cannot land between theirs.
 //!
 //! # Contents
 //!
@@ -462,5 +465,31 @@ mod tests {
         assert!(stats.capacity >= big + ALIGN);
         assert_eq!(stats.grows, after_first.grows + 1, "only the call after the first may grow: {stats:?}");
         assert_eq!(stats.overflows, after_first.overflows, "a warm workspace must not overflow: {stats:?}");
+    }
+
+    /// A call that panics while holding the workspace poisons its lock:
+    /// later calls get a typed error, not a panic. Device-only.
+    #[test]
+    fn a_poisoned_workspace_is_a_typed_error() {
+        let gpu = match Gpu::new(0) {
+            Ok(gpu) => gpu,
+            Err(e) => return println!("skipped: a_poisoned_workspace_is_a_typed_error: {e}"),
+        };
+        let panicked = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let _held = gpu.scratch().unwrap();
+                    panic!("a call fails while holding the workspace");
+                })
+                .join()
+                .is_err()
+        });
+        assert!(panicked);
+        for result in [gpu.scratch().map(|_| ()), gpu.workspace_stats().map(|_| ()), gpu.reserve_workspace(1)] {
+            match result {
+                Err(Error::Invalid { why, .. }) => assert!(why.contains("open a new one"), "{why}"),
+                other => panic!("expected a typed error, got {other:?}"),
+            }
+        }
     }
 }
