@@ -31,7 +31,9 @@
 //! the high-water mark (rounded up to a power of two), so steady-state
 //! calls allocate nothing. The buffer never shrinks. A replaced buffer is
 //! kept until the last clone of the `Gpu` drops, not freed: a CUDA graph
-//! captured while it was current still holds its address. While the stream
+//! captured while it was current still holds its address. Each growth at
+//! least doubles the capacity, so the kept buffers add up to less than the
+//! current one. While the stream
 //! is capturing a graph the buffer is never replaced (an allocation made
 //! during capture would belong to the graph): warm the workspace with one
 //! uncaptured run, or [`Gpu::reserve_workspace`], before capturing. A
