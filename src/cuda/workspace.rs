@@ -223,6 +223,7 @@ impl Gpu {
         if state.stats.capacity == 0 {
             return Ok(());
         }
+        self.context().bind_to_thread().map_err(|e| Error::cuda("binding the CUDA context", e))?;
         // SAFETY: `capacity` bytes from `base` are the live buffer; queued on
         // the stream every user of it is queued on.
         unsafe {
