@@ -11,7 +11,9 @@
 //! - decode rows (M ∈ {1, 16}, K = N = 4096, r ∈ {4, 16, 64}): the fused
 //!   decode kernel against the cuBLAS base GEMM, the two-launch path it
 //!   replaces and the unfused sequence, with GB/s against the floor of
-//!   reading W once (goal: fused ≤ 1.05× base);
+//!   reading W once (goal: fused ≤ 1.05× base); the Gpu's scratch
+//!   workspace is warmed before timing, and each row prints how many
+//!   scratch allocations the timed calls made (steady state: 0);
 //! - layer rows for every shape of `lowrank_shapes()` (GPT-2 small's
 //!   linears at batch 8 × 1024, the 4096-wide layers, decode M ∈ {1, 16}):
 //!   forward and forward + backward (dx, dA, dB), each / the base GEMM
@@ -297,8 +299,17 @@ fn decode_rows(gpu: &Gpu, copy_bw: f64) -> Result<()> {
                 forward_with(gpu, p, s, &x, &w, None, Some(&ad), &mut bf.y.as_view_mut(), Some(&mut bf.t.as_view_mut()))
             }
         };
+        // Warm the scratch workspace first: a size's first call allocates
+        // its excess, the next grows the Gpu's buffer; from then on no call
+        // allocates, which the counters below confirm for the timed calls.
+        for p in [DecodePath::Fused, DecodePath::BaseThenAdd] {
+            path(p)(0, &mut bf)?;
+            path(p)(1, &mut bf)?;
+        }
+        let cold = gpu.workspace_stats()?;
         let fused = per_call_ms(gpu, &mut bf, path(DecodePath::Fused))?;
         let two = per_call_ms(gpu, &mut bf, path(DecodePath::BaseThenAdd))?;
+        let warm = gpu.workspace_stats()?;
         let unfused = per_call_ms(gpu, &mut bf, |i, bf| unfused_forward(gpu, s, bf, i, scale))?;
         let bytes = (s.n * s.k * 2 + m * s.k * 2 + m * s.n * 2 + r * (s.k + s.n) * 4 + m * r * 4) as f64;
         println!(
@@ -313,6 +324,11 @@ fn decode_rows(gpu: &Gpu, copy_bw: f64) -> Result<()> {
             bytes / (fused * 1e-3) / 1e9,
         );
         println!("    {}", bench::report_row("fused decode vs W-read floor", fused, bytes, copy_bw));
+        println!(
+            "    scratch: {} KiB workspace, warm before timing; allocations during the timed calls: {}",
+            warm.capacity / 1024,
+            (warm.grows - cold.grows) + (warm.overflows - cold.overflows)
+        );
         println!(
             "    {}",
             bench::report_row("cuBLAS base GEMM vs W-read floor", base, (s.n * s.k * 2) as f64, copy_bw)

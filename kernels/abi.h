@@ -234,7 +234,24 @@ typedef struct OptimArgs {
 
 /* ---- adapter_sum (kernels/adapter_sum.cu, src/cuda/adapter_sum.rs) ------ */
 
+/** Threads per block of the merge: MERGE_DIM × MERGE_DIM over the block's
+ * tile of W. */
 #define MERGE_THREADS 256
+#define MERGE_DIM 16
+/** Merge tiles for W elements of E bytes: a thread owns MERGE_ROWS(E) rows ×
+ * MERGE_VEC(E) columns (one 16-byte access per row; 32 f32 accumulators
+ * either way), a block MERGE_TILE_M(E) × MERGE_TILE_N(E) of W, and L and R
+ * are staged MERGE_KC(E) ranks at a time. */
+#define MERGE_VEC(E) (16 / (E))
+#define MERGE_ROWS(E) (32 / MERGE_VEC(E))
+#define MERGE_TILE_N(E) (MERGE_DIM * MERGE_VEC(E))
+#define MERGE_TILE_M(E) (MERGE_DIM * MERGE_ROWS(E))
+#define MERGE_KC(E) (4 * MERGE_VEC(E))
+/** The tiles the host sizes its grid by: f32 W, and f16/bf16 W. */
+static const uint32_t MERGE_F32_TILE_M = MERGE_TILE_M(4);
+static const uint32_t MERGE_F32_TILE_N = MERGE_TILE_N(4);
+static const uint32_t MERGE_HALF_TILE_M = MERGE_TILE_M(2);
+static const uint32_t MERGE_HALF_TILE_N = MERGE_TILE_N(2);
 
 /* ---- lowrank (kernels/lowrank.cu, src/cuda/lowrank.rs) ------------------ */
 
@@ -280,6 +297,8 @@ static_assert(sizeof(AdamWArgs) == 64, "AdamWArgs");
 static_assert(sizeof(AdamWEntry) == 56 && offsetof(AdamWEntry, lr) == 40, "AdamWEntry");
 static_assert(sizeof(OptimArgs) == 64 && offsetof(OptimArgs, decay) == 56, "OptimArgs");
 static_assert(MA_D_B_START + 2 <= MA_DESC_WORDS, "descriptor words");
+static_assert(MERGE_DIM * MERGE_DIM == MERGE_THREADS, "merge threads form a square");
+static_assert(MERGE_ROWS(2) % 4 == 0 && MERGE_VEC(4) % 4 == 0, "merge reads L and R as float4");
 #endif
 
 #endif /* LORAFUSE_ABI_H */

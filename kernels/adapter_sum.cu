@@ -38,16 +38,15 @@
 // to the update.
 #include "common.cuh"
 
-// MERGE_THREADS is in abi.h.
-
-// Tile geometry per storage type: a thread owns ROWS rows × N columns (32
-// f32 accumulators either way).
+// Tile geometry per storage type, from abi.h (MERGE_THREADS, MERGE_DIM and
+// the MERGE_* formulas, which the launcher's grid also reads): a thread owns
+// ROWS rows × N columns (32 f32 accumulators either way).
 template <typename T> struct MergeTile {
-    static constexpr int N = 16 / sizeof(T);  // elements per 16-byte access
-    static constexpr int ROWS = 32 / N;       // rows per thread: 4 (f16/bf16) or 8 (f32)
-    static constexpr int TILE_N = 16 * N;     // columns per block: 128 or 64
-    static constexpr int TILE_M = 16 * ROWS;  // rows per block: 64 or 128
-    static constexpr int KC = 4 * N;          // ranks staged per step: 32 or 16
+    static constexpr int N = MERGE_VEC(sizeof(T));         // elements per 16-byte access
+    static constexpr int ROWS = MERGE_ROWS(sizeof(T));     // rows per thread: 4 (f16/bf16) or 8 (f32)
+    static constexpr int TILE_N = MERGE_TILE_N(sizeof(T));  // columns per block: 128 or 64
+    static constexpr int TILE_M = MERGE_TILE_M(sizeof(T));  // rows per block: 64 or 128
+    static constexpr int KC = MERGE_KC(sizeof(T));         // ranks staged per step: 32 or 16
 };
 
 // A 16-byte global-to-shared copy that occupies no registers while in
@@ -80,7 +79,7 @@ __device__ __forceinline__ void adapter_merge_tile(T* __restrict__ w, const floa
     const uint32_t tiles_n = (cols + TILE_N - 1) / TILE_N;
     const uint32_t row0 = (blockIdx.x / tiles_n) * TILE_M;
     const uint32_t col0 = (blockIdx.x % tiles_n) * TILE_N;
-    const uint32_t tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const uint32_t tx = threadIdx.x % MERGE_DIM, ty = threadIdx.x / MERGE_DIM;
     const uint32_t col = col0 + tx * N;
     const uint32_t avail_c = col < cols ? min((uint32_t)N, cols - col) : 0u;
     // 16-byte accesses need full width and rows that stay 16-byte aligned.

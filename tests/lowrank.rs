@@ -1397,7 +1397,7 @@ mod fused_decode {
     /// The fused decode against the CPU oracle for one case and dtype: y
     /// (NaN-poisoned first) and the saved t within their derived bounds (one
     /// rounding of y, f32 everywhere else), and the same bits on a second run.
-    fn fused_decode_matches_cpu<T: Element>(gpu: &Gpu, c: &Case) -> Result<(), String> {
+    pub(super) fn fused_decode_matches_cpu<T: Element>(gpu: &Gpu, c: &Case) -> Result<(), String> {
         let s = c.s;
         let LinearShape { m, n, r, .. } = s;
         let ctx =
@@ -1472,6 +1472,58 @@ mod fused_decode {
                     fused_decode_matches_cpu::<bf16>(&gpu, &c).unwrap();
                 }
             }
+        }
+    }
+}
+
+// ---- the scratch workspace -------------------------------------------------
+
+/// Calls of growing, then shrinking sizes back to back on one `Gpu`, each
+/// path that carves scratch (fused decode, base-then-add decode, prefill,
+/// backward with and without a saved t, packed forward and backward), every
+/// result against the CPU oracle within the bounds above. The workspace is
+/// filled with NaN before each call, so a kernel that reads scratch it did
+/// not write (stale bytes a fresh allocation might have hidden) or two
+/// regions that overlap show up as a mismatch; a second pass over the same
+/// sizes must neither grow nor overflow the workspace (steady state
+/// allocates nothing).
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_workspace_reuse_across_growing_and_shrinking_calls() {
+    let Some(gpu) = common::gpu_or_skip("gpu_workspace_reuse_across_growing_and_shrinking_calls") else { return };
+    // (M, K, N, r): decode sizes, the prefill boundary, a large prefill
+    // (the most scratch), then back down.
+    let up = [(1, 4096, 1000, 16), (16, 1000, 700, 64), (33, 257, 129, 17), (300, 1000, 700, 64), (400, 640, 1200, 32)];
+    let sizes: Vec<_> = up.iter().chain(up.iter().rev().skip(1)).copied().collect();
+    let mut warm = None;
+    for pass in 0..2 {
+        for (i, &(m, k, n, r)) in sizes.iter().enumerate() {
+            let s = LinearShape { m, k, n, r };
+            let seed = 4000 + 100 * pass + i as u64;
+            let c = Case::new(seed, s, i % 2 == 0, i % 3 != 1);
+            let (dx, saved_t) = (i % 2 == 1, i % 4 < 2);
+            gpu.poison_workspace().unwrap();
+            match i % 3 {
+                0 => gpu_matches_cpu::<bf16>(&gpu, &c, ALL, dx, true, saved_t, seed),
+                1 => gpu_matches_cpu::<f32>(&gpu, &c, ALL, dx, true, saved_t, seed),
+                _ => gpu_matches_cpu::<f16>(&gpu, &c, ALL, dx, true, saved_t, seed),
+            }
+            .unwrap();
+            gpu.poison_workspace().unwrap();
+            gpu_packed_case::<bf16>(&gpu, s, seed);
+            // A decode call between the larger ones.
+            let d =
+                Case::new(seed ^ 0xdec, LinearShape { m: 1 + i % 16, k: 515, n: 333, r: 4 << (i % 3) }, true, false);
+            gpu.poison_workspace().unwrap();
+            fused_decode::fused_decode_matches_cpu::<bf16>(&gpu, &d).unwrap();
+        }
+        let stats = gpu.workspace_stats().unwrap();
+        match warm {
+            None => warm = Some(stats),
+            Some(w) => assert!(
+                stats.grows == w.grows && stats.overflows == w.overflows,
+                "the second pass allocated scratch: {w:?} -> {stats:?}"
+            ),
         }
     }
 }

@@ -52,6 +52,7 @@ pub const OPTIM_CORRECTION2: u32 = 6;
 pub const OPTIM_FIRST_BAD: u32 = 7;
 pub const OPTIM_HEADER: u32 = 8;
 pub const MERGE_THREADS: u32 = 256;
+pub const MERGE_DIM: u32 = 16;
 pub const LR_THREADS: u32 = 256;
 pub const TC_WARPS: u32 = 4;
 pub const TC_KT: u32 = 64;
@@ -307,3 +308,8 @@ const _: () = {
     ["Offset of field: OptimArgs::decay"][::std::mem::offset_of!(OptimArgs, decay) - 56usize];
     ["Offset of field: OptimArgs::pad"][::std::mem::offset_of!(OptimArgs, pad) - 60usize];
 };
+#[doc = " The tiles the host sizes its grid by: f32 W, and f16/bf16 W."]
+pub const MERGE_F32_TILE_M: u32 = 128;
+pub const MERGE_F32_TILE_N: u32 = 64;
+pub const MERGE_HALF_TILE_M: u32 = 64;
+pub const MERGE_HALF_TILE_N: u32 = 128;

@@ -6,8 +6,10 @@
 //! [`merge_streaming`] (the kernel: any dtype and rank, f32 factors) and
 //! [`merge_tensor_cores`] (bf16 W only: cuBLAS on bf16-rounded factors).
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtrMut, PushKernelArg};
 
+use super::lowrank::{gemm, Operand};
+use super::workspace::Region;
 use super::{blocks_for, grid, kernels, Gpu};
 use crate::adapter_sum::{check_merge, AdapterSumOps, MergeShape};
 use crate::dtype::{DType, Element};
@@ -25,11 +27,14 @@ pub const TENSOR_CORE_MIN_RANK: usize = 64;
 /// Threads per block of the streaming kernel.
 const THREADS: u32 = crate::abi::MERGE_THREADS;
 
-/// A block's tile of W: (rows, cols). A thread owns 32 elements in rows of
-/// one 16-byte access each (8 halves or 4 floats), 16 × 16 threads a block.
+/// A block's tile of W, (rows, cols), for elements of `elem` bytes: the
+/// kernel's geometry, defined once in kernels/abi.h (`MERGE_TILE_M/N`).
 fn tile(elem: usize) -> (u64, u64) {
-    let n = (16 / elem) as u64;
-    (16 * (32 / n), 16 * n)
+    let (m, n) = match elem {
+        4 => (crate::abi::MERGE_F32_TILE_M, crate::abi::MERGE_F32_TILE_N),
+        _ => (crate::abi::MERGE_HALF_TILE_M, crate::abi::MERGE_HALF_TILE_N),
+    };
+    (m as u64, n as u64)
 }
 
 /// `w += alpha·leftᵀ·right` on caller-owned views (W rows×cols, left
@@ -92,9 +97,9 @@ pub fn merge_streaming<T: Element>(
 }
 
 /// `w += alpha·leftᵀ·right` for a bf16 `w` on tensor cores: the factors are
-/// rounded to bf16 into scratch buffers (rank·(rows + cols) elements, freed
-/// when the call returns), then one cuBLAS GEMM with beta = 1 reads and
-/// writes W once. Other dtypes are a [`Error::DType`].
+/// rounded to bf16 into the [`Gpu`]'s scratch workspace (rank·(rows + cols)
+/// elements), then one cuBLAS GEMM with beta = 1 reads and writes W once.
+/// Other dtypes are a [`Error::DType`].
 pub fn merge_tensor_cores<T: Element>(
     gpu: &Gpu,
     w: &mut CudaViewMut<'_, T>,
@@ -116,34 +121,36 @@ pub fn merge_tensor_cores<T: Element>(
     if rank == 0 || rows == 0 || cols == 0 {
         return Ok(());
     }
-    let cast = |src: &CudaView<'_, f32>| -> Result<CudaSlice<T>> {
-        // SAFETY: every element is written by the cast kernel below before
-        // cuBLAS reads it (same stream).
-        let mut dst =
-            unsafe { gpu.stream().alloc::<T>(src.len()) }.map_err(|e| Error::cuda("allocating factors", e))?;
+    if [rows, cols, rank].iter().any(|&d| d > i32::MAX as usize) {
+        return Err(Error::invalid(
+            "adapter_merge (tensor cores)",
+            format!("{shape:?}: each dimension must be < 2^31"),
+        ));
+    }
+    let ws = gpu.scratch()?;
+    let cast = |src: &CudaView<'_, f32>, dst: &mut Region<'_, T>| -> Result<()> {
         let f = gpu.function(kernels::ADAPTER_SUM, "adapter_factor_cast_bf16")?;
+        debug_assert_eq!(src.len(), dst.len());
         let n = src.len() as u64;
         let blocks = gpu.persistent_grid(8, blocks_for(n, THREADS) as u64);
         // SAFETY: argument types match; both buffers hold n elements, and T
         // is bf16 here (the caller checked T::DTYPE).
-        unsafe { gpu.stream().launch_builder(&f).arg(src).arg(&mut dst).arg(&n).launch(grid(blocks, THREADS, 0)) }
+        unsafe { gpu.stream().launch_builder(&f).arg(src).arg(dst).arg(&n).launch(grid(blocks, THREADS, 0)) }
             .map_err(|e| Error::cuda("launching adapter_factor_cast_bf16", e))?;
-        Ok(dst)
+        Ok(())
     };
-    let (l16, r16) = (cast(left)?, cast(right)?);
+    // Every element of both regions is written by its cast before cuBLAS
+    // reads it (same stream).
+    let (mut l16, mut r16) = (ws.take::<T>(left.len())?, ws.take::<T>(right.len())?);
+    cast(left, &mut l16)?;
+    cast(right, &mut r16)?;
     // Row-major W (rows×cols) += alpha · leftᵀ (rows×rank, stored rank×rows)
     // · right (rank×cols).
-    super::lowrank::gemm_rowmajor::<T, T>(
-        gpu,
-        (rows, cols, rank),
-        &l16.slice(..),
-        true,
-        &r16.slice(..),
-        false,
-        w,
-        alpha,
-        1.0,
-    )
+    let h = gpu.blas()?;
+    let (wp, _w_guard) = w.device_ptr_mut(gpu.stream());
+    let lt = Operand { ptr: l16.ptr(), ld: rows, trans: true, dtype: DType::BF16 };
+    let rt = Operand { ptr: r16.ptr(), ld: cols, trans: false, dtype: DType::BF16 };
+    gemm(&h, (rows, cols, rank), lt, rt, wp, cols, DType::BF16, alpha, 1.0)
 }
 
 impl AdapterSumOps for Gpu {

@@ -7,7 +7,9 @@
 //! engine's stream with [`Gpu::from_stream`]); the [`LowRankOps`] impl calls
 //! them on owned buffers, and the [`PackedOps`] impl is the one-GEMM packed
 //! layout. Scratch space (rank-sized partials, the hi/lo halves of the f32
-//! factors, `t'`, `B'`, `dS`) is allocated per call from the stream's pool.
+//! factors, `t'`, `B'`, `dS`) is carved from the [`Gpu`]'s workspace
+//! ([`super::workspace`]): each public entry point locks it once and passes
+//! the guard down, so a warm decode or training step allocates nothing.
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 use cudarc::cublas::CudaBlas;
@@ -15,6 +17,7 @@ use cudarc::driver::{
     CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 
+use super::workspace::{In, Out, Region, Scratch};
 use super::{blocks_for, grid, kernels, ArgOrNull, Gpu};
 use crate::abi;
 use crate::dtype::{DType, Element};
@@ -140,14 +143,6 @@ fn kernel<T: Element>(gpu: &Gpu, stem: &str) -> Result<(cudarc::driver::CudaFunc
     Ok((gpu.function(kernels::LOWRANK, &name)?, name))
 }
 
-/// Scratch memory, fully written by the kernel that produces it before any
-/// read.
-fn scratch<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, len: usize) -> Result<CudaSlice<T>> {
-    // SAFETY: every caller's producer kernel writes all `len` elements before
-    // a consumer reads them (see the index ranges in kernels/lowrank.cu).
-    unsafe { gpu.stream().alloc::<T>(len.max(1)) }.map_err(|e| Error::cuda(format!("allocating {len} elements"), e))
-}
-
 fn cuda_type(d: DType) -> cudaDataType_t {
     match d {
         DType::F32 => cudaDataType_t::CUDA_R_32F,
@@ -159,18 +154,18 @@ fn cuda_type(d: DType) -> cudaDataType_t {
 /// A row-major GEMM operand: device address, leading dimension (elements
 /// per stored row), whether it is used transposed, and its element type.
 #[derive(Clone, Copy)]
-struct Operand {
-    ptr: u64,
-    ld: usize,
-    trans: bool,
-    dtype: DType,
+pub(super) struct Operand {
+    pub(super) ptr: u64,
+    pub(super) ld: usize,
+    pub(super) trans: bool,
+    pub(super) dtype: DType,
 }
 
 /// Row-major `C (m×n) = α·op(A)·op(B) + β·C`, `op(A)` m×k, `op(B)` k×n, f32
 /// accumulation. cuBLAS is column-major, so it computes
 /// `Cᵀ = op(B)ᵀ·op(A)ᵀ`: a row-major matrix is its column-major transpose.
 #[allow(clippy::too_many_arguments)]
-fn gemm(
+pub(super) fn gemm(
     blas: &CudaBlas,
     (m, n, k): (usize, usize, usize),
     a: Operand,
@@ -272,28 +267,30 @@ fn padded_rank(r: usize) -> usize {
 }
 
 /// An f32 factor split into `hi = T(a)` and `lo = T(a − hi)`, zero padded
-/// to `rows_pad × ld` (see `split_impl` in the kernel file).
-struct Split<T> {
-    hi: CudaSlice<T>,
-    lo: CudaSlice<T>,
+/// to `rows_pad × ld` (see `split_impl` in the kernel file), in scratch.
+struct Split<'w, T> {
+    hi: Region<'w, T>,
+    lo: Region<'w, T>,
     ld: usize,
 }
 
 /// Splits `src` (rows×cols, or cols×rows read transposed when `trans`),
 /// scaled per column by `cs`, into padded hi/lo halves in `T`.
 #[allow(clippy::too_many_arguments)]
-fn split<T: Element>(
+fn split<'w, T: Element>(
     gpu: &Gpu,
-    src: &CudaView<'_, f32>,
+    ws: &'w Scratch<'_>,
+    src: In<'_, f32>,
     trans: bool,
     cs: Option<&CudaView<'_, f32>>,
     (rows, cols): (usize, usize),
     rows_pad: usize,
     ld: usize,
-) -> Result<Split<T>> {
+) -> Result<Split<'w, T>> {
     let len = rows_pad * ld;
-    let mut hi = scratch::<T>(gpu, len)?;
-    let mut lo = scratch::<T>(gpu, len)?;
+    // Both halves are written in full, padding included.
+    let mut hi = ws.take::<T>(len)?;
+    let mut lo = ws.take::<T>(len)?;
     let (f, name) = kernel::<T>(gpu, "lowrank_split")?;
     let cfg = grid(gpu.persistent_grid(8, blocks_for(len as u64, THREADS) as u64), THREADS, 0);
     let (tr, r32, c32, rp32, ld32) = (trans as i32, rows as i32, cols as i32, rows_pad as i32, ld as i32);
@@ -319,13 +316,14 @@ fn tc_splits(gpu: &Gpu, len: usize, steps: usize, other_blocks: usize, r: usize,
 /// `part[split] = x·Aᵀ` over K-splits on the tensor cores, for 16-bit `x`
 /// (M×K, row stride `ldx`) and `A` already split; also the backward's
 /// `gB = dy·(B⊙v)` with dy as x. Returns (partials, splits).
-fn shrink_tc<T: Element>(
+fn shrink_tc<'w, T: Element>(
     gpu: &Gpu,
+    ws: &'w Scratch<'_>,
     (m, k, r): (usize, usize, usize),
     x: &CudaView<'_, T>,
     ldx: usize,
-    a: &Split<T>,
-) -> Result<(CudaSlice<f32>, usize)> {
+    a: &Split<'_, T>,
+) -> Result<(Region<'w, f32>, usize)> {
     let rb = rank_block(r);
     let z = r.div_ceil(rb);
     let xblocks = m.div_ceil(16 * TC_WARPS);
@@ -333,7 +331,7 @@ fn shrink_tc<T: Element>(
     let want = tc_splits(gpu, k, steps, xblocks * z, r, z, T::DTYPE.size());
     let per_split = steps.div_ceil(want) * TC_KT;
     let splits = k.div_ceil(per_split);
-    let mut part = scratch::<f32>(gpu, splits * m * r)?;
+    let mut part = ws.take::<f32>(splits * m * r)?;
     let (f, name) = kernel::<T>(gpu, &format!("lowrank_shrink_r{rb}"))?;
     let cfg = LaunchConfig {
         grid_dim: (xblocks as u32, splits as u32, z as u32),
@@ -351,25 +349,26 @@ fn shrink_tc<T: Element>(
 /// `part = x·Aᵀ` per K-split for `x` M×K with row stride `ldx`: returns
 /// (partials, splits). 16-bit x: tensor cores (`shrink_tc`); f32 x: the
 /// CUDA-core kernel, enough splits that the grid covers the device.
-fn shrink<T: Element>(
+fn shrink<'w, T: Element>(
     gpu: &Gpu,
+    ws: &'w Scratch<'_>,
     s: LinearShape,
     x: &CudaView<'_, T>,
     ldx: usize,
     a: &CudaView<'_, f32>,
-) -> Result<(CudaSlice<f32>, usize)> {
+) -> Result<(Region<'w, f32>, usize)> {
     let LinearShape { m, k, r, .. } = s;
     if T::DTYPE != DType::F32 {
         let rows_pad = r.div_ceil(rank_block(r)) * rank_block(r);
-        let a = split::<T>(gpu, a, false, None, (r, k), rows_pad, k.div_ceil(TC_KT) * TC_KT)?;
-        return shrink_tc(gpu, (m, k, r), x, ldx, &a);
+        let a = split::<T>(gpu, ws, In::View(a), false, None, (r, k), rows_pad, k.div_ceil(TC_KT) * TC_KT)?;
+        return shrink_tc(gpu, ws, (m, k, r), x, ldx, &a);
     }
     let base = m.div_ceil(SH_ROWS) * r.div_ceil(SH_RANKS);
     let want = (gpu.info().sm_count as usize * BLOCKS_PER_SM).div_ceil(base).max(1);
     let max_splits = k.div_ceil(4 * SH_KT).max(1);
     let per_split = k.div_ceil(want.min(max_splits)).div_ceil(SH_KT) * SH_KT;
     let splits = k.div_ceil(per_split);
-    let mut part = scratch::<f32>(gpu, splits * m * r)?;
+    let mut part = ws.take::<f32>(splits * m * r)?;
     let (f, name) = kernel::<T>(gpu, "lowrank_shrink")?;
     let cfg = LaunchConfig {
         grid_dim: (m.div_ceil(SH_ROWS) as u32, splits as u32, r.div_ceil(SH_RANKS) as u32),
@@ -386,13 +385,14 @@ fn shrink<T: Element>(
 /// `ppart[stripe] = dyᵀ·(t⊙u)` over row stripes on the tensor cores, for
 /// 16-bit `dy` (M×N, row stride `lddy`) and `t⊙u` already split. Returns
 /// (partials, stripes).
-fn dy_p_tc<T: Element>(
+fn dy_p_tc<'w, T: Element>(
     gpu: &Gpu,
+    ws: &'w Scratch<'_>,
     (m, n, r): (usize, usize, usize),
     dy: &CudaView<'_, T>,
     lddy: usize,
-    tu: &Split<T>,
-) -> Result<(CudaSlice<f32>, usize)> {
+    tu: &Split<'_, T>,
+) -> Result<(Region<'w, f32>, usize)> {
     let rb = rank_block(r);
     let z = r.div_ceil(rb);
     let warp_cols = 16 * (64 / rb);
@@ -401,7 +401,7 @@ fn dy_p_tc<T: Element>(
     let want = tc_splits(gpu, m, tiles, xblocks * z, r, z, T::DTYPE.size());
     let rows_per_block = tiles.div_ceil(want) * 16;
     let stripes = m.div_ceil(rows_per_block);
-    let mut ppart = scratch::<f32>(gpu, stripes * r * n)?;
+    let mut ppart = ws.take::<f32>(stripes * r * n)?;
     let (f, name) = kernel::<T>(gpu, &format!("lowrank_dy_p_r{rb}"))?;
     let cfg = LaunchConfig {
         grid_dim: (xblocks as u32, stripes as u32, z as u32),
@@ -423,11 +423,11 @@ fn dy_p_tc<T: Element>(
 fn shrink_finish<T: Element>(
     gpu: &Gpu,
     s: LinearShape,
-    part: &CudaSlice<f32>,
+    part: &Region<'_, f32>,
     splits: usize,
     ad: &AdapterView<'_>,
-    t: Option<&mut CudaViewMut<'_, f32>>,
-    tx: Option<&mut CudaViewMut<'_, T>>,
+    t: Option<Out<'_, '_, f32>>,
+    tx: Option<Out<'_, '_, T>>,
     (ld, tx_ld): (usize, usize),
     bias_col: bool,
 ) -> Result<()> {
@@ -448,14 +448,15 @@ fn shrink_finish<T: Element>(
 }
 
 /// `B' = [B⊙v | bias | 0…]` in T, N×ld.
-fn prep_expand<T: Element>(
+fn prep_expand<'w, T: Element>(
     gpu: &Gpu,
+    ws: &'w Scratch<'_>,
     s: LinearShape,
     ad: &AdapterView<'_>,
     bias: Option<&CudaView<'_, T>>,
     ld: usize,
-) -> Result<CudaSlice<T>> {
-    let mut bx = scratch::<T>(gpu, s.n * ld)?;
+) -> Result<Region<'w, T>> {
+    let mut bx = ws.take::<T>(s.n * ld)?;
     let (f, name) = kernel::<T>(gpu, "lowrank_prep_expand")?;
     let cfg = grid(gpu.persistent_grid(8, blocks_for((s.n * ld) as u64, THREADS) as u64), THREADS, 0);
     let (ld32, n32, r32) = (ld as i32, s.n as i32, s.r as i32);
@@ -474,15 +475,14 @@ fn prep_expand<T: Element>(
 fn expand_gemm<T: Element>(
     gpu: &Gpu,
     s: LinearShape,
-    tx: &CudaSlice<T>,
-    bx: &CudaSlice<T>,
+    tx: &Region<'_, T>,
+    bx: &Region<'_, T>,
     ld: usize,
     y: &mut CudaViewMut<'_, T>,
     beta: f32,
 ) -> Result<()> {
     let h = gpu.blas()?;
-    let (tp, _g1) = rd(gpu, tx);
-    let (bp, _g2) = rd(gpu, bx);
+    let (tp, bp) = (tx.ptr(), bx.ptr());
     let (yp, _g3) = wr(gpu, y);
     let d = T::DTYPE;
     gemm(
@@ -530,6 +530,7 @@ fn base_gemm<T: Element>(
 #[allow(clippy::too_many_arguments)]
 fn decode<T: Element>(
     gpu: &Gpu,
+    ws: &Scratch<'_>,
     s: LinearShape,
     x: &CudaView<'_, T>,
     ad: &AdapterView<'_>,
@@ -546,7 +547,7 @@ fn decode<T: Element>(
     let blocks = (m * r * (k + n)).div_ceil(1 << 16).clamp(4.min(sms), sms).min(k.div_ceil(32)).max(1);
     let k_chunk = k.div_ceil(blocks);
     let blocks = k.div_ceil(k_chunk);
-    let mut work = scratch::<f32>(gpu, (blocks + 1) * m * r)?;
+    let mut work = ws.take::<f32>((blocks + 1) * m * r)?;
     let (f, name) = kernel::<T>(gpu, "lowrank_decode")?;
     let cfg = grid(blocks as u32, THREADS, (m * r * 4) as u32);
     let (m32, k32, n32, r32, kc) = (m as i32, k as i32, n as i32, r as i32, k_chunk as i32);
@@ -581,6 +582,7 @@ pub enum DecodePath {
 #[allow(clippy::too_many_arguments)]
 fn decode_fused<T: Element>(
     gpu: &Gpu,
+    ws: &Scratch<'_>,
     s: LinearShape,
     x: &CudaView<'_, T>,
     w: &CudaView<'_, T>,
@@ -604,7 +606,9 @@ fn decode_fused<T: Element>(
     let slices = (DEC_PARTIALS / (m * r)).clamp(1, max_slices);
     let k_slice = k.div_ceil(slices).div_ceil(DEC_SLICE) * DEC_SLICE;
     let slices = k.div_ceil(k_slice);
-    let mut part = scratch::<f32>(gpu, slices * m * r)?;
+    // Every slice's partials are written before the grid sync that
+    // precedes their first read.
+    let mut part = ws.take::<f32>(slices * m * r)?;
     let cfg = grid(blocks as u32, DEC_THREADS, smem as u32);
     let (m32, k32, n32, r32, ks32, sl32) = (m as i32, k as i32, n as i32, r as i32, k_slice as i32, slices as i32);
     let mut b = gpu.stream().launch_builder(&f);
@@ -626,6 +630,7 @@ fn decode_fused<T: Element>(
 #[allow(clippy::too_many_arguments)]
 fn prefill_expand<T: Element>(
     gpu: &Gpu,
+    ws: &Scratch<'_>,
     s: LinearShape,
     x: &CudaView<'_, T>,
     ad: &AdapterView<'_>,
@@ -635,10 +640,12 @@ fn prefill_expand<T: Element>(
     beta: f32,
 ) -> Result<()> {
     let ld = padded_rank(s.r);
-    let (part, splits) = shrink(gpu, s, x, s.k, &ad.a)?;
-    let mut tx = scratch::<T>(gpu, s.m * ld)?;
-    shrink_finish(gpu, s, &part, splits, ad, t, Some(&mut tx.as_view_mut()), (ld, ld), bias.is_some())?;
-    let bx = prep_expand(gpu, s, ad, bias, ld)?;
+    let (part, splits) = shrink(gpu, ws, s, x, s.k, &ad.a)?;
+    // t' is written in full (`ld` columns, padding included) by the finish.
+    let mut tx = ws.take::<T>(s.m * ld)?;
+    let t = t.map(Out::View);
+    shrink_finish(gpu, s, &part, splits, ad, t, Some(Out::Region(&mut tx)), (ld, ld), bias.is_some())?;
+    let bx = prep_expand(gpu, ws, s, ad, bias, ld)?;
     expand_gemm(gpu, s, &tx, &bx, ld, y, beta)
 }
 
@@ -676,6 +683,7 @@ pub fn forward_with<T: Element>(
 ) -> Result<()> {
     let lens = adapter.map(AdapterView::lens);
     s.check_forward(x.len(), w.len(), bias.map(|b| b.len()), lens.as_ref(), y.len(), t.as_ref().map(|t| t.len()))?;
+    let ws = gpu.scratch()?;
     match adapter {
         None => {
             if let Some(bias) = bias {
@@ -688,14 +696,14 @@ pub fn forward_with<T: Element>(
             base_gemm(gpu, s, x, w, y, if bias.is_some() { 1.0 } else { 0.0 })
         }
         Some(ad) if s.m <= DECODE_FUSED_MAX_M && path == DecodePath::Fused => {
-            decode_fused(gpu, s, x, w, ad, bias, y, t)
+            decode_fused(gpu, &ws, s, x, w, ad, bias, y, t)
         }
         Some(ad) if s.m <= DECODE_MAX_M => {
             base_gemm(gpu, s, x, w, y, 0.0)?;
-            decode(gpu, s, x, ad, bias, y, t)
+            decode(gpu, &ws, s, x, ad, bias, y, t)
         }
         Some(ad) => {
-            prefill_expand(gpu, s, x, ad, bias, y, t, 0.0)?;
+            prefill_expand(gpu, &ws, s, x, ad, bias, y, t, 0.0)?;
             base_gemm(gpu, s, x, w, y, 1.0)
         }
     }
@@ -724,9 +732,10 @@ pub fn project_down<T: Element>(
             return Err(Error::shape(OP, name, format!("{want} elements"), format!("{len} elements")));
         }
     }
-    let (part, splits) = shrink(gpu, s, x, k, a)?;
+    let ws = gpu.scratch()?;
+    let (part, splits) = shrink(gpu, &ws, s, x, k, a)?;
     let ad = AdapterView { a: a.slice(..), b: a.slice(0..0), u: None, v: None, scale: 1.0 };
-    shrink_finish::<T>(gpu, s, &part, splits, &ad, Some(t), None, (r, r), false)
+    shrink_finish::<T>(gpu, s, &part, splits, &ad, Some(Out::View(t)), None, (r, r), false)
 }
 
 /// Engine form of the in-place add: `y += s·(((x·Aᵀ)⊙u)·Bᵀ)⊙v` where `y`
@@ -739,34 +748,37 @@ pub fn add_in_place<T: Element>(
     y: &mut CudaViewMut<'_, T>,
 ) -> Result<()> {
     s.check_add(x.len(), &adapter.lens(), y.len())?;
+    let ws = gpu.scratch()?;
     if s.m <= DECODE_MAX_M {
-        decode(gpu, s, x, adapter, None, y, None)
+        decode(gpu, &ws, s, x, adapter, None, y, None)
     } else {
-        prefill_expand(gpu, s, x, adapter, None, y, None, 1.0)
+        prefill_expand(gpu, &ws, s, x, adapter, None, y, None, 1.0)
     }
 }
 
 /// Partials of `gB = (dy⊙v)·B` and `P = dyᵀ·(t⊙u)` from f32 `dy` in ONE
 /// CUDA-core pass (`lowrank_backward_dy_f32`): (gpart, parts, ppart, parts).
-type DyProducts = (Option<CudaSlice<f32>>, usize, Option<CudaSlice<f32>>, usize);
+type DyProducts<'w> = (Option<Region<'w, f32>>, usize, Option<Region<'w, f32>>, usize);
 
-fn dy_products_f32<T: Element>(
+#[allow(clippy::too_many_arguments)]
+fn dy_products_f32<'w, T: Element>(
     gpu: &Gpu,
+    ws: &'w Scratch<'_>,
     s: LinearShape,
     (dy, lddy): (&CudaView<'_, T>, usize),
-    t: Option<&CudaView<'_, f32>>,
+    t: Option<In<'_, f32>>,
     ad: &AdapterView<'_>,
     want_g: bool,
     want_p: bool,
-) -> Result<DyProducts> {
+) -> Result<DyProducts<'w>> {
     let LinearShape { m, n, r, .. } = s;
     let gx = n.div_ceil(BD_COLS_PER_BLOCK);
     let gz = r.div_ceil(BD_RANKS);
     let want = (gpu.info().sm_count as usize * BLOCKS_PER_SM).div_ceil(gx * gz).clamp(1, m.div_ceil(BD_ROWS));
     let rows_per_block = m.div_ceil(want).div_ceil(BD_ROWS) * BD_ROWS;
     let gy = m.div_ceil(rows_per_block);
-    let mut gpart = if want_g { Some(scratch::<f32>(gpu, gx * m * r)?) } else { None };
-    let mut ppart = if want_p { Some(scratch::<f32>(gpu, gy * r * n)?) } else { None };
+    let mut gpart = if want_g { Some(ws.take::<f32>(gx * m * r)?) } else { None };
+    let mut ppart = if want_p { Some(ws.take::<f32>(gy * r * n)?) } else { None };
     let (f, name) = kernel::<T>(gpu, "lowrank_backward_dy")?;
     let cfg =
         LaunchConfig { grid_dim: (gx as u32, gy as u32, gz as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
@@ -787,28 +799,30 @@ fn dy_products_f32<T: Element>(
 /// The same partials from 16-bit `dy` (row stride `lddy`) on the tensor
 /// cores: `gB` by the shrink kernel with dy as x and `(B⊙v)ᵀ` as A, `P` by
 /// `lowrank_dy_p`; the f32 factors split into hi/lo halves first.
-fn dy_products_tc<T: Element>(
+#[allow(clippy::too_many_arguments)]
+fn dy_products_tc<'w, T: Element>(
     gpu: &Gpu,
+    ws: &'w Scratch<'_>,
     s: LinearShape,
     (dy, lddy): (&CudaView<'_, T>, usize),
-    t: Option<&CudaView<'_, f32>>,
+    t: Option<In<'_, f32>>,
     ad: &AdapterView<'_>,
     want_g: bool,
     want_p: bool,
-) -> Result<DyProducts> {
+) -> Result<DyProducts<'w>> {
     let LinearShape { m, n, r, .. } = s;
     let rb = rank_block(r);
     let r_pad = r.div_ceil(rb) * rb;
     let (mut gpart, mut gparts, mut ppart, mut pparts) = (None, 0, None, 0);
     if want_g {
-        let bv = split::<T>(gpu, &ad.b, true, ad.v.as_ref(), (r, n), r_pad, n.div_ceil(TC_KT) * TC_KT)?;
-        let (part, parts) = shrink_tc(gpu, (m, n, r), dy, lddy, &bv)?;
+        let bv = split::<T>(gpu, ws, In::View(&ad.b), true, ad.v.as_ref(), (r, n), r_pad, n.div_ceil(TC_KT) * TC_KT)?;
+        let (part, parts) = shrink_tc(gpu, ws, (m, n, r), dy, lddy, &bv)?;
         (gpart, gparts) = (Some(part), parts);
     }
     if want_p {
         let t = t.ok_or_else(|| Error::invalid(BWD_OP, "internal: P needs t"))?;
-        let tu = split::<T>(gpu, t, false, ad.u.as_ref(), (m, r), m.div_ceil(16) * 16, r_pad)?;
-        let (part, parts) = dy_p_tc(gpu, (m, n, r), dy, lddy, &tu)?;
+        let tu = split::<T>(gpu, ws, t, false, ad.u.as_ref(), (m, r), m.div_ceil(16) * 16, r_pad)?;
+        let (part, parts) = dy_p_tc(gpu, ws, (m, n, r), dy, lddy, &tu)?;
         (ppart, pparts) = (Some(part), parts);
     }
     Ok((gpart, gparts, ppart, pparts))
@@ -835,9 +849,13 @@ pub fn backward<T: Element>(
     let LinearShape { m, k, n, r } = s;
     let d = T::DTYPE;
     let h = gpu.blas()?;
-    base_grads(gpu, s, (x, k), (dy, n), dw, dbias)?;
+    let ws = gpu.scratch()?;
+    base_grads(gpu, &ws, s, (x, k), (dy, n), dw, dbias)?;
     let ds = match adapter {
-        Some(ad) => adapter_grads(gpu, s, (x, k), (dy, n), ad, t, dx.is_some(), AdapterGrads { da, db, du, dv })?,
+        Some(ad) => {
+            let ag = AdapterGrads { da, db, du, dv };
+            adapter_grads(gpu, &ws, s, (x, k), (dy, n), ad, t, dx.is_some(), ag)?
+        }
         None => None,
     };
     if let Some(mut dx) = dx {
@@ -847,14 +865,13 @@ pub fn backward<T: Element>(
         // second pass reading and rewriting dx after it.
         let mut beta = 0.0;
         if let (Some(ad), Some(ds)) = (adapter, ds.as_ref()) {
-            let mut a_t = scratch::<T>(gpu, r * k)?;
+            let mut a_t = ws.take::<T>(r * k)?;
             let (f, name) = kernel::<T>(gpu, "lowrank_cast")?;
             let cfg = grid(gpu.persistent_grid(8, blocks_for((r * k) as u64, THREADS) as u64), THREADS, 0);
             let len = r * k;
             unsafe { gpu.stream().launch_builder(&f).arg(&ad.a).arg(&mut a_t).arg(&len).launch(cfg) }
                 .map_err(launch_err(&name))?;
-            let (sp, _g1) = rd(gpu, ds);
-            let (ap, _g2) = rd(gpu, &a_t);
+            let (sp, ap) = (ds.ptr(), a_t.ptr());
             let (cp, _g3) = wr(gpu, &mut dx);
             let dso = Operand { ptr: sp, ld: r, trans: false, dtype: d };
             gemm(&h, (m, k, r), dso, Operand { ptr: ap, ld: k, trans: false, dtype: d }, cp, k, d, 1.0, 0.0)?;
@@ -873,6 +890,7 @@ pub fn backward<T: Element>(
 /// and `dy` with row strides `ldx`, `lddy`.
 fn base_grads<T: Element>(
     gpu: &Gpu,
+    ws: &Scratch<'_>,
     s: LinearShape,
     (x, ldx): (&CudaView<'_, T>, usize),
     (dy, lddy): (&CudaView<'_, T>, usize),
@@ -883,12 +901,12 @@ fn base_grads<T: Element>(
     let d = T::DTYPE;
     let h = gpu.blas()?;
     if let Some(mut dbias) = dbias {
-        let mut ones = scratch::<T>(gpu, m)?;
+        let mut ones = ws.take::<T>(m)?;
         let (f, name) = kernel::<T>(gpu, "lowrank_fill_one")?;
         let cfg = grid(blocks_for(m as u64, THREADS), THREADS, 0);
         unsafe { gpu.stream().launch_builder(&f).arg(&mut ones).arg(&m).launch(cfg) }.map_err(launch_err(&name))?;
         let (gp, _g1) = rd(gpu, dy);
-        let (op, _g2) = rd(gpu, &ones);
+        let op = ones.ptr();
         let (cp, _g3) = wr(gpu, &mut dbias);
         let dyt = Operand { ptr: gp, ld: lddy, trans: true, dtype: d };
         gemm(&h, (n, 1, m), dyt, Operand { ptr: op, ld: 1, trans: false, dtype: d }, cp, 1, DType::F32, 1.0, 1.0)?;
@@ -916,8 +934,9 @@ struct AdapterGrads<'a> {
 /// `dA += dSᵀ·x`. `x` and `dy` have row strides `ldx`, `lddy` (a packed
 /// layout's, or their widths); `t` None: recomputed when needed.
 #[allow(clippy::too_many_arguments)]
-fn adapter_grads<T: Element>(
+fn adapter_grads<'w, T: Element>(
     gpu: &Gpu,
+    ws: &'w Scratch<'_>,
     s: LinearShape,
     (x, ldx): (&CudaView<'_, T>, usize),
     (dy, lddy): (&CudaView<'_, T>, usize),
@@ -925,7 +944,7 @@ fn adapter_grads<T: Element>(
     t: Option<&CudaView<'_, f32>>,
     want_dx: bool,
     grads: AdapterGrads<'_>,
-) -> Result<Option<CudaSlice<T>>> {
+) -> Result<Option<Region<'w, T>>> {
     let AdapterGrads { da, db, du, dv } = grads;
     let LinearShape { m, k, n, r } = s;
     let d = T::DTYPE;
@@ -937,30 +956,29 @@ fn adapter_grads<T: Element>(
     }
     // t: the forward's, or recomputed; only du, dB and dv read it.
     let need_t = du.is_some() || want_p;
-    let recomputed;
-    let t_view = match t {
-        Some(t) => t.slice(..),
-        None if !need_t => ad.a.slice(0..0),
-        None => {
-            let (part, splits) = shrink(gpu, s, x, ldx, &ad.a)?;
-            let mut tt = scratch::<f32>(gpu, m * r)?;
-            shrink_finish::<T>(gpu, s, &part, splits, ad, Some(&mut tt.as_view_mut()), None, (r, r), false)?;
-            recomputed = tt;
-            recomputed.as_view()
-        }
+    let mut recomputed = None;
+    if t.is_none() && need_t {
+        let (part, splits) = shrink(gpu, ws, s, x, ldx, &ad.a)?;
+        let mut tt = ws.take::<f32>(m * r)?;
+        shrink_finish::<T>(gpu, s, &part, splits, ad, Some(Out::Region(&mut tt)), None, (r, r), false)?;
+        recomputed = Some(tt);
+    }
+    let t_arg = match (t, recomputed.as_ref()) {
+        _ if !need_t => None,
+        (Some(t), _) => Some(In::View(t)),
+        (None, tt) => tt.map(In::Region),
     };
-    let t_arg = need_t.then_some(&t_view);
     let (gpart, gparts, ppart, pparts) = if d == DType::F32 {
-        dy_products_f32(gpu, s, (dy, lddy), t_arg, ad, want_g, want_p)?
+        dy_products_f32(gpu, ws, s, (dy, lddy), t_arg, ad, want_g, want_p)?
     } else {
-        dy_products_tc(gpu, s, (dy, lddy), t_arg, ad, want_g, want_p)?
+        dy_products_tc(gpu, ws, s, (dy, lddy), t_arg, ad, want_g, want_p)?
     };
     let row_blocks = m.div_ceil(ROWS_PER_BLOCK);
-    let mut dupart = if du.is_some() { Some(scratch::<f32>(gpu, row_blocks * r)?) } else { None };
-    let mut ds: Option<CudaSlice<T>> = None;
+    let mut dupart = if du.is_some() { Some(ws.take::<f32>(row_blocks * r)?) } else { None };
+    let mut ds: Option<Region<'w, T>> = None;
     if let Some(gpart) = gpart.as_ref() {
         if want_ds {
-            ds = Some(scratch::<T>(gpu, m * r)?);
+            ds = Some(ws.take::<T>(m * r)?);
         }
         let (f, name) = kernel::<T>(gpu, "lowrank_backward_rows")?;
         let cfg = grid(row_blocks as u32, THREADS, 0);
@@ -996,7 +1014,7 @@ fn adapter_grads<T: Element>(
     if let (Some(mut da), Some(ds)) = (da, ds.as_ref()) {
         // dA += dSᵀ·x
         let h = gpu.blas()?;
-        let (sp, _g1) = rd(gpu, ds);
+        let sp = ds.ptr();
         let (xp, _g2) = rd(gpu, x);
         let (cp, _g3) = wr(gpu, &mut da);
         let dst = Operand { ptr: sp, ld: r, trans: true, dtype: d };
@@ -1088,7 +1106,7 @@ impl PackedOps for Gpu {
         if dst.len() != rows * ld {
             return Err(Error::shape(OP, "dst", format!("{rows}x{ld}"), format!("{} elements", dst.len())));
         }
-        pack_rows_into(self, &src.as_view(), &mut dst.as_view_mut(), (rows, cols, cols, ld))
+        pack_rows_into(self, In::View(&src.as_view()), &mut dst.as_view_mut(), (rows, cols, cols, ld))
     }
 
     fn pack_weight<T: Element>(
@@ -1130,10 +1148,12 @@ impl PackedOps for Gpu {
         let s = layout.shape;
         let (p, ld) = (layout.pad(), layout.x_ld());
         let ad = adapter_view(&adapter);
-        let (part, splits) = shrink(self, s, &x_packed.as_view(), ld, &ad.a)?;
+        let ws = self.scratch()?;
+        let (part, splits) = shrink(self, &ws, s, &x_packed.as_view(), ld, &ad.a)?;
         let mut t = t.map(|t| t.as_view_mut());
         let mut spare = x_packed.slice_mut(s.k..);
-        shrink_finish(self, s, &part, splits, &ad, t.as_mut(), Some(&mut spare), (p, ld), layout.bias)?;
+        let (t, spare) = (t.as_mut().map(Out::View), Some(Out::View(&mut spare)));
+        shrink_finish(self, s, &part, splits, &ad, t, spare, (p, ld), layout.bias)?;
         let h = self.blas()?;
         let (xp, _g1) = rd(self, x_packed);
         let (wp, _g2) = rd(self, w_packed);
@@ -1164,21 +1184,23 @@ impl PackedOps for Gpu {
         let ad = adapter_view(&adapter);
         let Grads { dx, dw, dbias, da, db, du, dv } = grads;
         let t = t.map(|t| t.as_view());
+        let ws = self.scratch()?;
         let ds = {
             let (x, dy) = (x_packed.as_view(), dy_packed.as_view());
-            base_grads(self, s, (&x, ld), (&dy, dld), dw.map(|v| v.as_view_mut()), dbias.map(|v| v.as_view_mut()))?;
+            let (dw, dbias) = (dw.map(|v| v.as_view_mut()), dbias.map(|v| v.as_view_mut()));
+            base_grads(self, &ws, s, (&x, ld), (&dy, dld), dw, dbias)?;
             let ag = AdapterGrads {
                 da: da.map(|v| v.as_view_mut()),
                 db: db.map(|v| v.as_view_mut()),
                 du: du.map(|v| v.as_view_mut()),
                 dv: dv.map(|v| v.as_view_mut()),
             };
-            adapter_grads(self, s, (&x, ld), (&dy, dld), &ad, t.as_ref(), dx.is_some(), ag)?
+            adapter_grads(self, &ws, s, (&x, ld), (&dy, dld), &ad, t.as_ref(), dx.is_some(), ag)?
         };
         if let (Some(dx), Some(ds)) = (dx, ds) {
             // dS into dy's spare columns (the padding zeroed), then
             // dx = [dy | dS]·[W ; A] as ONE GEMM over N + p.
-            pack_rows_into(self, &ds.as_view(), &mut dy_packed.slice_mut(n..), (m, r, p, dld))?;
+            pack_rows_into(self, In::Region(&ds), &mut dy_packed.slice_mut(n..), (m, r, p, dld))?;
             let h = self.blas()?;
             let (gp, _g1) = rd(self, dy_packed);
             let (wp, _g2) = rd(self, w_packed);
@@ -1196,7 +1218,7 @@ impl PackedOps for Gpu {
 /// `dst` `ld` apart (`lowrank_pack_rows`).
 fn pack_rows_into<T: Element>(
     gpu: &Gpu,
-    src: &CudaView<'_, T>,
+    src: In<'_, T>,
     dst: &mut CudaViewMut<'_, T>,
     (rows, cols, width, ld): (usize, usize, usize, usize),
 ) -> Result<()> {

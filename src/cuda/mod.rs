@@ -9,7 +9,8 @@
 //!
 //! Engines that own their context and stream wrap them with
 //! [`Gpu::from_stream`]; every op then runs on that stream over caller-owned
-//! memory.
+//! memory, plus the `Gpu`'s own scratch workspace ([`workspace`]), which
+//! grows to the largest call and is reused after.
 
 pub mod adapter_sum;
 pub mod attention;
@@ -20,6 +21,7 @@ pub mod lowrank;
 pub mod multi_adapter;
 pub mod nn;
 pub mod projection;
+pub mod workspace;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -34,6 +36,7 @@ use crate::backend::{Backend, Scalar};
 use crate::op_timing::{Breakdown, Timeline};
 use crate::{Error, Result};
 pub use kernels::KernelFamily;
+pub use workspace::WorkspaceStats;
 
 /// What the device reports about itself.
 #[derive(Clone, Debug)]
@@ -99,6 +102,8 @@ pub struct Gpu {
     /// Captured graphs alive on this stream ([`graph`]): while above zero
     /// the launch-table cache keeps every table (the graphs read them).
     graphs_alive: Arc<AtomicUsize>,
+    /// Per-call device scratch, reused in stream order: [`Gpu::scratch`].
+    workspace: Arc<workspace::Workspace>,
 }
 
 /// The lazily created cuBLAS handle of one [`Gpu`] and its clones.
@@ -219,6 +224,7 @@ impl Gpu {
             occupancy: Arc::default(),
             capturing: Arc::default(),
             graphs_alive: Arc::default(),
+            workspace: Arc::default(),
         })
     }
 

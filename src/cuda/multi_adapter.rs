@@ -4,14 +4,15 @@
 //!
 //! [`add_in_place`] takes caller-owned views and runs on the [`Gpu`]'s
 //! stream (wrap an engine's stream with [`Gpu::from_stream`]); the
-//! [`MultiAdapterOps`] impl calls it on owned buffers. Each call uploads its
+//! [`MultiAdapterOps`] impl calls it on owned buffers. Each call copies its
 //! work-item list (16 bytes per block, built on the host from the ids) and
-//! takes an `M × r_max` f32 scratch for `t'` from the stream's pool.
+//! keeps an `M × r_max` f32 `t'` in the [`Gpu`]'s scratch workspace
+//! ([`super::workspace`]): one host-to-device copy, no allocation.
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, PushKernelArg};
 
 use super::{grid, kernels, Gpu};
-use crate::backend::{Backend, Scalar};
+use crate::backend::Scalar;
 use crate::dtype::Element;
 use crate::multi_adapter::{plan, AdapterPool, MultiAdapterOps, RowAdapters};
 use crate::{Error, Result};
@@ -44,17 +45,19 @@ pub fn add_in_place<T: Element>(
     }
     let cfg = pool.config();
     let ns = plan.shrink.len();
-    let items: Vec<u32> = plan.shrink.iter().chain(&plan.expand).flatten().copied().collect();
-    let items = gpu.upload(&items)?;
+    let host_items: Vec<u32> = plan.shrink.iter().chain(&plan.expand).flatten().copied().collect();
+    let ws = gpu.scratch()?;
+    let mut items = ws.take::<u32>(host_items.len())?;
+    items.copy_from_host(gpu, &host_items)?;
+    let (shrink_items, expand_items) = items.split_at_mut(4 * ns);
     let m = rows.rows();
-    // SAFETY: every t'[row][q] the expand reads (q below the row's rank) is
-    // written by the shrink item covering (row's tile, q) before it.
-    let mut t: CudaSlice<f32> = unsafe { gpu.stream().alloc(m * plan.ld_t) }
-        .map_err(|e| Error::cuda(format!("allocating {} f32 of t'", m * plan.ld_t), e))?;
+    // Every t'[row][q] the expand reads (q below the row's rank) is written
+    // by the shrink item covering (row's tile, q) before it; the rest of
+    // the region is never read.
+    let mut t = ws.take::<f32>(m * plan.ld_t)?;
     let (k32, n32, ld32) = (cfg.k as i32, cfg.n as i32, plan.ld_t as i32);
     {
         let (f, name) = kernel::<T>(gpu, "multi_adapter_shrink")?;
-        let shrink_items = items.slice(..4 * ns);
         let mut b = gpu.stream().launch_builder(&f);
         b.arg(x).arg(&pool.a_rows).arg(&pool.floats).arg(&pool.descs).arg(&shrink_items);
         b.arg(&mut t).arg(&k32).arg(&ld32);
@@ -64,7 +67,6 @@ pub fn add_in_place<T: Element>(
     }
     {
         let (f, name) = kernel::<T>(gpu, "multi_adapter_expand")?;
-        let expand_items = items.slice(4 * ns..);
         let mut b = gpu.stream().launch_builder(&f);
         b.arg(&pool.bt_rows).arg(&pool.floats).arg(&pool.descs).arg(&expand_items);
         b.arg(&t).arg(y).arg(&n32).arg(&ld32);
