@@ -266,18 +266,21 @@ __device__ __forceinline__ void attn_forward(const T* __restrict__ qkv, const At
 // With P = exp(s − lse), dP = dO·Vᵀ and delta_i = dO_i·O_i (= Σ_j P_ij·dP_ij):
 // dS = P ⊙ (dP − delta), dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO.
 
-// delta_i once per query, so neither tiled kernel re-reads O.
+// delta_i once per query, so neither tiled kernel re-reads O. O's rows lie
+// out_ld ≥ W apart: a packed attn.c_proj keeps the attention output only in
+// its x_packed (src/train/model.rs), so the backward reads it there.
 template <typename T>
 __device__ __forceinline__ void attn_backward_delta(const T* __restrict__ dout, const T* __restrict__ out,
-                                                    const AttnArgs a, float* __restrict__ delta) {
+                                                    uint32_t out_ld, const AttnArgs a, float* __restrict__ delta) {
     const uint64_t rows = (uint64_t)a.batch * a.heads * a.seq;
     const uint64_t row = blockIdx.x * (uint64_t)(blockDim.x / 32) + threadIdx.x / 32;
     const uint32_t lane = threadIdx.x % 32;
     if (row >= rows) return;  // uniform per warp: the shuffles below stay converged
     const uint64_t i = row % a.seq, bh = row / a.seq, b = bh / a.heads, h = bh % a.heads;
     const uint64_t off = (b * a.seq + i) * a.heads * a.hd + h * a.hd;
+    const uint64_t o_off = (b * a.seq + i) * out_ld + h * a.hd;
     float sum = 0.0f;
-    for (uint32_t d = lane; d < a.hd; d += 32) sum = fmaf(to_f32(dout[off + d]), to_f32(out[off + d]), sum);
+    for (uint32_t d = lane; d < a.hd; d += 32) sum = fmaf(to_f32(dout[off + d]), to_f32(out[o_off + d]), sum);
     sum = warp_sum(sum);
     if (lane == 0) delta[row] = sum;
 }
@@ -1012,9 +1015,10 @@ __device__ __forceinline__ void attn_backward_dkv_tc(const T* __restrict__ dout,
 // 32/64/128). f16, bf16: the tensor-core kernels (buckets 64/128).
 #define ATTN_DELTA_KERNEL(SUF, T)                                                                    \
     extern "C" __global__ void attention_backward_delta_##SUF(const T* __restrict__ dout,           \
-                                                              const T* __restrict__ out, AttnArgs a, \
+                                                              const T* __restrict__ out,            \
+                                                              uint32_t out_ld, AttnArgs a,          \
                                                               float* __restrict__ delta) {           \
-        attn_backward_delta<T>(dout, out, a, delta);                                                 \
+        attn_backward_delta<T>(dout, out, out_ld, a, delta);                                         \
     }
 LORAFUSE_FOR_EACH_DTYPE(ATTN_DELTA_KERNEL)
 

@@ -174,8 +174,14 @@ static bool run(Shape s, uint64_t seed, const char* dtype, double tol) {
     std::vector<float> delta(nlse, NAN);
     std::vector<T> dqkv(nqkv, from_f32<T>(NAN));
     const uint64_t rows = nlse;
+    // Every other case reads out from rows ld = W + 8 apart (a packed
+    // attn.c_proj's x_packed), NaN between them: a read of the pad shows.
+    const size_t ld = s.w() + ((seed & 1) ? 8 : 0);
+    std::vector<T> out_s(s.tokens() * ld, from_f32<T>(NAN));
+    for (size_t t = 0; t < s.tokens(); ++t)
+        for (size_t c = 0; c < (size_t)s.w(); ++c) out_s[t * ld + c] = out_t[t * s.w() + c];
     emu_launch(Dim3{(unsigned)cdiv(rows, 8), 1, 1}, 256,
-               [&] { K::delta(dout.data(), out_t.data(), a, delta.data()); });
+               [&] { K::delta(dout.data(), out_s.data(), (uint32_t)ld, a, delta.data()); });
     emu_launch(Dim3{bh, cdiv(s.seq, K::dq_rows), 1}, threads,
                [&] { K::dq(dout.data(), qkv.data(), lse_f.data(), delta.data(), a, dqkv.data()); });
     emu_launch(Dim3{bh, cdiv(s.seq, K::dkv_rows), 1}, threads,

@@ -3,10 +3,25 @@
 //! Token + learned position embeddings; `n_layer` pre-LayerNorm blocks
 //! `x += attn(ln_1(x)); x += mlp(ln_2(x))` with causal multi-head attention
 //! and a GELU (tanh) MLP; a final LayerNorm; the LM head tied to the token
-//! embedding; fused softmax cross-entropy. Every linear layer, the LM head
-//! included, is one [`crate::lowrank::LowRankOps`] call (with or without an
-//! adapter); the rest are [`crate::nn::NnOps`] and
+//! embedding; fused softmax cross-entropy. Every adapted linear layer runs
+//! in the packed layout ([`crate::lowrank::packed`], [`LinearPath::Packed`]):
+//! one GEMM over `K + p` forward and one over `N + p` for `dx`, its weight
+//! kept packed in the compute dtype; unadapted layers, the LM head and full
+//! fine-tuning are one [`crate::lowrank::LowRankOps`] call on caller
+//! buffers; the rest are [`crate::nn::NnOps`] and
 //! [`crate::attention::AttentionOps`].
+//!
+//! # Packed activations
+//! An adapted module's input lives in `x_packed` (`T × (K + p)`, `p` the
+//! rank plus one rounded up to 8) and its output gradient in `dy_packed`
+//! (`T × (N + p)`). The producers write there directly through their row stride: ln_1
+//! and ln_2 (plain or fused with the residual add) into c_attn's and c_fc's
+//! input, the GELU into mlp.c_proj's, the cast of the residual gradient
+//! into both projections' output gradient, the GELU backward into c_fc's.
+//! Two copies ([`crate::lowrank::packed::PackedOps::pack_rows`]) remain:
+//! the attention output into attn.c_proj's input (kept only there: the
+//! attention backward reads it with its row stride) and the attention
+//! backward's `dqkv` into c_attn's output gradient.
 //!
 //! # Weights
 //! Stored in PyTorch `Linear` layout (`N×K`, out × in). Hugging Face GPT-2
@@ -23,7 +38,7 @@
 //! the attention output (T·D), the residual after attention (T·D f32),
 //! `ln_2` of it (T·D) with mean and rstd (2·T f32), the MLP pre-activation
 //! (4·T·D) and its GELU (4·T·D), and `x·Aᵀ` (T·r f32) for every adapted
-//! module. Plus, once per model, the final LayerNorm's input and output
+//! module. A packed module's input is `p` columns wider (T·p more). Plus, once per model, the final LayerNorm's input and output
 //! (2·T·D, 2·T) and the logits (T·V'), which the fused cross-entropy
 //! overwrites with their gradient.
 //!
@@ -58,8 +73,9 @@ use half::bf16;
 /// A linear layer's output (compute dtype) and its saved `x·Aᵀ` when adapted.
 type Linear<B, T> = (<B as crate::Backend>::Buf<T>, Option<F32<B>>);
 
-/// LayerNorm's output (compute dtype), mean and rstd.
-type Normed<B, T> = (<B as crate::Backend>::Buf<T>, F32<B>, F32<B>);
+/// LayerNorm's output (compute dtype; in `x_packed` when the module it
+/// feeds runs packed), mean and rstd.
+type Normed<B, T> = (Rows<B, T>, F32<B>, F32<B>);
 
 /// A block's forward: its cache, its output (f32 residual stream) and the
 /// next LayerNorm of that output.
@@ -598,14 +614,15 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         // (ln_2, the next block's ln_1, ln_f) is fused with the residual add
         // in front of it.
         let first = if c.n_layer > 0 { block_index(0, 0) } else { lnf_i };
-        let mut normed = self.layernorm(backend, &x, first, tokens)?;
+        let first_layout = if c.n_layer > 0 { self.layout(ad, 0, Module::CAttn, tokens)? } else { None };
+        let mut normed = self.layernorm(backend, &x, first, tokens, first_layout)?;
         for l in 0..c.n_layer {
             let next = if l + 1 < c.n_layer { block_index(l + 1, 0) } else { lnf_i };
             let (cache, out, next_normed) = self.block_forward(backend, ad, l, x, normed, next, attn)?;
             caches.push(cache);
             (x, normed) = (out, next_normed);
         }
-        let (lnf, lnf_mean, lnf_rstd) = normed;
+        let (Rows { buf: lnf, .. }, lnf_mean, lnf_rstd) = normed;
         let head = LinearShape { m: tokens, k: d, n: padded, r: 0 };
         backend.op_mark("fwd lm_head");
         let mut logits = backend.zeros::<T>(tokens * padded)?;
@@ -669,24 +686,16 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
     }
 
     /// `x` (`tokens × cols`) as a linear module's input or output gradient:
-    /// copied into the packed layout's wider buffer when `layout` is given
-    /// (see [`Pass::packed_copy`]), else as it is.
+    /// copied into a new buffer of `layout` when given (`x_packed` for
+    /// `cols` = K, `dy_packed` for `cols` = N; the two coincide when
+    /// K = N), else as it is. For producers without an output stride.
     fn rows(&self, backend: &B, x: B::Buf<T>, layout: Option<PackedLayout>, cols: usize) -> Result<Rows<B, T>> {
-        match layout {
-            Some(l) => self.packed_copy(backend, &x, l, cols),
-            None => Ok(Rows { buf: x, packed: None }),
-        }
-    }
-
-    /// `x` (`tokens × cols`) copied into a new buffer of `layout`:
-    /// `x_packed` for `cols` = K, `dy_packed` for `cols` = N.
-    fn packed_copy(&self, backend: &B, x: &B::Buf<T>, layout: PackedLayout, cols: usize) -> Result<Rows<B, T>> {
-        let (ld, len) =
-            if cols == layout.shape.k { (layout.x_ld(), layout.x_len()) } else { (layout.dy_ld(), layout.dy_len()) };
+        let Some(l) = layout else { return Ok(Rows { buf: x, packed: None }) };
+        let (ld, len) = if cols == l.shape.k { (l.x_ld(), l.x_len()) } else { (l.dy_ld(), l.dy_len()) };
         backend.op_mark("pack rows");
         let mut buf = backend.zeros::<T>(len)?;
-        backend.pack_rows(layout.shape.m, cols, ld, x, &mut buf)?;
-        Ok(Rows { buf, packed: Some(layout) })
+        backend.pack_rows(l.shape.m, cols, ld, &x, &mut buf)?;
+        Ok(Rows { buf, packed: layout })
     }
 
     /// The forward of one linear module on `x` (plain, or packed when its
@@ -778,17 +787,46 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         Ok(dx)
     }
 
-    fn layernorm(&self, backend: &B, x: &F32<B>, index: usize, tokens: usize) -> Result<Normed<B, T>> {
+    /// A new buffer for `tokens` rows of `cols`: plain, or `x_packed`
+    /// (`input`) / `dy_packed` of `layout`, for a producer that writes its
+    /// rows there directly. Returns it with its row stride.
+    fn new_rows(
+        &self,
+        backend: &B,
+        layout: Option<PackedLayout>,
+        tokens: usize,
+        cols: usize,
+        input: bool,
+    ) -> Result<(Rows<B, T>, usize)> {
+        let (len, ld) = match layout {
+            None => (tokens * cols, cols),
+            Some(l) if input => (l.x_len(), l.x_ld()),
+            Some(l) => (l.dy_len(), l.dy_ld()),
+        };
+        Ok((Rows { buf: backend.zeros::<T>(len)?, packed: layout }, ld))
+    }
+
+    /// The LayerNorm whose γ sits at `params[index]` of `x`, written where
+    /// the module it feeds reads it (`layout`: that module's packed layout).
+    fn layernorm(
+        &self,
+        backend: &B,
+        x: &F32<B>,
+        index: usize,
+        tokens: usize,
+        layout: Option<PackedLayout>,
+    ) -> Result<Normed<B, T>> {
         let d = self.config.n_embd;
         backend.op_mark("fwd layernorm");
-        let (mut out, mut mean, mut rstd) =
-            (backend.zeros::<T>(tokens * d)?, backend.zeros::<f32>(tokens)?, backend.zeros::<f32>(tokens)?);
-        backend.layernorm_forward(
+        let (mut out, ld) = self.new_rows(backend, layout, tokens, d, true)?;
+        let (mut mean, mut rstd) = (backend.zeros::<f32>(tokens)?, backend.zeros::<f32>(tokens)?);
+        backend.layernorm_forward_strided(
             x,
             &self.params[index],
             &self.params[index + 1],
             self.config.layer_norm_epsilon,
-            &mut out,
+            &mut out.buf,
+            ld,
             &mut mean,
             &mut rstd,
         )?;
@@ -796,7 +834,8 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
     }
 
     /// `x + y` into a new f32 residual buffer, and the LayerNorm whose γ
-    /// sits at `params[index]` of it, in one fused op.
+    /// sits at `params[index]` of it, in one fused op, written where the
+    /// module it feeds reads it (as [`Pass::layernorm`]).
     fn residual_layernorm(
         &self,
         backend: &B,
@@ -804,31 +843,35 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         y: &B::Buf<T>,
         index: usize,
         tokens: usize,
+        layout: Option<PackedLayout>,
     ) -> Result<(F32<B>, Normed<B, T>)> {
         let d = self.config.n_embd;
         backend.op_mark("fwd residual+layernorm");
         let mut resid = backend.zeros::<f32>(B::len(x))?;
-        let (mut out, mut mean, mut rstd) =
-            (backend.zeros::<T>(tokens * d)?, backend.zeros::<f32>(tokens)?, backend.zeros::<f32>(tokens)?);
-        backend.residual_layernorm_forward(
+        let (mut out, ld) = self.new_rows(backend, layout, tokens, d, true)?;
+        let (mut mean, mut rstd) = (backend.zeros::<f32>(tokens)?, backend.zeros::<f32>(tokens)?);
+        backend.residual_layernorm_forward_strided(
             x,
             y,
             &self.params[index],
             &self.params[index + 1],
             self.config.layer_norm_epsilon,
             &mut resid,
-            &mut out,
+            &mut out.buf,
+            ld,
             &mut mean,
             &mut rstd,
         )?;
         Ok((resid, (out, mean, rstd)))
     }
 
-    /// The residual gradient in `T`, for a GEMM's backward.
-    fn cast(&self, backend: &B, x: &F32<B>) -> Result<B::Buf<T>> {
+    /// The residual gradient in `T`, as the output gradient of a projection
+    /// (straight into its `dy_packed` when `layout` is given).
+    fn cast(&self, backend: &B, x: &F32<B>, layout: Option<PackedLayout>) -> Result<Rows<B, T>> {
+        let d = self.config.n_embd;
         backend.op_mark("bwd cast");
-        let mut out = backend.zeros::<T>(B::len(x))?;
-        backend.cast_from_f32(x, &mut out)?;
+        let (mut out, ld) = self.new_rows(backend, layout, B::len(x) / d, d, false)?;
+        backend.cast_from_f32_strided(x, d, &mut out.buf, ld)?;
         Ok(out)
     }
 
@@ -842,46 +885,44 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         adapters: Option<&AdapterSet<B>>,
         l: usize,
         x: F32<B>,
-        (ln1, ln1_mean, ln1_rstd): Normed<B, T>,
+        (mut in0, ln1_mean, ln1_rstd): Normed<B, T>,
         next: usize,
         attn: AttnShape,
     ) -> Result<BlockOut<B, T>> {
         let tokens = attn.seq.tokens();
         let d = self.config.n_embd;
         let layouts = Module::ALL.map(|m| self.layout(adapters, l, m, tokens));
-        let [l0, l1, l2, l3] = layouts;
-        let mut in0 = self.rows(backend, ln1, l0?, d)?;
+        let [_, l1, l2, l3] = layouts;
+        // The block's and the next block's LayerNorms and the GELU write
+        // straight into the packed modules' inputs; the attention output is
+        // copied (its kernel has no output stride).
         let (qkv, t0) = self.linear_forward(backend, adapters, l, Module::CAttn, &mut in0, tokens)?;
         backend.op_mark("fwd attention");
         let mut att = backend.zeros::<T>(tokens * attn.width())?;
         let mut lse = backend.zeros::<f32>(attn.lse_len())?;
         backend.attention_forward(&qkv, attn, &mut att, &mut lse)?;
-        // The attention backward reads its output: a packed c_proj input
-        // is a copy, so the plain one is kept beside it.
-        let l1 = l1?;
-        let (mut in1, att) = match l1 {
-            Some(layout) => (self.packed_copy(backend, &att, layout, d)?, Some(att)),
-            None => (Rows { buf: att, packed: None }, None),
-        };
+        // The attention backward reads its output back from c_proj's input,
+        // packed or not, so the plain copy goes.
+        let mut in1 = self.rows(backend, att, l1?, d)?;
         let (proj, t1) = self.linear_forward(backend, adapters, l, Module::AttnProj, &mut in1, tokens)?;
-        let (mid, (ln2, ln2_mean, ln2_rstd)) =
-            self.residual_layernorm(backend, &x, &proj, block_index(l, 6), tokens)?;
+        let (mid, (mut in2, ln2_mean, ln2_rstd)) =
+            self.residual_layernorm(backend, &x, &proj, block_index(l, 6), tokens, l2?)?;
         drop(proj);
-        let mut in2 = self.rows(backend, ln2, l2?, d)?;
         let (fc, t2) = self.linear_forward(backend, adapters, l, Module::Fc, &mut in2, tokens)?;
         backend.op_mark("fwd gelu");
-        let mut gelu = backend.zeros::<T>(B::len(&fc))?;
-        backend.gelu_forward(&fc, &mut gelu)?;
-        let mut in3 = self.rows(backend, gelu, l3?, 4 * d)?;
+        let (mut in3, ld) = self.new_rows(backend, l3?, tokens, 4 * d, true)?;
+        backend.gelu_forward_strided(&fc, 4 * d, &mut in3.buf, ld)?;
         let (proj, t3) = self.linear_forward(backend, adapters, l, Module::MlpProj, &mut in3, tokens)?;
-        let (out, next_normed) = self.residual_layernorm(backend, &mid, &proj, next, tokens)?;
+        // The next LayerNorm feeds the next block's c_attn (ln_f: the LM head).
+        let next_layout =
+            if l + 1 < self.config.n_layer { self.layout(adapters, l + 1, Module::CAttn, tokens)? } else { None };
+        let (out, next_normed) = self.residual_layernorm(backend, &mid, &proj, next, tokens, next_layout)?;
         let cache = LayerCache {
             x,
             ln1_mean,
             ln1_rstd,
             qkv,
             lse,
-            att,
             mid,
             ln2_mean,
             ln2_rstd,
@@ -905,29 +946,32 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
     ) -> Result<()> {
         let tokens = attn.seq.tokens();
         let d = self.config.n_embd;
-        let LayerCache { x, ln1_mean, ln1_rstd, qkv, lse, att, mid, ln2_mean, ln2_rstd, fc, ins, t } = cache;
+        let LayerCache { x, ln1_mean, ln1_rstd, qkv, lse, mid, ln2_mean, ln2_rstd, fc, ins, t } = cache;
         let [in0, in1, in2, in3] = ins;
-        let mut dy = self.rows(backend, self.cast(backend, dres)?, in3.packed, d)?;
+        // The residual gradient's casts and the GELU backward write straight
+        // into the packed modules' output gradients; dqkv is copied (the
+        // attention backward has no output stride).
+        let mut dy = self.cast(backend, dres, in3.packed)?;
         let ad = adapters.as_deref_mut();
         let dgelu = self.linear_backward(backend, ad, l, Module::MlpProj, &in3, t[3].as_ref(), &mut dy, tokens)?;
         drop((in3, dy));
         backend.op_mark("bwd gelu");
-        let mut dfc = backend.zeros::<T>(B::len(&fc))?;
-        backend.gelu_backward(&dgelu, &fc, &mut dfc)?;
+        let (mut dfc, ld) = self.new_rows(backend, in2.packed, tokens, 4 * d, false)?;
+        backend.gelu_backward_strided(&dgelu, &fc, 4 * d, &mut dfc.buf, ld)?;
         drop((dgelu, fc));
-        let mut dfc = self.rows(backend, dfc, in2.packed, 4 * d)?;
         let ad = adapters.as_deref_mut();
         let dln2 = self.linear_backward(backend, ad, l, Module::Fc, &in2, t[2].as_ref(), &mut dfc, tokens)?;
         drop((in2, dfc));
         self.layernorm_backward(backend, block_index(l, 6), &dln2, &mid, &ln2_mean, &ln2_rstd, dres)?;
-        let mut dy = self.rows(backend, self.cast(backend, dres)?, in1.packed, d)?;
+        let mut dy = self.cast(backend, dres, in1.packed)?;
         let ad = adapters.as_deref_mut();
         let datt = self.linear_backward(backend, ad, l, Module::AttnProj, &in1, t[1].as_ref(), &mut dy, tokens)?;
         drop(dy);
         backend.op_mark("bwd attention");
         let mut dqkv = backend.zeros::<T>(B::len(&qkv))?;
-        backend.attention_backward(&datt, &qkv, att.as_ref().unwrap_or(&in1.buf), &lse, attn, &mut dqkv)?;
-        drop((datt, lse, qkv, att, in1));
+        let att_ld = in1.packed.map_or(d, |l| l.x_ld());
+        backend.attention_backward_strided(&datt, &qkv, &in1.buf, att_ld, &lse, attn, &mut dqkv)?;
+        drop((datt, lse, qkv, in1));
         let mut dqkv = self.rows(backend, dqkv, in0.packed, 3 * d)?;
         let dln1 = self.linear_backward(backend, adapters, l, Module::CAttn, &in0, t[0].as_ref(), &mut dqkv, tokens)?;
         self.layernorm_backward(backend, block_index(l, 0), &dln1, &x, &ln1_mean, &ln1_rstd, dres)
@@ -961,7 +1005,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
 /// What one block's backward needs from its forward (see the module docs
 /// for sizes). `ins[i]` is the input of module `Module::ALL[i]` (`ln_1`,
 /// the attention output, `ln_2`, the GELU), packed when that module runs
-/// packed; `att` keeps the plain attention output beside a packed copy.
+/// packed (the attention backward reads its output from `ins[1]`).
 /// `t[i]` is `x·Aᵀ` of module `Module::ALL[i]` when adapted.
 pub struct LayerCache<B: TrainBackend, T: Element> {
     x: F32<B>,
@@ -969,7 +1013,6 @@ pub struct LayerCache<B: TrainBackend, T: Element> {
     ln1_rstd: F32<B>,
     qkv: B::Buf<T>,
     lse: F32<B>,
-    att: Option<B::Buf<T>>,
     mid: F32<B>,
     ln2_mean: F32<B>,
     ln2_rstd: F32<B>,
