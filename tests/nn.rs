@@ -235,6 +235,21 @@ fn attention<B: AttentionOps, T: Element>(dev: &B) {
         // into dqkv. A stride below W or a short buffer is a typed error.
         let (w, tokens) = (shape.width(), shape.seq.tokens());
         let ld = w + 8;
+        // The forward writing there: rows ld apart, the pad's garbage kept.
+        let garbage = T::from_f32(7.0);
+        let mut fwd_s = dev.upload(&vec![garbage; tokens * ld]).unwrap();
+        let mut lse_s = dev.upload(&nan::<f32>(lse_c.len())).unwrap();
+        dev.attention_forward_strided(&qkv_g, shape, &mut fwd_s, ld, &mut lse_s).unwrap();
+        check(
+            dev,
+            &format!("attention_forward_strided out {ctx} out_ld={ld}"),
+            &fwd_s,
+            &spread(&out_c, w, ld, garbage),
+        );
+        let kept = dev.download(&fwd_s).unwrap().chunks(ld).all(|row| row[w..].iter().all(|&p| p == garbage));
+        assert!(kept, "attention_forward_strided {ctx}: pad columns written");
+        let e = dev.attention_forward_strided(&qkv_g, shape, &mut fwd_s, w - 1, &mut lse_s).unwrap_err();
+        assert!(e.to_string().contains("rows would overlap"), "{ctx}: {e}");
         let out_s = dev.upload(&spread(&out_c, w, ld, T::from_f32(f32::NAN))).unwrap();
         let mut dqkv_s = dev.upload(&nan::<T>(qkv.len())).unwrap();
         dev.attention_backward_strided(&dout_g, &qkv_g, &out_s, ld, &lse_cg, shape, &mut dqkv_s).unwrap();
@@ -249,8 +264,9 @@ fn attention<B: AttentionOps, T: Element>(dev: &B) {
 
 test_device!(attention[f32, bf16], gpu: gpu_attention_matches_cpu);
 
-/// The CPU twin of the strided attention backward (the GPU one is in
-/// `attention` above): same dqkv, pads never read.
+/// The CPU twin of the strided attention forward and backward (the GPU
+/// ones are in `attention` above): the same values, pads never written or
+/// read.
 #[test]
 fn cpu_attention_backward_reads_strided_out() {
     attention::<Cpu, f32>(&Cpu);

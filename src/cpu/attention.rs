@@ -22,16 +22,22 @@ use crate::error::check_len;
 use crate::Result;
 
 impl AttentionOps for Cpu {
-    fn attention_forward<T: Element>(
+    fn attention_forward_strided<T: Element>(
         &self,
         qkv: &Vec<T>,
         shape: AttnShape,
         out: &mut Vec<T>,
+        out_ld: usize,
         lse: &mut Vec<f32>,
     ) -> Result<()> {
-        check_lengths("attention_forward", shape, qkv.len(), out.len(), lse.len())?;
+        let op = "attention_forward";
+        check_lengths(op, shape, qkv.len(), shape.seq.tokens() * shape.width(), lse.len())?;
+        check_strided_out(op, shape, out.len(), out_ld)?;
         let (o, l) = attention_forward_f64(&widen(qkv), shape)?;
-        store(out, &o);
+        let w = shape.width();
+        for (dst, src) in out.chunks_mut(out_ld).zip(o.chunks(w)) {
+            store(&mut dst[..w], src);
+        }
         store(lse, &l);
         Ok(())
     }

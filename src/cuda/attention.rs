@@ -174,8 +174,24 @@ pub fn attention_forward<T: Element>(
     out: &mut CudaSlice<T>,
     lse: &mut CudaSlice<f32>,
 ) -> Result<()> {
+    attention_forward_strided(gpu, qkv, shape, out, shape.width(), lse)
+}
+
+/// [`attention_forward`] writing the output's rows `out_ld` ≥ width apart
+/// (a packed attn.c_proj's `x_packed`; the other columns are left alone).
+pub fn attention_forward_strided<T: Element>(
+    gpu: &Gpu,
+    qkv: &CudaSlice<T>,
+    shape: AttnShape,
+    out: &mut CudaSlice<T>,
+    out_ld: usize,
+    lse: &mut CudaSlice<f32>,
+) -> Result<()> {
     let op = "attention_forward";
-    check_lengths(op, shape, qkv.len(), out.len(), lse.len())?;
+    check_lengths(op, shape, qkv.len(), shape.seq.tokens() * shape.width(), lse.len())?;
+    crate::attention::check_strided_out(op, shape, out.len(), out_ld)?;
+    let out_ld32 =
+        u32::try_from(out_ld).map_err(|_| Error::invalid(op, format!("out_ld {out_ld} exceeds 2^32 - 1")))?;
     let plan = plan::<T>(op, shape)?;
     let (name, rows, smem) = plan.kernel(0, T::DTYPE.suffix());
     let f = gpu.function_with_shared(kernels::ATTENTION, &name, smem)?;
@@ -183,7 +199,7 @@ pub fn attention_forward<T: Element>(
     // checked against the shape, and the grid covers each (head, query tile)
     // once with the shared memory the kernel carves up.
     unsafe {
-        gpu.stream().launch_builder(&f).arg(qkv).arg(&plan.args).arg(out).arg(lse).launch(tiled_grid(
+        gpu.stream().launch_builder(&f).arg(qkv).arg(&plan.args).arg(out).arg(&out_ld32).arg(lse).launch(tiled_grid(
             &plan,
             shape.seq.seq,
             rows,
@@ -289,14 +305,15 @@ pub fn attention_backward_strided<T: Element>(
 }
 
 impl AttentionOps for Gpu {
-    fn attention_forward<T: Element>(
+    fn attention_forward_strided<T: Element>(
         &self,
         qkv: &CudaSlice<T>,
         shape: AttnShape,
         out: &mut CudaSlice<T>,
+        out_ld: usize,
         lse: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        attention_forward(self, qkv, shape, out, lse)
+        attention_forward_strided(self, qkv, shape, out, out_ld, lse)
     }
 
     fn attention_backward_strided<T: Element>(

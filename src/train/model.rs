@@ -16,12 +16,11 @@
 //! rank plus one rounded up to 8) and its output gradient in `dy_packed`
 //! (`T × (N + p)`). The producers write there directly through their row stride: ln_1
 //! and ln_2 (plain or fused with the residual add) into c_attn's and c_fc's
-//! input, the GELU into mlp.c_proj's, the cast of the residual gradient
-//! into both projections' output gradient, the GELU backward into c_fc's.
-//! Two copies ([`crate::lowrank::packed::PackedOps::pack_rows`]) remain:
-//! the attention output into attn.c_proj's input (kept only there: the
-//! attention backward reads it with its row stride) and the attention
-//! backward's `dqkv` into c_attn's output gradient.
+//! input, the attention into attn.c_proj's (its backward reads it there),
+//! the GELU into mlp.c_proj's, the cast of the residual gradient into both
+//! projections' output gradient, the GELU backward into c_fc's. One copy
+//! ([`crate::lowrank::packed::PackedOps::pack_rows`]) remains: the
+//! attention backward's `dqkv` into c_attn's output gradient.
 //!
 //! # Weights
 //! Stored in PyTorch `Linear` layout (`N×K`, out × in). Hugging Face GPT-2
@@ -893,17 +892,14 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         let d = self.config.n_embd;
         let layouts = Module::ALL.map(|m| self.layout(adapters, l, m, tokens));
         let [_, l1, l2, l3] = layouts;
-        // The block's and the next block's LayerNorms and the GELU write
-        // straight into the packed modules' inputs; the attention output is
-        // copied (its kernel has no output stride).
+        // The block's and the next block's LayerNorms, the attention and
+        // the GELU write straight into the packed modules' inputs (the
+        // attention backward reads its output back from c_proj's).
         let (qkv, t0) = self.linear_forward(backend, adapters, l, Module::CAttn, &mut in0, tokens)?;
         backend.op_mark("fwd attention");
-        let mut att = backend.zeros::<T>(tokens * attn.width())?;
+        let (mut in1, ld) = self.new_rows(backend, l1?, tokens, d, true)?;
         let mut lse = backend.zeros::<f32>(attn.lse_len())?;
-        backend.attention_forward(&qkv, attn, &mut att, &mut lse)?;
-        // The attention backward reads its output back from c_proj's input,
-        // packed or not, so the plain copy goes.
-        let mut in1 = self.rows(backend, att, l1?, d)?;
+        backend.attention_forward_strided(&qkv, attn, &mut in1.buf, ld, &mut lse)?;
         let (proj, t1) = self.linear_forward(backend, adapters, l, Module::AttnProj, &mut in1, tokens)?;
         let (mid, (mut in2, ln2_mean, ln2_rstd)) =
             self.residual_layernorm(backend, &x, &proj, block_index(l, 6), tokens, l2?)?;
