@@ -9,8 +9,10 @@
 // dout and lse, never seq² per head.
 //
 // Layouts: qkv rows are [q | k | v] (3·W wide, W = heads·hd), head h in
-// columns h·hd..(h+1)·hd of each third; out/dout rows are W wide; lse and the
-// backward's delta are [batch][head][query].
+// columns h·hd..(h+1)·hd of each third; dout rows are W wide, out rows
+// out_ld ≥ W apart (a packed attn.c_proj's x_packed, whose spare columns
+// the forward leaves alone; W otherwise); lse and the backward's delta are
+// [batch][head][query].
 //
 // Two kernel sets with the same work split and arguments:
 //   f16, bf16: tensor-core kernels (mma.sync m16n8k16, ldmatrix, cp.async;
@@ -144,7 +146,7 @@ __device__ __forceinline__ void unstage(T* __restrict__ dst, const float* __rest
 // one C-wide tile at a time and the softmax never takes a second pass.
 template <typename T, int D, int R, int C>
 __device__ __forceinline__ void attn_forward(const T* __restrict__ qkv, const AttnArgs a, T* __restrict__ out,
-                                             float* __restrict__ lse) {
+                                             uint32_t out_ld, float* __restrict__ lse) {
     constexpr int BR = 16 * R, DL = D / 8, CL = C / 8;
     constexpr int LDQ = D + 1, LDK = D + 1, LDV = D, LDP = C + 8 / R;
     extern __shared__ float attn_smem[];
@@ -259,25 +261,28 @@ __device__ __forceinline__ void attn_forward(const T* __restrict__ qkv, const At
         if (cg == 0 && qi < seq) lse[(uint64_t)bh * seq + qi] = (m[i] + log2f(sum)) * ATTN_LN2;
     }
     __syncthreads();
-    unstage<BR, D, LDQ>(out + (uint64_t)b * seq * w + (uint64_t)h * hd, Qs, w, q0, seq, hd);
+    unstage<BR, D, LDQ>(out + (uint64_t)b * seq * out_ld + (uint64_t)h * hd, Qs, out_ld, q0, seq, hd);
 }
 
 // ---- backward --------------------------------------------------------------
 // With P = exp(s − lse), dP = dO·Vᵀ and delta_i = dO_i·O_i (= Σ_j P_ij·dP_ij):
 // dS = P ⊙ (dP − delta), dQ = scale·dS·K, dK = scale·dSᵀ·Q, dV = Pᵀ·dO.
 
-// delta_i once per query, so neither tiled kernel re-reads O.
+// delta_i once per query, so neither tiled kernel re-reads O. O's rows lie
+// out_ld ≥ W apart: a packed attn.c_proj keeps the attention output only in
+// its x_packed (src/train/model.rs), so the backward reads it there.
 template <typename T>
 __device__ __forceinline__ void attn_backward_delta(const T* __restrict__ dout, const T* __restrict__ out,
-                                                    const AttnArgs a, float* __restrict__ delta) {
+                                                    uint32_t out_ld, const AttnArgs a, float* __restrict__ delta) {
     const uint64_t rows = (uint64_t)a.batch * a.heads * a.seq;
     const uint64_t row = blockIdx.x * (uint64_t)(blockDim.x / 32) + threadIdx.x / 32;
     const uint32_t lane = threadIdx.x % 32;
     if (row >= rows) return;  // uniform per warp: the shuffles below stay converged
     const uint64_t i = row % a.seq, bh = row / a.seq, b = bh / a.heads, h = bh % a.heads;
     const uint64_t off = (b * a.seq + i) * a.heads * a.hd + h * a.hd;
+    const uint64_t o_off = (b * a.seq + i) * out_ld + h * a.hd;
     float sum = 0.0f;
-    for (uint32_t d = lane; d < a.hd; d += 32) sum = fmaf(to_f32(dout[off + d]), to_f32(out[off + d]), sum);
+    for (uint32_t d = lane; d < a.hd; d += 32) sum = fmaf(to_f32(dout[off + d]), to_f32(out[o_off + d]), sum);
     sum = warp_sum(sum);
     if (lane == 0) delta[row] = sum;
 }
@@ -681,7 +686,7 @@ template <typename T> __device__ __forceinline__ bool tc_vec_ok(const void* p, c
 // units), per-lane partial sum l, and the 16 × D output in registers.
 template <typename T, int D>
 __device__ __forceinline__ void attn_forward_tc(const T* __restrict__ qkv, const AttnArgs a, T* __restrict__ out,
-                                                float* __restrict__ lse) {
+                                                uint32_t out_ld, float* __restrict__ lse) {
     constexpr int BR = ATTN_TC_ROWS, BC = AttnTcTiles<D>::FWD_C, LD = D + 8, N8 = BC / 8;
     extern __shared__ float attn_smem[];
     require_smem(tc_fwd_smem<D>() / 4);
@@ -783,8 +788,8 @@ __device__ __forceinline__ void attn_forward_tc(const T* __restrict__ qkv, const
     l_lo += __shfl_xor_sync(0xffffffffu, l_lo, 2);
     l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 1);
     l_hi += __shfl_xor_sync(0xffffffffu, l_hi, 2);
-    T* o_dst = out + (uint64_t)b * seq * w + (uint64_t)h * hd;
-    tc_store_rows<T, D>(o_dst, o, 1.0f / l_lo, 1.0f / l_hi, w, q0 + warp * 16, seq, hd, lane);
+    T* o_dst = out + (uint64_t)b * seq * out_ld + (uint64_t)h * hd;
+    tc_store_rows<T, D>(o_dst, o, 1.0f / l_lo, 1.0f / l_hi, out_ld, q0 + warp * 16, seq, hd, lane);
     if (lane % 4 == 0) {
         if (row_lo < seq) lse[(uint64_t)bh * seq + row_lo] = (m_lo + log2f(l_lo)) * ATTN_LN2;
         if (row_hi < seq) lse[(uint64_t)bh * seq + row_hi] = (m_hi + log2f(l_hi)) * ATTN_LN2;
@@ -979,8 +984,8 @@ __device__ __forceinline__ void attn_backward_dkv_tc(const T* __restrict__ dout,
 #define ATTN_HD_KERNELS(SUF, T, HD)                                                                   \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, ATTN_MIN_BLOCKS)                       \
         attention_forward_hd##HD##_##SUF(const T* __restrict__ qkv, AttnArgs a, T* __restrict__ out,  \
-                                         float* __restrict__ lse) {                                   \
-        attn_forward<T, HD, AttnTiles<HD>::FWD_R, AttnTiles<HD>::FWD_C>(qkv, a, out, lse);            \
+                                         uint32_t out_ld, float* __restrict__ lse) {                  \
+        attn_forward<T, HD, AttnTiles<HD>::FWD_R, AttnTiles<HD>::FWD_C>(qkv, a, out, out_ld, lse);    \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, ATTN_MIN_BLOCKS)                       \
         attention_backward_dq_hd##HD##_##SUF(ATTN_BACKWARD_ARGS(T)) {                                 \
@@ -996,8 +1001,8 @@ __device__ __forceinline__ void attn_backward_dkv_tc(const T* __restrict__ dout,
 #define ATTN_TC_HD_KERNELS(SUF, T, HD)                                                                \
     extern "C" __global__ void __launch_bounds__(ATTN_TC_THREADS, ATTN_TC_MIN_BLOCKS(HD))                                     \
         attention_forward_tc_hd##HD##_##SUF(const T* __restrict__ qkv, AttnArgs a, T* __restrict__ out, \
-                                            float* __restrict__ lse) {                                \
-        attn_forward_tc<T, HD>(qkv, a, out, lse);                                                     \
+                                            uint32_t out_ld, float* __restrict__ lse) {               \
+        attn_forward_tc<T, HD>(qkv, a, out, out_ld, lse);                                             \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(ATTN_TC_THREADS, ATTN_TC_MIN_BLOCKS(HD))                                     \
         attention_backward_dq_tc_hd##HD##_##SUF(ATTN_BACKWARD_ARGS(T)) {                              \
@@ -1012,9 +1017,10 @@ __device__ __forceinline__ void attn_backward_dkv_tc(const T* __restrict__ dout,
 // 32/64/128). f16, bf16: the tensor-core kernels (buckets 64/128).
 #define ATTN_DELTA_KERNEL(SUF, T)                                                                    \
     extern "C" __global__ void attention_backward_delta_##SUF(const T* __restrict__ dout,           \
-                                                              const T* __restrict__ out, AttnArgs a, \
+                                                              const T* __restrict__ out,            \
+                                                              uint32_t out_ld, AttnArgs a,          \
                                                               float* __restrict__ delta) {           \
-        attn_backward_delta<T>(dout, out, a, delta);                                                 \
+        attn_backward_delta<T>(dout, out, out_ld, a, delta);                                         \
     }
 LORAFUSE_FOR_EACH_DTYPE(ATTN_DELTA_KERNEL)
 

@@ -36,6 +36,22 @@ __device__ __forceinline__ bool aligned_to(const void* p, uintptr_t bytes) {
     return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0;
 }
 
+// Where element i of a rows × cols matrix lies when its rows are ld apart:
+// the packed layout's x_packed / dy_packed (src/lowrank/packed.rs), whose
+// spare columns a producer writing there directly must leave alone. With
+// ld == cols (every unpacked caller) it is i, with no division.
+__device__ __forceinline__ uint64_t strided(uint64_t i, uint64_t cols, uint64_t ld) {
+    return ld == cols ? i : i / cols * ld + i % cols;
+}
+
+// The 16-byte pack path of an elementwise kernel writing rows ld apart
+// holds when whole packs never straddle a row: contiguous, or cols and ld
+// multiples of the pack (p a multiple of 8 gives that for 16-bit T; for
+// f32 the wrapper's ld decides, else the element loop runs).
+__device__ __forceinline__ bool packs_fit(uint64_t cols, uint64_t ld, uint64_t pack) {
+    return ld == cols || (cols % pack == 0 && ld % pack == 0);
+}
+
 // ---- embedding -----------------------------------------------------------
 
 // out[row, c] = wte[tokens[row], c] + wpe[row % seq, c] into the f32
@@ -100,6 +116,9 @@ extern "C" __global__ void embedding_backward_wpe_f32(const float* __restrict__ 
 // rows): each lane loads its 4-float packs once into registers (LN_PACKS
 // float4s: 32 registers at most), so x is read from memory once, not three
 // times. Other widths take the plain loop, which re-reads the row from L1.
+// The output's rows lie out_ld apart (≥ d): ln_1 and ln_2 write straight
+// into c_attn's and c_fc's x_packed, whose spare columns stay untouched;
+// out_ld a multiple of 4 keeps the 16-byte path.
 #define LN_PACKS 8
 
 template <typename T>
@@ -118,16 +137,17 @@ template <typename T>
 __device__ void layernorm_forward_impl(const float* __restrict__ x, const T* __restrict__ y,
                                        const T* __restrict__ gamma, const T* __restrict__ beta, float eps,
                                        uint32_t rows, uint32_t d, float* __restrict__ resid, T* __restrict__ out,
-                                       float* __restrict__ mean, float* __restrict__ rstd) {
+                                       uint32_t out_ld, float* __restrict__ mean, float* __restrict__ rstd) {
     const uint32_t row = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
     const uint64_t base = (uint64_t)row * d;
     const float* xr = x + base;
     const T* yr = y ? y + base : nullptr;
     float* rr = y ? resid + base : nullptr;
-    T* orow = out + base;
+    T* orow = out + (uint64_t)row * out_ld;
     float mu, rs;
-    const bool fast = d % 4 == 0 && d <= 128 * LN_PACKS && aligned_to(x, 16) && aligned_to(out, 4 * sizeof(T)) &&
+    const bool fast = d % 4 == 0 && out_ld % 4 == 0 && d <= 128 * LN_PACKS && aligned_to(x, 16) &&
+                      aligned_to(out, 4 * sizeof(T)) &&
                       aligned_to(gamma, 4 * sizeof(T)) && aligned_to(beta, 4 * sizeof(T)) &&
                       (!y || (aligned_to(y, 4 * sizeof(T)) && aligned_to(resid, 16)));
     if (fast) {
@@ -318,38 +338,43 @@ __device__ __forceinline__ float gelu_grad_f32(float v) {
 // and nothing else, so they run on 16-byte packs (8 bf16 per load) when
 // every pointer is 16-byte aligned, the last n mod N elements one by one.
 // Bytes per element: 2·sizeof(T) forward, 3·sizeof(T) backward.
+// The output's rows (cols wide) lie ld apart (strided() above): the GELU
+// writes c_proj's input straight into x_packed, its backward c_fc's dy
+// into dy_packed. Inputs are contiguous.
 template <typename T>
-__device__ void gelu_forward_impl(const T* __restrict__ x, uint64_t n, T* __restrict__ out) {
+__device__ void gelu_forward_impl(const T* __restrict__ x, uint64_t n, uint64_t cols, uint64_t ld,
+                                  T* __restrict__ out) {
     constexpr int N = 16 / sizeof(T);
     uint64_t done = 0;
-    if (aligned_to(x, 16) && aligned_to(out, 16)) {
+    if (aligned_to(x, 16) && aligned_to(out, 16) && packs_fit(cols, ld, N)) {
         done = n / N * N;
         GRID_STRIDE(i, n / N) {
             Pack<T, N> p = reinterpret_cast<const Pack<T, N>*>(x)[i];
 #pragma unroll
             for (int j = 0; j < N; ++j) p.v[j] = from_f32<T>(gelu_f32(to_f32(p.v[j])));
-            reinterpret_cast<Pack<T, N>*>(out)[i] = p;
+            *reinterpret_cast<Pack<T, N>*>(out + strided(i * N, cols, ld)) = p;
         }
     }
-    GRID_STRIDE(i, n - done) out[done + i] = from_f32<T>(gelu_f32(to_f32(x[done + i])));
+    GRID_STRIDE(i, n - done) out[strided(done + i, cols, ld)] = from_f32<T>(gelu_f32(to_f32(x[done + i])));
 }
 
 template <typename T>
-__device__ void gelu_backward_impl(const T* __restrict__ dout, const T* __restrict__ x, uint64_t n,
-                                   T* __restrict__ dx) {
+__device__ void gelu_backward_impl(const T* __restrict__ dout, const T* __restrict__ x, uint64_t n, uint64_t cols,
+                                   uint64_t ld, T* __restrict__ dx) {
     constexpr int N = 16 / sizeof(T);
     uint64_t done = 0;
-    if (aligned_to(dout, 16) && aligned_to(x, 16) && aligned_to(dx, 16)) {
+    if (aligned_to(dout, 16) && aligned_to(x, 16) && aligned_to(dx, 16) && packs_fit(cols, ld, N)) {
         done = n / N * N;
         GRID_STRIDE(i, n / N) {
             const Pack<T, N> g = reinterpret_cast<const Pack<T, N>*>(dout)[i];
             Pack<T, N> p = reinterpret_cast<const Pack<T, N>*>(x)[i];
 #pragma unroll
             for (int j = 0; j < N; ++j) p.v[j] = from_f32<T>(to_f32(g.v[j]) * gelu_grad_f32(to_f32(p.v[j])));
-            reinterpret_cast<Pack<T, N>*>(dx)[i] = p;
+            *reinterpret_cast<Pack<T, N>*>(dx + strided(i * N, cols, ld)) = p;
         }
     }
-    GRID_STRIDE(i, n - done) dx[done + i] = from_f32<T>(to_f32(dout[done + i]) * gelu_grad_f32(to_f32(x[done + i])));
+    GRID_STRIDE(i, n - done)
+    dx[strided(done + i, cols, ld)] = from_f32<T>(to_f32(dout[done + i]) * gelu_grad_f32(to_f32(x[done + i])));
 }
 
 // out = x + y: the residual add, reading the GEMM's T output and writing
@@ -376,21 +401,24 @@ __device__ void residual_add_impl(const float* __restrict__ x, const T* __restri
 
 // out = (T) x: the residual gradient entering a GEMM backward, and the bf16
 // working copy of the f32 master weights. Bytes per element: 4 + sizeof(T),
-// in packs of 4 as residual_add moves them.
+// in packs of 4 as residual_add moves them. The output's rows (cols wide)
+// lie ld apart: the residual gradient goes straight into a projection's
+// dy_packed.
 template <typename T>
-__device__ void cast_from_f32_impl(const float* __restrict__ x, uint64_t n, T* __restrict__ out) {
+__device__ void cast_from_f32_impl(const float* __restrict__ x, uint64_t n, uint64_t cols, uint64_t ld,
+                                   T* __restrict__ out) {
     uint64_t done = 0;
-    if (aligned_to(x, 16) && aligned_to(out, 4 * sizeof(T))) {
+    if (aligned_to(x, 16) && aligned_to(out, 4 * sizeof(T)) && packs_fit(cols, ld, 4)) {
         done = n / 4 * 4;
         GRID_STRIDE(i, n / 4) {
             const Pack<float, 4> a = reinterpret_cast<const Pack<float, 4>*>(x)[i];
             Pack<T, 4> o;
 #pragma unroll
             for (int j = 0; j < 4; ++j) o.v[j] = from_f32<T>(a.v[j]);
-            reinterpret_cast<Pack<T, 4>*>(out)[i] = o;
+            *reinterpret_cast<Pack<T, 4>*>(out + strided(i * 4, cols, ld)) = o;
         }
     }
-    GRID_STRIDE(i, n - done) out[done + i] = from_f32<T>(x[done + i]);
+    GRID_STRIDE(i, n - done) out[strided(done + i, cols, ld)] = from_f32<T>(x[done + i]);
 }
 
 // ---- softmax cross-entropy -----------------------------------------------
@@ -524,15 +552,15 @@ __device__ void cross_entropy_impl(T* __restrict__ logits, const uint32_t* __res
     }                                                                                                     \
     extern "C" __global__ void layernorm_forward_##S(const float* __restrict__ x, const T* __restrict__ gamma, \
                                                      const T* __restrict__ beta, float eps, uint32_t rows, \
-                                                     uint32_t d, T* __restrict__ out,                      \
+                                                     uint32_t d, T* __restrict__ out, uint32_t out_ld,     \
                                                      float* __restrict__ mean, float* __restrict__ rstd) { \
-        layernorm_forward_impl<T>(x, nullptr, gamma, beta, eps, rows, d, nullptr, out, mean, rstd);        \
+        layernorm_forward_impl<T>(x, nullptr, gamma, beta, eps, rows, d, nullptr, out, out_ld, mean, rstd); \
     }                                                                                                     \
     extern "C" __global__ void residual_layernorm_forward_##S(                                             \
         const float* __restrict__ x, const T* __restrict__ y, const T* __restrict__ gamma,                 \
         const T* __restrict__ beta, float eps, uint32_t rows, uint32_t d, float* __restrict__ resid,        \
-        T* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd) {                         \
-        layernorm_forward_impl<T>(x, y, gamma, beta, eps, rows, d, resid, out, mean, rstd);                \
+        T* __restrict__ out, uint32_t out_ld, float* __restrict__ mean, float* __restrict__ rstd) {         \
+        layernorm_forward_impl<T>(x, y, gamma, beta, eps, rows, d, resid, out, out_ld, mean, rstd);        \
     }                                                                                                     \
     extern "C" __global__ void layernorm_backward_dx_##S(                                                  \
         const T* __restrict__ dout, const float* __restrict__ x, const T* __restrict__ gamma,              \
@@ -547,20 +575,22 @@ __device__ void cross_entropy_impl(T* __restrict__ logits, const uint32_t* __res
         layernorm_backward_params_partial_impl<T>(dout, x, mean, rstd, rows, d, rows_per_chunk, partial_g, \
                                                   partial_b);                                              \
     }                                                                                                     \
-    extern "C" __global__ void gelu_forward_##S(const T* __restrict__ x, uint64_t n, T* __restrict__ out) { \
-        gelu_forward_impl<T>(x, n, out);                                                                  \
+    extern "C" __global__ void gelu_forward_##S(const T* __restrict__ x, uint64_t n, uint64_t cols,       \
+                                                uint64_t ld, T* __restrict__ out) {                        \
+        gelu_forward_impl<T>(x, n, cols, ld, out);                                                        \
     }                                                                                                     \
     extern "C" __global__ void gelu_backward_##S(const T* __restrict__ dout, const T* __restrict__ x,       \
-                                                 uint64_t n, T* __restrict__ dx) {                         \
-        gelu_backward_impl<T>(dout, x, n, dx);                                                             \
+                                                 uint64_t n, uint64_t cols, uint64_t ld,                   \
+                                                 T* __restrict__ dx) {                                     \
+        gelu_backward_impl<T>(dout, x, n, cols, ld, dx);                                                   \
     }                                                                                                     \
     extern "C" __global__ void residual_add_##S(const float* __restrict__ x, const T* __restrict__ y,      \
                                                 uint64_t n, float* __restrict__ out) {                     \
         residual_add_impl<T>(x, y, n, out);                                                                \
     }                                                                                                     \
-    extern "C" __global__ void cast_from_f32_##S(const float* __restrict__ x, uint64_t n,                  \
-                                                 T* __restrict__ out) {                                    \
-        cast_from_f32_impl<T>(x, n, out);                                                                  \
+    extern "C" __global__ void cast_from_f32_##S(const float* __restrict__ x, uint64_t n, uint64_t cols,   \
+                                                 uint64_t ld, T* __restrict__ out) {                       \
+        cast_from_f32_impl<T>(x, n, cols, ld, out);                                                        \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(CE_THREADS)                                              \
         cross_entropy_##S(T* __restrict__ logits, const uint32_t* __restrict__ targets, uint32_t vocab,       \

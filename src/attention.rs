@@ -81,6 +81,21 @@ pub trait AttentionOps: Backend + Sized {
         shape: AttnShape,
         out: &mut Self::Buf<T>,
         lse: &mut Self::Buf<f32>,
+    ) -> Result<()> {
+        self.attention_forward_strided(qkv, shape, out, shape.width(), lse)
+    }
+
+    /// [`AttentionOps::attention_forward`] writing the output's rows
+    /// `out_ld` ≥ width apart (`out` holds tokens·`out_ld`; the columns past
+    /// the width keep their values): straight into a packed attn.c_proj's
+    /// `x_packed` ([`crate::lowrank::packed`]).
+    fn attention_forward_strided<T: Element>(
+        &self,
+        qkv: &Self::Buf<T>,
+        shape: AttnShape,
+        out: &mut Self::Buf<T>,
+        out_ld: usize,
+        lse: &mut Self::Buf<f32>,
     ) -> Result<()>;
 
     /// Attention backward, recomputing the probabilities from `qkv` and
@@ -94,7 +109,32 @@ pub trait AttentionOps: Backend + Sized {
         lse: &Self::Buf<f32>,
         shape: AttnShape,
         dqkv: &mut Self::Buf<T>,
+    ) -> Result<()> {
+        self.attention_backward_strided(dout, qkv, out, shape.width(), lse, shape, dqkv)
+    }
+
+    /// [`AttentionOps::attention_backward`] reading the forward's output
+    /// from rows `out_ld` ≥ width apart (`out` holds tokens·`out_ld`): the
+    /// copy a packed attn.c_proj keeps in its `x_packed`
+    /// ([`crate::lowrank::packed`]), so the plain output need not be kept.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_strided<T: Element>(
+        &self,
+        dout: &Self::Buf<T>,
+        qkv: &Self::Buf<T>,
+        out: &Self::Buf<T>,
+        out_ld: usize,
+        lse: &Self::Buf<f32>,
+        shape: AttnShape,
+        dqkv: &mut Self::Buf<T>,
     ) -> Result<()>;
+}
+
+/// `out` of [`AttentionOps::attention_forward_strided`] and
+/// [`AttentionOps::attention_backward_strided`]: `out_ld` ≥ the
+/// width and tokens·`out_ld` elements.
+pub fn check_strided_out(op: &'static str, shape: AttnShape, out: usize, out_ld: usize) -> Result<()> {
+    crate::nn::check::strided_out(op, "out", out, shape.seq.tokens(), shape.width(), out_ld)
 }
 
 /// The argument check every [`AttentionOps`] implementation runs, so the

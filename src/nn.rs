@@ -307,6 +307,26 @@ pub trait NnOps: Backend + Sized {
         out: &mut Self::Buf<T>,
         mean: &mut Self::Buf<f32>,
         rstd: &mut Self::Buf<f32>,
+    ) -> Result<()> {
+        let width = Self::len(gamma);
+        self.layernorm_forward_strided(x, gamma, beta, eps, out, width, mean, rstd)
+    }
+
+    /// [`NnOps::layernorm_forward`] writing rows `out_ld` ≥ width apart
+    /// (`out` holds rows·`out_ld`; the columns past the width keep their
+    /// values): the normed rows land straight in a packed layer's `x_packed`
+    /// ([`crate::lowrank::packed`]) instead of being copied there.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward_strided<T: Element>(
+        &self,
+        x: &Self::Buf<f32>,
+        gamma: &Self::Buf<T>,
+        beta: &Self::Buf<T>,
+        eps: f64,
+        out: &mut Self::Buf<T>,
+        out_ld: usize,
+        mean: &mut Self::Buf<f32>,
+        rstd: &mut Self::Buf<f32>,
     ) -> Result<()>;
 
     /// The residual add fused into the LayerNorm that follows it: `resid =
@@ -325,6 +345,27 @@ pub trait NnOps: Backend + Sized {
         eps: f64,
         resid: &mut Self::Buf<f32>,
         out: &mut Self::Buf<T>,
+        mean: &mut Self::Buf<f32>,
+        rstd: &mut Self::Buf<f32>,
+    ) -> Result<()> {
+        let width = Self::len(gamma);
+        self.residual_layernorm_forward_strided(x, y, gamma, beta, eps, resid, out, width, mean, rstd)
+    }
+
+    /// [`NnOps::residual_layernorm_forward`] writing the normed rows
+    /// `out_ld` ≥ width apart (as [`NnOps::layernorm_forward_strided`]);
+    /// `resid` stays contiguous.
+    #[allow(clippy::too_many_arguments)]
+    fn residual_layernorm_forward_strided<T: Element>(
+        &self,
+        x: &Self::Buf<f32>,
+        y: &Self::Buf<T>,
+        gamma: &Self::Buf<T>,
+        beta: &Self::Buf<T>,
+        eps: f64,
+        resid: &mut Self::Buf<f32>,
+        out: &mut Self::Buf<T>,
+        out_ld: usize,
         mean: &mut Self::Buf<f32>,
         rstd: &mut Self::Buf<f32>,
     ) -> Result<()>;
@@ -346,10 +387,40 @@ pub trait NnOps: Backend + Sized {
     ) -> Result<()>;
 
     /// GELU, tanh approximation (GPT-2's `gelu_new`). `out` overwritten.
-    fn gelu_forward<T: Element>(&self, x: &Self::Buf<T>, out: &mut Self::Buf<T>) -> Result<()>;
+    fn gelu_forward<T: Element>(&self, x: &Self::Buf<T>, out: &mut Self::Buf<T>) -> Result<()> {
+        let n = Self::len(x);
+        self.gelu_forward_strided(x, n, out, n)
+    }
+
+    /// [`NnOps::gelu_forward`] of `x` as rows of `cols`, writing them
+    /// `out_ld` ≥ `cols` apart (the columns past `cols` keep their values):
+    /// the MLP's activation lands straight in c_proj's `x_packed`.
+    fn gelu_forward_strided<T: Element>(
+        &self,
+        x: &Self::Buf<T>,
+        cols: usize,
+        out: &mut Self::Buf<T>,
+        out_ld: usize,
+    ) -> Result<()>;
 
     /// GELU backward from its input: `dx = dout·gelu'(x)`, overwritten.
-    fn gelu_backward<T: Element>(&self, dout: &Self::Buf<T>, x: &Self::Buf<T>, dx: &mut Self::Buf<T>) -> Result<()>;
+    fn gelu_backward<T: Element>(&self, dout: &Self::Buf<T>, x: &Self::Buf<T>, dx: &mut Self::Buf<T>) -> Result<()> {
+        let n = Self::len(x);
+        self.gelu_backward_strided(dout, x, n, dx, n)
+    }
+
+    /// [`NnOps::gelu_backward`] with `dout` and `x` rows of `cols` and the
+    /// rows of `dx` `dx_ld` ≥ `cols` apart (as
+    /// [`NnOps::gelu_forward_strided`]): c_fc's output gradient lands
+    /// straight in its `dy_packed`.
+    fn gelu_backward_strided<T: Element>(
+        &self,
+        dout: &Self::Buf<T>,
+        x: &Self::Buf<T>,
+        cols: usize,
+        dx: &mut Self::Buf<T>,
+        dx_ld: usize,
+    ) -> Result<()>;
 
     /// Residual connection into the f32 stream: `out = x + y` (`out`
     /// overwritten; `x` is kept, the LayerNorm backward reads it).
@@ -357,7 +428,21 @@ pub trait NnOps: Backend + Sized {
 
     /// `out = x` rounded to `T` (the residual gradient entering a GEMM's
     /// backward; the working copy of f32 master weights).
-    fn cast_from_f32<T: Element>(&self, x: &Self::Buf<f32>, out: &mut Self::Buf<T>) -> Result<()>;
+    fn cast_from_f32<T: Element>(&self, x: &Self::Buf<f32>, out: &mut Self::Buf<T>) -> Result<()> {
+        let n = Self::len(x);
+        self.cast_from_f32_strided(x, n, out, n)
+    }
+
+    /// [`NnOps::cast_from_f32`] of `x` as rows of `cols`, writing them
+    /// `out_ld` ≥ `cols` apart (as [`NnOps::gelu_forward_strided`]): the
+    /// residual gradient lands straight in a projection's `dy_packed`.
+    fn cast_from_f32_strided<T: Element>(
+        &self,
+        x: &Self::Buf<f32>,
+        cols: usize,
+        out: &mut Self::Buf<T>,
+        out_ld: usize,
+    ) -> Result<()>;
 
     /// Fused softmax cross-entropy over `rows × vocab` logits (any `T`,
     /// reduced in f32). When `grad` is set, the logits are **overwritten**
@@ -532,17 +617,69 @@ pub mod check {
         dwte.map(|len| rows_of(op, "dwte", len, width)).transpose()
     }
 
-    /// [`super::NnOps::layernorm_forward`]: returns `(rows, width)`.
+    /// [`super::NnOps::layernorm_forward_strided`]: returns `(rows, width)`.
     pub fn layernorm_forward(
         (x, gamma, beta, out, mean, rstd): (usize, usize, usize, usize, usize, usize),
+        out_ld: usize,
     ) -> Result<(usize, usize)> {
         let op = "layernorm_forward";
         let rows = rows_of(op, "x", x, gamma)?;
         check_len(op, "beta", beta, gamma)?;
-        check_len(op, "out", out, x)?;
+        strided_out(op, "out", out, rows, gamma, out_ld)?;
         check_len(op, "mean", mean, rows)?;
         check_len(op, "rstd", rstd, rows)?;
         Ok((rows, gamma))
+    }
+
+    /// An output of `rows` rows of `cols` written `ld` apart: `ld ≥ cols`
+    /// (rows would overlap otherwise) and the buffer holds `rows·ld`.
+    pub fn strided_out(
+        op: &'static str,
+        operand: &'static str,
+        len: usize,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+    ) -> Result<()> {
+        if ld < cols {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "{operand}'s row stride {ld} is below its {cols} columns: rows would overlap; pass ld ≥ {cols}"
+                ),
+            ));
+        }
+        let want =
+            rows.checked_mul(ld).ok_or_else(|| Error::invalid(op, format!("{rows} rows of stride {ld} overflow")))?;
+        if len != want {
+            return Err(Error::shape(
+                op,
+                operand,
+                format!("{rows} rows of stride {ld} = {want} elements"),
+                format!("{len} elements"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// An elementwise op over `n` inputs as rows of `cols`, written `ld`
+    /// apart into `out_len` elements: returns the rows. With `cols` = 0,
+    /// everything must be empty.
+    pub fn strided_elementwise(
+        op: &'static str,
+        n: usize,
+        cols: usize,
+        out: (&'static str, usize),
+        ld: usize,
+    ) -> Result<usize> {
+        if cols == 0 {
+            check_len(op, "x", n, 0)?;
+            check_len(op, out.0, out.1, 0)?;
+            return Ok(0);
+        }
+        let rows = rows_of(op, "x", n, cols)?;
+        strided_out(op, out.0, out.1, rows, cols, ld)?;
+        Ok(rows)
     }
 
     /// [`super::NnOps::layernorm_backward`]: returns `(rows, width)`.

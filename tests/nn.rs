@@ -229,10 +229,48 @@ fn attention<B: AttentionOps, T: Element>(dev: &B) {
         let mut dqkv_g = dev.upload(&nan::<T>(qkv.len())).unwrap();
         dev.attention_backward(&dout_g, &qkv_g, &out_cg, &lse_cg, shape, &mut dqkv_g).unwrap();
         check(dev, &format!("attention_backward dqkv {ctx}"), &dqkv_g, &dqkv_c);
+
+        // The forward's output read from a packed attn.c_proj's x_packed:
+        // rows W + 8 apart with NaN between them, which a read would carry
+        // into dqkv. A stride below W or a short buffer is a typed error.
+        let (w, tokens) = (shape.width(), shape.seq.tokens());
+        let ld = w + 8;
+        // The forward writing there: rows ld apart, the pad's garbage kept.
+        let garbage = T::from_f32(7.0);
+        let mut fwd_s = dev.upload(&vec![garbage; tokens * ld]).unwrap();
+        let mut lse_s = dev.upload(&nan::<f32>(lse_c.len())).unwrap();
+        dev.attention_forward_strided(&qkv_g, shape, &mut fwd_s, ld, &mut lse_s).unwrap();
+        check(
+            dev,
+            &format!("attention_forward_strided out {ctx} out_ld={ld}"),
+            &fwd_s,
+            &spread(&out_c, w, ld, garbage),
+        );
+        let kept = dev.download(&fwd_s).unwrap().chunks(ld).all(|row| row[w..].iter().all(|&p| p == garbage));
+        assert!(kept, "attention_forward_strided {ctx}: pad columns written");
+        let e = dev.attention_forward_strided(&qkv_g, shape, &mut fwd_s, w - 1, &mut lse_s).unwrap_err();
+        assert!(e.to_string().contains("rows would overlap"), "{ctx}: {e}");
+        let out_s = dev.upload(&spread(&out_c, w, ld, T::from_f32(f32::NAN))).unwrap();
+        let mut dqkv_s = dev.upload(&nan::<T>(qkv.len())).unwrap();
+        dev.attention_backward_strided(&dout_g, &qkv_g, &out_s, ld, &lse_cg, shape, &mut dqkv_s).unwrap();
+        check(dev, &format!("attention_backward_strided dqkv {ctx} out_ld={ld}"), &dqkv_s, &dqkv_c);
+        let short = dev.upload(&nan::<T>(tokens * ld - 1)).unwrap();
+        for (out, ld, says) in [(&out_s, w - 1, "rows would overlap"), (&short, ld, "rows of stride")] {
+            let e = dev.attention_backward_strided(&dout_g, &qkv_g, out, ld, &lse_cg, shape, &mut dqkv_s).unwrap_err();
+            assert!(e.to_string().contains(says), "{ctx}: {e}");
+        }
     }
 }
 
 test_device!(attention[f32, bf16], gpu: gpu_attention_matches_cpu);
+
+/// The CPU twin of the strided attention forward and backward (the GPU
+/// ones are in `attention` above): the same values, pads never written or
+/// read.
+#[test]
+fn cpu_attention_backward_reads_strided_out() {
+    attention::<Cpu, f32>(&Cpu);
+}
 
 fn elementwise<B: NnOps, T: Element>(dev: &B) {
     for (k, &n) in [1usize, 31, 4097, 100_003].iter().enumerate() {
@@ -485,3 +523,118 @@ fn cpu_cross_entropy_masks_pad_columns() {
     assert!(Cpu.cross_entropy_padded(&mut b, TokenIds { device: &bad, host: &bad }, vocab, padded, None).is_err());
     assert!(Cpu.cross_entropy_padded(&mut b, ids, padded + 1, padded, None).is_err(), "vocab > padded accepted");
 }
+
+// ---- producers writing into a packed layer's wider rows ----
+
+/// `rows` rows of `cols` (the dense result) laid `ld` apart, the other
+/// columns holding `pad`: what a strided producer must leave behind.
+fn spread<T: Element>(dense: &[T], cols: usize, ld: usize, pad: T) -> Vec<T> {
+    let mut out = vec![pad; dense.len() / cols.max(1) * ld];
+    for (o, d) in out.chunks_mut(ld).zip(dense.chunks(cols)) {
+        o[..cols].copy_from_slice(d);
+    }
+    out
+}
+
+/// The ops that write straight into `x_packed` / `dy_packed` (LayerNorm,
+/// the fused residual + LayerNorm, GELU forward and backward, the cast of
+/// the residual gradient), each with an output row stride `ld` > width,
+/// against the same op unstrided on the CPU: the rows must match and the
+/// spare columns, filled with garbage (7.0) beforehand, stay untouched.
+/// ld = width + 8 keeps the 16-byte paths; ld = width + 1 and an odd width
+/// take the element loops. Then the typed errors: a stride below the width,
+/// an output of the wrong length.
+fn strided_producers<B: NnOps, T: Element>(dev: &B) {
+    let garbage = T::from_f32(7.0);
+    for (k, &(rows, d, ld)) in [(7usize, 16usize, 24usize), (5, 768, 776), (3, 12, 13), (4, 31, 40)].iter().enumerate()
+    {
+        let seed = 700 + k as u64;
+        let ctx = format!("rows={rows} width={d} ld={ld} seed={seed} dtype={}", T::DTYPE);
+        let n = rows * d;
+        let x: Vec<f32> = common::random(seed, n).iter().map(|v| 3.0 * v + 0.5).collect();
+        let (gamma, beta): (Vec<T>, Vec<T>) = (input(seed + 1, d, 1.0), input(seed + 2, d, 1.0));
+        let (x_g, g_g, b_g) = (dev.upload(&x).unwrap(), dev.upload(&gamma).unwrap(), dev.upload(&beta).unwrap());
+        let stats = || (dev.zeros::<f32>(rows).unwrap(), dev.zeros::<f32>(rows).unwrap());
+        let got = |buf: &B::Buf<T>| dev.download(buf).unwrap();
+
+        let (mut out_c, mut mean_c, mut rstd_c) = (vec![T::default(); n], vec![0f32; rows], vec![0f32; rows]);
+        Cpu.layernorm_forward(&x, &gamma, &beta, 1e-5, &mut out_c, &mut mean_c, &mut rstd_c).unwrap();
+        let mut out_g = dev.upload(&vec![garbage; rows * ld]).unwrap();
+        let (mut m, mut r) = stats();
+        dev.layernorm_forward_strided(&x_g, &g_g, &b_g, 1e-5, &mut out_g, ld, &mut m, &mut r).unwrap();
+        check(dev, &format!("layernorm_forward_strided {ctx}"), &out_g, &spread(&out_c, d, ld, garbage));
+        let pads_kept = |name: &str, v: &[T]| {
+            assert!(
+                v.chunks(ld).all(|row| row[d..].iter().all(|&p| p == garbage)),
+                "{name} {ctx}: pad columns written"
+            );
+        };
+        pads_kept("layernorm_forward_strided", &got(&out_g));
+
+        let y: Vec<T> = input(seed + 3, n, 1.0);
+        let y_g = dev.upload(&y).unwrap();
+        let mut resid_c = vec![0f32; n];
+        Cpu.residual_layernorm_forward(&x, &y, &gamma, &beta, 1e-5, &mut resid_c, &mut out_c, &mut mean_c, &mut rstd_c)
+            .unwrap();
+        let mut resid_g = dev.zeros::<f32>(n).unwrap();
+        let mut out_g = dev.upload(&vec![garbage; rows * ld]).unwrap();
+        let (mut m, mut r) = stats();
+        dev.residual_layernorm_forward_strided(
+            &x_g,
+            &y_g,
+            &g_g,
+            &b_g,
+            1e-5,
+            &mut resid_g,
+            &mut out_g,
+            ld,
+            &mut m,
+            &mut r,
+        )
+        .unwrap();
+        check(dev, &format!("residual_layernorm_forward_strided out {ctx}"), &out_g, &spread(&out_c, d, ld, garbage));
+        pads_kept("residual_layernorm_forward_strided", &got(&out_g));
+
+        let h: Vec<T> = input(seed + 4, n, 4.0);
+        let h_g = dev.upload(&h).unwrap();
+        let mut dense = vec![T::default(); n];
+        Cpu.gelu_forward(&h, &mut dense).unwrap();
+        let mut out_g = dev.upload(&vec![garbage; rows * ld]).unwrap();
+        dev.gelu_forward_strided(&h_g, d, &mut out_g, ld).unwrap();
+        check(dev, &format!("gelu_forward_strided {ctx}"), &out_g, &spread(&dense, d, ld, garbage));
+        pads_kept("gelu_forward_strided", &got(&out_g));
+
+        Cpu.gelu_backward(&y, &h, &mut dense).unwrap();
+        let mut out_g = dev.upload(&vec![garbage; rows * ld]).unwrap();
+        dev.gelu_backward_strided(&y_g, &h_g, d, &mut out_g, ld).unwrap();
+        check(dev, &format!("gelu_backward_strided {ctx}"), &out_g, &spread(&dense, d, ld, garbage));
+        pads_kept("gelu_backward_strided", &got(&out_g));
+
+        Cpu.cast_from_f32(&x, &mut dense).unwrap();
+        let mut out_g = dev.upload(&vec![garbage; rows * ld]).unwrap();
+        dev.cast_from_f32_strided(&x_g, d, &mut out_g, ld).unwrap();
+        assert_eq!(got(&out_g), spread(&dense, d, ld, garbage), "cast_from_f32_strided {ctx}");
+
+        // A stride below the width, an output of the wrong length: typed
+        // errors that say what to pass, before any work.
+        let mut short = dev.upload(&vec![garbage; rows * ld - 1]).unwrap();
+        let (mut m, mut r) = stats();
+        let (overlap, length) = ("rows would overlap", "rows of stride");
+        let errs = [
+            (dev.layernorm_forward_strided(&x_g, &g_g, &b_g, 1e-5, &mut out_g, d - 1, &mut m, &mut r), overlap),
+            (dev.layernorm_forward_strided(&x_g, &g_g, &b_g, 1e-5, &mut short, ld, &mut m, &mut r), length),
+            (dev.gelu_forward_strided(&h_g, d, &mut out_g, d - 1), overlap),
+            (dev.gelu_forward_strided(&h_g, d, &mut short, ld), length),
+            (dev.gelu_backward_strided(&y_g, &h_g, d, &mut short, ld), length),
+            (dev.cast_from_f32_strided(&x_g, d, &mut out_g, d - 1), overlap),
+            (dev.cast_from_f32_strided(&x_g, d, &mut short, ld), length),
+        ];
+        for (i, (result, says)) in errs.into_iter().enumerate() {
+            let msg = result.expect_err("accepted").to_string();
+            assert!(msg.contains(says), "{ctx}: error {i} does not say `{says}`: {msg}");
+        }
+        assert_eq!(got(&short), vec![garbage; rows * ld - 1], "{ctx}: a rejected call wrote");
+    }
+}
+
+test_device!(strided_producers[f32, bf16, f16], cpu_strided_producers_leave_the_pad_columns, gpu_strided_producers_match_cpu);

@@ -14,7 +14,7 @@ use lorafuse::rng::Rng;
 use lorafuse::testing::check_close;
 use lorafuse::train::adapters::{AdapterSet, AdapterSpec, Method};
 use lorafuse::train::config::Gpt2Config;
-use lorafuse::train::model::{Batch, Gpt2, Precision};
+use lorafuse::train::model::{Batch, Gpt2, LinearPath, Precision};
 use lorafuse::train::module::Module;
 
 fn rand64(seed: u64, n: usize) -> Vec<f64> {
@@ -341,5 +341,153 @@ fn key_bias_gradient_is_rounding_noise_that_adamw_turns_into_full_steps() {
         assert!(k_bf16 > 5.0 * eps, "layer {layer}: bf16 key-bias noise {k_bf16:e} is not ≫ eps");
         // The CPU's bf16 noise does not depend on the order of the rows.
         assert_eq!(bf16_a[layer], bf16_b[layer], "layer {layer}: CPU bf16 gradients depend on the row order");
+    }
+}
+
+// ---- the packed layout against caller buffers, whole steps ----
+
+/// Losses and every adapter gradient (after Uni-LoRA's scatter) of one
+/// step of `method` on an awkward tiny GPT-2 (vocab 13, width 15 in 3
+/// heads of 5, 7 positions, 2 layers, random nonzero biases), adapters on
+/// every module at rank 3, run along `path` in `precision`. The adapters
+/// are randomised, one forward runs (which packs the weights), and then the
+/// adapters change again, as an optimizer step changes them, before the
+/// measured step: a packed weight that is not refreshed shows.
+fn packed_case(method: Method, path: LinearPath, precision: Precision) -> (PackedRun, Vec<(String, Vec<f32>)>) {
+    let seed = 31;
+    let cfg = Gpt2Config::new(13, 9, 15, 2, 3).unwrap();
+    let mut model = Gpt2::<Cpu>::random(&Cpu, &cfg, seed).unwrap();
+    let mut rng = Rng::new(seed + 100);
+    for (spec, p) in Gpt2::<Cpu>::param_specs(&cfg).iter().zip(model.params.iter_mut()) {
+        let center = if spec.name.contains("ln_") && spec.name.ends_with("weight") { 1.0 } else { 0.0 };
+        p.iter_mut().for_each(|v| *v = center + rng.uniform(-0.4, 0.4) as f32);
+    }
+    model.set_precision(&Cpu, precision).unwrap();
+    model.set_linear_path(path);
+    let shape = SeqShape { batch: 2, seq: 7 };
+    let tokens: Vec<u32> = (0..14).map(|_| rng.below(13) as u32).collect();
+    let mut targets: Vec<u32> = (0..14).map(|_| rng.below(13) as u32).collect();
+    targets[4] = IGNORE;
+    let batch = Batch::upload(&Cpu, shape, &tokens, &targets).unwrap();
+    let spec = AdapterSpec { method, rank: 3, alpha: 5.0, targets: ALL.to_vec(), seed };
+    let mut set = AdapterSet::new(&Cpu, &model.config, &spec).unwrap();
+    let mut rng = Rng::new(seed + 7);
+    for round in 0..2 {
+        for (_, _, p, _) in set.trainable() {
+            p.iter_mut().for_each(|v| *v = rng.uniform(-0.5, 0.5) as f32);
+        }
+        set.gather(&Cpu).unwrap();
+        set.zero_grads(&Cpu).unwrap();
+        let out = model.run(&Cpu, Some(&mut set), &batch, round == 1).unwrap();
+        if round == 1 {
+            set.scatter(&Cpu).unwrap();
+            let got = step_results(out.losses, &mut set);
+            return (PackedRun { model, set, batch }, got);
+        }
+    }
+    unreachable!()
+}
+
+/// What [`packed_case`] ran, to run it again.
+struct PackedRun {
+    model: Gpt2<Cpu>,
+    set: AdapterSet<Cpu>,
+    batch: Batch<Cpu>,
+}
+
+impl PackedRun {
+    /// The measured step again, along `path`.
+    fn rerun(&mut self, path: LinearPath) -> Vec<(String, Vec<f32>)> {
+        self.model.set_linear_path(path);
+        self.set.zero_grads(&Cpu).unwrap();
+        let out = self.model.run(&Cpu, Some(&mut self.set), &self.batch, true).unwrap();
+        self.set.scatter(&Cpu).unwrap();
+        step_results(out.losses, &mut self.set)
+    }
+}
+
+fn step_results(losses: Vec<f32>, set: &mut AdapterSet<Cpu>) -> Vec<(String, Vec<f32>)> {
+    let mut got = vec![("losses".to_string(), losses)];
+    got.extend(set.trainable().into_iter().map(|(n, _, _, g)| (n, g.clone())));
+    got
+}
+
+fn packed_methods() -> Vec<Method> {
+    let mut v = vec![Method::Lora, Method::Vera];
+    v.extend(["tied:vBuA", "tied:BA", "tied:vu", "tied:uA"].map(|m| Method::parse(m).unwrap()));
+    v.push(Method::UniLora { dim: 41, assignment: lorafuse::projection::Assignment::Hash });
+    v
+}
+
+/// f32 on the CPU: both paths form every sum in f64 and round the same
+/// outputs to f32, except that the packed one also rounds its intermediates
+/// to f32 (`t' = s·(x·Aᵀ)⊙u` and `dS` in the spare columns, `B⊙v` and the
+/// bias in the packed weight): one extra relative rounding u per term of
+/// each low-rank sum. Along the longest chain (every GEMM of the forward
+/// and the backward, 2·(4·layers + 1) of them) these add up, each scaled by
+/// at most √n·λ for reductions of length n ≤ 4·width + p, so the relative
+/// error of every compared tensor is bounded by λ·u·√n·chain.
+#[test]
+fn packed_layout_step_equals_caller_buffers_for_every_adapter_kind_f32() {
+    let (layers, width, pad) = (2usize, 15usize, 8usize);
+    let n_max = (4 * width + pad) as f64;
+    let chain = (2 * (4 * layers + 1)) as f64;
+    let tol = lorafuse::testing::LAMBDA * lorafuse::testing::unit_roundoff(lorafuse::DType::F32) * n_max.sqrt() * chain;
+    for method in packed_methods() {
+        let (_, want) = packed_case(method, LinearPath::CallerBuffers, Precision::F32);
+        let (_, got) = packed_case(method, LinearPath::Packed, Precision::F32);
+        assert_eq!(want.len(), got.len());
+        let mut worst = 0f64;
+        for ((name, w), (gname, g)) in want.iter().zip(&got) {
+            assert_eq!(name, gname);
+            let ctx = format!("packed vs caller buffers, {} f32 width=15 heads=3 seq=7 r=3: {name}", method.label());
+            let want64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+            let c = check_close(&ctx, g, &want64, tol).unwrap();
+            assert!(max_abs(w) > 1e-4, "{ctx}: the gradient is ~0, the comparison proves nothing");
+            worst = worst.max(c.rel_frobenius);
+        }
+        println!("{}: worst relative error {worst:.2e} (bound {tol:.2e})", method.label());
+    }
+}
+
+/// bf16: the packed path rounds `t'`, `dS`, `B⊙v` and the bias to bf16
+/// where the caller-buffer path keeps some of them wider, so the two differ
+/// by bf16 rounding noise, not by an f32 bound. Both are measured against
+/// the f32 step instead: per tensor the packed error may exceed the
+/// caller-buffer one by at most λ·u_bf16 (one more bf16 rounding of every
+/// term at the summation bound's confidence). Then the same model, its bf16
+/// working copy of the packed weights released, runs the caller-buffer
+/// path again: the working copy it remakes must give the caller-buffer
+/// step's bits exactly.
+#[test]
+fn packed_layout_in_bf16_is_as_accurate_as_caller_buffers_and_gives_the_working_copy_back() {
+    let slack = lorafuse::testing::LAMBDA * lorafuse::testing::unit_roundoff(lorafuse::DType::BF16);
+    for method in packed_methods() {
+        let (_, reference) = packed_case(method, LinearPath::CallerBuffers, Precision::F32);
+        let (_, caller) = packed_case(method, LinearPath::CallerBuffers, Precision::Bf16);
+        let (mut run, packed) = packed_case(method, LinearPath::Packed, Precision::Bf16);
+        let (mut worst_c, mut worst_p) = (0f64, 0f64);
+        for (((name, r), (_, c)), (_, p)) in reference.iter().zip(&caller).zip(&packed) {
+            let ctx = format!("{} bf16 width=15 heads=3 seq=7 r=3: {name}", method.label());
+            let r64: Vec<f64> = r.iter().map(|&v| v as f64).collect();
+            let err = |g: &[f32]| lorafuse::testing::compare(g.iter().map(|&v| v as f64), r64.iter().copied());
+            let (ec, ep) = (err(c), err(p));
+            assert!(
+                ep.non_finite == 0 && ep.rel_frobenius <= ec.rel_frobenius + slack,
+                "{ctx}: packed {ep}\ncaller buffers {ec}"
+            );
+            (worst_c, worst_p) = (worst_c.max(ec.rel_frobenius), worst_p.max(ep.rel_frobenius));
+        }
+        println!(
+            "{}: bf16 worst relative error to f32: packed {worst_p:.2e}, caller buffers {worst_c:.2e}",
+            method.label()
+        );
+        assert_eq!(
+            run.rerun(LinearPath::CallerBuffers),
+            caller,
+            "{}: caller buffers after packed bf16",
+            method.label()
+        );
+        assert_eq!(run.rerun(LinearPath::Packed), packed, "{}: packed again after caller buffers", method.label());
     }
 }

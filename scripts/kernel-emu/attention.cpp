@@ -159,9 +159,21 @@ static bool run(Shape s, uint64_t seed, const char* dtype, double tol) {
 
     std::vector<double> out_ref, lse_ref, dqkv_ref;
     ref_forward(qkv64, s, out_ref, lse_ref);
-    std::vector<T> out(nout, from_f32<T>(NAN));
+    // Every other case writes out's rows ld = W + 8 apart (a packed
+    // attn.c_proj's x_packed) and reads them back there in the backward's
+    // delta pass: the pad columns start NaN and must stay NaN, and a read of
+    // them would carry NaN into dqkv.
+    const size_t ld = s.w() + ((seed & 1) ? 8 : 0);
+    std::vector<T> out_s(s.tokens() * ld, from_f32<T>(NAN));
     std::vector<float> lse(nlse, NAN);
-    emu_launch(Dim3{bh, cdiv(s.seq, K::fwd_rows), 1}, threads, [&] { K::fwd(qkv.data(), a, out.data(), lse.data()); });
+    emu_launch(Dim3{bh, cdiv(s.seq, K::fwd_rows), 1}, threads,
+               [&] { K::fwd(qkv.data(), a, out_s.data(), (uint32_t)ld, lse.data()); });
+    std::vector<T> out(nout);
+    size_t pad_written = 0;
+    for (size_t t = 0; t < s.tokens(); ++t) {
+        for (size_t c = 0; c < (size_t)s.w(); ++c) out[t * s.w() + c] = out_s[t * ld + c];
+        for (size_t c = s.w(); c < ld; ++c) pad_written += !std::isnan(to_f32(out_s[t * ld + c]));
+    }
 
     // The backward sees the reference's out (rounded to T) and lse (to f32),
     // and so does its reference: only the backward kernels' error is measured.
@@ -174,8 +186,10 @@ static bool run(Shape s, uint64_t seed, const char* dtype, double tol) {
     std::vector<float> delta(nlse, NAN);
     std::vector<T> dqkv(nqkv, from_f32<T>(NAN));
     const uint64_t rows = nlse;
+    for (size_t t = 0; t < s.tokens(); ++t)
+        for (size_t c = 0; c < (size_t)s.w(); ++c) out_s[t * ld + c] = out_t[t * s.w() + c];
     emu_launch(Dim3{(unsigned)cdiv(rows, 8), 1, 1}, 256,
-               [&] { K::delta(dout.data(), out_t.data(), a, delta.data()); });
+               [&] { K::delta(dout.data(), out_s.data(), (uint32_t)ld, a, delta.data()); });
     emu_launch(Dim3{bh, cdiv(s.seq, K::dq_rows), 1}, threads,
                [&] { K::dq(dout.data(), qkv.data(), lse_f.data(), delta.data(), a, dqkv.data()); });
     emu_launch(Dim3{bh, cdiv(s.seq, K::dkv_rows), 1}, threads,
@@ -184,11 +198,11 @@ static bool run(Shape s, uint64_t seed, const char* dtype, double tol) {
     size_t bad_o, bad_l, bad_d;
     const double eo = rel_err(out, out_ref, &bad_o), el = rel_err(lse, lse_ref, &bad_l);
     const double ed = rel_err(dqkv, dqkv_ref, &bad_d);
-    const bool ok = bad_o + bad_l + bad_d == 0 && eo <= tol && el <= 1e-5 && ed <= tol;
-    std::printf("%-4s batch=%d seq=%-3d heads=%d hd=%-3d (D=%-3d) seed=%-4llu out %.2e lse %.2e dqkv %.2e "
-                "non-finite %zu/%zu/%zu %s\n",
-                dtype, s.batch, s.seq, s.heads, s.hd, D, (unsigned long long)seed, eo, el, ed, bad_o, bad_l, bad_d,
-                ok ? "ok" : "FAIL");
+    const bool ok = bad_o + bad_l + bad_d + pad_written == 0 && eo <= tol && el <= 1e-5 && ed <= tol;
+    std::printf("%-4s batch=%d seq=%-3d heads=%d hd=%-3d (D=%-3d) out_ld=%-4zu seed=%-4llu out %.2e lse %.2e "
+                "dqkv %.2e non-finite %zu/%zu/%zu pad written %zu %s\n",
+                dtype, s.batch, s.seq, s.heads, s.hd, D, ld, (unsigned long long)seed, eo, el, ed, bad_o, bad_l,
+                bad_d, pad_written, ok ? "ok" : "FAIL");
     return ok;
 }
 

@@ -278,7 +278,9 @@ static void test_embedding_backward(const EmbShape& s, uint64_t seed) {
 
 // ---- LayerNorm --------------------------------------------------------------
 
-template <typename T> static void test_layernorm(uint32_t rows, uint32_t d, uint64_t seed) {
+// `ld` ≥ d: the forward outputs' row stride (a packed layer's x_packed);
+// the columns past d start NaN and must stay NaN.
+template <typename T> static void test_layernorm(uint32_t rows, uint32_t d, uint32_t ld, uint64_t seed) {
     Rng rng(seed);
     const size_t n = (size_t)rows * d;
     // Each row its own mean and spread, so a row mixed up with another shows.
@@ -289,16 +291,24 @@ template <typename T> static void test_layernorm(uint32_t rows, uint32_t d, uint
     }
     const auto gamma = rand_vec<T>(rng, d, -1.5, 1.5), beta = rand_vec<T>(rng, d, -1, 1);
     const float eps = 1e-5f;  // the wrapper passes eps as f32
-    Case c(K<T>::name, fmt("layernorm rows=%u d=%u", rows, d));
+    Case c(K<T>::name, fmt("layernorm rows=%u d=%u out_ld=%u", rows, d, ld));
+    const size_t nld = (size_t)rows * ld;
 
     // Forward: mean, variance around it, (x − μ)·rstd·γ + β.
-    auto out = poisoned<T>(n);
+    auto out = poisoned<T>(nld);
     auto mean = poisoned<float>(rows), rstd = poisoned<float>(rows);
     launch(cdiv(rows, WARPS), [&] {
-        K<T>::layernorm_forward(x.data(), gamma.data(), beta.data(), eps, rows, d, out.data(), mean.data(),
+        K<T>::layernorm_forward(x.data(), gamma.data(), beta.data(), eps, rows, d, out.data(), ld, mean.data(),
                                 rstd.data());
     });
     std::vector<double> out_ref(n), mean_ref(rows), rstd_ref(rows);
+    // out_ref at the output's stride, NaN (untouched) past each row's d.
+    auto strided_ref = [&](const std::vector<double>& dense) {
+        std::vector<double> w(nld, NAN);
+        for (uint32_t r = 0; r < rows; ++r)
+            for (uint32_t i = 0; i < d; ++i) w[(size_t)r * ld + i] = dense[(size_t)r * d + i];
+        return w;
+    };
     for (uint32_t r = 0; r < rows; ++r) {
         const float* xr = &x[(size_t)r * d];
         double mu = 0, var = 0;
@@ -312,7 +322,7 @@ template <typename T> static void test_layernorm(uint32_t rows, uint32_t d, uint
         mean_ref[r] = mu;
         rstd_ref[r] = rs;
     }
-    c.close("layernorm_forward_<T> out", "out", out, out_ref, tol_of<T>());
+    c.close("layernorm_forward_<T> out", "out", out, strided_ref(out_ref), tol_of<T>());
     c.close("layernorm_forward_<T> mean", "mean", mean, mean_ref, F32_TOL);
     c.close("layernorm_forward_<T> rstd", "rstd", rstd, rstd_ref, F32_TOL);
 
@@ -324,11 +334,11 @@ template <typename T> static void test_layernorm(uint32_t rows, uint32_t d, uint
         std::vector<float> x0(n);
         for (size_t i = 0; i < n; ++i) x0[i] = x[i] - to_f32(y[i]);
         auto resid = poisoned<float>(n);
-        auto fout = poisoned<T>(n);
+        auto fout = poisoned<T>(nld);
         auto fmean = poisoned<float>(rows), frstd = poisoned<float>(rows);
         launch(cdiv(rows, WARPS), [&] {
             K<T>::residual_layernorm_forward(x0.data(), y.data(), gamma.data(), beta.data(), eps, rows, d,
-                                             resid.data(), fout.data(), fmean.data(), frstd.data());
+                                             resid.data(), fout.data(), ld, fmean.data(), frstd.data());
         });
         std::vector<double> r_ref(n), fout_ref(n), fmean_ref(rows), frstd_ref(rows);
         for (size_t i = 0; i < n; ++i) r_ref[i] = (double)x0[i] + as64(y[i]);
@@ -346,7 +356,7 @@ template <typename T> static void test_layernorm(uint32_t rows, uint32_t d, uint
             frstd_ref[r] = rs;
         }
         c.close("residual_layernorm_forward_<T> resid", "resid", resid, r_ref, F32_TOL);
-        c.close("residual_layernorm_forward_<T> out", "fused out", fout, fout_ref, tol_of<T>());
+        c.close("residual_layernorm_forward_<T> out", "fused out", fout, strided_ref(fout_ref), tol_of<T>());
         c.close("residual_layernorm_forward_<T> mean", "fused mean", fmean, fmean_ref, F32_TOL);
         c.close("residual_layernorm_forward_<T> rstd", "fused rstd", frstd, frstd_ref, F32_TOL);
     }
@@ -434,13 +444,13 @@ template <typename T> static void test_elementwise(uint64_t n, uint64_t seed) {
     // GELU over [-6, 6]: both tails and the bend.
     const auto x = rand_vec<T>(rng, n, -6, 6), dout = rand_vec<T>(rng, n, -1, 1);
     auto out = poisoned<T>(n);
-    launch(grid_stride(n), [&] { K<T>::gelu_forward(x.data(), n, out.data()); });
+    launch(grid_stride(n), [&] { K<T>::gelu_forward(x.data(), n, n, n, out.data()); });
     std::vector<double> want(n);
     for (uint64_t i = 0; i < n; ++i) want[i] = gelu64(as64(x[i]));
     c.close("gelu_forward_<T> out", "gelu", out, want, tol_of<T>());
 
     auto dx = poisoned<T>(n);
-    launch(grid_stride(n), [&] { K<T>::gelu_backward(dout.data(), x.data(), n, dx.data()); });
+    launch(grid_stride(n), [&] { K<T>::gelu_backward(dout.data(), x.data(), n, n, n, dx.data()); });
     for (uint64_t i = 0; i < n; ++i) want[i] = as64(dout[i]) * gelu_grad64(as64(x[i]));
     c.close("gelu_backward_<T> dx", "gelu'", dx, want, tol_of<T>());
 
@@ -448,8 +458,8 @@ template <typename T> static void test_elementwise(uint64_t n, uint64_t seed) {
     if (n > 1) {
         const uint64_t m = n - 1;
         auto out1 = poisoned<T>(n), dx1 = poisoned<T>(n);
-        launch(grid_stride(m), [&] { K<T>::gelu_forward(x.data() + 1, m, out1.data() + 1); });
-        launch(grid_stride(m), [&] { K<T>::gelu_backward(dout.data() + 1, x.data() + 1, m, dx1.data() + 1); });
+        launch(grid_stride(m), [&] { K<T>::gelu_forward(x.data() + 1, m, m, m, out1.data() + 1); });
+        launch(grid_stride(m), [&] { K<T>::gelu_backward(dout.data() + 1, x.data() + 1, m, m, m, dx1.data() + 1); });
         std::vector<double> wf(n, NAN), wb(n, NAN);
         for (uint64_t i = 1; i < n; ++i) {
             wf[i] = gelu64(as64(x[i]));
@@ -471,8 +481,37 @@ template <typename T> static void test_elementwise(uint64_t n, uint64_t seed) {
     std::vector<float> wide(n);
     for (auto& v : wide) v = (float)std::ldexp(rng.uni(-1, 1), (int)std::floor(rng.uni(-12, 9)));
     auto cast = poisoned<T>(n);
-    launch(grid_stride(n), [&] { K<T>::cast_from_f32(wide.data(), n, cast.data()); });
+    launch(grid_stride(n), [&] { K<T>::cast_from_f32(wide.data(), n, n, n, cast.data()); });
     c.close("cast_from_f32_<T> out", "cast", cast, widen(wide), tol_of<T>());
+}
+
+// The elementwise producers of a packed layer's buffers: `rows` rows of
+// `cols` written `ld` apart (GELU → x_packed, GELU backward and the cast →
+// dy_packed). The columns past `cols` start NaN and must stay NaN; an ld
+// that breaks the 16-byte packs takes the element loop.
+template <typename T> static void test_strided(uint64_t rows, uint64_t cols, uint64_t ld, uint64_t seed) {
+    Rng rng(seed);
+    const uint64_t n = rows * cols, nld = rows * ld;
+    Case c(K<T>::name, fmt("strided rows=%llu cols=%llu ld=%llu", (unsigned long long)rows,
+                           (unsigned long long)cols, (unsigned long long)ld));
+    const auto x = rand_vec<T>(rng, n, -6, 6), dout = rand_vec<T>(rng, n, -1, 1);
+    std::vector<float> wide(n);
+    for (auto& v : wide) v = (float)rng.uni(-3, 3);
+    std::vector<double> wf(nld, NAN), wb(nld, NAN), wc(nld, NAN);
+    for (uint64_t r = 0; r < rows; ++r)
+        for (uint64_t i = 0; i < cols; ++i) {
+            const uint64_t s = r * cols + i, o = r * ld + i;
+            wf[o] = gelu64(as64(x[s]));
+            wb[o] = as64(dout[s]) * gelu_grad64(as64(x[s]));
+            wc[o] = wide[s];
+        }
+    auto out = poisoned<T>(nld), dx = poisoned<T>(nld), cast = poisoned<T>(nld);
+    launch(grid_stride(n), [&] { K<T>::gelu_forward(x.data(), n, cols, ld, out.data()); });
+    launch(grid_stride(n), [&] { K<T>::gelu_backward(dout.data(), x.data(), n, cols, ld, dx.data()); });
+    launch(grid_stride(n), [&] { K<T>::cast_from_f32(wide.data(), n, cols, ld, cast.data()); });
+    c.close("gelu_forward_<T> out (strided)", "gelu", out, wf, tol_of<T>());
+    c.close("gelu_backward_<T> dx (strided)", "gelu'", dx, wb, tol_of<T>());
+    c.close("cast_from_f32_<T> out (strided)", "cast", cast, wc, tol_of<T>());
 }
 
 // ---- softmax cross-entropy --------------------------------------------------
@@ -868,8 +907,15 @@ template <typename T> static void run_dtype(uint64_t seed) {
     for (uint32_t rows : {1u, 7u, 130u})
         // 12, 768, 1024: the register path (d % 4 == 0, d ≤ 1024); 1028:
         // a multiple of 4 too wide for it; the rest: the plain loop.
-        for (uint32_t d : {1u, 12u, 31u, 33u, 257u, 768u, 1024u, 1028u}) test_layernorm<T>(rows, d, seed++);
+        for (uint32_t d : {1u, 12u, 31u, 33u, 257u, 768u, 1024u, 1028u}) test_layernorm<T>(rows, d, d, seed++);
+    // Packed rows: ld = d + p (p a multiple of 8: the 16-byte path), an ld
+    // that is not a multiple of 4 (the plain loop), an odd width.
+    for (auto [d, ld] : {std::pair{12u, 20u}, std::pair{768u, 776u}, std::pair{12u, 13u}, std::pair{31u, 40u}})
+        test_layernorm<T>(5, d, ld, seed++);
     for (uint64_t n : {1ull, 31ull, 4097ull}) test_elementwise<T>(n, seed++);
+    for (auto [rows, cols, ld] : {std::tuple{7ull, 16ull, 24ull}, std::tuple{5ull, 768ull, 776ull},
+                                  std::tuple{3ull, 12ull, 13ull}, std::tuple{4ull, 31ull, 40ull}})
+        test_strided<T>(rows, cols, ld, seed++);
     // padded == vocab: 16-byte packs only where vocab allows them (f32:
     // 1031 no, 1032 yes); padded > vocab: the LM head's padded rows, packed
     // (multiples of 64) and not (1, 7 → 9). 9000 → 9024: several packs per

@@ -16,40 +16,49 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul, Op};
 use super::{store, Cpu};
-use crate::attention::{check_lengths, AttentionOps, AttnShape};
+use crate::attention::{check_lengths, check_strided_out, AttentionOps, AttnShape};
 use crate::dtype::{widen, Element};
 use crate::error::check_len;
 use crate::Result;
 
 impl AttentionOps for Cpu {
-    fn attention_forward<T: Element>(
+    fn attention_forward_strided<T: Element>(
         &self,
         qkv: &Vec<T>,
         shape: AttnShape,
         out: &mut Vec<T>,
+        out_ld: usize,
         lse: &mut Vec<f32>,
     ) -> Result<()> {
-        check_lengths("attention_forward", shape, qkv.len(), out.len(), lse.len())?;
+        let op = "attention_forward";
+        check_lengths(op, shape, qkv.len(), shape.seq.tokens() * shape.width(), lse.len())?;
+        check_strided_out(op, shape, out.len(), out_ld)?;
         let (o, l) = attention_forward_f64(&widen(qkv), shape)?;
-        store(out, &o);
+        let w = shape.width();
+        for (dst, src) in out.chunks_mut(out_ld).zip(o.chunks(w)) {
+            store(&mut dst[..w], src);
+        }
         store(lse, &l);
         Ok(())
     }
 
-    fn attention_backward<T: Element>(
+    fn attention_backward_strided<T: Element>(
         &self,
         dout: &Vec<T>,
         qkv: &Vec<T>,
         out: &Vec<T>,
+        out_ld: usize,
         lse: &Vec<f32>,
         shape: AttnShape,
         dqkv: &mut Vec<T>,
     ) -> Result<()> {
         let op = "attention_backward";
         check_lengths(op, shape, qkv.len(), dout.len(), lse.len())?;
-        check_len(op, "out", out.len(), dout.len())?;
+        check_strided_out(op, shape, out.len(), out_ld)?;
         check_len(op, "dqkv", dqkv.len(), qkv.len())?;
-        let g = attention_backward_f64(&widen(dout), &widen(qkv), &widen(out), &widen(lse), shape)?;
+        let w = shape.width();
+        let out: Vec<f64> = out.chunks(out_ld).flat_map(|row| row[..w].iter().map(|v| v.to_f64())).collect();
+        let g = attention_backward_f64(&widen(dout), &widen(qkv), &out, &widen(lse), shape)?;
         store(dqkv, &g);
         Ok(())
     }

@@ -13,6 +13,14 @@ use crate::nn::{
 };
 use crate::Result;
 
+/// `src` (rows of `cols`) rounded into `dst`'s rows `ld` apart; the other
+/// columns of `dst` keep their values.
+fn store_rows<T: Element>(dst: &mut [T], src: &[f64], cols: usize, ld: usize) {
+    for (d, s) in dst.chunks_mut(ld).zip(src.chunks(cols)) {
+        store(&mut d[..cols], s);
+    }
+}
+
 fn accumulate(dst: &mut [f32], src: &[f64]) {
     dst.iter_mut().zip(src).for_each(|(d, &s)| *d = (*d as f64 + s) as f32);
 }
@@ -154,25 +162,27 @@ impl NnOps for Cpu {
         Ok(())
     }
 
-    fn layernorm_forward<T: Element>(
+    fn layernorm_forward_strided<T: Element>(
         &self,
         x: &Vec<f32>,
         gamma: &Vec<T>,
         beta: &Vec<T>,
         eps: f64,
         out: &mut Vec<T>,
+        out_ld: usize,
         mean: &mut Vec<f32>,
         rstd: &mut Vec<f32>,
     ) -> Result<()> {
-        check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()))?;
+        let (_, d) =
+            check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()), out_ld)?;
         let (o, m, r) = layernorm_forward_f64(&widen(x), &widen(gamma), &widen(beta), eps);
-        store(out, &o);
+        store_rows(out, &o, d, out_ld);
         store(mean, &m);
         store(rstd, &r);
         Ok(())
     }
 
-    fn residual_layernorm_forward<T: Element>(
+    fn residual_layernorm_forward_strided<T: Element>(
         &self,
         x: &Vec<f32>,
         y: &Vec<T>,
@@ -181,12 +191,13 @@ impl NnOps for Cpu {
         eps: f64,
         resid: &mut Vec<f32>,
         out: &mut Vec<T>,
+        out_ld: usize,
         mean: &mut Vec<f32>,
         rstd: &mut Vec<f32>,
     ) -> Result<()> {
-        check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()))?;
+        check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()), out_ld)?;
         self.residual_add(x, y, resid)?;
-        self.layernorm_forward(resid, gamma, beta, eps, out, mean, rstd)
+        self.layernorm_forward_strided(resid, gamma, beta, eps, out, out_ld, mean, rstd)
     }
 
     fn layernorm_backward<T: Element>(
@@ -213,17 +224,33 @@ impl NnOps for Cpu {
         Ok(())
     }
 
-    fn gelu_forward<T: Element>(&self, x: &Vec<T>, out: &mut Vec<T>) -> Result<()> {
-        check::same_len("gelu_forward", x.len(), &[("out", out.len())])?;
-        out.par_iter_mut().zip(x.par_iter()).for_each(|(o, &v)| *o = T::from_f64(gelu_f64(v.to_f64())));
+    fn gelu_forward_strided<T: Element>(&self, x: &Vec<T>, cols: usize, out: &mut Vec<T>, out_ld: usize) -> Result<()> {
+        if check::strided_elementwise("gelu_forward", x.len(), cols, ("out", out.len()), out_ld)? == 0 {
+            return Ok(());
+        }
+        out.par_chunks_mut(out_ld).zip(x.par_chunks(cols)).for_each(|(o, xr)| {
+            o.iter_mut().zip(xr).for_each(|(o, &v)| *o = T::from_f64(gelu_f64(v.to_f64())));
+        });
         Ok(())
     }
 
-    fn gelu_backward<T: Element>(&self, dout: &Vec<T>, x: &Vec<T>, dx: &mut Vec<T>) -> Result<()> {
-        check::same_len("gelu_backward", x.len(), &[("dout", dout.len()), ("dx", dx.len())])?;
-        dx.par_iter_mut()
-            .zip(x.par_iter().zip(dout.par_iter()))
-            .for_each(|(d, (&v, &g))| *d = T::from_f64(g.to_f64() * gelu_grad_f64(v.to_f64())));
+    fn gelu_backward_strided<T: Element>(
+        &self,
+        dout: &Vec<T>,
+        x: &Vec<T>,
+        cols: usize,
+        dx: &mut Vec<T>,
+        dx_ld: usize,
+    ) -> Result<()> {
+        check::same_len("gelu_backward", x.len(), &[("dout", dout.len())])?;
+        if check::strided_elementwise("gelu_backward", x.len(), cols, ("dx", dx.len()), dx_ld)? == 0 {
+            return Ok(());
+        }
+        dx.par_chunks_mut(dx_ld).zip(x.par_chunks(cols).zip(dout.par_chunks(cols))).for_each(|(d, (xr, gr))| {
+            d.iter_mut()
+                .zip(xr.iter().zip(gr))
+                .for_each(|(d, (&v, &g))| *d = T::from_f64(g.to_f64() * gelu_grad_f64(v.to_f64())));
+        });
         Ok(())
     }
 
@@ -233,9 +260,19 @@ impl NnOps for Cpu {
         Ok(())
     }
 
-    fn cast_from_f32<T: Element>(&self, x: &Vec<f32>, out: &mut Vec<T>) -> Result<()> {
-        check::same_len("cast_from_f32", x.len(), &[("out", out.len())])?;
-        out.iter_mut().zip(x).for_each(|(o, &v)| *o = T::from_f32(v));
+    fn cast_from_f32_strided<T: Element>(
+        &self,
+        x: &Vec<f32>,
+        cols: usize,
+        out: &mut Vec<T>,
+        out_ld: usize,
+    ) -> Result<()> {
+        if check::strided_elementwise("cast_from_f32", x.len(), cols, ("out", out.len()), out_ld)? == 0 {
+            return Ok(());
+        }
+        for (o, xr) in out.chunks_mut(out_ld).zip(x.chunks(cols)) {
+            o.iter_mut().zip(xr).for_each(|(o, &v)| *o = T::from_f32(v));
+        }
         Ok(())
     }
 

@@ -174,8 +174,24 @@ pub fn attention_forward<T: Element>(
     out: &mut CudaSlice<T>,
     lse: &mut CudaSlice<f32>,
 ) -> Result<()> {
+    attention_forward_strided(gpu, qkv, shape, out, shape.width(), lse)
+}
+
+/// [`attention_forward`] writing the output's rows `out_ld` ≥ width apart
+/// (a packed attn.c_proj's `x_packed`; the other columns are left alone).
+pub fn attention_forward_strided<T: Element>(
+    gpu: &Gpu,
+    qkv: &CudaSlice<T>,
+    shape: AttnShape,
+    out: &mut CudaSlice<T>,
+    out_ld: usize,
+    lse: &mut CudaSlice<f32>,
+) -> Result<()> {
     let op = "attention_forward";
-    check_lengths(op, shape, qkv.len(), out.len(), lse.len())?;
+    check_lengths(op, shape, qkv.len(), shape.seq.tokens() * shape.width(), lse.len())?;
+    crate::attention::check_strided_out(op, shape, out.len(), out_ld)?;
+    let out_ld32 =
+        u32::try_from(out_ld).map_err(|_| Error::invalid(op, format!("out_ld {out_ld} exceeds 2^32 - 1")))?;
     let plan = plan::<T>(op, shape)?;
     let (name, rows, smem) = plan.kernel(0, T::DTYPE.suffix());
     let f = gpu.function_with_shared(kernels::ATTENTION, &name, smem)?;
@@ -183,7 +199,7 @@ pub fn attention_forward<T: Element>(
     // checked against the shape, and the grid covers each (head, query tile)
     // once with the shared memory the kernel carves up.
     unsafe {
-        gpu.stream().launch_builder(&f).arg(qkv).arg(&plan.args).arg(out).arg(lse).launch(tiled_grid(
+        gpu.stream().launch_builder(&f).arg(qkv).arg(&plan.args).arg(out).arg(&out_ld32).arg(lse).launch(tiled_grid(
             &plan,
             shape.seq.seq,
             rows,
@@ -216,9 +232,27 @@ pub fn attention_backward<T: Element>(
     shape: AttnShape,
     dqkv: &mut CudaSlice<T>,
 ) -> Result<()> {
+    attention_backward_strided(gpu, dout, qkv, out, shape.width(), lse, shape, dqkv)
+}
+
+/// [`attention_backward`] reading `out` from rows `out_ld` ≥ width apart
+/// (a packed attn.c_proj's `x_packed`; only the delta pre-pass reads it).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward_strided<T: Element>(
+    gpu: &Gpu,
+    dout: &CudaSlice<T>,
+    qkv: &CudaSlice<T>,
+    out: &CudaSlice<T>,
+    out_ld: usize,
+    lse: &CudaSlice<f32>,
+    shape: AttnShape,
+    dqkv: &mut CudaSlice<T>,
+) -> Result<()> {
     let op = "attention_backward";
     check_lengths(op, shape, qkv.len(), dout.len(), lse.len())?;
-    check_len(op, "out", out.len(), dout.len())?;
+    crate::attention::check_strided_out(op, shape, out.len(), out_ld)?;
+    let out_ld32 =
+        u32::try_from(out_ld).map_err(|_| Error::invalid(op, format!("out_ld {out_ld} exceeds 2^32 - 1")))?;
     check_len(op, "dqkv", dqkv.len(), qkv.len())?;
     let plan = plan::<T>(op, shape)?;
     let suffix = T::DTYPE.suffix();
@@ -231,14 +265,18 @@ pub fn attention_backward<T: Element>(
     let f = gpu.function(kernels::ATTENTION, &name)?;
     let queries = shape.lse_len() as u64;
     let blocks = blocks_for(queries, DELTA_THREADS / 32);
-    // SAFETY: argument types match; dout and out hold tokens·W elements and
-    // delta one float per query, the warp count the grid covers.
+    // SAFETY: argument types match; dout holds tokens·W elements, out
+    // tokens·out_ld with out_ld ≥ W, and delta one float per query, the warp
+    // count the grid covers.
     unsafe {
-        gpu.stream().launch_builder(&f).arg(dout).arg(out).arg(&plan.args).arg(&mut delta).launch(LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (DELTA_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        })
+        gpu.stream()
+            .launch_builder(&f)
+            .arg(dout)
+            .arg(out)
+            .arg(&out_ld32)
+            .arg(&plan.args)
+            .arg(&mut delta)
+            .launch(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (DELTA_THREADS, 1, 1), shared_mem_bytes: 0 })
     }
     .map(drop)
     .map_err(launch_err(&name))?;
@@ -267,26 +305,28 @@ pub fn attention_backward<T: Element>(
 }
 
 impl AttentionOps for Gpu {
-    fn attention_forward<T: Element>(
+    fn attention_forward_strided<T: Element>(
         &self,
         qkv: &CudaSlice<T>,
         shape: AttnShape,
         out: &mut CudaSlice<T>,
+        out_ld: usize,
         lse: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        attention_forward(self, qkv, shape, out, lse)
+        attention_forward_strided(self, qkv, shape, out, out_ld, lse)
     }
 
-    fn attention_backward<T: Element>(
+    fn attention_backward_strided<T: Element>(
         &self,
         dout: &CudaSlice<T>,
         qkv: &CudaSlice<T>,
         out: &CudaSlice<T>,
+        out_ld: usize,
         lse: &CudaSlice<f32>,
         shape: AttnShape,
         dqkv: &mut CudaSlice<T>,
     ) -> Result<()> {
-        attention_backward(self, dout, qkv, out, lse, shape, dqkv)
+        attention_backward_strided(self, dout, qkv, out, out_ld, lse, shape, dqkv)
     }
 }
 

@@ -199,22 +199,25 @@ impl NnOps for Gpu {
         Ok(())
     }
 
-    fn layernorm_forward<T: Element>(
+    fn layernorm_forward_strided<T: Element>(
         &self,
         x: &CudaSlice<f32>,
         gamma: &CudaSlice<T>,
         beta: &CudaSlice<T>,
         eps: f64,
         out: &mut CudaSlice<T>,
+        out_ld: usize,
         mean: &mut CudaSlice<f32>,
         rstd: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let (rows, d) =
-            check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()))?;
+            check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()), out_ld)?;
         let name = typed::<T>("layernorm_forward");
         let f = self.function(kernels::NN, &name)?;
-        let (eps, rows32, d32) = (eps as f32, u32_arg("rows", rows)?, u32_arg("width", d)?);
-        // SAFETY: argument types match; lengths checked above.
+        let (eps, rows32, d32, ld32) =
+            (eps as f32, u32_arg("rows", rows)?, u32_arg("width", d)?, u32_arg("out_ld", out_ld)?);
+        // SAFETY: argument types match; lengths checked above (out holds
+        // rows·out_ld, out_ld ≥ d).
         unsafe {
             self.stream()
                 .launch_builder(&f)
@@ -225,6 +228,7 @@ impl NnOps for Gpu {
                 .arg(&rows32)
                 .arg(&d32)
                 .arg(out)
+                .arg(&ld32)
                 .arg(mean)
                 .arg(rstd)
                 .launch(grid(rows32.div_ceil(WARPS), THREADS, 0))
@@ -233,7 +237,7 @@ impl NnOps for Gpu {
         .map_err(|e| Error::cuda(format!("launching {name}"), e))
     }
 
-    fn residual_layernorm_forward<T: Element>(
+    fn residual_layernorm_forward_strided<T: Element>(
         &self,
         x: &CudaSlice<f32>,
         y: &CudaSlice<T>,
@@ -242,17 +246,20 @@ impl NnOps for Gpu {
         eps: f64,
         resid: &mut CudaSlice<f32>,
         out: &mut CudaSlice<T>,
+        out_ld: usize,
         mean: &mut CudaSlice<f32>,
         rstd: &mut CudaSlice<f32>,
     ) -> Result<()> {
         let (rows, d) =
-            check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()))?;
+            check::layernorm_forward((x.len(), gamma.len(), beta.len(), out.len(), mean.len(), rstd.len()), out_ld)?;
         check::same_len("residual_layernorm_forward", x.len(), &[("y", y.len()), ("resid", resid.len())])?;
         let name = typed::<T>("residual_layernorm_forward");
         let f = self.function(kernels::NN, &name)?;
-        let (eps, rows32, d32) = (eps as f32, u32_arg("rows", rows)?, u32_arg("width", d)?);
-        // SAFETY: argument types match; lengths checked above (x, y, resid
-        // and out hold rows·d, mean and rstd rows).
+        let (eps, rows32, d32, ld32) =
+            (eps as f32, u32_arg("rows", rows)?, u32_arg("width", d)?, u32_arg("out_ld", out_ld)?);
+        // SAFETY: argument types match; lengths checked above (x, y and
+        // resid hold rows·d, out rows·out_ld with out_ld ≥ d, mean and rstd
+        // rows).
         unsafe {
             self.stream()
                 .launch_builder(&f)
@@ -265,6 +272,7 @@ impl NnOps for Gpu {
                 .arg(&d32)
                 .arg(resid)
                 .arg(out)
+                .arg(&ld32)
                 .arg(mean)
                 .arg(rstd)
                 .launch(grid(rows32.div_ceil(WARPS), THREADS, 0))
@@ -354,25 +362,49 @@ impl NnOps for Gpu {
         .map_err(launch_err("layernorm_backward_params_final_f32"))
     }
 
-    fn gelu_forward<T: Element>(&self, x: &CudaSlice<T>, out: &mut CudaSlice<T>) -> Result<()> {
-        check::same_len("gelu_forward", x.len(), &[("out", out.len())])?;
-        let (name, n) = (typed::<T>("gelu_forward"), x.len() as u64);
+    fn gelu_forward_strided<T: Element>(
+        &self,
+        x: &CudaSlice<T>,
+        cols: usize,
+        out: &mut CudaSlice<T>,
+        out_ld: usize,
+    ) -> Result<()> {
+        if check::strided_elementwise("gelu_forward", x.len(), cols, ("out", out.len()), out_ld)? == 0 {
+            return Ok(());
+        }
+        let (name, n, cols, ld) = (typed::<T>("gelu_forward"), x.len() as u64, cols as u64, out_ld as u64);
         let f = self.function(kernels::NN, &name)?;
-        // SAFETY: argument types match; both buffers hold n.
+        // SAFETY: argument types match; x holds n = rows·cols, out rows·ld
+        // with ld ≥ cols.
         unsafe {
-            self.stream().launch_builder(&f).arg(x).arg(&n).arg(out).launch(grid(packed_grid::<T>(n), THREADS, 0))
+            self.stream().launch_builder(&f).arg(x).arg(&n).arg(&cols).arg(&ld).arg(out).launch(grid(
+                packed_grid::<T>(n),
+                THREADS,
+                0,
+            ))
         }
         .map(drop)
         .map_err(|e| Error::cuda(format!("launching {name}"), e))
     }
 
-    fn gelu_backward<T: Element>(&self, dout: &CudaSlice<T>, x: &CudaSlice<T>, dx: &mut CudaSlice<T>) -> Result<()> {
-        check::same_len("gelu_backward", x.len(), &[("dout", dout.len()), ("dx", dx.len())])?;
-        let (name, n) = (typed::<T>("gelu_backward"), x.len() as u64);
+    fn gelu_backward_strided<T: Element>(
+        &self,
+        dout: &CudaSlice<T>,
+        x: &CudaSlice<T>,
+        cols: usize,
+        dx: &mut CudaSlice<T>,
+        dx_ld: usize,
+    ) -> Result<()> {
+        check::same_len("gelu_backward", x.len(), &[("dout", dout.len())])?;
+        if check::strided_elementwise("gelu_backward", x.len(), cols, ("dx", dx.len()), dx_ld)? == 0 {
+            return Ok(());
+        }
+        let (name, n, cols, ld) = (typed::<T>("gelu_backward"), x.len() as u64, cols as u64, dx_ld as u64);
         let f = self.function(kernels::NN, &name)?;
-        // SAFETY: argument types match; all buffers hold n.
+        // SAFETY: argument types match; dout and x hold n = rows·cols, dx
+        // rows·ld with ld ≥ cols.
         unsafe {
-            self.stream().launch_builder(&f).arg(dout).arg(x).arg(&n).arg(dx).launch(grid(
+            self.stream().launch_builder(&f).arg(dout).arg(x).arg(&n).arg(&cols).arg(&ld).arg(dx).launch(grid(
                 packed_grid::<T>(n),
                 THREADS,
                 0,
@@ -398,14 +430,22 @@ impl NnOps for Gpu {
         .map_err(|e| Error::cuda(format!("launching {name}"), e))
     }
 
-    fn cast_from_f32<T: Element>(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<T>) -> Result<()> {
-        check::same_len("cast_from_f32", x.len(), &[("out", out.len())])?;
-        let (name, n) = (typed::<T>("cast_from_f32"), x.len() as u64);
+    fn cast_from_f32_strided<T: Element>(
+        &self,
+        x: &CudaSlice<f32>,
+        cols: usize,
+        out: &mut CudaSlice<T>,
+        out_ld: usize,
+    ) -> Result<()> {
+        if check::strided_elementwise("cast_from_f32", x.len(), cols, ("out", out.len()), out_ld)? == 0 {
+            return Ok(());
+        }
+        let (name, n, cols, ld) = (typed::<T>("cast_from_f32"), x.len() as u64, cols as u64, out_ld as u64);
         let f = self.function(kernels::NN, &name)?;
-        // SAFETY: argument types match; both buffers hold n.
-        // (Packs of 4 per thread per stride.)
+        // SAFETY: argument types match; x holds n = rows·cols, out rows·ld
+        // with ld ≥ cols. (Packs of 4 per thread per stride.)
         unsafe {
-            self.stream().launch_builder(&f).arg(x).arg(&n).arg(out).launch(grid(
+            self.stream().launch_builder(&f).arg(x).arg(&n).arg(&cols).arg(&ld).arg(out).launch(grid(
                 grid_stride(n.div_ceil(4)),
                 THREADS,
                 0,

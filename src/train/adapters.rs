@@ -20,6 +20,7 @@
 //!   then `B` of each, segments named `transformer.h.<l>.<module>.lora_A|B`.
 //! - **Full** fine-tuning has no adapter set: the model's own gradients are on.
 
+use crate::lowrank::packed::PackedLayout;
 use crate::lowrank::{Adapter, Grads, LinearShape, Trainable};
 use crate::projection::{Assignment, PreparedProjection, Projection, ProjectionLayout, ScatterMode};
 use crate::rng::Rng;
@@ -419,6 +420,8 @@ impl<B: TrainBackend> AdapterSet<B> {
 
     /// Backward of one linear module with this set's adapter (if the slot is
     /// adapted): overwrites `dx`, accumulates base and adapter gradients.
+    /// A packed module's operands carry its layout; the adapter must be the
+    /// one its weight was packed with (see [`crate::lowrank::packed`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn linear_backward<T: Element>(
         &mut self,
@@ -426,15 +429,19 @@ impl<B: TrainBackend> AdapterSet<B> {
         layer: usize,
         module: Module,
         (m, k, n): (usize, usize, usize),
-        x: &B::Buf<T>,
-        w: &B::Buf<T>,
+        operands: LinearOperands<'_, B, T>,
         t: Option<&B::Buf<f32>>,
-        dy: &B::Buf<T>,
         dx: &mut B::Buf<T>,
         dw: Option<&mut B::Buf<f32>>,
         dbias: Option<&mut B::Buf<f32>>,
     ) -> Result<()> {
         let Some(s) = self.slot_of(layer, module).cloned() else {
+            let LinearOperands::Unpacked { x, w, dy } = operands else {
+                return Err(Error::invalid(
+                    "packed backward",
+                    format!("{} of layer {layer} has no adapter", module.name()),
+                ));
+            };
             let shape = LinearShape { m, k, n, r: 0 };
             let grads = Grads::<B, T> { dx: Some(dx), dw, dbias, ..Grads::none() };
             return backend.lowrank_backward(shape, x, w, None, None, dy, grads);
@@ -470,8 +477,15 @@ impl<B: TrainBackend> AdapterSet<B> {
             du: gu,
             dv: gv,
         };
-        let shape = LinearShape { m, k, n, r: self.spec.rank };
-        backend.lowrank_backward(shape, x, w, Some(adapter), t, dy, grads)
+        match operands {
+            LinearOperands::Unpacked { x, w, dy } => {
+                let shape = LinearShape { m, k, n, r: self.spec.rank };
+                backend.lowrank_backward(shape, x, w, Some(adapter), t, dy, grads)
+            }
+            LinearOperands::Packed { layout, x, w, dy } => {
+                backend.packed_backward(&layout, x, w, adapter, t, dy, grads)
+            }
+        }
     }
 
     /// Every trainable tensor with its group, value and gradient: `θ_d` for
@@ -498,6 +512,32 @@ impl<B: TrainBackend> AdapterSet<B> {
     pub fn num_trainable(&mut self) -> usize {
         self.trainable().iter().map(|(_, _, p, _)| B::len(p)).sum()
     }
+}
+
+/// The operands of one linear module's backward.
+pub(crate) enum LinearOperands<'a, B: TrainBackend, T: Element> {
+    /// Caller buffers: `x` (M×K), `W` (N×K), `dy` (M×N).
+    Unpacked {
+        /// The forward's input.
+        x: &'a B::Buf<T>,
+        /// The weight.
+        w: &'a B::Buf<T>,
+        /// The output's gradient.
+        dy: &'a B::Buf<T>,
+    },
+    /// The packed layout: `x_packed` as the forward left it, `w_packed`,
+    /// and `dy_packed` whose first N columns hold `dy` (its spare columns
+    /// receive `dS`).
+    Packed {
+        /// The geometry (M = tokens).
+        layout: PackedLayout,
+        /// `x_packed`.
+        x: &'a B::Buf<T>,
+        /// `w_packed`.
+        w: &'a B::Buf<T>,
+        /// `dy_packed`.
+        dy: &'a mut B::Buf<T>,
+    },
 }
 
 /// Two distinct elements of a slice, mutably.

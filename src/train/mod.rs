@@ -35,14 +35,15 @@ pub mod spec;
 pub mod trainer;
 
 use crate::attention::AttentionOps;
+use crate::lowrank::packed::PackedOps;
 use crate::lowrank::LowRankOps;
 use crate::nn::NnOps;
 use crate::projection::ProjectionOps;
 
 /// Everything the trainer needs from a backend: the kernel families it
 /// calls. Implemented for every backend that has them.
-pub trait TrainBackend: NnOps + AttentionOps + LowRankOps + ProjectionOps {}
-impl<B: NnOps + AttentionOps + LowRankOps + ProjectionOps> TrainBackend for B {}
+pub trait TrainBackend: NnOps + AttentionOps + LowRankOps + PackedOps + ProjectionOps {}
+impl<B: NnOps + AttentionOps + LowRankOps + PackedOps + ProjectionOps> TrainBackend for B {}
 
 /// An f32 buffer of backend `B`.
 pub type F32<B> = <B as crate::Backend>::Buf<f32>;

@@ -3,10 +3,24 @@
 //! Token + learned position embeddings; `n_layer` pre-LayerNorm blocks
 //! `x += attn(ln_1(x)); x += mlp(ln_2(x))` with causal multi-head attention
 //! and a GELU (tanh) MLP; a final LayerNorm; the LM head tied to the token
-//! embedding; fused softmax cross-entropy. Every linear layer, the LM head
-//! included, is one [`crate::lowrank::LowRankOps`] call (with or without an
-//! adapter); the rest are [`crate::nn::NnOps`] and
+//! embedding; fused softmax cross-entropy. Every adapted linear layer runs
+//! in the packed layout ([`crate::lowrank::packed`], [`LinearPath::Packed`]):
+//! one GEMM over `K + p` forward and one over `N + p` for `dx`, its weight
+//! kept packed in the compute dtype; unadapted layers, the LM head and full
+//! fine-tuning are one [`crate::lowrank::LowRankOps`] call on caller
+//! buffers; the rest are [`crate::nn::NnOps`] and
 //! [`crate::attention::AttentionOps`].
+//!
+//! # Packed activations
+//! An adapted module's input lives in `x_packed` (`T × (K + p)`, `p` the
+//! rank plus one rounded up to 8) and its output gradient in `dy_packed`
+//! (`T × (N + p)`). The producers write there directly through their row stride: ln_1
+//! and ln_2 (plain or fused with the residual add) into c_attn's and c_fc's
+//! input, the attention into attn.c_proj's (its backward reads it there),
+//! the GELU into mlp.c_proj's, the cast of the residual gradient into both
+//! projections' output gradient, the GELU backward into c_fc's. One copy
+//! ([`crate::lowrank::packed::PackedOps::pack_rows`]) remains: the
+//! attention backward's `dqkv` into c_attn's output gradient.
 //!
 //! # Weights
 //! Stored in PyTorch `Linear` layout (`N×K`, out × in). Hugging Face GPT-2
@@ -23,7 +37,7 @@
 //! the attention output (T·D), the residual after attention (T·D f32),
 //! `ln_2` of it (T·D) with mean and rstd (2·T f32), the MLP pre-activation
 //! (4·T·D) and its GELU (4·T·D), and `x·Aᵀ` (T·r f32) for every adapted
-//! module. Plus, once per model, the final LayerNorm's input and output
+//! module. A packed module's input is `p` columns wider (T·p more). Plus, once per model, the final LayerNorm's input and output
 //! (2·T·D, 2·T) and the logits (T·V'), which the fused cross-entropy
 //! overwrites with their gradient.
 //!
@@ -39,13 +53,15 @@
 //! gradients are those of the unpadded model. Only memory is padded: files
 //! ([`Gpt2::save`], checkpoints) and [`Gpt2::download_param`] give V rows.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::adapters::AdapterSet;
+use super::adapters::{AdapterSet, LinearOperands};
 use super::config::Gpt2Config;
 use super::module::Module;
 use super::{TrainBackend, F32};
 use crate::attention::AttnShape;
+use crate::lowrank::packed::PackedLayout;
 use crate::lowrank::{Grads, LinearShape};
 use crate::nn::{CrossEntropyOut, SeqShape, TokenIds};
 use crate::rng::Rng;
@@ -56,8 +72,9 @@ use half::bf16;
 /// A linear layer's output (compute dtype) and its saved `x·Aᵀ` when adapted.
 type Linear<B, T> = (<B as crate::Backend>::Buf<T>, Option<F32<B>>);
 
-/// LayerNorm's output (compute dtype), mean and rstd.
-type Normed<B, T> = (<B as crate::Backend>::Buf<T>, F32<B>, F32<B>);
+/// LayerNorm's output (compute dtype; in `x_packed` when the module it
+/// feeds runs packed), mean and rstd.
+type Normed<B, T> = (Rows<B, T>, F32<B>, F32<B>);
 
 /// A block's forward: its cache, its output (f32 residual stream) and the
 /// next LayerNorm of that output.
@@ -158,6 +175,52 @@ impl std::fmt::Display for Precision {
     }
 }
 
+/// How adapted linear layers compute (unadapted ones, the LM head and full
+/// fine-tuning always use caller buffers).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LinearPath {
+    /// The packed layout ([`crate::lowrank::packed`]): `y = x·Wᵀ + bias +
+    /// s·((x·Aᵀ)⊙u)·Bᵀ⊙v` as one GEMM over `K + p`, `dx` as one over
+    /// `N + p`. Each adapted module's weight lives packed, `(N+p)×(K+p)`,
+    /// in the compute dtype, and its input and output gradient in
+    /// buffers `p` columns wider than the activation.
+    #[default]
+    Packed,
+    /// The caller-buffer low-rank layer ([`crate::lowrank::LowRankOps`]):
+    /// the base GEMM plus the low-rank passes, on unpadded buffers.
+    CallerBuffers,
+}
+
+impl LinearPath {
+    /// Parses `packed` or `caller` (the value of the benches'
+    /// `LORAFUSE_LINEAR_PATH`).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "packed" => Ok(LinearPath::Packed),
+            "caller" | "caller-buffers" | "caller_buffers" => Ok(LinearPath::CallerBuffers),
+            other => Err(Error::invalid(format!("linear path `{other}`"), "use packed or caller")),
+        }
+    }
+}
+
+/// The packed weights of the adapted modules in the compute dtype, by the
+/// index of `W` in [`Gpt2::params`]: at most one of the maps is in use.
+struct PackedWeights<B: TrainBackend> {
+    f32: BTreeMap<usize, B::Buf<f32>>,
+    bf16: BTreeMap<usize, B::Buf<bf16>>,
+}
+
+impl<B: TrainBackend> PackedWeights<B> {
+    fn new() -> Self {
+        PackedWeights { f32: BTreeMap::new(), bf16: BTreeMap::new() }
+    }
+
+    fn clear(&mut self) {
+        self.f32.clear();
+        self.bf16.clear();
+    }
+}
+
 /// A GPT-2 model on backend `B`: f32 weights, their gradients when full
 /// fine-tuning is on, and the bf16 working copy under
 /// [`Precision::Bf16`].
@@ -175,8 +238,12 @@ pub struct Gpt2<B: TrainBackend> {
     precision: Precision,
     /// `params` rounded to bf16, made by [`Gpt2::set_precision`]; the
     /// forward reads these instead of `params` so every GEMM runs on bf16
-    /// tensor cores without casting weights per call.
+    /// tensor cores without casting weights per call. The weight of a
+    /// module that runs packed is released to a one-element placeholder:
+    /// its packed copy serves as the working copy.
     work_bf16: Option<Vec<B::Buf<bf16>>>,
+    linear_path: LinearPath,
+    packed: PackedWeights<B>,
 }
 
 fn index_wte() -> usize {
@@ -245,7 +312,15 @@ impl<B: TrainBackend> Gpt2<B> {
             };
             params.push(backend.upload(&pad_rows(config, &spec, host))?);
         }
-        Ok(Gpt2 { config: config.clone(), params, grads: None, precision: Precision::F32, work_bf16: None })
+        Ok(Gpt2 {
+            config: config.clone(),
+            params,
+            grads: None,
+            precision: Precision::F32,
+            work_bf16: None,
+            linear_path: LinearPath::default(),
+            packed: PackedWeights::new(),
+        })
     }
 
     /// Loads `config.json` and `model.safetensors` from a directory (or a
@@ -284,7 +359,15 @@ impl<B: TrainBackend> Gpt2<B> {
             }
             params.push(backend.upload(&pad_rows(&config, &spec, host))?);
         }
-        Ok(Gpt2 { config, params, grads: None, precision: Precision::F32, work_bf16: None })
+        Ok(Gpt2 {
+            config,
+            params,
+            grads: None,
+            precision: Precision::F32,
+            work_bf16: None,
+            linear_path: LinearPath::default(),
+            packed: PackedWeights::new(),
+        })
     }
 
     /// Turns full fine-tuning on: allocates a gradient for every parameter
@@ -334,10 +417,13 @@ impl<B: TrainBackend> Gpt2<B> {
         self.refresh_working_copy(backend)
     }
 
-    /// Re-rounds the bf16 working copy from the f32 master weights. Full
-    /// fine-tuning under [`Precision::Bf16`] calls this after every
-    /// optimizer step; a frozen base never needs it.
+    /// Re-rounds the bf16 working copy from the f32 master weights, and
+    /// drops the packed weights (the next [`Gpt2::run`] packs them again).
+    /// Full fine-tuning under [`Precision::Bf16`] calls this after every
+    /// optimizer step; a frozen base never needs it, unless `params` were
+    /// written directly.
     pub fn refresh_working_copy(&mut self, backend: &B) -> Result<()> {
+        self.packed.clear();
         if self.precision != Precision::Bf16 {
             return Ok(());
         }
@@ -346,10 +432,73 @@ impl<B: TrainBackend> Gpt2<B> {
             None => self.params.iter().map(|p| backend.zeros(B::len(p))).collect::<Result<Vec<_>>>()?,
         };
         for (w, p) in work.iter_mut().zip(&self.params) {
+            if B::len(w) != B::len(p) {
+                *w = backend.zeros(B::len(p))?;
+            }
             backend.cast_from_f32(p, w)?;
         }
         self.work_bf16 = Some(work);
         Ok(())
+    }
+
+    /// How adapted linear layers compute ([`LinearPath::Packed`] unless set).
+    pub fn linear_path(&self) -> LinearPath {
+        self.linear_path
+    }
+
+    /// Chooses how adapted linear layers compute; both paths give the same
+    /// losses and gradients up to rounding (tests/train_grad.rs).
+    pub fn set_linear_path(&mut self, path: LinearPath) {
+        self.linear_path = path;
+    }
+
+    /// Makes the packed weights match `adapters` before a pass: packs the
+    /// base weight of every newly adapted module once ([`crate::lowrank::packed::PackedOps::pack_weight`]),
+    /// rewrites the adapter columns and rows of the others
+    /// ([`crate::lowrank::packed::PackedOps::pack_adapter`], a few `(N + K)·p` elements each: the
+    /// optimizer and the Uni-LoRA gather change `A`, `B`, `v` between
+    /// passes), and drops those no longer adapted. Under bf16 the working
+    /// copy of a packed module's weight is released (the packed copy holds
+    /// it) and made again when the module runs unpacked.
+    fn prepare_packed(&mut self, backend: &B, adapters: Option<&AdapterSet<B>>) -> Result<()> {
+        let d = self.config.n_embd;
+        let set = adapters.filter(|_| self.linear_path == LinearPath::Packed && self.grads.is_none());
+        let mut want = Vec::new();
+        for s in set.map_or(&[][..], |a| &a.slots[..]) {
+            let (k, n) = s.module.dims(d);
+            let layout = PackedLayout::new(LinearShape { m: 1, k, n, r: set.map_or(0, |a| a.spec.rank) }, true)?;
+            want.push((block_index(s.layer, weight_slot(s.module)), layout, s.layer, s.module));
+        }
+        match self.precision {
+            Precision::F32 => {
+                self.packed.bf16.clear();
+                sync_packed(backend, &self.params, &mut self.packed.f32, set, &want)
+            }
+            Precision::Bf16 => {
+                self.packed.f32.clear();
+                let work = self
+                    .work_bf16
+                    .as_mut()
+                    .ok_or_else(|| Error::invalid("bf16 forward", "the working copy is missing"))?;
+                let packed = &mut self.packed.bf16;
+                packed.retain(|wi, _| want.iter().any(|w| w.0 == *wi));
+                // Weights that run unpacked, or whose packed copy must be
+                // made anew, need their working copy.
+                for (wi, (w, p)) in work.iter_mut().zip(&self.params).enumerate() {
+                    let kept =
+                        want.iter().any(|(i, l, ..)| *i == wi && packed.get(i).is_some_and(|b| B::len(b) == l.w_len()));
+                    if B::len(w) != B::len(p) && !kept {
+                        *w = backend.zeros(B::len(p))?;
+                        backend.cast_from_f32(p, w)?;
+                    }
+                }
+                sync_packed(backend, work, packed, set, &want)?;
+                for (wi, ..) in &want {
+                    work[*wi] = backend.zeros(1)?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// The forward pass on `batch` (and the backward when `backward`):
@@ -384,25 +533,64 @@ impl<B: TrainBackend> Gpt2<B> {
         batch: &Batch<B>,
         backward: bool,
     ) -> Result<CrossEntropyOut<B>> {
+        self.prepare_packed(backend, adapters.as_deref())?;
         let grads = self.grads.as_deref_mut();
+        let config = &self.config;
         match (self.precision, self.work_bf16.as_deref()) {
-            (Precision::F32, _) => {
-                Pass { config: &self.config, params: &self.params, grads }.run(backend, adapters, batch, backward)
-            }
+            (Precision::F32, _) => Pass { config, params: &self.params, packed: &self.packed.f32, grads }
+                .run(backend, adapters, batch, backward),
             (Precision::Bf16, Some(work)) => {
-                Pass { config: &self.config, params: work, grads }.run(backend, adapters, batch, backward)
+                Pass { config, params: work, packed: &self.packed.bf16, grads }.run(backend, adapters, batch, backward)
             }
             (Precision::Bf16, None) => Err(Error::invalid("bf16 forward", "the working copy is missing")),
         }
     }
 }
 
+/// Writes or refreshes the packed weight of every `(W index, layout, layer,
+/// module)` in `want` from `weights` (the compute-dtype copy) and `set`'s
+/// adapters; drops the others.
+fn sync_packed<B: TrainBackend, T: Element>(
+    backend: &B,
+    weights: &[B::Buf<T>],
+    packed: &mut BTreeMap<usize, B::Buf<T>>,
+    set: Option<&AdapterSet<B>>,
+    want: &[(usize, PackedLayout, usize, Module)],
+) -> Result<()> {
+    packed.retain(|wi, _| want.iter().any(|w| w.0 == *wi));
+    for &(wi, layout, layer, module) in want {
+        let (adapter, _) = set.and_then(|a| a.adapter(layer, module)).ok_or_else(|| {
+            Error::invalid("packed weights", format!("{} of layer {layer} has no adapter", module.name()))
+        })?;
+        let bias = Some(&weights[wi + 1]);
+        match packed.get_mut(&wi) {
+            Some(buf) if B::len(buf) == layout.w_len() => backend.pack_adapter(&layout, bias, adapter, buf)?,
+            _ => {
+                let mut buf = backend.zeros::<T>(layout.w_len())?;
+                backend.pack_weight(&layout, &weights[wi], bias, adapter, &mut buf)?;
+                packed.insert(wi, buf);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// One forward (and backward) in compute dtype `T`: the weights it reads
-/// and the f32 gradients it accumulates into.
+/// (the packed ones of adapted modules under [`LinearPath::Packed`]) and
+/// the f32 gradients it accumulates into.
 struct Pass<'a, B: TrainBackend, T: Element> {
     config: &'a Gpt2Config,
     params: &'a [B::Buf<T>],
+    packed: &'a BTreeMap<usize, B::Buf<T>>,
     grads: Option<&'a mut [B::Buf<f32>]>,
+}
+
+/// Rows of a linear module's input (`x`, M×K) or output gradient (`dy`,
+/// M×N): plain, or in the packed layout's wider buffer (M×(K+p), M×(N+p))
+/// whose spare columns the packed ops fill.
+struct Rows<B: TrainBackend, T: Element> {
+    buf: B::Buf<T>,
+    packed: Option<PackedLayout>,
 }
 
 impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
@@ -445,14 +633,15 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         // (ln_2, the next block's ln_1, ln_f) is fused with the residual add
         // in front of it.
         let first = if c.n_layer > 0 { block_index(0, 0) } else { lnf_i };
-        let mut normed = self.layernorm(backend, &x, first, tokens)?;
+        let first_layout = if c.n_layer > 0 { self.layout(ad, 0, Module::CAttn, tokens)? } else { None };
+        let mut normed = self.layernorm(backend, &x, first, tokens, first_layout)?;
         for l in 0..c.n_layer {
             let next = if l + 1 < c.n_layer { block_index(l + 1, 0) } else { lnf_i };
             let (cache, out, next_normed) = self.block_forward(backend, ad, l, x, normed, next, attn)?;
             caches.push(cache);
             (x, normed) = (out, next_normed);
         }
-        let (lnf, lnf_mean, lnf_rstd) = normed;
+        let (Rows { buf: lnf, .. }, lnf_mean, lnf_rstd) = normed;
         let head = LinearShape { m: tokens, k: d, n: padded, r: 0 };
         backend.op_mark("fwd lm_head");
         let mut logits = backend.zeros::<T>(tokens * padded)?;
@@ -490,13 +679,48 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         Ok(ce)
     }
 
+    /// The packed layout `module` of `layer` runs in for `tokens` rows, or
+    /// `None` when it uses caller buffers (not adapted, or no packed weight).
+    fn layout(
+        &self,
+        adapters: Option<&AdapterSet<B>>,
+        layer: usize,
+        module: Module,
+        tokens: usize,
+    ) -> Result<Option<PackedLayout>> {
+        let wi = block_index(layer, weight_slot(module));
+        match (adapters.and_then(|a| a.adapter(layer, module)), self.packed.contains_key(&wi)) {
+            (Some((_, r)), true) => {
+                let (k, n) = module.dims(self.config.n_embd);
+                Ok(Some(PackedLayout::new(LinearShape { m: tokens, k, n, r }, true)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// `x` (`tokens × cols`) as a linear module's input or output gradient:
+    /// copied into a new buffer of `layout` when given (`x_packed` for
+    /// `cols` = K, `dy_packed` for `cols` = N; the two coincide when
+    /// K = N), else as it is. For producers without an output stride.
+    fn rows(&self, backend: &B, x: B::Buf<T>, layout: Option<PackedLayout>, cols: usize) -> Result<Rows<B, T>> {
+        let Some(l) = layout else { return Ok(Rows { buf: x, packed: None }) };
+        let (ld, len) = if cols == l.shape.k { (l.x_ld(), l.x_len()) } else { (l.dy_ld(), l.dy_len()) };
+        backend.op_mark("pack rows");
+        let mut buf = backend.zeros::<T>(len)?;
+        backend.pack_rows(l.shape.m, cols, ld, &x, &mut buf)?;
+        Ok(Rows { buf, packed: layout })
+    }
+
+    /// The forward of one linear module on `x` (plain, or packed when its
+    /// layout says so; the packed forward fills its spare columns): returns
+    /// `y` and the saved `x·Aᵀ` when adapted.
     fn linear_forward(
         &self,
         backend: &B,
         adapters: Option<&AdapterSet<B>>,
         layer: usize,
         module: Module,
-        x: &B::Buf<T>,
+        x: &mut Rows<B, T>,
         tokens: usize,
     ) -> Result<Linear<B, T>> {
         let (k, n) = module.dims(self.config.n_embd);
@@ -507,20 +731,28 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         backend.op_mark(module.forward_label());
         let mut y = backend.zeros::<T>(tokens * n)?;
         let mut t = if r > 0 { Some(backend.zeros::<f32>(tokens * r)?) } else { None };
-        backend.lowrank_forward(
-            shape,
-            x,
-            &self.params[wi],
-            Some(&self.params[wi + 1]),
-            adapter.map(|(a, _)| a),
-            &mut y,
-            t.as_mut(),
-        )?;
+        match (x.packed, adapter) {
+            (Some(layout), Some((a, _))) => {
+                let w = self.packed.get(&wi).ok_or_else(|| Error::invalid("packed forward", "no packed weight"))?;
+                backend.packed_forward(&layout, &mut x.buf, w, a, &mut y, t.as_mut())?;
+            }
+            (None, a) => backend.lowrank_forward(
+                shape,
+                &x.buf,
+                &self.params[wi],
+                Some(&self.params[wi + 1]),
+                a.map(|(a, _)| a),
+                &mut y,
+                t.as_mut(),
+            )?,
+            (Some(_), None) => return Err(Error::invalid("packed forward", "a packed input without an adapter")),
+        }
         Ok((y, t))
     }
 
-    /// Backward of one linear module: returns `dx`, accumulates parameter
-    /// gradients.
+    /// Backward of one linear module given its forward input `x` and its
+    /// output gradient `dy` (in the same layout): returns `dx`, accumulates
+    /// parameter gradients.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &mut self,
@@ -528,9 +760,9 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         adapters: Option<&mut AdapterSet<B>>,
         layer: usize,
         module: Module,
-        x: &B::Buf<T>,
+        x: &Rows<B, T>,
         t: Option<&B::Buf<f32>>,
-        dy: &B::Buf<T>,
+        dy: &mut Rows<B, T>,
         tokens: usize,
     ) -> Result<B::Buf<T>> {
         let (k, n) = module.dims(self.config.n_embd);
@@ -544,12 +776,22 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
             }
             None => (None, None),
         };
-        let w = &self.params[wi];
+        let operands = match (x.packed, dy.packed) {
+            (None, None) => LinearOperands::Unpacked { x: &x.buf, w: &self.params[wi], dy: &dy.buf },
+            (Some(layout), Some(_)) => {
+                let w = self.packed.get(&wi).ok_or_else(|| Error::invalid("packed backward", "no packed weight"))?;
+                LinearOperands::Packed { layout, x: &x.buf, w, dy: &mut dy.buf }
+            }
+            _ => return Err(Error::invalid("linear backward", "x and dy must both be packed or both plain")),
+        };
         match adapters {
             Some(set) => {
-                set.linear_backward(backend, layer, module, (tokens, k, n), x, w, t, dy, &mut dx, dw, dbias)?
+                set.linear_backward(backend, layer, module, (tokens, k, n), operands, t, &mut dx, dw, dbias)?
             }
             None => {
+                let LinearOperands::Unpacked { x, w, dy } = operands else {
+                    return Err(Error::invalid("packed backward", "no adapter set"));
+                };
                 let shape = LinearShape { m: tokens, k, n, r: 0 };
                 let grads = Grads::<B, T> { dx: Some(&mut dx), dw, dbias, ..Grads::none() };
                 backend.lowrank_backward(shape, x, w, None, None, dy, grads)?;
@@ -558,17 +800,46 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         Ok(dx)
     }
 
-    fn layernorm(&self, backend: &B, x: &F32<B>, index: usize, tokens: usize) -> Result<Normed<B, T>> {
+    /// A new buffer for `tokens` rows of `cols`: plain, or `x_packed`
+    /// (`input`) / `dy_packed` of `layout`, for a producer that writes its
+    /// rows there directly. Returns it with its row stride.
+    fn new_rows(
+        &self,
+        backend: &B,
+        layout: Option<PackedLayout>,
+        tokens: usize,
+        cols: usize,
+        input: bool,
+    ) -> Result<(Rows<B, T>, usize)> {
+        let (len, ld) = match layout {
+            None => (tokens * cols, cols),
+            Some(l) if input => (l.x_len(), l.x_ld()),
+            Some(l) => (l.dy_len(), l.dy_ld()),
+        };
+        Ok((Rows { buf: backend.zeros::<T>(len)?, packed: layout }, ld))
+    }
+
+    /// The LayerNorm whose γ sits at `params[index]` of `x`, written where
+    /// the module it feeds reads it (`layout`: that module's packed layout).
+    fn layernorm(
+        &self,
+        backend: &B,
+        x: &F32<B>,
+        index: usize,
+        tokens: usize,
+        layout: Option<PackedLayout>,
+    ) -> Result<Normed<B, T>> {
         let d = self.config.n_embd;
         backend.op_mark("fwd layernorm");
-        let (mut out, mut mean, mut rstd) =
-            (backend.zeros::<T>(tokens * d)?, backend.zeros::<f32>(tokens)?, backend.zeros::<f32>(tokens)?);
-        backend.layernorm_forward(
+        let (mut out, ld) = self.new_rows(backend, layout, tokens, d, true)?;
+        let (mut mean, mut rstd) = (backend.zeros::<f32>(tokens)?, backend.zeros::<f32>(tokens)?);
+        backend.layernorm_forward_strided(
             x,
             &self.params[index],
             &self.params[index + 1],
             self.config.layer_norm_epsilon,
-            &mut out,
+            &mut out.buf,
+            ld,
             &mut mean,
             &mut rstd,
         )?;
@@ -576,7 +847,8 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
     }
 
     /// `x + y` into a new f32 residual buffer, and the LayerNorm whose γ
-    /// sits at `params[index]` of it, in one fused op.
+    /// sits at `params[index]` of it, in one fused op, written where the
+    /// module it feeds reads it (as [`Pass::layernorm`]).
     fn residual_layernorm(
         &self,
         backend: &B,
@@ -584,31 +856,35 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         y: &B::Buf<T>,
         index: usize,
         tokens: usize,
+        layout: Option<PackedLayout>,
     ) -> Result<(F32<B>, Normed<B, T>)> {
         let d = self.config.n_embd;
         backend.op_mark("fwd residual+layernorm");
         let mut resid = backend.zeros::<f32>(B::len(x))?;
-        let (mut out, mut mean, mut rstd) =
-            (backend.zeros::<T>(tokens * d)?, backend.zeros::<f32>(tokens)?, backend.zeros::<f32>(tokens)?);
-        backend.residual_layernorm_forward(
+        let (mut out, ld) = self.new_rows(backend, layout, tokens, d, true)?;
+        let (mut mean, mut rstd) = (backend.zeros::<f32>(tokens)?, backend.zeros::<f32>(tokens)?);
+        backend.residual_layernorm_forward_strided(
             x,
             y,
             &self.params[index],
             &self.params[index + 1],
             self.config.layer_norm_epsilon,
             &mut resid,
-            &mut out,
+            &mut out.buf,
+            ld,
             &mut mean,
             &mut rstd,
         )?;
         Ok((resid, (out, mean, rstd)))
     }
 
-    /// The residual gradient in `T`, for a GEMM's backward.
-    fn cast(&self, backend: &B, x: &F32<B>) -> Result<B::Buf<T>> {
+    /// The residual gradient in `T`, as the output gradient of a projection
+    /// (straight into its `dy_packed` when `layout` is given).
+    fn cast(&self, backend: &B, x: &F32<B>, layout: Option<PackedLayout>) -> Result<Rows<B, T>> {
+        let d = self.config.n_embd;
         backend.op_mark("bwd cast");
-        let mut out = backend.zeros::<T>(B::len(x))?;
-        backend.cast_from_f32(x, &mut out)?;
+        let (mut out, ld) = self.new_rows(backend, layout, B::len(x) / d, d, false)?;
+        backend.cast_from_f32_strided(x, d, &mut out.buf, ld)?;
         Ok(out)
     }
 
@@ -622,40 +898,46 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         adapters: Option<&AdapterSet<B>>,
         l: usize,
         x: F32<B>,
-        (ln1, ln1_mean, ln1_rstd): Normed<B, T>,
+        (mut in0, ln1_mean, ln1_rstd): Normed<B, T>,
         next: usize,
         attn: AttnShape,
     ) -> Result<BlockOut<B, T>> {
         let tokens = attn.seq.tokens();
-        let (qkv, t0) = self.linear_forward(backend, adapters, l, Module::CAttn, &ln1, tokens)?;
+        let d = self.config.n_embd;
+        let layouts = Module::ALL.map(|m| self.layout(adapters, l, m, tokens));
+        let [_, l1, l2, l3] = layouts;
+        // The block's and the next block's LayerNorms, the attention and
+        // the GELU write straight into the packed modules' inputs (the
+        // attention backward reads its output back from c_proj's).
+        let (qkv, t0) = self.linear_forward(backend, adapters, l, Module::CAttn, &mut in0, tokens)?;
         backend.op_mark("fwd attention");
-        let mut att = backend.zeros::<T>(tokens * attn.width())?;
+        let (mut in1, ld) = self.new_rows(backend, l1?, tokens, d, true)?;
         let mut lse = backend.zeros::<f32>(attn.lse_len())?;
-        backend.attention_forward(&qkv, attn, &mut att, &mut lse)?;
-        let (proj, t1) = self.linear_forward(backend, adapters, l, Module::AttnProj, &att, tokens)?;
-        let (mid, (ln2, ln2_mean, ln2_rstd)) =
-            self.residual_layernorm(backend, &x, &proj, block_index(l, 6), tokens)?;
+        backend.attention_forward_strided(&qkv, attn, &mut in1.buf, ld, &mut lse)?;
+        let (proj, t1) = self.linear_forward(backend, adapters, l, Module::AttnProj, &mut in1, tokens)?;
+        let (mid, (mut in2, ln2_mean, ln2_rstd)) =
+            self.residual_layernorm(backend, &x, &proj, block_index(l, 6), tokens, l2?)?;
         drop(proj);
-        let (fc, t2) = self.linear_forward(backend, adapters, l, Module::Fc, &ln2, tokens)?;
+        let (fc, t2) = self.linear_forward(backend, adapters, l, Module::Fc, &mut in2, tokens)?;
         backend.op_mark("fwd gelu");
-        let mut gelu = backend.zeros::<T>(B::len(&fc))?;
-        backend.gelu_forward(&fc, &mut gelu)?;
-        let (proj, t3) = self.linear_forward(backend, adapters, l, Module::MlpProj, &gelu, tokens)?;
-        let (out, next_normed) = self.residual_layernorm(backend, &mid, &proj, next, tokens)?;
+        let (mut in3, ld) = self.new_rows(backend, l3?, tokens, 4 * d, true)?;
+        backend.gelu_forward_strided(&fc, 4 * d, &mut in3.buf, ld)?;
+        let (proj, t3) = self.linear_forward(backend, adapters, l, Module::MlpProj, &mut in3, tokens)?;
+        // The next LayerNorm feeds the next block's c_attn (ln_f: the LM head).
+        let next_layout =
+            if l + 1 < self.config.n_layer { self.layout(adapters, l + 1, Module::CAttn, tokens)? } else { None };
+        let (out, next_normed) = self.residual_layernorm(backend, &mid, &proj, next, tokens, next_layout)?;
         let cache = LayerCache {
             x,
-            ln1,
             ln1_mean,
             ln1_rstd,
             qkv,
             lse,
-            att,
             mid,
-            ln2,
             ln2_mean,
             ln2_rstd,
             fc,
-            gelu,
+            ins: [in0, in1, in2, in3],
             t: [t0, t1, t2, t3],
         };
         Ok((cache, out, next_normed))
@@ -673,28 +955,35 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         dres: &mut F32<B>,
     ) -> Result<()> {
         let tokens = attn.seq.tokens();
-        let LayerCache { x, ln1, ln1_mean, ln1_rstd, qkv, lse, att, mid, ln2, ln2_mean, ln2_rstd, fc, gelu, t } = cache;
-        let dy = self.cast(backend, dres)?;
+        let d = self.config.n_embd;
+        let LayerCache { x, ln1_mean, ln1_rstd, qkv, lse, mid, ln2_mean, ln2_rstd, fc, ins, t } = cache;
+        let [in0, in1, in2, in3] = ins;
+        // The residual gradient's casts and the GELU backward write straight
+        // into the packed modules' output gradients; dqkv is copied (the
+        // attention backward has no output stride).
+        let mut dy = self.cast(backend, dres, in3.packed)?;
         let ad = adapters.as_deref_mut();
-        let dgelu = self.linear_backward(backend, ad, l, Module::MlpProj, &gelu, t[3].as_ref(), &dy, tokens)?;
-        drop((gelu, dy));
+        let dgelu = self.linear_backward(backend, ad, l, Module::MlpProj, &in3, t[3].as_ref(), &mut dy, tokens)?;
+        drop((in3, dy));
         backend.op_mark("bwd gelu");
-        let mut dfc = backend.zeros::<T>(B::len(&fc))?;
-        backend.gelu_backward(&dgelu, &fc, &mut dfc)?;
+        let (mut dfc, ld) = self.new_rows(backend, in2.packed, tokens, 4 * d, false)?;
+        backend.gelu_backward_strided(&dgelu, &fc, 4 * d, &mut dfc.buf, ld)?;
         drop((dgelu, fc));
         let ad = adapters.as_deref_mut();
-        let dln2 = self.linear_backward(backend, ad, l, Module::Fc, &ln2, t[2].as_ref(), &dfc, tokens)?;
-        drop(dfc);
+        let dln2 = self.linear_backward(backend, ad, l, Module::Fc, &in2, t[2].as_ref(), &mut dfc, tokens)?;
+        drop((in2, dfc));
         self.layernorm_backward(backend, block_index(l, 6), &dln2, &mid, &ln2_mean, &ln2_rstd, dres)?;
-        let dy = self.cast(backend, dres)?;
+        let mut dy = self.cast(backend, dres, in1.packed)?;
         let ad = adapters.as_deref_mut();
-        let datt = self.linear_backward(backend, ad, l, Module::AttnProj, &att, t[1].as_ref(), &dy, tokens)?;
+        let datt = self.linear_backward(backend, ad, l, Module::AttnProj, &in1, t[1].as_ref(), &mut dy, tokens)?;
         drop(dy);
         backend.op_mark("bwd attention");
         let mut dqkv = backend.zeros::<T>(B::len(&qkv))?;
-        backend.attention_backward(&datt, &qkv, &att, &lse, attn, &mut dqkv)?;
-        drop((datt, lse, qkv, att));
-        let dln1 = self.linear_backward(backend, adapters, l, Module::CAttn, &ln1, t[0].as_ref(), &dqkv, tokens)?;
+        let att_ld = in1.packed.map_or(d, |l| l.x_ld());
+        backend.attention_backward_strided(&datt, &qkv, &in1.buf, att_ld, &lse, attn, &mut dqkv)?;
+        drop((datt, lse, qkv, in1));
+        let mut dqkv = self.rows(backend, dqkv, in0.packed, 3 * d)?;
+        let dln1 = self.linear_backward(backend, adapters, l, Module::CAttn, &in0, t[0].as_ref(), &mut dqkv, tokens)?;
         self.layernorm_backward(backend, block_index(l, 0), &dln1, &x, &ln1_mean, &ln1_rstd, dres)
     }
 
@@ -724,21 +1013,21 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
 }
 
 /// What one block's backward needs from its forward (see the module docs
-/// for sizes). `t[i]` is `x·Aᵀ` of module `Module::ALL[i]` when adapted.
+/// for sizes). `ins[i]` is the input of module `Module::ALL[i]` (`ln_1`,
+/// the attention output, `ln_2`, the GELU), packed when that module runs
+/// packed (the attention backward reads its output from `ins[1]`).
+/// `t[i]` is `x·Aᵀ` of module `Module::ALL[i]` when adapted.
 pub struct LayerCache<B: TrainBackend, T: Element> {
     x: F32<B>,
-    ln1: B::Buf<T>,
     ln1_mean: F32<B>,
     ln1_rstd: F32<B>,
     qkv: B::Buf<T>,
     lse: F32<B>,
-    att: B::Buf<T>,
     mid: F32<B>,
-    ln2: B::Buf<T>,
     ln2_mean: F32<B>,
     ln2_rstd: F32<B>,
     fc: B::Buf<T>,
-    gelu: B::Buf<T>,
+    ins: [Rows<B, T>; 4],
     t: [Option<F32<B>>; 4],
 }
 
