@@ -33,6 +33,13 @@
 //! counters, and `graph_mem_peak_gib`, the memory the driver reserved for
 //! the graph's own allocations (outside the stream-ordered pool).
 //!
+//! Linear path: every row runs the adapted linears in the packed one-GEMM
+//! layout (`LinearPath::Packed`, the trainer's default) unless it says
+//! `"linear_path": "CallerBuffers"`; for LoRA (or the methods in
+//! `LORAFUSE_BENCH_CALLER`, comma-separated; `none` for none) an eager
+//! caller-buffer row follows, whose `vs_eager` below 1 is what the packed
+//! layout saves.
+//!
 //! CPU: criterion timing of one training step of a tiny model.
 
 use std::hint::black_box;
@@ -49,7 +56,7 @@ use lorafuse::rng::Rng;
 use lorafuse::train::config::Gpt2Config;
 use lorafuse::train::data::Dataset;
 use lorafuse::train::model::padded_vocab;
-use lorafuse::train::model::{Batch, Gpt2, Precision};
+use lorafuse::train::model::{Batch, Gpt2, LinearPath, Precision};
 use lorafuse::train::TrainBackend;
 
 use lorafuse::train::optimizer::OptimConfig;
@@ -473,11 +480,15 @@ fn gpu_bench(gpu: &Gpu) -> Result<()> {
         let (warmup, steps) = (env_usize("LORAFUSE_BENCH_WARMUP", 3), env_usize("LORAFUSE_BENCH_STEPS", 10));
         let graph_methods = std::env::var("LORAFUSE_BENCH_GRAPH").unwrap_or_else(|_| "lora".into());
         let with_graph = graph_methods.split(',').any(|g| g.trim() == m.0);
+        let caller_methods = std::env::var("LORAFUSE_BENCH_CALLER").unwrap_or_else(|_| "lora".into());
+        let with_caller = caller_methods.split(',').any(|g| g.trim() == m.0);
         let mut eager_ms = None;
-        for graph in [false, true] {
-            if graph && !with_graph {
+        let variants = [(LinearPath::Packed, false), (LinearPath::CallerBuffers, false), (LinearPath::Packed, true)];
+        for (path, graph) in variants {
+            if (graph && !with_graph) || (path == LinearPath::CallerBuffers && !with_caller) {
                 continue;
             }
+            model.set_linear_path(path);
             let mut after_warmup = || -> Result<serde_json::Value> {
                 let used = used_bytes(gpu)?;
                 pool::reset_peak(gpu);
@@ -503,9 +514,15 @@ fn gpu_bench(gpu: &Gpu) -> Result<()> {
                 &mut after_timed,
             )?;
             let ms = line["step_ms"].as_f64();
-            match (graph, eager_ms, ms, line.as_object_mut()) {
-                (false, _, _, _) => eager_ms = ms,
-                (true, Some(e), Some(g), Some(l)) => {
+            if let Some(l) = line.as_object_mut() {
+                l.insert("linear_path".into(), serde_json::json!(format!("{path:?}")));
+            }
+            // vs_eager: the eager packed step's ms over this row's (graph
+            // replay's gain, or the packed layout's gain for a caller-buffer row
+            // when below 1).
+            match (graph, path, eager_ms, ms, line.as_object_mut()) {
+                (false, LinearPath::Packed, _, _, _) => eager_ms = ms,
+                (_, _, Some(e), Some(g), Some(l)) => {
                     l.insert("vs_eager".into(), serde_json::json!(e / g));
                 }
                 _ => {}

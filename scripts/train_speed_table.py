@@ -36,8 +36,13 @@ def family(method):
 
 def label(r):
     # A graph-replay row (benches/train.rs, "graph": true) times the same
-    # method with the step replayed as one CUDA graph.
-    return r["method"] + ("+graph" if r.get("graph") else "")
+    # method with the step replayed as one CUDA graph; a caller-buffer row
+    # ("linear_path": "CallerBuffers") the same method without the packed
+    # one-GEMM layout.
+    label = r["method"]
+    if r.get("linear_path") == "CallerBuffers":
+        label += "+caller"
+    return label + ("+graph" if r.get("graph") else "")
 
 
 def fmt(x, spec):
