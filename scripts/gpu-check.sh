@@ -117,7 +117,9 @@ unpack() {
     [ -f scripts/torch_baselines.py ] || SCRIPTS="$B/scripts"
     GPU_TESTS=()
     for t in "$B"/tests/*; do
-        "$t" --list 2>/dev/null | grep -q '^gpu_' && GPU_TESTS+=("$t")
+        # GPU tests are the ones whose name contains gpu_ (integration tests
+        # start with it; unit tests in the library sit under a module path).
+        "$t" --list 2>/dev/null | grep -q 'gpu_.*: test$' && GPU_TESTS+=("$t")
     done
 }
 

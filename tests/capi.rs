@@ -463,13 +463,13 @@ fn cuda_entry_points_name_the_missing_feature_in_a_build_without_cuda() {
 
 #[cfg(feature = "cuda")]
 #[test]
-fn cuda_entry_points_fail_cleanly_or_match_rust_api() {
+fn gpu_cuda_entry_points_fail_cleanly_or_match_rust_api() {
     let (m, k, n, r) = (3usize, 64usize, 40usize, 4usize);
     let mut rng = Rng::new(12);
     let x = bf(&rng.uniform_vec(m * k, -1.0, 1.0));
     let w = bf(&rng.uniform_vec(n * k, -1.0, 1.0));
     let (a, b) = (rng.uniform_vec(r * k, -1.0, 1.0), rng.uniform_vec(n * r, -1.0, 1.0));
-    let Some(gpu) = gpu_or_skip("cuda_entry_points_match_rust_api") else {
+    let Some(gpu) = gpu_or_skip("gpu_cuda_entry_points_fail_cleanly_or_match_rust_api") else {
         cuda_entry_points_fail_cleanly();
         return;
     };

@@ -138,9 +138,9 @@ fn run(
 }
 
 #[test]
-fn replayed_steps_are_bit_identical_to_eager_steps() {
+fn gpu_replayed_steps_are_bit_identical_to_eager_steps() {
     let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let Some(eager_gpu) = gpu_or_skip("replayed_steps_are_bit_identical_to_eager_steps") else { return };
+    let Some(eager_gpu) = gpu_or_skip("gpu_replayed_steps_are_bit_identical_to_eager_steps") else { return };
     // Its own handle (and context wrapper): capture turns off the context's
     // event tracking, which the eager run must not depend on.
     let graph_gpu = Gpu::new(0).unwrap();
@@ -192,9 +192,9 @@ fn replayed_steps_are_bit_identical_to_eager_steps() {
 }
 
 #[test]
-fn full_fine_tuning_says_why_it_does_not_replay_and_matches_eager() {
+fn gpu_full_fine_tuning_says_why_it_does_not_replay_and_matches_eager() {
     let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let Some(eager_gpu) = gpu_or_skip("full_fine_tuning_says_why_it_does_not_replay_and_matches_eager") else {
+    let Some(eager_gpu) = gpu_or_skip("gpu_full_fine_tuning_says_why_it_does_not_replay_and_matches_eager") else {
         return;
     };
     let graph_gpu = Gpu::new(0).unwrap();
@@ -211,9 +211,9 @@ fn full_fine_tuning_says_why_it_does_not_replay_and_matches_eager() {
 }
 
 #[test]
-fn answer_only_batches_replay_only_when_their_scored_count_matches_the_capture() {
+fn gpu_answer_only_batches_replay_only_when_their_scored_count_matches_the_capture() {
     let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let name = "answer_only_batches_replay_only_when_their_scored_count_matches_the_capture";
+    let name = "gpu_answer_only_batches_replay_only_when_their_scored_count_matches_the_capture";
     let Some(eager_gpu) = gpu_or_skip(name) else { return };
     let graph_gpu = Gpu::new(0).unwrap();
     let base = Base::new("train-graph-answers");

@@ -206,8 +206,8 @@ mod tests {
     /// fixed buffer, and the graph relaunches (its allocation was freed
     /// inside it). Marks record nothing while capturing.
     #[test]
-    fn a_captured_step_rereads_its_fixed_inputs_at_every_replay() {
-        let Some(gpu) = gpu_or_skip("a_captured_step_rereads_its_fixed_inputs_at_every_replay") else { return };
+    fn gpu_captured_step_rereads_its_fixed_inputs_at_every_replay() {
+        let Some(gpu) = gpu_or_skip("gpu_captured_step_rereads_its_fixed_inputs_at_every_replay") else { return };
         let mut input = gpu.upload(&[1.0f32, 2.0, 3.0, 4.0]).unwrap();
         let mut out = gpu.zeros::<f32>(4).unwrap();
         gpu.op_timing_start().unwrap();
@@ -234,8 +234,8 @@ mod tests {
     /// A read back inside a capture fails the capture, and the stream works
     /// eagerly afterwards.
     #[test]
-    fn a_capture_that_reads_back_fails_and_leaves_the_stream_usable() {
-        let Some(gpu) = gpu_or_skip("a_capture_that_reads_back_fails_and_leaves_the_stream_usable") else { return };
+    fn gpu_capture_that_reads_back_fails_and_leaves_the_stream_usable() {
+        let Some(gpu) = gpu_or_skip("gpu_capture_that_reads_back_fails_and_leaves_the_stream_usable") else { return };
         let input = gpu.upload(&[1.0f32, 2.0]).unwrap();
         gpu.capture_begin().unwrap();
         let read = gpu.download(&input);

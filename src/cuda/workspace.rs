@@ -444,10 +444,10 @@ mod tests {
     /// via overflow, the next fits, smaller ones never shrink it, and
     /// regions of one guard never overlap. Device-only.
     #[test]
-    fn workspace_grows_once_and_regions_are_disjoint() {
+    fn gpu_workspace_grows_once_and_regions_are_disjoint() {
         let gpu = match Gpu::new(0) {
             Ok(gpu) => gpu,
-            Err(e) => return println!("skipped: workspace_grows_once_and_regions_are_disjoint: {e}"),
+            Err(e) => return println!("skipped: gpu_workspace_grows_once_and_regions_are_disjoint: {e}"),
         };
         let big = 3 * MIN_CAPACITY;
         {
@@ -473,10 +473,10 @@ mod tests {
     /// A call that panics while holding the workspace poisons its lock:
     /// later calls get a typed error, not a panic. Device-only.
     #[test]
-    fn a_poisoned_workspace_is_a_typed_error() {
+    fn gpu_poisoned_workspace_is_a_typed_error() {
         let gpu = match Gpu::new(0) {
             Ok(gpu) => gpu,
-            Err(e) => return println!("skipped: a_poisoned_workspace_is_a_typed_error: {e}"),
+            Err(e) => return println!("skipped: gpu_poisoned_workspace_is_a_typed_error: {e}"),
         };
         let panicked = std::thread::scope(|scope| {
             scope
