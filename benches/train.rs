@@ -35,10 +35,11 @@
 //!
 //! Linear path: every row runs the adapted linears in the packed one-GEMM
 //! layout (`LinearPath::Packed`, the trainer's default) unless it says
-//! `"linear_path": "CallerBuffers"`; for LoRA (or the methods in
+//! `"linear_path": "CallerBuffers"`; for LoRA and VeRA (or the methods in
 //! `LORAFUSE_BENCH_CALLER`, comma-separated; `none` for none) an eager
 //! caller-buffer row follows, whose `vs_eager` below 1 is what the packed
-//! layout saves.
+//! layout saves (VeRA's r = 256 makes its packed GEMMs 264 columns wider,
+//! so there the answer is not obvious).
 //!
 //! CPU: criterion timing of one training step of a tiny model.
 
@@ -480,7 +481,7 @@ fn gpu_bench(gpu: &Gpu) -> Result<()> {
         let (warmup, steps) = (env_usize("LORAFUSE_BENCH_WARMUP", 3), env_usize("LORAFUSE_BENCH_STEPS", 10));
         let graph_methods = std::env::var("LORAFUSE_BENCH_GRAPH").unwrap_or_else(|_| "lora".into());
         let with_graph = graph_methods.split(',').any(|g| g.trim() == m.0);
-        let caller_methods = std::env::var("LORAFUSE_BENCH_CALLER").unwrap_or_else(|_| "lora".into());
+        let caller_methods = std::env::var("LORAFUSE_BENCH_CALLER").unwrap_or_else(|_| "lora,vera".into());
         let with_caller = caller_methods.split(',').any(|g| g.trim() == m.0);
         let mut eager_ms = None;
         let variants = [(LinearPath::Packed, false), (LinearPath::CallerBuffers, false), (LinearPath::Packed, true)];
