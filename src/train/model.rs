@@ -312,15 +312,7 @@ impl<B: TrainBackend> Gpt2<B> {
             };
             params.push(backend.upload(&pad_rows(config, &spec, host))?);
         }
-        Ok(Gpt2 {
-            config: config.clone(),
-            params,
-            grads: None,
-            precision: Precision::F32,
-            work_bf16: None,
-            linear_path: LinearPath::default(),
-            packed: PackedWeights::new(),
-        })
+        Ok(Self::from_params(config.clone(), params))
     }
 
     /// Loads `config.json` and `model.safetensors` from a directory (or a
@@ -359,7 +351,13 @@ impl<B: TrainBackend> Gpt2<B> {
             }
             params.push(backend.upload(&pad_rows(&config, &spec, host))?);
         }
-        Ok(Gpt2 {
+        Ok(Self::from_params(config, params))
+    }
+
+    /// A model in f32 with no gradients, on the packed linear path, around
+    /// weights already laid out as [`Gpt2::param_specs`] says.
+    fn from_params(config: Gpt2Config, params: Vec<B::Buf<f32>>) -> Self {
+        Gpt2 {
             config,
             params,
             grads: None,
@@ -367,7 +365,7 @@ impl<B: TrainBackend> Gpt2<B> {
             work_bf16: None,
             linear_path: LinearPath::default(),
             packed: PackedWeights::new(),
-        })
+        }
     }
 
     /// Turns full fine-tuning on: allocates a gradient for every parameter
