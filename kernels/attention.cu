@@ -11,8 +11,11 @@
 // Layouts: qkv rows are [q | k | v] (3·W wide, W = heads·hd), head h in
 // columns h·hd..(h+1)·hd of each third; dout rows are W wide, out rows
 // out_ld ≥ W apart (a packed attn.c_proj's x_packed, whose spare columns
-// the forward leaves alone; W otherwise); lse and the backward's delta are
-// [batch][head][query].
+// the forward leaves alone; W otherwise); dqkv rows dqkv_ld ≥ 3·W apart (a
+// packed c_attn's dy_packed, so its backward reads the gradient where the
+// attention writes it instead of after a copy; the spare columns are left
+// alone; 3·W otherwise); lse and the backward's delta are [batch][head][query].
+// Every dqkv store is one element wide, so any dqkv_ld is aligned.
 //
 // Two kernel sets with the same work split and arguments:
 //   f16, bf16: tensor-core kernels (mma.sync m16n8k16, ldmatrix, cp.async;
@@ -334,7 +337,7 @@ __device__ __forceinline__ void score_and_dp(const float* __restrict__ a, const 
 template <typename T, int D, int R, int C>
 __device__ __forceinline__ void attn_backward_dq(const T* __restrict__ dout, const T* __restrict__ qkv,
                                                  const float* __restrict__ lse, const float* __restrict__ delta,
-                                                 const AttnArgs a, T* __restrict__ dqkv) {
+                                                 const AttnArgs a, T* __restrict__ dqkv, uint32_t dqkv_ld) {
     constexpr int BR = 16 * R, DL = D / 8, CL = C / 8;
     constexpr int LD = D + 1, LDS = C + 8 / R;
     extern __shared__ float attn_smem[];
@@ -415,7 +418,7 @@ __device__ __forceinline__ void attn_backward_dq(const T* __restrict__ dout, con
 #pragma unroll
         for (int e = 0; e < DL; ++e) Qs[(r0 + i) * LD + cg + 8 * e] = acc[i][e] * a.scale;
     __syncthreads();
-    unstage<BR, D, LD>(dqkv + (uint64_t)b * seq * w3 + head_off, Qs, w3, q0, seq, hd);
+    unstage<BR, D, LD>(dqkv + (uint64_t)b * seq * dqkv_ld + head_off, Qs, dqkv_ld, q0, seq, hd);
 }
 
 // dK and dV: one block per (batch·head, key tile). K_j and V_j stay in shared
@@ -425,7 +428,7 @@ __device__ __forceinline__ void attn_backward_dq(const T* __restrict__ dout, con
 template <typename T, int D, int R, int C>
 __device__ __forceinline__ void attn_backward_dkv(const T* __restrict__ dout, const T* __restrict__ qkv,
                                                   const float* __restrict__ lse, const float* __restrict__ delta,
-                                                  const AttnArgs a, T* __restrict__ dqkv) {
+                                                  const AttnArgs a, T* __restrict__ dqkv, uint32_t dqkv_ld) {
     constexpr int BK = 16 * R, DL = D / 8, CL = C / 8;
     constexpr int LD = D + 1, LDS = C + 8 / R;
     extern __shared__ float attn_smem[];
@@ -530,9 +533,9 @@ __device__ __forceinline__ void attn_backward_dkv(const T* __restrict__ dout, co
             Vs[(r0 + i) * LD + cg + 8 * e] = dv[i][e];
         }
     __syncthreads();
-    T* dst = dqkv + (uint64_t)b * seq * w3 + head_off;
-    unstage<BK, D, LD>(dst + w, Ks, w3, k0, seq, hd);
-    unstage<BK, D, LD>(dst + 2 * w, Vs, w3, k0, seq, hd);
+    T* dst = dqkv + (uint64_t)b * seq * dqkv_ld + head_off;
+    unstage<BK, D, LD>(dst + w, Ks, dqkv_ld, k0, seq, hd);
+    unstage<BK, D, LD>(dst + 2 * w, Vs, dqkv_ld, k0, seq, hd);
 }
 
 // ---- tensor-core kernels (f16, bf16) ----------------------------------------
@@ -803,7 +806,7 @@ __device__ __forceinline__ void attn_forward_tc(const T* __restrict__ qkv, const
 template <typename T, int D>
 __device__ __forceinline__ void attn_backward_dq_tc(const T* __restrict__ dout, const T* __restrict__ qkv,
                                                     const float* __restrict__ lse, const float* __restrict__ delta,
-                                                    const AttnArgs a, T* __restrict__ dqkv) {
+                                                    const AttnArgs a, T* __restrict__ dqkv, uint32_t dqkv_ld) {
     constexpr int BR = ATTN_TC_ROWS, BC = AttnTcTiles<D>::DQ_C, LD = D + 8, N8 = BC / 8;
     extern __shared__ float attn_smem[];
     require_smem(tc_dq_smem<D>() / 4);
@@ -877,8 +880,8 @@ __device__ __forceinline__ void attn_backward_dq_tc(const T* __restrict__ dout, 
         tc_mma_pb<T, D, N8>(dq, s, Ks + buf * BC * LD, lane);
         __syncthreads();
     }
-    tc_store_rows<T, D>(dqkv + (uint64_t)b * seq * w3 + head_off, dq, a.scale, a.scale, w3, q0 + warp * 16, seq,
-                        hd, lane);
+    tc_store_rows<T, D>(dqkv + (uint64_t)b * seq * dqkv_ld + head_off, dq, a.scale, a.scale, dqkv_ld, q0 + warp * 16,
+                        seq, hd, lane);
 }
 
 // dK and dV: block = (batch·head, 64-key tile); K and V stay in shared
@@ -888,7 +891,7 @@ __device__ __forceinline__ void attn_backward_dq_tc(const T* __restrict__ dout, 
 template <typename T, int D>
 __device__ __forceinline__ void attn_backward_dkv_tc(const T* __restrict__ dout, const T* __restrict__ qkv,
                                                      const float* __restrict__ lse, const float* __restrict__ delta,
-                                                     const AttnArgs a, T* __restrict__ dqkv) {
+                                                     const AttnArgs a, T* __restrict__ dqkv, uint32_t dqkv_ld) {
     constexpr int BK = ATTN_TC_ROWS, BQ = AttnTcTiles<D>::DKV_C, LD = D + 8, N8 = BQ / 8;
     extern __shared__ float attn_smem[];
     require_smem(tc_dkv_smem<D>() / 4);
@@ -970,16 +973,16 @@ __device__ __forceinline__ void attn_backward_dkv_tc(const T* __restrict__ dout,
         tc_mma_pb<T, D, N8>(dk, dp, Qs + buf * BQ * LD, lane);
         __syncthreads();
     }
-    T* dst = dqkv + (uint64_t)b * seq * w3 + head_off;
-    tc_store_rows<T, D>(dst + w, dk, a.scale, a.scale, w3, k0 + warp * 16, seq, hd, lane);
-    tc_store_rows<T, D>(dst + 2 * w, dv, 1.0f, 1.0f, w3, k0 + warp * 16, seq, hd, lane);
+    T* dst = dqkv + (uint64_t)b * seq * dqkv_ld + head_off;
+    tc_store_rows<T, D>(dst + w, dk, a.scale, a.scale, dqkv_ld, k0 + warp * 16, seq, hd, lane);
+    tc_store_rows<T, D>(dst + 2 * w, dv, 1.0f, 1.0f, dqkv_ld, k0 + warp * 16, seq, hd, lane);
 }
 
 // ---- exported kernels ------------------------------------------------------
 
 #define ATTN_BACKWARD_ARGS(T)                                                              \
     const T *__restrict__ dout, const T *__restrict__ qkv, const float *__restrict__ lse, \
-        const float *__restrict__ delta, AttnArgs a, T *__restrict__ dqkv
+        const float *__restrict__ delta, AttnArgs a, T *__restrict__ dqkv, uint32_t dqkv_ld
 
 #define ATTN_HD_KERNELS(SUF, T, HD)                                                                   \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, ATTN_MIN_BLOCKS)                       \
@@ -990,12 +993,12 @@ __device__ __forceinline__ void attn_backward_dkv_tc(const T* __restrict__ dout,
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, ATTN_MIN_BLOCKS)                       \
         attention_backward_dq_hd##HD##_##SUF(ATTN_BACKWARD_ARGS(T)) {                                 \
         attn_backward_dq<T, HD, AttnTiles<HD>::DQ_R, AttnTiles<HD>::DQ_C>(dout, qkv, lse, delta, a,   \
-                                                                          dqkv);                      \
+                                                                          dqkv, dqkv_ld);             \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(ATTN_THREADS, ATTN_MIN_BLOCKS)                       \
         attention_backward_dkv_hd##HD##_##SUF(ATTN_BACKWARD_ARGS(T)) {                                \
         attn_backward_dkv<T, HD, AttnTiles<HD>::DKV_R, AttnTiles<HD>::DKV_C>(dout, qkv, lse, delta, a, \
-                                                                             dqkv);                   \
+                                                                             dqkv, dqkv_ld);          \
     }
 
 #define ATTN_TC_HD_KERNELS(SUF, T, HD)                                                                \
@@ -1006,11 +1009,11 @@ __device__ __forceinline__ void attn_backward_dkv_tc(const T* __restrict__ dout,
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(ATTN_TC_THREADS, ATTN_TC_MIN_BLOCKS(HD))                                     \
         attention_backward_dq_tc_hd##HD##_##SUF(ATTN_BACKWARD_ARGS(T)) {                              \
-        attn_backward_dq_tc<T, HD>(dout, qkv, lse, delta, a, dqkv);                                   \
+        attn_backward_dq_tc<T, HD>(dout, qkv, lse, delta, a, dqkv, dqkv_ld);                          \
     }                                                                                                 \
     extern "C" __global__ void __launch_bounds__(ATTN_TC_THREADS, 2)                                                              \
         attention_backward_dkv_tc_hd##HD##_##SUF(ATTN_BACKWARD_ARGS(T)) {                             \
-        attn_backward_dkv_tc<T, HD>(dout, qkv, lse, delta, a, dqkv);                                  \
+        attn_backward_dkv_tc<T, HD>(dout, qkv, lse, delta, a, dqkv, dqkv_ld);                         \
     }
 
 // Every dtype: the delta pre-pass. f32: the CUDA-core kernels (hd buckets

@@ -110,13 +110,18 @@ pub trait AttentionOps: Backend + Sized {
         shape: AttnShape,
         dqkv: &mut Self::Buf<T>,
     ) -> Result<()> {
-        self.attention_backward_strided(dout, qkv, out, shape.width(), lse, shape, dqkv)
+        let w = shape.width();
+        self.attention_backward_strided(dout, qkv, out, w, lse, shape, dqkv, 3 * w)
     }
 
     /// [`AttentionOps::attention_backward`] reading the forward's output
     /// from rows `out_ld` ≥ width apart (`out` holds tokens·`out_ld`): the
     /// copy a packed attn.c_proj keeps in its `x_packed`
     /// ([`crate::lowrank::packed`]), so the plain output need not be kept.
+    /// `dqkv`'s rows go `dqkv_ld` ≥ 3·width apart (`dqkv` holds
+    /// tokens·`dqkv_ld`; the columns past 3·width keep their values):
+    /// straight into a packed c_attn's `dy_packed`, saving the copy of the
+    /// whole gradient into it.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward_strided<T: Element>(
         &self,
@@ -127,6 +132,7 @@ pub trait AttentionOps: Backend + Sized {
         lse: &Self::Buf<f32>,
         shape: AttnShape,
         dqkv: &mut Self::Buf<T>,
+        dqkv_ld: usize,
     ) -> Result<()>;
 }
 
@@ -135,6 +141,12 @@ pub trait AttentionOps: Backend + Sized {
 /// width and tokens·`out_ld` elements.
 pub fn check_strided_out(op: &'static str, shape: AttnShape, out: usize, out_ld: usize) -> Result<()> {
     crate::nn::check::strided_out(op, "out", out, shape.seq.tokens(), shape.width(), out_ld)
+}
+
+/// `dqkv` of [`AttentionOps::attention_backward_strided`]: `dqkv_ld` ≥
+/// 3·width and tokens·`dqkv_ld` elements.
+pub fn check_strided_dqkv(op: &'static str, shape: AttnShape, dqkv: usize, dqkv_ld: usize) -> Result<()> {
+    crate::nn::check::strided_out(op, "dqkv", dqkv, shape.seq.tokens(), 3 * shape.width(), dqkv_ld)
 }
 
 /// The argument check every [`AttentionOps`] implementation runs, so the

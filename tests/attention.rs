@@ -7,7 +7,8 @@
 //! mask (rejected). GPU (`gpu_*`, skipped without a GPU): the kernels of
 //! kernels/attention.cu (CUDA-core f32, tensor-core f16/bf16) against that
 //! twin on awkward shapes with those bounds, bit-identical reruns, and the
-//! argument checks.
+//! argument checks. Both: the backward writing `dqkv` with a row stride
+//! (a packed c_attn's `dy_packed`) against the plain call.
 
 // Without the `cuda` feature the GPU tests compile out, and the helpers
 // only they use would warn.
@@ -16,8 +17,9 @@
 mod common;
 
 use half::{bf16, f16};
-use lorafuse::attention::AttnShape;
+use lorafuse::attention::{AttentionOps, AttnShape};
 use lorafuse::cpu::attention::{attention_backward_f64, attention_forward_f64, attention_probs_f64};
+use lorafuse::cpu::Cpu;
 #[cfg(feature = "cuda")]
 use lorafuse::cuda::attention::{attention_backward, attention_forward, MAX_HEAD_DIM};
 #[cfg(feature = "cuda")]
@@ -514,4 +516,63 @@ fn gpu_attention_rejects_bad_arguments() {
     let mut short_dqkv = gpu.zeros::<bf16>(s.seq.tokens() * 3 * s.width() - 1).unwrap();
     let err = attention_backward(&gpu, &out, &qkv, &out, &lse, s, &mut short_dqkv).unwrap_err();
     assert!(matches!(err, Error::Shape { operand: "dqkv", .. }), "{err}");
+}
+
+// ---- dqkv with a row stride (both backends) -----------------------------------
+
+/// The backward writing `dqkv`'s rows `ld` apart into a buffer whose pad
+/// columns hold NaN must give the plain call's rows bit for bit (the same
+/// kernels or the same f64 sums, only the store address differs) and leave
+/// every pad bit as it was; a stride below 3W and a buffer one short are
+/// typed errors naming `dqkv`.
+fn strided_dqkv_matches_plain<B: AttentionOps, T: Element>(dev: &B, s: AttnShape, seed: u64) {
+    let (tokens, w3) = (s.seq.tokens(), 3 * s.width());
+    let qkv = dev.upload(&round::<T>(&random64(seed, tokens * w3, 2.5))).unwrap();
+    let dout = dev.upload(&round::<T>(&random64(seed + 1, tokens * s.width(), 1.0))).unwrap();
+    let mut out = dev.zeros::<T>(tokens * s.width()).unwrap();
+    let mut lse = dev.zeros::<f32>(s.lse_len()).unwrap();
+    dev.attention_forward(&qkv, s, &mut out, &mut lse).unwrap();
+    let mut plain = dev.zeros::<T>(tokens * w3).unwrap();
+    dev.attention_backward(&dout, &qkv, &out, &lse, s, &mut plain).unwrap();
+    let plain = dev.download(&plain).unwrap();
+    let bits = |v: &[T]| -> Vec<u8> { bytemuck::cast_slice(v).to_vec() };
+    // +8: a packed c_attn's pad (rank + 1 rounded up to 8); +3: an odd pitch.
+    for ld in [w3 + 8, w3 + 3] {
+        let ctx = format!("{} {} seed={seed} dqkv_ld={ld}", T::DTYPE, describe(s));
+        let nan = T::from_f32(f32::NAN);
+        let mut dqkv = dev.upload(&vec![nan; tokens * ld]).unwrap();
+        dev.attention_backward_strided(&dout, &qkv, &out, s.width(), &lse, s, &mut dqkv, ld).unwrap();
+        let got = dev.download(&dqkv).unwrap();
+        for (t, (row, want)) in got.chunks(ld).zip(plain.chunks(w3)).enumerate() {
+            assert!(bits(&row[..w3]) == bits(want), "{ctx}: token {t} differs from the plain call");
+            assert!(bits(&row[w3..]) == bits(&vec![nan; ld - w3]), "{ctx}: token {t}'s pad columns were written");
+        }
+        let mut short = dev.zeros::<T>(tokens * ld - 1).unwrap();
+        for (buf, ld, says) in [(&mut dqkv, w3 - 1, "rows would overlap"), (&mut short, ld, "rows of stride")] {
+            match dev.attention_backward_strided(&dout, &qkv, &out, s.width(), &lse, s, buf, ld) {
+                Err(e @ Error::Invalid { .. }) | Err(e @ Error::Shape { operand: "dqkv", .. }) => {
+                    assert!(e.to_string().contains(says), "{ctx}: {e}")
+                }
+                other => panic!("{ctx}: dqkv_ld={ld}: expected a typed dqkv error, got {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn cpu_strided_dqkv_matches_plain() {
+    strided_dqkv_matches_plain::<_, f32>(&Cpu, shape(2, 9, 2, 5), 3000);
+    strided_dqkv_matches_plain::<_, bf16>(&Cpu, shape(1, 17, 3, 4), 3001);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_strided_dqkv_matches_plain() {
+    let Some(gpu) = common::gpu_or_skip("gpu_strided_dqkv_matches_plain") else { return };
+    // f32: CUDA-core kernels; f16/bf16: tensor-core dQ and dK/dV kernels,
+    // hd 64 (native, cp.async) and 33 (padded); seq past one tile.
+    strided_dqkv_matches_plain::<_, f32>(&gpu, shape(2, 130, 2, 64), 3002);
+    strided_dqkv_matches_plain::<_, bf16>(&gpu, shape(2, 130, 2, 64), 3003);
+    strided_dqkv_matches_plain::<_, f16>(&gpu, shape(1, 70, 3, 33), 3004);
+    strided_dqkv_matches_plain::<_, bf16>(&gpu, shape(1, 65, 1, 128), 3005);
 }

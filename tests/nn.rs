@@ -252,11 +252,13 @@ fn attention<B: AttentionOps, T: Element>(dev: &B) {
         assert!(e.to_string().contains("rows would overlap"), "{ctx}: {e}");
         let out_s = dev.upload(&spread(&out_c, w, ld, T::from_f32(f32::NAN))).unwrap();
         let mut dqkv_s = dev.upload(&nan::<T>(qkv.len())).unwrap();
-        dev.attention_backward_strided(&dout_g, &qkv_g, &out_s, ld, &lse_cg, shape, &mut dqkv_s).unwrap();
+        dev.attention_backward_strided(&dout_g, &qkv_g, &out_s, ld, &lse_cg, shape, &mut dqkv_s, 3 * w).unwrap();
         check(dev, &format!("attention_backward_strided dqkv {ctx} out_ld={ld}"), &dqkv_s, &dqkv_c);
         let short = dev.upload(&nan::<T>(tokens * ld - 1)).unwrap();
         for (out, ld, says) in [(&out_s, w - 1, "rows would overlap"), (&short, ld, "rows of stride")] {
-            let e = dev.attention_backward_strided(&dout_g, &qkv_g, out, ld, &lse_cg, shape, &mut dqkv_s).unwrap_err();
+            let e = dev
+                .attention_backward_strided(&dout_g, &qkv_g, out, ld, &lse_cg, shape, &mut dqkv_s, 3 * w)
+                .unwrap_err();
             assert!(e.to_string().contains(says), "{ctx}: {e}");
         }
     }

@@ -16,9 +16,8 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul, Op};
 use super::{store, Cpu};
-use crate::attention::{check_lengths, check_strided_out, AttentionOps, AttnShape};
+use crate::attention::{check_lengths, check_strided_dqkv, check_strided_out, AttentionOps, AttnShape};
 use crate::dtype::{widen, Element};
-use crate::error::check_len;
 use crate::Result;
 
 impl AttentionOps for Cpu {
@@ -51,15 +50,18 @@ impl AttentionOps for Cpu {
         lse: &Vec<f32>,
         shape: AttnShape,
         dqkv: &mut Vec<T>,
+        dqkv_ld: usize,
     ) -> Result<()> {
         let op = "attention_backward";
         check_lengths(op, shape, qkv.len(), dout.len(), lse.len())?;
         check_strided_out(op, shape, out.len(), out_ld)?;
-        check_len(op, "dqkv", dqkv.len(), qkv.len())?;
+        check_strided_dqkv(op, shape, dqkv.len(), dqkv_ld)?;
         let w = shape.width();
         let out: Vec<f64> = out.chunks(out_ld).flat_map(|row| row[..w].iter().map(|v| v.to_f64())).collect();
         let g = attention_backward_f64(&widen(dout), &widen(qkv), &out, &widen(lse), shape)?;
-        store(dqkv, &g);
+        for (dst, src) in dqkv.chunks_mut(dqkv_ld).zip(g.chunks(3 * w)) {
+            store(&mut dst[..3 * w], src);
+        }
         Ok(())
     }
 }

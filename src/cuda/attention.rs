@@ -20,7 +20,6 @@ use super::{blocks_for, kernels, Gpu};
 use crate::abi::{self, AttnArgs};
 use crate::attention::{check_lengths, AttentionOps, AttnShape};
 use crate::dtype::{DType, Element};
-use crate::error::check_len;
 use crate::{Error, Result};
 
 /// The largest `head_dim` the CUDA attention kernels support.
@@ -232,11 +231,17 @@ pub fn attention_backward<T: Element>(
     shape: AttnShape,
     dqkv: &mut CudaSlice<T>,
 ) -> Result<()> {
-    attention_backward_strided(gpu, dout, qkv, out, shape.width(), lse, shape, dqkv)
+    let w = shape.width();
+    attention_backward_strided(gpu, dout, qkv, out, w, lse, shape, dqkv, 3 * w)
 }
 
 /// [`attention_backward`] reading `out` from rows `out_ld` ≥ width apart
-/// (a packed attn.c_proj's `x_packed`; only the delta pre-pass reads it).
+/// (a packed attn.c_proj's `x_packed`; only the delta pre-pass reads it)
+/// and writing `dqkv`'s rows `dqkv_ld` ≥ 3·width apart (a packed c_attn's
+/// `dy_packed`; the columns past 3·width are not written).
+///
+/// Errors: as [`attention_backward`], plus `dqkv_ld` below 3·width or
+/// above 2³² − 1, or a `dqkv` of other than tokens·`dqkv_ld` elements.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward_strided<T: Element>(
     gpu: &Gpu,
@@ -247,13 +252,16 @@ pub fn attention_backward_strided<T: Element>(
     lse: &CudaSlice<f32>,
     shape: AttnShape,
     dqkv: &mut CudaSlice<T>,
+    dqkv_ld: usize,
 ) -> Result<()> {
     let op = "attention_backward";
     check_lengths(op, shape, qkv.len(), dout.len(), lse.len())?;
     crate::attention::check_strided_out(op, shape, out.len(), out_ld)?;
     let out_ld32 =
         u32::try_from(out_ld).map_err(|_| Error::invalid(op, format!("out_ld {out_ld} exceeds 2^32 - 1")))?;
-    check_len(op, "dqkv", dqkv.len(), qkv.len())?;
+    crate::attention::check_strided_dqkv(op, shape, dqkv.len(), dqkv_ld)?;
+    let dqkv_ld32 =
+        u32::try_from(dqkv_ld).map_err(|_| Error::invalid(op, format!("dqkv_ld {dqkv_ld} exceeds 2^32 - 1")))?;
     let plan = plan::<T>(op, shape)?;
     let suffix = T::DTYPE.suffix();
 
@@ -285,8 +293,9 @@ pub fn attention_backward_strided<T: Element>(
         let (name, rows, smem) = plan.kernel(which, suffix);
         let f = gpu.function_with_shared(kernels::ATTENTION, &name, smem)?;
         // SAFETY: argument types match; lengths were checked against the
-        // shape; the dq kernel writes only the q third of dqkv and the dkv
-        // kernel only the k and v thirds, each element once.
+        // shape (dqkv: tokens·dqkv_ld, dqkv_ld ≥ 3W); the dq kernel writes
+        // only the q third of each dqkv row and the dkv kernel only the k and
+        // v thirds, each element once, never the columns past 3W.
         unsafe {
             gpu.stream()
                 .launch_builder(&f)
@@ -296,6 +305,7 @@ pub fn attention_backward_strided<T: Element>(
                 .arg(&delta)
                 .arg(&plan.args)
                 .arg(&mut *dqkv)
+                .arg(&dqkv_ld32)
                 .launch(tiled_grid(&plan, shape.seq.seq, rows, smem))
         }
         .map(drop)
@@ -325,8 +335,9 @@ impl AttentionOps for Gpu {
         lse: &CudaSlice<f32>,
         shape: AttnShape,
         dqkv: &mut CudaSlice<T>,
+        dqkv_ld: usize,
     ) -> Result<()> {
-        attention_backward_strided(self, dout, qkv, out, out_ld, lse, shape, dqkv)
+        attention_backward_strided(self, dout, qkv, out, out_ld, lse, shape, dqkv, dqkv_ld)
     }
 }
 

@@ -18,9 +18,10 @@
 //! and ln_2 (plain or fused with the residual add) into c_attn's and c_fc's
 //! input, the attention into attn.c_proj's (its backward reads it there),
 //! the GELU into mlp.c_proj's, the cast of the residual gradient into both
-//! projections' output gradient, the GELU backward into c_fc's. One copy
-//! ([`crate::lowrank::packed::PackedOps::pack_rows`]) remains: the
-//! attention backward's `dqkv` into c_attn's output gradient.
+//! projections' output gradient, the GELU backward into c_fc's, the
+//! attention backward into c_attn's: no activation or gradient is copied
+//! into the packed layout ([`crate::lowrank::packed::PackedOps::pack_rows`]
+//! is for callers whose producers have no row stride).
 //!
 //! # Weights
 //! Stored in PyTorch `Linear` layout (`N×K`, out × in). Hugging Face GPT-2
@@ -696,19 +697,6 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         }
     }
 
-    /// `x` (`tokens × cols`) as a linear module's input or output gradient:
-    /// copied into a new buffer of `layout` when given (`x_packed` for
-    /// `cols` = K, `dy_packed` for `cols` = N; the two coincide when
-    /// K = N), else as it is. For producers without an output stride.
-    fn rows(&self, backend: &B, x: B::Buf<T>, layout: Option<PackedLayout>, cols: usize) -> Result<Rows<B, T>> {
-        let Some(l) = layout else { return Ok(Rows { buf: x, packed: None }) };
-        let (ld, len) = if cols == l.shape.k { (l.x_ld(), l.x_len()) } else { (l.dy_ld(), l.dy_len()) };
-        backend.op_mark("pack rows");
-        let mut buf = backend.zeros::<T>(len)?;
-        backend.pack_rows(l.shape.m, cols, ld, &x, &mut buf)?;
-        Ok(Rows { buf, packed: layout })
-    }
-
     /// The forward of one linear module on `x` (plain, or packed when its
     /// layout says so; the packed forward fills its spare columns): returns
     /// `y` and the saved `x·Aᵀ` when adapted.
@@ -956,9 +944,8 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         let d = self.config.n_embd;
         let LayerCache { x, ln1_mean, ln1_rstd, qkv, lse, mid, ln2_mean, ln2_rstd, fc, ins, t } = cache;
         let [in0, in1, in2, in3] = ins;
-        // The residual gradient's casts and the GELU backward write straight
-        // into the packed modules' output gradients; dqkv is copied (the
-        // attention backward has no output stride).
+        // The residual gradient's casts, the GELU backward and the attention
+        // backward write straight into the packed modules' output gradients.
         let mut dy = self.cast(backend, dres, in3.packed)?;
         let ad = adapters.as_deref_mut();
         let dgelu = self.linear_backward(backend, ad, l, Module::MlpProj, &in3, t[3].as_ref(), &mut dy, tokens)?;
@@ -976,11 +963,10 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         let datt = self.linear_backward(backend, ad, l, Module::AttnProj, &in1, t[1].as_ref(), &mut dy, tokens)?;
         drop(dy);
         backend.op_mark("bwd attention");
-        let mut dqkv = backend.zeros::<T>(B::len(&qkv))?;
+        let (mut dqkv, dqkv_ld) = self.new_rows(backend, in0.packed, tokens, 3 * d, false)?;
         let att_ld = in1.packed.map_or(d, |l| l.x_ld());
-        backend.attention_backward_strided(&datt, &qkv, &in1.buf, att_ld, &lse, attn, &mut dqkv)?;
+        backend.attention_backward_strided(&datt, &qkv, &in1.buf, att_ld, &lse, attn, &mut dqkv.buf, dqkv_ld)?;
         drop((datt, lse, qkv, in1));
-        let mut dqkv = self.rows(backend, dqkv, in0.packed, 3 * d)?;
         let dln1 = self.linear_backward(backend, adapters, l, Module::CAttn, &in0, t[0].as_ref(), &mut dqkv, tokens)?;
         self.layernorm_backward(backend, block_index(l, 0), &dln1, &x, &ln1_mean, &ln1_rstd, dres)
     }
