@@ -492,8 +492,14 @@ impl<B: TrainBackend> Gpt2<B> {
                     }
                 }
                 sync_packed(backend, work, packed, set, &want)?;
+                // Only a full working copy is released: replacing the
+                // placeholder on every pass would allocate per module per
+                // step, and inside a captured step free memory allocated
+                // before the capture, which fails the capture.
                 for (wi, ..) in &want {
-                    work[*wi] = backend.zeros(1)?;
+                    if B::len(&work[*wi]) == B::len(&self.params[*wi]) {
+                        work[*wi] = backend.zeros(1)?;
+                    }
                 }
                 Ok(())
             }
