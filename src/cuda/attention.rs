@@ -16,7 +16,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::{blocks_for, kernels, Gpu};
+use super::{blocks_for, kernels, u32_arg, Gpu};
 use crate::abi::{self, AttnArgs};
 use crate::attention::{check_lengths, AttentionOps, AttnShape};
 use crate::dtype::{DType, Element};
@@ -189,8 +189,7 @@ pub fn attention_forward_strided<T: Element>(
     let op = "attention_forward";
     check_lengths(op, shape, qkv.len(), shape.seq.tokens() * shape.width(), lse.len())?;
     crate::attention::check_strided_out(op, shape, out.len(), out_ld)?;
-    let out_ld32 =
-        u32::try_from(out_ld).map_err(|_| Error::invalid(op, format!("out_ld {out_ld} exceeds 2^32 - 1")))?;
+    let out_ld32 = u32_arg("out_ld", out_ld)?;
     let plan = plan::<T>(op, shape)?;
     let (name, rows, smem) = plan.kernel(0, T::DTYPE.suffix());
     let f = gpu.function_with_shared(kernels::ATTENTION, &name, smem)?;
@@ -257,18 +256,17 @@ pub fn attention_backward_strided<T: Element>(
     let op = "attention_backward";
     check_lengths(op, shape, qkv.len(), dout.len(), lse.len())?;
     crate::attention::check_strided_out(op, shape, out.len(), out_ld)?;
-    let out_ld32 =
-        u32::try_from(out_ld).map_err(|_| Error::invalid(op, format!("out_ld {out_ld} exceeds 2^32 - 1")))?;
+    let out_ld32 = u32_arg("out_ld", out_ld)?;
     crate::attention::check_strided_dqkv(op, shape, dqkv.len(), dqkv_ld)?;
-    let dqkv_ld32 =
-        u32::try_from(dqkv_ld).map_err(|_| Error::invalid(op, format!("dqkv_ld {dqkv_ld} exceeds 2^32 - 1")))?;
+    let dqkv_ld32 = u32_arg("dqkv_ld", dqkv_ld)?;
     let plan = plan::<T>(op, shape)?;
     let suffix = T::DTYPE.suffix();
 
-    let mut delta = gpu
-        .stream()
-        .alloc_zeros::<f32>(shape.lse_len())
-        .map_err(|e| Error::cuda(format!("allocating {} floats of attention scratch", shape.lse_len()), e))?;
+    // The delta pre-pass writes one float per query, every one, so the
+    // scratch needs no zeroing and comes from the Gpu's workspace (no pool
+    // call per layer per step).
+    let ws = gpu.scratch()?;
+    let mut delta = ws.take::<f32>(shape.lse_len())?;
     let name = format!("attention_backward_delta_{suffix}");
     let f = gpu.function(kernels::ATTENTION, &name)?;
     let queries = shape.lse_len() as u64;

@@ -429,6 +429,12 @@ pub(crate) fn grid(blocks: u32, threads: u32, shared: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks.max(1), 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: shared }
 }
 
+/// `v` as a kernel's 32-bit size or stride argument, or a typed error
+/// naming it.
+pub(crate) fn u32_arg(what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::invalid(what, format!("{v} exceeds the kernels' 32-bit limit")))
+}
+
 /// Blocks of `threads` needed to cover `n` items one per thread.
 pub(crate) fn blocks_for(n: u64, threads: u32) -> u32 {
     n.div_ceil(threads as u64).max(1).min(u32::MAX as u64) as u32

@@ -11,7 +11,7 @@
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
-use super::{blocks_for, grid, kernels, ArgOrNull, Gpu};
+use super::{blocks_for, grid, kernels, u32_arg, ArgOrNull, Gpu};
 use crate::abi::{self, AdamWArgs, AdamWEntry};
 use crate::backend::Backend;
 use crate::error::check_len;
@@ -86,10 +86,6 @@ fn grid_stride(n: u64) -> u32 {
 /// pack per thread per stride).
 fn packed_grid<T: Element>(n: u64) -> u32 {
     grid_stride(n.div_ceil((16 / std::mem::size_of::<T>()) as u64))
-}
-
-fn u32_arg(what: &str, v: usize) -> Result<u32> {
-    u32::try_from(v).map_err(|_| Error::invalid(what, format!("{v} exceeds the kernels' 32-bit limit")))
 }
 
 /// `<base>_<dtype>`: the exported name of a kernel instantiated per dtype.
