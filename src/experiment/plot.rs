@@ -90,14 +90,7 @@ pub fn svg(report: &Report) -> Result<String> {
             .map_err(plot_error)?
             .label("combination: mean change over its members")
             .legend(|(x, y)| Circle::new((x + 10, y), 5, BLUE.filled()));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.4))
-            .label_font(("sans-serif", 13))
-            .draw()
-            .map_err(plot_error)?;
+        crate::train::plot::draw_legend(&mut chart, SeriesLabelPosition::UpperLeft).map_err(plot_error)?;
         root.present().map_err(plot_error)?;
     }
     Ok(text)

@@ -113,6 +113,21 @@ fn plot_error<E: std::fmt::Display>(e: E) -> Error {
     Error::invalid("loss plot", e.to_string())
 }
 
+/// Draws `chart`'s series legend at `position` in the style every plot of
+/// the crate shares (a light box, so it stays readable over the lines).
+pub(crate) fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> std::result::Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .label_font(("sans-serif", 13))
+        .draw()
+}
+
 /// The curves as an SVG picture titled `title` (name the run: method,
 /// data, model).
 pub fn svg(title: &str, curves: &[Curve]) -> Result<String> {
@@ -202,14 +217,7 @@ pub fn svg(title: &str, curves: &[Curve]) -> Result<String> {
                 .label("faint: training loss of each step")
                 .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.mix(0.3)));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.4))
-            .label_font(("sans-serif", 13))
-            .draw()
-            .map_err(plot_error)?;
+        draw_legend(&mut chart, SeriesLabelPosition::UpperRight).map_err(plot_error)?;
         root.present().map_err(plot_error)?;
     }
     Ok(text)
