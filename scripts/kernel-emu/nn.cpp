@@ -2,7 +2,7 @@
 // the formulas of src/cpu/nn.rs, for checking the kernels' indexing,
 // reductions and edge cases on a machine without a GPU. Launch geometry is
 // that of the wrappers in src/cuda/nn.rs (256 threads, one warp per
-// LayerNorm row, one block per cross-entropy row or distinct token, ...).
+// LayerNorm row, one block per cross-entropy row or token group, ...).
 // Inputs are rounded to their storage dtype first and the references read the
 // rounded values; outputs are NaN-poisoned before overwriting kernels, and
 // accumulating kernels start from random values.
@@ -291,7 +291,7 @@ static const char* ids_name(Ids ids) {
 // The grouping is integer work: order, uniq, starts and the group count
 // must equal a host stable sort's, exactly. dwte must then equal, bit for
 // bit, the same f32 sums in the same order (each token's rows ascending,
-// from 0, then added to dwte once), as the host grouping gave. Against the
+// from 0, then added to dwte once), the order the kernels promise. Against the
 // exact (f64) sum each element is held to the recursive-summation bound
 // |err| ≤ γ_{n+1}·(|dwte0| + Σ|dout|), γ_k = k·u/(1 − k·u), u = 2^-24, for
 // the n rows of its token (n + 1 f32 additions): derived, not tuned. Rows
@@ -304,7 +304,7 @@ static void test_embedding_backward(const EmbShape& s, Ids ids, uint64_t seed) {
     const auto dwte0 = rand_vec<float>(rng, (size_t)s.vocab * s.width, -1, 1);
     const auto dwpe0 = rand_vec<float>(rng, (size_t)s.positions * s.width, -1, 1);
 
-    // The host grouping: rows stably sorted by token, valid tokens only.
+    // The reference grouping: rows stably sorted by token, valid tokens only.
     std::vector<uint32_t> want_order, want_uniq, want_starts;
     for (uint32_t r = 0; r < rows; ++r)
         if (tokens[r] < s.vocab) want_order.push_back(r);

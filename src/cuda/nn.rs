@@ -119,7 +119,12 @@ impl Gpu {
         let (rows32, vocab32) = (u32_arg("token count", rows)?, u32_arg("vocab", vocab)?);
         let chunks = rows.div_ceil(EMB_CHUNK);
         let table_len = chunks.checked_mul(vocab).ok_or_else(|| {
-            Error::invalid("embedding_backward", format!("{rows} tokens over a {vocab}-row vocabulary overflow"))
+            Error::invalid(
+                "embedding_backward",
+                format!(
+                    "grouping {rows} tokens over {vocab} vocabulary rows overflows the address space; split the batch"
+                ),
+            )
         })?;
         let max_groups = rows.min(vocab);
         let ws = self.scratch()?;
