@@ -1053,6 +1053,10 @@ static void run_f32_only(uint64_t seed) {
     }
     for (uint32_t vocab : {300u, 1031u}) test_embedding_backward(EmbShape{3, 100, 5, vocab, 100}, Ids::Distinct, seed++);
     test_embedding_backward(EmbShape{1, 513, 2, 2, 513}, Ids::Straddle, seed++);
+    // The bench's shape (8 × 1024 rows, the padded GPT-2 vocabulary: 32
+    // chunks, a 197-entry scan slice per thread), narrow rows.
+    for (Ids ids : {Ids::Random, Ids::Same})
+        test_embedding_backward(EmbShape{8, 1024, 2, 50304, 1024}, ids, seed++);
     for (uint64_t n : {1ull, 31ull, 4097ull})
         for (int step : {1, 7}) test_adamw(n, step, seed++);
     for (uint64_t n : {1ull, 31ull, 4097ull}) test_sum_squares({n}, seed++);
