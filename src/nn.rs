@@ -239,11 +239,13 @@ pub struct CrossEntropyOut<B: Backend> {
 }
 
 /// Token ids on the backend together with the host copy they were uploaded
-/// from. Range checks (a token `>= vocab` is an [`crate::Error::Index`]) and
-/// the embedding backward's grouping read the host copy, so no op has to
-/// download the ids and stall the stream. Kernels also guard every index
-/// they read, so a `host` that does not match `device` gives wrong numbers,
-/// never an out-of-bounds access.
+/// from. Range checks (a token `>= vocab` is an [`crate::Error::Index`])
+/// read the host copy, so no op has to download the ids and stall the
+/// stream; the ops themselves read only the backend's copy (the embedding
+/// backward groups rows by token there), so a step queued once can be
+/// replayed over new ids written into the same buffer. Kernels also guard
+/// every index they read, so a `host` that does not match `device` gives
+/// wrong numbers, never an out-of-bounds access.
 pub struct TokenIds<'a, B: Backend> {
     /// The ids on the backend.
     pub device: &'a B::Buf<u32>,

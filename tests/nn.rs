@@ -63,7 +63,7 @@ fn check<B: Backend, T: Element>(dev: &B, ctx: &str, got: &B::Buf<T>, want: &[T]
 
 fn embedding<B: NnOps, T: Element>(dev: &B) {
     for (n, &(batch, seq, width, vocab, positions)) in
-        [(1, 1, 1, 1, 1), (2, 7, 33, 50, 9), (3, 64, 96, 300, 64)].iter().enumerate()
+        [(1, 1, 1, 1, 1), (2, 7, 33, 50, 9), (3, 64, 96, 300, 64), (2, 301, 8, 1031, 301)].iter().enumerate()
     {
         let seed = 100 + n as u64;
         let ctx = format!("batch={batch} seq={seq} width={width} vocab={vocab} seed={seed}");
@@ -106,6 +106,57 @@ fn embedding<B: NnOps, T: Element>(dev: &B) {
 
 test_device!(embedding[f32, bf16], gpu: gpu_embedding_matches_cpu);
 
+/// The token embedding's gradient on the GPU is, bit for bit, each token's
+/// rows summed in f32 in ascending row order and added once: the order the
+/// device-built grouping promises (a stable sort), whatever else ran in
+/// the workspace before. Rows: 2 × 500 (four 256-row chunks, the last
+/// partial); ids: a few frequent ones (groups spanning every chunk), the
+/// last vocabulary row, and the rest distinct.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_embedding_backward_sums_each_token_in_row_order() {
+    let Some(gpu) = common::gpu_or_skip("gpu_embedding_backward_sums_each_token_in_row_order") else { return };
+    let (shape, width, vocab) = (SeqShape { batch: 2, seq: 500 }, 24, 2053);
+    let rows = shape.tokens();
+    let mut rng = lorafuse::rng::Rng::new(31);
+    let tokens: Vec<u32> = (0..rows)
+        .map(|r| match r % 4 {
+            0 => rng.below(3) as u32,
+            1 => vocab as u32 - 1,
+            _ => 3 + (r as u32 * 7) % (vocab as u32 - 4),
+        })
+        .collect();
+    let dout = common::random(32, rows * width);
+    let dwte0 = common::random(33, vocab * width);
+    let mut groups = vec![Vec::new(); vocab];
+    for (r, &t) in tokens.iter().enumerate() {
+        groups[t as usize].push(r);
+    }
+    let mut want = dwte0.clone();
+    for (tok, group) in groups.iter().enumerate().filter(|(_, g)| !g.is_empty()) {
+        for c in 0..width {
+            let sum = group.iter().fold(0f32, |acc, &r| acc + dout[r * width + c]);
+            want[tok * width + c] += sum;
+        }
+    }
+    let (t_g, dout_g) = (gpu.upload(&tokens).unwrap(), gpu.upload(&dout).unwrap());
+    let ids = TokenIds::<Gpu> { device: &t_g, host: &tokens };
+    for call in 0..2 {
+        // Scratch left as NaN bytes (0xFF…) by the previous user.
+        gpu.poison_workspace().unwrap();
+        let mut dwte_g = gpu.upload(&dwte0).unwrap();
+        gpu.embedding_backward(ids, &dout_g, shape, width, Some(&mut dwte_g), None).unwrap();
+        let got = gpu.download(&dwte_g).unwrap();
+        let differ = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(
+            differ,
+            0,
+            "call {call}: {differ} of {} dwte elements differ from the row-ordered f32 sums",
+            got.len()
+        );
+    }
+}
+
 #[cfg(feature = "cuda")]
 #[test]
 fn gpu_embedding_guards_bad_tokens() {
@@ -127,6 +178,12 @@ fn gpu_embedding_guards_bad_tokens() {
     gpu.embedding_forward(ids, &wte_g, &wpe_g, shape, 2, &mut out_g).unwrap();
     let out = gpu.download(&out_g).unwrap();
     assert!(out[0].is_finite() && out[2].is_nan(), "guarded embedding rows: {out:?}");
+    // The same disagreeing copy in the backward: the device grouping leaves
+    // the out-of-range row out (it adds to no row), the other row lands.
+    let dout_g = gpu.upload(&[1.0f32, 2.0, 3.0, 4.0]).unwrap();
+    let mut dwte_g = gpu.upload(&[0f32; 8]).unwrap();
+    gpu.embedding_backward(ids, &dout_g, shape, 2, Some(&mut dwte_g), None).unwrap();
+    assert_eq!(gpu.download(&dwte_g).unwrap(), [1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], "guarded backward rows");
 }
 
 fn layernorm<B: NnOps, T: Element>(dev: &B) {

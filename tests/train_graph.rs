@@ -7,9 +7,10 @@
 //! Why bitwise: a replay launches the very kernels (same grids, same
 //! arguments, same cuBLAS algorithms: the handle's workspace is the same
 //! fixed size in both runs) in the very order of an eager step, and every
-//! kernel the LoRA path runs reduces in a fixed order (no floating-point
-//! atomics; the projection kernels of Uni-LoRA have some, which is why it
-//! is not among the cases). Any difference is a replay reading something
+//! kernel the LoRA and full fine-tuning paths run reduces in a fixed order
+//! (no floating-point atomics; the token embedding's gradient sums rows
+//! grouped by a stable sort on the device; the projection kernels of
+//! Uni-LoRA have float atomics, which is why it is not among the cases). Any difference is a replay reading something
 //! other than what the eager step reads: stale token ids, a stale loss
 //! scale, a freed buffer.
 //!
@@ -191,22 +192,56 @@ fn gpu_replayed_steps_are_bit_identical_to_eager_steps() {
     }
 }
 
+/// Every base parameter, downloaded (full fine-tuning trains them all).
+fn base_params(t: &Trainer<Gpu>) -> Vec<Vec<f32>> {
+    t.model.params.iter().map(|p| t.backend.download(p).unwrap()).collect()
+}
+
+/// Full fine-tuning replays too: the token embedding's gradient groups the
+/// step's ids on the device, so a replay over new ids regroups them, and
+/// the optimizer over every parameter and the bf16 working copy's refresh
+/// run on fixed buffers. Same schedule as the LoRA test: warm-up, capture,
+/// replays through a refused step and a profiling step, then an
+/// evaluation and a second capture.
 #[test]
-fn gpu_full_fine_tuning_says_why_it_does_not_replay_and_matches_eager() {
+fn gpu_full_fine_tuning_replays_bit_identical_to_eager_steps() {
     let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let Some(eager_gpu) = gpu_or_skip("gpu_full_fine_tuning_says_why_it_does_not_replay_and_matches_eager") else {
+    let Some(eager_gpu) = gpu_or_skip("gpu_full_fine_tuning_replays_bit_identical_to_eager_steps") else {
         return;
     };
     let graph_gpu = Gpu::new(0).unwrap();
     let base = Base::new("train-graph-full");
-    let cfg = overfit_config("full", 4);
-    let (_, eager) = run(&eager_gpu, &base, &cfg, 4, u64::MAX, u64::MAX);
-    let (g, graph) = run(&graph_gpu, &base, &TrainConfig { graph: true, ..cfg }, 4, u64::MAX, u64::MAX);
-    let off = g.graph_status().off.clone().unwrap_or_default();
-    assert!(off.contains("full fine-tuning"), "no reason given: {:?}", g.graph_status());
-    assert_eq!(g.graph_status().replays, 0);
-    for (i, (a, b)) in eager.iter().zip(&graph).enumerate() {
-        assert_eq!(bits(a), bits(b), "full: step {i} differs");
+    let (steps, profile) = (8, 5);
+    for precision in [Precision::F32, Precision::Bf16] {
+        let poison = if precision == Precision::F32 { 3 } else { u64::MAX };
+        let eager_cfg = TrainConfig { precision, ..overfit_config("full", steps) };
+        let graph_cfg = TrainConfig { graph: true, ..eager_cfg.clone() };
+        let (mut e, eager) = run(&eager_gpu, &base, &eager_cfg, steps, poison, u64::MAX);
+        let (mut g, graph) = run(&graph_gpu, &base, &graph_cfg, steps, poison, profile);
+
+        let status = g.graph_status().clone();
+        assert_eq!(status.off, None, "full {precision}: graph replay turned itself off");
+        assert_eq!(status.captures, 1, "full {precision}: {status:?}");
+        let want_replays = steps - GRAPH_WARMUP_STEPS as u64 - 1 - 1;
+        assert_eq!(status.replays, want_replays, "full {precision}: {status:?}");
+        if let Some(o) = graph.get(poison as usize) {
+            assert!(o.refused.is_some(), "full {precision}: the NaN step was accepted: {o:?}");
+        }
+        for (i, (a, b)) in eager.iter().zip(&graph).enumerate() {
+            assert_eq!(bits(a), bits(b), "full {precision}: step {i} differs: eager {a:?}, graph {b:?}");
+        }
+        let names = Gpt2::<Gpu>::param_specs(&e.model.config);
+        for ((spec, a), b) in names.iter().zip(base_params(&e)).zip(base_params(&g)) {
+            let same = a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "full {precision}: `{}` differs after {steps} steps", spec.name);
+        }
+        let (me, mg) = (e.evaluate().unwrap(), g.evaluate().unwrap());
+        assert_eq!(me.loss.to_bits(), mg.loss.to_bits(), "full {precision}: evaluation differs");
+        for i in 0..3 {
+            let (a, b) = (e.step().unwrap(), g.step().unwrap());
+            assert_eq!(bits(&a), bits(&b), "full {precision}: step {i} after evaluation differs");
+        }
+        assert_eq!(g.graph_status().captures, 2, "full {precision}: {:?}", g.graph_status());
     }
 }
 

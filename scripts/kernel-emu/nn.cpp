@@ -2,7 +2,7 @@
 // the formulas of src/cpu/nn.rs, for checking the kernels' indexing,
 // reductions and edge cases on a machine without a GPU. Launch geometry is
 // that of the wrappers in src/cuda/nn.rs (256 threads, one warp per
-// LayerNorm row, one block per cross-entropy row or distinct token, ...).
+// LayerNorm row, one block per cross-entropy row or token group, ...).
 // Inputs are rounded to their storage dtype first and the references read the
 // rounded values; outputs are NaN-poisoned before overwriting kernels, and
 // accumulating kernels start from random values.
@@ -235,44 +235,152 @@ template <typename T> static void test_embedding_forward(const EmbShape& s, uint
     }
 }
 
-// dwte[tok] += Σ dout[rows holding tok] with the host's grouping (rows
-// stably sorted by token, one block per distinct token), and
+// Token ids for the embedding backward's grouping: random, or a pattern
+// whose groups hit the passes' edges.
+enum class Ids {
+    Random,
+    Same,       // one token (vocab − 1) in every row: one group of all rows
+    Distinct,   // a permutation of distinct ids: one row per group
+    Straddle,   // runs of one id across each chunk boundary, the rest random
+    Corrupt,    // random, two rows ≥ vocab (a device copy the host never checked)
+};
+
+static std::vector<uint32_t> group_ids(Rng& rng, const EmbShape& s, Ids ids) {
+    const uint32_t rows = s.batch * s.seq;
+    std::vector<uint32_t> t = random_tokens(rng, s);
+    switch (ids) {
+        case Ids::Random: break;
+        case Ids::Same: std::fill(t.begin(), t.end(), s.vocab - 1); break;
+        case Ids::Distinct: {  // needs vocab ≥ rows
+            std::vector<uint32_t> all(s.vocab);
+            std::iota(all.begin(), all.end(), 0u);
+            std::shuffle(all.begin(), all.end(), rng.g);
+            std::copy(all.begin(), all.begin() + rows, t.begin());
+            // The last vocabulary row among them (it was not, so still distinct).
+            if (std::find(t.begin(), t.end(), s.vocab - 1) == t.end()) t[rows / 2] = s.vocab - 1;
+            break;
+        }
+        case Ids::Straddle:
+            for (uint32_t b = THREADS; b < rows; b += THREADS)
+                for (uint32_t r = b - 3; r < min(rows, b + 4); ++r) t[r] = b / THREADS % 2 ? s.vocab - 1 : 0;
+            break;
+        case Ids::Corrupt:
+            t[rows / 3] = s.vocab;
+            t[rows - 1] = 0xffffffffu;
+            break;
+    }
+    return t;
+}
+
+static const char* ids_name(Ids ids) {
+    switch (ids) {
+        case Ids::Random: return "random";
+        case Ids::Same: return "one id in every row";
+        case Ids::Distinct: return "all distinct";
+        case Ids::Straddle: return "groups across chunk boundaries";
+        case Ids::Corrupt: return "two ids >= vocab";
+    }
+    return "?";
+}
+
+// dwte[tok] += Σ dout[rows holding tok], grouped on the device with the
+// wrapper's five launches (src/cuda/nn.rs, embedding_backward_wte), and
 // dwpe[t] += Σ_b dout[b, t]; both accumulators start random, and wpe rows
 // past seq must stay as they were.
-static void test_embedding_backward(const EmbShape& s, uint64_t seed) {
+//
+// The grouping is integer work: order, uniq, starts and the group count
+// must equal a host stable sort's, exactly. dwte must then equal, bit for
+// bit, the same f32 sums in the same order (each token's rows ascending,
+// from 0, then added to dwte once), the order the kernels promise. Against the
+// exact (f64) sum each element is held to the recursive-summation bound
+// |err| ≤ γ_{n+1}·(|dwte0| + Σ|dout|), γ_k = k·u/(1 − k·u), u = 2^-24, for
+// the n rows of its token (n + 1 f32 additions): derived, not tuned. Rows
+// with an id ≥ vocab add to nothing.
+static void test_embedding_backward(const EmbShape& s, Ids ids, uint64_t seed) {
     Rng rng(seed);
-    const uint64_t rows = (uint64_t)s.batch * s.seq;
-    const auto tokens = random_tokens(rng, s);
-    const auto dout = rand_vec<float>(rng, rows * s.width, -1, 1);
+    const uint32_t rows = s.batch * s.seq;
+    const auto tokens = group_ids(rng, s, ids);
+    const auto dout = rand_vec<float>(rng, (size_t)rows * s.width, -1, 1);
     const auto dwte0 = rand_vec<float>(rng, (size_t)s.vocab * s.width, -1, 1);
     const auto dwpe0 = rand_vec<float>(rng, (size_t)s.positions * s.width, -1, 1);
 
-    // src/cuda/nn.rs, embedding_backward.
-    std::vector<uint32_t> order(rows), uniq, starts;
-    std::iota(order.begin(), order.end(), 0u);
-    std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return tokens[a] < tokens[b]; });
-    for (size_t k = 0; k < order.size(); ++k)
-        if (uniq.empty() || uniq.back() != tokens[order[k]]) {
-            uniq.push_back(tokens[order[k]]);
-            starts.push_back((uint32_t)k);
+    // The reference grouping: rows stably sorted by token, valid tokens only.
+    std::vector<uint32_t> want_order, want_uniq, want_starts;
+    for (uint32_t r = 0; r < rows; ++r)
+        if (tokens[r] < s.vocab) want_order.push_back(r);
+    std::stable_sort(want_order.begin(), want_order.end(),
+                     [&](uint32_t a, uint32_t b) { return tokens[a] < tokens[b]; });
+    for (size_t k = 0; k < want_order.size(); ++k)
+        if (want_uniq.empty() || want_uniq.back() != tokens[want_order[k]]) {
+            want_uniq.push_back(tokens[want_order[k]]);
+            want_starts.push_back((uint32_t)k);
         }
-    starts.push_back((uint32_t)order.size());
+    want_starts.push_back((uint32_t)want_order.size());
 
-    Case c("f32", fmt("embedding_backward batch=%u seq=%u width=%u vocab=%u positions=%u (%zu distinct tokens)",
-                      s.batch, s.seq, s.width, s.vocab, s.positions, uniq.size()));
+    Case c("f32", fmt("embedding_backward batch=%u seq=%u width=%u vocab=%u positions=%u, %s (%zu groups)", s.batch,
+                      s.seq, s.width, s.vocab, s.positions, ids_name(ids), want_uniq.size()));
+    // Scratch as the workspace leaves it: whatever the last call wrote.
+    const uint32_t chunks = cdiv(rows, THREADS), max_groups = min(rows, s.vocab);
+    auto table = std::vector<uint32_t>((size_t)chunks * s.vocab, 0xdeadbeefu);
+    auto rank = std::vector<uint32_t>(rows, 0xdeadbeefu), order = rank;
+    auto offsets = std::vector<uint32_t>(s.vocab, 0xdeadbeefu), uniq = std::vector<uint32_t>(max_groups, 0xdeadbeefu);
+    auto starts = std::vector<uint32_t>(max_groups + 1, 0xdeadbeefu), groups = std::vector<uint32_t>(1, 0xdeadbeefu);
     auto dwte = dwte0, dwpe = dwpe0;
-    launch((unsigned)uniq.size(), [&] {
-        embedding_backward_wte_f32(order.data(), uniq.data(), starts.data(), s.width, dout.data(), dwte.data());
+    launch(chunks, [&] { embedding_group_count_u32(tokens.data(), rows, s.vocab, table.data(), rank.data()); });
+    launch(grid_stride(s.vocab), [&] { embedding_group_prefix_u32(chunks, s.vocab, table.data(), offsets.data()); });
+    launch(1, [&] { embedding_group_scan_u32(s.vocab, offsets.data(), uniq.data(), starts.data(), groups.data()); });
+    launch(grid_stride(rows), [&] {
+        embedding_group_scatter_u32(tokens.data(), rows, s.vocab, table.data(), rank.data(), offsets.data(),
+                                    order.data());
+    });
+    launch(max_groups, [&] {
+        embedding_backward_wte_f32(order.data(), uniq.data(), starts.data(), groups.data(), s.width, dout.data(),
+                                   dwte.data());
     });
     launch(blocks_for((uint64_t)s.seq * s.width),
            [&] { embedding_backward_wpe_f32(dout.data(), s.batch, s.seq, s.width, dwpe.data()); });
-    auto want_te = widen(dwte0), want_pe = widen(dwpe0);
-    for (uint64_t r = 0; r < rows; ++r)
+
+    const size_t n_groups = want_uniq.size();
+    c.exact("embedding_group_* groups", "groups", groups, {(uint32_t)n_groups});
+    order.resize(want_order.size());
+    uniq.resize(n_groups);
+    starts.resize(n_groups + 1);
+    c.exact("embedding_group_* order", "order", order, want_order);
+    c.exact("embedding_group_* uniq", "uniq", uniq, want_uniq);
+    c.exact("embedding_group_* starts", "starts", starts, want_starts);
+
+    // Same f32 sums in the same order, and the f64 sums with their bound.
+    auto same_order = dwte0;
+    std::vector<double> exact = widen(dwte0), bound(dwte0.size());
+    for (size_t i = 0; i < dwte0.size(); ++i) bound[i] = std::fabs(dwte0[i]);
+    std::vector<uint32_t> count(s.vocab, 0);
+    for (size_t g = 0; g < n_groups; ++g) {
+        const uint32_t tok = want_uniq[g];
         for (uint32_t ch = 0; ch < s.width; ++ch) {
-            want_te[(size_t)tokens[r] * s.width + ch] += dout[r * s.width + ch];
-            want_pe[(r % s.seq) * s.width + ch] += dout[r * s.width + ch];
+            float sum = 0.0f;
+            for (uint32_t k = want_starts[g]; k < want_starts[g + 1]; ++k) {
+                const float d = dout[(size_t)want_order[k] * s.width + ch];
+                sum += d;
+                exact[(size_t)tok * s.width + ch] += d;
+                bound[(size_t)tok * s.width + ch] += std::fabs(d);
+            }
+            same_order[(size_t)tok * s.width + ch] += sum;
         }
-    c.close("embedding_backward_wte_f32 dwte", "dwte", dwte, want_te, F32_TOL);
+        count[tok] = want_starts[g + 1] - want_starts[g];
+    }
+    c.exact("embedding_backward_wte_f32 dwte (same order)", "dwte", dwte, same_order);
+    double worst = 0;
+    for (size_t i = 0; i < dwte.size(); ++i) {
+        const double k = count[i / s.width] + 1.0, u = std::ldexp(1.0, -24), gamma = k * u / (1 - k * u);
+        const double err = std::fabs((double)dwte[i] - exact[i]);
+        worst = max(worst, bound[i] > 0 ? err / (gamma * bound[i]) : (err == 0 ? 0.0 : INFINITY));
+    }
+    c.record("embedding_backward_wte_f32 dwte / sum bound", worst <= 1.0, worst, 1.0);
+    c.body += fmt(" dwte/bound %.2f", worst);
+
+    auto want_pe = widen(dwpe0);
+    for (uint64_t r = 0; r < rows; ++r)
+        for (uint32_t ch = 0; ch < s.width; ++ch) want_pe[(r % s.seq) * s.width + ch] += dout[r * s.width + ch];
     c.close("embedding_backward_wpe_f32 dwpe", "dwpe", dwpe, want_pe, F32_TOL);
 }
 
@@ -934,7 +1042,21 @@ static void run_f32_only(uint64_t seed) {
     // vocab 257: mostly distinct tokens. positions > seq: rows left alone.
     for (const EmbShape& s : {EmbShape{1, 1, 1, 1, 1}, EmbShape{3, 11, 31, 1, 11}, EmbShape{2, 5, 33, 7, 8},
                               EmbShape{4, 9, 257, 257, 9}, EmbShape{2, 6, 768, 7, 13}})
-        test_embedding_backward(s, seed++);
+        test_embedding_backward(s, Ids::Random, seed++);
+    // Rows not a multiple of the 256-row chunk: 300 (two chunks, the last
+    // of 44 rows), 769 (four, the last of one), 513 (three); the vocabulary
+    // wider than the scan block (1031: a slice of 5 per thread, the last
+    // ones empty) and narrower (7, 200: slices of one, most threads idle).
+    for (Ids ids : {Ids::Random, Ids::Same, Ids::Straddle, Ids::Corrupt}) {
+        test_embedding_backward(EmbShape{3, 100, 5, 7, 100}, ids, seed++);
+        test_embedding_backward(EmbShape{1, 769, 3, 1031, 769}, ids, seed++);
+    }
+    for (uint32_t vocab : {300u, 1031u}) test_embedding_backward(EmbShape{3, 100, 5, vocab, 100}, Ids::Distinct, seed++);
+    test_embedding_backward(EmbShape{1, 513, 2, 2, 513}, Ids::Straddle, seed++);
+    // The bench's shape (8 × 1024 rows, the padded GPT-2 vocabulary: 32
+    // chunks, a 197-entry scan slice per thread), narrow rows.
+    for (Ids ids : {Ids::Random, Ids::Same})
+        test_embedding_backward(EmbShape{8, 1024, 2, 50304, 1024}, ids, seed++);
     for (uint64_t n : {1ull, 31ull, 4097ull})
         for (int step : {1, 7}) test_adamw(n, step, seed++);
     for (uint64_t n : {1ull, 31ull, 4097ull}) test_sum_squares({n}, seed++);

@@ -29,6 +29,12 @@
 //!   again at every replay. The step's one read back (the optimizer's
 //!   report and the losses) comes after the graph, and its inputs are
 //!   uploaded into fixed buffers before it ([`crate::Backend::upload_into`]).
+//!   Nothing in the step is computed on the host from its inputs: the token
+//!   embedding's gradient groups the ids by a sort on the device, so a
+//!   replay over new ids regroups them.
+//! - **Scratch.** The workspace ([`super::workspace`]) grows only outside a
+//!   capture, to the most one call carved before; capture starts by growing
+//!   it, so the captured calls fit and allocate nothing inside the graph.
 //! - **cudarc's event tracking.** A context with more than one stream (every
 //!   [`Gpu::new`] makes one) records a CUDA event at each use of a slice and
 //!   waits on it at the next. Inside a capture those records become part of
@@ -134,6 +140,11 @@ impl Gpu {
         // Creates the handle (and its workspace) if the step has no GEMM
         // yet; creating it inside the capture would allocate there.
         self.blas()?;
+        // Grows the scratch workspace to the warm-up's high-water mark now:
+        // the last call of an eager step raises the mark after every grow,
+        // and inside the capture the calls past the old size would each
+        // allocate in the graph.
+        drop(self.scratch()?);
         // Earlier eager work, and any error a drop recorded, settle first.
         self.synchronize()?;
         self.stream

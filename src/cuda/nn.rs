@@ -6,8 +6,8 @@
 //! target ranges are checked on the host copy a [`TokenIds`] carries, so a
 //! bad token is an `Error::Index` without a download (no stall of the
 //! stream); the kernels guard every index as well. The embedding backward
-//! also uses the host copy to group rows by token, which makes its sums
-//! deterministic.
+//! groups rows by token on the device (a stable counting sort in workspace
+//! scratch), so its sums are deterministic and it needs no host work.
 
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
@@ -93,6 +93,135 @@ fn typed<T: Element>(base: &str) -> String {
     format!("{base}_{}", T::DTYPE.suffix())
 }
 
+/// Rows per chunk of the embedding backward's grouping: one per thread of
+/// `embedding_group_count_u32`, whose chunk table has a row per chunk.
+const EMB_CHUNK: usize = THREADS as usize;
+
+impl Gpu {
+    /// `dwte[tok] += Σ dout[row]` over the rows holding `tok`, each token's
+    /// rows summed in ascending row order. The rows are grouped by token on
+    /// the device (a stable counting sort, `kernels/nn.cu`) in scratch from
+    /// the workspace: no host work, no allocation and no upload per call,
+    /// so a captured step regroups each replay's ids. `tokens` is the
+    /// device copy; the caller range-checked the host copy.
+    fn embedding_backward_wte(
+        &self,
+        tokens: &CudaSlice<u32>,
+        dout: &CudaSlice<f32>,
+        vocab: usize,
+        width32: u32,
+        dwte: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let rows = tokens.len();
+        if rows == 0 || vocab == 0 {
+            return Ok(());
+        }
+        let (rows32, vocab32) = (u32_arg("token count", rows)?, u32_arg("vocab", vocab)?);
+        let chunks = rows.div_ceil(EMB_CHUNK);
+        let table_len = chunks.checked_mul(vocab).ok_or_else(|| {
+            Error::invalid(
+                "embedding_backward",
+                format!(
+                    "grouping {rows} tokens over {vocab} vocabulary rows overflows the address space; split the batch"
+                ),
+            )
+        })?;
+        let max_groups = rows.min(vocab);
+        let ws = self.scratch()?;
+        let mut table = ws.take::<u32>(table_len)?;
+        let mut rank = ws.take::<u32>(rows)?;
+        let mut offsets = ws.take::<u32>(vocab)?;
+        let mut order = ws.take::<u32>(rows)?;
+        let mut uniq = ws.take::<u32>(max_groups)?;
+        let mut starts = ws.take::<u32>(max_groups + 1)?;
+        let mut groups = ws.take::<u32>(1)?;
+        let chunks32 = chunks as u32;
+        let stream = self.stream();
+
+        let name = "embedding_group_count_u32";
+        let f = self.function(kernels::NN, name)?;
+        // SAFETY: argument types match; `table` holds chunks × vocab and
+        // `rank` rows elements, one block per chunk of EMB_CHUNK rows.
+        unsafe {
+            stream
+                .launch_builder(&f)
+                .arg(tokens)
+                .arg(&rows32)
+                .arg(&vocab32)
+                .arg(&mut table)
+                .arg(&mut rank)
+                .launch(grid(chunks32, THREADS, 0))
+        }
+        .map_err(launch_err(name))?;
+
+        let name = "embedding_group_prefix_u32";
+        let f = self.function(kernels::NN, name)?;
+        // SAFETY: argument types match; `table` holds chunks × vocab and
+        // `offsets` vocab elements.
+        unsafe {
+            stream.launch_builder(&f).arg(&chunks32).arg(&vocab32).arg(&mut table).arg(&mut offsets).launch(grid(
+                grid_stride(vocab as u64),
+                THREADS,
+                0,
+            ))
+        }
+        .map_err(launch_err(name))?;
+
+        let name = "embedding_group_scan_u32";
+        let f = self.function(kernels::NN, name)?;
+        // SAFETY: argument types match; there are at most min(rows, vocab)
+        // groups, which `uniq` holds and `starts` holds plus one; one block.
+        unsafe {
+            stream
+                .launch_builder(&f)
+                .arg(&vocab32)
+                .arg(&mut offsets)
+                .arg(&mut uniq)
+                .arg(&mut starts)
+                .arg(&mut groups)
+                .launch(grid(1, THREADS, 0))
+        }
+        .map_err(launch_err(name))?;
+
+        let name = "embedding_group_scatter_u32";
+        let f = self.function(kernels::NN, name)?;
+        // SAFETY: argument types match; every place a row with a token
+        // < vocab is written to is below the number of such rows ≤ rows.
+        unsafe {
+            stream
+                .launch_builder(&f)
+                .arg(tokens)
+                .arg(&rows32)
+                .arg(&vocab32)
+                .arg(&table)
+                .arg(&rank)
+                .arg(&offsets)
+                .arg(&mut order)
+                .launch(grid(grid_stride(rows as u64), THREADS, 0))
+        }
+        .map_err(launch_err(name))?;
+
+        let name = "embedding_backward_wte_f32";
+        let f = self.function(kernels::NN, name)?;
+        // SAFETY: argument types match; blocks past `groups` exit, and every
+        // group's token is < vocab and its rows < rows.
+        unsafe {
+            stream
+                .launch_builder(&f)
+                .arg(&order)
+                .arg(&uniq)
+                .arg(&starts)
+                .arg(&groups)
+                .arg(&width32)
+                .arg(dout)
+                .arg(dwte)
+                .launch(grid(max_groups as u32, THREADS, 0))
+        }
+        .map(drop)
+        .map_err(launch_err(name))
+    }
+}
+
 impl NnOps for Gpu {
     fn embedding_forward<T: Element>(
         &self,
@@ -144,39 +273,8 @@ impl NnOps for Gpu {
         check_len("embedding_backward", "host tokens", tokens.host.len(), tokens.device.len())?;
         let width32 = u32_arg("width", width)?;
         if let (Some(dwte), Some(vocab)) = (dwte, vocab) {
-            let host = tokens.host;
-            check::tokens("embedding_backward", host, vocab)?;
-            // Rows grouped by token (stable, so each group is in row order):
-            // the kernel sums each group in this fixed order. Built from the
-            // host copy, so every index it holds is in range.
-            let mut order: Vec<u32> = (0..host.len() as u32).collect();
-            order.sort_by_key(|&i| host[i as usize]);
-            let (mut uniq, mut starts) = (Vec::new(), Vec::new());
-            for (k, &i) in order.iter().enumerate() {
-                if uniq.last() != Some(&host[i as usize]) {
-                    uniq.push(host[i as usize]);
-                    starts.push(k as u32);
-                }
-            }
-            starts.push(order.len() as u32);
-            if !uniq.is_empty() {
-                let (order, uniq_d, starts) = (self.upload(&order)?, self.upload(&uniq)?, self.upload(&starts)?);
-                let f = self.function(kernels::NN, "embedding_backward_wte_f32")?;
-                // SAFETY: argument types match; every token index is < vocab.
-                unsafe {
-                    self.stream()
-                        .launch_builder(&f)
-                        .arg(&order)
-                        .arg(&uniq_d)
-                        .arg(&starts)
-                        .arg(&width32)
-                        .arg(dout)
-                        .arg(dwte)
-                        .launch(grid(uniq.len() as u32, THREADS, 0))
-                }
-                .map(drop)
-                .map_err(launch_err("embedding_backward_wte_f32"))?;
-            }
+            check::tokens("embedding_backward", tokens.host, vocab)?;
+            self.embedding_backward_wte(tokens.device, dout, vocab, width32, dwte)?;
         }
         if let Some(dwpe) = dwpe {
             let f = self.function(kernels::NN, "embedding_backward_wpe_f32")?;

@@ -67,8 +67,6 @@ pub struct TrainConfig {
     /// record and ignores it. Off by default. A replay reads every buffer
     /// where the capture found it: change weights between steps in place
     /// ([`crate::Backend::upload_into`]), not by replacing a buffer.
-    /// Full fine-tuning stays eager (its embedding gradient groups the
-    /// token ids on the host).
     pub graph: bool,
 }
 
@@ -445,19 +443,6 @@ impl<B: TrainBackend> Trainer<B> {
     fn step_mode(&mut self, scored: usize) -> StepMode {
         if !self.backend.supports_graphs() {
             return StepMode::Eager;
-        }
-        if let GraphState::Warmup(_) | GraphState::Ready { .. } = self.graph {
-            if self.model.grads.is_some() {
-                // The embedding's weight gradient groups the token ids on
-                // the host (cuda::nn's embedding_backward) and uploads the
-                // groups per call: not capturable.
-                self.graph_off(
-                    "full fine-tuning's embedding backward groups the token ids on the host, \
-                     which a replayed graph would not redo"
-                        .into(),
-                );
-                return StepMode::Eager;
-            }
         }
         if let GraphState::Ready { .. } = self.graph {
             if !self.optimizer.state_is_current(STEP_GUARDS) {
