@@ -64,7 +64,7 @@ use super::{TrainBackend, F32};
 use crate::attention::AttnShape;
 use crate::lowrank::packed::PackedLayout;
 use crate::lowrank::{Grads, LinearShape};
-use crate::nn::{CrossEntropyOut, SeqShape, TokenIds};
+use crate::nn::{CrossEntropyOut, GradScale, SeqShape, TokenIds};
 use crate::rng::Rng;
 use crate::tensor_file::{read_safetensors, take_f32};
 use crate::{Element, Error, Result};
@@ -510,7 +510,9 @@ impl<B: TrainBackend> Gpt2<B> {
     /// returns per-position losses and argmax hits. With `backward`, the
     /// gradients of the mean loss over non-ignored targets are
     /// **accumulated** into the model's gradients (full fine-tuning) and the
-    /// adapters' (zero them first).
+    /// adapters' (zero them first); the mean's count is taken on the
+    /// backend ([`GradScale::MeanOverScored`]), and a batch without a
+    /// scored target adds zero gradients.
     pub fn run(
         &mut self,
         backend: &B,
@@ -652,11 +654,13 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         let mut logits = backend.zeros::<T>(tokens * padded)?;
         backend.lowrank_forward(head, &lnf, &self.params[index_wte()], None, None, &mut logits, None)?;
 
-        let count = batch.host_targets.iter().filter(|&&t| t != crate::nn::IGNORE).count();
-        let grad_scale = if backward && count > 0 { Some(1.0 / count as f64) } else { None };
+        // The mean loss's scale 1/scored is counted on the backend from the
+        // targets buffer, so a captured step serves batches of any scored
+        // count (none scored: scale 0, every gradient zero).
+        let grad_scale = backward.then_some(GradScale::MeanOverScored(batch.targets().device));
         backend.op_mark("cross_entropy");
-        let ce = backend.cross_entropy_padded(&mut logits, batch.targets(), vocab, padded, grad_scale)?;
-        if grad_scale.is_none() {
+        let ce = backend.cross_entropy_scaled(&mut logits, batch.targets(), vocab, padded, grad_scale)?;
+        if !backward {
             return Ok(ce);
         }
 
