@@ -494,6 +494,23 @@ test_device!(
     gpu_cross_entropy_device_scale_equals_host_scale
 );
 
+/// `copy_range` copies exactly its range (the rest of the destination
+/// keeps its values) and refuses ranges past either end, copying nothing.
+fn copy_range<B: Backend>(dev: &B) {
+    let src = dev.upload(&(0..10u32).collect::<Vec<_>>()).unwrap();
+    let mut dst = dev.upload(&[100u32; 6]).unwrap();
+    dev.copy_range(&src, 7, &mut dst, 2, 3).unwrap();
+    dev.copy_range(&src, 10, &mut dst, 6, 0).unwrap();
+    assert_eq!(dev.download(&dst).unwrap(), vec![100, 100, 7, 8, 9, 100]);
+    for (so, d_off, n) in [(8usize, 0usize, 3usize), (0, 4, 3), (usize::MAX, 0, 2), (0, 0, 11)] {
+        let err = dev.copy_range(&src, so, &mut dst, d_off, n).unwrap_err();
+        assert!(matches!(err, lorafuse::Error::Shape { op: "copy_range", .. }), "{so} {d_off} {n}: {err}");
+    }
+    assert_eq!(dev.download(&dst).unwrap(), vec![100, 100, 7, 8, 9, 100], "a refused copy wrote");
+}
+
+test_device!(copy_range, cpu_copy_range_copies_its_range_only, gpu_copy_range_copies_its_range_only);
+
 #[test]
 fn mean_over_scored_counts_everything_but_ignore() {
     assert_eq!(mean_over_scored(&[]), 0.0);
