@@ -41,6 +41,13 @@
 //! layout saves (VeRA's r = 256 makes its packed GEMMs 264 columns wider,
 //! so there the answer is not obvious).
 //!
+//! LM head: every row reports `lm_head_rows`, the rows per LM-head chunk
+//! the step ran (`Gpt2::lm_head_rows`: only one chunk's logits exist at a
+//! time; automatic, about 256 MiB of logits per chunk, unless
+//! `LORAFUSE_BENCH_LM_HEAD_ROWS` sets it; a value ≥ batch × seq runs the
+//! head in one piece, the layout before chunking, to compare peak memory
+//! and step time).
+//!
 //! CPU: criterion timing of one training step of a tiny model.
 
 use std::hint::black_box;
@@ -272,6 +279,7 @@ fn time_method<B: TrainBackend + Clone>(
         "precision": precision.to_string(),
         "op_ms": ops.to_json(), "op_total_ms": ops.total_ms(),
         "graph": graph,
+        "lm_head_rows": t.model.lm_head_rows(batch * seq),
     });
     if graph {
         if let Some(l) = line.as_object_mut() {
@@ -463,6 +471,12 @@ fn gpu_bench(gpu: &Gpu) -> Result<()> {
     let data = Dataset::stream("random tokens", tokens, 50257)?;
     let base = used_bytes(gpu)?;
     let mut model = Gpt2::random(gpu, &cfg, 0)?;
+    if let Ok(rows) = std::env::var("LORAFUSE_BENCH_LM_HEAD_ROWS") {
+        let rows = rows.trim().parse::<usize>().map_err(|e| {
+            Error::invalid("LORAFUSE_BENCH_LM_HEAD_ROWS", format!("`{rows}`: {e}; give a row count (≥ 1)"))
+        })?;
+        model.set_lm_head_rows(Some(rows))?;
+    }
     gpu.synchronize()?;
     println!(
         "{}",

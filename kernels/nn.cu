@@ -673,17 +673,48 @@ __device__ void cross_entropy_row(T* __restrict__ l, uint32_t target, uint32_t v
 
 // 16-byte accesses when every row starts 16-byte aligned (padded a multiple
 // of 16 / sizeof(T) and an aligned buffer), else one element at a time.
+// The gradient's scale is `grad_scale`, or *grad_scale_ptr when that is not
+// null (ce_mean_scale's result: decided on the device, so a captured graph
+// does not record it).
 template <typename T>
 __device__ void cross_entropy_impl(T* __restrict__ logits, const uint32_t* __restrict__ targets, uint32_t vocab,
                                    uint32_t padded, uint32_t write_grad, float grad_scale,
-                                   float* __restrict__ losses, uint32_t* __restrict__ correct) {
+                                   const float* __restrict__ grad_scale_ptr, float* __restrict__ losses,
+                                   uint32_t* __restrict__ correct) {
     constexpr int N = 16 / sizeof(T);
     const uint64_t row = blockIdx.x;
     T* l = logits + row * padded;
+    if (write_grad && grad_scale_ptr != nullptr) grad_scale = *grad_scale_ptr;
     if (padded % N == 0 && (reinterpret_cast<uintptr_t>(logits) & 15) == 0)
         cross_entropy_row<T, N>(l, targets[row], vocab, padded, write_grad, grad_scale, losses + row, correct + row);
     else
         cross_entropy_row<T, 1>(l, targets[row], vocab, padded, write_grad, grad_scale, losses + row, correct + row);
+}
+
+// The mean loss's gradient scale, counted on the device: *scale = 1/n for
+// the n of `count` targets that are not IGNORE (0 when there are none),
+// divided in double and rounded to float once, exactly as the host rounds a
+// scale it passes itself (so both give the same bits). It runs in stream
+// order before the cross-entropy that reads *scale, and a captured graph
+// recounts on every replay: batches that score different numbers of
+// positions replay one graph. One block: 4 bytes per target (32 KB for 8192
+// tokens) is a few microseconds; per-thread counts, then a warp shuffle
+// tree and the warps' sums in a fixed order (integers: exact in any order).
+// Registers: a handful; shared memory: TRAIN_THREADS / 32 words.
+extern "C" __global__ void __launch_bounds__(TRAIN_THREADS)
+    ce_mean_scale(const uint32_t* __restrict__ targets, uint32_t count, float* __restrict__ scale) {
+    __shared__ uint32_t s_count[TRAIN_THREADS / 32];
+    uint32_t n = 0;
+    for (uint32_t i = threadIdx.x; i < count; i += blockDim.x) n += targets[i] != 0xffffffffu;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) n += __shfl_xor_sync(0xffffffffu, n, o);
+    if (threadIdx.x % 32 == 0) s_count[threadIdx.x / 32] = n;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        uint32_t total = 0;
+        for (uint32_t w = 0; w < blockDim.x / 32; ++w) total += s_count[w];
+        *scale = total == 0 ? 0.0f : (float)(1.0 / (double)total);
+    }
 }
 
 // ---- one exported kernel per op and dtype --------------------------------
@@ -739,9 +770,11 @@ __device__ void cross_entropy_impl(T* __restrict__ logits, const uint32_t* __res
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(CE_THREADS)                                              \
         cross_entropy_##S(T* __restrict__ logits, const uint32_t* __restrict__ targets, uint32_t vocab,       \
-                          uint32_t padded, uint32_t write_grad, float grad_scale, float* __restrict__ losses, \
+                          uint32_t padded, uint32_t write_grad, float grad_scale,                            \
+                          const float* __restrict__ grad_scale_ptr, float* __restrict__ losses,              \
                           uint32_t* __restrict__ correct) {                                                  \
-        cross_entropy_impl<T>(logits, targets, vocab, padded, write_grad, grad_scale, losses, correct);      \
+        cross_entropy_impl<T>(logits, targets, vocab, padded, write_grad, grad_scale, grad_scale_ptr, losses, \
+                              correct);                                                                      \
     }
 
 LORAFUSE_FOR_EACH_DTYPE(TRAIN_KERNELS)

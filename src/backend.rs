@@ -58,6 +58,22 @@ pub trait Backend: Send + Sync {
     /// kernel (no wait).
     fn copy_into<T: Scalar>(&self, src: &Self::Buf<T>, dst: &mut Self::Buf<T>) -> Result<()>;
 
+    /// Copies `n` elements of `src` from index `src_off` into `dst` from
+    /// index `dst_off`, on the backend, queued like a kernel (no wait): how
+    /// a caller works on a row range of a larger buffer (the LM head's row
+    /// chunks) without sub-buffer views. A range past either buffer's end
+    /// is an [`crate::Error::Shape`] ([`check_copy_range`]) and copies
+    /// nothing. `src` and `dst` are distinct buffers, so the ranges never
+    /// overlap.
+    fn copy_range<T: Scalar>(
+        &self,
+        src: &Self::Buf<T>,
+        src_off: usize,
+        dst: &mut Self::Buf<T>,
+        dst_off: usize,
+        n: usize,
+    ) -> Result<()>;
+
     /// Number of elements in a buffer.
     fn len<T: Scalar>(buf: &Self::Buf<T>) -> usize;
 
@@ -122,4 +138,22 @@ pub trait Backend: Send + Sync {
 pub trait StepGraph: Send {
     /// Queues the recorded work once more (no wait).
     fn replay(&self) -> Result<()>;
+}
+
+/// The argument check of [`Backend::copy_range`], the same on every
+/// backend: `[src_off, src_off + n)` lies inside a source of `src_len`
+/// elements and `[dst_off, dst_off + n)` inside a destination of
+/// `dst_len`.
+pub fn check_copy_range(src_len: usize, src_off: usize, dst_len: usize, dst_off: usize, n: usize) -> Result<()> {
+    for (operand, len, off) in [("source", src_len, src_off), ("destination", dst_len, dst_off)] {
+        if off.checked_add(n).is_none_or(|end| end > len) {
+            return Err(crate::Error::shape(
+                "copy_range",
+                operand,
+                format!("{n} elements from offset {off} (pass a range inside the buffer)"),
+                format!("a buffer of {len} elements"),
+            ));
+        }
+    }
+    Ok(())
 }

@@ -230,6 +230,40 @@ impl OptimConsts {
     }
 }
 
+/// The factor [`NnOps::cross_entropy_scaled`] multiplies the gradient
+/// `softmax − onehot` by.
+pub enum GradScale<'a, B: Backend> {
+    /// This factor, given by the caller (a captured graph records it).
+    Fixed(f64),
+    /// [`mean_over_scored`] of these targets: `1/n` for the `n` that are
+    /// not [`IGNORE`], 0 when there are none (the gradient of the mean
+    /// loss over scored positions). Counted on the backend from the buffer
+    /// itself, so a captured graph recounts on every replay instead of
+    /// recording one batch's count. They may be the targets of more rows
+    /// than the call's logits: the whole batch, when the LM head runs in
+    /// row chunks.
+    MeanOverScored(&'a B::Buf<u32>),
+}
+
+impl<B: Backend> Clone for GradScale<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for GradScale<'_, B> {}
+
+/// The scale [`GradScale::MeanOverScored`] stands for: `1/n` (divided in
+/// f64) for the `n` targets that are not [`IGNORE`], 0 when there are
+/// none. Every backend computes exactly this (the CUDA kernel in double,
+/// rounded to f32 once, as a [`GradScale::Fixed`] of this value is).
+pub fn mean_over_scored(targets: &[u32]) -> f64 {
+    match targets.iter().filter(|&&t| t != IGNORE).count() {
+        0 => 0.0,
+        n => 1.0 / n as f64,
+    }
+}
+
 /// Per-position results of [`NnOps::cross_entropy`].
 pub struct CrossEntropyOut<B: Backend> {
     /// `−log softmax(logits)[target]` per row (0 where the target is ignored).
@@ -473,6 +507,21 @@ pub trait NnOps: Backend + Sized {
         vocab: usize,
         padded: usize,
         grad: Option<f64>,
+    ) -> Result<CrossEntropyOut<Self>> {
+        self.cross_entropy_scaled(logits, targets, vocab, padded, grad.map(GradScale::Fixed))
+    }
+
+    /// [`NnOps::cross_entropy_padded`] with the gradient's scale given as
+    /// a [`GradScale`]: fixed by the caller, or the mean over scored
+    /// positions counted on the backend ([`GradScale::MeanOverScored`]),
+    /// which a captured graph recounts on every replay.
+    fn cross_entropy_scaled<T: Element>(
+        &self,
+        logits: &mut Self::Buf<T>,
+        targets: TokenIds<'_, Self>,
+        vocab: usize,
+        padded: usize,
+        grad: Option<GradScale<'_, Self>>,
     ) -> Result<CrossEntropyOut<Self>>;
 
     /// One AdamW step on a parameter tensor, updating `m` and `v` in place.

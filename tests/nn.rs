@@ -19,7 +19,7 @@ use lorafuse::cpu::Cpu;
 use lorafuse::cuda::Gpu;
 use lorafuse::dtype::widen;
 use lorafuse::lowrank::{Grads, LinearShape, LowRankOps};
-use lorafuse::nn::{AdamWStep, AdamWTensor, NnOps, SeqShape, TokenIds, IGNORE};
+use lorafuse::nn::{mean_over_scored, AdamWStep, AdamWTensor, GradScale, NnOps, SeqShape, TokenIds, IGNORE};
 use lorafuse::testing::{abs, check_bounded, check_close, ErrorBound, Magnitude};
 use lorafuse::{Backend, Element};
 
@@ -497,6 +497,83 @@ fn cross_entropy<B: NnOps, T: Element>(dev: &B) {
 }
 
 test_device!(cross_entropy[f32, bf16], gpu: gpu_cross_entropy_matches_cpu);
+
+/// The loss gradient's scale counted on the backend
+/// ([`GradScale::MeanOverScored`]) against the same scale computed on the
+/// host and passed as a value ([`GradScale::Fixed`] of
+/// [`mean_over_scored`]): losses, hits and gradients equal bit for bit, on
+/// each backend (both sides round the same f64 `1/n` to the kernel's f32
+/// once). The count may come from more targets than the call's rows (the
+/// whole batch of a row chunk); with none scored the scale is 0 and the
+/// gradient all zeros.
+fn cross_entropy_device_scale<B: NnOps, T: Element>(dev: &B) {
+    let (vocab, padded) = (257usize, 320usize);
+    // (rows of logits, rows the count runs over, every `ignore_every`-th
+    // target ignored; 1: all ignored).
+    for (k, &(rows, over, ignore_every)) in
+        [(1usize, 1usize, 3usize), (13, 13, 4), (13, 40, 3), (9, 9, 1), (9, 30, 1)].iter().enumerate()
+    {
+        let seed = 700 + k as u64;
+        let ctx = format!("rows={rows} counted over {over} ignore_every={ignore_every} dtype={}", T::DTYPE);
+        let logits: Vec<T> = input(seed, rows * padded, 5.0);
+        let mut rng = lorafuse::rng::Rng::new(seed);
+        let all: Vec<u32> = (0..over)
+            .map(|r| if r % ignore_every == ignore_every - 1 { IGNORE } else { rng.below(vocab as u64) as u32 })
+            .collect();
+        let targets = &all[..rows];
+        let scale = mean_over_scored(&all);
+        let (t_dev, all_dev) = (dev.upload(targets).unwrap(), dev.upload(&all).unwrap());
+        let ids = TokenIds { device: &t_dev, host: targets };
+        let run = |grad: GradScale<'_, B>| {
+            let mut l = dev.upload(&logits).unwrap();
+            let ce = dev.cross_entropy_scaled(&mut l, ids, vocab, padded, Some(grad)).unwrap();
+            let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            let grad: Vec<f64> = widen(&dev.download(&l).unwrap());
+            (bits(dev.download(&ce.losses).unwrap()), dev.download(&ce.correct).unwrap(), grad)
+        };
+        let host = run(GradScale::Fixed(scale));
+        let device = run(GradScale::MeanOverScored(&all_dev));
+        assert_eq!(device.0, host.0, "losses differ: {ctx}");
+        assert_eq!(device.1, host.1, "hits differ: {ctx}");
+        let same = device.2.iter().zip(&host.2).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "gradients differ between the device-counted and the host scale: {ctx}");
+        if scale == 0.0 {
+            assert!(device.2.iter().all(|&g| g == 0.0), "nothing scored but a gradient is not zero: {ctx}");
+        } else {
+            assert!(device.2.iter().any(|&g| g != 0.0), "a scored batch has an all-zero gradient: {ctx}");
+        }
+    }
+}
+
+test_device!(
+    cross_entropy_device_scale[f32, bf16],
+    cpu_cross_entropy_device_scale_equals_host_scale,
+    gpu_cross_entropy_device_scale_equals_host_scale
+);
+
+/// `copy_range` copies exactly its range (the rest of the destination
+/// keeps its values) and refuses ranges past either end, copying nothing.
+fn copy_range<B: Backend>(dev: &B) {
+    let src = dev.upload(&(0..10u32).collect::<Vec<_>>()).unwrap();
+    let mut dst = dev.upload(&[100u32; 6]).unwrap();
+    dev.copy_range(&src, 7, &mut dst, 2, 3).unwrap();
+    dev.copy_range(&src, 10, &mut dst, 6, 0).unwrap();
+    assert_eq!(dev.download(&dst).unwrap(), vec![100, 100, 7, 8, 9, 100]);
+    for (so, d_off, n) in [(8usize, 0usize, 3usize), (0, 4, 3), (usize::MAX, 0, 2), (0, 0, 11)] {
+        let err = dev.copy_range(&src, so, &mut dst, d_off, n).unwrap_err();
+        assert!(matches!(err, lorafuse::Error::Shape { op: "copy_range", .. }), "{so} {d_off} {n}: {err}");
+    }
+    assert_eq!(dev.download(&dst).unwrap(), vec![100, 100, 7, 8, 9, 100], "a refused copy wrote");
+}
+
+test_device!(copy_range, cpu_copy_range_copies_its_range_only, gpu_copy_range_copies_its_range_only);
+
+#[test]
+fn mean_over_scored_counts_everything_but_ignore() {
+    assert_eq!(mean_over_scored(&[]), 0.0);
+    assert_eq!(mean_over_scored(&[IGNORE, IGNORE]), 0.0);
+    assert_eq!(mean_over_scored(&[0, IGNORE, IGNORE - 1, 5]), 1.0 / 3.0);
+}
 
 /// The LM head over a padded vocabulary (W with zero rows `vocab..padded`,
 /// logits `padded` wide, pad columns masked in the cross-entropy) against

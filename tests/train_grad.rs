@@ -491,3 +491,165 @@ fn packed_layout_in_bf16_is_as_accurate_as_caller_buffers_and_gives_the_working_
         assert_eq!(run.rerun(LinearPath::Packed), packed, "{}: packed again after caller buffers", method.label());
     }
 }
+
+/// What one pass of [`chunk_case`] gave: losses and hits, then every
+/// trainable tensor's gradient (full fine-tuning: every parameter, the
+/// token embedding first).
+struct ChunkRun {
+    losses: Vec<f32>,
+    correct: Vec<u32>,
+    grads: Vec<(String, Vec<f32>)>,
+    /// Largest |ln_f output| the LM head can see: max|γ|·√(D−1) + max|β|
+    /// (a LayerNorm'd row of D values has |x̂| ≤ √(D−1)).
+    lnf_bound: f64,
+}
+
+/// One forward and backward of an awkward tiny GPT-2 (vocab 13 padded to
+/// 64, width 15 in 3 heads, 3 rows of 7 tokens = 21, some targets ignored)
+/// with the LM head in chunks of `rows` rows (`None`: automatic, here one
+/// chunk), LoRA on every module or full fine-tuning, in `precision`; and
+/// the forward alone, whose losses and hits must equal the backward
+/// pass's.
+fn chunk_case(full: bool, precision: Precision, rows: Option<usize>) -> ChunkRun {
+    let seed = 41;
+    let cfg = Gpt2Config::new(13, 9, 15, 2, 3).unwrap();
+    let mut model = Gpt2::<Cpu>::random(&Cpu, &cfg, seed).unwrap();
+    let mut rng = Rng::new(seed + 100);
+    for (spec, p) in Gpt2::<Cpu>::param_specs(&cfg).iter().zip(model.params.iter_mut()) {
+        let center = if spec.name.contains("ln_") && spec.name.ends_with("weight") { 1.0 } else { 0.0 };
+        let n = if spec.name == "wte.weight" { spec.len() } else { p.len() };
+        p[..n].iter_mut().for_each(|v| *v = center + rng.uniform(-0.4, 0.4) as f32);
+    }
+    let lnf_i = model.params.len() - 2;
+    let max_abs64 = |v: &[f32]| v.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+    let lnf_bound = max_abs64(&model.params[lnf_i]) * 14f64.sqrt() + max_abs64(&model.params[lnf_i + 1]);
+    if full {
+        model.enable_full_grads(&Cpu).unwrap();
+    }
+    model.set_precision(&Cpu, precision).unwrap();
+    model.set_lm_head_rows(rows).unwrap();
+    let shape = SeqShape { batch: 3, seq: 7 };
+    let tokens: Vec<u32> = (0..21).map(|_| rng.below(13) as u32).collect();
+    let targets: Vec<u32> = (0..21).map(|i| if i % 6 == 2 { IGNORE } else { rng.below(13) as u32 }).collect();
+    let batch = Batch::upload(&Cpu, shape, &tokens, &targets).unwrap();
+    let mut set = (!full).then(|| {
+        let spec = AdapterSpec { method: Method::Lora, rank: 3, alpha: 5.0, targets: ALL.to_vec(), seed };
+        let mut set = AdapterSet::new(&Cpu, &model.config, &spec).unwrap();
+        let mut rng = Rng::new(seed + 7);
+        for (_, _, p, _) in set.trainable() {
+            p.iter_mut().for_each(|v| *v = rng.uniform(-0.5, 0.5) as f32);
+        }
+        set.gather(&Cpu).unwrap();
+        set.zero_grads(&Cpu).unwrap();
+        set
+    });
+    let fwd = model.run(&Cpu, set.as_mut(), &batch, false).unwrap();
+    let out = model.run(&Cpu, set.as_mut(), &batch, true).unwrap();
+    assert_eq!(fwd.losses, out.losses, "forward-only losses differ from the training pass's (rows {rows:?})");
+    assert_eq!(fwd.correct, out.correct, "forward-only hits differ from the training pass's (rows {rows:?})");
+    let grads = match set.as_mut() {
+        Some(set) => {
+            set.scatter(&Cpu).unwrap();
+            set.trainable().into_iter().map(|(n, _, _, g)| (n, g.clone())).collect()
+        }
+        None => Gpt2::<Cpu>::param_specs(&cfg)
+            .iter()
+            .zip(model.grads.as_ref().unwrap())
+            .map(|(spec, g)| (spec.name.clone(), g.clone()))
+            .collect(),
+    };
+    ChunkRun { losses: out.losses, correct: out.correct, grads, lnf_bound }
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// The LM head in row chunks against one chunk, on the CPU. Every row's
+/// logits, loss, hit and `dlnf` row are computed alike in any chunk, so the
+/// losses, hits and every gradient that flows from `dlnf` (all LoRA
+/// gradients, every full-fine-tuning tensor but the token embedding) are
+/// the same bits. The tied embedding's gradient sums over the tokens; in
+/// chunks that sum is rounded to f32 once per chunk. With `n` chunks whose
+/// exact sums are S₁…Sₙ, the chunked result is within n·u·Σ|Sₖ| of the
+/// exact sum and the one-chunk result within u·|ΣSₖ| (u = 2⁻²⁴: the CPU
+/// sums each chunk in f64 and rounds once), and the embedding backward
+/// adds its share with one more rounding each (u·|result| per side). Σ|Sₖ|
+/// for element (v, c) is at most Σ_t |dlogit_tv|·|lnf_tc| ≤ max|lnf|·
+/// Σ_t|dlogit_tv| ≤ max|lnf|: each |softmax − onehot| ≤ 1 and the scale
+/// is 1/scored over the scored rows. So per element
+/// |chunked − one| ≤ 1.01·((n + 1)·u·max|lnf| + u·(|chunked| + |one|)).
+#[test]
+fn lm_head_in_row_chunks_equals_one_chunk() {
+    let u = lorafuse::testing::unit_roundoff(lorafuse::DType::F32);
+    let tokens = 21usize;
+    for full in [false, true] {
+        for precision in [Precision::F32, Precision::Bf16] {
+            let one = chunk_case(full, precision, Some(tokens));
+            let auto = chunk_case(full, precision, None);
+            // 1 row, a divisor-free split (4 → 4·5 + 1), 5, 20 (a last chunk
+            // of 1), and more rows than tokens (one chunk).
+            for rows in [1usize, 4, 5, 20, 64] {
+                let ctx = format!("full={full} {precision} chunk rows {rows} of {tokens}");
+                let got = chunk_case(full, precision, Some(rows));
+                assert!(same_bits(&got.losses, &one.losses), "{ctx}: losses differ");
+                assert_eq!(got.correct, one.correct, "{ctx}: hits differ");
+                let chunks = tokens.div_ceil(rows) as f64;
+                for ((name, g), (_, w)) in got.grads.iter().zip(&one.grads) {
+                    assert!(w.iter().any(|&v| v != 0.0), "{ctx}: `{name}` is all zero, the comparison proves nothing");
+                    if name != "wte.weight" {
+                        assert!(same_bits(g, w), "{ctx}: `{name}` differs");
+                        continue;
+                    }
+                    let (mut worst, mut differ) = (0f64, 0);
+                    for (i, (&a, &b)) in g.iter().zip(w).enumerate() {
+                        let (a, b) = (a as f64, b as f64);
+                        let bound = 1.01 * ((chunks + 1.0) * u * one.lnf_bound + u * (a.abs() + b.abs()));
+                        assert!((a - b).abs() <= bound, "{ctx}: wte grad [{i}] {a:e} vs {b:e}, bound {bound:e}");
+                        worst = worst.max((a - b).abs() / bound);
+                        differ += (a != b) as usize;
+                    }
+                    println!("{ctx}: wte grad, {differ} elements differ, worst at {worst:.2} of the bound");
+                }
+            }
+            // The automatic choice runs this small batch in one piece.
+            assert!(same_bits(&auto.losses, &one.losses), "full={full} {precision}: automatic rows differ");
+            for ((name, g), (_, w)) in auto.grads.iter().zip(&one.grads) {
+                assert!(same_bits(g, w), "full={full} {precision}: automatic rows: `{name}` differs");
+            }
+        }
+    }
+}
+
+/// The automatic chunk rows: one piece while the logits fit in 256 MiB,
+/// otherwise even chunks, multiples of 64 rows, each within 256 MiB; and
+/// explicit rows clamped to the batch.
+#[test]
+fn lm_head_chunk_rows_are_even_multiples_of_64_within_the_budget() {
+    use lorafuse::train::model::{lm_head_chunk_rows, LM_HEAD_CHUNK_BYTES, LM_HEAD_ROW_MULTIPLE};
+    // GPT-2 small's bench batch: four chunks of 2048 bf16 rows, 2668 f32.
+    assert_eq!(lm_head_chunk_rows(8192, 50304, 2, None), 2048);
+    assert_eq!(lm_head_chunk_rows(8192, 50304, 4, None), 1216);
+    assert_eq!(lm_head_chunk_rows(100, 50304, 2, None), 100);
+    for tokens in [1usize, 63, 2624, 2625, 8192, 8193, 100_000] {
+        for (padded, bytes) in [(50304usize, 2usize), (50304, 4), (64, 4), (1 << 24, 4)] {
+            let rows = lm_head_chunk_rows(tokens, padded, bytes, None);
+            let ctx = format!("tokens {tokens} padded {padded} × {bytes} B: {rows} rows");
+            assert!(rows >= 1 && rows <= tokens, "{ctx}");
+            if rows < tokens {
+                assert_eq!(rows % LM_HEAD_ROW_MULTIPLE, 0, "{ctx}: not a multiple of 64");
+                let fits = rows * padded * bytes <= LM_HEAD_CHUNK_BYTES;
+                assert!(fits || rows == LM_HEAD_ROW_MULTIPLE, "{ctx}: chunk over 256 MiB");
+                // Evened out: one chunk fewer would not do.
+                let chunks = tokens.div_ceil(rows);
+                assert!(tokens.div_ceil(chunks) > rows - LM_HEAD_ROW_MULTIPLE, "{ctx}: uneven chunks");
+            }
+        }
+    }
+    assert_eq!(lm_head_chunk_rows(21, 64, 4, Some(5)), 5);
+    assert_eq!(lm_head_chunk_rows(21, 64, 4, Some(500)), 21);
+    let mut model = tiny_model(1, 3);
+    assert!(model.set_lm_head_rows(Some(0)).is_err(), "zero rows accepted");
+    model.set_lm_head_rows(Some(4)).unwrap();
+    assert_eq!(model.lm_head_rows(10), 4);
+}

@@ -1,8 +1,9 @@
 //! Graph replay of the training step on the GPU ([`TrainConfig::graph`]):
 //! a run that captures its second step and replays it afterwards gives the
 //! same losses, reports and parameters, bit for bit, as the same run
-//! stepped eagerly, through a refused step, a profiling step and a batch
-//! whose token ids change every step.
+//! stepped eagerly, through a refused step, a profiling step, a batch
+//! whose token ids change every step and answer-only batches whose scored
+//! count (the loss gradient's scale) changes every step.
 //!
 //! Why bitwise: a replay launches the very kernels (same grids, same
 //! arguments, same cuBLAS algorithms: the handle's workspace is the same
@@ -90,7 +91,8 @@ fn poke(t: &mut Trainer<Gpu>, index: usize, value: f32) -> f32 {
     old
 }
 
-/// Runs `steps` steps of `cfg` on `data`, returning the trainer and what
+/// Runs `steps` steps of `cfg` on `data` with the LM head in chunks of
+/// `lm_head_rows` rows (`None`: automatic), returning the trainer and what
 /// each step said.
 fn plain_run(
     gpu: &Gpu,
@@ -98,8 +100,10 @@ fn plain_run(
     data: &Dataset,
     cfg: &TrainConfig,
     steps: u64,
+    lm_head_rows: Option<usize>,
 ) -> (Trainer<Gpu>, Vec<StepOutcome>) {
-    let model = Gpt2::load(gpu, &base.0).unwrap();
+    let mut model = Gpt2::load(gpu, &base.0).unwrap();
+    model.set_lm_head_rows(lm_head_rows).unwrap();
     let mut t = Trainer::new(gpu.clone(), model, data.clone(), cfg.clone()).unwrap();
     let out = (0..steps).map(|_| t.step().unwrap()).collect();
     (t, out)
@@ -246,28 +250,43 @@ fn gpu_full_fine_tuning_replays_bit_identical_to_eager_steps() {
 }
 
 #[test]
-fn gpu_answer_only_batches_replay_only_when_their_scored_count_matches_the_capture() {
+fn gpu_answer_only_batches_of_any_scored_count_replay_and_match_eager() {
     let _serial = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let name = "gpu_answer_only_batches_replay_only_when_their_scored_count_matches_the_capture";
+    let name = "gpu_answer_only_batches_of_any_scored_count_replay_and_match_eager";
     let Some(eager_gpu) = gpu_or_skip(name) else { return };
     let graph_gpu = Gpu::new(0).unwrap();
     let base = Base::new("train-graph-answers");
-    // Loss on answers only: the scored count (and so the loss gradient's
-    // scale 1/count, which a graph records) changes from batch to batch.
+    // Loss on answers only: the scored count, and so the loss gradient's
+    // scale 1/count, changes from batch to batch. The scale is counted on
+    // the device at every replay, so one captured step serves them all; a
+    // replay that kept the captured batch's scale would differ from the
+    // eager step on every batch of another count.
     let data = Dataset::embedded(&["sort", "reverse"], 64, 8, 3).unwrap();
-    let cfg = TrainConfig { answer_only: true, ..overfit_config("lora", 12) };
-    let (_, eager) = plain_run(&eager_gpu, &base, &data, &cfg, 12);
-    let (g, graph) = plain_run(&graph_gpu, &base, &data, &TrainConfig { graph: true, ..cfg }, 12);
-    let counts: Vec<usize> = eager.iter().map(|o| o.tokens).collect();
-    assert!(counts.windows(2).any(|w| w[0] != w[1]), "every batch scores the same count: {counts:?}");
-    for (i, (a, b)) in eager.iter().zip(&graph).enumerate() {
-        assert_eq!(bits(a), bits(b), "answer-only: step {i} differs (scored {})", a.tokens);
+    let steps = 12;
+    // 64 tokens a batch: in one piece, and in chunks of 24 rows (24, 24,
+    // 16), whose logits, targets and dlnf rows move by range copies inside
+    // the captured step.
+    for (precision, rows) in [(Precision::F32, None), (Precision::Bf16, None), (Precision::Bf16, Some(24))] {
+        let what = format!("{precision}, lm_head_rows {rows:?}");
+        let cfg = TrainConfig { answer_only: true, precision, ..overfit_config("lora", steps) };
+        let (mut e, eager) = plain_run(&eager_gpu, &base, &data, &cfg, steps, rows);
+        let (mut g, graph) = plain_run(&graph_gpu, &base, &data, &TrainConfig { graph: true, ..cfg }, steps, rows);
+        let counts: Vec<usize> = eager.iter().map(|o| o.tokens).collect();
+        let captured = counts[GRAPH_WARMUP_STEPS as usize];
+        let others = counts[GRAPH_WARMUP_STEPS as usize + 1..].iter().filter(|&&c| c != captured).count();
+        assert!(others > 0, "{what}: every replayed batch scores the captured count: {counts:?}");
+        for (i, (a, b)) in eager.iter().zip(&graph).enumerate() {
+            assert_eq!(bits(a), bits(b), "{what}: answer-only step {i} differs (scored {})", a.tokens);
+        }
+        for ((name, a), (_, b)) in trainable(&mut e).into_iter().zip(trainable(&mut g)) {
+            let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{what}: `{name}` differs after {steps} answer-only steps");
+        }
+        let s = g.graph_status();
+        assert_eq!(s.off, None, "{what}: {s:?}");
+        // Warm-up eager, the capture step runs by one uncounted replay,
+        // every later step replays whatever it scores.
+        let want = steps - GRAPH_WARMUP_STEPS as u64 - 1;
+        assert_eq!((s.captures, s.replays), (1, want), "{what}: scored counts {counts:?}: {s:?}");
     }
-    let s = g.graph_status();
-    assert_eq!(s.off, None, "{s:?}");
-    // Every step after the capture replays exactly when it scores what the
-    // captured step scored.
-    let captured = counts[GRAPH_WARMUP_STEPS as usize];
-    let want = counts[GRAPH_WARMUP_STEPS as usize + 1..].iter().filter(|&&c| c == captured).count() as u64;
-    assert_eq!((s.captures, s.replays), (1, want), "scored counts {counts:?}: {s:?}");
 }

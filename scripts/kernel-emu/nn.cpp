@@ -701,16 +701,24 @@ template <typename T> static void test_cross_entropy(uint32_t vocab, uint32_t pa
         for (uint32_t ch = 0; ch < vocab; ++ch)
             grad_ref[(size_t)r * padded + ch] = scale * (std::exp(as64(l[ch]) - lse) - (ch == t ? 1.0 : 0.0));
     }
-    for (uint32_t write_grad : {1u, 0u}) {
+    std::vector<T> grad_by_value;
+    // write_grad 2: the scale read through a pointer (ce_mean_scale's
+    // output), the argument holding a wrong value that must be ignored; the
+    // gradient must equal the by-value one bit for bit.
+    for (uint32_t write_grad : {1u, 0u, 2u}) {
         Case c(K<T>::name, fmt("cross_entropy rows=%u vocab=%u padded=%u write_grad=%u", nrows, vocab, padded,
                                write_grad));
         auto logits = logits0;
         auto losses = poisoned<float>(nrows);
         std::vector<uint32_t> correct(nrows, 0xdeadbeefu);
+        const float* scale_ptr = write_grad == 2 ? &scale : nullptr;
+        const float scale_arg = write_grad == 2 ? 1000.0f : scale;
         emu_launch(Dim3{nrows, 1, 1}, CE_THREADS, [&] {
-            K<T>::cross_entropy(logits.data(), targets.data(), vocab, padded, write_grad, scale, losses.data(),
-                                correct.data());
+            K<T>::cross_entropy(logits.data(), targets.data(), vocab, padded, write_grad != 0, scale_arg, scale_ptr,
+                                losses.data(), correct.data());
         });
+        if (write_grad == 1) grad_by_value = logits;
+        if (write_grad == 2) c.exact("cross_entropy_<T> grad, scale by pointer", "same bits", logits, grad_by_value);
         c.close("cross_entropy_<T> loss", "loss", losses, loss_ref, F32_TOL);
         c.exact("cross_entropy_<T> correct", "correct", correct, correct_ref);
         if (write_grad) {
@@ -719,6 +727,28 @@ template <typename T> static void test_cross_entropy(uint32_t vocab, uint32_t pa
             c.exact("cross_entropy_<T> logits kept", "logits kept", logits, logits0);
         }
     }
+}
+
+// ce_mean_scale: 1/n over the targets that are not IGNORE (everything else
+// counts, even values the host would reject), 0 for none, as the host
+// computes it (double division, one rounding to float): compared bit for
+// bit. Sizes: empty, one, below a warp, past a block (several per thread),
+// the bench's 8192; IGNORE fractions none, some, all.
+static void test_ce_mean_scale(uint32_t n, double ignored, uint64_t seed) {
+    constexpr uint32_t IGNORE = 0xffffffffu;
+    Rng rng(seed);
+    std::vector<uint32_t> targets(n);
+    uint32_t scored = 0;
+    for (auto& t : targets) {
+        const bool skip = rng.uni(0, 1) < ignored;
+        t = skip ? IGNORE : (rng.below(4) == 0 ? IGNORE - 1 : rng.below(50304));
+        scored += !skip;
+    }
+    Case c("f32", fmt("ce_mean_scale n=%u ignored=%.2f (scored %u)", n, ignored, scored));
+    float got = NAN;
+    emu_launch(Dim3{1, 1, 1}, THREADS, [&] { ce_mean_scale(targets.data(), n, &got); });
+    const float want = scored == 0 ? 0.0f : (float)(1.0 / (double)scored);
+    c.exact("ce_mean_scale", "scale", std::vector<float>{got}, std::vector<float>{want});
 }
 
 // ---- optimiser and norms ------------------------------------------------------
@@ -1038,6 +1068,8 @@ template <typename T> static void run_dtype(uint64_t seed) {
 }
 
 static void run_f32_only(uint64_t seed) {
+    for (uint32_t n : {0u, 1u, 31u, 1000u, 3 * THREADS + 17, 8192u})
+        for (double ignored : {0.0, 0.4, 1.0}) test_ce_mean_scale(n, ignored, seed++);
     // vocab 1: one token, one group of every row; vocab 7: repeats;
     // vocab 257: mostly distinct tokens. positions > seq: rows left alone.
     for (const EmbShape& s : {EmbShape{1, 1, 1, 1, 1}, EmbShape{3, 11, 31, 1, 11}, EmbShape{2, 5, 33, 7, 8},

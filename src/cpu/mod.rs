@@ -48,6 +48,18 @@ impl Backend for Cpu {
         dst.copy_from_slice(src);
         Ok(())
     }
+    fn copy_range<T: Scalar>(
+        &self,
+        src: &Vec<T>,
+        src_off: usize,
+        dst: &mut Vec<T>,
+        dst_off: usize,
+        n: usize,
+    ) -> Result<()> {
+        crate::backend::check_copy_range(src.len(), src_off, dst.len(), dst_off, n)?;
+        dst[dst_off..dst_off + n].copy_from_slice(&src[src_off..src_off + n]);
+        Ok(())
+    }
     fn len<T: Scalar>(buf: &Vec<T>) -> usize {
         buf.len()
     }

@@ -9,7 +9,8 @@ use rayon::prelude::*;
 use super::{store, Cpu};
 use crate::dtype::{widen, Element};
 use crate::nn::{
-    check, optim_state, AdamWStep, AdamWTensor, CrossEntropyOut, NnOps, OptimConsts, SeqShape, TokenIds, IGNORE,
+    check, mean_over_scored, optim_state, AdamWStep, AdamWTensor, CrossEntropyOut, GradScale, NnOps, OptimConsts,
+    SeqShape, TokenIds, IGNORE,
 };
 use crate::Result;
 
@@ -276,16 +277,21 @@ impl NnOps for Cpu {
         Ok(())
     }
 
-    fn cross_entropy_padded<T: Element>(
+    fn cross_entropy_scaled<T: Element>(
         &self,
         logits: &mut Vec<T>,
         targets: TokenIds<'_, Cpu>,
         vocab: usize,
         padded: usize,
-        grad: Option<f64>,
+        grad: Option<GradScale<'_, Cpu>>,
     ) -> Result<CrossEntropyOut<Cpu>> {
         check::cross_entropy(logits.len(), targets.host, vocab, padded)?;
         check::cross_entropy(logits.len(), targets.device, vocab, padded)?;
+        // Counted from the "device" buffer, as the GPU counts its own.
+        let grad = grad.map(|g| match g {
+            GradScale::Fixed(s) => s,
+            GradScale::MeanOverScored(over) => mean_over_scored(over),
+        });
         let results: Vec<(f32, u32)> = logits
             .par_chunks_mut(padded)
             .zip(targets.device.par_iter())

@@ -53,6 +53,12 @@
 //!   captured GEMMs see the same workspace (the algorithm heuristics weigh
 //!   its size: same size, same algorithm, same bits). The heuristics run
 //!   on the host at capture and are recorded with the launch.
+//! - **Values that change per batch.** A recorded launch keeps its scalar
+//!   arguments, so nothing a batch decides may be one: the loss
+//!   gradient's scale `1/scored` is counted from the targets buffer on the
+//!   device ([`crate::nn::GradScale::MeanOverScored`]) into the workspace,
+//!   and the cross-entropy reads it through a pointer, so one graph serves
+//!   batches of any scored count.
 //! - **Op timing.** [`crate::Backend::op_mark`] records nothing while
 //!   capturing (an event recorded inside the capture could not be timed
 //!   outside it); per-op times come from an eager profiling step, and the

@@ -502,6 +502,22 @@ impl Backend for Gpu {
         crate::error::check_len("copy_into", "source", src.len(), dst.len())?;
         self.copy(src, dst)
     }
+    fn copy_range<T: Scalar>(
+        &self,
+        src: &CudaSlice<T>,
+        src_off: usize,
+        dst: &mut CudaSlice<T>,
+        dst_off: usize,
+        n: usize,
+    ) -> Result<()> {
+        crate::backend::check_copy_range(src.len(), src_off, dst.len(), dst_off, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let from = src.slice(src_off..src_off + n);
+        let mut to = dst.slice_mut(dst_off..dst_off + n);
+        self.stream.memcpy_dtod(&from, &mut to).map_err(|e| Error::cuda("device-to-device range copy", e))
+    }
     fn len<T: Scalar>(buf: &CudaSlice<T>) -> usize {
         buf.len()
     }

@@ -15,7 +15,9 @@ use super::{blocks_for, grid, kernels, u32_arg, ArgOrNull, Gpu};
 use crate::abi::{self, AdamWArgs, AdamWEntry};
 use crate::backend::Backend;
 use crate::error::check_len;
-use crate::nn::{check, optim_state, AdamWStep, AdamWTensor, CrossEntropyOut, NnOps, OptimConsts, SeqShape, TokenIds};
+use crate::nn::{
+    check, optim_state, AdamWStep, AdamWTensor, CrossEntropyOut, GradScale, NnOps, OptimConsts, SeqShape, TokenIds,
+};
 use crate::Element;
 use crate::{Error, Result};
 
@@ -549,13 +551,13 @@ impl NnOps for Gpu {
         .map_err(|e| Error::cuda(format!("launching {name}"), e))
     }
 
-    fn cross_entropy_padded<T: Element>(
+    fn cross_entropy_scaled<T: Element>(
         &self,
         logits: &mut CudaSlice<T>,
         targets: TokenIds<'_, Gpu>,
         vocab: usize,
         padded: usize,
-        grad: Option<f64>,
+        grad: Option<GradScale<'_, Gpu>>,
     ) -> Result<CrossEntropyOut<Gpu>> {
         check_len("cross_entropy", "host targets", targets.host.len(), targets.device.len())?;
         let rows = check::cross_entropy(logits.len(), targets.host, vocab, padded)?;
@@ -564,17 +566,37 @@ impl NnOps for Gpu {
         if rows == 0 {
             return Ok(CrossEntropyOut { losses, correct });
         }
-        let (vocab32, padded32, write_grad, scale) = (
-            u32_arg("vocab", vocab)?,
-            u32_arg("padded vocab", padded)?,
-            grad.is_some() as u32,
-            grad.unwrap_or(0.0) as f32,
-        );
+        let (vocab32, padded32, write_grad) =
+            (u32_arg("vocab", vocab)?, u32_arg("padded vocab", padded)?, grad.is_some() as u32);
+        let scale = match grad {
+            Some(GradScale::Fixed(s)) => s as f32,
+            _ => 0.0,
+        };
+        // The device-decided scale lives in this call's scratch: written by
+        // ce_mean_scale, read by the cross-entropy right after it in stream
+        // order (no allocation, and a captured graph recounts every replay).
+        let ws = self.scratch()?;
+        let mut device_scale = match grad {
+            Some(GradScale::MeanOverScored(over)) => {
+                let mut region = ws.take::<f32>(1)?;
+                let count = u32_arg("scored-count targets", over.len())?;
+                let f = self.function(kernels::NN, "ce_mean_scale")?;
+                // SAFETY: argument types match; `over` holds `count` targets;
+                // one block writes the region's one float.
+                unsafe {
+                    self.stream().launch_builder(&f).arg(over).arg(&count).arg(&mut region).launch(grid(1, THREADS, 0))
+                }
+                .map_err(launch_err("ce_mean_scale"))?;
+                Some(region)
+            }
+            _ => None,
+        };
         let name = typed::<T>("cross_entropy");
         let f = self.function(kernels::NN, &name)?;
         // SAFETY: argument types match; one block per row of `padded` logits
         // (the kernel picks 16-byte accesses only when rows are aligned);
-        // the kernel guards each target against vocab.
+        // the kernel guards each target against vocab; the scale pointer is
+        // null or the region ce_mean_scale wrote.
         unsafe {
             self.stream()
                 .launch_builder(&f)
@@ -584,6 +606,7 @@ impl NnOps for Gpu {
                 .arg(&padded32)
                 .arg(&write_grad)
                 .arg(&scale)
+                .arg_or_null(device_scale.as_mut())
                 .arg(&mut losses)
                 .arg(&mut correct)
                 .launch(grid(u32_arg("rows", rows)?, CE_THREADS, 0))

@@ -39,8 +39,23 @@
 //! `ln_2` of it (T·D) with mean and rstd (2·T f32), the MLP pre-activation
 //! (4·T·D) and its GELU (4·T·D), and `x·Aᵀ` (T·r f32) for every adapted
 //! module. A packed module's input is `p` columns wider (T·p more). Plus, once per model, the final LayerNorm's input and output
-//! (2·T·D, 2·T) and the logits (T·V'), which the fused cross-entropy
-//! overwrites with their gradient.
+//! (2·T·D, 2·T), and the logits of one LM-head chunk at a time (see below).
+//!
+//! # LM head in row chunks
+//! The logits of the whole batch are the step's largest buffer (8192 ×
+//! 50304 bf16 = 824 MB at GPT-2 small's bench shape), so the LM head, the
+//! cross-entropy (which overwrites the logits with their gradient) and the
+//! head's backward (`dx` rows into the final LayerNorm's gradient; the
+//! tied `wte`'s gradient accumulating chunk by chunk under full
+//! fine-tuning) run over row ranges of [`Gpt2::lm_head_rows`] rows: only
+//! one chunk's logits exist at a time. The chunks read their rows through
+//! [`crate::Backend::copy_range`] copies of T×D size, small next to the
+//! logits; losses and hits land in one buffer for the whole batch as
+//! before. The loss gradient's scale `1/scored` counts the whole batch's
+//! targets on the backend ([`GradScale::MeanOverScored`]), whatever the
+//! chunk. Only the tied embedding's gradient changes with the chunking
+//! (its sum is rounded to f32 once per chunk); the losses and every other
+//! gradient are the same bits.
 //!
 //! # Padded vocabulary
 //! The token embedding (`params[0]`, and its gradient) is kept with
@@ -64,7 +79,7 @@ use super::{TrainBackend, F32};
 use crate::attention::AttnShape;
 use crate::lowrank::packed::PackedLayout;
 use crate::lowrank::{Grads, LinearShape};
-use crate::nn::{CrossEntropyOut, SeqShape, TokenIds};
+use crate::nn::{CrossEntropyOut, GradScale, SeqShape, TokenIds};
 use crate::rng::Rng;
 use crate::tensor_file::{read_safetensors, take_f32};
 use crate::{Element, Error, Result};
@@ -76,6 +91,9 @@ type Linear<B, T> = (<B as crate::Backend>::Buf<T>, Option<F32<B>>);
 /// LayerNorm's output (compute dtype; in `x_packed` when the module it
 /// feeds runs packed), mean and rstd.
 type Normed<B, T> = (Rows<B, T>, F32<B>, F32<B>);
+
+/// The LM head's losses and hits, and `dlnf` when it ran the backward.
+type HeadOut<B, T> = (CrossEntropyOut<B>, Option<<B as crate::Backend>::Buf<T>>);
 
 /// A block's forward: its cache, its output (f32 residual stream) and the
 /// next LayerNorm of that output.
@@ -100,6 +118,41 @@ pub const VOCAB_PAD: usize = 64;
 /// `vocab` rounded up to a multiple of [`VOCAB_PAD`].
 pub fn padded_vocab(vocab: usize) -> usize {
     vocab.div_ceil(VOCAB_PAD) * VOCAB_PAD
+}
+
+/// Bytes of logits one LM-head chunk may hold when the rows are chosen
+/// automatically ([`lm_head_chunk_rows`]): a quarter of the 824 MB that
+/// GPT-2 small's bench batch (8192 tokens × 50304 bf16) would need at once,
+/// while each chunk's GEMMs (2048 × 50304 × 768 there) stay large enough
+/// for full tensor-core rate.
+pub const LM_HEAD_CHUNK_BYTES: usize = 256 << 20;
+
+/// Automatic LM-head chunks are a multiple of this many rows: cuBLAS's
+/// tensor-core tiles are 64 or 128 rows tall, so such a chunk fills whole
+/// tiles (only the batch's last chunk may not), and the cross-entropy's one
+/// block per row still launches thousands of blocks.
+pub const LM_HEAD_ROW_MULTIPLE: usize = 64;
+
+/// Rows per LM-head chunk for a pass over `tokens` rows of logits `padded`
+/// wide in elements of `elem_bytes` bytes: `rows` when set (at least 1, at
+/// most `tokens`); else every row at once when their logits fit in
+/// [`LM_HEAD_CHUNK_BYTES`], otherwise as few chunks as keep each within
+/// it, evened out and rounded up to a multiple of [`LM_HEAD_ROW_MULTIPLE`]
+/// (8192 bf16 rows of 50304: four chunks of 2048 rows, 206 MB each).
+pub fn lm_head_chunk_rows(tokens: usize, padded: usize, elem_bytes: usize, rows: Option<usize>) -> usize {
+    let tokens = tokens.max(1);
+    if let Some(r) = rows {
+        return r.clamp(1, tokens);
+    }
+    let m = LM_HEAD_ROW_MULTIPLE;
+    let cap = (LM_HEAD_CHUNK_BYTES / padded.saturating_mul(elem_bytes).max(1) / m * m).max(m);
+    if tokens <= cap {
+        return tokens;
+    }
+    // ⌈tokens/chunks⌉ ≤ cap, and cap is a multiple of m: rounding up to m
+    // stays within cap.
+    let chunks = tokens.div_ceil(cap);
+    tokens.div_ceil(chunks).next_multiple_of(m)
 }
 
 /// Parameters per block, in [`Gpt2::param_specs`] order.
@@ -245,6 +298,8 @@ pub struct Gpt2<B: TrainBackend> {
     work_bf16: Option<Vec<B::Buf<bf16>>>,
     linear_path: LinearPath,
     packed: PackedWeights<B>,
+    /// Rows per LM-head chunk, `None`: automatic ([`Gpt2::set_lm_head_rows`]).
+    lm_head_rows: Option<usize>,
 }
 
 fn index_wte() -> usize {
@@ -366,6 +421,7 @@ impl<B: TrainBackend> Gpt2<B> {
             work_bf16: None,
             linear_path: LinearPath::default(),
             packed: PackedWeights::new(),
+            lm_head_rows: None,
         }
     }
 
@@ -451,6 +507,31 @@ impl<B: TrainBackend> Gpt2<B> {
         self.linear_path = path;
     }
 
+    /// Sets the most rows the LM head, the cross-entropy and the head's
+    /// backward handle at once (see the module docs); `None` (the
+    /// default) chooses by [`lm_head_chunk_rows`]. Fewer rows hold less
+    /// memory (one chunk's logits at a time) in more, smaller launches;
+    /// rows at or above the batch's tokens run it in one piece. The losses
+    /// and every gradient but the tied embedding's are the same bits
+    /// whatever the rows. Zero rows are an error.
+    pub fn set_lm_head_rows(&mut self, rows: Option<usize>) -> Result<()> {
+        if rows == Some(0) {
+            return Err(Error::invalid("LM head chunk rows", "must be at least 1 (or None for automatic)"));
+        }
+        self.lm_head_rows = rows;
+        Ok(())
+    }
+
+    /// Rows per LM-head chunk of a pass over `tokens` tokens, at the
+    /// current precision ([`Gpt2::set_lm_head_rows`]).
+    pub fn lm_head_rows(&self, tokens: usize) -> usize {
+        let elem_bytes = match self.precision {
+            Precision::F32 => 4,
+            Precision::Bf16 => 2,
+        };
+        lm_head_chunk_rows(tokens, self.padded_vocab(), elem_bytes, self.lm_head_rows)
+    }
+
     /// Makes the packed weights match `adapters` before a pass: packs the
     /// base weight of every newly adapted module once ([`crate::lowrank::packed::PackedOps::pack_weight`]),
     /// rewrites the adapter columns and rows of the others
@@ -510,7 +591,9 @@ impl<B: TrainBackend> Gpt2<B> {
     /// returns per-position losses and argmax hits. With `backward`, the
     /// gradients of the mean loss over non-ignored targets are
     /// **accumulated** into the model's gradients (full fine-tuning) and the
-    /// adapters' (zero them first).
+    /// adapters' (zero them first); the mean's count is taken on the
+    /// backend ([`GradScale::MeanOverScored`]), and a batch without a
+    /// scored target adds zero gradients.
     pub fn run(
         &mut self,
         backend: &B,
@@ -539,13 +622,15 @@ impl<B: TrainBackend> Gpt2<B> {
         backward: bool,
     ) -> Result<CrossEntropyOut<B>> {
         self.prepare_packed(backend, adapters.as_deref())?;
+        let lm_head_rows = self.lm_head_rows(batch.shape.tokens());
         let grads = self.grads.as_deref_mut();
         let config = &self.config;
         match (self.precision, self.work_bf16.as_deref()) {
-            (Precision::F32, _) => Pass { config, params: &self.params, packed: &self.packed.f32, grads }
+            (Precision::F32, _) => Pass { config, params: &self.params, packed: &self.packed.f32, grads, lm_head_rows }
                 .run(backend, adapters, batch, backward),
             (Precision::Bf16, Some(work)) => {
-                Pass { config, params: work, packed: &self.packed.bf16, grads }.run(backend, adapters, batch, backward)
+                Pass { config, params: work, packed: &self.packed.bf16, grads, lm_head_rows }
+                    .run(backend, adapters, batch, backward)
             }
             (Precision::Bf16, None) => Err(Error::invalid("bf16 forward", "the working copy is missing")),
         }
@@ -588,6 +673,8 @@ struct Pass<'a, B: TrainBackend, T: Element> {
     params: &'a [B::Buf<T>],
     packed: &'a BTreeMap<usize, B::Buf<T>>,
     grads: Option<&'a mut [B::Buf<f32>]>,
+    /// Rows per LM-head chunk ([`Gpt2::lm_head_rows`]).
+    lm_head_rows: usize,
 }
 
 /// Rows of a linear module's input (`x`, M×K) or output gradient (`dy`,
@@ -607,7 +694,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         backward: bool,
     ) -> Result<CrossEntropyOut<B>> {
         let c = self.config.clone();
-        let (d, vocab, padded) = (c.n_embd, c.vocab_size, padded_vocab(c.vocab_size));
+        let (d, vocab) = (c.n_embd, c.vocab_size);
         let shape = batch.shape;
         // The embedding's buffer holds the pad rows too: check against the
         // real vocabulary here.
@@ -647,28 +734,16 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
             (x, normed) = (out, next_normed);
         }
         let (Rows { buf: lnf, .. }, lnf_mean, lnf_rstd) = normed;
-        let head = LinearShape { m: tokens, k: d, n: padded, r: 0 };
-        backend.op_mark("fwd lm_head");
-        let mut logits = backend.zeros::<T>(tokens * padded)?;
-        backend.lowrank_forward(head, &lnf, &self.params[index_wte()], None, None, &mut logits, None)?;
-
-        let count = batch.host_targets.iter().filter(|&&t| t != crate::nn::IGNORE).count();
-        let grad_scale = if backward && count > 0 { Some(1.0 / count as f64) } else { None };
-        backend.op_mark("cross_entropy");
-        let ce = backend.cross_entropy_padded(&mut logits, batch.targets(), vocab, padded, grad_scale)?;
-        if grad_scale.is_none() {
+        // The mean loss's scale 1/scored is counted on the backend from the
+        // targets buffer, so a captured step serves batches of any scored
+        // count (none scored: scale 0, every gradient zero).
+        let grad_scale = backward.then_some(GradScale::MeanOverScored(batch.targets().device));
+        let (ce, dlnf) = self.lm_head(backend, &lnf, batch.targets(), grad_scale)?;
+        let Some(dlnf) = dlnf else {
             return Ok(ce);
-        }
+        };
 
-        // Backward. `logits` now holds dloss/dlogits.
-        backend.op_mark("bwd lm_head");
-        let mut dlnf = backend.zeros::<T>(tokens * d)?;
-        {
-            let dw = self.grads.as_deref_mut().map(|g| &mut g[index_wte()]);
-            let grads = Grads::<B, T> { dx: Some(&mut dlnf), dw, ..Grads::none() };
-            backend.lowrank_backward(head, &lnf, &self.params[index_wte()], None, None, &logits, grads)?;
-        }
-        drop(logits);
+        // Backward.
         let mut dx = backend.zeros::<f32>(tokens * d)?;
         self.layernorm_backward(backend, lnf_i, &dlnf, &x, &lnf_mean, &lnf_rstd, &mut dx)?;
         for l in (0..c.n_layer).rev() {
@@ -682,6 +757,78 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         }
         backend.op_mark("after backward");
         Ok(ce)
+    }
+
+    /// The LM head (`logits = lnf·wteᵀ` over the padded vocabulary), the
+    /// cross-entropy and, with `grad`, the head's backward, in chunks of
+    /// `lm_head_rows` rows (module docs): returns the losses and hits of
+    /// every row and, with `grad`, `dlnf`. A chunk covering every row runs
+    /// on the caller's buffers and copies nothing; otherwise each chunk
+    /// copies its rows of `lnf` and the targets in, and its losses, hits
+    /// and `dlnf` rows out, with [`crate::Backend::copy_range`].
+    fn lm_head(
+        &mut self,
+        backend: &B,
+        lnf: &B::Buf<T>,
+        targets: TokenIds<'_, B>,
+        grad: Option<GradScale<'_, B>>,
+    ) -> Result<HeadOut<B, T>> {
+        let d = self.config.n_embd;
+        let (tokens, chunk) = (targets.host.len(), self.lm_head_rows.max(1));
+        if chunk >= tokens {
+            return self.lm_head_chunk(backend, lnf, targets, grad);
+        }
+        let mut losses = backend.zeros::<f32>(tokens)?;
+        let mut correct = backend.zeros::<u32>(tokens)?;
+        let mut dlnf = match grad {
+            Some(_) => Some(backend.zeros::<T>(tokens * d)?),
+            None => None,
+        };
+        for start in (0..tokens).step_by(chunk) {
+            let rows = chunk.min(tokens - start);
+            let mut x = backend.zeros::<T>(rows * d)?;
+            backend.copy_range(lnf, start * d, &mut x, 0, rows * d)?;
+            let mut ids = backend.zeros::<u32>(rows)?;
+            backend.copy_range(targets.device, start, &mut ids, 0, rows)?;
+            let ids = TokenIds { device: &ids, host: &targets.host[start..start + rows] };
+            let (ce, dx) = self.lm_head_chunk(backend, &x, ids, grad)?;
+            backend.copy_range(&ce.losses, 0, &mut losses, start, rows)?;
+            backend.copy_range(&ce.correct, 0, &mut correct, start, rows)?;
+            if let (Some(dx), Some(dlnf)) = (dx, dlnf.as_mut()) {
+                backend.copy_range(&dx, 0, dlnf, start * d, rows * d)?;
+            }
+        }
+        Ok((CrossEntropyOut { losses, correct }, dlnf))
+    }
+
+    /// One chunk of [`Pass::lm_head`] on its rows `x` of `lnf` and their
+    /// targets: the logits exist from the GEMM to the head's backward.
+    fn lm_head_chunk(
+        &mut self,
+        backend: &B,
+        x: &B::Buf<T>,
+        targets: TokenIds<'_, B>,
+        grad: Option<GradScale<'_, B>>,
+    ) -> Result<HeadOut<B, T>> {
+        let (d, vocab) = (self.config.n_embd, self.config.vocab_size);
+        let padded = padded_vocab(vocab);
+        let rows = targets.host.len();
+        let head = LinearShape { m: rows, k: d, n: padded, r: 0 };
+        backend.op_mark("fwd lm_head");
+        let mut logits = backend.zeros::<T>(rows * padded)?;
+        backend.lowrank_forward(head, x, &self.params[index_wte()], None, None, &mut logits, None)?;
+        backend.op_mark("cross_entropy");
+        let ce = backend.cross_entropy_scaled(&mut logits, targets, vocab, padded, grad)?;
+        if grad.is_none() {
+            return Ok((ce, None));
+        }
+        // `logits` now holds dloss/dlogits.
+        backend.op_mark("bwd lm_head");
+        let mut dx = backend.zeros::<T>(rows * d)?;
+        let dw = self.grads.as_deref_mut().map(|g| &mut g[index_wte()]);
+        let grads = Grads::<B, T> { dx: Some(&mut dx), dw, ..Grads::none() };
+        backend.lowrank_backward(head, x, &self.params[index_wte()], None, None, &logits, grads)?;
+        Ok((ce, Some(dx)))
     }
 
     /// The packed layout `module` of `layer` runs in for `tokens` rows, or

@@ -206,10 +206,10 @@ enum GraphState {
     Off,
     /// This many eager steps to go before the next step is captured.
     Warmup(u32),
-    /// A captured step over the trainer's fixed buffers, valid for batches
-    /// with `scored` positions carrying a loss (the loss gradient's scale
-    /// `1 / scored` is recorded in it).
-    Ready { graph: Box<dyn StepGraph>, scored: usize },
+    /// A captured step over the trainer's fixed buffers. It serves every
+    /// batch of the captured shape: the loss gradient's scale is counted
+    /// from the targets on the device at each replay, not recorded.
+    Ready { graph: Box<dyn StepGraph> },
 }
 
 /// What graph replay did so far ([`Trainer::graph_status`]).
@@ -219,9 +219,8 @@ pub struct GraphStatus {
     pub captures: u64,
     /// Steps run by replaying a captured graph.
     pub replays: u64,
-    /// Steps run eagerly while replay was on: warm-up, profiling steps
-    /// (op timing on), batches whose scored count differs from the
-    /// captured one.
+    /// Steps run eagerly while replay was on: warm-up and profiling steps
+    /// (op timing on).
     pub eager: u64,
     /// Why replay turned itself off (said once on stderr), if it did.
     pub off: Option<String>,
@@ -320,10 +319,11 @@ impl<B: TrainBackend> Trainer<B> {
     /// the one read back, at the end. With [`TrainConfig::graph`] on a
     /// backend that has graphs, the batch is written into fixed buffers,
     /// the step after [`GRAPH_WARMUP_STEPS`] eager ones is captured, and
-    /// later steps replay it; a step runs eagerly instead while op timing
-    /// is on (so the per-op marks mean something) or when its batch scores
-    /// a different number of positions than the captured one. When capture
-    /// or replay fails, the trainer says why once and continues eagerly.
+    /// later steps replay it, whatever number of positions their batch
+    /// scores (the loss gradient's scale is counted on the device); a step
+    /// runs eagerly instead while op timing is on (so the per-op marks mean
+    /// something). When capture or replay fails, the trainer says why once
+    /// and continues eagerly.
     pub fn step(&mut self) -> Result<StepOutcome> {
         self.backend.op_mark("batch sample + upload");
         let host = if self.config.sequential_batches {
@@ -351,9 +351,9 @@ impl<B: TrainBackend> Trainer<B> {
         batch.write(&self.backend, &host.tokens, &host.targets)?;
         let scored = batch.scored();
 
-        match self.step_mode(scored) {
+        match self.step_mode() {
             StepMode::Eager => self.queue_step()?,
-            StepMode::Capture => self.capture_step(scored)?,
+            StepMode::Capture => self.capture_step()?,
             StepMode::Replay => self.replay_step()?,
         }
 
@@ -440,7 +440,7 @@ impl<B: TrainBackend> Trainer<B> {
     }
 
     /// How this step runs, and the warm-up count down.
-    fn step_mode(&mut self, scored: usize) -> StepMode {
+    fn step_mode(&mut self) -> StepMode {
         if !self.backend.supports_graphs() {
             return StepMode::Eager;
         }
@@ -459,7 +459,7 @@ impl<B: TrainBackend> Trainer<B> {
                 *left = left.saturating_sub(1);
                 StepMode::Eager
             }
-            GraphState::Ready { scored: captured, .. } if *captured == scored && !profiling => StepMode::Replay,
+            GraphState::Ready { .. } if !profiling => StepMode::Replay,
             GraphState::Ready { .. } => StepMode::Eager,
         };
         if let StepMode::Eager = mode {
@@ -470,7 +470,7 @@ impl<B: TrainBackend> Trainer<B> {
 
     /// Records this step's work as a graph and runs it by replaying it
     /// once; on failure says why once and runs the step eagerly.
-    fn capture_step(&mut self, scored: usize) -> Result<()> {
+    fn capture_step(&mut self) -> Result<()> {
         self.backend.capture_begin()?;
         let queued = self.queue_step();
         let ended = self.backend.capture_end();
@@ -488,7 +488,7 @@ impl<B: TrainBackend> Trainer<B> {
         };
         self.graph_status.captures += 1;
         graph.replay()?;
-        self.graph = GraphState::Ready { graph, scored };
+        self.graph = GraphState::Ready { graph };
         Ok(())
     }
 
@@ -496,7 +496,7 @@ impl<B: TrainBackend> Trainer<B> {
     /// runs the step eagerly.
     fn replay_step(&mut self) -> Result<()> {
         let replayed = match &self.graph {
-            GraphState::Ready { graph, .. } => graph.replay(),
+            GraphState::Ready { graph } => graph.replay(),
             _ => Err(Error::invalid("graph replay", "no captured step")),
         };
         match replayed {
