@@ -11,9 +11,9 @@
 //! kernel the LoRA and full fine-tuning paths run reduces in a fixed order
 //! (no floating-point atomics; the token embedding's gradient sums rows
 //! grouped by a stable sort on the device; the projection kernels of
-//! Uni-LoRA have float atomics, which is why it is not among the cases). Any difference is a replay reading something
-//! other than what the eager step reads: stale token ids, a stale loss
-//! scale, a freed buffer.
+//! Uni-LoRA have float atomics, which is why it is not among the cases).
+//! Any difference is a replay reading something other than what the eager
+//! step reads: stale token ids, a stale loss scale, a freed buffer.
 //!
 //! Each test prints `skipped:` without a GPU.
 #![cfg(feature = "cuda")]
