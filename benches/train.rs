@@ -46,7 +46,10 @@
 //! time; automatic, about 256 MiB of logits per chunk, unless
 //! `LORAFUSE_BENCH_LM_HEAD_ROWS` sets it; a value ≥ batch × seq runs the
 //! head in one piece, the layout before chunking, to compare peak memory
-//! and step time).
+//! and step time). For LoRA (or the methods in `LORAFUSE_BENCH_LM_HEAD_WHOLE`,
+//! comma-separated; `none` for none) an eager row with `"lm_head_whole":
+//! true` follows, the LM head in one piece: its `vs_eager` above 1 is what
+//! the chunks cost in time, its `pool_peak_gib` what they save in memory.
 //!
 //! CPU: criterion timing of one training step of a tiny model.
 
@@ -471,12 +474,15 @@ fn gpu_bench(gpu: &Gpu) -> Result<()> {
     let data = Dataset::stream("random tokens", tokens, 50257)?;
     let base = used_bytes(gpu)?;
     let mut model = Gpt2::random(gpu, &cfg, 0)?;
-    if let Ok(rows) = std::env::var("LORAFUSE_BENCH_LM_HEAD_ROWS") {
-        let rows = rows.trim().parse::<usize>().map_err(|e| {
+    // The chunk rows of every row but the one-piece ones: automatic unless
+    // set here.
+    let lm_head_rows = match std::env::var("LORAFUSE_BENCH_LM_HEAD_ROWS") {
+        Ok(rows) => Some(rows.trim().parse::<usize>().map_err(|e| {
             Error::invalid("LORAFUSE_BENCH_LM_HEAD_ROWS", format!("`{rows}`: {e}; give a row count (≥ 1)"))
-        })?;
-        model.set_lm_head_rows(Some(rows))?;
-    }
+        })?),
+        Err(_) => None,
+    };
+    model.set_lm_head_rows(lm_head_rows)?;
     gpu.synchronize()?;
     println!(
         "{}",
@@ -497,13 +503,22 @@ fn gpu_bench(gpu: &Gpu) -> Result<()> {
         let with_graph = graph_methods.split(',').any(|g| g.trim() == m.0);
         let caller_methods = std::env::var("LORAFUSE_BENCH_CALLER").unwrap_or_else(|_| "lora,vera".into());
         let with_caller = caller_methods.split(',').any(|g| g.trim() == m.0);
+        let whole_methods = std::env::var("LORAFUSE_BENCH_LM_HEAD_WHOLE").unwrap_or_else(|_| "lora".into());
+        let with_whole = whole_methods.split(',').any(|g| g.trim() == m.0);
         let mut eager_ms = None;
-        let variants = [(LinearPath::Packed, false), (LinearPath::CallerBuffers, false), (LinearPath::Packed, true)];
-        for (path, graph) in variants {
-            if (graph && !with_graph) || (path == LinearPath::CallerBuffers && !with_caller) {
+        // (linear path, graph replay, LM head in one piece)
+        let variants = [
+            (LinearPath::Packed, false, false),
+            (LinearPath::CallerBuffers, false, false),
+            (LinearPath::Packed, true, false),
+            (LinearPath::Packed, false, true),
+        ];
+        for (path, graph, whole) in variants {
+            if (graph && !with_graph) || (path == LinearPath::CallerBuffers && !with_caller) || (whole && !with_whole) {
                 continue;
             }
             model.set_linear_path(path);
+            model.set_lm_head_rows(if whole { Some(batch * seq) } else { lm_head_rows })?;
             let mut after_warmup = || -> Result<serde_json::Value> {
                 let used = used_bytes(gpu)?;
                 pool::reset_peak(gpu);
@@ -531,11 +546,12 @@ fn gpu_bench(gpu: &Gpu) -> Result<()> {
             let ms = line["step_ms"].as_f64();
             if let Some(l) = line.as_object_mut() {
                 l.insert("linear_path".into(), serde_json::json!(format!("{path:?}")));
+                l.insert("lm_head_whole".into(), serde_json::json!(whole));
             }
             // vs_eager: the eager packed step's ms over this row's (graph
             // replay's gain, or the packed layout's gain for a caller-buffer row
             // when below 1).
-            match (graph, path, eager_ms, ms, line.as_object_mut()) {
+            match (graph || whole, path, eager_ms, ms, line.as_object_mut()) {
                 (false, LinearPath::Packed, _, _, _) => eager_ms = ms,
                 (_, _, Some(e), Some(g), Some(l)) => {
                     l.insert("vs_eager".into(), serde_json::json!(e / g));

@@ -38,10 +38,13 @@ def label(r):
     # A graph-replay row (benches/train.rs, "graph": true) times the same
     # method with the step replayed as one CUDA graph; a caller-buffer row
     # ("linear_path": "CallerBuffers") the same method without the packed
-    # one-GEMM layout.
+    # one-GEMM layout; a one-piece row ("lm_head_whole": true) the same
+    # method with the LM head's logits in one buffer instead of row chunks.
     label = r["method"]
     if r.get("linear_path") == "CallerBuffers":
         label += "+caller"
+    if r.get("lm_head_whole"):
+        label += "+head1"
     return label + ("+graph" if r.get("graph") else "")
 
 
