@@ -43,6 +43,18 @@ pub trait Backend: Send + Sync {
     /// A buffer of `len` zeros.
     fn zeros<T: Scalar>(&self, len: usize) -> Result<Self::Buf<T>>;
 
+    /// A buffer of `len` elements whose contents are unspecified: the
+    /// caller must write every element before anything reads it. For
+    /// outputs an op overwrites completely (a GEMM with β = 0, a
+    /// LayerNorm, a cast), it saves the memset of [`Backend::zeros`]: a
+    /// pass of pure write bandwidth over the buffer. Never use it for an
+    /// output an op **accumulates** into (`+=`), nor for a strided output
+    /// whose columns past the written width are read later unless another
+    /// op writes them first. The CPU fills it with [`poison`] (NaN, or a
+    /// large integer), so a CPU test that reads an element before it is
+    /// written sees the poison in its results.
+    fn uninit<T: Scalar>(&self, len: usize) -> Result<Self::Buf<T>>;
+
     /// Copies host data into a new buffer.
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<Self::Buf<T>>;
 
@@ -129,6 +141,24 @@ pub trait Backend: Send + Sync {
     fn capture_end(&self) -> Result<Box<dyn StepGraph>> {
         Err(crate::Error::invalid(format!("graph capture on {}", self.describe()), "this backend has no graphs"))
     }
+}
+
+/// What [`Backend::uninit`] fills a CPU buffer with: every bit set but
+/// the lowest. In every IEEE float format (f16, bf16, f32, f64) that is a
+/// NaN (exponent all ones, mantissa non-zero), which propagates into
+/// whatever reads it; in an unsigned integer it is `MAX − 1` (u32:
+/// 4294967294), out of range as a token id or index and distinct from
+/// [`crate::nn::IGNORE`] (`u32::MAX`), so a target read unwritten is an
+/// error rather than silently ignored.
+pub fn poison<T: Scalar>() -> T {
+    let mut v: T = bytemuck::Zeroable::zeroed();
+    let bytes = bytemuck::bytes_of_mut(&mut v);
+    bytes.fill(0xFF);
+    let lowest = if cfg!(target_endian = "little") { 0 } else { bytes.len().saturating_sub(1) };
+    if let Some(b) = bytes.get_mut(lowest) {
+        *b = 0xFE;
+    }
+    v
 }
 
 /// Work recorded once by [`Backend::capture_begin`] / [`Backend::capture_end`]

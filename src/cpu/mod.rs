@@ -32,6 +32,11 @@ impl Backend for Cpu {
     fn zeros<T: Scalar>(&self, len: usize) -> Result<Vec<T>> {
         Ok(vec![T::default(); len])
     }
+    /// Filled with [`crate::backend::poison`], never zeros: a CPU test
+    /// that reads an element before its producer wrote it sees NaN.
+    fn uninit<T: Scalar>(&self, len: usize) -> Result<Vec<T>> {
+        Ok(vec![crate::backend::poison::<T>(); len])
+    }
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<Vec<T>> {
         Ok(host.to_vec())
     }
@@ -95,4 +100,82 @@ thread_local! {
 /// kernel's).
 pub(crate) fn store<T: Element>(dst: &mut [T], src: &[f64]) {
     dst.iter_mut().zip(src).for_each(|(d, &s)| *d = T::from_f64(s));
+}
+
+#[cfg(test)]
+mod tests {
+    use half::{bf16, f16};
+
+    use super::Cpu;
+    use crate::backend::{poison, Backend};
+    use crate::lowrank::packed::{PackedLayout, PackedOps};
+    use crate::lowrank::{Adapter, LinearShape};
+    use crate::nn::NnOps;
+    use crate::Element;
+
+    fn poisoned<T: Element>(buf: &[T]) -> usize {
+        buf.iter().filter(|v| v.to_f64().is_nan()).count()
+    }
+
+    #[test]
+    fn poison_is_nan_in_every_float_and_a_sentinel_in_integers() {
+        assert!(poison::<f32>().is_nan());
+        assert!(poison::<f64>().is_nan());
+        assert!(poison::<f16>().is_nan());
+        assert!(poison::<bf16>().is_nan());
+        assert_eq!(poison::<u32>(), u32::MAX - 1);
+        assert_ne!(poison::<u32>(), crate::nn::IGNORE, "an unwritten target must not read as ignored");
+        assert_eq!(poison::<u64>(), u64::MAX - 1);
+        assert_eq!(poison::<u8>(), 0xFE);
+    }
+
+    #[test]
+    fn cpu_uninit_is_poison_not_zeros() {
+        let f: Vec<f32> = Cpu.uninit(7).unwrap();
+        assert_eq!((f.len(), poisoned(&f)), (7, 7));
+        let h: Vec<bf16> = Cpu.uninit(5).unwrap();
+        assert_eq!(poisoned(&h), 5);
+        let ids: Vec<u32> = Cpu.uninit(3).unwrap();
+        assert_eq!(ids, vec![u32::MAX - 1; 3]);
+    }
+
+    /// Ops that overwrite their outputs leave no poison; a strided writer
+    /// leaves it in the columns past its width, which is what the poison
+    /// is there to show when a caller relies on them.
+    #[test]
+    fn overwriting_ops_leave_no_poison_strided_ones_leave_it_in_their_spare_columns() {
+        let (rows, width, ld) = (3, 8, 11);
+        let x: Vec<f32> = (0..rows * width).map(|i| (i as f32 * 0.37).sin()).collect();
+        let (gamma, beta) = (vec![1.0f32; width], vec![0.1f32; width]);
+        let (mut out, mut mean, mut rstd) =
+            (Cpu.uninit::<f32>(rows * width).unwrap(), Cpu.uninit(rows).unwrap(), Cpu.uninit(rows).unwrap());
+        Cpu.layernorm_forward(&x, &gamma, &beta, 1e-5, &mut out, &mut mean, &mut rstd).unwrap();
+        assert_eq!((poisoned(&out), poisoned(&mean), poisoned(&rstd)), (0, 0, 0));
+
+        let mut strided = Cpu.uninit::<f32>(rows * ld).unwrap();
+        Cpu.gelu_forward_strided(&x, width, &mut strided, ld).unwrap();
+        assert_eq!(poisoned(&strided), rows * (ld - width));
+        assert!(strided.chunks(ld).all(|row| poisoned(&row[..width]) == 0));
+    }
+
+    /// The packed forward writes every spare column of `x_packed` (rank,
+    /// bias and zero padding) before its GEMM reads them, so the trainer
+    /// may leave the buffer unset and write only the first K columns.
+    #[test]
+    fn packed_forward_fills_every_spare_column_of_an_unset_x_packed() {
+        let (m, k, n, r) = (5, 12, 7, 3);
+        let layout = PackedLayout::new(LinearShape { m, k, n, r }, true).unwrap();
+        let seq = |len: usize, f: f32| (0..len).map(|i| (i as f32 * f).cos() * 0.5).collect::<Vec<f32>>();
+        let (w, bias, a, b) = (seq(n * k, 0.3), seq(n, 0.7), seq(r * k, 1.1), seq(n * r, 0.9));
+        let adapter = Adapter::<Cpu> { a: &a, b: &b, u: None, v: None, scale: 2.0 };
+        let mut w_packed = Cpu.uninit::<f32>(layout.w_len()).unwrap();
+        Cpu.pack_weight(&layout, &w, Some(&bias), adapter, &mut w_packed).unwrap();
+        assert_eq!(poisoned(&w_packed), 0, "pack_weight writes all of w_packed");
+        let mut x_packed = Cpu.uninit::<f32>(layout.x_len()).unwrap();
+        Cpu.pack_rows(m, k, layout.x_ld(), &seq(m * k, 0.5), &mut x_packed).unwrap();
+        assert_eq!(poisoned(&x_packed), m * layout.pad());
+        let (mut y, mut t) = (Cpu.uninit::<f32>(m * n).unwrap(), Cpu.uninit::<f32>(m * r).unwrap());
+        Cpu.packed_forward(&layout, &mut x_packed, &w_packed, adapter, &mut y, Some(&mut t)).unwrap();
+        assert_eq!((poisoned(&x_packed), poisoned(&y), poisoned(&t)), (0, 0, 0));
+    }
 }

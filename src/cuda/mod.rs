@@ -488,6 +488,17 @@ impl Backend for Gpu {
     fn zeros<T: Scalar>(&self, len: usize) -> Result<CudaSlice<T>> {
         self.stream.alloc_zeros(len).map_err(|e| Error::cuda(format!("allocating {len} elements"), e))
     }
+    fn uninit<T: Scalar>(&self, len: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: the memory is left unset, which `alloc` marks unsafe
+        // because reading it gives arbitrary bits. Every element type here
+        // is plain old data (`Scalar: Pod`), valid for any bit pattern, so
+        // even such a read is no undefined behaviour in Rust, only a wrong
+        // value; and `Backend::uninit`'s contract hands the buffer only to
+        // callers whose producer overwrites every element before any read
+        // (the CPU backend poisons the same buffers with NaN, so the CPU
+        // tests catch a caller that breaks it).
+        unsafe { self.stream.alloc(len) }.map_err(|e| Error::cuda(format!("allocating {len} elements"), e))
+    }
     fn upload<T: Scalar>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         self.stream.clone_htod(host).map_err(|e| Error::cuda("host-to-device copy", e))
     }

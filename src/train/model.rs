@@ -708,7 +708,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         let tokens = shape.tokens();
         let attn = AttnShape { seq: shape, heads: c.n_head, head_dim: c.head_dim() };
         backend.op_mark("fwd embedding");
-        let mut x = backend.zeros::<f32>(tokens * d)?;
+        let mut x = backend.uninit::<f32>(tokens * d)?;
         backend.embedding_forward(
             batch.tokens(),
             &self.params[index_wte()],
@@ -778,17 +778,19 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         if chunk >= tokens {
             return self.lm_head_chunk(backend, lnf, targets, grad);
         }
-        let mut losses = backend.zeros::<f32>(tokens)?;
-        let mut correct = backend.zeros::<u32>(tokens)?;
+        // The chunks tile `0..tokens`: their copies write every row of
+        // `losses`, `correct` and `dlnf`.
+        let mut losses = backend.uninit::<f32>(tokens)?;
+        let mut correct = backend.uninit::<u32>(tokens)?;
         let mut dlnf = match grad {
-            Some(_) => Some(backend.zeros::<T>(tokens * d)?),
+            Some(_) => Some(backend.uninit::<T>(tokens * d)?),
             None => None,
         };
         for start in (0..tokens).step_by(chunk) {
             let rows = chunk.min(tokens - start);
-            let mut x = backend.zeros::<T>(rows * d)?;
+            let mut x = backend.uninit::<T>(rows * d)?;
             backend.copy_range(lnf, start * d, &mut x, 0, rows * d)?;
-            let mut ids = backend.zeros::<u32>(rows)?;
+            let mut ids = backend.uninit::<u32>(rows)?;
             backend.copy_range(targets.device, start, &mut ids, 0, rows)?;
             let ids = TokenIds { device: &ids, host: &targets.host[start..start + rows] };
             let (ce, dx) = self.lm_head_chunk(backend, &x, ids, grad)?;
@@ -815,7 +817,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         let rows = targets.host.len();
         let head = LinearShape { m: rows, k: d, n: padded, r: 0 };
         backend.op_mark("fwd lm_head");
-        let mut logits = backend.zeros::<T>(rows * padded)?;
+        let mut logits = backend.uninit::<T>(rows * padded)?;
         backend.lowrank_forward(head, x, &self.params[index_wte()], None, None, &mut logits, None)?;
         backend.op_mark("cross_entropy");
         let ce = backend.cross_entropy_scaled(&mut logits, targets, vocab, padded, grad)?;
@@ -824,7 +826,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         }
         // `logits` now holds dloss/dlogits.
         backend.op_mark("bwd lm_head");
-        let mut dx = backend.zeros::<T>(rows * d)?;
+        let mut dx = backend.uninit::<T>(rows * d)?;
         let dw = self.grads.as_deref_mut().map(|g| &mut g[index_wte()]);
         let grads = Grads::<B, T> { dx: Some(&mut dx), dw, ..Grads::none() };
         backend.lowrank_backward(head, x, &self.params[index_wte()], None, None, &logits, grads)?;
@@ -868,8 +870,8 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         let r = adapter.as_ref().map_or(0, |(_, r)| *r);
         let shape = LinearShape { m: tokens, k, n, r };
         backend.op_mark(module.forward_label());
-        let mut y = backend.zeros::<T>(tokens * n)?;
-        let mut t = if r > 0 { Some(backend.zeros::<f32>(tokens * r)?) } else { None };
+        let mut y = backend.uninit::<T>(tokens * n)?;
+        let mut t = if r > 0 { Some(backend.uninit::<f32>(tokens * r)?) } else { None };
         match (x.packed, adapter) {
             (Some(layout), Some((a, _))) => {
                 let w = self.packed.get(&wi).ok_or_else(|| Error::invalid("packed forward", "no packed weight"))?;
@@ -907,7 +909,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         let (k, n) = module.dims(self.config.n_embd);
         let wi = block_index(layer, weight_slot(module));
         backend.op_mark(module.backward_label());
-        let mut dx = backend.zeros::<T>(tokens * k)?;
+        let mut dx = backend.uninit::<T>(tokens * k)?;
         let (dw, dbias) = match self.grads.as_deref_mut() {
             Some(g) => {
                 let (lo, hi) = g.split_at_mut(wi + 1);
@@ -942,6 +944,14 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
     /// A new buffer for `tokens` rows of `cols`: plain, or `x_packed`
     /// (`input`) / `dy_packed` of `layout`, for a producer that writes its
     /// rows there directly. Returns it with its row stride.
+    ///
+    /// Left unset ([`crate::Backend::uninit`]): the producer writes the
+    /// first `cols` columns of every row, and a packed buffer's `p` spare
+    /// columns are written whole (rank, bias and zero padding) by the op
+    /// that reads them: [`crate::lowrank::packed::PackedOps::packed_forward`]
+    /// before its GEMM over `K + p`, `packed_backward` before its `dx` GEMM
+    /// over `N + p` (the other readers take only the first `K` or `N`
+    /// columns).
     fn new_rows(
         &self,
         backend: &B,
@@ -955,7 +965,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
             Some(l) if input => (l.x_len(), l.x_ld()),
             Some(l) => (l.dy_len(), l.dy_ld()),
         };
-        Ok((Rows { buf: backend.zeros::<T>(len)?, packed: layout }, ld))
+        Ok((Rows { buf: backend.uninit::<T>(len)?, packed: layout }, ld))
     }
 
     /// The LayerNorm whose γ sits at `params[index]` of `x`, written where
@@ -971,7 +981,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         let d = self.config.n_embd;
         backend.op_mark("fwd layernorm");
         let (mut out, ld) = self.new_rows(backend, layout, tokens, d, true)?;
-        let (mut mean, mut rstd) = (backend.zeros::<f32>(tokens)?, backend.zeros::<f32>(tokens)?);
+        let (mut mean, mut rstd) = (backend.uninit::<f32>(tokens)?, backend.uninit::<f32>(tokens)?);
         backend.layernorm_forward_strided(
             x,
             &self.params[index],
@@ -999,9 +1009,9 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
     ) -> Result<(F32<B>, Normed<B, T>)> {
         let d = self.config.n_embd;
         backend.op_mark("fwd residual+layernorm");
-        let mut resid = backend.zeros::<f32>(B::len(x))?;
+        let mut resid = backend.uninit::<f32>(B::len(x))?;
         let (mut out, ld) = self.new_rows(backend, layout, tokens, d, true)?;
-        let (mut mean, mut rstd) = (backend.zeros::<f32>(tokens)?, backend.zeros::<f32>(tokens)?);
+        let (mut mean, mut rstd) = (backend.uninit::<f32>(tokens)?, backend.uninit::<f32>(tokens)?);
         backend.residual_layernorm_forward_strided(
             x,
             y,
@@ -1051,7 +1061,7 @@ impl<B: TrainBackend, T: Element> Pass<'_, B, T> {
         let (qkv, t0) = self.linear_forward(backend, adapters, l, Module::CAttn, &mut in0, tokens)?;
         backend.op_mark("fwd attention");
         let (mut in1, ld) = self.new_rows(backend, l1?, tokens, d, true)?;
-        let mut lse = backend.zeros::<f32>(attn.lse_len())?;
+        let mut lse = backend.uninit::<f32>(attn.lse_len())?;
         backend.attention_forward_strided(&qkv, attn, &mut in1.buf, ld, &mut lse)?;
         let (proj, t1) = self.linear_forward(backend, adapters, l, Module::AttnProj, &mut in1, tokens)?;
         let (mid, (mut in2, ln2_mean, ln2_rstd)) =
