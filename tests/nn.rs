@@ -522,6 +522,10 @@ fn cross_entropy_device_scale<B: NnOps, T: Element>(dev: &B) {
             .collect();
         let targets = &all[..rows];
         let scale = mean_over_scored(&all);
+        // Independent of the counting code: rows r with r % ignore_every ==
+        // ignore_every - 1 are ignored, ⌊over / ignore_every⌋ of them.
+        let scored = over - over / ignore_every;
+        assert_eq!(scale, if scored == 0 { 0.0 } else { 1.0 / scored as f64 }, "{ctx}");
         let (t_dev, all_dev) = (dev.upload(targets).unwrap(), dev.upload(&all).unwrap());
         let ids = TokenIds { device: &t_dev, host: targets };
         let run = |grad: GradScale<'_, B>| {

@@ -575,9 +575,13 @@ impl NnOps for Gpu {
         // The device-decided scale lives in this call's scratch: written by
         // ce_mean_scale, read by the cross-entropy right after it in stream
         // order (no allocation, and a captured graph recounts every replay).
-        let ws = self.scratch()?;
-        let mut device_scale = match grad {
-            Some(GradScale::MeanOverScored(over)) => {
+        // A fixed scale or the forward alone takes no scratch.
+        let ws = match grad {
+            Some(GradScale::MeanOverScored(_)) => Some(self.scratch()?),
+            _ => None,
+        };
+        let mut device_scale = match (grad, ws.as_ref()) {
+            (Some(GradScale::MeanOverScored(over)), Some(ws)) => {
                 let mut region = ws.take::<f32>(1)?;
                 let count = u32_arg("scored-count targets", over.len())?;
                 let f = self.function(kernels::NN, "ce_mean_scale")?;
