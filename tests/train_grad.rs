@@ -627,7 +627,7 @@ fn lm_head_in_row_chunks_equals_one_chunk() {
 #[test]
 fn lm_head_chunk_rows_are_even_multiples_of_64_within_the_budget() {
     use lorafuse::train::model::{lm_head_chunk_rows, LM_HEAD_CHUNK_BYTES, LM_HEAD_ROW_MULTIPLE};
-    // GPT-2 small's bench batch: four chunks of 2048 bf16 rows, 2668 f32.
+    // GPT-2 small's bench batch: four chunks of 2048 bf16 rows, seven of 1216 in f32.
     assert_eq!(lm_head_chunk_rows(8192, 50304, 2, None), 2048);
     assert_eq!(lm_head_chunk_rows(8192, 50304, 4, None), 1216);
     assert_eq!(lm_head_chunk_rows(100, 50304, 2, None), 100);
